@@ -1,0 +1,1 @@
+"""robustpatch: robust weight signatures."""

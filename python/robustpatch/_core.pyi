@@ -1,0 +1,55 @@
+"""Type stubs for the compiled engine ``robustpatch._core``.
+
+Float arrays may be float32, float16, or uint16 holding bfloat16 bits (numpy has
+no bfloat16). Arrays must be C-contiguous. Every kernel releases the GIL.
+A quantized delta is passed as ``(codes, scale, offset, bits, scheme, group_len, numel)``.
+"""
+
+from typing import Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class FormatError(ValueError): ...
+class NonFiniteError(ValueError): ...
+
+FloatArray = npt.NDArray[Union[np.float32, np.float16, np.uint16]]
+QuantDelta = tuple[
+    npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, str, int, int
+]
+DeltaLike = Union[FloatArray, QuantDelta]
+
+def quantize(
+    x: FloatArray, bits: int, scheme: str, group_len: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+def dequantize(
+    codes: npt.NDArray[np.uint8],
+    scale: npt.NDArray[np.float32],
+    offset: npt.NDArray[np.float32],
+    bits: int,
+    scheme: str,
+    group_len: int,
+    numel: int,
+) -> npt.NDArray[np.float32]: ...
+def pack(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]: ...
+def unpack(packed: npt.NDArray[np.uint8], bits: int, n: int) -> npt.NDArray[np.uint8]: ...
+def project(
+    pretrained: FloatArray, clean: FloatArray, robust: FloatArray
+) -> tuple[npt.NDArray[np.float32], dict[str, float]]: ...
+def apply(
+    target: FloatArray,
+    deltas: list[DeltaLike],
+    alphas: list[float],
+    record: bool = True,
+) -> Optional[tuple[npt.NDArray[np.uint32], npt.NDArray[Union[np.uint32, np.uint16]]]]: ...
+def remove(
+    target: FloatArray,
+    deltas: list[DeltaLike],
+    alphas: list[float],
+    positions: Optional[npt.NDArray[np.uint32]] = None,
+    values: Optional[npt.NDArray[Union[np.uint32, np.uint16]]] = None,
+) -> tuple[int, int]: ...
+def dot(a: DeltaLike, b: DeltaLike) -> float: ...
+def cosine(a: DeltaLike, b: DeltaLike) -> float: ...

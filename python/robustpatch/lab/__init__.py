@@ -1,0 +1,1 @@
+"""The robustness lab (needs the ``torch`` extra): corruptions, datasets, models, evaluation."""

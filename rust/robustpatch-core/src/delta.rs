@@ -1,0 +1,115 @@
+//! A signature entry as the kernels see it: either a dense delta in any
+//! supported dtype or a quantized one, decoded tile by tile into f32.
+
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::quant::QuantView;
+use half::{bf16, f16};
+
+/// A borrowed dense tensor of one of the supported dtypes.
+#[derive(Clone, Copy, Debug)]
+pub enum Dense<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl Dense<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Dense::F32(x) => x.len(),
+            Dense::F16(x) => x.len(),
+            Dense::BF16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Dense::F32(_) => DType::F32,
+            Dense::F16(_) => DType::F16,
+            Dense::BF16(_) => DType::BF16,
+        }
+    }
+
+    /// Index of the first NaN or Inf, if any.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        fn find<T: Element>(x: &[T]) -> Option<usize> {
+            x.iter().position(|v| !v.to_f32().is_finite())
+        }
+        match self {
+            Dense::F32(x) => find(x),
+            Dense::F16(x) => find(x),
+            Dense::BF16(x) => find(x),
+        }
+    }
+}
+
+/// One signature entry: what gets scaled by α and added to a target tensor.
+#[derive(Clone, Copy, Debug)]
+pub enum Delta<'a> {
+    Dense(Dense<'a>),
+    Quant(QuantView<'a>),
+}
+
+impl Delta<'_> {
+    /// Number of elements the delta covers.
+    pub fn numel(&self) -> usize {
+        match self {
+            Delta::Dense(d) => d.len(),
+            Delta::Quant(q) => q.numel,
+        }
+    }
+
+    /// `acc[i] += alpha * delta[start + i]`, the one decoding step every kernel
+    /// shares, so that apply, remove and dot see identical values.
+    /// `start` must be a multiple of 8 (packed codes are byte-aligned there);
+    /// `scratch` holds unpacked codes and must be at least `acc.len()` long.
+    #[inline]
+    pub fn accumulate(&self, alpha: f32, start: usize, acc: &mut [f32], scratch: &mut [u8]) {
+        match self {
+            Delta::Dense(Dense::F32(x)) => add_scaled(&x[start..start + acc.len()], alpha, acc),
+            Delta::Dense(Dense::F16(x)) => add_scaled(&x[start..start + acc.len()], alpha, acc),
+            Delta::Dense(Dense::BF16(x)) => add_scaled(&x[start..start + acc.len()], alpha, acc),
+            Delta::Quant(q) => q.accumulate_range(alpha, start, acc, scratch),
+        }
+    }
+
+    /// Reference twin of [`Delta::accumulate`]: element by element, used by
+    /// the scalar kernels the tests compare against.
+    pub fn accumulate_scalar(&self, alpha: f32, start: usize, acc: &mut [f32], scratch: &mut [u8]) {
+        match self {
+            Delta::Quant(q) => q.accumulate_range_scalar(alpha, start, acc, scratch),
+            dense => dense.accumulate(alpha, start, acc, scratch),
+        }
+    }
+}
+
+#[inline(always)]
+fn add_scaled<T: Element>(x: &[T], alpha: f32, acc: &mut [f32]) {
+    for (a, v) in acc.iter_mut().zip(x) {
+        *a += alpha * v.to_f32();
+    }
+}
+
+/// Check that every delta covers `numel` elements and every α is finite.
+pub fn check_deltas(deltas: &[(Delta, f32)], numel: usize) -> Result<()> {
+    if deltas.is_empty() {
+        return Err(Error::Value("at least one delta is required".into()));
+    }
+    for (k, (d, alpha)) in deltas.iter().enumerate() {
+        if d.numel() != numel {
+            return Err(Error::Shape(format!(
+                "delta {k} has {} elements but the target has {numel}",
+                d.numel()
+            )));
+        }
+        if !alpha.is_finite() {
+            return Err(Error::NonFinite(format!("alpha {k} is {alpha}")));
+        }
+    }
+    Ok(())
+}

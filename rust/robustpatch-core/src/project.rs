@@ -1,0 +1,195 @@
+//! The robust weight signature of one tensor:
+//! `sig = Δr − (⟨Δr,d⟩/‖d‖²)·d` with `Δr = robust − pre` and `d = clean − pre`,
+//! computed from the three tensors in two passes without materializing Δr or d.
+//!
+//! Sums are taken per fixed block of [`BLOCK`] elements (four f64 accumulators)
+//! and the block sums are added in order, so the parallel kernel and its
+//! scalar twin give the same bits on any number of threads.
+
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::par::PARALLEL_MIN;
+use rayon::prelude::*;
+
+/// Elements per reduction block; fixed so results do not depend on threads.
+pub const BLOCK: usize = 4096;
+
+/// Everything layer selection needs besides the signature itself.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ProjectionStats {
+    /// ⟨Δr, d⟩
+    pub dot_rd: f64,
+    /// ‖d‖²
+    pub norm2_d: f64,
+    /// ‖Δr‖²
+    pub norm2_r: f64,
+    /// ‖sig‖²
+    pub norm2_sig: f64,
+    /// ⟨Δr,d⟩/‖d‖², or 0 when d = 0 (then sig = Δr).
+    pub coef: f64,
+}
+
+/// Compute the signature into `out` and return the statistics.
+pub fn project<T: Element>(
+    pre: &[T],
+    clean: &[T],
+    robust: &[T],
+    out: &mut [f32],
+) -> Result<ProjectionStats> {
+    check_lengths(pre.len(), clean.len(), robust.len(), out.len())?;
+    let parallel = pre.len() >= PARALLEL_MIN;
+    let blocks = |b: usize| {
+        let r = b * BLOCK..((b + 1) * BLOCK).min(pre.len());
+        moments(&pre[r.clone()], &clean[r.clone()], &robust[r])
+    };
+    let nblocks = pre.len().div_ceil(BLOCK);
+    let sums: Vec<[f64; 3]> = if parallel {
+        (0..nblocks).into_par_iter().map(blocks).collect()
+    } else {
+        (0..nblocks).map(blocks).collect()
+    };
+    let mut stats = combine(&sums)?;
+    let c = stats.coef as f32;
+    let write = |(b, o): (usize, &mut [f32])| {
+        let r = b * BLOCK..b * BLOCK + o.len();
+        residual(&pre[r.clone()], &clean[r.clone()], &robust[r], c, o)
+    };
+    let norms: Vec<f64> = if parallel {
+        out.par_chunks_mut(BLOCK).enumerate().map(write).collect()
+    } else {
+        out.chunks_mut(BLOCK).enumerate().map(write).collect()
+    };
+    stats.norm2_sig = norms.iter().sum();
+    Ok(stats)
+}
+
+/// Reference twin of [`project`]: single thread, plain element loops.
+pub fn project_scalar<T: Element>(
+    pre: &[T],
+    clean: &[T],
+    robust: &[T],
+    out: &mut [f32],
+) -> Result<ProjectionStats> {
+    check_lengths(pre.len(), clean.len(), robust.len(), out.len())?;
+    let mut sums = Vec::new();
+    for b in 0..pre.len().div_ceil(BLOCK) {
+        let r = b * BLOCK..((b + 1) * BLOCK).min(pre.len());
+        let mut acc = [[0f64; 4]; 3];
+        for (i, k) in r.enumerate() {
+            let p = pre[k].to_f32();
+            let dr = (robust[k].to_f32() - p) as f64;
+            let d = (clean[k].to_f32() - p) as f64;
+            acc[0][i % 4] += dr * d;
+            acc[1][i % 4] += d * d;
+            acc[2][i % 4] += dr * dr;
+        }
+        sums.push(acc.map(lanes_sum));
+    }
+    let mut stats = combine(&sums)?;
+    let c = stats.coef as f32;
+    for b in 0..pre.len().div_ceil(BLOCK) {
+        let mut acc = [0f64; 4];
+        for (i, k) in (b * BLOCK..((b + 1) * BLOCK).min(pre.len())).enumerate() {
+            let p = pre[k].to_f32();
+            let s = (robust[k].to_f32() - p) - c * (clean[k].to_f32() - p);
+            out[k] = s;
+            acc[i % 4] += (s as f64) * (s as f64);
+        }
+        stats.norm2_sig += lanes_sum(acc);
+    }
+    Ok(stats)
+}
+
+fn check_lengths(pre: usize, clean: usize, robust: usize, out: usize) -> Result<()> {
+    if pre != clean || pre != robust || pre != out {
+        return Err(Error::Shape(format!(
+            "projection needs equal lengths, got pretrained {pre}, clean {clean}, \
+             robust {robust}, output {out}"
+        )));
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn lanes_sum(a: [f64; 4]) -> f64 {
+    (a[0] + a[1]) + (a[2] + a[3])
+}
+
+/// [⟨Δr,d⟩, ‖d‖², ‖Δr‖²] of one block, four lanes each.
+#[inline]
+fn moments<T: Element>(pre: &[T], clean: &[T], robust: &[T]) -> [f64; 3] {
+    let mut acc = [[0f64; 4]; 3];
+    let (p4, c4, r4) = (
+        pre.chunks_exact(4),
+        clean.chunks_exact(4),
+        robust.chunks_exact(4),
+    );
+    let tail = p4.remainder().len();
+    for ((p, c), r) in p4.zip(c4).zip(r4) {
+        for l in 0..4 {
+            let pv = p[l].to_f32();
+            let dr = (r[l].to_f32() - pv) as f64;
+            let d = (c[l].to_f32() - pv) as f64;
+            acc[0][l] += dr * d;
+            acc[1][l] += d * d;
+            acc[2][l] += dr * dr;
+        }
+    }
+    let n = pre.len() - tail;
+    for l in 0..tail {
+        let pv = pre[n + l].to_f32();
+        let dr = (robust[n + l].to_f32() - pv) as f64;
+        let d = (clean[n + l].to_f32() - pv) as f64;
+        acc[0][l] += dr * d;
+        acc[1][l] += d * d;
+        acc[2][l] += dr * dr;
+    }
+    acc.map(lanes_sum)
+}
+
+/// Write `Δr − c·d` for one block and return its squared norm.
+#[inline]
+fn residual<T: Element>(pre: &[T], clean: &[T], robust: &[T], c: f32, out: &mut [f32]) -> f64 {
+    let mut acc = [0f64; 4];
+    let n = out.len() - out.len() % 4;
+    let (head, tail) = out.split_at_mut(n);
+    for (k, o) in head.chunks_exact_mut(4).enumerate() {
+        for l in 0..4 {
+            let i = 4 * k + l;
+            let p = pre[i].to_f32();
+            let s = (robust[i].to_f32() - p) - c * (clean[i].to_f32() - p);
+            o[l] = s;
+            acc[l] += (s as f64) * (s as f64);
+        }
+    }
+    for (l, o) in tail.iter_mut().enumerate() {
+        let i = n + l;
+        let p = pre[i].to_f32();
+        let s = (robust[i].to_f32() - p) - c * (clean[i].to_f32() - p);
+        *o = s;
+        acc[l] += (s as f64) * (s as f64);
+    }
+    lanes_sum(acc)
+}
+
+/// Add the block sums in order; NaN or Inf anywhere in the inputs shows up
+/// here, so non-finite data is refused without a pass of its own.
+fn combine(sums: &[[f64; 3]]) -> Result<ProjectionStats> {
+    let mut s = ProjectionStats::default();
+    for b in sums {
+        s.dot_rd += b[0];
+        s.norm2_d += b[1];
+        s.norm2_r += b[2];
+    }
+    if !(s.dot_rd.is_finite() && s.norm2_d.is_finite() && s.norm2_r.is_finite()) {
+        return Err(Error::NonFinite(
+            "pretrained, clean or robust weights hold NaN or Inf".into(),
+        ));
+    }
+    s.coef = if s.norm2_d > 0.0 {
+        s.dot_rd / s.norm2_d
+    } else {
+        0.0
+    };
+    Ok(s)
+}

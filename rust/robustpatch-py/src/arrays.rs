@@ -1,0 +1,127 @@
+//! numpy arrays in, borrowed slices out: the one dtype switch of the bindings.
+//! bf16 travels as uint16 (numpy has no bf16), so a uint16 array means bf16.
+
+use half::slice::HalfBitsSliceExt;
+use half::{bf16, f16};
+use numpy::{
+    PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use robustpatch_core::delta::Dense;
+use robustpatch_core::DType;
+
+/// A read-only float array of one of the supported dtypes.
+pub enum FloatIn<'py> {
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    F16(PyReadonlyArrayDyn<'py, f16>),
+    BF16(PyReadonlyArrayDyn<'py, u16>),
+}
+
+/// A writable float array of one of the supported dtypes.
+pub enum FloatInOut<'py> {
+    F32(PyReadwriteArrayDyn<'py, f32>),
+    F16(PyReadwriteArrayDyn<'py, f16>),
+    BF16(PyReadwriteArrayDyn<'py, u16>),
+}
+
+fn dtype_error(what: &str, obj: &Bound<'_, PyAny>) -> PyErr {
+    let found = obj
+        .getattr("dtype")
+        .map(|d| d.to_string())
+        .unwrap_or_else(|_| obj.get_type().to_string());
+    PyTypeError::new_err(format!(
+        "{what}: expected a numpy array of float32, float16 or uint16 (bf16 bits), got {found}"
+    ))
+}
+
+pub fn contiguous_error(what: &str) -> PyErr {
+    PyValueError::new_err(format!(
+        "{what}: array is not C-contiguous (use numpy.ascontiguousarray)"
+    ))
+}
+
+impl<'py> FloatIn<'py> {
+    pub fn extract(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
+        let arr = if let Ok(a) = obj.downcast::<PyArrayDyn<f32>>() {
+            FloatIn::F32(a.readonly())
+        } else if let Ok(a) = obj.downcast::<PyArrayDyn<f16>>() {
+            FloatIn::F16(a.readonly())
+        } else if let Ok(a) = obj.downcast::<PyArrayDyn<u16>>() {
+            FloatIn::BF16(a.readonly())
+        } else {
+            return Err(dtype_error(what, obj));
+        };
+        arr.dense(what)?;
+        Ok(arr)
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            FloatIn::F32(_) => DType::F32,
+            FloatIn::F16(_) => DType::F16,
+            FloatIn::BF16(_) => DType::BF16,
+        }
+    }
+
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            FloatIn::F32(a) => a.shape().to_vec(),
+            FloatIn::F16(a) => a.shape().to_vec(),
+            FloatIn::BF16(a) => a.shape().to_vec(),
+        }
+    }
+
+    /// Borrow the data as a core dense view (fails for non-contiguous arrays).
+    pub fn dense(&self, what: &str) -> PyResult<Dense<'_>> {
+        let err = |_| contiguous_error(what);
+        Ok(match self {
+            FloatIn::F32(a) => Dense::F32(a.as_slice().map_err(err)?),
+            FloatIn::F16(a) => Dense::F16(a.as_slice().map_err(err)?),
+            FloatIn::BF16(a) => Dense::BF16(a.as_slice().map_err(err)?.reinterpret_cast()),
+        })
+    }
+}
+
+/// A mutable core view of a writable array.
+pub enum DenseMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    BF16(&'a mut [bf16]),
+}
+
+impl<'py> FloatInOut<'py> {
+    pub fn extract(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
+        let not_writeable = |_| {
+            PyValueError::new_err(format!("{what}: array is read-only; pass a writeable array"))
+        };
+        if let Ok(a) = obj.downcast::<PyArrayDyn<f32>>() {
+            Ok(FloatInOut::F32(a.try_readwrite().map_err(not_writeable)?))
+        } else if let Ok(a) = obj.downcast::<PyArrayDyn<f16>>() {
+            Ok(FloatInOut::F16(a.try_readwrite().map_err(not_writeable)?))
+        } else if let Ok(a) = obj.downcast::<PyArrayDyn<u16>>() {
+            Ok(FloatInOut::BF16(a.try_readwrite().map_err(not_writeable)?))
+        } else {
+            Err(dtype_error(what, obj))
+        }
+    }
+
+    pub fn dense_mut(&mut self, what: &str) -> PyResult<DenseMut<'_>> {
+        let err = |_| contiguous_error(what);
+        Ok(match self {
+            FloatInOut::F32(a) => DenseMut::F32(a.as_slice_mut().map_err(err)?),
+            FloatInOut::F16(a) => DenseMut::F16(a.as_slice_mut().map_err(err)?),
+            FloatInOut::BF16(a) => {
+                DenseMut::BF16(a.as_slice_mut().map_err(err)?.reinterpret_cast_mut())
+            }
+        })
+    }
+}
+
+/// Borrow a read-only array of a fixed element type as a contiguous slice.
+pub fn slice_of<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArrayDyn<'_, T>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| contiguous_error(what))
+}

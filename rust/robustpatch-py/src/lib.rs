@@ -1,0 +1,432 @@
+//! `robustpatch._core`: thin PyO3 wrappers over `robustpatch-core`.
+//! Each function converts arrays, releases the GIL around the kernel through
+//! [`nogil`], and maps errors through [`errors::to_py`]. No logic lives here.
+
+mod arrays;
+mod errors;
+
+use arrays::{slice_of, DenseMut, FloatIn, FloatInOut};
+use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
+use pyo3::exceptions::PyValueError;
+use pyo3::marker::Ungil;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use robustpatch_core::apply::{self as core_apply, Undo};
+use robustpatch_core::delta::{Dense, Delta};
+use robustpatch_core::quant::{self, QuantSpec, QuantView, Scheme};
+use robustpatch_core::{dot as core_dot, pack as core_pack, project as core_project, Element};
+
+/// Run heavy work with the GIL released: the one helper every kernel call uses.
+fn nogil<T: Ungil, F: Ungil + FnOnce() -> T>(py: Python<'_>, f: F) -> T {
+    py.allow_threads(f)
+}
+
+fn spec(bits: u8, scheme: &str, group_len: usize) -> PyResult<QuantSpec> {
+    let scheme = Scheme::parse(scheme).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "unknown scheme {scheme:?}; expected affine, symmetric, log or tanh"
+        ))
+    })?;
+    Ok(QuantSpec {
+        bits,
+        scheme,
+        group_len,
+    })
+}
+
+/// Quantize a float array: returns (packed codes u8, scale f32, offset f32).
+#[pyfunction]
+#[pyo3(signature = (x, bits, scheme, group_len))]
+fn quantize<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    bits: u8,
+    scheme: &str,
+    group_len: usize,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let x = FloatIn::extract(x, "x")?;
+    let spec = spec(bits, scheme, group_len)?;
+    let dense = x.dense("x")?;
+    let q = nogil(py, || match dense {
+        Dense::F32(v) => quant::quantize(v, spec),
+        Dense::F16(v) => quant::quantize(v, spec),
+        Dense::BF16(v) => quant::quantize(v, spec),
+    })
+    .map_err(errors::to_py)?;
+    let parts = (
+        q.codes.into_pyarray(py),
+        q.scale.into_pyarray(py),
+        q.offset.into_pyarray(py),
+    );
+    PyTuple::new(py, [parts.0.into_any(), parts.1.into_any(), parts.2.into_any()])
+}
+
+/// Decode packed codes to a flat float32 array of `numel` elements.
+#[pyfunction]
+#[pyo3(signature = (codes, scale, offset, bits, scheme, group_len, numel))]
+#[allow(clippy::too_many_arguments)]
+fn dequantize<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArrayDyn<'py, u8>,
+    scale: PyReadonlyArrayDyn<'py, f32>,
+    offset: PyReadonlyArrayDyn<'py, f32>,
+    bits: u8,
+    scheme: &str,
+    group_len: usize,
+    numel: usize,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let spec = spec(bits, scheme, group_len)?;
+    let view = QuantView::new(
+        slice_of(&codes, "codes")?,
+        slice_of(&scale, "scale")?,
+        slice_of(&offset, "offset")?,
+        spec,
+        numel,
+    )
+    .map_err(errors::to_py)?;
+    let mut out = vec![0f32; numel];
+    nogil(py, || quant::dequantize(&view, &mut out)).map_err(errors::to_py)?;
+    Ok(out.into_pyarray(py))
+}
+
+/// Bit-pack codes (each < 2**bits) little-endian.
+#[pyfunction]
+fn pack<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArrayDyn<'py, u8>,
+    bits: u8,
+) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    let codes = slice_of(&codes, "codes")?;
+    if !(1..=8).contains(&bits) {
+        return Err(PyValueError::new_err(format!("bits must be in 1..=8, got {bits}")));
+    }
+    let mut out = vec![0u8; core_pack::packed_len(codes.len(), bits)];
+    nogil(py, || core_pack::pack(codes, bits, &mut out)).map_err(errors::to_py)?;
+    Ok(out.into_pyarray(py))
+}
+
+/// Unpack `n` codes of `bits` bits each.
+#[pyfunction]
+fn unpack<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArrayDyn<'py, u8>,
+    bits: u8,
+    n: usize,
+) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    let packed = slice_of(&packed, "packed")?;
+    if !(1..=8).contains(&bits) {
+        return Err(PyValueError::new_err(format!("bits must be in 1..=8, got {bits}")));
+    }
+    if packed.len() != core_pack::packed_len(n, bits) {
+        return Err(PyValueError::new_err(format!(
+            "{} packed bytes cannot hold exactly {n} codes of {bits} bits",
+            packed.len()
+        )));
+    }
+    let mut out = vec![0u8; n];
+    nogil(py, || core_pack::unpack(packed, bits, 0, &mut out)).map_err(errors::to_py)?;
+    Ok(out.into_pyarray(py))
+}
+
+/// Signature of one tensor: returns (signature float32 with the input's shape, stats dict).
+#[pyfunction]
+fn project<'py>(
+    py: Python<'py>,
+    pretrained: &Bound<'py, PyAny>,
+    clean: &Bound<'py, PyAny>,
+    robust: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (p, c, r) = (
+        FloatIn::extract(pretrained, "pretrained")?,
+        FloatIn::extract(clean, "clean")?,
+        FloatIn::extract(robust, "robust")?,
+    );
+    let shape = p.shape();
+    if c.shape() != shape || r.shape() != shape {
+        return Err(PyValueError::new_err(format!(
+            "shapes differ: pretrained {:?}, clean {:?}, robust {:?}",
+            shape,
+            c.shape(),
+            r.shape()
+        )));
+    }
+    if c.dtype() != p.dtype() || r.dtype() != p.dtype() {
+        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "dtypes differ: pretrained {}, clean {}, robust {}",
+            p.dtype().name(),
+            c.dtype().name(),
+            r.dtype().name()
+        )));
+    }
+    let (pd, cd, rd) = (p.dense("pretrained")?, c.dense("clean")?, r.dense("robust")?);
+    let mut out = vec![0f32; pd.len()];
+    let stats = nogil(py, || match (pd, cd, rd) {
+        (Dense::F32(a), Dense::F32(b), Dense::F32(c)) => core_project::project(a, b, c, &mut out),
+        (Dense::F16(a), Dense::F16(b), Dense::F16(c)) => core_project::project(a, b, c, &mut out),
+        (Dense::BF16(a), Dense::BF16(b), Dense::BF16(c)) => {
+            core_project::project(a, b, c, &mut out)
+        }
+        _ => unreachable!("dtypes checked above"),
+    })
+    .map_err(errors::to_py)?;
+    let sig = out.into_pyarray(py).reshape(shape)?;
+    let d = PyDict::new(py);
+    d.set_item("dot_rd", stats.dot_rd)?;
+    d.set_item("norm2_d", stats.norm2_d)?;
+    d.set_item("norm2_r", stats.norm2_r)?;
+    d.set_item("norm2_sig", stats.norm2_sig)?;
+    d.set_item("coef", stats.coef)?;
+    PyTuple::new(py, [sig.into_any(), d.into_any()])
+}
+
+/// A delta as passed from Python: a float array, or a tuple
+/// `(codes, scale, offset, bits, scheme, group_len, numel)`.
+enum DeltaIn<'py> {
+    Dense(FloatIn<'py>),
+    Quant {
+        codes: PyReadonlyArrayDyn<'py, u8>,
+        scale: PyReadonlyArrayDyn<'py, f32>,
+        offset: PyReadonlyArrayDyn<'py, f32>,
+        spec: QuantSpec,
+        numel: usize,
+    },
+}
+
+impl<'py> DeltaIn<'py> {
+    fn extract(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+        if let Ok(t) = obj.downcast::<PyTuple>() {
+            let (codes, scale, offset, bits, scheme, group_len, numel): (
+                PyReadonlyArrayDyn<u8>,
+                PyReadonlyArrayDyn<f32>,
+                PyReadonlyArrayDyn<f32>,
+                u8,
+                String,
+                usize,
+                usize,
+            ) = t.extract()?;
+            let spec = spec(bits, &scheme, group_len)?;
+            return Ok(DeltaIn::Quant {
+                codes,
+                scale,
+                offset,
+                spec,
+                numel,
+            });
+        }
+        Ok(DeltaIn::Dense(FloatIn::extract(obj, "delta")?))
+    }
+
+    fn view(&self) -> PyResult<Delta<'_>> {
+        match self {
+            DeltaIn::Dense(a) => Ok(Delta::Dense(a.dense("delta")?)),
+            DeltaIn::Quant {
+                codes,
+                scale,
+                offset,
+                spec,
+                numel,
+            } => Ok(Delta::Quant(
+                QuantView::new(
+                    slice_of(codes, "codes")?,
+                    slice_of(scale, "scale")?,
+                    slice_of(offset, "offset")?,
+                    *spec,
+                    *numel,
+                )
+                .map_err(errors::to_py)?,
+            )),
+        }
+    }
+}
+
+fn extract_deltas<'py>(
+    deltas: &Bound<'py, PyAny>,
+    alphas: Vec<f32>,
+) -> PyResult<(Vec<DeltaIn<'py>>, Vec<f32>)> {
+    let ins: Vec<DeltaIn> = deltas
+        .try_iter()?
+        .map(|d| DeltaIn::extract(&d?))
+        .collect::<PyResult<_>>()?;
+    if ins.len() != alphas.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} deltas but {} alphas",
+            ins.len(),
+            alphas.len()
+        )));
+    }
+    Ok((ins, alphas))
+}
+
+fn views<'a>(ins: &'a [DeltaIn<'_>], alphas: &[f32]) -> PyResult<Vec<(Delta<'a>, f32)>> {
+    ins.iter()
+        .zip(alphas)
+        .map(|(d, &a)| Ok((d.view()?, a)))
+        .collect()
+}
+
+/// Dense deltas are checked for NaN/Inf before the target is touched, so a bad
+/// delta never leaves a half-patched target. (Quantized ones are checked on load.)
+fn check_finite(deltas: &[(Delta, f32)]) -> robustpatch_core::Result<()> {
+    for (k, (d, _)) in deltas.iter().enumerate() {
+        if let Delta::Dense(dense) = d {
+            if let Some(i) = dense.first_non_finite() {
+                return Err(robustpatch_core::Error::NonFinite(format!(
+                    "delta {k} holds NaN or Inf at flat index {i}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn undo_arrays<'py, B: numpy::Element>(
+    py: Python<'py>,
+    u: Option<Undo<B>>,
+) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    u.map(|u| {
+        PyTuple::new(
+            py,
+            [
+                u.positions.into_pyarray(py).into_any(),
+                u.values.into_pyarray(py).into_any(),
+            ],
+        )
+    })
+    .transpose()
+}
+
+/// In place: `target += Σ alphas[k]·deltas[k]`, rounding once to the target dtype.
+/// With `record`, returns the undo record `(positions uint32, original bits)`.
+#[pyfunction]
+#[pyo3(signature = (target, deltas, alphas, record = true))]
+fn apply<'py>(
+    py: Python<'py>,
+    target: &Bound<'py, PyAny>,
+    deltas: &Bound<'py, PyAny>,
+    alphas: Vec<f32>,
+    record: bool,
+) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    let mut t = FloatInOut::extract(target, "target")?;
+    let (ins, alphas) = extract_deltas(deltas, alphas)?;
+    let ds = views(&ins, &alphas)?;
+    match t.dense_mut("target")? {
+        DenseMut::F32(x) => {
+            let u = nogil(py, || run_apply(x, &ds, record)).map_err(errors::to_py)?;
+            undo_arrays(py, u)
+        }
+        DenseMut::F16(x) => {
+            let u = nogil(py, || run_apply(x, &ds, record)).map_err(errors::to_py)?;
+            undo_arrays(py, u)
+        }
+        DenseMut::BF16(x) => {
+            let u = nogil(py, || run_apply(x, &ds, record)).map_err(errors::to_py)?;
+            undo_arrays(py, u)
+        }
+    }
+}
+
+fn run_apply<T: Element>(
+    x: &mut [T],
+    ds: &[(Delta, f32)],
+    record: bool,
+) -> robustpatch_core::Result<Option<Undo<T::Bits>>> {
+    check_finite(ds)?;
+    core_apply::apply(x, ds, record)
+}
+
+/// Inverse of `apply` with the same deltas and alphas. With the undo record
+/// (`positions`, `values`) the target is restored bit for bit. Returns
+/// `(corrected, inconsistent)`: records written back, and elements certainly
+/// wrong (only meaningful without a record).
+#[pyfunction]
+#[pyo3(signature = (target, deltas, alphas, positions = None, values = None))]
+fn remove<'py>(
+    py: Python<'py>,
+    target: &Bound<'py, PyAny>,
+    deltas: &Bound<'py, PyAny>,
+    alphas: Vec<f32>,
+    positions: Option<PyReadonlyArrayDyn<'py, u32>>,
+    values: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(usize, usize)> {
+    let mut t = FloatInOut::extract(target, "target")?;
+    let (ins, alphas) = extract_deltas(deltas, alphas)?;
+    let ds = views(&ins, &alphas)?;
+    let pos = positions
+        .as_ref()
+        .map(|p| slice_of(p, "positions"))
+        .transpose()?;
+    if pos.is_some() != values.is_some() {
+        return Err(PyValueError::new_err(
+            "positions and values come together: pass both or neither",
+        ));
+    }
+    let report = match t.dense_mut("target")? {
+        DenseMut::F32(x) => {
+            let u = undo_of::<u32>(pos, values)?;
+            nogil(py, || core_apply::remove(x, &ds, u.as_ref()))
+        }
+        DenseMut::F16(x) => {
+            let u = undo_of::<u16>(pos, values)?;
+            nogil(py, || core_apply::remove(x, &ds, u.as_ref()))
+        }
+        DenseMut::BF16(x) => {
+            let u = undo_of::<u16>(pos, values)?;
+            nogil(py, || core_apply::remove(x, &ds, u.as_ref()))
+        }
+    }
+    .map_err(errors::to_py)?;
+    Ok((report.corrected, report.inconsistent))
+}
+
+fn undo_of<B: numpy::Element + Copy>(
+    pos: Option<&[u32]>,
+    values: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<Undo<B>>> {
+    let (Some(pos), Some(values)) = (pos, values) else {
+        return Ok(None);
+    };
+    let values = values.downcast::<PyArrayDyn<B>>().map_err(|_| {
+        pyo3::exceptions::PyTypeError::new_err(format!(
+            "undo values must be {} for this target dtype",
+            std::any::type_name::<B>()
+        ))
+    })?;
+    let values = values.readonly();
+    Ok(Some(Undo {
+        positions: pos.to_vec(),
+        values: slice_of(&values, "values")?.to_vec(),
+    }))
+}
+
+/// ⟨a, b⟩ of two deltas (arrays or quantized tuples), in float64.
+#[pyfunction]
+fn dot(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<f64> {
+    let (a, b) = (DeltaIn::extract(a)?, DeltaIn::extract(b)?);
+    let (va, vb) = (a.view()?, b.view()?);
+    nogil(py, || core_dot::dot(&va, &vb)).map_err(errors::to_py)
+}
+
+/// Cosine similarity of two deltas; 0 when either is all zeros.
+#[pyfunction]
+fn cosine(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<f64> {
+    let (a, b) = (DeltaIn::extract(a)?, DeltaIn::extract(b)?);
+    let (va, vb) = (a.view()?, b.view()?);
+    nogil(py, || core_dot::cosine(&va, &vb)).map_err(errors::to_py)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("FormatError", m.py().get_type::<errors::FormatError>())?;
+    m.add("NonFiniteError", m.py().get_type::<errors::NonFiniteError>())?;
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(pack, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack, m)?)?;
+    m.add_function(wrap_pyfunction!(project, m)?)?;
+    m.add_function(wrap_pyfunction!(apply, m)?)?;
+    m.add_function(wrap_pyfunction!(remove, m)?)?;
+    m.add_function(wrap_pyfunction!(dot, m)?)?;
+    m.add_function(wrap_pyfunction!(cosine, m)?)?;
+    Ok(())
+}
