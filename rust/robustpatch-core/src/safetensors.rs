@@ -280,4 +280,39 @@ mod tests {
         let h = r#"{"a":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}}"#;
         assert_eq!(parse_file(&file(h, 0)).unwrap().tensors[0].shape, vec![0, 3]);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary bytes never panic; whatever is accepted stays inside the file.
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), n in 0u64..400) {
+            let mut v = n.to_le_bytes().to_vec();
+            v.extend_from_slice(&body);
+            if let Ok(h) = parse_file(&v) {
+                for t in &h.tensors {
+                    proptest::prop_assert!(h.data_start + t.end <= v.len());
+                }
+            }
+        }
+
+        /// Structured near-valid headers: offsets and shapes drawn at random.
+        #[test]
+        fn random_entries_are_validated(
+            begin in 0u64..64, len in 0u64..64, dims in proptest::collection::vec(0u64..9, 0..4),
+            dtype in proptest::sample::select(vec!["F32", "F16", "U8", "I64", "X"]), data in 0usize..96,
+        ) {
+            let h = format!(
+                r#"{{"t":{{"dtype":"{dtype}","shape":{dims:?},"data_offsets":[{begin},{}]}}}}"#,
+                begin + len
+            );
+            let v = file(&h, data);
+            if let Ok(hdr) = parse_file(&v) {
+                let t = &hdr.tensors[0];
+                let numel: usize = t.shape.iter().product();
+                proptest::prop_assert_eq!(numel * dtype_size(&t.dtype).unwrap(), t.end - t.begin);
+                proptest::prop_assert!(t.end <= data);
+            }
+        }
+    }
 }

@@ -414,6 +414,39 @@ fn cosine(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResul
     nogil(py, || core_dot::cosine(&va, &vb)).map_err(errors::to_py)
 }
 
+fn header_tuple<'py>(
+    py: Python<'py>,
+    h: robustpatch_core::safetensors::Header,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let meta = PyDict::new(py);
+    for (k, v) in h.metadata {
+        meta.set_item(k, v)?;
+    }
+    let tensors = h
+        .tensors
+        .into_iter()
+        .map(|t| (t.name, t.dtype, t.shape, t.begin, t.end))
+        .collect::<Vec<_>>();
+    (meta, tensors, h.data_start).into_pyobject(py)
+}
+
+/// Read and validate a safetensors header from a file. Returns
+/// `(metadata, [(name, dtype, shape, begin, end), ...] in file order, data_start)`;
+/// offsets are relative to `data_start`.
+#[pyfunction]
+fn read_header<'py>(py: Python<'py>, path: std::path::PathBuf) -> PyResult<Bound<'py, PyTuple>> {
+    let h = nogil(py, || robustpatch_core::safetensors::read(&path)).map_err(errors::to_py)?;
+    header_tuple(py, h)
+}
+
+/// Validate a safetensors header held in memory (`buf` starts at byte 0 of a
+/// file of `file_len` bytes). Same return value as `read_header`.
+#[pyfunction]
+fn parse_header<'py>(py: Python<'py>, buf: &[u8], file_len: u64) -> PyResult<Bound<'py, PyTuple>> {
+    let h = robustpatch_core::safetensors::parse(buf, file_len).map_err(errors::to_py)?;
+    header_tuple(py, h)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -428,5 +461,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(remove, m)?)?;
     m.add_function(wrap_pyfunction!(dot, m)?)?;
     m.add_function(wrap_pyfunction!(cosine, m)?)?;
+    m.add_function(wrap_pyfunction!(read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_header, m)?)?;
     Ok(())
 }

@@ -1,0 +1,264 @@
+"""Engine benchmark: our kernels vs the best numpy and torch expressions and a plain
+memory copy, all in one run, on one 64M-element target and on 10,000 small tensors.
+
+Run (release build installed):  python benches/bench_engine.py [--elements N] [--repeat R]
+Writes benches/results/engine.json and prints a Markdown table. Ratios are what
+matter (they are measured in the same run); absolute times depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from robustpatch import _core
+
+try:
+    import torch
+except ImportError:  # torch is an optional extra; its columns are then left empty
+    torch = None
+
+GROUP = 128
+BITS = 4
+
+
+def best_time(fn: Callable[[], object], repeat: int, setup: Callable[[], object] | None = None):
+    """Minimum wall time over `repeat` runs (setup excluded)."""
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    b = x.view(np.uint32)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+# ---- numpy references -------------------------------------------------------------
+
+
+def np_quantize_4bit(x: np.ndarray):
+    g = x.reshape(-1, GROUP)
+    lo, hi = g.min(axis=1), g.max(axis=1)
+    scale = (hi - lo) / 15
+    inv = np.divide(1, scale, out=np.zeros_like(scale), where=scale > 0)
+    codes = np.clip(np.rint((g - lo[:, None]) * inv[:, None]), 0, 15).astype(np.uint8).reshape(-1)
+    packed = codes[0::2] | (codes[1::2] << 4)
+    return packed, scale, lo
+
+
+def np_dequantize_4bit(packed, scale, offset):
+    codes = np.empty(packed.size * 2, np.float32)
+    codes[0::2] = packed & 15
+    codes[1::2] = packed >> 4
+    return (codes.reshape(-1, GROUP) * scale[:, None] + offset[:, None]).reshape(-1)
+
+
+# ---- torch references -------------------------------------------------------------
+
+
+def torch_quantize_4bit(x):
+    g = x.view(-1, GROUP)
+    lo, hi = g.amin(dim=1), g.amax(dim=1)
+    scale = (hi - lo) / 15
+    codes = ((g - lo[:, None]) / scale.clamp_min(1e-30)[:, None]).round_().clamp_(0, 15)
+    codes = codes.to(torch.uint8).view(-1)
+    packed = codes[0::2] | (codes[1::2] << 4)
+    return packed, scale, lo
+
+
+def torch_dequantize_4bit(packed, scale, offset):
+    codes = torch.stack((packed & 15, packed >> 4), dim=1).view(-1, GROUP).float()
+    return (codes * scale[:, None] + offset[:, None]).view(-1)
+
+
+# ---- the benchmark ----------------------------------------------------------------
+
+
+def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
+    rng = np.random.default_rng(0)
+    base = (rng.standard_normal(n, dtype=np.float32) * 0.05).astype(np.float32)
+    deltas = [(rng.standard_normal(n, dtype=np.float32) * 1e-3) for _ in range(4)]
+    quants = []
+    for d in deltas:
+        c, s, o = _core.quantize(d, BITS, "affine", GROUP)
+        quants.append((c, s, o, BITS, "affine", GROUP, n))
+    target = base.copy()
+    scratch = np.empty_like(base)
+    rows: list[dict] = []
+
+    def add_row(name, ours, copy, numpy_t=None, torch_t=None, note=""):
+        rows.append(
+            {
+                "kernel": name,
+                "ours_s": ours,
+                "copy_s": copy,
+                "numpy_s": numpy_t,
+                "torch_s": torch_t,
+                "ours_over_copy": ours / copy,
+                "numpy_over_ours": None if numpy_t is None else numpy_t / ours,
+                "torch_over_ours": None if torch_t is None else torch_t / ours,
+                "note": note,
+            }
+        )
+
+    copy_f32 = best_time(lambda: np.copyto(scratch, target), repeat)
+
+    # Fused apply, 1 and 4 signatures, into f32 (with the exact-undo record).
+    ours1 = best_time(lambda: _core.apply(target, quants[:1], [1.0]), repeat)
+    ours4 = best_time(lambda: _core.apply(target, quants, [1.0, 0.5, -0.5, 0.25]), repeat)
+    np_q = [np_quantize_4bit(d) for d in deltas]
+
+    def numpy_apply(k):
+        for p, s, o in np_q[:k]:
+            target.__iadd__(np_dequantize_4bit(p, s, o))
+
+    np1 = best_time(lambda: numpy_apply(1), repeat)
+    np4 = best_time(lambda: numpy_apply(4), max(1, repeat // 2))
+    t1 = t4 = None
+    if torch is not None:
+        tt = torch.from_numpy(target)
+        tq = [tuple(torch.from_numpy(np.asarray(a)) for a in q) for q in np_q]
+
+        def torch_apply(k):
+            for p, s, o in tq[:k]:
+                tt.add_(torch_dequantize_4bit(p, s, o), alpha=1.0)
+
+        t1 = best_time(lambda: torch_apply(1), repeat)
+        t4 = best_time(lambda: torch_apply(4), max(1, repeat // 2))
+    add_row("apply 1×4-bit g128 → f32 (+undo record)", ours1, copy_f32, np1, t1)
+    add_row("apply 4×4-bit g128 → f32 (+undo record)", ours4, copy_f32, np4, t4)
+
+    # Into half-precision targets: compared with a copy of the same (smaller) tensor.
+    for name, half in (("f16", base.astype(np.float16)), ("bf16", bf16_bits(base))):
+        hscratch = np.empty_like(half)
+        copy_h = best_time(lambda h=half, s=hscratch: np.copyto(s, h), repeat)
+        ours_h = best_time(lambda h=half: _core.apply(h, quants[:1], [1.0]), repeat)
+        th = None
+        if torch is not None:
+            dt = torch.float16 if name == "f16" else torch.bfloat16
+            tt_h = torch.from_numpy(base).to(dt)
+            p, s, o = tq[0]
+            th = best_time(lambda t=tt_h: t.add_(torch_dequantize_4bit(p, s, o)), repeat)
+        add_row(f"apply 1×4-bit g128 → {name} (+undo record)", ours_h, copy_h, None, th)
+
+    # Quantize + pack.
+    ours_q = best_time(lambda: _core.quantize(deltas[0], BITS, "affine", GROUP), repeat)
+    np_qt = best_time(lambda: np_quantize_4bit(deltas[0]), max(1, repeat // 2))
+    t_qt = None
+    if torch is not None:
+        td = torch.from_numpy(deltas[0])
+        t_qt = best_time(lambda: torch_quantize_4bit(td), repeat)
+    add_row("quantize+pack 4-bit g128 (f32 in)", ours_q, copy_f32, np_qt, t_qt)
+
+    # Projection: three inputs, one output.
+    pre, clean, robust = base, base + deltas[0], base + deltas[1]
+    ours_p = best_time(lambda: _core.project(pre, clean, robust), repeat)
+
+    def numpy_project():
+        dr = robust - pre
+        d = clean - pre
+        return dr - (np.dot(dr, d) / np.dot(d, d)) * d
+
+    np_p = best_time(numpy_project, max(1, repeat // 2))
+    t_p = None
+    if torch is not None:
+        tp, tc, tr = (torch.from_numpy(a) for a in (pre, clean, robust))
+
+        def torch_project():
+            dr = tr - tp
+            d = tc - tp
+            return dr.sub_(d, alpha=float(torch.dot(dr, d) / torch.dot(d, d)))
+
+        t_p = best_time(torch_project, repeat)
+    add_row("projection (3 in, 1 out)", ours_p, copy_f32, np_p, t_p)
+
+    # Many small tensors: per-call overhead of the bindings.
+    smalls = [(rng.standard_normal(small_size) * 0.05).astype(np.float32) for _ in range(small_count)]
+    sq = []
+    for s in smalls:
+        c, sc, o = _core.quantize(s * 0.01, BITS, "affine", small_size)
+        sq.append([(c, sc, o, BITS, "affine", small_size, small_size)])
+
+    def ours_small():
+        for t, q in zip(smalls, sq):
+            _core.apply(t, q, [1.0])
+
+    small_t = best_time(ours_small, repeat)
+    small_copy = best_time(lambda: [np.copyto(np.empty_like(s), s) for s in smalls], repeat)
+    rows.append(
+        {
+            "kernel": f"{small_count} small tensors ({small_size} el.), apply each",
+            "ours_s": small_t,
+            "copy_s": small_copy,
+            "per_tensor_us": small_t / small_count * 1e6,
+            "note": "per-call overhead",
+        }
+    )
+    return {
+        "elements": n,
+        "repeat": repeat,
+        "threads": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": None if torch is None else torch.__version__,
+        "numpy": np.__version__,
+        "rows": rows,
+    }
+
+
+def fmt(x, unit="ms"):
+    if x is None:
+        return "–"
+    return f"{x * 1e3:.1f} ms" if unit == "ms" else f"{x:.2f}×"
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| kernel | ours | copy | ours/copy | numpy/ours | torch/ours |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if "per_tensor_us" in r:
+            lines.append(
+                f"| {r['kernel']} | {r['per_tensor_us']:.2f} µs/tensor | – | – | – | – |"
+            )
+            continue
+        lines.append(
+            f"| {r['kernel']} | {fmt(r['ours_s'])} | {fmt(r['copy_s'])} | "
+            f"{fmt(r['ours_over_copy'], 'x')} | {fmt(r['numpy_over_ours'], 'x')} | "
+            f"{fmt(r['torch_over_ours'], 'x')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--elements", type=int, default=64 * 2**20, help="target size (64M = 256 MiB)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--small-count", type=int, default=10_000)
+    ap.add_argument("--small-size", type=int, default=256)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "engine.json")
+    args = ap.parse_args()
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count() or 1)
+    result = run(args.elements, args.repeat, args.small_count, args.small_size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
