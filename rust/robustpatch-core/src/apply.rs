@@ -13,12 +13,21 @@ use crate::par::{CHUNK, PARALLEL_MIN, TILE};
 use rayon::prelude::*;
 
 /// The elements `apply` changed in a way plain subtraction cannot undo.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Undo<B> {
     /// Element indices, strictly increasing.
     pub positions: Vec<u32>,
     /// The original bit patterns at those indices.
     pub values: Vec<B>,
+}
+
+impl<B> Default for Undo<B> {
+    fn default() -> Self {
+        Undo {
+            positions: Vec::new(),
+            values: Vec::new(),
+        }
+    }
 }
 
 impl<B> Undo<B> {
@@ -192,7 +201,7 @@ fn apply_chunk<T: Element>(
 ) -> Undo<T::Bits> {
     let mut undo = Undo::default();
     let (mut acc, mut scratch) = ([0f32; TILE], [0u8; TILE]);
-    let mut new = vec![T::from_f32(0.0); TILE];
+    let mut new = [T::from_f32(0.0); TILE];
     for (ti, tile) in chunk.chunks_mut(TILE).enumerate() {
         let start = base + ti * TILE;
         let n = tile.len();

@@ -12,8 +12,10 @@ pub mod delta;
 pub mod dot;
 pub mod dtype;
 pub mod error;
+pub mod pack;
 pub mod par;
 pub mod project;
+pub mod quant;
 pub mod safetensors;
 
 pub use dtype::{DType, Element};

@@ -58,7 +58,11 @@ pub fn header_len(prefix: &[u8], file_len: u64) -> Result<usize> {
     let bytes: [u8; 8] = prefix
         .get(..8)
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| Error::Format(format!("file of {file_len} bytes is too short for a header")))?;
+        .ok_or_else(|| {
+            Error::Format(format!(
+                "file of {file_len} bytes is too short for a header"
+            ))
+        })?;
     let n = u64::from_le_bytes(bytes);
     if n > MAX_HEADER {
         return Err(Error::Format(format!(
@@ -88,8 +92,11 @@ pub fn read(path: &Path) -> Result<Header> {
     let mut f = File::open(path)?;
     let file_len = f.metadata()?.len();
     let mut prefix = [0u8; 8];
-    f.read_exact(&mut prefix)
-        .map_err(|_| Error::Format(format!("file of {file_len} bytes is too short for a header")))?;
+    f.read_exact(&mut prefix).map_err(|_| {
+        Error::Format(format!(
+            "file of {file_len} bytes is too short for a header"
+        ))
+    })?;
     let n = header_len(&prefix, file_len)?;
     let mut json = vec![0u8; n];
     f.read_exact(&mut json)?;
@@ -107,7 +114,10 @@ impl<'de> Deserialize<'de> for Entries {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Entries, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Entries, A::Error> {
                 let mut v = Vec::new();
                 while let Some(entry) = m.next_entry::<String, Value>()? {
                     v.push(entry);
@@ -148,12 +158,16 @@ fn parse_json(json: &[u8], data_len: u64, data_start: usize) -> Result<Header> {
 
 fn parse_metadata(value: Value) -> Result<Vec<(String, String)>> {
     let Value::Object(map) = value else {
-        return Err(Error::Format("__metadata__ must be an object of strings".into()));
+        return Err(Error::Format(
+            "__metadata__ must be an object of strings".into(),
+        ));
     };
     map.into_iter()
         .map(|(k, v)| match v {
             Value::String(s) => Ok((k, s)),
-            _ => Err(Error::Format(format!("__metadata__ value {k:?} is not a string"))),
+            _ => Err(Error::Format(format!(
+                "__metadata__ value {k:?} is not a string"
+            ))),
         })
         .collect()
 }
@@ -247,12 +261,30 @@ mod tests {
     #[test]
     fn refuses_malformed_headers() {
         let cases = [
-            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, "duplicate"),
-            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, "overlap"),
-            (r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, "needs 12 bytes"),
-            (r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, "outside"),
-            (r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#, "unknown dtype"),
-            (r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#, "overflows"),
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                "duplicate",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+                "overlap",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                "needs 12 bytes",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                "outside",
+            ),
+            (
+                r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#,
+                "unknown dtype",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#,
+                "overflows",
+            ),
             (r#"[1,2]"#, "not a JSON object"),
             (r#"{"__metadata__":{"k":1}}"#, "not a string"),
         ];
@@ -264,12 +296,21 @@ mod tests {
 
     #[test]
     fn refuses_bad_lengths() {
-        assert!(parse(&[1, 2, 3], 3).unwrap_err().to_string().contains("too short"));
+        assert!(parse(&[1, 2, 3], 3)
+            .unwrap_err()
+            .to_string()
+            .contains("too short"));
         let mut v = 1000u64.to_le_bytes().to_vec();
         v.extend_from_slice(b"{}");
-        assert!(parse_file(&v).unwrap_err().to_string().contains("past the end"));
+        assert!(parse_file(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("past the end"));
         let v = (MAX_HEADER + 1).to_le_bytes();
-        assert!(parse(&v, u64::MAX).unwrap_err().to_string().contains("limit"));
+        assert!(parse(&v, u64::MAX)
+            .unwrap_err()
+            .to_string()
+            .contains("limit"));
         let mut v = 2u64.to_le_bytes().to_vec();
         v.extend_from_slice(&[0xff, 0xfe]);
         assert!(parse_file(&v).unwrap_err().to_string().contains("UTF-8"));
@@ -278,7 +319,10 @@ mod tests {
     #[test]
     fn zero_length_tensors_are_valid() {
         let h = r#"{"a":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}}"#;
-        assert_eq!(parse_file(&file(h, 0)).unwrap().tensors[0].shape, vec![0, 3]);
+        assert_eq!(
+            parse_file(&file(h, 0)).unwrap().tensors[0].shape,
+            vec![0, 3]
+        );
     }
 
     proptest::proptest! {

@@ -4,7 +4,7 @@
 use half::{bf16, f16};
 use proptest::prelude::*;
 use robustpatch_core::apply::{apply, apply_scalar, remove, remove_scalar};
-use robustpatch_core::delta::{Dense, Delta};
+use robustpatch_core::delta::{Delta, Dense};
 use robustpatch_core::dot::{cosine, dot};
 use robustpatch_core::project::{project, project_scalar};
 use robustpatch_core::quant::{quantize, QuantSpec, Scheme};
@@ -14,10 +14,10 @@ use robustpatch_core::Element;
 const SPECIAL: [f32; 10] = [
     0.0,
     -0.0,
-    1e-40,   // f32 subnormal
-    -3e-39,  // f32 subnormal
-    6e-8,    // f16 subnormal
-    1e-45,   // smallest f32 subnormal
+    1e-40,  // f32 subnormal
+    -3e-39, // f32 subnormal
+    6e-8,   // f16 subnormal
+    1e-45,  // smallest f32 subnormal
     f32::INFINITY,
     f32::NEG_INFINITY,
     65504.0, // f16 max
@@ -44,7 +44,13 @@ fn target_values(seed: u64, n: usize) -> Vec<f32> {
 fn delta_values(seed: u64, n: usize, magnitude: f32) -> Vec<f32> {
     target_values(seed.wrapping_mul(31).wrapping_add(7), n)
         .iter()
-        .map(|v| if v.is_finite() { (v * 10.0).clamp(-1.0, 1.0) * magnitude } else { magnitude })
+        .map(|v| {
+            if v.is_finite() {
+                (v * 10.0).clamp(-1.0, 1.0) * magnitude
+            } else {
+                magnitude
+            }
+        })
         .collect()
 }
 
@@ -64,12 +70,20 @@ fn roundtrip<T: Element>(target: &[f32], deltas: &[(Delta, f32)]) -> (usize, usi
     let mut slow = original.clone();
     let undo_fast = apply(&mut fast, deltas, true).unwrap().unwrap();
     let undo_slow = apply_scalar(&mut slow, deltas, true).unwrap().unwrap();
-    assert_eq!(bits(&fast), bits(&slow), "parallel apply differs from the scalar twin");
+    assert_eq!(
+        bits(&fast),
+        bits(&slow),
+        "parallel apply differs from the scalar twin"
+    );
     assert_eq!(undo_fast, undo_slow);
     let mut slow_back = slow.clone();
     remove(&mut fast, deltas, Some(&undo_fast)).unwrap();
     remove_scalar(&mut slow_back, deltas, Some(&undo_slow)).unwrap();
-    assert_eq!(bits(&fast), bits(&original), "remove did not restore the original");
+    assert_eq!(
+        bits(&fast),
+        bits(&original),
+        "remove did not restore the original"
+    );
     assert_eq!(bits(&slow_back), bits(&original));
     (undo_fast.positions.len(), original.len())
 }
@@ -148,15 +162,25 @@ proptest! {
 #[test]
 fn parallel_path_matches_scalar_on_large_tensors() {
     // Above PARALLEL_MIN so rayon splits the work.
-    let n = 600_000 + 3;
+    let n = 128 * 4700 + 3;
     let t = target_values(42, n);
     let d = delta_values(42, n, 0.02);
-    let q = quantize(&d[..n - 3], QuantSpec { bits: 4, scheme: Scheme::Affine, group_len: 128 });
+    let q = quantize(
+        &d[..n - 3],
+        QuantSpec {
+            bits: 4,
+            scheme: Scheme::Affine,
+            group_len: 128,
+        },
+    );
     assert!(q.is_ok());
     let dense = [(Delta::Dense(Dense::F32(&d)), 0.75)];
     check_all_dtypes(&t, &dense);
     let q = q.unwrap();
-    let quant = [(Delta::Quant(q.view()), 1.0), (Delta::Quant(q.view()), -0.25)];
+    let quant = [
+        (Delta::Quant(q.view()), 1.0),
+        (Delta::Quant(q.view()), -0.25),
+    ];
     check_all_dtypes(&t[..n - 3], &quant);
 }
 
@@ -164,7 +188,10 @@ fn parallel_path_matches_scalar_on_large_tensors() {
 fn undo_record_is_a_small_share_of_the_tensor() {
     // Weights ~ N(0, 0.05), a delta 1% of their scale: the typical signature case.
     let n = 1 << 20;
-    let t: Vec<f32> = target_values(7, n).iter().map(|v| if v.is_finite() { *v * 0.5 } else { 0.01 }).collect();
+    let t: Vec<f32> = target_values(7, n)
+        .iter()
+        .map(|v| if v.is_finite() { *v * 0.5 } else { 0.01 })
+        .collect();
     let d = delta_values(8, n, 0.001);
     let deltas = [(Delta::Dense(Dense::F32(&d)), 1.0)];
     for (name, (fixes, total)) in [
@@ -173,7 +200,10 @@ fn undo_record_is_a_small_share_of_the_tensor() {
         ("bf16", roundtrip::<bf16>(&t, &deltas)),
     ] {
         let share = fixes as f64 / total as f64;
-        println!("{name}: {fixes} of {total} elements need a record ({:.2}%)", 100.0 * share);
+        println!(
+            "{name}: {fixes} of {total} elements need a record ({:.2}%)",
+            100.0 * share
+        );
         assert!(share < 0.10, "{name}: record share {share}");
     }
 }
@@ -184,7 +214,10 @@ fn cosine_of_a_delta_with_itself_is_one() {
     let c = cosine(&Delta::Dense(Dense::F32(&a)), &Delta::Dense(Dense::F32(&a))).unwrap();
     assert!((c - 1.0).abs() < 1e-12);
     let z = vec![0f32; 1000];
-    assert_eq!(cosine(&Delta::Dense(Dense::F32(&a)), &Delta::Dense(Dense::F32(&z))).unwrap(), 0.0);
+    assert_eq!(
+        cosine(&Delta::Dense(Dense::F32(&a)), &Delta::Dense(Dense::F32(&z))).unwrap(),
+        0.0
+    );
 }
 
 #[test]

@@ -93,7 +93,9 @@ pub enum DenseMut<'a> {
 impl<'py> FloatInOut<'py> {
     pub fn extract(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
         let not_writeable = |_| {
-            PyValueError::new_err(format!("{what}: array is read-only; pass a writeable array"))
+            PyValueError::new_err(format!(
+                "{what}: array is read-only; pass a writeable array"
+            ))
         };
         if let Ok(a) = obj.downcast::<PyArrayDyn<f32>>() {
             Ok(FloatInOut::F32(a.try_readwrite().map_err(not_writeable)?))

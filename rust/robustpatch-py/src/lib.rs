@@ -12,7 +12,7 @@ use pyo3::marker::Ungil;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use robustpatch_core::apply::{self as core_apply, Undo};
-use robustpatch_core::delta::{Dense, Delta};
+use robustpatch_core::delta::{Delta, Dense};
 use robustpatch_core::quant::{self, QuantSpec, QuantView, Scheme};
 use robustpatch_core::{dot as core_dot, pack as core_pack, project as core_project, Element};
 
@@ -58,7 +58,10 @@ fn quantize<'py>(
         q.scale.into_pyarray(py),
         q.offset.into_pyarray(py),
     );
-    PyTuple::new(py, [parts.0.into_any(), parts.1.into_any(), parts.2.into_any()])
+    PyTuple::new(
+        py,
+        [parts.0.into_any(), parts.1.into_any(), parts.2.into_any()],
+    )
 }
 
 /// Decode packed codes to a flat float32 array of `numel` elements.
@@ -98,7 +101,9 @@ fn pack<'py>(
 ) -> PyResult<Bound<'py, PyArray1<u8>>> {
     let codes = slice_of(&codes, "codes")?;
     if !(1..=8).contains(&bits) {
-        return Err(PyValueError::new_err(format!("bits must be in 1..=8, got {bits}")));
+        return Err(PyValueError::new_err(format!(
+            "bits must be in 1..=8, got {bits}"
+        )));
     }
     let mut out = vec![0u8; core_pack::packed_len(codes.len(), bits)];
     nogil(py, || core_pack::pack(codes, bits, &mut out)).map_err(errors::to_py)?;
@@ -115,7 +120,9 @@ fn unpack<'py>(
 ) -> PyResult<Bound<'py, PyArray1<u8>>> {
     let packed = slice_of(&packed, "packed")?;
     if !(1..=8).contains(&bits) {
-        return Err(PyValueError::new_err(format!("bits must be in 1..=8, got {bits}")));
+        return Err(PyValueError::new_err(format!(
+            "bits must be in 1..=8, got {bits}"
+        )));
     }
     if packed.len() != core_pack::packed_len(n, bits) {
         return Err(PyValueError::new_err(format!(
@@ -158,7 +165,11 @@ fn project<'py>(
             r.dtype().name()
         )));
     }
-    let (pd, cd, rd) = (p.dense("pretrained")?, c.dense("clean")?, r.dense("robust")?);
+    let (pd, cd, rd) = (
+        p.dense("pretrained")?,
+        c.dense("clean")?,
+        r.dense("robust")?,
+    );
     let mut out = vec![0f32; pd.len()];
     let stats = nogil(py, || match (pd, cd, rd) {
         (Dense::F32(a), Dense::F32(b), Dense::F32(c)) => core_project::project(a, b, c, &mut out),
@@ -451,7 +462,10 @@ fn parse_header<'py>(py: Python<'py>, buf: &[u8], file_len: u64) -> PyResult<Bou
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("FormatError", m.py().get_type::<errors::FormatError>())?;
-    m.add("NonFiniteError", m.py().get_type::<errors::NonFiniteError>())?;
+    m.add(
+        "NonFiniteError",
+        m.py().get_type::<errors::NonFiniteError>(),
+    )?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;

@@ -1,0 +1,295 @@
+"""safetensors container I/O: validated reads, atomic writes, byte-range copies.
+
+Headers are always parsed by the engine's validating reader (``_core.read_header``), so
+no offset or length from a file is used before it has been checked. Writes go to a
+temporary file in the destination folder, are fsynced and renamed into place: a crash or
+an error never leaves a partial file at the destination.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Union
+
+import numpy as np
+
+from . import _core
+from .dtypes import NUMPY_OF_LABEL, label_of
+from .errors import FormatError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Bytes moved per call when copying a byte range between files.
+COPY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file; ``begin``/``end`` are relative to ``data_start``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header."""
+
+    metadata: dict[str, str]
+    tensors: list[TensorInfo]  # sorted by offset
+    data_start: int
+    file_size: int
+
+    def by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+
+def read_header(path: PathLike) -> Header:
+    """Read and validate the header of a safetensors file (FormatError if malformed)."""
+    path = os.fspath(path)
+    meta, entries, data_start = _core.read_header(path)
+    size = os.path.getsize(path)
+    tensors = [TensorInfo(n, d, tuple(s), b, e) for n, d, s, b, e in entries]
+    return Header(dict(meta), tensors, data_start, size)
+
+
+def parse_header(buf: bytes, file_size: int) -> Header:
+    """Validate a header held in memory (``buf`` starts at byte 0 of the file)."""
+    meta, entries, data_start = _core.parse_header(buf, file_size)
+    tensors = [TensorInfo(n, d, tuple(s), b, e) for n, d, s, b, e in entries]
+    return Header(dict(meta), tensors, data_start, file_size)
+
+
+def encode_header(tensors: list[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
+    """Length prefix + JSON header, space-padded to a multiple of 8 bytes."""
+    obj: dict[str, object] = {}
+    if metadata:
+        obj["__metadata__"] = dict(metadata)
+    for t in tensors:
+        obj[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.begin, t.end]}
+    text = json.dumps(obj, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _layout(tensors: Mapping[str, np.ndarray]) -> list[TensorInfo]:
+    infos, offset = [], 0
+    for name, arr in tensors.items():
+        label = "U8" if arr.dtype == np.uint8 else label_of(arr)
+        infos.append(TensorInfo(name, label, tuple(arr.shape), offset, offset + arr.nbytes))
+        offset += arr.nbytes
+    return infos
+
+
+def _dtype_override(label_overrides: Mapping[str, str] | None, info: TensorInfo) -> TensorInfo:
+    if label_overrides and info.name in label_overrides:
+        return TensorInfo(info.name, label_overrides[info.name], info.shape, info.begin, info.end)
+    return info
+
+
+def write_tensors(
+    path: PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> None:
+    """Write numpy arrays as a safetensors file, atomically.
+
+    uint16 arrays are labelled ``BF16`` unless ``labels`` says otherwise (e.g. ``U16``).
+    """
+    with atomic_file(path) as f:
+        write_tensors_to(f, tensors, metadata, labels)
+
+
+def write_tensors_to(
+    f: BinaryIO,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> None:
+    """Write numpy arrays as safetensors into an open binary file."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    infos = [_dtype_override(labels, i) for i in _layout(arrays)]
+    f.write(encode_header(infos, metadata))
+    for arr in arrays.values():
+        f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+
+
+def read_tensors(path: PathLike) -> tuple[Header, dict[str, np.ndarray]]:
+    """Read a whole (small) safetensors file into numpy arrays, validating the header.
+
+    BF16 tensors come back as uint16 bits; F8 tensors as raw uint8.
+    """
+    header = read_header(path)
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f:
+        for t in header.tensors:
+            out[t.name] = read_tensor(f, header, t)
+    return header, out
+
+
+def read_tensor(f: BinaryIO, header: Header, t: TensorInfo) -> np.ndarray:
+    """Read one tensor into a fresh, writable, aligned array."""
+    arr = np.empty(t.shape, NUMPY_OF_LABEL[t.dtype])
+    f.seek(header.data_start + t.begin)
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    got = f.readinto(view) if t.nbytes else 0
+    if got != t.nbytes:
+        raise FormatError(f"tensor {t.name!r}: file ended after {got} of {t.nbytes} bytes")
+    return arr
+
+
+def map_tensor(fd: int, header: Header, t: TensorInfo) -> np.ndarray:
+    """One tensor as a writable array over a private copy-on-write mapping of the file.
+
+    Memory is about the tensor's size; the file itself is never written. The mapping is
+    released when the last reference to the array goes (drop it with ``del``).
+    """
+    dtype = NUMPY_OF_LABEL[t.dtype]
+    start = header.data_start + t.begin
+    if t.nbytes == 0:
+        return np.empty(t.shape, dtype)
+    if start % dtype.itemsize:  # misaligned in the file: read a copy instead
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return read_tensor(f, header, t)
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(fd, start - base + t.nbytes, access=mmap.ACCESS_COPY, offset=base)
+    arr = np.frombuffer(mm, dtype, count=t.nbytes // dtype.itemsize, offset=start - base)
+    return arr.reshape(t.shape)
+
+
+def copy_range(
+    src: BinaryIO,
+    dst: BinaryIO,
+    offset: int,
+    length: int,
+    progress: Callable[[int], object] | None = None,
+) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``src`` to the current position of ``dst``.
+
+    Uses ``os.copy_file_range`` (in-kernel, no user memory) where available.
+    """
+    dst.flush()
+    sfd, dfd = src.fileno(), dst.fileno()
+    end = offset + length
+    use_kernel = hasattr(os, "copy_file_range")
+    while offset < end:
+        n = min(COPY_CHUNK, end - offset)
+        done = 0
+        if use_kernel:
+            try:
+                done = os.copy_file_range(sfd, dfd, n, offset)
+            except OSError as e:  # e.g. EXDEV/EINVAL on some filesystems: fall back
+                if e.errno not in (18, 22, 38, 95):
+                    raise
+                use_kernel = False
+        if not use_kernel:
+            buf = os.pread(sfd, n, offset)
+            done = os.write(dfd, buf)
+        if done <= 0:
+            raise OSError(f"short copy: source ended at byte {offset} of {end}")
+        offset += done
+        if progress is not None:
+            progress(done)
+    # Keep the Python file object's idea of the position in step with the descriptor.
+    dst.seek(os.lseek(dfd, 0, os.SEEK_CUR))
+
+
+class AtomicFile:
+    """A temporary file in the destination folder that becomes ``path`` on :meth:`commit`.
+
+    Until then nothing exists at ``path`` (an existing file there stays untouched);
+    :meth:`discard` (or an exception inside ``with``) deletes the temporary file.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        folder = self.path.parent
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
+        self.tmp = Path(tmp)
+        self.file: BinaryIO = os.fdopen(fd, "w+b")
+
+    def sync(self) -> None:
+        """Flush and fsync the data (before :meth:`commit`)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def commit(self) -> None:
+        """fsync, close and atomically rename into place."""
+        self.sync()
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        """Close and delete the temporary file (idempotent)."""
+        if not self.file.closed:
+            self.file.close()
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self.file.closed:
+            self.discard()
+
+
+@contextmanager
+def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
+    """``with atomic_file(p) as f: f.write(...)`` — ``p`` appears complete or not at all."""
+    af = AtomicFile(path)
+    try:
+        yield af.file
+        af.commit()
+    except BaseException:
+        af.discard()
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """True if ``a`` and ``b`` name the same file (or the same path when ``b`` is absent)."""
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)
+    return pa.resolve() == pb.resolve()
+
+
+def sha256_file(path: PathLike, chunk: int = 8 << 20) -> str:
+    """Hex sha256 of a whole file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
