@@ -53,7 +53,9 @@ pub fn apply<T: Element>(
     record: bool,
 ) -> Result<Option<Undo<T::Bits>>> {
     check_target(target.len(), deltas)?;
-    let run = |base: usize, chunk: &mut [T]| apply_chunk(chunk, base, deltas, record);
+    let run = |base: usize, chunk: &mut [T]| {
+        crate::simd::dispatch(|| apply_chunk(chunk, base, deltas, record))
+    };
     let parts = for_each_chunk(target, run);
     Ok(record.then(|| concat_undo(parts)))
 }
@@ -69,7 +71,9 @@ pub fn remove<T: Element>(
     if let Some(u) = undo {
         check_undo(u, target.len())?;
     }
-    let run = |base: usize, chunk: &mut [T]| subtract_chunk(chunk, base, deltas);
+    let run = |base: usize, chunk: &mut [T]| {
+        crate::simd::dispatch(|| subtract_chunk(chunk, base, deltas))
+    };
     let inconsistent = for_each_chunk(target, run).into_iter().sum();
     let corrected = undo.map_or(0, |u| write_back(target, u));
     Ok(RemoveReport {
@@ -193,6 +197,7 @@ fn sum_deltas_scalar(deltas: &[(Delta, f32)], start: usize, acc: &mut [f32], scr
     }
 }
 
+#[inline(always)]
 fn apply_chunk<T: Element>(
     chunk: &mut [T],
     base: usize,
@@ -201,66 +206,138 @@ fn apply_chunk<T: Element>(
 ) -> Undo<T::Bits> {
     let mut undo = Undo::default();
     let (mut acc, mut scratch) = ([0f32; TILE], [0u8; TILE]);
-    let mut new = [T::from_f32(0.0); TILE];
+    let (mut wide, mut new) = ([0f32; TILE], [T::from_f32(0.0); TILE]);
+    let mut back = [T::from_f32(0.0); TILE];
     for (ti, tile) in chunk.chunks_mut(TILE).enumerate() {
         let start = base + ti * TILE;
         let n = tile.len();
         sum_deltas(deltas, start, &mut acc[..n], &mut scratch);
-        if !record {
-            add_tile(tile, &acc[..n]);
-            continue;
-        }
-        // Branch-free pass: new values and a per-element "not invertible" flag;
-        // the rare flagged elements are collected before the tile is overwritten.
+        let (acc, new, back) = (&acc[..n], &mut new[..n], &mut back[..n]);
         let bad = &mut scratch[..n];
-        let nbad = add_and_check_tile(tile, &acc[..n], &mut new[..n], bad);
-        if nbad > 0 {
-            for (i, (&b, w)) in bad.iter().zip(tile.iter()).enumerate() {
-                if b != 0 {
-                    undo.positions.push((start + i) as u32);
-                    undo.values.push(w.to_bits());
-                }
+        let flagged = if T::BULK {
+            // Convert whole tiles, so half types use the hardware converter.
+            T::widen(tile, &mut wide[..n]);
+            add_into(&mut wide[..n], acc);
+            T::narrow(&wide[..n], new);
+            if record {
+                // back = round(new − Σ): where it is not w, remove would fail.
+                T::widen(new, &mut wide[..n]);
+                sub_into(&mut wide[..n], acc);
+                T::narrow(&wide[..n], back);
+                flag_differences(tile, back, bad)
+            } else {
+                0
             }
+        } else if record {
+            add_and_check(tile, acc, new, bad)
+        } else {
+            add_elementwise(tile, acc, new);
+            0
+        };
+        if flagged > 0 {
+            collect_flagged(tile, bad, start, &mut undo);
         }
-        tile.copy_from_slice(&new[..n]);
+        tile.copy_from_slice(new);
     }
     undo
 }
 
+/// new = round(w + d), element by element.
 #[inline(always)]
-fn add_tile<T: Element>(tile: &mut [T], acc: &[f32]) {
-    for (w, &d) in tile.iter_mut().zip(acc) {
-        *w = T::from_f32(w.to_f32() + d);
+fn add_elementwise<T: Element>(tile: &[T], acc: &[f32], new: &mut [T]) {
+    for ((w, &d), nw) in tile.iter().zip(acc).zip(new.iter_mut()) {
+        *nw = T::from_f32(w.to_f32() + d);
     }
 }
 
+/// new = round(w + d), and bad = 1 where round(new − d) is not w; returns the count.
 #[inline(always)]
-fn add_and_check_tile<T: Element>(tile: &[T], acc: &[f32], new: &mut [T], bad: &mut [u8]) -> u32 {
-    let mut nbad = 0u32;
+fn add_and_check<T: Element>(tile: &[T], acc: &[f32], new: &mut [T], bad: &mut [u8]) -> u32 {
+    let mut count = 0u32;
     for (((w, &d), nw), b) in tile.iter().zip(acc).zip(new.iter_mut()).zip(bad.iter_mut()) {
         let n = T::from_f32(w.to_f32() + d);
-        let back = T::from_f32(n.to_f32() - d);
-        let flag = (back.to_bits() != w.to_bits()) as u8;
+        let flag = (T::from_f32(n.to_f32() - d).to_bits() != w.to_bits()) as u8;
         *nw = n;
         *b = flag;
-        nbad += flag as u32;
+        count += flag as u32;
     }
-    nbad
+    count
 }
 
+#[inline(always)]
+fn add_into(x: &mut [f32], acc: &[f32]) {
+    for (v, &d) in x.iter_mut().zip(acc) {
+        *v += d;
+    }
+}
+
+#[inline(always)]
+fn sub_into(x: &mut [f32], acc: &[f32]) {
+    for (v, &d) in x.iter_mut().zip(acc) {
+        *v -= d;
+    }
+}
+
+/// bad[i] = 1 where the bits of `a` and `b` differ; returns the count.
+#[inline(always)]
+fn flag_differences<T: Element>(a: &[T], b: &[T], bad: &mut [u8]) -> u32 {
+    let mut count = 0u32;
+    for ((x, y), f) in a.iter().zip(b).zip(bad.iter_mut()) {
+        let d = (x.to_bits() != y.to_bits()) as u8;
+        *f = d;
+        count += d as u32;
+    }
+    count
+}
+
+/// Record (position, original bits) for each flagged element. Flags are
+/// scanned eight at a time, since most words of eight are all clear.
+#[inline(always)]
+fn collect_flagged<T: Element>(tile: &[T], bad: &[u8], start: usize, undo: &mut Undo<T::Bits>) {
+    for (k, word) in bad.chunks(8).enumerate() {
+        let mut bytes = [0u8; 8];
+        bytes[..word.len()].copy_from_slice(word);
+        let mut m = u64::from_le_bytes(bytes);
+        while m != 0 {
+            let i = 8 * k + m.trailing_zeros() as usize / 8;
+            undo.positions.push((start + i) as u32);
+            undo.values.push(tile[i].to_bits());
+            m &= m - 1;
+        }
+    }
+}
+
+#[inline(always)]
 fn subtract_chunk<T: Element>(chunk: &mut [T], base: usize, deltas: &[(Delta, f32)]) -> usize {
     let (mut acc, mut scratch) = ([0f32; TILE], [0u8; TILE]);
+    let (mut wide, mut old) = ([0f32; TILE], [T::from_f32(0.0); TILE]);
+    let mut again = [T::from_f32(0.0); TILE];
     let mut inconsistent = 0usize;
     for (ti, tile) in chunk.chunks_mut(TILE).enumerate() {
         let n = tile.len();
         sum_deltas(deltas, base + ti * TILE, &mut acc[..n], &mut scratch);
-        let mut count = 0u32;
-        for (w, &d) in tile.iter_mut().zip(&acc[..n]) {
-            let old = T::from_f32(w.to_f32() - d);
-            count += (T::from_f32(old.to_f32() + d).to_bits() != w.to_bits()) as u32;
-            *w = old;
+        let (acc, old, again) = (&acc[..n], &mut old[..n], &mut again[..n]);
+        if T::BULK {
+            T::widen(tile, &mut wide[..n]);
+            sub_into(&mut wide[..n], acc);
+            T::narrow(&wide[..n], old);
+            // Re-adding the delta must give the patched value back; count where not.
+            T::widen(old, &mut wide[..n]);
+            add_into(&mut wide[..n], acc);
+            T::narrow(&wide[..n], again);
+        } else {
+            for (((w, &d), o), a) in tile
+                .iter()
+                .zip(acc)
+                .zip(old.iter_mut())
+                .zip(again.iter_mut())
+            {
+                *o = T::from_f32(w.to_f32() - d);
+                *a = T::from_f32(o.to_f32() + d);
+            }
         }
-        inconsistent += count as usize;
+        inconsistent += flag_differences(tile, again, &mut scratch[..n]) as usize;
+        tile.copy_from_slice(old);
     }
     inconsistent
 }

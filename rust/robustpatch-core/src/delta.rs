@@ -68,7 +68,7 @@ impl Delta<'_> {
     /// shares, so that apply, remove and dot see identical values.
     /// `start` must be a multiple of 8 (packed codes are byte-aligned there);
     /// `scratch` holds unpacked codes and must be at least `acc.len()` long.
-    #[inline]
+    #[inline(always)]
     pub fn accumulate(&self, alpha: f32, start: usize, acc: &mut [f32], scratch: &mut [u8]) {
         match self {
             Delta::Dense(Dense::F32(x)) => add_scaled(&x[start..start + acc.len()], alpha, acc),

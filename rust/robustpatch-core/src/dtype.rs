@@ -51,6 +51,26 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn from_f32(x: f32) -> Self;
     fn to_bits(self) -> Self::Bits;
     fn from_bits(b: Self::Bits) -> Self;
+
+    /// True when converting whole tiles through [`Element::widen`] and
+    /// [`Element::narrow`] beats converting element by element (f16 with F16C).
+    const BULK: bool = false;
+
+    /// Widen a tile to f32 (`dst.len() == src.len()`).
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+
+    /// Narrow a tile from f32, round to nearest even.
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(*s);
+        }
+    }
 }
 
 impl Element for f32 {
@@ -97,6 +117,7 @@ impl Element for bf16 {
 
 impl Element for f16 {
     const DTYPE: DType = DType::F16;
+    const BULK: bool = true;
     type Bits = u16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
@@ -113,6 +134,63 @@ impl Element for f16 {
     #[inline(always)]
     fn from_bits(b: u16) -> Self {
         f16::from_bits(b)
+    }
+    #[inline(always)]
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::has_avx2() {
+            // SAFETY: F16C/AVX were detected on this CPU.
+            return unsafe { f16c::widen(src, dst) };
+        }
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [f16]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::has_avx2() {
+            // SAFETY: F16C/AVX were detected on this CPU.
+            return unsafe { f16c::narrow(src, dst) };
+        }
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f16::from_f32(*s);
+        }
+    }
+}
+
+/// Hardware f16 <-> f32 conversion, eight lanes at a time. Identical to the
+/// scalar conversions above (IEEE round to nearest even), which tests check.
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use super::f16;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx,f16c")]
+    pub unsafe fn widen(src: &[f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let full = n / 8 * 8;
+        for i in (0..full).step_by(8) {
+            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        for i in full..n {
+            dst[i] = src[i].to_f32();
+        }
+    }
+
+    #[target_feature(enable = "avx,f16c")]
+    pub unsafe fn narrow(src: &[f32], dst: &mut [f16]) {
+        let n = src.len().min(dst.len());
+        let full = n / 8 * 8;
+        for i in (0..full).step_by(8) {
+            let x = _mm256_loadu_ps(src.as_ptr().add(i));
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+            _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+        }
+        for i in full..n {
+            dst[i] = f16::from_f32(src[i]);
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub mod par;
 pub mod project;
 pub mod quant;
 pub mod safetensors;
+pub mod simd;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

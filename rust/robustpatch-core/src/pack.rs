@@ -138,7 +138,7 @@ fn check_unpack_args(packed: &[u8], bits: u8, start: usize, n: usize) -> Result<
 }
 
 /// Unpack without validation (see [`unpack`] for the contract).
-#[inline]
+#[inline(always)]
 pub(crate) fn unpack_unchecked(packed: &[u8], bits: u8, start: usize, out: &mut [u8]) {
     let b = bits as usize;
     let src = &packed[start / 8 * b..];

@@ -170,7 +170,7 @@ impl<'a> QuantView<'a> {
     /// `acc[i] += (α·scale_g)·level[code] + α·offset_g` for elements
     /// [start, start + acc.len()). `start` must be a multiple of 8 and
     /// `scratch` at least `acc.len()` long.
-    #[inline]
+    #[inline(always)]
     pub fn accumulate_range(&self, alpha: f32, start: usize, acc: &mut [f32], scratch: &mut [u8]) {
         let codes = &mut scratch[..acc.len()];
         unpack_unchecked(self.codes, self.spec.bits, start, codes);
