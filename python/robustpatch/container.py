@@ -62,8 +62,11 @@ class Header:
 def read_header(path: PathLike) -> Header:
     """Read and validate the header of a safetensors file (FormatError if malformed)."""
     path = os.fspath(path)
-    meta, entries, data_start = _core.read_header(path)
-    size = os.path.getsize(path)
+    size = os.stat(path).st_size  # a missing file raises FileNotFoundError naming the path
+    try:
+        meta, entries, data_start = _core.read_header(path)
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
     tensors = [TensorInfo(n, d, tuple(s), b, e) for n, d, s, b, e in entries]
     return Header(dict(meta), tensors, data_start, size)
 
@@ -154,60 +157,83 @@ def read_tensor(f: BinaryIO, header: Header, t: TensorInfo) -> np.ndarray:
     return arr
 
 
-def map_tensor(fd: int, header: Header, t: TensorInfo) -> np.ndarray:
-    """One tensor as a writable array over a private copy-on-write mapping of the file.
+class TensorReader:
+    """Loads tensors of one file, one at a time, through a short-lived read-only mmap of
+    each tensor's byte range into one reusable buffer (so memory stays at the largest
+    tensor read, and page-cache pages are not kept mapped)."""
 
-    Memory is about the tensor's size; the file itself is never written. The mapping is
-    released when the last reference to the array goes (drop it with ``del``).
-    """
-    dtype = NUMPY_OF_LABEL[t.dtype]
-    start = header.data_start + t.begin
-    if t.nbytes == 0:
-        return np.empty(t.shape, dtype)
-    if start % dtype.itemsize:  # misaligned in the file: read a copy instead
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return read_tensor(f, header, t)
-    base = start - start % mmap.ALLOCATIONGRANULARITY
-    mm = mmap.mmap(fd, start - base + t.nbytes, access=mmap.ACCESS_COPY, offset=base)
-    arr = np.frombuffer(mm, dtype, count=t.nbytes // dtype.itemsize, offset=start - base)
-    return arr.reshape(t.shape)
+    def __init__(self, fd: int, header: Header) -> None:
+        self.fd = fd
+        self.header = header
+        self._buf = np.empty(0, np.uint8)
+
+    def load(self, t: TensorInfo) -> np.ndarray:
+        """The tensor as a writable array, valid until the next :meth:`load`."""
+        dtype = NUMPY_OF_LABEL[t.dtype]
+        if self._buf.nbytes < t.nbytes:
+            self._buf = np.empty(t.nbytes, np.uint8)
+        raw = self._buf[: t.nbytes]
+        if t.nbytes:
+            start = self.header.data_start + t.begin
+            base = start - start % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(
+                self.fd, start - base + t.nbytes, access=mmap.ACCESS_READ, offset=base
+            ) as mm:
+                src = np.frombuffer(mm, np.uint8, t.nbytes, start - base)
+                raw[:] = src
+                del src
+        return raw.view(dtype).reshape(t.shape)
+
+
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (looping over short writes)."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view[: 1 << 30], offset)
+        if n <= 0:
+            raise OSError(f"write returned {n} at byte {offset}")
+        view, offset = view[n:], offset + n
 
 
 def copy_range(
-    src: BinaryIO,
-    dst: BinaryIO,
+    src_fd: int,
+    dst_fd: int,
     offset: int,
     length: int,
+    dst_offset: int,
     progress: Callable[[int], object] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
-    """Copy ``length`` bytes at ``offset`` of ``src`` to the current position of ``dst``.
+    """Copy ``length`` bytes at ``offset`` of one file to ``dst_offset`` of another.
 
-    Uses ``os.copy_file_range`` (in-kernel, no user memory) where available.
+    Uses ``os.copy_file_range`` (in the kernel: no user memory, reflinks where the
+    filesystem has them), falling back to pread/pwrite. ``stop()`` is polled between
+    chunks to abandon the copy early.
     """
-    dst.flush()
-    sfd, dfd = src.fileno(), dst.fileno()
     end = offset + length
     use_kernel = hasattr(os, "copy_file_range")
     while offset < end:
+        if stop is not None and stop():
+            return
         n = min(COPY_CHUNK, end - offset)
         done = 0
         if use_kernel:
             try:
-                done = os.copy_file_range(sfd, dfd, n, offset)
-            except OSError as e:  # e.g. EXDEV/EINVAL on some filesystems: fall back
+                done = os.copy_file_range(src_fd, dst_fd, n, offset, dst_offset)
+            except OSError as e:  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: fall back
                 if e.errno not in (18, 22, 38, 95):
                     raise
                 use_kernel = False
         if not use_kernel:
-            buf = os.pread(sfd, n, offset)
-            done = os.write(dfd, buf)
+            data = os.pread(src_fd, n, offset)
+            pwrite_all(dst_fd, data, dst_offset)
+            done = len(data)
         if done <= 0:
             raise OSError(f"short copy: source ended at byte {offset} of {end}")
         offset += done
+        dst_offset += done
         if progress is not None:
             progress(done)
-    # Keep the Python file object's idea of the position in step with the descriptor.
-    dst.seek(os.lseek(dfd, 0, os.SEEK_CUR))
 
 
 class AtomicFile:
@@ -215,26 +241,30 @@ class AtomicFile:
 
     Until then nothing exists at ``path`` (an existing file there stays untouched);
     :meth:`discard` (or an exception inside ``with``) deletes the temporary file.
+    ``durable=False`` skips the fsyncs (still atomic for readers, not across a crash).
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, durable: bool = True) -> None:
         self.path = Path(path)
+        self.durable = durable
         folder = self.path.parent
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
         self.tmp = Path(tmp)
         self.file: BinaryIO = os.fdopen(fd, "w+b")
 
     def sync(self) -> None:
-        """Flush and fsync the data (before :meth:`commit`)."""
+        """Flush (and with ``durable``, fsync) the data before :meth:`commit`."""
         self.file.flush()
-        os.fsync(self.file.fileno())
+        if self.durable:
+            os.fsync(self.file.fileno())
 
     def commit(self) -> None:
-        """fsync, close and atomically rename into place."""
+        """Sync, close and atomically rename into place."""
         self.sync()
         self.file.close()
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        if self.durable:
+            _fsync_dir(self.path.parent)
 
     def discard(self) -> None:
         """Close and delete the temporary file (idempotent)."""

@@ -1,11 +1,16 @@
 //! Times the core kernels on one large tensor, for profiling without Python:
-//! `cargo run --release --example profile -p robustpatch-core [elements]`.
+//! `cargo run --release --example profile -p robustpatch-core [elements] [filter]`,
+//! where `filter` keeps only the kernels whose name contains it (for `perf`).
+//! Every time is the best of five and is also given as a ratio to a plain
+//! copy of the target measured in the same run (the memory-bandwidth floor).
 
 use half::{bf16, f16};
 use robustpatch_core::apply::apply;
 use robustpatch_core::delta::{Delta, Dense};
-use robustpatch_core::quant::{quantize, QuantSpec, Scheme};
+use robustpatch_core::project::project;
+use robustpatch_core::quant::{dequantize, quantize, QuantSpec, Scheme};
 use robustpatch_core::Element;
+use rayon::prelude::*;
 use std::time::Instant;
 
 fn best<F: FnMut()>(mut f: F) -> f64 {
@@ -18,55 +23,97 @@ fn best<F: FnMut()>(mut f: F) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// Deterministic pseudo-random values in [-scale, scale).
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn report(name: &str, t: f64, copy: f64) {
+    println!("{name:28} {:7.1} ms  {:5.2}x copy", t * 1e3, t / copy);
+}
+
+/// Whether the kernel called `name` was selected on the command line.
+fn selected(name: &str) -> bool {
+    std::env::args().nth(2).map_or(true, |f| name.contains(&f))
+}
+
 fn main() {
     let n: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(64 << 20);
-    let w: Vec<f32> = (0..n)
-        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4)
-        .collect();
-    let d: Vec<f32> = (0..n)
-        .map(|i| ((i * 104729 % 1000) as f32 - 500.0) * 1e-6)
-        .collect();
+    let w = values(n, 1, 0.05);
     let spec = QuantSpec {
         bits: 4,
         scheme: Scheme::Affine,
         group_len: 128,
     };
+    let sigs: Vec<Vec<f32>> = (0..4).map(|k| values(n, 10 + k, 5e-4)).collect();
     let mut dst = w.clone();
     let copy = best(|| dst.copy_from_slice(&w));
-    println!("copy f32            {:7.1} ms", copy * 1e3);
-    let q = quantize(&d, spec).unwrap();
-    let quant = best(|| {
-        quantize(&d, spec).unwrap();
+    report("copy f32", copy, copy);
+    // The floor for an in-place kernel: read and write the target once, on all threads.
+    let rmw = best(|| {
+        dst.par_chunks_mut(1 << 16)
+            .for_each(|c| c.iter_mut().for_each(|x| *x += 1.0))
     });
-    println!(
-        "quantize 4b g128    {:7.1} ms  {:.2}x copy",
-        quant * 1e3,
-        quant / copy
-    );
-    let deltas = [(Delta::Quant(q.view()), 1.0f32)];
-    run::<f32>(&w, &deltas, copy, "f32");
-    run::<f16>(&w, &deltas, copy / 2.0, "f16");
-    run::<bf16>(&w, &deltas, copy / 2.0, "bf16");
-    let dense = [(Delta::Dense(Dense::F32(&d)), 1.0f32)];
-    run::<f32>(&w, &dense, copy, "f32 dense");
+    report("in-place add (all threads)", rmw, copy);
+    if selected("quantize") {
+        let t = best(|| {
+            quantize(&sigs[0], spec).unwrap();
+        });
+        report("quantize 4b g128", t, copy);
+    }
+    let qs: Vec<_> = sigs.iter().map(|s| quantize(s, spec).unwrap()).collect();
+    if selected("dequantize") {
+        let t = best(|| dequantize(&qs[0].view(), &mut dst).unwrap());
+        report("dequantize 4b g128", t, copy);
+    }
+    if selected("project") {
+        let (clean, robust) = (values(n, 2, 0.05), values(n, 3, 0.05));
+        let t = best(|| {
+            project(&w, &clean, &robust, &mut dst).unwrap();
+        });
+        report("project f32", t, copy);
+    }
+    let one = [(Delta::Quant(qs[0].view()), 1.0f32)];
+    let four: Vec<_> = qs.iter().map(|q| (Delta::Quant(q.view()), 0.5f32)).collect();
+    let dense = [(Delta::Dense(Dense::F32(&sigs[0])), 1.0f32)];
+    run::<f32>(&w, &one, copy, "1 sig f32");
+    run::<f32>(&w, &four, copy, "4 sigs f32");
+    run::<f16>(&w, &one, copy / 2.0, "1 sig f16");
+    run::<bf16>(&w, &one, copy / 2.0, "1 sig bf16");
+    run::<f32>(&w, &dense, copy, "dense f32");
 }
 
+/// Apply with and without a record; half types are compared with a copy of
+/// the same half-size tensor. Applying repeatedly drifts the target slightly,
+/// which does not change the work done.
 fn run<T: Element>(w: &[f32], deltas: &[(Delta, f32)], copy: f64, name: &str) {
+    if !selected(&format!("apply {name}")) {
+        return;
+    }
     let mut t: Vec<T> = w.iter().map(|&x| T::from_f32(x)).collect();
+    let mut flagged = 0;
     let rec = best(|| {
-        apply(&mut t, deltas, true).unwrap();
+        flagged = apply(&mut t, deltas, true).unwrap().unwrap().positions.len();
     });
     let norec = best(|| {
         apply(&mut t, deltas, false).unwrap();
     });
+    report(&format!("apply {name} record"), rec, copy);
+    report(&format!("apply {name} no record"), norec, copy);
     println!(
-        "apply {name:10} record {:7.1} ms ({:.2}x copy)  no record {:7.1} ms ({:.2}x)",
-        rec * 1e3,
-        rec / copy,
-        norec * 1e3,
-        norec / copy
+        "{:28} {flagged} flagged ({:.1}%)",
+        "",
+        100.0 * flagged as f64 / w.len() as f64
     );
 }

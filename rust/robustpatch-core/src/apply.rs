@@ -54,7 +54,7 @@ pub fn apply<T: Element>(
 ) -> Result<Option<Undo<T::Bits>>> {
     check_target(target.len(), deltas)?;
     let run = |base: usize, chunk: &mut [T]| {
-        crate::simd::dispatch(|| apply_chunk(chunk, base, deltas, record))
+        crate::simd::dispatch(#[inline(always)] || apply_chunk(chunk, base, deltas, record))
     };
     let parts = for_each_chunk(target, run);
     Ok(record.then(|| concat_undo(parts)))
@@ -72,7 +72,7 @@ pub fn remove<T: Element>(
         check_undo(u, target.len())?;
     }
     let run = |base: usize, chunk: &mut [T]| {
-        crate::simd::dispatch(|| subtract_chunk(chunk, base, deltas))
+        crate::simd::dispatch(#[inline(always)] || subtract_chunk(chunk, base, deltas))
     };
     let inconsistent = for_each_chunk(target, run).into_iter().sum();
     let corrected = undo.map_or(0, |u| write_back(target, u));
@@ -206,62 +206,252 @@ fn apply_chunk<T: Element>(
 ) -> Undo<T::Bits> {
     let mut undo = Undo::default();
     let (mut acc, mut scratch) = ([0f32; TILE], [0u8; TILE]);
-    let (mut wide, mut new) = ([0f32; TILE], [T::from_f32(0.0); TILE]);
-    let mut back = [T::from_f32(0.0); TILE];
     for (ti, tile) in chunk.chunks_mut(TILE).enumerate() {
         let start = base + ti * TILE;
         let n = tile.len();
         sum_deltas(deltas, start, &mut acc[..n], &mut scratch);
-        let (acc, new, back) = (&acc[..n], &mut new[..n], &mut back[..n]);
-        let bad = &mut scratch[..n];
-        let flagged = if T::BULK {
-            // Convert whole tiles, so half types use the hardware converter.
-            T::widen(tile, &mut wide[..n]);
-            add_into(&mut wide[..n], acc);
-            T::narrow(&wide[..n], new);
-            if record {
-                // back = round(new − Σ): where it is not w, remove would fail.
-                T::widen(new, &mut wide[..n]);
-                sub_into(&mut wide[..n], acc);
-                T::narrow(&wide[..n], back);
-                flag_differences(tile, back, bad)
-            } else {
-                0
-            }
-        } else if record {
-            add_and_check(tile, acc, new, bad)
-        } else {
-            add_elementwise(tile, acc, new);
-            0
-        };
-        if flagged > 0 {
-            collect_flagged(tile, bad, start, &mut undo);
+        let acc = &acc[..n];
+        #[cfg(target_arch = "x86_64")]
+        if avx2::add_tile(tile, acc, start, record.then_some(&mut undo)) {
+            continue;
         }
-        tile.copy_from_slice(new);
+        if record {
+            add_and_record(tile, acc, start, &mut undo);
+        } else {
+            add_in_place(tile, acc);
+        }
     }
     undo
 }
 
-/// new = round(w + d), element by element.
+/// w = round(w + d), element by element.
 #[inline(always)]
-fn add_elementwise<T: Element>(tile: &[T], acc: &[f32], new: &mut [T]) {
-    for ((w, &d), nw) in tile.iter().zip(acc).zip(new.iter_mut()) {
-        *nw = T::from_f32(w.to_f32() + d);
+fn add_in_place<T: Element>(tile: &mut [T], acc: &[f32]) {
+    for (w, &d) in tile.iter_mut().zip(acc) {
+        *w = T::from_f32(w.to_f32() + d);
     }
 }
 
-/// new = round(w + d), and bad = 1 where round(new − d) is not w; returns the count.
+/// w = round(w + d), recording (position, w) where round(new − d) is not w.
 #[inline(always)]
-fn add_and_check<T: Element>(tile: &[T], acc: &[f32], new: &mut [T], bad: &mut [u8]) -> u32 {
-    let mut count = 0u32;
-    for (((w, &d), nw), b) in tile.iter().zip(acc).zip(new.iter_mut()).zip(bad.iter_mut()) {
-        let n = T::from_f32(w.to_f32() + d);
-        let flag = (T::from_f32(n.to_f32() - d).to_bits() != w.to_bits()) as u8;
-        *nw = n;
-        *b = flag;
-        count += flag as u32;
+fn add_and_record<T: Element>(tile: &mut [T], acc: &[f32], start: usize, undo: &mut Undo<T::Bits>) {
+    for (i, (w, &d)) in tile.iter_mut().zip(acc).enumerate() {
+        let new = T::from_f32(w.to_f32() + d);
+        if T::from_f32(new.to_f32() - d).to_bits() != w.to_bits() {
+            undo.positions.push((start + i) as u32);
+            undo.values.push(w.to_bits());
+        }
+        *w = new;
     }
-    count
+}
+
+/// The apply step (add, round, check, record) eight lanes at a time with
+/// AVX2, for each element type: the whole per-element computation stays in
+/// registers, and the eight "remove would fail" flags come out of one compare +
+/// movemask, so the common all-clear case costs a single branch.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Undo;
+    use crate::dtype::Element;
+    use half::{bf16, f16};
+    use std::any::TypeId;
+    use std::arch::x86_64::*;
+
+    /// Eight elements of one type in a register, and their conversions.
+    /// Every method computes exactly what the scalar `Element` methods do.
+    trait Lanes: Element {
+        /// Eight raw bit patterns.
+        type Raw: Copy;
+        unsafe fn load(p: *const Self) -> Self::Raw;
+        unsafe fn store(p: *mut Self, x: Self::Raw);
+        unsafe fn widen8(x: Self::Raw) -> __m256;
+        /// Round to nearest even, as `Element::from_f32`.
+        unsafe fn narrow8(x: __m256) -> Self::Raw;
+        /// Bit i set where lane i of `a` and `b` differ.
+        unsafe fn differ(a: Self::Raw, b: Self::Raw) -> u32;
+    }
+
+    impl Lanes for f32 {
+        type Raw = __m256i;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256i {
+            _mm256_loadu_si256(p as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, x: __m256i) {
+            _mm256_storeu_si256(p as *mut __m256i, x)
+        }
+        #[inline(always)]
+        unsafe fn widen8(x: __m256i) -> __m256 {
+            _mm256_castsi256_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn narrow8(x: __m256) -> __m256i {
+            _mm256_castps_si256(x)
+        }
+        #[inline(always)]
+        unsafe fn differ(a: __m256i, b: __m256i) -> u32 {
+            // Bitwise equality (a float compare would call −0 == +0 and NaN != NaN).
+            let same = _mm256_cmpeq_epi32(a, b);
+            !(_mm256_movemask_ps(_mm256_castsi256_ps(same)) as u32) & 0xFF
+        }
+    }
+
+    impl Lanes for f16 {
+        type Raw = __m128i;
+        #[inline(always)]
+        unsafe fn load(p: *const f16) -> __m128i {
+            _mm_loadu_si128(p as *const __m128i)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f16, x: __m128i) {
+            _mm_storeu_si128(p as *mut __m128i, x)
+        }
+        #[inline(always)]
+        unsafe fn widen8(x: __m128i) -> __m256 {
+            _mm256_cvtph_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn narrow8(x: __m256) -> __m128i {
+            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x)
+        }
+        #[inline(always)]
+        unsafe fn differ(a: __m128i, b: __m128i) -> u32 {
+            differ16(a, b)
+        }
+    }
+
+    impl Lanes for bf16 {
+        type Raw = __m128i;
+        #[inline(always)]
+        unsafe fn load(p: *const bf16) -> __m128i {
+            _mm_loadu_si128(p as *const __m128i)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut bf16, x: __m128i) {
+            _mm_storeu_si128(p as *mut __m128i, x)
+        }
+        #[inline(always)]
+        unsafe fn widen8(x: __m128i) -> __m256 {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(x)))
+        }
+        #[inline(always)]
+        unsafe fn narrow8(x: __m256) -> __m128i {
+            // As `f32_to_bf16_bits`: add 0x7FFF plus the lowest kept bit, keep
+            // the top half; NaN keeps its top half with the quiet bit set.
+            let b = _mm256_castps_si256(x);
+            let top = _mm256_srli_epi32::<16>(b);
+            let bias = _mm256_add_epi32(
+                _mm256_and_si256(top, _mm256_set1_epi32(1)),
+                _mm256_set1_epi32(0x7FFF),
+            );
+            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, bias));
+            let nan = _mm256_or_si256(top, _mm256_set1_epi32(0x40));
+            let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+            let bits = _mm256_blendv_epi8(rounded, nan, is_nan);
+            // Lanes hold values below 2^16, so the saturating pack is exact;
+            // it packs within 128-bit halves, the permute joins the halves.
+            let packed = _mm256_packus_epi32(bits, bits);
+            _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed))
+        }
+        #[inline(always)]
+        unsafe fn differ(a: __m128i, b: __m128i) -> u32 {
+            differ16(a, b)
+        }
+    }
+
+    /// [`Lanes::differ`] for eight 16-bit lanes.
+    #[inline(always)]
+    unsafe fn differ16(a: __m128i, b: __m128i) -> u32 {
+        let same = _mm_cmpeq_epi16(a, b);
+        // Narrow each 16-bit lane mask to a byte, then one bit per lane.
+        !(_mm_movemask_epi8(_mm_packs_epi16(same, same)) as u32) & 0xFF
+    }
+
+    /// Apply `acc` to `tile` (and record into `undo` when given) if this CPU
+    /// has AVX2; returns false, doing nothing, if it has not.
+    #[inline(always)]
+    pub fn add_tile<T: Element>(
+        tile: &mut [T],
+        acc: &[f32],
+        start: usize,
+        undo: Option<&mut Undo<T::Bits>>,
+    ) -> bool {
+        if !crate::simd::has_avx2() {
+            return false;
+        }
+        let ty = TypeId::of::<T>();
+        // SAFETY: AVX2/F16C were detected just above; each branch reinterprets
+        // T as the very type it was just found to be.
+        unsafe {
+            if ty == TypeId::of::<f32>() {
+                add_tile_avx2::<f32>(cast(tile), acc, start, undo.map(|u| cast_undo::<T, f32>(u)));
+            } else if ty == TypeId::of::<f16>() {
+                add_tile_avx2::<f16>(cast(tile), acc, start, undo.map(|u| cast_undo::<T, f16>(u)));
+            } else if ty == TypeId::of::<bf16>() {
+                add_tile_avx2::<bf16>(cast(tile), acc, start, undo.map(|u| cast_undo::<T, bf16>(u)));
+            } else {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Safety: `T` and `U` must be the same type.
+    #[inline(always)]
+    unsafe fn cast<T, U>(tile: &mut [T]) -> &mut [U] {
+        std::slice::from_raw_parts_mut(tile.as_mut_ptr() as *mut U, tile.len())
+    }
+
+    /// Safety: `T` and `U` must be the same type (so their `Bits` are too).
+    #[inline(always)]
+    unsafe fn cast_undo<T: Element, U: Element>(u: &mut Undo<T::Bits>) -> &mut Undo<U::Bits> {
+        &mut *(u as *mut Undo<T::Bits> as *mut Undo<U::Bits>)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_tile_avx2<T: Lanes>(
+        tile: &mut [T],
+        acc: &[f32],
+        start: usize,
+        mut undo: Option<&mut Undo<T::Bits>>,
+    ) {
+        let n = tile.len().min(acc.len());
+        let full = n / 8 * 8;
+        let (t, a) = (tile.as_mut_ptr(), acc.as_ptr());
+        for i in (0..full).step_by(8) {
+            let w = T::load(t.add(i));
+            let d = _mm256_loadu_ps(a.add(i));
+            let new = T::narrow8(_mm256_add_ps(T::widen8(w), d));
+            T::store(t.add(i), new);
+            if let Some(undo) = undo.as_deref_mut() {
+                // back = round(new − Σ): where it is not w, remove would fail.
+                let back = T::narrow8(_mm256_sub_ps(T::widen8(new), d));
+                let bad = T::differ(back, w);
+                if bad != 0 {
+                    record_lanes::<T>(bad, w, start + i, undo);
+                }
+            }
+        }
+        let (tail, acc) = (&mut tile[full..n], &acc[full..n]);
+        match undo {
+            Some(undo) => super::add_and_record(tail, acc, start + full, undo),
+            None => super::add_in_place(tail, acc),
+        }
+    }
+
+    /// Push (position, original bits) for each lane set in `bad`.
+    #[inline(always)]
+    unsafe fn record_lanes<T: Lanes>(mut bad: u32, w: T::Raw, first: usize, undo: &mut Undo<T::Bits>) {
+        // Raw is exactly eight T::Bits (32 bytes for f32, 16 for the halves).
+        let orig: [T::Bits; 8] = std::mem::transmute_copy(&w);
+        while bad != 0 {
+            let l = bad.trailing_zeros() as usize;
+            undo.positions.push((first + l) as u32);
+            undo.values.push(orig[l]);
+            bad &= bad - 1;
+        }
+    }
 }
 
 #[inline(always)]
@@ -278,33 +468,13 @@ fn sub_into(x: &mut [f32], acc: &[f32]) {
     }
 }
 
-/// bad[i] = 1 where the bits of `a` and `b` differ; returns the count.
+/// Number of elements whose bits differ between `a` and `b`.
 #[inline(always)]
-fn flag_differences<T: Element>(a: &[T], b: &[T], bad: &mut [u8]) -> u32 {
-    let mut count = 0u32;
-    for ((x, y), f) in a.iter().zip(b).zip(bad.iter_mut()) {
-        let d = (x.to_bits() != y.to_bits()) as u8;
-        *f = d;
-        count += d as u32;
-    }
-    count
-}
-
-/// Record (position, original bits) for each flagged element. Flags are
-/// scanned eight at a time, since most words of eight are all clear.
-#[inline(always)]
-fn collect_flagged<T: Element>(tile: &[T], bad: &[u8], start: usize, undo: &mut Undo<T::Bits>) {
-    for (k, word) in bad.chunks(8).enumerate() {
-        let mut bytes = [0u8; 8];
-        bytes[..word.len()].copy_from_slice(word);
-        let mut m = u64::from_le_bytes(bytes);
-        while m != 0 {
-            let i = 8 * k + m.trailing_zeros() as usize / 8;
-            undo.positions.push((start + i) as u32);
-            undo.values.push(tile[i].to_bits());
-            m &= m - 1;
-        }
-    }
+fn count_differences<T: Element>(a: &[T], b: &[T]) -> usize {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x.to_bits() != y.to_bits()) as usize)
+        .sum()
 }
 
 #[inline(always)]
@@ -336,7 +506,7 @@ fn subtract_chunk<T: Element>(chunk: &mut [T], base: usize, deltas: &[(Delta, f3
                 *a = T::from_f32(o.to_f32() + d);
             }
         }
-        inconsistent += flag_differences(tile, again, &mut scratch[..n]) as usize;
+        inconsistent += count_differences(tile, again);
         tile.copy_from_slice(old);
     }
     inconsistent

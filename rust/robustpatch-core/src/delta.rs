@@ -74,7 +74,14 @@ impl Delta<'_> {
             Delta::Dense(Dense::F32(x)) => add_scaled(&x[start..start + acc.len()], alpha, acc),
             Delta::Dense(Dense::F16(x)) => add_scaled(&x[start..start + acc.len()], alpha, acc),
             Delta::Dense(Dense::BF16(x)) => add_scaled(&x[start..start + acc.len()], alpha, acc),
-            Delta::Quant(q) => q.accumulate_range(alpha, start, acc, scratch),
+            Delta::Quant(q) => {
+                #[cfg(target_arch = "x86_64")]
+                if nibbles::applies(q) && crate::simd::has_avx2() {
+                    // SAFETY: AVX2 was detected on this CPU just above.
+                    return unsafe { nibbles::accumulate(q, alpha, start, acc) };
+                }
+                q.accumulate_range(alpha, start, acc, scratch)
+            }
         }
     }
 
@@ -84,6 +91,59 @@ impl Delta<'_> {
         match self {
             Delta::Quant(q) => q.accumulate_range_scalar(alpha, start, acc, scratch),
             dense => dense.accumulate(alpha, start, acc, scratch),
+        }
+    }
+}
+
+/// 4-bit linear codes (the common signature format) decoded straight from the
+/// packed bytes in registers: eight codes are one u32, split with a variable
+/// shift, so no unpacked-code buffer is written and read back. Computes exactly
+/// what [`QuantView::accumulate_range`] does for these codes:
+/// `acc += (code as f32 · (α·scale)) + α·offset`, unfused.
+#[cfg(target_arch = "x86_64")]
+mod nibbles {
+    use crate::quant::{QuantView, Scheme};
+    use std::arch::x86_64::*;
+
+    /// True when `q` holds 4-bit integer-level codes in groups of whole
+    /// eights, so every group segment of a tile starts on a byte boundary.
+    #[inline(always)]
+    pub fn applies(q: &QuantView) -> bool {
+        q.spec.bits == 4
+            && matches!(q.spec.scheme, Scheme::Affine | Scheme::Symmetric)
+            && q.spec.group_len % 8 == 0
+    }
+
+    /// `start` is a multiple of 8 and [start, start + acc.len()) lies in `q`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn accumulate(q: &QuantView, alpha: f32, start: usize, acc: &mut [f32]) {
+        let end = start + acc.len();
+        assert!(start % 8 == 0 && end <= q.numel && q.codes.len() * 2 >= q.numel);
+        let gl = q.spec.group_len;
+        let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        let low4 = _mm256_set1_epi32(0xF);
+        let mut e = start;
+        while e < end {
+            let g = e / gl;
+            let stop = ((g + 1) * gl).min(end);
+            let (a, b) = (alpha * q.scale[g], alpha * q.offset[g]);
+            let (va, vb) = (_mm256_set1_ps(a), _mm256_set1_ps(b));
+            let full = e + (stop - e) / 8 * 8;
+            while e < full {
+                // Codes of elements e..e+8 (LSB first); inside `codes` by the assert.
+                let word = (q.codes.as_ptr().add(e / 2) as *const u32).read_unaligned();
+                let c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts), low4);
+                let v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(c), va), vb);
+                let x = acc.as_mut_ptr().add(e - start);
+                _mm256_storeu_ps(x, _mm256_add_ps(_mm256_loadu_ps(x), v));
+                e += 8;
+            }
+            // Only the tensor's last few elements end off an eight.
+            for i in e..stop {
+                let c = (q.codes[i / 2] >> (4 * (i % 2))) & 0xF;
+                acc[i - start] += c as f32 * a + b;
+            }
+            e = stop;
         }
     }
 }

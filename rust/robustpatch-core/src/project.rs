@@ -9,6 +9,7 @@
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::par::PARALLEL_MIN;
+use crate::simd::dispatch;
 use rayon::prelude::*;
 
 /// Elements per reduction block; fixed so results do not depend on threads.
@@ -40,7 +41,8 @@ pub fn project<T: Element>(
     let parallel = pre.len() >= PARALLEL_MIN;
     let blocks = |b: usize| {
         let r = b * BLOCK..((b + 1) * BLOCK).min(pre.len());
-        moments(&pre[r.clone()], &clean[r.clone()], &robust[r])
+        let (p, c, r) = (&pre[r.clone()], &clean[r.clone()], &robust[r]);
+        dispatch(#[inline(always)] || moments(p, c, r))
     };
     let nblocks = pre.len().div_ceil(BLOCK);
     let sums: Vec<[f64; 3]> = if parallel {
@@ -52,7 +54,8 @@ pub fn project<T: Element>(
     let c = stats.coef as f32;
     let write = |(b, o): (usize, &mut [f32])| {
         let r = b * BLOCK..b * BLOCK + o.len();
-        residual(&pre[r.clone()], &clean[r.clone()], &robust[r], c, o)
+        let (p, cl, rb) = (&pre[r.clone()], &clean[r.clone()], &robust[r]);
+        dispatch(#[inline(always)] || residual(p, cl, rb, c, o))
     };
     let norms: Vec<f64> = if parallel {
         out.par_chunks_mut(BLOCK).enumerate().map(write).collect()
@@ -115,18 +118,17 @@ fn lanes_sum(a: [f64; 4]) -> f64 {
     (a[0] + a[1]) + (a[2] + a[3])
 }
 
-/// [⟨Δr,d⟩, ‖d‖², ‖Δr‖²] of one block, four lanes each.
-#[inline]
+/// The lanes every reduction uses: element i of a block goes to lane i % 4.
+const LANES: usize = 4;
+
+/// [⟨Δr,d⟩, ‖d‖², ‖Δr‖²] of one block, four lanes each. Written over
+/// fixed-size lane arrays so that, under [`dispatch`], each accumulator is one
+/// 256-bit register of f64 and the loop carries no bounds checks.
+#[inline(always)]
 fn moments<T: Element>(pre: &[T], clean: &[T], robust: &[T]) -> [f64; 3] {
-    let mut acc = [[0f64; 4]; 3];
-    let (p4, c4, r4) = (
-        pre.chunks_exact(4),
-        clean.chunks_exact(4),
-        robust.chunks_exact(4),
-    );
-    let tail = p4.remainder().len();
-    for ((p, c), r) in p4.zip(c4).zip(r4) {
-        for l in 0..4 {
+    let mut acc = [[0f64; LANES]; 3];
+    let mut add = |p: &[T], c: &[T], r: &[T]| {
+        for l in 0..p.len() {
             let pv = p[l].to_f32();
             let dr = (r[l].to_f32() - pv) as f64;
             let d = (c[l].to_f32() - pv) as f64;
@@ -134,42 +136,63 @@ fn moments<T: Element>(pre: &[T], clean: &[T], robust: &[T]) -> [f64; 3] {
             acc[1][l] += d * d;
             acc[2][l] += dr * dr;
         }
+    };
+    let (p4, c4, r4) = (
+        pre.chunks_exact(LANES),
+        clean.chunks_exact(LANES),
+        robust.chunks_exact(LANES),
+    );
+    let (pt, ct, rt) = (p4.remainder(), c4.remainder(), r4.remainder());
+    for ((p, c), r) in p4.zip(c4).zip(r4) {
+        add(as_lanes(p), as_lanes(c), as_lanes(r));
     }
-    let n = pre.len() - tail;
-    for l in 0..tail {
-        let pv = pre[n + l].to_f32();
-        let dr = (robust[n + l].to_f32() - pv) as f64;
-        let d = (clean[n + l].to_f32() - pv) as f64;
-        acc[0][l] += dr * d;
-        acc[1][l] += d * d;
-        acc[2][l] += dr * dr;
-    }
+    add(pt, ct, rt);
     acc.map(lanes_sum)
 }
 
 /// Write `Δr − c·d` for one block and return its squared norm.
-#[inline]
+#[inline(always)]
 fn residual<T: Element>(pre: &[T], clean: &[T], robust: &[T], c: f32, out: &mut [f32]) -> f64 {
-    let mut acc = [0f64; 4];
-    let n = out.len() - out.len() % 4;
-    let (head, tail) = out.split_at_mut(n);
-    for (k, o) in head.chunks_exact_mut(4).enumerate() {
-        for l in 0..4 {
-            let i = 4 * k + l;
-            let p = pre[i].to_f32();
-            let s = (robust[i].to_f32() - p) - c * (clean[i].to_f32() - p);
-            o[l] = s;
-            acc[l] += (s as f64) * (s as f64);
+    let mut acc = [0f64; LANES];
+    let (p4, c4, r4) = (
+        pre.chunks_exact(LANES),
+        clean.chunks_exact(LANES),
+        robust.chunks_exact(LANES),
+    );
+    let (pt, ct, rt) = (p4.remainder(), c4.remainder(), r4.remainder());
+    let mut o4 = out.chunks_exact_mut(LANES);
+    for (((p, cl), r), o) in p4.zip(c4).zip(r4).zip(&mut o4) {
+        let sq = write_residual(as_lanes(p), as_lanes(cl), as_lanes(r), c, o);
+        for l in 0..LANES {
+            acc[l] += sq[l];
         }
     }
-    for (l, o) in tail.iter_mut().enumerate() {
-        let i = n + l;
-        let p = pre[i].to_f32();
-        let s = (robust[i].to_f32() - p) - c * (clean[i].to_f32() - p);
-        *o = s;
-        acc[l] += (s as f64) * (s as f64);
+    let sq = write_residual(pt, ct, rt, c, o4.into_remainder());
+    for l in 0..pt.len() {
+        acc[l] += sq[l];
     }
     lanes_sum(acc)
+}
+
+/// `o = Δr − c·d` for up to [`LANES`] elements; returns the squares in f64.
+/// (Returning them, rather than adding into a captured accumulator, keeps the
+/// accumulator in a register instead of a stack slot.)
+#[inline(always)]
+fn write_residual<T: Element>(p: &[T], cl: &[T], r: &[T], c: f32, o: &mut [f32]) -> [f64; LANES] {
+    let mut sq = [0f64; LANES];
+    for l in 0..o.len() {
+        let pv = p[l].to_f32();
+        let s = (r[l].to_f32() - pv) - c * (cl[l].to_f32() - pv);
+        o[l] = s;
+        sq[l] = (s as f64) * (s as f64);
+    }
+    sq
+}
+
+/// A `chunks_exact(LANES)` item as a fixed-size array, so indexing it is free.
+#[inline(always)]
+fn as_lanes<T>(x: &[T]) -> &[T; LANES] {
+    x.try_into().expect("chunk of LANES")
 }
 
 /// Add the block sums in order; NaN or Inf anywhere in the inputs shows up

@@ -1,0 +1,250 @@
+"""File patching benchmark: apply a signature to a large safetensors model on disk.
+
+Builds a model file of ``--size-gib`` GiB (float32 tensors; a few float16/bf16), a
+4-bit group-128 signature touching ``--touch`` of its tensors, then measures in one run:
+
+- ``shutil.copyfile`` of the model (the floor: every byte must be written once);
+- the same copy followed by fsync (``apply_file`` fsyncs: its output is durable);
+- ``apply_file`` in a fresh subprocess: time and peak RSS (``VmHWM``);
+- ``apply_file(durable=False)`` (no fsync, like the plain copy);
+- ``remove_file`` likewise, and (with ``--verify``) that the restored file's sha256
+  equals the original's.
+
+Every timed run starts after ``os.sync()`` with a warm page cache; runs are
+interleaved and the best of ``--repeat`` is kept. Ratios are what matter. Output:
+benches/results/apply_file.json and a Markdown table.
+
+Run:  python benches/bench_apply_file.py [--size-gib 2] [--tensors 200] [--touch 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from robustpatch.container import TensorInfo, encode_header
+from robustpatch.signature import Signature
+
+CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from robustpatch.files import apply_file, remove_file
+op, args = sys.argv[1], json.loads(sys.argv[2])
+t1 = time.perf_counter()
+durable = args.get("durable", True)
+if op == "apply":
+    apply_file(args["src"], args["sigs"], 1.0, args["out"], durable=durable)
+else:
+    remove_file(args["src"], args["out"], durable=durable)
+t2 = time.perf_counter()
+try:  # VmHWM: this process's own peak (ru_maxrss can carry the parent's over exec)
+    status = open("/proc/self/status").read()
+    peak_kb = int(status.split("VmHWM:")[1].split()[0])
+except (OSError, IndexError):
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"import_s": t1 - t0, "work_s": t2 - t1, "peak_rss_mb": peak_kb / 1024}))
+"""
+
+
+def build_model(path: Path, size: int, n: int, seed: int) -> list[TensorInfo]:
+    """Write a model of about ``size`` bytes in ``n`` tensors, one tensor at a time."""
+    rng = np.random.default_rng(seed)
+    per = size // n // 4 // 1024 * 1024  # elements per tensor, a multiple of 1024
+    infos, offset = [], 0
+    for i in range(n):
+        label = "F16" if i % 50 == 7 else "BF16" if i % 50 == 9 else "F32"
+        nbytes = per * (2 if label != "F32" else 4)
+        infos.append(
+            TensorInfo(f"layers.{i}.weight", label, (per // 1024, 1024), offset, offset + nbytes)
+        )
+        offset += nbytes
+    with open(path, "wb") as f:
+        f.write(encode_header(infos, {"format": "pt"}))
+        for t in infos:
+            x = rng.normal(0, 0.02, t.shape[0] * t.shape[1]).astype(np.float32)
+            if t.dtype == "F16":
+                x = x.astype(np.float16)
+            elif t.dtype == "BF16":
+                x = (x.view(np.uint32) >> 16).astype(np.uint16)
+            f.write(x.tobytes())
+    return infos
+
+
+def build_signature(path: Path, infos: list[TensorInfo], touch: float, seed: int) -> int:
+    rng = np.random.default_rng(seed + 1)
+    k = max(1, round(len(infos) * touch))
+    chosen = [infos[i] for i in np.linspace(0, len(infos) - 1, k).astype(int)]
+    entries = {}
+    for t in chosen:
+        entries[t.name] = rng.normal(0, 1e-3, t.shape).astype(np.float32)
+    dtypes = {t.name: t.dtype for t in chosen}
+    sig = Signature.from_deltas(entries, dtypes=dtypes, name="bench")
+    sig.quantize(4, "affine", "group", 128).save(path)
+    return k
+
+
+def child(op: str, **args) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, op, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def settle() -> None:
+    """Start every timed run from the same state: no dirty pages waiting for the disk."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
+def copy_and_fsync(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_outputs(work: Path) -> None:
+    for name in ("patched.safetensors", "restored.safetensors", "copy.bin"):
+        (work / name).unlink(missing_ok=True)
+        (work / (name + ".rpundo")).unlink(missing_ok=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--tensors", type=int, default=200)
+    ap.add_argument("--touch", type=float, default=0.1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", help="work folder (default: a temp folder next to the results)")
+    ap.add_argument("--verify", action="store_true", help="sha256 of original vs restored")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "apply_file.json"))
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="rp-bench-", dir=args.dir))
+    try:
+        model, sig = work / "model.safetensors", work / "sig.rws"
+        infos = build_model(model, int(args.size_gib * (1 << 30)), args.tensors, 0)
+        touched = build_signature(sig, infos, args.touch, 0)
+        size = model.stat().st_size
+        copy_s, copy_sync_s, apply_runs, remove_runs, nosync_runs = [], [], [], [], []
+        shutil.copyfile(model, work / "warm.bin")  # warm the page cache
+        os.remove(work / "warm.bin")
+        patched, restored = work / "patched.safetensors", work / "restored.safetensors"
+        verified = None
+        for _ in range(args.repeat):  # interleaved, so drifts hit every contender alike
+            clean_outputs(work)
+            settle()
+            copy_s.append(timed(lambda: shutil.copyfile(model, work / "copy.bin")))
+            os.remove(work / "copy.bin")
+            settle()
+            copy_sync_s.append(timed(lambda: copy_and_fsync(model, work / "copy.bin")))
+            os.remove(work / "copy.bin")
+            settle()
+            apply_runs.append(child("apply", src=str(model), sigs=[str(sig)], out=str(patched)))
+            settle()
+            remove_runs.append(child("remove", src=str(patched), out=str(restored)))
+            if args.verify and verified is None:
+                verified = sha256(model) == sha256(restored)
+            clean_outputs(work)
+            settle()
+            nosync_runs.append(
+                child("apply", src=str(model), sigs=[str(sig)], out=str(patched), durable=False)
+            )
+        best_apply = min(apply_runs, key=lambda r: r["work_s"])
+        best_remove = min(remove_runs, key=lambda r: r["work_s"])
+        result = {
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+            },
+            "file_bytes": size,
+            "tensors": len(infos),
+            "touched_tensors": touched,
+            "signature_bytes": sig.stat().st_size,
+            "undo_bytes": (work / "patched.safetensors.rpundo").stat().st_size,
+            "copyfile_s": min(copy_s),
+            "copyfile_fsync_s": min(copy_sync_s),
+            "apply_s": best_apply["work_s"],
+            "apply_peak_rss_mb": max(r["peak_rss_mb"] for r in apply_runs),
+            "remove_s": best_remove["work_s"],
+            "remove_peak_rss_mb": max(r["peak_rss_mb"] for r in remove_runs),
+            "apply_vs_copy": best_apply["work_s"] / min(copy_s),
+            "remove_vs_copy": best_remove["work_s"] / min(copy_s),
+            "apply_vs_copy_fsync": best_apply["work_s"] / min(copy_sync_s),
+            "apply_no_fsync_s": min(r["work_s"] for r in nosync_runs),
+            "apply_no_fsync_vs_copy": min(r["work_s"] for r in nosync_runs) / min(copy_s),
+            "remove_vs_copy_fsync": best_remove["work_s"] / min(copy_sync_s),
+            "restored_sha256_equal": verified,
+            "runs": {
+                "copyfile_s": copy_s,
+                "copyfile_fsync_s": copy_sync_s,
+                "apply": apply_runs,
+                "remove": remove_runs,
+                "apply_no_fsync": nosync_runs,
+            },
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    gib = result["file_bytes"] / (1 << 30)
+    print(
+        f"| {gib:.2f} GiB, {result['tensors']} tensors, {touched} touched | time (s) | "
+        "× copyfile | peak RSS (MB) |"
+    )
+    print("|---|---|---|---|")
+    print(f"| shutil.copyfile | {result['copyfile_s']:.2f} | 1.00 | |")
+    ratio = result["copyfile_fsync_s"] / result["copyfile_s"]
+    print(f"| shutil.copyfile + fsync | {result['copyfile_fsync_s']:.2f} | {ratio:.2f} | |")
+    print(
+        f"| apply_file | {result['apply_s']:.2f} | {result['apply_vs_copy']:.2f} | "
+        f"{result['apply_peak_rss_mb']:.0f} |"
+    )
+    print(
+        f"| apply_file(durable=False) | {result['apply_no_fsync_s']:.2f} | "
+        f"{result['apply_no_fsync_vs_copy']:.2f} | |"
+    )
+    print(
+        f"| remove_file | {result['remove_s']:.2f} | {result['remove_vs_copy']:.2f} | "
+        f"{result['remove_peak_rss_mb']:.0f} |"
+    )
+    if verified is not None:
+        print(f"restored sha256 equals original: {verified}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""torch glue: the only module that imports torch, and only when a torch object is passed.
+
+CPU tensors are patched in place by the engine through zero-copy numpy views (bf16 via
+an int16 view of the same storage). Tensors elsewhere (CUDA) or non-contiguous ones are
+patched with torch operations on their own device, with the same exact undo scheme: the
+elements where ``(w + δ) − δ`` does not give ``w`` back are recorded with their
+original bits.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .dtypes import kernel_view
+from .signature import is_bn_stat
+
+__all__ = [
+    "is_torch_object",
+    "state_tensors",
+    "bn_buffer_names",
+    "to_numpy",
+    "numpy_state",
+    "TorchTarget",
+    "load_torch_file",
+]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def is_torch_object(obj: Any) -> bool:
+    """True for a torch module, tensor, or a mapping whose values are torch tensors."""
+    if "torch" not in sys.modules:  # no torch object can exist without torch imported
+        return False
+    torch = sys.modules["torch"]
+    if isinstance(obj, (torch.nn.Module, torch.Tensor)):
+        return True
+    if isinstance(obj, Mapping) and obj:
+        return isinstance(next(iter(obj.values())), torch.Tensor)
+    return False
+
+
+def state_tensors(obj: Any) -> dict[str, Any]:
+    """name → tensor sharing storage with the model (a module's ``state_dict()``)."""
+    torch = _torch()
+    if isinstance(obj, torch.nn.Module):
+        return dict(obj.state_dict())
+    return dict(obj)
+
+
+def bn_buffer_names(obj: Any) -> set[str]:
+    """Running mean/var buffer names: by module type for modules, by name otherwise."""
+    torch = _torch()
+    names = {k for k in state_tensors(obj) if is_bn_stat(k)}
+    if isinstance(obj, torch.nn.Module):
+        norm = torch.nn.modules.batchnorm._NormBase
+        for prefix, mod in obj.named_modules():
+            if isinstance(mod, norm) and mod.track_running_stats:
+                for b in ("running_mean", "running_var"):
+                    names.add(f"{prefix}.{b}" if prefix else b)
+    return names
+
+
+def to_numpy(t: Any) -> np.ndarray | None:
+    """A numpy view of a float tensor (zero-copy on CPU; bf16 as uint16 bits); None for
+    non-float tensors (e.g. BatchNorm counters)."""
+    torch = _torch()
+    if not t.is_floating_point():
+        return None
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype not in (torch.float32, torch.float16, torch.float64):
+        raise TypeError(f"unsupported tensor dtype {t.dtype}")
+    return t.numpy()
+
+
+def numpy_state(obj: Any) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Float tensors of a module or state dict as numpy arrays, plus its BN buffer names."""
+    out = {}
+    for k, t in state_tensors(obj).items():
+        arr = to_numpy(t)
+        if arr is not None:
+            out[k] = arr
+    return out, bn_buffer_names(obj)
+
+
+def load_torch_file(path: str) -> dict[str, Any]:
+    """A state dict from a ``.pt``/``.pth`` file (``weights_only``: no code is run)."""
+    torch = _torch()
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return dict(obj)
+
+
+_LABELS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def _label(t: Any) -> str:
+    name = str(t.dtype).replace("torch.", "")
+    return _LABELS.get(name, name.upper())
+
+
+def _bits(t: Any) -> Any:
+    torch = _torch()
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def _dense(d: Any) -> np.ndarray:
+    from . import _core
+
+    if isinstance(d, tuple):
+        return _core.dequantize(*d)
+    return np.ascontiguousarray(kernel_view(d).reshape(-1))
+
+
+def _acc(deltas: Sequence[Any], alphas: Sequence[float], device: Any, numel: int) -> Any:
+    """Σ α·δ in float32 on ``device``, in the engine's order (starting from −0.0)."""
+    torch = _torch()
+    from .dtypes import widen
+
+    acc = torch.full((numel,), -0.0, dtype=torch.float32, device=device)
+    for d, a in zip(deltas, alphas):
+        dense = _dense(d)
+        if dense.dtype != np.float32:
+            dense = widen(dense)
+        x = torch.from_numpy(np.ascontiguousarray(dense)).to(device)
+        acc.add_(x * torch.tensor(a, dtype=torch.float32, device=device))
+    return acc
+
+
+class TorchTarget:
+    """Patch target over a torch module or state dict (see :mod:`robustpatch.patch`).
+
+    ``torch_ops=True`` forces the on-device torch path even for CPU tensors (tests use
+    it to check that path on machines without a GPU).
+    """
+
+    def __init__(self, obj: Any, torch_ops: bool = False) -> None:
+        self.tensors = state_tensors(obj)
+        self.torch_ops = torch_ops
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        t = self.tensors.get(name)
+        if t is None:
+            return None
+        return _label(t), tuple(t.shape)
+
+    def address(self, name: str) -> int:
+        t = self.tensors[name]
+        return int(t.data_ptr()) if t.numel() else -1 - id(t)
+
+    def check_writable(self, name: str) -> None:
+        t = self.tensors[name]
+        if t.is_inference() and not _torch().is_inference_mode_enabled():
+            raise ValueError(f"{name}: inference tensors cannot be modified outside inference mode")
+
+    def _kernel_ok(self, t: Any) -> bool:
+        return not self.torch_ops and t.device.type == "cpu" and t.is_contiguous()
+
+    def add(self, name: str, deltas: Sequence[Any], alphas: Sequence[float]) -> Any:
+        from . import _core
+
+        t = self.tensors[name]
+        if self._kernel_ok(t):
+            return ("np", _core.apply(to_numpy(t), list(deltas), list(alphas)))
+        torch = _torch()
+        with torch.no_grad():
+            acc = _acc(deltas, alphas, t.device, t.numel())
+            w = t.detach().reshape(-1)
+            new = (w.float() + acc).to(t.dtype)
+            back = (new.float() - acc).to(t.dtype)
+            pos = (_bits(back) != _bits(w)).nonzero().squeeze(1)
+            vals = w[pos].clone()
+            t.detach().copy_(new.view(t.shape))
+        return ("torch", pos, vals)
+
+    def subtract(
+        self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: Any
+    ) -> tuple[int, int]:
+        from . import _core
+
+        t = self.tensors[name]
+        if record is not None and record[0] == "np":
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"{name}: patched on CPU but now on {t.device} or non-contiguous")
+            rec = record[1]
+            return _core.remove(to_numpy(t), list(deltas), list(alphas), *(rec or ()))
+        torch = _torch()
+        with torch.no_grad():
+            acc = _acc(deltas, alphas, t.device, t.numel())
+            w = t.detach().reshape(-1)
+            old = (w.float() - acc).to(t.dtype)
+            again = (old.float() + acc).to(t.dtype)
+            inconsistent = int((_bits(again) != _bits(w)).sum())
+            corrected = 0
+            if record is not None:
+                pos, vals = record[1].to(t.device), record[2].to(t.device)
+                old[pos] = vals
+                corrected = int(pos.numel())
+            t.detach().copy_(old.view(t.shape))
+        return corrected, inconsistent
+
+    def snapshot(self, name: str) -> Any:
+        return self.tensors[name].detach().clone()
+
+    def restore(self, name: str, snap: Any) -> None:
+        torch = _torch()
+        with torch.no_grad():
+            self.tensors[name].detach().copy_(snap)
+
+    def read_values(self, name: str) -> np.ndarray:
+        return self.tensors[name].detach().double().cpu().numpy()
+
+    def write_values(self, name: str, x: np.ndarray) -> None:
+        torch = _torch()
+        t = self.tensors[name]
+        with torch.no_grad():
+            t.detach().copy_(torch.from_numpy(x).to(device=t.device, dtype=t.dtype).view(t.shape))

@@ -1,0 +1,74 @@
+"""Helpers shared by the signature, file and CLI tests (numpy only)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from robustpatch.dtypes import narrow, widen
+
+
+def perturb(arrays: dict, rng: np.random.Generator, scale: float) -> dict:
+    """A copy of a model with every float tensor moved by N(0, scale)."""
+    out = {}
+    for k, v in arrays.items():
+        if v.dtype.kind == "i":
+            out[k] = v.copy()
+        elif v.dtype == np.uint16:  # bf16 bits
+            out[k] = narrow(widen(v) + rng.normal(0, scale, v.shape).astype(np.float32), "BF16")
+        else:
+            out[k] = (v + rng.normal(0, scale, v.shape)).astype(v.dtype)
+    return out
+
+
+def toy_model(rng: np.random.Generator, fc_dtype=np.float32) -> dict:
+    """conv → BatchNorm → conv → fc, like a small CNN's state dict."""
+    fc = rng.normal(0, 0.1, (10, 128)).astype(np.float32)
+    return {
+        "conv1.weight": rng.normal(0, 0.2, (16, 3, 3, 3)).astype(np.float32),
+        "conv1.bias": rng.normal(0, 0.1, 16).astype(np.float32),
+        "bn1.weight": (1 + rng.normal(0, 0.1, 16)).astype(np.float32),
+        "bn1.bias": rng.normal(0, 0.1, 16).astype(np.float32),
+        "bn1.running_mean": rng.normal(0, 0.1, 16).astype(np.float32),
+        "bn1.running_var": (1 + rng.random(16)).astype(np.float32),
+        "bn1.num_batches_tracked": np.array([7], np.int64),
+        "conv2.weight": rng.normal(0, 0.1, (32, 16, 3, 3)).astype(np.float32),
+        "fc.weight": narrow(fc, "BF16") if fc_dtype == "bf16" else fc.astype(fc_dtype),
+        "fc.bias": np.zeros(10, np.float32),
+    }
+
+
+def trio(seed: int = 0, fc_dtype=np.float32) -> tuple[dict, dict, dict]:
+    """pretrained, clean, robust: clean and robust differ from pretrained, robust most in
+    the shallow layers (as the paper observes)."""
+    rng = np.random.default_rng(seed)
+    pre = toy_model(rng, fc_dtype)
+    clean = perturb(pre, rng, 0.01)
+    robust = perturb(clean, rng, 0.002)
+    for k in ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"):
+        robust[k] = (robust[k] + rng.normal(0, 0.05, robust[k].shape)).astype(np.float32)
+    robust["bn1.running_mean"] = robust["bn1.running_mean"] + np.float32(0.5)
+    robust["bn1.running_var"] = robust["bn1.running_var"] * np.float32(2)
+    return pre, clean, robust
+
+
+def copy_model(m: dict) -> dict:
+    return {k: v.copy() for k, v in m.items()}
+
+
+def same_bits(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a
+    )
+
+
+def sha(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def listing(folder: str | os.PathLike) -> dict[str, str]:
+    """name → sha256 of every file in a folder (to prove nothing else appeared)."""
+    return {p.name: sha(p) for p in sorted(Path(folder).iterdir()) if p.is_file()}

@@ -1,0 +1,579 @@
+"""Signatures in memory: extraction, quantization, the file format, algebra, and
+apply/remove on dicts of numpy arrays."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from robustpatch.container import read_tensors, write_tensors
+from robustpatch.dtypes import narrow, widen
+from robustpatch.errors import FormatError, MismatchError, NonFiniteError
+from robustpatch.extract import extract
+from robustpatch.patch import apply, remove, subtract
+from robustpatch.signature import (
+    Signature,
+    _content_hash,
+    detect,
+    group_len_for,
+    similarity,
+)
+from rp_testutil import copy_model, same_bits, trio
+
+PROPS = settings(max_examples=40, deadline=None)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return trio(0)
+
+
+@pytest.fixture(scope="module")
+def sig(models):
+    return extract(*models, layers="all", name="fog", provenance={"corruption": "fog"})
+
+
+def _projection(pre, clean, robust):
+    dr = robust.astype(np.float64) - pre
+    d = clean.astype(np.float64) - pre
+    return dr - (dr.ravel() @ d.ravel()) / (d.ravel() @ d.ravel()) * d
+
+
+# ---------------------------------------------------------------------------- extract
+
+
+def test_projection_signature_matches_numpy_and_bn_is_replacement(models, sig):
+    pre, clean, robust = models
+    assert "bn1.num_batches_tracked" not in sig
+    for name in ("conv1.weight", "conv2.weight", "fc.weight", "bn1.weight"):
+        e = sig[name]
+        assert e.kind == "delta" and e.dtype == "F32" and e.shape == pre[name].shape
+        np.testing.assert_allclose(
+            e.dense(), _projection(pre[name], clean[name], robust[name]), atol=1e-6
+        )
+        assert e.stats["energy"] == pytest.approx(float(np.sum(e.dense() ** 2)), rel=1e-4)
+    for name in ("bn1.running_mean", "bn1.running_var"):
+        assert sig[name].kind == "bn"
+        np.testing.assert_array_equal(sig[name].values, robust[name])
+    assert sig.meta["method"] == "projection"
+    assert sig.meta["layers"]["mode"] == "all"
+    assert sig.meta["provenance"] == {"corruption": "fog"}
+    assert sig.base_fingerprint.startswith("sha256:")
+
+
+def test_difference_method_is_robust_minus_clean(models):
+    _, clean, robust = models
+    s = extract(None, clean, robust, layers="all", method="difference")
+    np.testing.assert_array_equal(
+        s["conv2.weight"].dense(), robust["conv2.weight"] - clean["conv2.weight"]
+    )
+    assert s.meta["method"] == "difference"
+
+
+def test_auto_layers_keep_the_shallow_layers_that_hold_the_energy(models):
+    s = extract(*models, layers="auto", energy=0.9)
+    # robust differs from clean mostly in conv1/bn1: one unit (conv1 + its BatchNorm).
+    assert set(s.entries) == {
+        "conv1.weight",
+        "conv1.bias",
+        "bn1.weight",
+        "bn1.bias",
+        "bn1.running_mean",
+        "bn1.running_var",
+    }
+    info = s.meta["layers"]
+    assert info["mode"] == "auto" and info["units"] == 1 and info["of"] == 3
+    assert info["energy_kept"] >= 0.9
+    everything = extract(*models, layers="auto", energy=1.0)
+    assert everything.meta["layers"]["units"] == 3
+
+
+def test_layer_count_and_patterns(models):
+    two = extract(*models, layers=2)
+    assert "conv2.weight" in two and "fc.weight" not in two
+    assert two.meta["layers"] == {"mode": "count", "units": 2, "of": 3}
+    fc = extract(*models, layers=["fc"])
+    assert set(fc.entries) == {"fc.weight", "fc.bias"}
+    bn = extract(*models, layers=r"bn\d")
+    assert set(bn.entries) == {"bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"}
+    with pytest.raises(ValueError, match="match no tensor"):
+        extract(*models, layers=["nothing"])
+
+
+def test_files_give_model_order_when_their_writer_kept_it(models, tmp_path):
+    from safetensors.numpy import save_file
+
+    from robustpatch.extract import open_source
+
+    resnet = {
+        k: np.zeros(4 if "bn" in k else (2, 2), np.float32)
+        for k in (
+            "conv1.weight",
+            "bn1.weight",
+            "layer1.0.conv1.weight",
+            "layer1.0.bn1.weight",
+            "layer2.0.conv1.weight",
+            "layer10.0.conv1.weight",
+            "fc.weight",
+        )
+    }
+    write_tensors(tmp_path / "kept.safetensors", resnet)
+    assert open_source(tmp_path / "kept.safetensors").names == list(resnet)
+    save_file(resnet, tmp_path / "sorted.safetensors")  # sorts by dtype, then name
+    names = open_source(tmp_path / "sorted.safetensors").names
+    assert names.index("layer2.0.conv1.weight") < names.index("layer10.0.conv1.weight")
+    pre, clean, robust = models
+    order = list(reversed(list(clean)))
+    s = extract(pre, clean, robust, layers=1, order=order)
+    assert set(s.entries) == {"fc.weight", "fc.bias"}
+
+
+def test_extract_refuses_mismatched_checkpoints(models):
+    pre, clean, robust = models
+    bad = dict(robust, **{"fc.weight": np.zeros((10, 64), np.float32)})
+    with pytest.raises(ValueError, match="differ"):
+        extract(pre, clean, bad)
+    with pytest.raises(ValueError, match="not in the robust"):
+        extract(pre, clean, {k: v for k, v in robust.items() if k != "fc.bias"})
+
+
+# ---------------------------------------------------------------------------- quantization
+
+
+def test_group_length_rules():
+    assert group_len_for((16, 3, 3, 3), "tensor", 128) == 432
+    assert group_len_for((16, 3, 3, 3), "channel", 128) == 27
+    assert group_len_for((32, 16, 3, 3), "group", 128) == 128
+    assert group_len_for((16, 3, 3, 3), "group", 128) == 108  # largest divisor ≤ 128
+    assert group_len_for((10,), "group", 128) == 10
+    with pytest.raises(ValueError):
+        group_len_for((4,), "rows", 2)
+
+
+@pytest.mark.parametrize("scheme", ["affine", "symmetric", "log", "tanh"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_quantized_entries_decode_close_to_the_delta(sig, scheme, granularity):
+    q = sig.quantize(8, scheme, granularity, 64)
+    for name, e in sig.deltas.items():
+        d = e.dense()
+        err = np.abs(q[name].dense() - d).max()
+        assert err <= 0.05 * np.abs(d).max() + 1e-7, (name, err)
+    assert q.meta["quantization"]["scheme"] == scheme
+    assert q.bn.keys() == sig.bn.keys()  # BN replacements stay float32
+
+
+def test_four_bit_group_128_file_is_under_015_of_the_f32_delta(tmp_path):
+    rng = np.random.default_rng(1)
+    deltas = {
+        "a.weight": rng.normal(0, 1e-3, (1024, 1024)).astype(np.float32),
+        "b.weight": rng.normal(0, 1e-3, (2048, 768)).astype(np.float32),
+    }
+    q = Signature.from_deltas(deltas).quantize(4, "affine", "group", 128)
+    q.save(tmp_path / "q.rws")
+    f32_bytes = sum(d.nbytes for d in deltas.values())
+    ratio = (tmp_path / "q.rws").stat().st_size / f32_bytes
+    assert ratio <= 0.15, ratio
+    assert q.delta_ratio == pytest.approx(0.5625 / 4)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _assert_same_signature(a: Signature, b: Signature) -> None:
+    assert a.name == b.name and list(a.entries) == list(b.entries)
+    for name in a.entries:
+        ea, eb = a[name], b[name]
+        assert ea.spec() == eb.spec()
+        for k, v in ea.file_tensors().items():
+            assert v.tobytes() == eb.file_tensors()[k].tobytes()
+    assert a.content_hash == b.content_hash
+
+
+@pytest.mark.parametrize("bits", [None, 2, 4, 8])
+def test_save_load_round_trip_is_identical(sig, tmp_path, bits):
+    s = sig if bits is None else sig.quantize(bits, "affine", "group", 64)
+    s.meta["effect"] = {"accuracy_before": 0.5, "accuracy_after": 0.8}
+    path = s.save(tmp_path / "s.rws")
+    loaded = Signature.load(path)
+    _assert_same_signature(s, loaded)
+    assert loaded.meta["effect"] == s.meta["effect"]
+    assert loaded.meta["provenance"] == {"corruption": "fog"}
+    assert loaded.base_fingerprint == s.base_fingerprint
+
+
+def test_signature_files_load_with_the_safetensors_package(sig, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    q = sig.quantize(4)
+    q.save(tmp_path / "q.rws")
+    tensors = load_file(tmp_path / "q.rws")
+    assert tensors.keys() == q.file_tensors().keys()
+    for k, v in q.file_tensors().items():
+        np.testing.assert_array_equal(tensors[k], v)
+    assert tensors["conv1.weight.codes"].dtype == np.uint8
+    assert tensors["bn1.running_mean.replace"].dtype == np.float32
+    with safe_open(tmp_path / "q.rws", "np") as f:
+        meta = json.loads(f.metadata()["robustpatch"])
+    assert meta["format_version"] == 1
+    entry = {e["name"]: e for e in meta["entries"]}["conv1.weight"]
+    assert entry["bits"] == 4 and entry["scheme"] == "affine" and entry["dtype"] == "F32"
+    assert entry["granularity"] == "group" and entry["group_len"] == 108
+    assert meta["content_hash"] == q.content_hash
+
+
+def _rewrite(path, edit_meta=None, edit_tensors=None, rehash=False):
+    header, tensors = read_tensors(path)
+    meta = json.loads(header.metadata["robustpatch"])
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if rehash:
+        meta["content_hash"] = _content_hash(meta["entries"], tensors)
+    write_tensors(path, tensors, {"robustpatch": json.dumps(meta)}, labels={})
+
+
+def test_a_modified_file_fails_the_content_hash(sig, tmp_path):
+    path = sig.save(tmp_path / "s.rws")
+
+    def flip(t):
+        t["conv1.weight"].reshape(-1)[3] += 1e-3
+
+    _rewrite(path, edit_tensors=flip)
+    with pytest.raises(FormatError, match="content hash mismatch"):
+        Signature.load(path)
+
+
+def test_an_unknown_format_version_is_refused(sig, tmp_path):
+    path = sig.save(tmp_path / "s.rws")
+    _rewrite(path, edit_meta=lambda m: m.update(format_version=2))
+    with pytest.raises(FormatError, match="version 2 is newer"):
+        Signature.load(path)
+
+
+def test_a_plain_safetensors_file_is_not_a_signature(tmp_path):
+    write_tensors(tmp_path / "m.safetensors", {"w": np.zeros(3, np.float32)})
+    with pytest.raises(FormatError, match="not a robustpatch signature"):
+        Signature.load(tmp_path / "m.safetensors")
+
+
+def test_nan_in_a_delta_is_refused(sig, tmp_path):
+    bad = np.ones((3, 3), np.float32)
+    bad[1, 2] = np.nan
+    with pytest.raises(NonFiniteError, match="w: delta holds NaN or Inf at flat index 5"):
+        Signature.from_deltas({"w": bad})
+    path = sig.save(tmp_path / "s.rws")
+
+    def poison(t):
+        t["conv1.weight"].reshape(-1)[0] = np.nan
+
+    _rewrite(path, edit_tensors=poison, rehash=True)
+    with pytest.raises(NonFiniteError, match="conv1.weight"):
+        Signature.load(path)
+
+
+def test_nan_in_a_quantized_scale_is_refused(sig, tmp_path):
+    path = sig.quantize(4).save(tmp_path / "q.rws")
+
+    def poison(t):
+        t["conv2.weight.scale"][0] = np.inf
+
+    _rewrite(path, edit_tensors=poison, rehash=True)
+    with pytest.raises(NonFiniteError, match="conv2.weight: scale"):
+        Signature.load(path)
+
+
+# ---------------------------------------------------------------------------- apply / remove
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_remove_restores_a_dict_bit_for_bit(dtype):
+    fc = {"F32": np.float32, "F16": np.float16, "BF16": "bf16"}[dtype]
+    pre, clean, robust = trio(3, fc_dtype=fc)
+    s = extract(pre, clean, robust, layers="all")
+    assert s["fc.weight"].dtype == dtype
+    model = copy_model(clean)
+    undo = apply(model, [s, s.quantize(3, "tanh", "channel")], [0.7, -1.3])
+    assert not same_bits(model, clean)
+    report = remove(model, undo)
+    assert same_bits(model, clean)
+    assert report["tensors"] == len(s.deltas) and report["bn_buffers"] == 2
+
+
+def test_apply_adds_alpha_times_the_delta_rounded_once(models, sig):
+    _, clean, _ = models
+    model = copy_model(clean)
+    apply(model, sig, 0.75)
+    for name, e in sig.deltas.items():
+        expect = clean[name] + np.float32(0.75) * e.dense()
+        np.testing.assert_array_equal(model[name], expect)
+
+
+def test_bn_statistics_are_blended_toward_the_replacement(models, sig):
+    _, clean, robust = models
+    for alpha in (1.0, 0.25):
+        model = copy_model(clean)
+        undo = apply(model, sig, alpha)
+        for name in ("bn1.running_mean", "bn1.running_var"):
+            expect = (1 - alpha) * clean[name].astype(np.float64) + alpha * robust[name]
+            np.testing.assert_allclose(model[name], expect, rtol=1e-6)
+        remove(model, undo)
+        assert same_bits(model, clean)
+    model = copy_model(clean)
+    apply(model, sig, -1.0)  # a negative α never extrapolates statistics
+    np.testing.assert_array_equal(model["bn1.running_var"], clean["bn1.running_var"])
+
+
+def test_two_replacements_share_the_blend_and_a_plus_b_matches(models):
+    pre, clean, robust = models
+    a = extract(pre, clean, robust, layers="all", name="a")
+    other = dict(robust, **{"bn1.running_mean": robust["bn1.running_mean"] - 1})
+    b = extract(pre, clean, other, layers="all", name="b")
+    both, summed = copy_model(clean), copy_model(clean)
+    apply(both, [a, b], [1.0, 1.0])
+    apply(summed, a + b, 1.0)
+    mean = (robust["bn1.running_mean"] + other["bn1.running_mean"]) / 2
+    np.testing.assert_allclose(both["bn1.running_mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(summed["bn1.running_mean"], mean, rtol=1e-6)
+    for name in a.deltas:
+        np.testing.assert_allclose(both[name], summed[name], rtol=1e-6, atol=1e-6)
+
+
+def _target_and_sigs(seed, n, quantized):
+    rng = np.random.default_rng(seed)
+    target = {"w": rng.normal(0, 0.1, n).astype(np.float32), "v": rng.normal(0, 1, (4, 8))}
+    target["v"] = target["v"].astype(np.float32)
+    mk = lambda: {k: rng.normal(0, 1e-2, v.shape).astype(np.float32) for k, v in target.items()}  # noqa: E731
+    a, b = Signature.from_deltas(mk(), name="a"), Signature.from_deltas(mk(), name="b")
+    if quantized:
+        a, b = a.quantize(4, "affine", "tensor"), b.quantize(6, "symmetric", "tensor")
+    return target, a, b
+
+
+@PROPS
+@given(
+    n=st.integers(1, 600),
+    seed=st.integers(0, 2**32 - 1),
+    quantized=st.booleans(),
+    alpha=st.floats(-2, 2),
+    beta=st.floats(-2, 2),
+)
+def test_apply_a_then_b_matches_apply_a_plus_b(n, seed, quantized, alpha, beta):
+    target, a, b = _target_and_sigs(seed, n, quantized)
+    one_by_one, fused, summed = copy_model(target), copy_model(target), copy_model(target)
+    apply(one_by_one, a, alpha)
+    apply(one_by_one, b, beta)
+    apply(fused, [a, b], [alpha, beta])
+    apply(summed, alpha * a + beta * b, 1.0)
+    for k in target:
+        scale = np.abs(target[k]).max() + 0.1
+        np.testing.assert_allclose(one_by_one[k], summed[k], rtol=0, atol=1e-6 * scale)
+        np.testing.assert_allclose(fused[k], summed[k], rtol=0, atol=1e-6 * scale)
+
+
+@PROPS
+@given(
+    n=st.integers(1, 600),
+    seed=st.integers(0, 2**32 - 1),
+    quantized=st.booleans(),
+    alpha=st.floats(-3, 3),
+)
+def test_alpha_scales_the_change_linearly(n, seed, quantized, alpha):
+    target, a, _ = _target_and_sigs(seed, n, quantized)
+    unit, scaled = copy_model(target), copy_model(target)
+    apply(unit, a, 1.0)
+    apply(scaled, a, alpha)
+    for k in target:
+        change1 = unit[k].astype(np.float64) - target[k]
+        change = scaled[k].astype(np.float64) - target[k]
+        ulp = np.spacing(np.abs(target[k]).max() + 0.1).astype(np.float64)
+        np.testing.assert_allclose(change, alpha * change1, rtol=0, atol=4 * ulp * (1 + abs(alpha)))
+
+
+def test_algebra_on_signatures(models, sig):
+    q = sig.quantize(4)
+    s = sig + q
+    np.testing.assert_allclose(
+        s["conv1.weight"].dense(),
+        sig["conv1.weight"].dense() + q["conv1.weight"].dense(),
+        atol=1e-7,
+    )
+    zero = sig - sig
+    assert all(not np.any(e.dense()) for e in zero.deltas.values())
+    assert zero.bn.keys() == sig.bn.keys()  # a − b keeps a's replacements
+    twice = 2 * sig
+    np.testing.assert_array_equal(twice["fc.weight"].dense(), 2 * sig["fc.weight"].dense())
+    assert twice["bn1.running_mean"].weight == 2.0
+    assert (sig * 0.5).name == "0.5*fog"
+    assert (sig + q - sig).name == "(fog+fog)-fog"
+    assert not (-sig).bn  # negative weight: no replacement left
+    part = Signature.from_deltas({"fc.bias": np.ones(10, np.float32)}, name="p")
+    u = sig + part
+    np.testing.assert_allclose(u["fc.bias"].dense(), sig["fc.bias"].dense() + 1)
+    assert u.meta["components"][1]["name"] == "p"
+    with pytest.raises(ValueError, match="shapes differ"):
+        sig + Signature.from_deltas({"fc.bias": np.ones(3, np.float32)})
+
+
+def test_similarity_and_detect_rank_the_matching_signature_first():
+    pre, clean, robust = trio(5)
+    rng = np.random.default_rng(9)
+    other = copy_model(robust)
+    for k in ("conv1.weight", "conv2.weight", "fc.weight"):
+        other[k] = (clean[k] + rng.normal(0, 0.05, clean[k].shape)).astype(np.float32)
+    fog = extract(pre, clean, robust, layers="all", name="fog")
+    noise = extract(pre, clean, other, layers="all", name="noise")
+    m = similarity([fog, fog.quantize(4), noise])
+    assert m.shape == (3, 3) and np.allclose(np.diag(m), 1)
+    assert m[0, 1] > 0.99 and abs(m[0, 2]) < 0.5 and np.allclose(m, m.T)
+    # An unknown fine-tune's raw weight difference is recognised.
+    query = {k: robust[k].astype(np.float32) - clean[k] for k in ("conv1.weight", "conv2.weight")}
+    ranking = detect(query, {"noise": noise, "fog": fog.quantize(4)})
+    assert [name for name, _ in ranking] == ["fog", "noise"]
+    assert ranking[0][1] > 0.9
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture()
+def fc_sig(models):
+    return extract(*models, layers="fc")
+
+
+def test_a_missing_tensor_is_refused_and_nothing_changes(models, fc_sig):
+    model = {k: v for k, v in copy_model(models[1]).items() if k != "fc.bias"}
+    before = copy_model(model)
+    with pytest.raises(MismatchError, match="no tensor 'fc.bias'"):
+        apply(model, fc_sig)
+    assert same_bits(model, before)
+
+
+def test_a_wrong_shape_is_refused_and_nothing_changes(models, fc_sig):
+    model = copy_model(models[1])
+    model["fc.weight"] = np.zeros((10, 127), np.float32)
+    before = copy_model(model)
+    with pytest.raises(MismatchError, match="does not match"):
+        apply(model, fc_sig, force=True)  # a different element count is never forced
+    model["fc.weight"] = np.zeros((20, 64), np.float32)
+    with pytest.raises(MismatchError, match="force=True"):
+        apply(model, fc_sig)
+    assert model["fc.bias"].tobytes() == before["fc.bias"].tobytes()
+    undo = apply(model, fc_sig, force=True)
+    remove(model, undo)
+
+
+def test_a_wrong_dtype_is_refused_unless_forced(models, fc_sig):
+    model = copy_model(models[1])
+    model["fc.weight"] = model["fc.weight"].astype(np.float16)
+    before = copy_model(model)
+    with pytest.raises(MismatchError, match="F16 but signature .* made for F32"):
+        apply(model, fc_sig)
+    assert same_bits(model, before)
+    undo = apply(model, fc_sig, force=True)
+    remove(model, undo)
+    assert same_bits(model, before)
+    model["fc.weight"] = model["fc.weight"].astype(np.float64)
+    with pytest.raises(TypeError, match="F64"):
+        apply(model, fc_sig, force=True)
+
+
+def test_a_nan_alpha_is_refused(models, sig):
+    model = copy_model(models[1])
+    with pytest.raises(NonFiniteError):
+        apply(model, sig, float("nan"))
+    assert same_bits(model, models[1])
+
+
+def test_a_failure_midway_rolls_back(models, sig, monkeypatch):
+    from robustpatch import patch
+
+    model = copy_model(models[1])
+    calls = []
+    real = patch.NumpyTarget.add
+
+    def flaky(self, name, deltas, alphas):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError("simulated failure")
+        return real(self, name, deltas, alphas)
+
+    monkeypatch.setattr(patch.NumpyTarget, "add", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        apply(model, sig, 0.5)
+    assert same_bits(model, models[1])
+
+
+def test_a_read_only_array_is_refused_before_anything_changes(models, sig):
+    model = copy_model(models[1])
+    model["fc.bias"].flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        apply(model, sig)
+    model["fc.bias"].flags.writeable = True
+    assert same_bits(model, models[1])
+
+
+def test_an_undo_record_is_used_once_and_checks_its_target(models, sig):
+    model = copy_model(models[1])
+    undo = apply(model, sig)
+    with pytest.raises(MismatchError):
+        remove({k: v for k, v in model.items() if k != "fc.weight"}, undo)
+    remove(model, undo)
+    with pytest.raises(ValueError, match="already used"):
+        remove(model, undo)
+
+
+def test_subtract_without_record_is_approximate_and_says_so(models, sig):
+    clean = models[1]
+    model = {
+        k: narrow(widen(v), "BF16") if v.dtype == np.float32 else v.copy() for k, v in clean.items()
+    }
+    s = Signature.from_deltas(
+        {k: e.dense() * 30 for k, e in sig.deltas.items()}, dtypes=dict.fromkeys(sig.deltas, "BF16")
+    )
+    before = copy_model(model)
+    apply(model, s, 1.0)
+    report = subtract(model, s, 1.0)
+    wrong = sum(int(np.sum(model[k] != before[k])) for k in s.deltas)
+    assert wrong > 0  # why remove() keeps a record: plain subtraction leaves wrong bits
+    assert report["inconsistent"] <= wrong  # a lower bound on the damage
+    assert report["tensors"] == len(s.deltas)
+
+
+def test_tied_weights_are_refused_rather_than_patched_twice():
+    w = np.zeros(8, np.float32)
+    model = {"embed.weight": w, "head.weight": w}
+    s = Signature.from_deltas({k: np.ones(8, np.float32) for k in model})
+    with pytest.raises(MismatchError, match="share memory"):
+        apply(model, s)
+    assert not w.any()
+    apply(model, s.select(["embed.weight"]))
+    assert np.all(model["head.weight"] == 1)
+
+
+def test_numpy_values_in_provenance_are_saved_as_json(sig, tmp_path):
+    s = sig.select(["fc.bias"])
+    s.meta["effect"] = {"accuracy": np.float32(0.75), "per_class": np.arange(3)}
+    loaded = Signature.load(s.save(tmp_path / "s.rws"))
+    assert loaded.meta["effect"] == {"accuracy": 0.75, "per_class": [0, 1, 2]}
+
+
+def test_the_engine_api_never_imports_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = """
+import sys, numpy as np
+from robustpatch import cli, extract, files, patch, signature
+s = signature.Signature.from_deltas({"w": np.ones(4, np.float32)})
+m = {"w": np.zeros(4, np.float32)}
+patch.remove(m, patch.apply(m, s))
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

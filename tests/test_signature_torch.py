@@ -1,0 +1,182 @@
+"""Signatures on torch modules and state dicts: zero-copy CPU patching (f32, f16, bf16),
+the on-device torch path, and bit-exact removal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from robustpatch.extract import extract  # noqa: E402
+from robustpatch.patch import apply, remove  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+class Net(torch.nn.Module):
+    """conv (f32) → BatchNorm (f32) → fc1 (f16) → fc2 (bf16); casts between layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc1 = torch.nn.Linear(8 * 4 * 4, 32).half()
+        self.fc2 = torch.nn.Linear(32, 10).bfloat16()
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).flatten(1)
+        h = torch.relu(self.fc1(h.half()).float())
+        return self.fc2(h.bfloat16()).float()
+
+
+def make_nets(seed: int = 0):
+    """pretrained, clean, robust twins (robust differs most in the shallow layers)."""
+    torch.manual_seed(seed)
+    pre = Net().eval()
+    nets = []
+    for scale in (0.01, 0.03):
+        n = Net().eval()
+        n.load_state_dict(pre.state_dict())
+        with torch.no_grad():
+            for name, p in n.named_parameters():
+                p.add_(
+                    (torch.randn_like(p.float()) * scale * (3 if "conv" in name else 1)).to(p.dtype)
+                )
+            n.bn.running_mean.add_(0.3)
+            n.bn.running_var.mul_(1.5)
+        nets.append(n)
+    return pre, nets[0], nets[1]
+
+
+def state_bits(m) -> dict:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype
+        assert torch.equal(
+            a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)
+        ), k
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return make_nets()
+
+
+@pytest.fixture(scope="module")
+def sigs(nets):
+    pre, clean, robust = nets
+    a = extract(pre, clean, robust, layers="all", name="a")
+    b = extract(pre.state_dict(), clean.state_dict(), robust.state_dict(), layers=2, name="b")
+    return a, b.quantize(4, "affine", "group", 32)
+
+
+def test_signature_dtypes_follow_the_model(sigs):
+    a, _ = sigs
+    assert a["conv.weight"].dtype == "F32"
+    assert a["fc1.weight"].dtype == "F16"
+    assert a["fc2.weight"].dtype == "BF16"
+    assert a["bn.running_var"].kind == "bn"
+    assert "bn.num_batches_tracked" not in a
+
+
+def test_module_and_numpy_extraction_agree(nets, sigs):
+    from robustpatch.torch_bridge import numpy_state
+
+    pre, clean, robust = nets
+    arrays = [numpy_state(m)[0] for m in nets]
+    s = extract(*arrays, layers="all")
+    for name, e in sigs[0].entries.items():
+        np.testing.assert_array_equal(e.dense(), s[name].dense())
+
+
+def test_remove_restores_a_module_bit_for_bit_in_place_without_copies(nets, sigs):
+    clean = nets[1]
+    model = Net().eval()
+    model.load_state_dict(clean.state_dict())
+    before = state_bits(model)
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    undo = apply(model, list(sigs), [1.0, 0.5])
+    after = model.state_dict()
+    assert {k: v.data_ptr() for k, v in after.items()} == ptrs  # patched in place
+    assert not torch.equal(after["fc2.weight"], before["fc2.weight"])
+    assert undo.record_elements > 0
+    remove(model, undo)
+    assert_bit_identical(state_bits(model), before)
+
+
+def test_remove_restores_a_state_dict_bit_for_bit(nets, sigs):
+    sd = {k: v.clone() for k, v in nets[1].state_dict().items()}
+    before = {k: v.clone() for k, v in sd.items()}
+    undo = apply(sd, list(sigs), [-0.8, 2.0])
+    remove(sd, undo)
+    assert_bit_identical(sd, before)
+
+
+def test_cpu_patch_equals_plain_torch(nets, sigs):
+    a, _ = sigs
+    clean = nets[1]
+    model = Net().eval()
+    model.load_state_dict(clean.state_dict())
+    apply(model, a, 0.5)
+    for name, e in a.deltas.items():
+        w = clean.state_dict()[name]
+        expect = (w.float() + 0.5 * torch.from_numpy(e.dense())).to(w.dtype)
+        assert torch.equal(model.state_dict()[name], expect), name
+    robust = nets[2]
+    for name in ("bn.running_mean", "bn.running_var"):
+        expect = 0.5 * clean.state_dict()[name].double() + 0.5 * robust.state_dict()[name].double()
+        torch.testing.assert_close(model.state_dict()[name], expect.float())
+
+
+def test_the_on_device_torch_path_matches_the_engine_and_removes_exactly(nets, sigs):
+    """The path CUDA tensors take, exercised on CPU: same bits as the engine for dense
+    deltas, and bit-exact removal from its own record."""
+    a, b = sigs
+    clean = nets[1]
+    engine, torch_path = Net().eval(), Net().eval()
+    engine.load_state_dict(clean.state_dict())
+    torch_path.load_state_dict(clean.state_dict())
+    before = state_bits(torch_path)
+    apply(engine, a, 0.7)
+    undo = apply(torch_path, a, 0.7, torch_ops=True)
+    assert_bit_identical(state_bits(engine), state_bits(torch_path))
+    remove(torch_path, undo)
+    assert_bit_identical(state_bits(torch_path), before)
+    undo = apply(torch_path, [a, b], [1.0, -0.5], torch_ops=True)
+    remove(torch_path, undo)
+    assert_bit_identical(state_bits(torch_path), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_module_is_patched_on_the_device_and_restored(nets, sigs):
+    model = Net().eval()
+    model.load_state_dict(nets[1].state_dict())
+    model = model.cuda()
+    before = state_bits(model)
+    undo = apply(model, list(sigs), [1.0, 0.5])
+    assert all(v.device.type == "cuda" for v in model.state_dict().values())
+    cpu = Net().eval()
+    cpu.load_state_dict(nets[1].state_dict())
+    apply(cpu, sigs[0], 1.0, torch_ops=True)
+    remove(model, undo)
+    assert_bit_identical(state_bits(model), before)
+
+
+def test_tied_torch_weights_are_refused():
+    from robustpatch.errors import MismatchError
+    from robustpatch.signature import Signature
+
+    m = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 4, bias=False)})
+    m["b"] = torch.nn.Linear(4, 4, bias=False)
+    m["b"].weight = m["a"].weight
+    sd = {"a.weight": m["a"].weight, "b.weight": m["b"].weight}
+    s = Signature.from_deltas({k: np.ones((4, 4), np.float32) for k in sd})
+    before = m["a"].weight.detach().clone()
+    with pytest.raises(MismatchError, match="share memory"):
+        apply(sd, s)
+    assert torch.equal(m["a"].weight.detach(), before)
