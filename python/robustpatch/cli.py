@@ -511,6 +511,45 @@ def add_similarity(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+@command
+def add_demo(sub: Any) -> None:
+    p = add_command(
+        sub,
+        "demo",
+        "train clean and robust models on embedded data, extract signatures, patch, "
+        "evaluate and write a report (needs the torch extra)",
+        "robustpatch demo --quick --out report",
+        run_demo,
+    )
+    p.add_argument("--quick", action="store_true", help="smaller run (minutes on 2 CPU cores)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", type=Path, default=Path("report"), help="report folder")
+
+
+def run_demo(args: Any) -> int:
+    try:
+        from .lab import demo
+    except ImportError as e:
+        print(
+            f"{PROG}: error: the demo needs the torch extra ({e}); "
+            "install it with: pip install 'robustpatch[torch]'",
+            file=sys.stderr,
+        )
+        return 1
+    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    results = demo.run(args.out, quick=args.quick, device=args.device, log=log)
+    for s in results["summary"]:
+        best = max(s["recovered"].items(), key=lambda kv: kv[1] if kv[1] == kv[1] else -1e9)
+        print(
+            f"{s['corruption']:16s} clean {s['mean']['clean']:5.1f}%  "
+            f"BN-only {s['mean']['bn_reestimation_only']:5.1f}%  "
+            f"robust {s['mean']['robust']:5.1f}%  best patch {best[0]} "
+            f"{s['mean'][best[0]]:5.1f}%"
+        )
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 
 

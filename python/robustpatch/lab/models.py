@@ -21,6 +21,7 @@ __all__ = [
     "resnet18",
     "vgg16",
     "fit",
+    "train_digits_cnn",
     "parameters_by_depth",
     "default_device",
 ]
@@ -319,3 +320,29 @@ def parameters_by_depth(
             seen.add(id(p))
             result.append((f"{prefix}.{pname}" if prefix else pname, p))
     return result
+
+
+def train_digits_cnn(
+    *,
+    epochs: int = 4,
+    seed: int = 0,
+    device: DeviceArg = None,
+    cache: Any = None,
+    progress: bool = False,
+) -> tuple[SmallCNN, float]:
+    """Train :class:`SmallCNN` on the embedded digits; return the model and its test accuracy.
+
+    About a minute or less on 2 CPU cores; test accuracy is typically 98-99%.
+    """
+    from .datasets import load_digits32
+
+    train = load_digits32("train", cache=cache)
+    test = load_digits32("test", cache=cache)
+    model = SmallCNN(num_classes=10, seed=seed)
+    xtr, ytr = train.tensors()
+    fit(model, xtr, ytr, epochs=epochs, seed=seed, device=device, progress=progress)
+    xte, yte = test.tensors()
+    dev = default_device(device)
+    with torch.no_grad():
+        pred = torch.cat([model(xte[i : i + 512].to(dev)).argmax(1).cpu() for i in range(0, len(yte), 512)])
+    return model, float((pred == yte).float().mean())

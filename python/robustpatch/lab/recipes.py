@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -46,9 +46,9 @@ def train(
     x: torch.Tensor,
     y: torch.Tensor,
     config: TrainConfig,
-    transform: Optional[Transform] = None,
-    device: Optional[torch.device] = None,
-    progress: Optional[Callable[[int, float], None]] = None,
+    transform: Transform | None = None,
+    device: torch.device | None = None,
+    progress: Callable[[int, float], None] | None = None,
 ) -> nn.Module:
     """Train `model` in place with SGD on (x, y) and return it.
 
@@ -82,7 +82,7 @@ def train(
             loss = loss_fn(model(xb), yb)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         sched.step()
         if progress is not None:
             progress(epoch, total / len(x))
@@ -94,7 +94,7 @@ def accuracy(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
     batch_size: int = 512,
 ) -> float:
     """Top-1 accuracy in [0, 1] (model in eval mode)."""
@@ -111,7 +111,7 @@ def accuracy(
 def reestimate_bn(
     model: nn.Module,
     x: torch.Tensor,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
     batch_size: int = 256,
 ) -> nn.Module:
     """Replace every BatchNorm's running statistics by those of unlabeled data `x`.
@@ -140,7 +140,7 @@ def finetune_pair(
     y: torch.Tensor,
     corrupt: Transform,
     config: TrainConfig,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """Fine-tune a clean and a robust model from the same pretrained weights.
 

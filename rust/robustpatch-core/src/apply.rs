@@ -253,6 +253,7 @@ fn add_and_record<T: Element>(tile: &mut [T], acc: &[f32], start: usize, undo: &
 mod avx2 {
     use super::Undo;
     use crate::dtype::Element;
+    use crate::par::TILE;
     use half::{bf16, f16};
     use std::any::TypeId;
     use std::arch::x86_64::*;
@@ -414,45 +415,72 @@ mod avx2 {
         tile: &mut [T],
         acc: &[f32],
         start: usize,
-        mut undo: Option<&mut Undo<T::Bits>>,
+        undo: Option<&mut Undo<T::Bits>>,
     ) {
         let n = tile.len().min(acc.len());
         let full = n / 8 * 8;
         let (t, a) = (tile.as_mut_ptr(), acc.as_ptr());
-        for i in (0..full).step_by(8) {
-            let w = T::load(t.add(i));
-            let d = _mm256_loadu_ps(a.add(i));
-            let new = T::narrow8(_mm256_add_ps(T::widen8(w), d));
-            T::store(t.add(i), new);
-            if let Some(undo) = undo.as_deref_mut() {
-                // back = round(new − Σ): where it is not w, remove would fail.
-                let back = T::narrow8(_mm256_sub_ps(T::widen8(new), d));
-                let bad = T::differ(back, w);
-                if bad != 0 {
-                    record_lanes::<T>(bad, w, start + i, undo);
-                }
-            }
-        }
-        let (tail, acc) = (&mut tile[full..n], &acc[full..n]);
         match undo {
-            Some(undo) => super::add_and_record(tail, acc, start + full, undo),
-            None => super::add_in_place(tail, acc),
+            None => {
+                for i in (0..full).step_by(8) {
+                    let d = _mm256_loadu_ps(a.add(i));
+                    T::store(t.add(i), T::narrow8(_mm256_add_ps(T::widen8(T::load(t.add(i))), d)));
+                }
+                super::add_in_place(&mut tile[full..n], &acc[full..n]);
+            }
+            Some(undo) => {
+                // Flags first, records second: branching on each group's flags
+                // right after computing them stalls on every misprediction for
+                // the whole convert-add-convert chain; branching on stored
+                // flags does not.
+                let mut new = [T::from_f32(0.0); TILE];
+                let mut flags = [0u8; TILE / 8];
+                for i in (0..full).step_by(8) {
+                    let w = T::load(t.add(i));
+                    let d = _mm256_loadu_ps(a.add(i));
+                    let nw = T::narrow8(_mm256_add_ps(T::widen8(w), d));
+                    T::store(new.as_mut_ptr().add(i), nw);
+                    // back = round(new − Σ): where it is not w, remove would fail.
+                    let back = T::narrow8(_mm256_sub_ps(T::widen8(nw), d));
+                    flags[i / 8] = T::differ(back, w) as u8;
+                }
+                record_flagged(&tile[..full], &flags[..full / 8], start, undo);
+                tile[..full].copy_from_slice(&new[..full]);
+                super::add_and_record(&mut tile[full..n], &acc[full..n], start + full, undo);
+            }
         }
     }
 
-    /// Push (position, original bits) for each lane set in `bad`.
+    /// Push (position, original bits) for each element whose bit is set in
+    /// `flags` (one byte per eight elements), scanning eight bytes at a time.
     #[inline(always)]
-    unsafe fn record_lanes<T: Lanes>(mut bad: u32, w: T::Raw, first: usize, undo: &mut Undo<T::Bits>) {
-        // Raw is exactly eight T::Bits (32 bytes for f32, 16 for the halves).
-        let orig: [T::Bits; 8] = std::mem::transmute_copy(&w);
-        while bad != 0 {
-            let l = bad.trailing_zeros() as usize;
-            undo.positions.push((first + l) as u32);
-            undo.values.push(orig[l]);
-            bad &= bad - 1;
+    fn record_flagged<T: Element>(tile: &[T], flags: &[u8], start: usize, undo: &mut Undo<T::Bits>) {
+        let words = flags.chunks_exact(8);
+        let rest = words.remainder();
+        for (k, word) in words.enumerate() {
+            let word = u64::from_le_bytes(word.try_into().expect("eight flag bytes"));
+            if word != 0 {
+                record_bits(word, tile, 64 * k, start, undo);
+            }
+        }
+        for (j, &f) in rest.iter().enumerate() {
+            let k = flags.len() / 8 * 64 + 8 * j;
+            record_bits(f as u64, tile, k, start, undo);
+        }
+    }
+
+    /// Record element `first + i` for each bit i set in `bits`.
+    #[inline(always)]
+    fn record_bits<T: Element>(mut bits: u64, tile: &[T], first: usize, start: usize, undo: &mut Undo<T::Bits>) {
+        while bits != 0 {
+            let i = first + bits.trailing_zeros() as usize;
+            undo.positions.push((start + i) as u32);
+            undo.values.push(tile[i].to_bits());
+            bits &= bits - 1;
         }
     }
 }
+
 
 #[inline(always)]
 fn add_into(x: &mut [f32], acc: &[f32]) {

@@ -448,6 +448,15 @@ struct Params {
     enc: Enc,
 }
 
+impl Params {
+    /// Placeholder for batch buffers; always overwritten before use.
+    const UNSET: Params = Params {
+        scale: 0.0,
+        offset: 0.0,
+        enc: Enc::Constant(0),
+    };
+}
+
 /// Adding 1.5·2^23 to |y| < 2^22 leaves round-to-nearest-even(y) in the low
 /// mantissa bits (two's complement for negative y): a rounding that vectorizes
 /// to one add, unlike `f32::round` or a saturating `as` cast.
@@ -641,12 +650,17 @@ fn min_max<T: Element>(x: &[T], z: &mut [f32; LANES]) -> (f32, f32) {
         hi[l] = if v > hi[l] { v } else { hi[l] };
         z[l] += v - v;
     }
-    let mut m = (lo[0], hi[0]);
-    for l in 1..LANES {
-        m.0 = if lo[l] < m.0 { lo[l] } else { m.0 };
-        m.1 = if hi[l] > m.1 { hi[l] } else { m.1 };
+    // Pairwise (log-depth) reduction: a sequential fold is a 15-step latency
+    // chain per group, which dominated at small group lengths.
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            lo[l] = if lo[l + w] < lo[l] { lo[l + w] } else { lo[l] };
+            hi[l] = if hi[l + w] > hi[l] { hi[l + w] } else { hi[l] };
+        }
+        w /= 2;
     }
-    (m.0 + 0.0, m.1 + 0.0)
+    (lo[0] + 0.0, hi[0] + 0.0)
 }
 
 #[inline(always)]
@@ -775,15 +789,32 @@ fn quantize_groups<T: Element>(
     let gl = spec.group_len;
     let mut packer = Packer::new(spec.bits, packed);
     let mut z = [0f32; LANES];
-    for (g, gx) in x.chunks_exact(gl).enumerate() {
-        let (lo, hi) = min_max(gx, &mut z);
-        // ±Inf shows in lo/hi and is refused here; a NaN only in z, below.
-        let Some(p) = params(spec, lo, hi) else {
-            return Err(first_error(x, spec, base));
-        };
-        scale[g] = p.scale;
-        offset[g] = p.offset;
-        packer.push(gx, &p);
+    // Groups are handled a batch at a time (about one tile of elements): all
+    // min/max first, then all parameters, then all codes. The parameters of
+    // different groups are independent, so their divisions overlap instead of
+    // stalling each group's encoding behind its own (measured ~25% faster at
+    // group 128 than group-at-a-time).
+    let batch = (TILE / gl).clamp(1, BATCH);
+    let mut ranges = [(0f32, 0f32); BATCH];
+    let mut ps = [Params::UNSET; BATCH];
+    for (b, bx) in x.chunks(batch * gl).enumerate() {
+        let n = bx.len() / gl;
+        for (r, gx) in ranges.iter_mut().zip(bx.chunks_exact(gl)) {
+            *r = min_max(gx, &mut z);
+        }
+        for (p, &(lo, hi)) in ps[..n].iter_mut().zip(&ranges[..n]) {
+            // ±Inf shows in lo/hi and is refused here; a NaN only in z, below.
+            let Some(v) = params(spec, lo, hi) else {
+                return Err(first_error(x, spec, base));
+            };
+            *p = v;
+        }
+        let g0 = b * batch;
+        for (j, (p, gx)) in ps[..n].iter().zip(bx.chunks_exact(gl)).enumerate() {
+            scale[g0 + j] = p.scale;
+            offset[g0 + j] = p.offset;
+            packer.push(gx, p);
+        }
     }
     if !all_finite(&z) {
         return Err(first_error(x, spec, base));
@@ -791,6 +822,9 @@ fn quantize_groups<T: Element>(
     packer.finish();
     Ok(())
 }
+
+/// Most groups per batch in [`quantize_groups`].
+const BATCH: usize = 32;
 
 /// Encode elements [base, base + x.len()) of a tensor whose groups have
 /// parameters `params_g` (large-group path; `base` is a multiple of 8).
@@ -1653,5 +1687,43 @@ mod tmp_prof {
         let q = quantize(&x, s).unwrap();
         let mut out = vec![0f32; n];
         t("decode 4 affine 128", &mut || run_decode_range(&q.view(), 0, std::hint::black_box(&mut out)));
+    }
+}
+#[cfg(test)]
+mod tmp_prof2 {
+    use super::*;
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn a_minmax(x: &[f32], gl: usize) -> f32 { let mut z = [0f32; LANES]; let mut s = 0.0; for g in x.chunks_exact(gl) { let r = min_max(g, &mut z); s += r.0 - r.1; } s + z[0] }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn b_params(x: &[f32], gl: usize, spec: QuantSpec) -> f32 { let mut z = [0f32; LANES]; let mut s = 0.0; for g in x.chunks_exact(gl) { let r = min_max(g, &mut z); let p = params(spec, r.0, r.1).unwrap(); s += p.scale; } s + z[0] }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn c_encode(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8]) { let p = params(spec, -0.5, 0.5).unwrap(); for (g, o) in x.chunks_exact(gl).zip(out.chunks_exact_mut(gl)) { encode(&p, g, o); } }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn d_all_nopack(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8], sc: &mut [f32]) { let mut z = [0f32; LANES]; for ((g, o), s) in x.chunks_exact(gl).zip(out.chunks_exact_mut(gl)).zip(sc.iter_mut()) { let r = min_max(g, &mut z); let p = params(spec, r.0, r.1).unwrap(); *s = p.scale; encode(&p, g, o); } }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn e_packer(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8]) { let p = params(spec, -0.5, 0.5).unwrap(); let mut pk = Packer::new(spec.bits, out); for g in x.chunks_exact(gl) { pk.push(g, &p); } pk.finish(); }
+    #[test]
+    #[ignore]
+    fn tmp_parts() {
+        let n = 16384;
+        let reps = 4096;
+        let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3).collect();
+        let t = |name: &str, f: &mut dyn FnMut()| {
+            let best = (0..7).map(|_| { let t = std::time::Instant::now(); for _ in 0..reps { f(); } t.elapsed().as_secs_f64() }).fold(f64::INFINITY, f64::min);
+            println!("{name}: {:.1} ms per 64M", best * 1e3);
+        };
+        let s = QuantSpec { bits: 4, scheme: Scheme::Affine, group_len: 128 };
+        let mut out = vec![0u8; n];
+        let mut packed = vec![0u8; n / 2];
+        let mut sc = vec![0f32; n / 128];
+        let mut sink = 0.0;
+        for gl in [128, 4096] {
+            t(&format!("minmax {gl}"), &mut || sink += unsafe { a_minmax(std::hint::black_box(&x), gl) });
+            t(&format!("minmax+params {gl}"), &mut || sink += unsafe { b_params(std::hint::black_box(&x), gl, s) });
+            t(&format!("encode {gl}"), &mut || unsafe { c_encode(std::hint::black_box(&x), gl, s, &mut out) });
+            t(&format!("all no pack {gl}"), &mut || unsafe { d_all_nopack(std::hint::black_box(&x), gl, s, &mut out, &mut sc) });
+            t(&format!("packer {gl}"), &mut || unsafe { e_packer(std::hint::black_box(&x), gl, s, &mut packed) });
+        }
+        println!("{sink}");
     }
 }
