@@ -16,7 +16,7 @@ from robustpatch.container import write_tensors
 from robustpatch.signature import Signature
 from rp_testutil import listing, sha, trio
 
-NAMES = ["extract", "quantize", "apply", "remove", "inspect", "similarity"]
+NAMES = ["extract", "quantize", "apply", "remove", "inspect", "similarity", "demo"]
 
 
 def run(capsys, *argv):

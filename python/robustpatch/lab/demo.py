@@ -54,6 +54,16 @@ class DemoConfig:
             )
 
     @classmethod
+    def tiny(cls) -> DemoConfig:
+        """Seconds, for tests: the pipeline and the report, not the science."""
+        return cls(
+            pretrain_images=600,
+            pretrain_epochs=1,
+            finetune=recipes.TrainConfig(epochs=1, lr=0.02, batch_size=64, milestones=[1]),
+            corruptions=("contrast",),
+        )
+
+    @classmethod
     def quick(cls) -> DemoConfig:
         return cls(
             pretrain_images=4000,
@@ -175,9 +185,13 @@ def run(
     quick: bool = True,
     device: str | None = None,
     log: Callable[[str], None] = print,
+    config: DemoConfig | None = None,
 ) -> dict:
-    """Run the demo; write report files under `out`; return the results."""
-    config = DemoConfig.quick() if quick else DemoConfig()
+    """Run the demo; write report files under `out`; return the results.
+
+    `config` overrides the size chosen by `quick` (see `DemoConfig.tiny` for tests).
+    """
+    config = config or (DemoConfig.quick() if quick else DemoConfig())
     dev = models.default_device(device)
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()

@@ -5,12 +5,12 @@
 //! copy of the target measured in the same run (the memory-bandwidth floor).
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 use robustpatch_core::apply::apply;
 use robustpatch_core::delta::{Delta, Dense};
 use robustpatch_core::project::project;
 use robustpatch_core::quant::{dequantize, quantize, QuantSpec, Scheme};
 use robustpatch_core::Element;
-use rayon::prelude::*;
 use std::time::Instant;
 
 fn best<F: FnMut()>(mut f: F) -> f64 {
@@ -85,7 +85,10 @@ fn main() {
         report("project f32", t, copy);
     }
     let one = [(Delta::Quant(qs[0].view()), 1.0f32)];
-    let four: Vec<_> = qs.iter().map(|q| (Delta::Quant(q.view()), 0.5f32)).collect();
+    let four: Vec<_> = qs
+        .iter()
+        .map(|q| (Delta::Quant(q.view()), 0.5f32))
+        .collect();
     let dense = [(Delta::Dense(Dense::F32(&sigs[0])), 1.0f32)];
     run::<f32>(&w, &one, copy, "1 sig f32");
     run::<f32>(&w, &four, copy, "4 sigs f32");
@@ -104,7 +107,11 @@ fn run<T: Element>(w: &[f32], deltas: &[(Delta, f32)], copy: f64, name: &str) {
     let mut t: Vec<T> = w.iter().map(|&x| T::from_f32(x)).collect();
     let mut flagged = 0;
     let rec = best(|| {
-        flagged = apply(&mut t, deltas, true).unwrap().unwrap().positions.len();
+        flagged = apply(&mut t, deltas, true)
+            .unwrap()
+            .unwrap()
+            .positions
+            .len();
     });
     let norec = best(|| {
         apply(&mut t, deltas, false).unwrap();

@@ -193,7 +193,10 @@ fn check_unpack_args(packed: &[u8], bits: u8, start: usize, n: usize) -> Result<
 /// a slice index, never read out of bounds).
 #[inline(always)]
 pub(crate) fn unpack_unchecked(packed: &[u8], bits: u8, start: usize, out: &mut [u8]) {
-    debug_assert!(start % 8 == 0, "unpack start {start} is not a multiple of 8");
+    debug_assert!(
+        start % 8 == 0,
+        "unpack start {start} is not a multiple of 8"
+    );
     let src = &packed[start / 8 * bits as usize..];
     match bits {
         1 => unpack_sub_byte::<1>(src, out),
@@ -232,7 +235,10 @@ fn unpack_words<const B: usize>(src: &[u8], out: &mut [u8]) {
     let mask = (1u64 << B) - 1;
     let n_full = out.len() / 8;
     let (head, tail) = out.split_at_mut(n_full * 8);
-    for (o, s) in head.chunks_exact_mut(8).zip(src[..n_full * B].chunks_exact(B)) {
+    for (o, s) in head
+        .chunks_exact_mut(8)
+        .zip(src[..n_full * B].chunks_exact(B))
+    {
         let mut word = [0u8; 8];
         word[..B].copy_from_slice(s);
         let w = u64::from_le_bytes(word);

@@ -42,7 +42,10 @@ pub fn project<T: Element>(
     let blocks = |b: usize| {
         let r = b * BLOCK..((b + 1) * BLOCK).min(pre.len());
         let (p, c, r) = (&pre[r.clone()], &clean[r.clone()], &robust[r]);
-        dispatch(#[inline(always)] || moments(p, c, r))
+        dispatch(
+            #[inline(always)]
+            || moments(p, c, r),
+        )
     };
     let nblocks = pre.len().div_ceil(BLOCK);
     let sums: Vec<[f64; 3]> = if parallel {
@@ -55,7 +58,10 @@ pub fn project<T: Element>(
     let write = |(b, o): (usize, &mut [f32])| {
         let r = b * BLOCK..b * BLOCK + o.len();
         let (p, cl, rb) = (&pre[r.clone()], &clean[r.clone()], &robust[r]);
-        dispatch(#[inline(always)] || residual(p, cl, rb, c, o))
+        dispatch(
+            #[inline(always)]
+            || residual(p, cl, rb, c, o),
+        )
     };
     let norms: Vec<f64> = if parallel {
         out.par_chunks_mut(BLOCK).enumerate().map(write).collect()

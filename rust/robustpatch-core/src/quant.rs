@@ -479,7 +479,11 @@ fn companded_code(u: f32, thr: &[f32; 256], bits: u8) -> u8 {
     let mut c = 0usize;
     let mut step = 1usize << (bits - 1);
     while step > 0 {
-        c += if u >= thr[(c + step - 1) & 255] { step } else { 0 };
+        c += if u >= thr[(c + step - 1) & 255] {
+            step
+        } else {
+            0
+        };
         step >>= 1;
     }
     c as u8
@@ -601,7 +605,11 @@ fn params(spec: QuantSpec, lo: f32, hi: f32) -> Option<Params> {
         }
     };
     // Levels reach maxc (linear) or 1 (companded): the largest decoded product.
-    let top_level = if spec.scheme.companded() { 1.0 } else { maxc as f32 };
+    let top_level = if spec.scheme.companded() {
+        1.0
+    } else {
+        maxc as f32
+    };
     let top = top_level * p.scale;
     (lo.is_finite()
         && hi.is_finite()
@@ -671,7 +679,10 @@ fn all_finite(z: &[f32; LANES]) -> bool {
 /// Minimum and maximum of one group, element by element, or the error the
 /// scalar path reports for it (first non-finite element). `first` is the
 /// group's first element index.
-fn group_range_scalar<T: Element>(gx: &[T], first: usize) -> std::result::Result<(f32, f32), Error> {
+fn group_range_scalar<T: Element>(
+    gx: &[T],
+    first: usize,
+) -> std::result::Result<(f32, f32), Error> {
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for (i, v) in gx.iter().enumerate() {
         let v = v.to_f32();
@@ -829,7 +840,14 @@ const BATCH: usize = 32;
 /// Encode elements [base, base + x.len()) of a tensor whose groups have
 /// parameters `params_g` (large-group path; `base` is a multiple of 8).
 #[inline(always)]
-fn encode_span<T: Element>(x: &[T], base: usize, gl: usize, params_g: &[Params], bits: u8, out: &mut [u8]) {
+fn encode_span<T: Element>(
+    x: &[T],
+    base: usize,
+    gl: usize,
+    params_g: &[Params],
+    bits: u8,
+    out: &mut [u8],
+) {
     let mut packer = Packer::new(bits, out);
     let mut e = base;
     while e < base + x.len() {
@@ -914,7 +932,14 @@ fn run_groups<T: Element>(
     quantize_groups(x, spec, base, packed, scale, offset)
 }
 
-fn run_encode_span<T: Element>(x: &[T], base: usize, gl: usize, params_g: &[Params], bits: u8, out: &mut [u8]) {
+fn run_encode_span<T: Element>(
+    x: &[T],
+    base: usize,
+    gl: usize,
+    params_g: &[Params],
+    bits: u8,
+    out: &mut [u8],
+) {
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         // SAFETY: the CPU features were detected at run time.
@@ -961,7 +986,10 @@ fn zeroed<T: Copy + Default>(n: usize) -> Vec<T> {
     v
 }
 
-#[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 fn advise_huge_pages<T>(v: &mut [T]) {
     use std::ffi::{c_int, c_void};
     extern "C" {
@@ -982,7 +1010,10 @@ fn advise_huge_pages<T>(v: &mut [T]) {
     }
 }
 
-#[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
 fn advise_huge_pages<T>(_v: &mut [T]) {}
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -1016,7 +1047,9 @@ pub fn quantize<T: Element>(x: &[T], spec: QuantSpec) -> Result<Quantized> {
             .zip(q.scale.par_chunks_mut(per_run))
             .zip(q.offset.par_chunks_mut(per_run))
             .enumerate()
-            .filter_map(|(r, (((xs, cs), ss), os))| run_groups(xs, spec, r * elems, cs, ss, os).err())
+            .filter_map(|(r, (((xs, cs), ss), os))| {
+                run_groups(xs, spec, r * elems, cs, ss, os).err()
+            })
             // The lowest element index wins: the error the scalar twin reports.
             .min_by_key(|e| e.0)
             .map_or(Ok(()), Err)
@@ -1281,7 +1314,10 @@ mod tests {
                     let s = spec(4, scheme, gl);
                     let err = quantize(&x, s).unwrap_err();
                     assert!(matches!(err, Error::NonFinite(_)), "{err}");
-                    assert!(err.to_string().contains(&format!("element {bad} ")), "{err}");
+                    assert!(
+                        err.to_string().contains(&format!("element {bad} ")),
+                        "{err}"
+                    );
                     assert_eq!(quantize_scalar(&x, s).unwrap_err(), err);
                 }
             }
@@ -1660,7 +1696,6 @@ mod tests {
     }
 }
 
-
 #[cfg(test)]
 mod tmp_prof {
     use super::*;
@@ -1669,61 +1704,194 @@ mod tmp_prof {
     fn tmp_stages() {
         let n = 16384;
         let reps = 4096;
-        let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3).collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
+            .collect();
         let t = |name: &str, f: &mut dyn FnMut()| {
-            let best = (0..7).map(|_| { let t = std::time::Instant::now(); for _ in 0..reps { f(); } t.elapsed().as_secs_f64() }).fold(f64::INFINITY, f64::min);
+            let best = (0..9)
+                .map(|_| {
+                    let t = cpu_now();
+                    for _ in 0..reps {
+                        f();
+                    }
+                    cpu_now() - t
+                })
+                .fold(f64::INFINITY, f64::min);
             println!("{name}: {:.1} ms per 64M", best * 1e3);
         };
-        for (bits, scheme, gl) in [(4, Scheme::Affine, 128), (4, Scheme::Symmetric, 128), (8, Scheme::Affine, 128), (3, Scheme::Affine, 128), (4, Scheme::Affine, 27), (4, Scheme::Log, 128), (4, Scheme::Affine, 4096)] {
-            let s = QuantSpec { bits, scheme, group_len: gl };
+        for (bits, scheme, gl) in [
+            (4, Scheme::Affine, 128),
+            (4, Scheme::Symmetric, 128),
+            (8, Scheme::Affine, 128),
+            (3, Scheme::Affine, 128),
+            (4, Scheme::Affine, 27),
+            (4, Scheme::Log, 128),
+            (4, Scheme::Affine, 4096),
+        ] {
+            let s = QuantSpec {
+                bits,
+                scheme,
+                group_len: gl,
+            };
             let n2 = n / gl * gl;
             let mut q = empty(s, n2, n2 / gl);
-            t(&format!("run_groups {bits} {scheme:?} {gl}"), &mut || { run_groups(std::hint::black_box(&x[..n2]), s, 0, &mut q.codes, &mut q.scale, &mut q.offset).unwrap(); });
+            t(&format!("run_groups {bits} {scheme:?} {gl}"), &mut || {
+                run_groups(
+                    std::hint::black_box(&x[..n2]),
+                    s,
+                    0,
+                    &mut q.codes,
+                    &mut q.scale,
+                    &mut q.offset,
+                )
+                .unwrap();
+            });
         }
         let xh: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
-        let s = QuantSpec { bits: 4, scheme: Scheme::Affine, group_len: 128 };
+        let s = QuantSpec {
+            bits: 4,
+            scheme: Scheme::Affine,
+            group_len: 128,
+        };
         let mut q = empty(s, n, n / 128);
-        t("run_groups f16 4 affine 128", &mut || { run_groups(std::hint::black_box(&xh[..]), s, 0, &mut q.codes, &mut q.scale, &mut q.offset).unwrap(); });
+        t("run_groups f16 4 affine 128", &mut || {
+            run_groups(
+                std::hint::black_box(&xh[..]),
+                s,
+                0,
+                &mut q.codes,
+                &mut q.scale,
+                &mut q.offset,
+            )
+            .unwrap();
+        });
         let q = quantize(&x, s).unwrap();
         let mut out = vec![0f32; n];
-        t("decode 4 affine 128", &mut || run_decode_range(&q.view(), 0, std::hint::black_box(&mut out)));
+        t("decode 4 affine 128", &mut || {
+            run_decode_range(&q.view(), 0, std::hint::black_box(&mut out))
+        });
     }
 }
 #[cfg(test)]
 mod tmp_prof2 {
     use super::*;
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn a_minmax(x: &[f32], gl: usize) -> f32 { let mut z = [0f32; LANES]; let mut s = 0.0; for g in x.chunks_exact(gl) { let r = min_max(g, &mut z); s += r.0 - r.1; } s + z[0] }
+    unsafe fn a_minmax(x: &[f32], gl: usize) -> f32 {
+        let mut z = [0f32; LANES];
+        let mut s = 0.0;
+        for g in x.chunks_exact(gl) {
+            let r = min_max(g, &mut z);
+            s += r.0 - r.1;
+        }
+        s + z[0]
+    }
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn b_params(x: &[f32], gl: usize, spec: QuantSpec) -> f32 { let mut z = [0f32; LANES]; let mut s = 0.0; for g in x.chunks_exact(gl) { let r = min_max(g, &mut z); let p = params(spec, r.0, r.1).unwrap(); s += p.scale; } s + z[0] }
+    unsafe fn b_params(x: &[f32], gl: usize, spec: QuantSpec) -> f32 {
+        let mut z = [0f32; LANES];
+        let mut s = 0.0;
+        for g in x.chunks_exact(gl) {
+            let r = min_max(g, &mut z);
+            let p = params(spec, r.0, r.1).unwrap();
+            s += p.scale;
+        }
+        s + z[0]
+    }
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn c_encode(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8]) { let p = params(spec, -0.5, 0.5).unwrap(); for (g, o) in x.chunks_exact(gl).zip(out.chunks_exact_mut(gl)) { encode(&p, g, o); } }
+    unsafe fn c_encode(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8]) {
+        let p = params(spec, -0.5, 0.5).unwrap();
+        for (g, o) in x.chunks_exact(gl).zip(out.chunks_exact_mut(gl)) {
+            encode(&p, g, o);
+        }
+    }
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn d_all_nopack(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8], sc: &mut [f32]) { let mut z = [0f32; LANES]; for ((g, o), s) in x.chunks_exact(gl).zip(out.chunks_exact_mut(gl)).zip(sc.iter_mut()) { let r = min_max(g, &mut z); let p = params(spec, r.0, r.1).unwrap(); *s = p.scale; encode(&p, g, o); } }
+    unsafe fn d_all_nopack(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8], sc: &mut [f32]) {
+        let mut z = [0f32; LANES];
+        for ((g, o), s) in x
+            .chunks_exact(gl)
+            .zip(out.chunks_exact_mut(gl))
+            .zip(sc.iter_mut())
+        {
+            let r = min_max(g, &mut z);
+            let p = params(spec, r.0, r.1).unwrap();
+            *s = p.scale;
+            encode(&p, g, o);
+        }
+    }
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn e_packer(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8]) { let p = params(spec, -0.5, 0.5).unwrap(); let mut pk = Packer::new(spec.bits, out); for g in x.chunks_exact(gl) { pk.push(g, &p); } pk.finish(); }
+    unsafe fn e_packer(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8]) {
+        let p = params(spec, -0.5, 0.5).unwrap();
+        let mut pk = Packer::new(spec.bits, out);
+        for g in x.chunks_exact(gl) {
+            pk.push(g, &p);
+        }
+        pk.finish();
+    }
     #[test]
     #[ignore]
     fn tmp_parts() {
         let n = 16384;
         let reps = 4096;
-        let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3).collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
+            .collect();
         let t = |name: &str, f: &mut dyn FnMut()| {
-            let best = (0..7).map(|_| { let t = std::time::Instant::now(); for _ in 0..reps { f(); } t.elapsed().as_secs_f64() }).fold(f64::INFINITY, f64::min);
+            let best = (0..9)
+                .map(|_| {
+                    let t = cpu_now();
+                    for _ in 0..reps {
+                        f();
+                    }
+                    cpu_now() - t
+                })
+                .fold(f64::INFINITY, f64::min);
             println!("{name}: {:.1} ms per 64M", best * 1e3);
         };
-        let s = QuantSpec { bits: 4, scheme: Scheme::Affine, group_len: 128 };
+        let s = QuantSpec {
+            bits: 4,
+            scheme: Scheme::Affine,
+            group_len: 128,
+        };
         let mut out = vec![0u8; n];
         let mut packed = vec![0u8; n / 2];
         let mut sc = vec![0f32; n / 128];
         let mut sink = 0.0;
         for gl in [128, 4096] {
-            t(&format!("minmax {gl}"), &mut || sink += unsafe { a_minmax(std::hint::black_box(&x), gl) });
-            t(&format!("minmax+params {gl}"), &mut || sink += unsafe { b_params(std::hint::black_box(&x), gl, s) });
-            t(&format!("encode {gl}"), &mut || unsafe { c_encode(std::hint::black_box(&x), gl, s, &mut out) });
-            t(&format!("all no pack {gl}"), &mut || unsafe { d_all_nopack(std::hint::black_box(&x), gl, s, &mut out, &mut sc) });
-            t(&format!("packer {gl}"), &mut || unsafe { e_packer(std::hint::black_box(&x), gl, s, &mut packed) });
+            t(&format!("minmax {gl}"), &mut || {
+                sink += unsafe { a_minmax(std::hint::black_box(&x), gl) }
+            });
+            t(&format!("minmax+params {gl}"), &mut || {
+                sink += unsafe { b_params(std::hint::black_box(&x), gl, s) }
+            });
+            t(&format!("encode {gl}"), &mut || unsafe {
+                c_encode(std::hint::black_box(&x), gl, s, &mut out)
+            });
+            t(&format!("all no pack {gl}"), &mut || unsafe {
+                d_all_nopack(std::hint::black_box(&x), gl, s, &mut out, &mut sc)
+            });
+            t(&format!("packer {gl}"), &mut || unsafe {
+                e_packer(std::hint::black_box(&x), gl, s, &mut packed)
+            });
+            let s = QuantSpec { group_len: gl, ..s };
+            let mut q = empty(s, n, n / gl);
+            t(&format!("run_groups {gl}"), &mut || { run_groups(std::hint::black_box(&x), s, 0, &mut q.codes, &mut q.scale, &mut q.offset).unwrap(); });
+            let y: Vec<f32> = x.iter().map(|v| v * 0.5 + 0.25).collect();
+            t(&format!("run_groups other data {gl}"), &mut || { run_groups(std::hint::black_box(&y), s, 0, &mut q.codes, &mut q.scale, &mut q.offset).unwrap(); });
         }
         println!("{sink}");
     }
+}
+
+#[cfg(test)]
+fn cpu_now() -> f64 {
+    #[repr(C)]
+    struct Ts {
+        s: i64,
+        ns: i64,
+    }
+    extern "C" {
+        fn clock_gettime(c: i32, t: *mut Ts) -> i32;
+    }
+    let mut t = Ts { s: 0, ns: 0 };
+    unsafe { clock_gettime(3, &mut t) };
+    t.s as f64 + t.ns as f64 * 1e-9
 }
