@@ -151,7 +151,9 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
             dt = torch.float16 if name == "f16" else torch.bfloat16
             tt_h = torch.from_numpy(base).to(dt)
             p, s, o = tq[0]
-            th = best_time(lambda t=tt_h: t.add_(torch_dequantize_4bit(p, s, o)), repeat)
+            th = best_time(
+                lambda t=tt_h, p=p, s=s, o=o: t.add_(torch_dequantize_4bit(p, s, o)), repeat
+            )
         add_row(f"apply 1×4-bit g128 → {name} (+undo record)", ours_h, copy_h, None, th)
 
     # Quantize + pack.
@@ -186,7 +188,9 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
     add_row("projection (3 in, 1 out)", ours_p, copy_f32, np_p, t_p)
 
     # Many small tensors: per-call overhead of the bindings.
-    smalls = [(rng.standard_normal(small_size) * 0.05).astype(np.float32) for _ in range(small_count)]
+    smalls = [
+        (rng.standard_normal(small_size) * 0.05).astype(np.float32) for _ in range(small_count)
+    ]
     sq = []
     for s in smalls:
         c, sc, o = _core.quantize(s * 0.01, BITS, "affine", small_size)
@@ -231,9 +235,7 @@ def table(result: dict) -> str:
     ]
     for r in result["rows"]:
         if "per_tensor_us" in r:
-            lines.append(
-                f"| {r['kernel']} | {r['per_tensor_us']:.2f} µs/tensor | – | – | – | – |"
-            )
+            lines.append(f"| {r['kernel']} | {r['per_tensor_us']:.2f} µs/tensor | – | – | – | – |")
             continue
         lines.append(
             f"| {r['kernel']} | {fmt(r['ours_s'])} | {fmt(r['copy_s'])} | "

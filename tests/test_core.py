@@ -5,11 +5,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import bf16_from_f32, bf16_to_f32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from robustpatch import _core
+from rp_testutil import bf16_from_f32, bf16_to_f32
 
 EXAMPLES = settings(max_examples=200, deadline=None)
 SPECIAL = np.array(
@@ -157,26 +157,58 @@ def test_dot_and_cosine_from_codes():
     ("call", "exc", "text"),
     [
         (lambda: _core.quantize(np.zeros(8), 4, "affine", 8), TypeError, "float64"),
-        (lambda: _core.quantize(np.zeros((4, 4), np.float32)[:, 0], 4, "affine", 4), ValueError,
-         "contiguous"),
+        (
+            lambda: _core.quantize(np.zeros((4, 4), np.float32)[:, 0], 4, "affine", 4),
+            ValueError,
+            "contiguous",
+        ),
         (lambda: _core.quantize(np.zeros(8, np.float32), 0, "affine", 8), ValueError, "bits"),
         (lambda: _core.quantize(np.zeros(8, np.float32), 9, "affine", 8), ValueError, "bits"),
         (lambda: _core.quantize(np.zeros(10, np.float32), 4, "affine", 4), ValueError, "divide"),
         (lambda: _core.quantize(np.zeros(8, np.float32), 4, "cubic", 8), ValueError, "scheme"),
-        (lambda: _core.quantize(np.array([1, np.nan], np.float32), 4, "affine", 2),
-         _core.NonFiniteError, "1"),
-        (lambda: _core.apply(np.zeros(4, np.float32), [np.zeros(5, np.float32)], [1.0]),
-         ValueError, "elements"),
-        (lambda: _core.apply(np.zeros(4, np.float32), [np.array([0, 0, np.inf, 0], np.float32)],
-                             [1.0]), _core.NonFiniteError, "index 2"),
-        (lambda: _core.apply(np.zeros(4, np.float32), [np.zeros(4, np.float32)], [1.0, 2.0]),
-         ValueError, "alphas"),
-        (lambda: _core.project(np.zeros(3, np.float32), np.zeros(3, np.float16),
-                               np.zeros(3, np.float32)), TypeError, "dtypes"),
-        (lambda: _core.project(np.zeros(3, np.float32), np.zeros(4, np.float32),
-                               np.zeros(3, np.float32)), ValueError, "shapes"),
-        (lambda: _core.project(np.full(3, np.nan, np.float32), np.zeros(3, np.float32),
-                               np.zeros(3, np.float32)), _core.NonFiniteError, "NaN"),
+        (
+            lambda: _core.quantize(np.array([1, np.nan], np.float32), 4, "affine", 2),
+            _core.NonFiniteError,
+            "1",
+        ),
+        (
+            lambda: _core.apply(np.zeros(4, np.float32), [np.zeros(5, np.float32)], [1.0]),
+            ValueError,
+            "elements",
+        ),
+        (
+            lambda: _core.apply(
+                np.zeros(4, np.float32), [np.array([0, 0, np.inf, 0], np.float32)], [1.0]
+            ),
+            _core.NonFiniteError,
+            "index 2",
+        ),
+        (
+            lambda: _core.apply(np.zeros(4, np.float32), [np.zeros(4, np.float32)], [1.0, 2.0]),
+            ValueError,
+            "alphas",
+        ),
+        (
+            lambda: _core.project(
+                np.zeros(3, np.float32), np.zeros(3, np.float16), np.zeros(3, np.float32)
+            ),
+            TypeError,
+            "dtypes",
+        ),
+        (
+            lambda: _core.project(
+                np.zeros(3, np.float32), np.zeros(4, np.float32), np.zeros(3, np.float32)
+            ),
+            ValueError,
+            "shapes",
+        ),
+        (
+            lambda: _core.project(
+                np.full(3, np.nan, np.float32), np.zeros(3, np.float32), np.zeros(3, np.float32)
+            ),
+            _core.NonFiniteError,
+            "NaN",
+        ),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, exc, text):

@@ -5,8 +5,6 @@ no bfloat16). Arrays must be C-contiguous. Every kernel releases the GIL.
 A quantized delta is passed as ``(codes, scale, offset, bits, scheme, group_len, numel)``.
 """
 
-from typing import Optional, Union
-
 import numpy as np
 import numpy.typing as npt
 
@@ -15,11 +13,11 @@ __version__: str
 class FormatError(ValueError): ...
 class NonFiniteError(ValueError): ...
 
-FloatArray = npt.NDArray[Union[np.float32, np.float16, np.uint16]]
+FloatArray = npt.NDArray[np.float32 | np.float16 | np.uint16]
 QuantDelta = tuple[
     npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, str, int, int
 ]
-DeltaLike = Union[FloatArray, QuantDelta]
+DeltaLike = FloatArray | QuantDelta
 
 def quantize(
     x: FloatArray, bits: int, scheme: str, group_len: int
@@ -43,13 +41,13 @@ def apply(
     deltas: list[DeltaLike],
     alphas: list[float],
     record: bool = True,
-) -> Optional[tuple[npt.NDArray[np.uint32], npt.NDArray[Union[np.uint32, np.uint16]]]]: ...
+) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32 | np.uint16]] | None: ...
 def remove(
     target: FloatArray,
     deltas: list[DeltaLike],
     alphas: list[float],
-    positions: Optional[npt.NDArray[np.uint32]] = None,
-    values: Optional[npt.NDArray[Union[np.uint32, np.uint16]]] = None,
+    positions: npt.NDArray[np.uint32] | None = None,
+    values: npt.NDArray[np.uint32 | np.uint16] | None = None,
 ) -> tuple[int, int]: ...
 def dot(a: DeltaLike, b: DeltaLike) -> float: ...
 def cosine(a: DeltaLike, b: DeltaLike) -> float: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -572,7 +573,13 @@ def build_parser(commands: Sequence[Register] | None = None) -> argparse.Argumen
 def _message(e: BaseException) -> str:
     if isinstance(e, KeyError) and e.args:
         return str(e.args[0])
-    return str(e) or type(e).__name__
+    text = str(e) or type(e).__name__
+    if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a file
+        why = [ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln]
+        text = "refused to load a checkpoint that holds more than tensors (read with " + (
+            f"torch.load(weights_only=True)): {why[0] if why else text.splitlines()[0]}"
+        )
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())  # one line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -580,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except EXPECTED_ERRORS as e:
+    except (*EXPECTED_ERRORS, pickle.UnpicklingError) as e:
         print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

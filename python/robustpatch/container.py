@@ -4,6 +4,12 @@ Headers are always parsed by the engine's validating reader (``_core.read_header
 no offset or length from a file is used before it has been checked. Writes go to a
 temporary file in the destination folder, are fsynced and renamed into place: a crash or
 an error never leaves a partial file at the destination.
+
+Temporary files are named ``.<name>.rp<pid>.<random>.tmp``. A writer killed mid-write
+(``SIGKILL``, power cut) leaves its temporary file behind; the next write to the same
+destination deletes such leftovers when the process that made them is gone and they are
+older than the current process (see :func:`remove_stale_temps`). Anything else that only
+looks similar is never touched.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -248,8 +256,14 @@ class AtomicFile:
         self.path = Path(path)
         self.durable = durable
         folder = self.path.parent
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
+        remove_stale_temps(self.path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(self.path), suffix=".tmp", dir=folder)
         self.tmp = Path(tmp)
+        try:  # mkstemp makes the file 0600; give the result the mode a plain open() would
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, _new_file_mode())
+        except OSError:
+            pass
         self.file: BinaryIO = os.fdopen(fd, "w+b")
 
     def sync(self) -> None:
@@ -283,6 +297,38 @@ class AtomicFile:
             self.discard()
 
 
+def commit_all(files: list[AtomicFile]) -> None:
+    """Commit several temporary files of one folder as a set: all are synced first, then
+    renamed one after another under an exclusive lock on the folder, so two processes
+    committing the same destinations never interleave their renames (the set that
+    commits last wins whole, e.g. a patched model and its undo record stay a pair)."""
+    for af in files:
+        af.sync()
+    with _folder_lock(files[0].path.parent):
+        for af in files:
+            af.commit()
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on a folder (a no-op where folders cannot be locked)."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. a filesystem without flock: commit unlocked
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @contextmanager
 def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
     """``with atomic_file(p) as f: f.write(...)`` — ``p`` appears complete or not at all."""
@@ -293,6 +339,72 @@ def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
     except BaseException:
         af.discard()
         raise
+
+
+#: When this module was imported: temporary files not modified since are "older than
+#: the current process" for :func:`remove_stale_temps`.
+_STARTED = time.time()
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.rp{os.getpid()}."
+
+
+def _new_file_mode() -> int:
+    """0o666 minus the process umask (what ``open(path, "w")`` would create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # not thread-safe, hence only where /proc is missing
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: someone else's; or not a pid: leave it
+        return True
+    return True
+
+
+def remove_stale_temps(path: PathLike) -> list[Path]:
+    """Delete the temporary files that killed writers of ``path`` left in its folder.
+
+    A file is removed only if its name is ``.<name>.rp<pid>.<random>.tmp`` for this
+    ``path``, the process ``<pid>`` no longer exists on this machine, and it was last
+    modified before the current process imported robustpatch; so a concurrent writer's
+    file is never touched. POSIX only (elsewhere nothing is removed). Returns what was
+    removed; errors (a racing cleaner, permissions) are ignored.
+    """
+    if os.name != "posix":
+        return []
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.rp") + r"(\d+)\.[A-Za-z0-9_]+\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_file(follow_symlinks=False) or st.st_mtime >= _STARTED:
+                continue
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -34,6 +34,7 @@ from .container import (
     Header,
     TensorInfo,
     TensorReader,
+    commit_all,
     copy_range,
     encode_header,
     parse_header,
@@ -46,7 +47,14 @@ from .container import (
 from .dtypes import NUMPY_OF_LABEL, kernel_view
 from .errors import FormatError, MismatchError
 from .patch import Alphas, NumpyTarget, Plan, blend_bn, check_plan, make_plan, normalize_alphas
-from .signature import Signature, SignatureLike, _json_default, as_signatures, from_parts
+from .signature import (
+    Signature,
+    SignatureLike,
+    _json_default,
+    as_signatures,
+    from_parts,
+    parse_meta_json,
+)
 
 __all__ = ["apply_file", "remove_file", "undo_path_for", "applied_signatures", "FileReport"]
 
@@ -80,10 +88,7 @@ def applied_signatures(header: Header) -> list[dict[str, Any]]:
     raw = header.metadata.get(APPLIED_KEY)
     if raw is None:
         return []
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise FormatError(f"{APPLIED_KEY} metadata is not valid JSON") from None
+    value = parse_meta_json(raw, "model", f"{APPLIED_KEY} metadata")
     if not isinstance(value, list):
         raise FormatError(f"{APPLIED_KEY} metadata is not a list")
     return value
@@ -195,14 +200,7 @@ def apply_file(
 
         with AtomicFile(out, durable) as fout:
             size = _stream(fsrc, fout, header, new_header, plan, patch, progress)
-            fout.sync()
-            undo_file = _write_undo(out, record, new_header, size, durable) if record else None
-            try:
-                fout.commit()
-            except BaseException:
-                if undo_file is not None:
-                    undo_file.unlink(missing_ok=True)
-                raise
+            undo_file = _commit_with_undo(fout, record, new_header, size, durable)
     return FileReport(out, undo_file, len(plan.deltas), len(plan.bn), size, _records(record))
 
 
@@ -212,11 +210,24 @@ def _records(record: _Undo | None) -> int:
     return sum(len(a) for k, a in record.tensors.items() if k.endswith("/positions"))
 
 
-def _write_undo(out: Path, record: _Undo, new_header: bytes, size: int, durable: bool) -> Path:
-    path = undo_path_for(out)
+def _commit_with_undo(
+    fout: AtomicFile, record: _Undo | None, new_header: bytes, size: int, durable: bool
+) -> Path | None:
+    """Commit the patched file and its undo record as a pair (see :func:`commit_all`:
+    concurrent writers of the same output never leave one's model with the other's
+    record). Returns the undo record's path, or None without a record."""
+    if record is None:
+        fout.commit()
+        return None
+    path = undo_path_for(fout.path)
     with AtomicFile(path, durable) as af:
         record.write(af.file, new_header, size)
-        af.commit()
+        try:
+            commit_all([af, fout])
+        except BaseException:
+            if not af.tmp.exists() and fout.tmp.exists():  # the record landed, the model not
+                path.unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -319,10 +330,7 @@ def _load_sidecar(path: Path) -> _Sidecar:
     raw = header.metadata.get(UNDO_KEY)
     if raw is None:
         raise FormatError(f"{path}: not a robustpatch undo record")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise FormatError(f"{path}: undo metadata is not valid JSON") from None
+    meta = parse_meta_json(raw, str(path), "undo metadata")
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if not isinstance(version, int) or version < 1:
         raise FormatError(f"{path}: missing or invalid format_version")

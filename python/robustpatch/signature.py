@@ -538,11 +538,37 @@ def _content_hash(specs: list[dict[str, Any]], tensors: Mapping[str, np.ndarray]
     return "sha256:" + h.hexdigest()
 
 
-def _parse_meta(raw: str, where: str) -> dict[str, Any]:
+#: Deepest nesting accepted in robustpatch metadata JSON (ours is 4 levels deep): deeper
+#: files are refused on load instead of overflowing the stack later (json, deepcopy).
+MAX_META_DEPTH = 64
+
+
+def parse_meta_json(raw: str, where: str, what: str = "robustpatch metadata") -> Any:
+    """``json.loads`` for metadata read from a file: FormatError if it is not valid JSON
+    or nests deeper than :data:`MAX_META_DEPTH` (never RecursionError)."""
     try:
-        meta = json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise FormatError(f"{where}: robustpatch metadata is not valid JSON ({e})") from None
+        raise FormatError(f"{where}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        value = None
+    else:
+        stack = [(value, 1)]
+        while stack:
+            v, depth = stack.pop()
+            if depth > MAX_META_DEPTH:
+                break
+            if isinstance(v, dict):
+                stack.extend((x, depth + 1) for x in v.values())
+            elif isinstance(v, list):
+                stack.extend((x, depth + 1) for x in v)
+        else:
+            return value
+    raise FormatError(f"{where}: {what} nests deeper than {MAX_META_DEPTH} levels")
+
+
+def _parse_meta(raw: str, where: str) -> dict[str, Any]:
+    meta = parse_meta_json(raw, where)
     if not isinstance(meta, dict):
         raise FormatError(f"{where}: robustpatch metadata is not a JSON object")
     version = meta.get("format_version")
@@ -565,7 +591,8 @@ def _want(tensors: Mapping[str, np.ndarray], name: str, dtype, numel: int, where
     if arr is None:
         raise FormatError(f"{where}: tensor {name!r} is missing")
     if arr.dtype != np.dtype(dtype):
-        raise FormatError(f"{where}: tensor {name!r} has dtype {arr.dtype}, expected {dtype}")
+        want = np.dtype(dtype)
+        raise FormatError(f"{where}: tensor {name!r} has dtype {arr.dtype}, expected {want}")
     if arr.size != numel:
         raise FormatError(f"{where}: tensor {name!r} has {arr.size} elements, expected {numel}")
     return arr
@@ -610,6 +637,7 @@ def _quant_entry_from_spec(s, shape, numel, stats, tensors, where) -> Entry:
     offset = _want(tensors, f"{name}.offset", np.float32, numel // glen, where)
     _check_finite(name, scale, "scale")
     _check_finite(name, offset, "offset")
+    _check_decodable(name, scale.reshape(-1), offset.reshape(-1), bits, scheme, where)
     q = Quantized(
         codes.reshape(-1),
         scale.reshape(-1),
@@ -622,6 +650,26 @@ def _quant_entry_from_spec(s, shape, numel, stats, tensors, where) -> Entry:
         numel,
     )
     return Entry(name, "delta", shape, s["dtype"], quant=q, stats=dict(stats))
+
+
+def _check_decodable(name, scale, offset, bits: int, scheme: str, where: str) -> None:
+    """What the quantizer guarantees, checked on load: every scale ≥ 0, and every group
+    decodes (``level·scale + offset`` in f32) to finite values, so a crafted file cannot
+    write Inf into a model."""
+    if (scale < 0).any():
+        g = int(np.flatnonzero(scale < 0)[0])
+        raise FormatError(f"{where}: entry {name!r}: group {g} has a negative scale {scale[g]}")
+    lo, hi = (-1.0, 1.0) if scheme in ("log", "tanh") else (0.0, float((1 << bits) - 1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        ok = np.isfinite(np.float32(lo) * scale + offset) & np.isfinite(
+            np.float32(hi) * scale + offset
+        )
+    if not ok.all():
+        g = int(np.flatnonzero(~ok)[0])
+        raise FormatError(
+            f"{where}: entry {name!r}: group {g} (scale {scale[g]}, offset {offset[g]}) "
+            "decodes past the float32 range"
+        )
 
 
 _HEADER_KEYS = ("format_version", "kind", "name", "entries", "content_hash")

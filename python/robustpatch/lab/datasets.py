@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ class ImageSet:
         """A ``TensorDataset`` of (uint8 image, label)."""
         return torch.utils.data.TensorDataset(*self.tensors())
 
-    def subset(self, index: Union[slice, Sequence[int], np.ndarray]) -> ImageSet:
+    def subset(self, index: slice | Sequence[int] | np.ndarray) -> ImageSet:
         """A new ImageSet with the selected items."""
         return ImageSet(self.images[index], self.labels[index], list(self.classes))
 
@@ -122,7 +122,7 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------
 
 
-def cache_dir(path: Optional[PathLike] = None) -> Path:
+def cache_dir(path: PathLike | None = None) -> Path:
     """The cache folder: ``path``, else ``$ROBUSTPATCH_CACHE``, else ``~/.cache/robustpatch``.
 
     The folder is created if needed.
@@ -146,7 +146,9 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def _cached(key: str, build: Callable[[], dict[str, np.ndarray]], cache: CacheArg) -> dict[str, np.ndarray]:
+def _cached(
+    key: str, build: Callable[[], dict[str, np.ndarray]], cache: CacheArg
+) -> dict[str, np.ndarray]:
     """Load arrays ``key.<name>.npy`` from the cache, or build and store them.
 
     ``cache=False`` disables caching; ``None`` or ``True`` uses :func:`cache_dir`.
@@ -242,7 +244,9 @@ def _random_colors(rs_u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(fg + shift, 0, 1), np.clip(bg - shift, 0, 1)
 
 
-def _shape_masks(label: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray, period: np.ndarray) -> np.ndarray:
+def _shape_masks(
+    label: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray, period: np.ndarray
+) -> np.ndarray:
     """Soft-free binary masks (n, S, S) of the 10 shape classes in rotated coordinates."""
     d = np.sqrt(u**2 + v**2)
     m = np.zeros_like(u, dtype=bool)
@@ -258,16 +262,20 @@ def _shape_masks(label: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray,
         4: (d < r) & (d > 0.6 * r),
         5: inside_sq & (np.sin(2 * np.pi * v / p) > 0),
         6: inside_sq & (np.sin(np.pi * u / (0.5 * p)) * np.sin(np.pi * v / (0.5 * p)) > 0),
-        7: (np.maximum(np.abs(u), np.abs(v)) < 0.9 * r) & (np.maximum(np.abs(u), np.abs(v)) > 0.55 * r),
+        7: (np.maximum(np.abs(u), np.abs(v)) < 0.9 * r)
+        & (np.maximum(np.abs(u), np.abs(v)) > 0.55 * r),
         8: d < r * (0.55 + 0.45 * np.cos(5 * np.arctan2(v, u))),
-        9: ((u - 0.55 * r) ** 2 + v**2 < (0.38 * r) ** 2) | ((u + 0.55 * r) ** 2 + v**2 < (0.38 * r) ** 2),
+        9: ((u - 0.55 * r) ** 2 + v**2 < (0.38 * r) ** 2)
+        | ((u + 0.55 * r) ** 2 + v**2 < (0.38 * r) ** 2),
     }
     for c, mask in cases.items():
         m = np.where(lab == c, mask, m)
     return m
 
 
-def _render_chunk(kind: str, start: int, count: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _render_chunk(
+    kind: str, start: int, count: int, size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Render items ``start .. start+count`` of a procedural set (each depends on (seed, i))."""
     ss = 2 * size  # supersample 2x for anti-aliasing
     images = np.empty((count, 3, size, size), dtype=np.uint8)
@@ -276,7 +284,9 @@ def _render_chunk(kind: str, start: int, count: int, size: int, seed: int) -> tu
     yy, xx = np.meshgrid(grid, grid, indexing="ij")
     for i in range(count):
         item = start + i
-        rs = np.random.RandomState(np.random.SeedSequence([seed, item, 7 if kind == "shapes" else 11]).generate_state(1)[0])
+        rs = np.random.RandomState(
+            np.random.SeedSequence([seed, item, 7 if kind == "shapes" else 11]).generate_state(1)[0]
+        )
         label = item % 10
         p = rs.uniform(size=16)
         fg, bg = _random_colors(p[None, 0:6])
@@ -296,7 +306,9 @@ def _render_chunk(kind: str, start: int, count: int, size: int, seed: int) -> tu
             alpha = _pattern(label, xx, yy, size, p)
         # background: colour gradient plus fine noise
         gdir = 2 * np.pi * p[11]
-        grad = ((np.cos(gdir) * (xx - size / 2) + np.sin(gdir) * (yy - size / 2)) / size) * 0.3 * p[12]
+        grad = (
+            ((np.cos(gdir) * (xx - size / 2) + np.sin(gdir) * (yy - size / 2)) / size) * 0.3 * p[12]
+        )
         img = alpha[None] * fg[:, None, None] + (1 - alpha[None]) * (bg[:, None, None] + grad[None])
         img = img.reshape(3, size, 2, size, 2).mean(axis=(2, 4))
         img = img + rs.normal(scale=0.02 + 0.03 * p[13], size=img.shape)
@@ -360,7 +372,9 @@ def procedural_shapes(n: int, *, seed: int = 0, size: int = 32, cache: CacheArg 
     return _procedural("shapes", n, seed, size, cache)
 
 
-def procedural_patterns(n: int, *, seed: int = 0, size: int = 32, cache: CacheArg = None) -> ImageSet:
+def procedural_patterns(
+    n: int, *, seed: int = 0, size: int = 32, cache: CacheArg = None
+) -> ImageSet:
     """A deterministic 10-class downstream set of ``n`` RGB images (:data:`PATTERN_CLASSES`).
 
     A different task from :func:`procedural_shapes`: full-image sinusoidal patterns whose class
@@ -382,7 +396,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 
-def load_cifar(root: PathLike, split: str = "train", *, num_classes: Optional[int] = None) -> ImageSet:
+def load_cifar(root: PathLike, split: str = "train", *, num_classes: int | None = None) -> ImageSet:
     """Load CIFAR-10 or CIFAR-100 from the python pickle release.
 
     Args:
@@ -426,12 +440,14 @@ def load_cifar(root: PathLike, split: str = "train", *, num_classes: Optional[in
         names_key = "fine_label_names"
     classes: list[str] = []
     if meta.exists():
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(meta)[names_key]]
+        classes = [
+            n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(meta)[names_key]
+        ]
     images = data.reshape(-1, 3, 32, 32)
     return ImageSet(np.ascontiguousarray(images), labels, classes)
 
 
-def load_cifar_c(root: PathLike, corruption: str, severity: Optional[int] = None) -> ImageSet:
+def load_cifar_c(root: PathLike, corruption: str, severity: int | None = None) -> ImageSet:
     """Load CIFAR-10-C / CIFAR-100-C: ``root/<corruption>.npy`` and ``root/labels.npy``.
 
     The release stacks the test set five times, severity 1 first. ``severity`` 1-5 selects
@@ -469,7 +485,7 @@ class ImageFolder(torch.utils.data.Dataset):
     label)``.
     """
 
-    def __init__(self, root: PathLike, *, size: int = 224, resize: Optional[int] = 256) -> None:
+    def __init__(self, root: PathLike, *, size: int = 224, resize: int | None = 256) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} is not a folder")
@@ -508,7 +524,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def load_image_folder(
-    root: PathLike, *, size: int = 224, resize: Optional[int] = 256, limit: Optional[int] = None
+    root: PathLike, *, size: int = 224, resize: int | None = 256, limit: int | None = None
 ) -> ImageSet:
     """Read a (small) ImageNet-style folder into memory; see :class:`ImageFolder`."""
     folder = ImageFolder(root, size=size, resize=resize)
@@ -564,15 +580,15 @@ class CorruptedView(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        data: Union[ImageSet, tuple[Any, Any]],
+        data: ImageSet | tuple[Any, Any],
         corruption: str,
         severity: int,
         *,
         seed: int = 0,
         mode: str = "lazy",
-        scale: Optional[str] = None,
+        scale: str | None = None,
         chunk_size: int = 256,
-        device: Union[str, torch.device, None] = None,
+        device: str | torch.device | None = None,
         cache: CacheArg = None,
     ) -> None:
         from .corruptions import _check_name_severity, resolve_scale
@@ -601,7 +617,7 @@ class CorruptedView(torch.utils.data.Dataset):
         self.device = _device(device)
         self.mode = mode
         self._chunks: dict[int, np.ndarray] = {}
-        self._all: Optional[np.ndarray] = None
+        self._all: np.ndarray | None = None
         if mode == "cached":
             self._all = self._materialise(cache)
 
@@ -666,7 +682,7 @@ class CorruptedView(torch.utils.data.Dataset):
         return torch.cat(parts), torch.from_numpy(self.labels)
 
 
-def _device(device: Union[str, torch.device, None]) -> torch.device:
+def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -119,11 +119,11 @@ def corruption_accuracy(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    corruptions: Optional[Sequence[str]] = None,
+    corruptions: Sequence[str] | None = None,
     severities: Sequence[int] = (1, 2, 3, 4, 5),
     *,
     seed: int = 0,
-    scale: Optional[str] = None,
+    scale: str | None = None,
     batch_size: int = 256,
     device: DeviceArg = None,
     progress: bool = False,
@@ -208,7 +208,7 @@ def corruption_errors(results: Mapping[str, Any]) -> dict[str, list[float]]:
     return out
 
 
-def _baseline_sum(value: Union[float, Sequence[float]], count: int) -> float:
+def _baseline_sum(value: float | Sequence[float], count: int) -> float:
     if isinstance(value, (int, float)):
         return float(value) * count  # a published mean over severities
     values = [float(v) for v in value]
@@ -219,7 +219,7 @@ def _baseline_sum(value: Union[float, Sequence[float]], count: int) -> float:
 
 def mean_corruption_error(
     errors: Mapping[str, Sequence[float]],
-    baseline: Optional[Mapping[str, Union[float, Sequence[float]]]] = None,
+    baseline: Mapping[str, float | Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Mean corruption error (Hendrycks & Dietterich 2019).
 
@@ -253,7 +253,7 @@ def mean_corruption_error(
 def relative_mean_corruption_error(
     errors: Mapping[str, Sequence[float]],
     clean_error: float,
-    baseline: Mapping[str, Union[float, Sequence[float]]],
+    baseline: Mapping[str, float | Sequence[float]],
     baseline_clean_error: float,
 ) -> dict[str, Any]:
     """Relative mCE: degradation relative to the baseline's degradation.
@@ -328,7 +328,7 @@ def pgd_linf(
     eps: float,
     *,
     steps: int = 10,
-    alpha: Optional[float] = None,
+    alpha: float | None = None,
     random_start: bool = True,
     seed: int = 0,
     device: DeviceArg = None,
@@ -370,7 +370,7 @@ def robust_accuracy(
     attack: str = "pgd",
     eps: float = 8 / 255,
     steps: int = 10,
-    alpha: Optional[float] = None,
+    alpha: float | None = None,
     seed: int = 0,
     batch_size: int = 256,
     device: DeviceArg = None,
@@ -411,7 +411,7 @@ def load_json(path: PathLike) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def plot_heatmap(results: Mapping[str, Any], path: PathLike, *, title: Optional[str] = None) -> Path:
+def plot_heatmap(results: Mapping[str, Any], path: PathLike, *, title: str | None = None) -> Path:
     """Save a corruption x severity accuracy heatmap (PNG, matplotlib's Agg canvas).
 
     ``results`` is a :func:`corruption_accuracy` result. No global matplotlib state (backend,
@@ -435,7 +435,9 @@ def plot_heatmap(results: Mapping[str, Any], path: PathLike, *, title: Optional[
     ax.set_xlabel("severity")
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="w" if v < 60 else "k")
+            ax.text(
+                j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="w" if v < 60 else "k"
+            )
     clean = results.get("clean")
     heading = title or "accuracy (%)"
     if clean is not None:
@@ -454,14 +456,14 @@ def evaluate_corruptions(
     images: torch.Tensor,
     labels: torch.Tensor,
     out_dir: PathLike,
-    corruptions: Optional[Sequence[str]] = None,
+    corruptions: Sequence[str] | None = None,
     severities: Sequence[int] = (1, 2, 3, 4, 5),
     *,
     seed: int = 0,
-    scale: Optional[str] = None,
+    scale: str | None = None,
     batch_size: int = 256,
     device: DeviceArg = None,
-    baseline: Optional[Mapping[str, Union[float, Sequence[float]]]] = None,
+    baseline: Mapping[str, float | Sequence[float]] | None = None,
     name: str = "corruptions",
     progress: bool = False,
 ) -> dict[str, Any]:

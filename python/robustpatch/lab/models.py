@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -41,7 +41,9 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        )
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,9 +75,9 @@ class SmallCNN(nn.Module):
         in_channels: int = 3,
         widths: Sequence[int] = (16, 32, 64),
         *,
-        mean: Union[float, Sequence[float]] = 0.5,
-        std: Union[float, Sequence[float]] = 0.25,
-        seed: Optional[int] = None,
+        mean: float | Sequence[float] = 0.5,
+        std: float | Sequence[float] = 0.25,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         mean_l = [float(mean)] * in_channels if isinstance(mean, (int, float)) else list(mean)
@@ -85,7 +87,11 @@ class SmallCNN(nn.Module):
         c = in_channels
         for w in widths:
             for _ in range(2):
-                layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(c, w, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(w),
+                    nn.ReLU(inplace=True),
+                ]
                 c = w
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
@@ -127,7 +133,7 @@ def resnet18(
     num_classes: int = 1000,
     *,
     small_input: bool = False,
-    weights: Optional[Any] = None,
+    weights: Any | None = None,
     mean: Sequence[float] = _IMAGENET_MEAN,
     std: Sequence[float] = _IMAGENET_STD,
 ) -> nn.Module:
@@ -159,7 +165,7 @@ def vgg16(
     *,
     batch_norm: bool = True,
     small_input: bool = False,
-    weights: Optional[Any] = None,
+    weights: Any | None = None,
     mean: Sequence[float] = _IMAGENET_MEAN,
     std: Sequence[float] = _IMAGENET_STD,
 ) -> nn.Module:
@@ -267,7 +273,7 @@ def _translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def parameters_by_depth(
-    model: nn.Module, example_input: Optional[torch.Tensor] = None
+    model: nn.Module, example_input: torch.Tensor | None = None
 ) -> list[tuple[str, nn.Parameter]]:
     """All parameters of ``model``, shallowest (closest to the input) first.
 
@@ -282,7 +288,9 @@ def parameters_by_depth(
         ``[(qualified_name, parameter), ...]``.
     """
     owners: list[tuple[str, nn.Module]] = [
-        (name, m) for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))
+        (name, m)
+        for name, m in model.named_modules()
+        if any(True for _ in m.parameters(recurse=False))
     ]
     order = list(range(len(owners)))
     if example_input is not None:
@@ -344,5 +352,7 @@ def train_digits_cnn(
     xte, yte = test.tensors()
     dev = default_device(device)
     with torch.no_grad():
-        pred = torch.cat([model(xte[i : i + 512].to(dev)).argmax(1).cpu() for i in range(0, len(yte), 512)])
+        pred = torch.cat(
+            [model(xte[i : i + 512].to(dev)).argmax(1).cpu() for i in range(0, len(yte), 512)]
+        )
     return model, float((pred == yte).float().mean())

@@ -451,7 +451,9 @@ mod avx2 {
                     let bad = T::differ(back, w);
                     if bad != 0 {
                         // Rare (about 1 group in 12 at 1% flagged elements).
-                        record_bits(bad, &tile[i..i + 8], start + i, undo);
+                        // Read through `t`, the pointer the loop writes with.
+                        let group = std::slice::from_raw_parts(t.add(i), 8);
+                        record_bits(bad, group, start + i, undo);
                     }
                     T::store(t.add(i), new);
                 }
@@ -624,5 +626,26 @@ mod tests {
         special_targets_match_scalar_twin::<f32>();
         special_targets_match_scalar_twin::<f16>();
         special_targets_match_scalar_twin::<bf16>();
+    }
+
+    /// The parallel join of large records keeps every record, in order.
+    #[test]
+    fn large_records_concatenate_in_order() {
+        let parts: Vec<Undo<u16>> = (0..300u32)
+            .map(|c| {
+                let n = (c as usize * 7919) % 1500;
+                Undo {
+                    positions: (0..n as u32).map(|i| c * 100_000 + i).collect(),
+                    values: (0..n).map(|i| (i as u16) ^ (c as u16)).collect(),
+                }
+            })
+            .collect();
+        let mut serial = Undo::default();
+        for p in &parts {
+            serial.positions.extend_from_slice(&p.positions);
+            serial.values.extend_from_slice(&p.values);
+        }
+        assert!(serial.positions.len() >= PARALLEL_MIN);
+        assert_eq!(concat_undo(parts), serial);
     }
 }

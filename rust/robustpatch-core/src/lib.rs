@@ -12,6 +12,8 @@ pub mod delta;
 pub mod dot;
 pub mod dtype;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pack;
 pub mod par;
 pub mod project;

@@ -411,14 +411,11 @@ fn compress(scheme: Scheme, u: f64) -> f64 {
 /// How one group's elements become codes.
 #[derive(Clone, Copy)]
 enum Enc {
-    /// code = rne(clamp((x − sub)·inv, lo, hi)) + add, all in f32.
-    Linear {
-        sub: f32,
-        inv: f32,
-        lo: f32,
-        hi: f32,
-        add: u8,
-    },
+    /// code = rne((x − sub)·inv) + add, all in f32. No clamp is needed: x lies
+    /// in its group's [min, max], so (x − sub)·inv stays within [0, maxc] (affine)
+    /// or [−m, m] (symmetric) up to a few ulps of relative error, far from the
+    /// ±0.5 that would change the rounded code (tests check every code fits).
+    Linear { sub: f32, inv: f32, add: u8 },
     /// The same in f64 with a division, for groups whose scale is so small
     /// (subnormal) that 1/scale overflows f32.
     LinearWide {
@@ -464,12 +461,8 @@ const RNE_MAGIC: f32 = 12_582_912.0;
 const RNE_MAGIC_F64: f64 = 6_755_399_441_055_744.0;
 
 #[inline(always)]
-fn linear_code(x: f32, sub: f32, inv: f32, lo: f32, hi: f32, add: u8) -> u8 {
+fn linear_code(x: f32, sub: f32, inv: f32, add: u8) -> u8 {
     let y = (x - sub) * inv;
-    // Comparisons rather than f32::min/max: no NaN can reach here and these
-    // compile to single minps/maxps.
-    let y = if y > hi { hi } else { y };
-    let y = if y < lo { lo } else { y };
     ((y + RNE_MAGIC).to_bits() as u8).wrapping_add(add)
 }
 
@@ -493,15 +486,9 @@ fn companded_code(u: f32, thr: &[f32; 256], bits: u8) -> u8 {
 #[inline(always)]
 fn encode<T: Element>(p: &Params, x: &[T], out: &mut [u8]) {
     match p.enc {
-        Enc::Linear {
-            sub,
-            inv,
-            lo,
-            hi,
-            add,
-        } => {
+        Enc::Linear { sub, inv, add } => {
             for (o, v) in out.iter_mut().zip(x) {
-                *o = linear_code(v.to_f32(), sub, inv, lo, hi, add);
+                *o = linear_code(v.to_f32(), sub, inv, add);
             }
         }
         Enc::LinearWide {
@@ -543,13 +530,7 @@ fn params(spec: QuantSpec, lo: f32, hi: f32) -> Option<Params> {
     let linear = |sub: f32, scale: f32, lo_c: f32, hi_c: f32, add: u8| {
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         if inv.is_finite() {
-            Enc::Linear {
-                sub,
-                inv,
-                lo: lo_c,
-                hi: hi_c,
-                add,
-            }
+            Enc::Linear { sub, inv, add }
         } else {
             Enc::LinearWide {
                 sub: sub as f64,
@@ -627,53 +608,45 @@ fn range_error(spec: QuantSpec, lo: f32, hi: f32, group: usize) -> Error {
     ))
 }
 
-/// Lanes of the min/max pass: two AVX2 registers (four SSE2) per accumulator,
-/// enough independent chains to hide the add latency of the finiteness probe.
-const LANES: usize = 16;
-
-/// Minimum and maximum of a non-empty slice in one vectorized pass. NaN and
-/// ±Inf are not checked here: each element adds `v − v` (0, or NaN for
-/// non-finite v) into `z`, which the caller checks once per run, so the check
-/// costs neither an extra pass nor a per-group reduction.
-/// ±0 is normalised to +0 so the result does not depend on the visiting order
-/// (the parallel and scalar paths must store identical offsets).
+/// Order-preserving map of f32 to i32: for finite values `a < b ⇔ key(a) < key(b)`
+/// (and −0 < +0), so min/max become integer reductions, which the loop
+/// vectorizer handles in plain loops (float min/max reductions it will not
+/// vectorize without fast-math; hand-unrolled float lanes were measured to turn
+/// into shuffle-heavy SLP code). NaN and ±Inf map beyond every finite key, so
+/// any non-finite element shows up in the group's minimum or maximum: the
+/// finiteness check costs nothing extra.
 #[inline(always)]
-#[allow(clippy::eq_op)] // v − v is the finiteness probe
-fn min_max<T: Element>(x: &[T], z: &mut [f32; LANES]) -> (f32, f32) {
-    let mut lo = [f32::INFINITY; LANES];
-    let mut hi = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for l in 0..LANES {
-            let v = c[l].to_f32();
-            lo[l] = if v < lo[l] { v } else { lo[l] };
-            hi[l] = if v > hi[l] { v } else { hi[l] };
-            z[l] += v - v;
-        }
-    }
-    for (l, v) in tail.iter().enumerate() {
-        let v = v.to_f32();
-        lo[l] = if v < lo[l] { v } else { lo[l] };
-        hi[l] = if v > hi[l] { v } else { hi[l] };
-        z[l] += v - v;
-    }
-    // Pairwise (log-depth) reduction: a sequential fold is a 15-step latency
-    // chain per group, which dominated at small group lengths.
-    let mut w = LANES / 2;
-    while w > 0 {
-        for l in 0..w {
-            lo[l] = if lo[l + w] < lo[l] { lo[l + w] } else { lo[l] };
-            hi[l] = if hi[l + w] > hi[l] { hi[l + w] } else { hi[l] };
-        }
-        w /= 2;
-    }
-    (lo[0] + 0.0, hi[0] + 0.0)
+fn key(v: f32) -> i32 {
+    let i = v.to_bits() as i32;
+    i ^ ((i >> 31) & 0x7FFF_FFFF)
 }
 
+/// Inverse of [`key`] (the map is an involution).
 #[inline(always)]
-fn all_finite(z: &[f32; LANES]) -> bool {
-    z.iter().all(|&v| v == 0.0)
+fn unkey(k: i32) -> f32 {
+    f32::from_bits((k ^ ((k >> 31) & 0x7FFF_FFFF)) as u32)
+}
+
+/// Minimum and maximum keys of a slice, in one vectorized pass.
+#[inline(always)]
+fn key_range<T: Element>(x: &[T]) -> (i32, i32) {
+    let (mut lo, mut hi) = (i32::MAX, i32::MIN);
+    for v in x {
+        let k = key(v.to_f32());
+        lo = lo.min(k);
+        hi = hi.max(k);
+    }
+    (lo, hi)
+}
+
+/// Minimum and maximum of a non-empty group as floats, ±0 normalised to +0 so
+/// the result does not depend on how the scan was split (the parallel and
+/// scalar paths must store identical offsets). Either is non-finite when the
+/// group holds a NaN or ±Inf.
+#[inline(always)]
+fn min_max<T: Element>(x: &[T]) -> (f32, f32) {
+    let (lo, hi) = key_range(x);
+    (unkey(lo) + 0.0, unkey(hi) + 0.0)
 }
 
 /// Minimum and maximum of one group, element by element, or the error the
@@ -799,7 +772,6 @@ fn quantize_groups<T: Element>(
 ) -> RunResult {
     let gl = spec.group_len;
     let mut packer = Packer::new(spec.bits, packed);
-    let mut z = [0f32; LANES];
     // Groups are handled a batch at a time (about one tile of elements): all
     // min/max first, then all parameters, then all codes. The parameters of
     // different groups are independent, so their divisions overlap instead of
@@ -811,10 +783,10 @@ fn quantize_groups<T: Element>(
     for (b, bx) in x.chunks(batch * gl).enumerate() {
         let n = bx.len() / gl;
         for (r, gx) in ranges.iter_mut().zip(bx.chunks_exact(gl)) {
-            *r = min_max(gx, &mut z);
+            *r = min_max(gx);
         }
         for (p, &(lo, hi)) in ps[..n].iter_mut().zip(&ranges[..n]) {
-            // ±Inf shows in lo/hi and is refused here; a NaN only in z, below.
+            // A NaN or ±Inf shows in lo/hi and is refused here.
             let Some(v) = params(spec, lo, hi) else {
                 return Err(first_error(x, spec, base));
             };
@@ -826,9 +798,6 @@ fn quantize_groups<T: Element>(
             offset[g0 + j] = p.offset;
             packer.push(gx, p);
         }
-    }
-    if !all_finite(&z) {
-        return Err(first_error(x, spec, base));
     }
     packer.finish();
     Ok(())
@@ -859,12 +828,10 @@ fn encode_span<T: Element>(
     packer.finish();
 }
 
-/// Min/max of a chunk and whether it is all finite.
+/// Min/max keys of a chunk (large-group path; see [`key`]).
 #[inline(always)]
-fn chunk_range<T: Element>(x: &[T]) -> (f32, f32, bool) {
-    let mut z = [0f32; LANES];
-    let (lo, hi) = min_max(x, &mut z);
-    (lo, hi, all_finite(&z))
+fn chunk_range<T: Element>(x: &[T]) -> (i32, i32) {
+    key_range(x)
 }
 
 /// The hot loops compiled for AVX2/FMA/F16C. Each wrapper calls an
@@ -900,7 +867,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn chunk_range<T: Element>(x: &[T]) -> (f32, f32, bool) {
+    pub(super) unsafe fn chunk_range<T: Element>(x: &[T]) -> (i32, i32) {
         super::chunk_range(x)
     }
 
@@ -948,7 +915,7 @@ fn run_encode_span<T: Element>(
     encode_span(x, base, gl, params_g, bits, out)
 }
 
-fn run_chunk_range<T: Element>(x: &[T]) -> (f32, f32, bool) {
+fn run_chunk_range<T: Element>(x: &[T]) -> (i32, i32) {
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         // SAFETY: the CPU features were detected at run time.
@@ -1068,18 +1035,11 @@ fn quantize_large_groups<T: Element>(x: &[T], spec: QuantSpec, q: &mut Quantized
     let mut params_g = Vec::with_capacity(q.scale.len());
     for (g, gx) in x.chunks_exact(gl).enumerate() {
         let first = g * gl;
-        let (lo, hi, finite) = gx.par_chunks(CHUNK).map(run_chunk_range).reduce(
-            || (f32::INFINITY, f32::NEG_INFINITY, true),
-            |a, b| {
-                (
-                    if b.0 < a.0 { b.0 } else { a.0 },
-                    if b.1 > a.1 { b.1 } else { a.1 },
-                    a.2 && b.2,
-                )
-            },
-        );
-        let p = params(spec, lo, hi).filter(|_| finite);
-        let Some(p) = p else {
+        let (lo, hi) = gx
+            .par_chunks(CHUNK)
+            .map(run_chunk_range)
+            .reduce(|| (i32::MAX, i32::MIN), |a, b| (a.0.min(b.0), a.1.max(b.1)));
+        let Some(p) = params(spec, unkey(lo) + 0.0, unkey(hi) + 0.0) else {
             return Err(first_error(gx, spec, first));
         };
         q.scale[g] = p.scale;
@@ -1694,204 +1654,4 @@ mod tests {
             acc * 1e3
         );
     }
-}
-
-#[cfg(test)]
-mod tmp_prof {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn tmp_stages() {
-        let n = 16384;
-        let reps = 4096;
-        let x: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
-            .collect();
-        let t = |name: &str, f: &mut dyn FnMut()| {
-            let best = (0..9)
-                .map(|_| {
-                    let t = cpu_now();
-                    for _ in 0..reps {
-                        f();
-                    }
-                    cpu_now() - t
-                })
-                .fold(f64::INFINITY, f64::min);
-            println!("{name}: {:.1} ms per 64M", best * 1e3);
-        };
-        for (bits, scheme, gl) in [
-            (4, Scheme::Affine, 128),
-            (4, Scheme::Symmetric, 128),
-            (8, Scheme::Affine, 128),
-            (3, Scheme::Affine, 128),
-            (4, Scheme::Affine, 27),
-            (4, Scheme::Log, 128),
-            (4, Scheme::Affine, 4096),
-        ] {
-            let s = QuantSpec {
-                bits,
-                scheme,
-                group_len: gl,
-            };
-            let n2 = n / gl * gl;
-            let mut q = empty(s, n2, n2 / gl);
-            t(&format!("run_groups {bits} {scheme:?} {gl}"), &mut || {
-                run_groups(
-                    std::hint::black_box(&x[..n2]),
-                    s,
-                    0,
-                    &mut q.codes,
-                    &mut q.scale,
-                    &mut q.offset,
-                )
-                .unwrap();
-            });
-        }
-        let xh: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
-        let s = QuantSpec {
-            bits: 4,
-            scheme: Scheme::Affine,
-            group_len: 128,
-        };
-        let mut q = empty(s, n, n / 128);
-        t("run_groups f16 4 affine 128", &mut || {
-            run_groups(
-                std::hint::black_box(&xh[..]),
-                s,
-                0,
-                &mut q.codes,
-                &mut q.scale,
-                &mut q.offset,
-            )
-            .unwrap();
-        });
-        let q = quantize(&x, s).unwrap();
-        let mut out = vec![0f32; n];
-        t("decode 4 affine 128", &mut || {
-            run_decode_range(&q.view(), 0, std::hint::black_box(&mut out))
-        });
-    }
-}
-#[cfg(test)]
-mod tmp_prof2 {
-    use super::*;
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn a_minmax(x: &[f32], gl: usize) -> f32 {
-        let mut z = [0f32; LANES];
-        let mut s = 0.0;
-        for g in x.chunks_exact(gl) {
-            let r = min_max(g, &mut z);
-            s += r.0 - r.1;
-        }
-        s + z[0]
-    }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn b_params(x: &[f32], gl: usize, spec: QuantSpec) -> f32 {
-        let mut z = [0f32; LANES];
-        let mut s = 0.0;
-        for g in x.chunks_exact(gl) {
-            let r = min_max(g, &mut z);
-            let p = params(spec, r.0, r.1).unwrap();
-            s += p.scale;
-        }
-        s + z[0]
-    }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn c_encode(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8]) {
-        let p = params(spec, -0.5, 0.5).unwrap();
-        for (g, o) in x.chunks_exact(gl).zip(out.chunks_exact_mut(gl)) {
-            encode(&p, g, o);
-        }
-    }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn d_all_nopack(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8], sc: &mut [f32]) {
-        let mut z = [0f32; LANES];
-        for ((g, o), s) in x
-            .chunks_exact(gl)
-            .zip(out.chunks_exact_mut(gl))
-            .zip(sc.iter_mut())
-        {
-            let r = min_max(g, &mut z);
-            let p = params(spec, r.0, r.1).unwrap();
-            *s = p.scale;
-            encode(&p, g, o);
-        }
-    }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn e_packer(x: &[f32], gl: usize, spec: QuantSpec, out: &mut [u8]) {
-        let p = params(spec, -0.5, 0.5).unwrap();
-        let mut pk = Packer::new(spec.bits, out);
-        for g in x.chunks_exact(gl) {
-            pk.push(g, &p);
-        }
-        pk.finish();
-    }
-    #[test]
-    #[ignore]
-    fn tmp_parts() {
-        let n = 16384;
-        let reps = 4096;
-        let x: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
-            .collect();
-        let t = |name: &str, f: &mut dyn FnMut()| {
-            let best = (0..9)
-                .map(|_| {
-                    let t = cpu_now();
-                    for _ in 0..reps {
-                        f();
-                    }
-                    cpu_now() - t
-                })
-                .fold(f64::INFINITY, f64::min);
-            println!("{name}: {:.1} ms per 64M", best * 1e3);
-        };
-        let s = QuantSpec {
-            bits: 4,
-            scheme: Scheme::Affine,
-            group_len: 128,
-        };
-        let mut out = vec![0u8; n];
-        let mut packed = vec![0u8; n / 2];
-        let mut sc = vec![0f32; n / 128];
-        let mut sink = 0.0;
-        for gl in [128, 4096] {
-            t(&format!("minmax {gl}"), &mut || {
-                sink += unsafe { a_minmax(std::hint::black_box(&x), gl) }
-            });
-            t(&format!("minmax+params {gl}"), &mut || {
-                sink += unsafe { b_params(std::hint::black_box(&x), gl, s) }
-            });
-            t(&format!("encode {gl}"), &mut || unsafe {
-                c_encode(std::hint::black_box(&x), gl, s, &mut out)
-            });
-            t(&format!("all no pack {gl}"), &mut || unsafe {
-                d_all_nopack(std::hint::black_box(&x), gl, s, &mut out, &mut sc)
-            });
-            t(&format!("packer {gl}"), &mut || unsafe {
-                e_packer(std::hint::black_box(&x), gl, s, &mut packed)
-            });
-            let s = QuantSpec { group_len: gl, ..s };
-            let mut q = empty(s, n, n / gl);
-            t(&format!("run_groups {gl}"), &mut || { run_groups(std::hint::black_box(&x), s, 0, &mut q.codes, &mut q.scale, &mut q.offset).unwrap(); });
-            let y: Vec<f32> = x.iter().map(|v| v * 0.5 + 0.25).collect();
-            t(&format!("run_groups other data {gl}"), &mut || { run_groups(std::hint::black_box(&y), s, 0, &mut q.codes, &mut q.scale, &mut q.offset).unwrap(); });
-        }
-        println!("{sink}");
-    }
-}
-
-#[cfg(test)]
-fn cpu_now() -> f64 {
-    #[repr(C)]
-    struct Ts {
-        s: i64,
-        ns: i64,
-    }
-    extern "C" {
-        fn clock_gettime(c: i32, t: *mut Ts) -> i32;
-    }
-    let mut t = Ts { s: 0, ns: 0 };
-    unsafe { clock_gettime(3, &mut t) };
-    t.s as f64 + t.ns as f64 * 1e-9
 }

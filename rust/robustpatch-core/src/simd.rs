@@ -20,7 +20,10 @@ pub fn has_avx2() -> bool {
 }
 
 /// Run `f`, compiled for AVX2 when available. `f` and everything it calls on
-/// the hot path must be `#[inline(always)]` so it is compiled into the wrapper.
+/// the hot path must be `#[inline(always)]` so it is compiled into the wrapper
+/// — the closure included: write `dispatch(#[inline(always)] || kernel(..))`.
+/// Without the attribute LLVM keeps a large closure body out of line, compiled
+/// for the baseline target, and the wrapper only calls it (SSE2 code, no gain).
 #[inline(always)]
 pub fn dispatch<R, F: FnOnce() -> R>(f: F) -> R {
     #[cfg(target_arch = "x86_64")]
