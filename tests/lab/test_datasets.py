@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -113,6 +114,24 @@ def test_load_cifar10(tmp_path):
         D.load_cifar(tmp_path, num_classes=100)
     with pytest.raises(ValueError):
         D.load_cifar(tmp_path, "val")
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: what a hostile dataset file would contain."""
+
+    def __reduce__(self):
+        return (os.system, ("touch hacked",))
+
+
+def test_a_hostile_cifar_pickle_is_refused_without_running_code(tmp_path, monkeypatch):
+    _write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": _RunsCode(), b"labels": [0]}, f)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load .*system"):
+        D.load_cifar(tmp_path, "train")
+    assert not (tmp_path / "hacked").exists()
 
 
 def test_load_cifar100(tmp_path):

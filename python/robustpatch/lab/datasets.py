@@ -390,9 +390,30 @@ def procedural_patterns(
 # ---------------------------------------------------------------------------------------------
 
 
+#: The only globals a CIFAR batch file may name: numpy's array reconstruction. Anything
+#: else (os.system, builtins.eval, ...) is refused, so a hostile file cannot run code.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's "python version" is pickle; read it without letting it import code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
-        raw = pickle.load(f, encoding="bytes")
+        raw = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a CIFAR batch (expected a dict, got {type(raw).__name__})")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 
