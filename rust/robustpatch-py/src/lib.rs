@@ -16,6 +16,13 @@ use robustpatch_core::delta::{Delta, Dense};
 use robustpatch_core::quant::{self, QuantSpec, QuantView, Scheme};
 use robustpatch_core::{dot as core_dot, pack as core_pack, project as core_project, Element};
 
+/// A zeroed 1-D numpy array for a kernel to fill. numpy's allocator backs large
+/// arrays with huge pages; a Rust `Vec` of 256 MiB page-faults every 4 KiB on
+/// first write, which measured more than the whole projection kernel.
+fn zeros<'py, T: numpy::Element>(py: Python<'py>, n: usize) -> Bound<'py, PyArray1<T>> {
+    PyArray1::zeros(py, n, false)
+}
+
 /// Run heavy work with the GIL released: the one helper every kernel call uses.
 fn nogil<T: Ungil, F: Ungil + FnOnce() -> T>(py: Python<'_>, f: F) -> T {
     py.allow_threads(f)
@@ -87,9 +94,12 @@ fn dequantize<'py>(
         numel,
     )
     .map_err(errors::to_py)?;
-    let mut out = vec![0f32; numel];
-    nogil(py, || quant::dequantize(&view, &mut out)).map_err(errors::to_py)?;
-    Ok(out.into_pyarray(py))
+    let arr = zeros::<f32>(py, numel);
+    let mut rw = arr.readwrite();
+    let out = rw.as_slice_mut()?;
+    nogil(py, || quant::dequantize(&view, out)).map_err(errors::to_py)?;
+    drop(rw);
+    Ok(arr)
 }
 
 /// Bit-pack codes (each < 2**bits) little-endian.
@@ -130,9 +140,12 @@ fn unpack<'py>(
             packed.len()
         )));
     }
-    let mut out = vec![0u8; n];
-    nogil(py, || core_pack::unpack(packed, bits, 0, &mut out)).map_err(errors::to_py)?;
-    Ok(out.into_pyarray(py))
+    let arr = zeros::<u8>(py, n);
+    let mut rw = arr.readwrite();
+    let out = rw.as_slice_mut()?;
+    nogil(py, || core_pack::unpack(packed, bits, 0, out)).map_err(errors::to_py)?;
+    drop(rw);
+    Ok(arr)
 }
 
 /// Signature of one tensor: returns (signature float32 with the input's shape, stats dict).
@@ -170,17 +183,18 @@ fn project<'py>(
         c.dense("clean")?,
         r.dense("robust")?,
     );
-    let mut out = vec![0f32; pd.len()];
+    let arr = zeros::<f32>(py, pd.len());
+    let mut rw = arr.readwrite();
+    let out = rw.as_slice_mut()?;
     let stats = nogil(py, || match (pd, cd, rd) {
-        (Dense::F32(a), Dense::F32(b), Dense::F32(c)) => core_project::project(a, b, c, &mut out),
-        (Dense::F16(a), Dense::F16(b), Dense::F16(c)) => core_project::project(a, b, c, &mut out),
-        (Dense::BF16(a), Dense::BF16(b), Dense::BF16(c)) => {
-            core_project::project(a, b, c, &mut out)
-        }
+        (Dense::F32(a), Dense::F32(b), Dense::F32(c)) => core_project::project(a, b, c, out),
+        (Dense::F16(a), Dense::F16(b), Dense::F16(c)) => core_project::project(a, b, c, out),
+        (Dense::BF16(a), Dense::BF16(b), Dense::BF16(c)) => core_project::project(a, b, c, out),
         _ => unreachable!("dtypes checked above"),
     })
     .map_err(errors::to_py)?;
-    let sig = out.into_pyarray(py).reshape(shape)?;
+    drop(rw);
+    let sig = arr.reshape(shape)?;
     let d = PyDict::new(py);
     d.set_item("dot_rd", stats.dot_rd)?;
     d.set_item("norm2_d", stats.norm2_d)?;
