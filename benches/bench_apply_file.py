@@ -10,8 +10,11 @@ Builds a model file of ``--size-gib`` GiB (float32 tensors; a few float16/bf16),
 - ``remove_file`` likewise, and (with ``--verify``) that the restored file's sha256
   equals the original's.
 
-Every timed run starts after ``os.sync()`` with a warm page cache; runs are
-interleaved and the best of ``--repeat`` is kept. Ratios are what matter. Output:
+Every timed run starts after ``os.sync()`` with the model in the page cache; runs are
+interleaved and the best of ``--repeat`` is kept. Ratios are what matter. A durable
+``apply_file`` of a large model writes with direct I/O (the disk's write bandwidth is
+its floor, as it is for copyfile + fsync), so its output is not left in the page cache
+and ``remove_file``, timed right after, reads the patched file from disk. Output:
 benches/results/apply_file.json and a Markdown table.
 
 Run:  python benches/bench_apply_file.py [--size-gib 2] [--tensors 200] [--touch 0.1]
