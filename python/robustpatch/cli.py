@@ -538,7 +538,9 @@ def run_demo(args: Any) -> int:
         )
         return 1
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    results = demo.run(args.out, quick=args.quick, device=args.device, log=log)
+    results = demo.run(
+        args.out, quick=args.quick, device=args.device, log=log, progress=not args.quiet
+    )
     for s in results["summary"]:
         best = max(s["recovered"].items(), key=lambda kv: kv[1] if kv[1] == kv[1] else -1e9)
         print(
