@@ -150,6 +150,9 @@ def test_group_length_rules():
     assert group_len_for((32, 16, 3, 3), "group", 128) == 128
     assert group_len_for((16, 3, 3, 3), "group", 128) == 108  # largest divisor ≤ 128
     assert group_len_for((10,), "group", 128) == 10
+    # One element per channel would store two floats per element: one scale instead.
+    assert group_len_for((64,), "channel", 128) == 64
+    assert group_len_for((8, 1, 1, 1), "channel", 128) == 8
     with pytest.raises(ValueError):
         group_len_for((4,), "rows", 2)
 

@@ -230,14 +230,17 @@ def group_len_for(shape: Sequence[int], granularity: str, group: int) -> int:
     """Elements per contiguous quantization group.
 
     ``tensor``: all elements; ``channel``: ``numel // shape[0]`` (one per output
-    channel); ``group``: ``group`` if it divides the element count, else the largest
-    divisor of the count not above ``group`` (recorded in the file).
+    channel), except where a channel holds a single element (a bias or BatchNorm
+    vector): one scale and offset per element would cost twice the float32 data, so
+    such a tensor gets one scale; ``group``: ``group`` if it divides the element count,
+    else the largest divisor of the count not above ``group`` (recorded in the file).
     """
     numel = math.prod(shape)
     if granularity == "tensor" or numel == 0 or len(shape) == 0:
         return max(numel, 1)
     if granularity == "channel":
-        return max(numel // shape[0], 1)
+        per_channel = numel // shape[0]
+        return per_channel if per_channel > 1 else numel
     if granularity != "group":
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
     if group < 1:
