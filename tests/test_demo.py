@@ -4,6 +4,7 @@ claims 2 (a shallow patch helps, beyond BN re-estimation) and 5 (transfer, compo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -20,7 +21,9 @@ def tiny_run(tmp_path_factory):
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors: one thread is faster on a shared machine
     try:
-        results = demo.run(out, log=lambda _m: None, config=demo.DemoConfig.tiny())
+        # The tiny robustifier comparison too: the demo report carries its table.
+        config = dataclasses.replace(demo.DemoConfig.tiny(), robustifiers="tiny")
+        results = demo.run(out, log=lambda _m: None, config=config)
     finally:
         torch.set_num_threads(old)
     return out, results
@@ -51,6 +54,9 @@ def test_report_files_are_written(tiny_run):
     assert [c["id"] for c in saved["claims"]] == [1, 2, 3, 4, 5, 6, "R"]
     report = (out / "report.md").read_text()
     assert "## Claims" in report and "BN-only" in report
+    rows = saved["robustifiers"]["rows"]
+    assert len(rows) == 5 and "## 10. Robustifiers compared" in report
+    assert (out / "robustifiers" / "comparison.json").stat().st_size > 0
     for c in saved["claims"]:
         assert ("**pass**" if c["passed"] else "**FAIL**") in report
     # The BN-only baseline is always there, per corruption and severity.

@@ -90,6 +90,8 @@ class DemoConfig:
     depth_ks: tuple[int, ...] | None = None  # layer counts of the depth sweep (None: all)
     # Extra signatures beside shallow, shallow quantized and full (projection).
     variants: tuple[str, ...] = ("shallow-difference", "budget-by-difference", "full-difference")
+    # The five robustifiers compared (lab.robustifiers): "tiny", "default" or None (skipped).
+    robustifiers: str | None = "default"
 
     def __post_init__(self) -> None:
         if self.finetune is None:
@@ -105,6 +107,7 @@ class DemoConfig:
             pretrain_epochs=4,
             finetune=recipes.TrainConfig(epochs=5, lr=0.02, batch_size=64, milestones=[3, 4]),
             transfer_images=(1500, 500),
+            robustifiers="tiny",
         )
 
     @classmethod
@@ -123,6 +126,7 @@ class DemoConfig:
             bit_range=(2, 4, 8),
             depth_ks=(1,),
             variants=(),
+            robustifiers=None,
         )
 
 
@@ -273,6 +277,7 @@ def run(
     seeds = [config.seed] + ([config.second_seed] if config.second_seed is not None else [])
     transfer_on = config.transfer_images[0] > 0
     steps = 1 + len(seeds) * (1 + n) + (1 + n if transfer_on else 0) + n + 4
+    steps += 1 if config.robustifiers else 0
     bar = _Progress(steps, progress, log)
     ctx = _Run(config, dev, out, bar)
     t0 = time.perf_counter()
@@ -426,10 +431,28 @@ def _run(ctx: _Run, seeds: list[int], transfer_on: bool) -> dict:
                 results["transfer"][c] = X.transfer(patterns, c, clean_b, robust_b, shallow[c], own)
     bar.step("transfer")
 
+    if config.robustifiers:
+        bar.log(f"      robustifiers compared ({config.robustifiers} size)")
+        with ctx.stage("robustifiers"):
+            results["robustifiers"] = _compare_robustifiers(ctx)
+        bar.step("robustifiers")
+
     bar.log("[6/6] writing the report")
     results["summary"] = [summarize(c, results["per_corruption"][c]) for c in config.corruptions]
     bar.step("report")
     return results
+
+
+def _compare_robustifiers(ctx: _Run) -> dict:
+    """The five robustifiers of lab.robustifiers on the same digits (issue 7's table)."""
+    from . import robustifiers as R
+
+    size = ctx.config.robustifiers
+    if size not in ("tiny", "default"):
+        raise ValueError(f"robustifiers must be 'tiny', 'default' or None, got {size!r}")
+    config = R.ComparisonConfig.tiny() if size == "tiny" else R.ComparisonConfig()
+    out = ctx.out / "robustifiers" if ctx.config.save_files else None
+    return R.compare_methods(config, device=ctx.device, out=out, log=ctx.progress.log)
 
 
 def _per_corruption(
@@ -1237,6 +1260,11 @@ def write_report(out: Path, results: dict) -> None:
         v = r["removal"]
         L.append(f"- {'+'.join(r['pair'])}: bit-exact {v['bit_exact']}")
     L.append("")
+    if results.get("robustifiers"):
+        from .robustifiers import comparison_markdown
+
+        table = comparison_markdown(results["robustifiers"]).split("\n")
+        L += ["## 10. Robustifiers compared (lab.robustifiers)", ""] + table[1:] + [""]
     (out / "report.md").write_text("\n".join(L))
 
 
