@@ -143,6 +143,38 @@ def test_apply_inspect_remove_round_trip(files, capsys):
     assert code == 0 and sha(d / "r.safetensors") == sha(d / "clean.safetensors")
 
 
+def test_durable_fsyncs_output_and_record_only_when_asked(files, capsys, monkeypatch):
+    """Default writes are atomic but not fsynced (like shutil.copyfile); ``--durable``
+    fsyncs the patched model and its undo record, and ``remove --durable`` the restored
+    file, each before its rename."""
+    d = files
+    run(capsys, "extract", *(d / f"{n}.safetensors" for n in ("pre", "clean", "robust")),
+        "-o", d / "fog.rws")  # fmt: skip
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    model = d / "clean.safetensors"
+    assert run(capsys, "apply", model, d / "fog.rws", "-o", d / "a.safetensors")[0] == 0
+    assert run(capsys, "remove", d / "a.safetensors", "-o", d / "ra.safetensors")[0] == 0
+    assert synced == []
+    assert (
+        run(capsys, "apply", model, d / "fog.rws", "-o", d / "b.safetensors", "--durable")[0] == 0
+    )
+    temps = [s for s in synced if s != str(d)]  # the folder is fsynced after the renames
+    assert len(temps) == 2 and all(str(d) in s for s in temps) and str(d) in synced
+    synced.clear()
+    assert (
+        run(capsys, "remove", d / "b.safetensors", "-o", d / "rb.safetensors", "--durable")[0] == 0
+    )
+    assert len([s for s in synced if s != str(d)]) == 1
+    assert sha(d / "ra.safetensors") == sha(d / "rb.safetensors") == sha(model)
+
+
 @pytest.mark.parametrize(
     ("setup", "argv", "message"),
     [

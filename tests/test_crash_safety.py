@@ -360,12 +360,12 @@ def test_direct_and_buffered_writes_give_the_same_bytes(big, tmp_path, monkeypat
     buffered.parent.mkdir()
     monkeypatch.setattr(container, "DIRECT_MIN_BYTES", 0)
     seen: list[int] = []
-    apply_file(big.model, [big.sig], 1.0, direct, progress=seen.append)
+    apply_file(big.model, [big.sig], 1.0, direct, durable=True, progress=seen.append)
     h = read_header(big.model)
     assert sum(seen) == h.file_size - h.data_start  # progress counts every data byte
-    remove_file(direct, tmp_path / "direct" / "r.safetensors")
+    remove_file(direct, tmp_path / "direct" / "r.safetensors", durable=True)
     monkeypatch.setattr(container, "DIRECT_MIN_BYTES", 1 << 62)
-    apply_file(big.model, [big.sig], 1.0, buffered)
+    apply_file(big.model, [big.sig], 1.0, buffered, durable=True)
     assert (sha(direct), sha(undo_path_for(direct))) == big.new
     assert (sha(buffered), sha(undo_path_for(buffered))) == big.new
     assert sha(tmp_path / "direct" / "r.safetensors") == big.model_sha
@@ -421,7 +421,8 @@ def test_direct_writer_reports_a_full_disk_and_leaves_no_output(big, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "robustpatch.cli", "apply", big.model, big.sig, "-o", out / "p"],
+        [sys.executable, "-m", "robustpatch.cli", "apply", big.model, big.sig, "-o", out / "p"]
+        + ["--durable"],
         capture_output=True,
         text=True,
         preexec_fn=limit_file_size,

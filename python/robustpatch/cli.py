@@ -219,6 +219,7 @@ def run_apply(args: Any) -> int:
             args.output,
             force=args.force,
             undo=not args.no_undo,
+            durable=args.durable,
             progress=tick,
         )
     undo = f"; undo record {rep.undo}" if rep.undo else ""
@@ -255,6 +256,7 @@ def add_apply(sub: Any) -> None:
         help="apply despite dtype/shape mismatches (same element count)",
     )
     p.add_argument("--no-undo", action="store_true", help="do not write the .rpundo record")
+    add_durable_flag(p)
 
 
 def run_remove(args: Any) -> int:
@@ -262,7 +264,9 @@ def run_remove(args: Any) -> int:
 
     total = os.path.getsize(args.patched)
     with progress_bar(args, "remove", total) as tick:
-        rep = remove_file(args.patched, args.output, undo=args.undo, progress=tick)
+        rep = remove_file(
+            args.patched, args.output, undo=args.undo, durable=args.durable, progress=tick
+        )
     _say(
         args,
         f"wrote {rep.out}: {rep.tensors} tensors and {rep.bn_buffers} BatchNorm "
@@ -283,6 +287,16 @@ def add_remove(sub: Any) -> None:
     p.add_argument("patched", help="model written by 'robustpatch apply'")
     p.add_argument("-o", "--output", required=True, help="restored model to write")
     p.add_argument("--undo", help="undo record (default: PATCHED.rpundo)")
+    add_durable_flag(p)
+
+
+def add_durable_flag(p: Any) -> None:
+    p.add_argument(
+        "--durable",
+        action="store_true",
+        help="fsync the output before renaming it into place, so that it survives a power "
+        "cut (runs at disk speed)",
+    )
 
 
 # ---------------------------------------------------------------------------- inspect

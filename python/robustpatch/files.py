@@ -4,9 +4,13 @@
 at a time, patched by the engine and written, and each tensor's undo record goes to the
 sidecar as soon as it exists. Memory stays near the largest touched tensor (plus the
 signatures and fixed I/O buffers), whatever the file's size. The output goes to a
-temporary file in its folder, is fsynced and renamed into place, so the destination
-holds either the complete result or what it held before; a killed writer's temporary
-files are removed by the next write to the same destination.
+temporary file in its folder and is renamed into place, so the destination holds
+either the complete result or what it held before, whatever happens to the process; a
+killed writer's temporary files are removed by the next write to the same destination.
+``durable=True`` also fsyncs before the rename, so that the result survives a power cut
+or kernel crash. It is opt-in, as for ``shutil.copyfile``, ``safetensors`` or
+``torch.save``: it makes the write run at the disk's speed (on the benchmark machine a
+2 GiB output takes 0.9 s on disk against 0.46 s in the page cache).
 
 How the bytes move: a durable output of ``DIRECT_MIN_BYTES`` or more is written front
 to back with direct I/O (:class:`~robustpatch.container.DirectWriter`): the disk writes
@@ -241,7 +245,7 @@ def apply_file(
     *,
     force: bool = False,
     undo: bool = True,
-    durable: bool = True,
+    durable: bool = False,
     progress: Progress | None = None,
 ) -> FileReport:
     """Write ``src`` patched with ``Σ α_k·sig_k`` to ``out`` (atomically).
@@ -249,9 +253,10 @@ def apply_file(
     With ``undo`` (default) an undo record is written to ``<out>.rpundo`` so that
     :func:`remove_file` restores ``src`` bit for bit. Refuses ``out == src``, and a model
     whose names/shapes/dtypes do not match the signatures unless ``force=True``; on any
-    error nothing is left at ``out`` and ``src`` is untouched. ``durable=False`` skips
-    the fsyncs (the rename stays atomic for readers, but a power cut may lose the
-    output). ``progress`` is called with byte counts as the output is written.
+    error nothing is left at ``out`` and ``src`` is untouched. ``durable=True`` fsyncs
+    the output and the record before the rename, so that they also survive a power cut
+    or kernel crash; it runs at the disk's write speed. ``progress`` is called with byte
+    counts as the output is written.
 
     Memory stays near the largest touched tensor (and its undo record) plus the
     signatures and a fixed set of I/O buffers, whatever the file's size.
@@ -498,7 +503,7 @@ def remove_file(
     out: str | os.PathLike[str] | None = None,
     *,
     undo: str | os.PathLike[str] | None = None,
-    durable: bool = True,
+    durable: bool = False,
     progress: Progress | None = None,
 ) -> FileReport:
     """Restore the file :func:`apply_file` patched: ``out`` becomes bit-identical to the
