@@ -51,7 +51,8 @@ def test_report_files_are_written(tiny_run):
     ]:
         assert (out / "files" / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())  # strict JSON (no NaN)
-    assert [c["id"] for c in saved["claims"]] == [1, 2, 3, 4, 5, 6, "R"]
+    assert [c["id"] for c in saved["claims"]] == [1, 2, "2s", 3, 4, 5, 6, "R"]
+    assert "### Claim 2 across fine-tune seeds [0, 1]" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
     assert "## Claims" in report and "BN-only" in report
     rows = saved["robustifiers"]["rows"]
@@ -103,3 +104,31 @@ def test_removal_is_bit_exact_and_4bit_is_small(tiny_run):
         assert all(v["bit_exact"] for v in r["removal"].values())
         sigs = r["signatures"]
         assert sigs["shallow-4bit"]["nbytes"] * 4 < sigs["shallow"]["nbytes"]
+
+
+def test_claim_2_is_measured_again_on_each_fine_tune_seed(tiny_run):
+    _, results = tiny_run
+    for name, rep in results["replicates"].items():
+        assert [r["seed"] for r in rep["seeds"]] == [0, 1]
+        first = results["per_corruption"][name]["arms"]
+        # Seed 0 is the main run: the same models, signature and numbers.
+        assert rep["seeds"][0]["recovered"] == pytest.approx(
+            first["shallow|reestimate"]["recovered"]
+        )
+        assert rep["seeds"][0]["robust_gain"] == pytest.approx(first["robust"]["gain"])
+        # The other seed's twins are other models: its numbers differ.
+        assert rep["seeds"][1]["robust_gain"] != rep["seeds"][0]["robust_gain"]
+        values = [r["vs_bn_only"] for r in rep["seeds"]]
+        assert rep["stats"]["vs_bn_only"]["mean"] == pytest.approx(sum(values) / 2)
+
+
+def test_mean_ci_is_a_student_t_interval():
+    from robustpatch.lab.demo import mean_ci
+
+    st = mean_ci([1.0, 2.0, 3.0])
+    assert st["mean"] == 2.0 and st["sd"] == pytest.approx(1.0) and st["n"] == 3
+    assert st["ci95"] == pytest.approx(4.303 / 3**0.5, rel=1e-4)
+    assert mean_ci([5.0, 5.0])["ci95"] == 0.0
+    one = mean_ci([4.0])
+    assert one["mean"] == 4.0 and one["ci95"] != one["ci95"]  # NaN: no interval from one
+    assert mean_ci([1.0, float("nan")])["mean"] != mean_ci([1.0, float("nan")])["mean"]

@@ -79,6 +79,9 @@ class DemoConfig:
     seed: int = 0
     # A second fine-tune seed for the similarity experiment (None: skipped).
     second_seed: int | None = 1
+    # Fine-tune seeds (seed, seed + 1, ...) on which claim 2's arm is measured again, to
+    # give its numbers a spread and a 95% interval (below 2: skipped).
+    replicates: int = 3
     # Procedural-patterns images (train, test) for the transfer experiment (0: skipped).
     transfer_images: tuple[int, int] = (3000, 1000)
     test_images: int | None = None  # cap on digits test images (None: all 359)
@@ -119,6 +122,7 @@ class DemoConfig:
             finetune=recipes.TrainConfig(epochs=3, lr=0.02, batch_size=64, milestones=[2]),
             corruptions=("gaussian_noise", "contrast"),
             second_seed=None,
+            replicates=2,
             transfer_images=(600, 200),
             test_images=200,
             bn_images=200,
@@ -275,9 +279,11 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     n = len(config.corruptions)
     seeds = [config.seed] + ([config.second_seed] if config.second_seed is not None else [])
+    trained = sorted(set(seeds) | set(replicate_seeds(config)))
     transfer_on = config.transfer_images[0] > 0
-    steps = 1 + len(seeds) * (1 + n) + (1 + n if transfer_on else 0) + n + 4
+    steps = 1 + len(trained) * (1 + n) + (1 + n if transfer_on else 0) + n + 4
     steps += 1 if config.robustifiers else 0
+    steps += 1 if replicate_seeds(config) else 0
     bar = _Progress(steps, progress, log)
     ctx = _Run(config, dev, out, bar)
     t0 = time.perf_counter()
@@ -343,7 +349,8 @@ def _run(ctx: _Run, seeds: list[int], transfer_on: bool) -> dict:
     bar.log("[2/6] fine-tuning clean and robust twins")
     clean: dict[tuple[str, int], nn.Module] = {}
     robust: dict[tuple[str, str, int], nn.Module] = {}
-    jobs = [(digits, s) for s in seeds] + ([(patterns, config.seed)] if patterns else [])
+    trained = sorted(set(seeds) | set(replicate_seeds(config)))
+    jobs = [(digits, s) for s in trained] + ([(patterns, config.seed)] if patterns else [])
     for task, s in jobs:
         clean[(task.name, s)] = ctx.finetune(task, None, s, f"{task.name}-clean-s{s}")
         for c in config.corruptions:
@@ -394,6 +401,15 @@ def _run(ctx: _Run, seeds: list[int], transfer_on: bool) -> dict:
         shallow[c] = sig
         bar.step(c)
 
+    # -- claim 2 again on other fine-tune seeds
+    if replicate_seeds(config):
+        bar.log(f"      claim 2 on fine-tune seeds {replicate_seeds(config)}")
+        with ctx.stage("seed replicates"):
+            results["replicates"] = _replicates(
+                config, digits, pre, units[:k], clean, robust, replicate_seeds(config)
+            )
+        bar.step("replicates")
+
     # -- 5. similarity and detection
     bar.log("[4/6] similarity across corruptions, seeds and datasets; detection")
     with ctx.stage("similarity"):
@@ -441,6 +457,64 @@ def _run(ctx: _Run, seeds: list[int], transfer_on: bool) -> dict:
     results["summary"] = [summarize(c, results["per_corruption"][c]) for c in config.corruptions]
     bar.step("report")
     return results
+
+
+def replicate_seeds(config: DemoConfig) -> list[int]:
+    """The fine-tune seeds claim 2 is measured on (empty: no replication)."""
+    n = config.replicates
+    return [config.seed + i for i in range(n)] if n >= 2 else []
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1-10).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def mean_ci(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation and the half-width of a 95% t interval (NaN where
+    a value is undefined or there are fewer than two)."""
+    v = np.asarray(values, dtype=np.float64)
+    nan = float("nan")
+    mean = float(v.mean()) if len(v) and np.all(np.isfinite(v)) else nan
+    sd = float(v.std(ddof=1)) if len(v) >= 2 and mean == mean else nan
+    ci = _T95[min(len(v) - 2, len(_T95) - 1)] * sd / math.sqrt(len(v)) if sd == sd else nan
+    return {"mean": mean, "sd": sd, "ci95": ci, "n": len(v)}
+
+
+def _replicates(
+    config: DemoConfig,
+    task: X.Task,
+    pre: dict,
+    shallow_units: list[X.Unit],
+    clean: dict,
+    robust: dict,
+    seeds: list[int],
+) -> dict:
+    """Claim 2's numbers (primary arm) for each fine-tune seed, and their mean ± 95% CI."""
+    out = {}
+    for c in config.corruptions:
+        rows = []
+        for s in seeds:
+            cl, rb = clean[("digits32", s)], robust[("digits32", c, s)]
+            sig = X.make_signature(
+                pre, X.state_arrays(cl), X.state_arrays(rb), shallow_units, name=c
+            )
+            a = X.patch_arms(task, c, cl, rb, {"shallow": sig}, policies=(POLICY,))["arms"]
+            p = a[PRIMARY]
+            rows.append(
+                {
+                    "seed": s,
+                    "robust_gain": a["robust"]["gain"],
+                    "recovered": p["recovered"],
+                    "vs_bn_only": p["mean"] - a["bn_reestimation_only"]["mean"],
+                    "clean_loss": a["clean"]["clean"] - p["clean_adapted"],
+                }
+            )
+        stats = {
+            key: mean_ci([r[key] for r in rows])
+            for key in ("robust_gain", "recovered", "vs_bn_only", "clean_loss")
+        }
+        out[c] = {"seeds": rows, "stats": stats}
+    return out
 
 
 def _compare_robustifiers(ctx: _Run) -> dict:
@@ -652,6 +726,9 @@ def claims(results: dict) -> list[dict]:
         }
     )
 
+    if "replicates" in results:
+        rows.append(_claim2_over_seeds(results["replicates"]))
+
     # 3. shallow layers
     parts, ok3 = [], True
     for c in names:
@@ -833,6 +910,39 @@ def claims(results: dict) -> list[dict]:
     return rows
 
 
+def _claim2_over_seeds(reps: dict) -> dict:
+    """Claim 2 judged on the mean over fine-tune seeds (intervals shown, not used)."""
+    parts, ok = [], True
+    n = 0
+    for c, r in reps.items():
+        st = r["stats"]
+        n = st["recovered"]["n"]
+        rec, vs_bn, loss = (st[k]["mean"] for k in ("recovered", "vs_bn_only", "clean_loss"))
+        good = _ok(rec, 0.7) and _ok(vs_bn, 5) and _ok(loss, 2, above=False)
+        ok = ok and good
+        parts.append(
+            f"{c}: recovers {_ci(st['recovered'], 100, '.0f')}%, "
+            f"{_ci(st['vs_bn_only'], 1, '+.1f')} vs BN-only, "
+            f"clean −{_ci(st['clean_loss'], 1, '.1f')} {'✓' if good else '✗'}"
+        )
+    return {
+        "id": "2s",
+        "claim": f"claim 2 on the mean over {n} fine-tune seeds (± half-width of a 95% t interval)",
+        "measured": "; ".join(parts),
+        "passed": ok,
+    }
+
+
+def _ci(stat: dict, scale: float, spec: str) -> str:
+    """``mean ± ci`` of a :func:`mean_ci` result, scaled (n/a where undefined)."""
+    if stat["mean"] != stat["mean"]:
+        return "n/a"
+    ci = (
+        f" ± {_fmt(scale * stat['ci95'], spec.lstrip('+'))}" if stat["ci95"] == stat["ci95"] else ""
+    )
+    return f"{_fmt(scale * stat['mean'], spec)}{ci}"
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -993,6 +1103,8 @@ def write_report(out: Path, results: dict) -> None:
             f"{p['clean_adapted']:.1f} / {p['clean']:.1f} | "
             f"{100 * pc[c]['signatures']['shallow']['param_fraction']:.1f}% |"
         )
+    if "replicates" in results:
+        L += _replicates_section(results["replicates"])
     L += ["", f"![patch gain]({figs['arms']})", "", "## 2. Every arm", ""]
     for c in names:
         a = pc[c]["arms"]
@@ -1266,6 +1378,37 @@ def write_report(out: Path, results: dict) -> None:
         table = comparison_markdown(results["robustifiers"]).split("\n")
         L += ["## 10. Robustifiers compared (lab.robustifiers)", ""] + table[1:] + [""]
     (out / "report.md").write_text("\n".join(L))
+
+
+def _replicates_section(reps: dict) -> list[str]:
+    """Claim 2's numbers per fine-tune seed, with mean ± 95% interval."""
+    seeds = [r["seed"] for r in next(iter(reps.values()))["seeds"]]
+    L = [
+        "",
+        f"### Claim 2 across fine-tune seeds {seeds}",
+        "",
+        "The same pretrained weights; per seed a clean and a robust twin fine-tuned with that "
+        "seed (data order and corruption draws), the shallow signature extracted from that "
+        "pair and applied to that clean twin (arm `" + PRIMARY + "`). Mean ± half-width of "
+        "the 95% t interval; per-seed values in brackets.",
+        "",
+        "| corruption | robust gain | recovered | vs BN-only | clean accuracy lost |",
+        "|---|---|---|---|---|",
+    ]
+    for c, r in reps.items():
+        cells = [
+            _seed_cell(r, "robust_gain", 1, ".1f"),
+            _seed_cell(r, "recovered", 100, ".0f") + "%",
+            _seed_cell(r, "vs_bn_only", 1, "+.1f"),
+            _seed_cell(r, "clean_loss", 1, ".1f"),
+        ]
+        L.append(f"| {c} | " + " | ".join(cells) + " |")
+    return L
+
+
+def _seed_cell(rep: dict, key: str, scale: float, spec: str) -> str:
+    per = ", ".join(_fmt(scale * row[key], spec) for row in rep["seeds"])
+    return f"{_ci(rep['stats'][key], scale, spec)} [{per}]"
 
 
 def _jsonable(x: Any) -> Any:
