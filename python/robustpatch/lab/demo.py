@@ -674,6 +674,11 @@ def _ok(x: float, threshold: float, above: bool = True) -> bool:
     return (x >= threshold if above else x <= threshold) if x == x else False
 
 
+def _signed(x: float) -> str:
+    """``x`` with its sign, a true minus for losses (``−3.2``, ``+0.4``)."""
+    return format(x, "+.1f").replace("-", "−")
+
+
 def _fmt(x: float, spec: str = ".1f") -> str:
     return format(x, spec) if x == x else "n/a"
 
@@ -713,8 +718,8 @@ def claims(results: dict) -> list[dict]:
         ok2 = ok2 and good
         parts.append(
             f"{c}: {100 * frac:.0f}% params, recovers {_fmt(100 * rec, '.0f')}%, "
-            f"{vs_bn:+.1f} vs BN-only, clean −{loss:.1f} (−{loss_static:.1f} with corrupted-data "
-            f"BN stats) {'✓' if good else '✗'}"
+            f"{vs_bn:+.1f} vs BN-only, clean {_signed(-loss)} ({_signed(-loss_static)} with "
+            f"corrupted-data BN stats) {'✓' if good else '✗'}"
         )
     rows.append(
         {
@@ -923,7 +928,7 @@ def _claim2_over_seeds(reps: dict) -> dict:
         parts.append(
             f"{c}: recovers {_ci(st['recovered'], 100, '.0f')}%, "
             f"{_ci(st['vs_bn_only'], 1, '+.1f')} vs BN-only, "
-            f"clean −{_ci(st['clean_loss'], 1, '.1f')} {'✓' if good else '✗'}"
+            f"clean accuracy lost {_ci(st['clean_loss'], 1, '.1f')} {'✓' if good else '✗'}"
         )
     return {
         "id": "2s",
