@@ -279,7 +279,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     n = len(config.corruptions)
     seeds = [config.seed] + ([config.second_seed] if config.second_seed is not None else [])
-    trained = sorted(set(seeds) | set(replicate_seeds(config)))
+    trained = _digits_seeds(config, seeds)
     transfer_on = config.transfer_images[0] > 0
     steps = 1 + len(trained) * (1 + n) + (1 + n if transfer_on else 0) + n + 4
     steps += 1 if config.robustifiers else 0
@@ -349,7 +349,7 @@ def _run(ctx: _Run, seeds: list[int], transfer_on: bool) -> dict:
     bar.log("[2/6] fine-tuning clean and robust twins")
     clean: dict[tuple[str, int], nn.Module] = {}
     robust: dict[tuple[str, str, int], nn.Module] = {}
-    trained = sorted(set(seeds) | set(replicate_seeds(config)))
+    trained = _digits_seeds(config, seeds)
     jobs = [(digits, s) for s in trained] + ([(patterns, config.seed)] if patterns else [])
     for task, s in jobs:
         clean[(task.name, s)] = ctx.finetune(task, None, s, f"{task.name}-clean-s{s}")
@@ -457,6 +457,11 @@ def _run(ctx: _Run, seeds: list[int], transfer_on: bool) -> dict:
     results["summary"] = [summarize(c, results["per_corruption"][c]) for c in config.corruptions]
     bar.step("report")
     return results
+
+
+def _digits_seeds(config: DemoConfig, seeds: list[int]) -> list[int]:
+    """Every seed with digits twins: the similarity ``seeds`` and the replicates."""
+    return sorted(set(seeds) | set(replicate_seeds(config)))
 
 
 def replicate_seeds(config: DemoConfig) -> list[int]:
