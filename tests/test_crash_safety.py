@@ -111,8 +111,9 @@ def big(tmp_path_factory) -> Big:
     )
 
 
-def cli_apply(big: Big, out: Path) -> subprocess.Popen:
+def cli_apply(big: Big, out: Path, durable: bool = False) -> subprocess.Popen:
     argv = [sys.executable, "-m", "robustpatch.cli", "-q", "apply", big.model, big.sig]
+    argv += ["--durable"] if durable else []
     return subprocess.Popen(
         [str(a) for a in [*argv, "-o", out]],
         env=ENV,
@@ -135,14 +136,10 @@ def restores_source(big: Big, out: Path, scratch: Path) -> bool:
     return ok
 
 
-def test_sigkill_at_random_moments_never_corrupts_source_or_destination(big, tmp_path):
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    out, undo = out_dir / "p.safetensors", undo_path_for(out_dir / "p.safetensors")
-
-    # One uninterrupted run: its duration, and when its first temporary file appears.
+def timed_run(big: Big, out: Path, undo: Path, out_dir: Path) -> tuple[float, float]:
+    """(seconds until the first temporary file appears, seconds to finish) of one apply."""
     t0 = time.perf_counter()
-    proc = cli_apply(big, out)
+    proc = cli_apply(big, out, durable=True)
     first_temp = None
     while proc.poll() is None:
         if first_temp is None and temps(out_dir):
@@ -152,6 +149,22 @@ def test_sigkill_at_random_moments_never_corrupts_source_or_destination(big, tmp
     assert proc.returncode == 0, proc.stderr.read()
     assert (sha(out), sha(undo)) == big.new and temps(out_dir) == []
     assert first_temp is not None and first_temp < duration
+    return first_temp, duration
+
+
+def test_sigkill_at_random_moments_never_corrupts_source_or_destination(big, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out, undo = out_dir / "p.safetensors", undo_path_for(out_dir / "p.safetensors")
+
+    # Durable writes (fsync before the renames): the file-writing window is then long
+    # enough for random kills to land in it; the rename protocol is the same either way.
+    # Uninterrupted runs: how long one takes, and when its first temporary file appears.
+    # The fastest of three (the first pays for cold caches): kills must land in the short
+    # file-writing window of a warm run.
+    first_temp, duration = min(
+        (timed_run(big, out, undo, out_dir) for _ in range(3)), key=lambda r: r[1]
+    )
 
     rng = np.random.default_rng(20240508)
     outcomes: dict[str, int] = {"untouched": 0, "killed mid-write": 0, "completed": 0}
@@ -167,7 +180,7 @@ def test_sigkill_at_random_moments_never_corrupts_source_or_destination(big, tmp
         # Mostly while the file work runs; every fourth trial anywhere in the run.
         start = 0.0 if trial % 4 == 0 else first_temp
         delay = rng.uniform(start, duration * 1.05)
-        proc = cli_apply(big, out)
+        proc = cli_apply(big, out, durable=True)
         time.sleep(delay)
         proc.kill()
         proc.wait()
@@ -205,7 +218,7 @@ def test_sigkill_at_random_moments_never_corrupts_source_or_destination(big, tmp
             outcomes["killed mid-write" if left else "untouched"] += 1
 
         if left and cleanups < 4:  # the next run removes the dead writer's leftovers
-            proc = cli_apply(big, out)
+            proc = cli_apply(big, out, durable=True)
             assert proc.wait(timeout=120) == 0, proc.stderr.read()
             assert temps(out_dir) == [], where
             assert (sha(out), sha(undo)) == big.new, where
