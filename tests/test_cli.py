@@ -25,6 +25,12 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def extract_fog(capsys, d, *extra):
+    """``robustpatch extract`` of the ``files`` trio into ``d/fog.rws``."""
+    models = (d / f"{n}.safetensors" for n in ("pre", "clean", "robust"))
+    return run(capsys, "extract", *models, "-o", d / "fog.rws", *extra)
+
+
 @pytest.fixture()
 def files(tmp_path):
     pre, clean, robust = trio(0)
@@ -47,14 +53,9 @@ def test_every_command_is_registered_and_its_help_has_an_example(capsys):
 
 def test_extract_quantize_inspect_similarity(files, capsys):
     d = files
-    code, out, _ = run(
+    code, out, _ = extract_fog(
         capsys,
-        "extract",
-        d / "pre.safetensors",
-        d / "clean.safetensors",
-        d / "robust.safetensors",
-        "-o",
-        d / "fog.rws",
+        d,
         "--provenance",
         "corruption=fog",
         "--provenance",
@@ -107,19 +108,7 @@ def test_inspect_reports_the_compression_ratio_of_a_4_bit_group_128_file(tmp_pat
 
 def test_apply_inspect_remove_round_trip(files, capsys):
     d = files
-    run(
-        capsys,
-        "extract",
-        d / "pre.safetensors",
-        d / "clean.safetensors",
-        d / "robust.safetensors",
-        "-o",
-        d / "fog.rws",
-        "--layers",
-        "all",
-        "--bits",
-        "4",
-    )
+    extract_fog(capsys, d, "--layers", "all", "--bits", "4")
     code, out, _ = run(
         capsys,
         "apply",
@@ -148,8 +137,7 @@ def test_durable_fsyncs_output_and_record_only_when_asked(files, capsys, monkeyp
     fsyncs the patched model and its undo record, and ``remove --durable`` the restored
     file, each before its rename."""
     d = files
-    run(capsys, "extract", *(d / f"{n}.safetensors" for n in ("pre", "clean", "robust")),
-        "-o", d / "fog.rws")  # fmt: skip
+    extract_fog(capsys, d)
     synced: list[str] = []
     real = os.fsync
 
@@ -194,15 +182,7 @@ def test_durable_fsyncs_output_and_record_only_when_asked(files, capsys, monkeyp
 )
 def test_errors_are_one_line_with_exit_code_1(files, capsys, setup, argv, message):
     d = files
-    run(
-        capsys,
-        "extract",
-        d / "pre.safetensors",
-        d / "clean.safetensors",
-        d / "robust.safetensors",
-        "-o",
-        d / "fog.rws",
-    )
+    extract_fog(capsys, d)
     model = d / "clean.safetensors"
     if setup == "truncate":
         model.write_bytes(model.read_bytes()[:-64])
@@ -233,17 +213,7 @@ def test_a_disk_full_write_midway_leaves_no_partial_output(files, capsys):
     import resource
 
     d = files
-    run(
-        capsys,
-        "extract",
-        d / "pre.safetensors",
-        d / "clean.safetensors",
-        d / "robust.safetensors",
-        "-o",
-        d / "fog.rws",
-        "--layers",
-        "all",
-    )
+    extract_fog(capsys, d, "--layers", "all")
     out = d / "out"
     out.mkdir()
     limit = (d / "clean.safetensors").stat().st_size // 2
