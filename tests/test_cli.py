@@ -208,6 +208,24 @@ def test_usage_errors_exit_with_2(capsys):
     assert "robustpatch apply: error:" in capsys.readouterr().err
 
 
+def test_demo_threads_must_be_positive_and_reach_the_demo(capsys, tmp_path, monkeypatch):
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["demo", "--threads", bad])
+        assert e.value.code == 2
+        assert "expected a positive integer" in capsys.readouterr().err
+    demo = pytest.importorskip("robustpatch.lab.demo")
+    seen = {}
+
+    def fake_run(out, **kwargs):
+        seen.update(kwargs)
+        return {"summary": []}
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    code, out, _ = run(capsys, "--quiet", "demo", "--threads", "3", "--out", tmp_path)
+    assert code == 0 and seen["threads"] == 3 and "report:" in out
+
+
 def test_a_disk_full_write_midway_leaves_no_partial_output(files, capsys):
     """A real failing write: the child's file size limit is below the output's size."""
     import resource

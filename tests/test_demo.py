@@ -132,3 +132,25 @@ def test_mean_ci_is_a_student_t_interval():
     one = mean_ci([4.0])
     assert one["mean"] == 4.0 and one["ci95"] != one["ci95"]  # NaN: no interval from one
     assert mean_ci([1.0, float("nan")])["mean"] != mean_ci([1.0, float("nan")])["mean"]
+
+
+def test_run_sets_the_torch_thread_count_it_records(tmp_path, monkeypatch):
+    """CPU results depend on the thread count, so ``run(threads=n)`` must apply it before
+    any training (checked where training starts, then stopped there)."""
+    from robustpatch.lab import demo
+
+    seen = []
+
+    def stop_at_training(ctx, seeds, transfer_on):
+        seen.append(torch.get_num_threads())
+        raise KeyboardInterrupt
+
+    old = torch.get_num_threads()
+    monkeypatch.setattr(demo, "_run", stop_at_training)
+    try:
+        for n in (2, 1):
+            with pytest.raises(KeyboardInterrupt):
+                demo.run(tmp_path, log=lambda _m: None, config=demo.DemoConfig.tiny(), threads=n)
+    finally:
+        torch.set_num_threads(old)
+    assert seen == [2, 1]

@@ -539,6 +539,23 @@ def add_demo(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="smaller run (minutes on 2 CPU cores)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", type=Path, default=Path("report"), help="report folder")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); CPU results reproduce exactly "
+        "only with the thread count the report records",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def run_demo(args: Any) -> int:
@@ -553,7 +570,12 @@ def run_demo(args: Any) -> int:
         return 1
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     results = demo.run(
-        args.out, quick=args.quick, device=args.device, log=log, progress=not args.quiet
+        args.out,
+        quick=args.quick,
+        device=args.device,
+        log=log,
+        progress=not args.quiet,
+        threads=args.threads,
     )
     for s in results["summary"]:
         best = max(s["recovered"].items(), key=lambda kv: kv[1] if kv[1] == kv[1] else -1e9)

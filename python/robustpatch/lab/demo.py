@@ -267,12 +267,18 @@ def run(
     log: Callable[[str], None] = print,
     config: DemoConfig | None = None,
     progress: bool = False,
+    threads: int | None = None,
 ) -> dict:
     """Run the demo; write the report under `out`; return the results.
 
     `config` overrides the size chosen by `quick` (see `DemoConfig.tiny` for tests);
-    `progress` shows a tqdm bar (log lines are written through `log` either way).
+    `progress` shows a tqdm bar (log lines are written through `log` either way);
+    `threads` sets torch's CPU thread count for this process (None: leave it).
     """
+    if threads is not None:
+        # Float sums split differently across threads and training amplifies the
+        # difference, so a CPU run reproduces exactly only at the same thread count.
+        torch.set_num_threads(threads)
     config = config or (DemoConfig.quick() if quick else DemoConfig())
     dev = models.default_device(device)
     out = Path(out)
@@ -1054,7 +1060,9 @@ def write_report(out: Path, results: dict) -> None:
         f"Device {cfg['device']}, {results['seconds']:.0f} s wall time, {m['torch_threads']} "
         f"torch thread(s) on {m['cpus']} CPU(s), load average {m['load_average_start']} at "
         f"start and {m['load_average_end']} at the end. Seed {cfg['seed']}. Corruption strengths: "
-        f"{cfg['scale']}-C parameters on 32-px images.",
+        f"{cfg['scale']}-C parameters on 32-px images. A CPU run reproduces these numbers "
+        "exactly only with the same torch thread count (`robustpatch demo --threads N`): "
+        "float sums split differently across threads and training amplifies the difference.",
         "",
         f"Pretraining: {cfg['pretrain_images']} procedural shapes, {cfg['pretrain_epochs']} "
         f"epochs. Fine-tuning (clean and robust twins from the same pretrained weights, seed "
