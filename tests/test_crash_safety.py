@@ -361,6 +361,52 @@ def test_a_writer_cannot_commit_between_anothers_two_renames(big, tmp_path):
     assert restores_source(big, out, tmp_path)
 
 
+KILL_MID_STREAM = r"""
+import os, signal, sys
+import robustpatch.files as files
+src, sig, out, after = sys.argv[1:5]
+written = 0
+
+
+def tick(n):
+    global written
+    written += n
+    if written >= int(after):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+files.apply_file(src, [sig], 1.0, out, progress=tick)
+"""
+
+
+@pytest.mark.parametrize("had_old", [False, True])
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_a_default_writer_killed_mid_stream(big, tmp_path, share, had_old):
+    """The default (not durable) writer killed at a chosen point of its stream: first
+    bytes, half, everything written but not yet renamed. Deterministic, unlike the
+    random kills, which need a durable writer's longer window to land mid-write."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out, undo = out_dir / "p.safetensors", undo_path_for(out_dir / "p.safetensors")
+    if had_old:
+        os.link(big.old[0], out)
+        os.link(big.old[1], undo)
+    header = read_header(big.model)
+    after = max(1, int(share * (header.file_size - header.data_start)))  # tensor bytes
+    argv = [sys.executable, "-c", KILL_MID_STREAM, big.model, big.sig, out, after]
+    proc = subprocess.run([str(a) for a in argv], env=ENV, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert sha(big.model) == big.model_sha
+    if had_old:
+        assert (sha(out), sha(undo)) == big.old_sha  # the previous pair, whole
+    else:
+        assert not out.exists() and not undo.exists()
+    left = temps(out_dir)
+    assert len(left) == 2 and all(TEMP.fullmatch(n) for n in left), left
+    assert cli_apply(big, out).wait(timeout=120) == 0  # the next run cleans up
+    assert (sha(out), sha(undo)) == big.new and temps(out_dir) == []
+
+
 # ---------------------------------------------------------------------------- direct I/O
 
 
