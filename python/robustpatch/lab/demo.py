@@ -691,7 +691,8 @@ def _signed(x: float) -> str:
 
 
 def _fmt(x: float, spec: str = ".1f") -> str:
-    return format(x, spec) if x == x else "n/a"
+    """``x`` formatted with a true minus sign, ``n/a`` where undefined (NaN)."""
+    return format(x, spec).replace("-", "−") if x == x else "n/a"
 
 
 def claims(results: dict) -> list[dict]:
@@ -729,7 +730,7 @@ def claims(results: dict) -> list[dict]:
         ok2 = ok2 and good
         parts.append(
             f"{c}: {100 * frac:.0f}% params, recovers {_fmt(100 * rec, '.0f')}%, "
-            f"{vs_bn:+.1f} vs BN-only, clean {_signed(-loss)} ({_signed(-loss_static)} with "
+            f"{_signed(vs_bn)} vs BN-only, clean {_signed(-loss)} ({_signed(-loss_static)} with "
             f"corrupted-data BN stats) {'✓' if good else '✗'}"
         )
     rows.append(
@@ -821,7 +822,7 @@ def claims(results: dict) -> list[dict]:
             + ", ".join(
                 f"{c} {_fmt(100 * t['ratio'][POLICY], '.0f')}%"
                 if t["ratio"][POLICY] == t["ratio"][POLICY]
-                else f"{c} undefined (B's robust gain {t['robust_gain']:+.1f})"
+                else f"{c} undefined (B's robust gain {_signed(t['robust_gain'])})"
                 for c, t in tr.items()
             )
             + (" ✓" if good else " ✗")
@@ -862,7 +863,7 @@ def claims(results: dict) -> list[dict]:
     parts.append(
         "α 0→1 non-decreasing (±1): "
         + ", ".join(
-            f"{c} {'yes' if v[0] else 'no'} (worst step {v[1]:+.1f})" for c, v in mono.items()
+            f"{c} {'yes' if v[0] else 'no'} (worst step {_signed(v[1])})" for c, v in mono.items()
         )
         + (" ✓" if good else " ✗")
     )
@@ -891,7 +892,7 @@ def claims(results: dict) -> list[dict]:
         kept_s = (
             f"keeps {_fmt(100 * row['kept'], '.0f')}% of the gain"
             if row["kept"] == row["kept"]
-            else f"gain kept undefined (unquantized gain {comp['unquantized']['gain']:+.1f})"
+            else f"gain kept undefined (unquantized gain {_signed(comp['unquantized']['gain'])})"
         )
         parts.append(f"{c}: {kept_s}, {row['times_smaller']:.1f}× smaller {'✓' if good else '✗'}")
     sizes = pc[names[0]]["compression"].get("nbytes_by_granularity") if names else None
@@ -1041,7 +1042,7 @@ def _cell(text: str) -> str:
 
 
 def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%" if x == x else "n/a"
+    return f"{_fmt(100 * x, '.0f')}%" if x == x else "n/a"
 
 
 def write_report(out: Path, results: dict) -> None:
