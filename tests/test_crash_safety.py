@@ -319,17 +319,24 @@ def run_renames(mode: str, big: Big, out: Path, marker: Path) -> subprocess.Pope
     return subprocess.Popen([str(a) for a in argv], env=ENV, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("had_old", [False, True])
-def test_a_writer_killed_between_its_two_renames(big, tmp_path, had_old):
-    """The one moment a kill can split the pair: the record is renamed first, so the
-    destination is never a new model without its record; at worst the new record sits
-    beside the previous model, and remove_file refuses that pair."""
+def output_folder(big: Big, tmp_path: Path, had_old: bool) -> tuple[Path, Path, Path]:
+    """(folder, output, its undo record) in a fresh folder, holding a previous pair
+    (the same signature at α 0.5) when ``had_old``."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out, undo = out_dir / "p.safetensors", undo_path_for(out_dir / "p.safetensors")
     if had_old:
         os.link(big.old[0], out)
         os.link(big.old[1], undo)
+    return out_dir, out, undo
+
+
+@pytest.mark.parametrize("had_old", [False, True])
+def test_a_writer_killed_between_its_two_renames(big, tmp_path, had_old):
+    """The one moment a kill can split the pair: the record is renamed first, so the
+    destination is never a new model without its record; at worst the new record sits
+    beside the previous model, and remove_file refuses that pair."""
+    out_dir, out, undo = output_folder(big, tmp_path, had_old)
     proc = run_renames("die-between-renames", big, out, tmp_path / "m")
     assert proc.wait(timeout=120) == -9, proc.stderr.read()
     assert sha(big.model) == big.model_sha
@@ -385,12 +392,7 @@ def test_a_default_writer_killed_mid_stream(big, tmp_path, share, had_old):
     """The default (not durable) writer killed at a chosen point of its stream: first
     bytes, half, everything written but not yet renamed. Deterministic, unlike the
     random kills, which need a durable writer's longer window to land mid-write."""
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    out, undo = out_dir / "p.safetensors", undo_path_for(out_dir / "p.safetensors")
-    if had_old:
-        os.link(big.old[0], out)
-        os.link(big.old[1], undo)
+    out_dir, out, undo = output_folder(big, tmp_path, had_old)
     header = read_header(big.model)
     after = max(1, int(share * (header.file_size - header.data_start)))  # tensor bytes
     argv = [sys.executable, "-c", KILL_MID_STREAM, big.model, big.sig, out, after]
