@@ -687,7 +687,7 @@ def _ok(x: float, threshold: float, above: bool = True) -> bool:
 
 def _signed(x: float) -> str:
     """``x`` with its sign, a true minus for losses (``−3.2``, ``+0.4``)."""
-    return format(x, "+.1f").replace("-", "−")
+    return _fmt(x, "+.1f")
 
 
 def _fmt(x: float, spec: str = ".1f") -> str:
