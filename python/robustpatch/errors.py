@@ -10,17 +10,37 @@ and the CLI can report it as one clear line:
 - :class:`MismatchError` (a ``ValueError``): a signature and a model that do not fit
   each other (missing tensor, shape, dtype); ``force=True`` relaxes the dtype and shape
   checks (never the element count).
+- :class:`SelectionError` (a ``ValueError``): a layer selection for ``extract`` that is
+  invalid (bad regex, share outside (0, 1]) or leaves nothing to extract.
+
+:class:`ZeroSignatureWarning` (a ``UserWarning``): an extracted signature is zero or
+near zero (clean and robust checkpoints that are the same model).
 """
 
 from __future__ import annotations
 
 from ._core import FormatError, NonFiniteError
 
-__all__ = ["FormatError", "NonFiniteError", "MismatchError", "EXPECTED_ERRORS"]
+__all__ = [
+    "FormatError",
+    "NonFiniteError",
+    "MismatchError",
+    "SelectionError",
+    "ZeroSignatureWarning",
+    "EXPECTED_ERRORS",
+]
 
 
 class MismatchError(ValueError):
     """A signature does not fit the model it is applied to (or an undo record its target)."""
+
+
+class SelectionError(ValueError):
+    """A layer selection that is invalid or selects nothing to extract."""
+
+
+class ZeroSignatureWarning(UserWarning):
+    """An extracted signature is zero or near zero relative to the robust delta."""
 
 
 #: Exceptions the CLI reports as one line without a traceback.

@@ -9,7 +9,14 @@ Per tensor the signature is, with ``method="projection"`` (the paper's),
 ``Δr − (⟨Δr, d⟩/‖d‖²)·d`` where ``Δr = robust − pretrained`` and ``d = clean −
 pretrained``; with ``method="difference"`` it is ``robust − clean``. BatchNorm running
 statistics are not differenced: the signature carries the robust model's values as
-replacements; BatchNorm counters are ignored.
+replacements; BatchNorm counters are ignored. A tensor whose signature is zero everywhere
+(it did not change) is skipped, not stored, and listed in ``meta["skipped"]``.
+
+Depth ("leading layers") follows the module structure, never a file's byte order: a
+torch module's or state dict's own order, else a natural sort of module paths
+(``layers.2`` before ``layers.10``) with output heads (``lm_head``, ``classifier``,
+``head``, ``fc``) last. Buffers (BatchNorm statistics and counters, normalisation
+``mean``/``std``, a torch module's registered buffers) are never counted as layers.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import math
 import mmap
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,24 +38,51 @@ import numpy as np
 from . import _core
 from .container import read_header
 from .dtypes import NUMPY_OF_LABEL, PATCHABLE, label_of, widen
-from .errors import FormatError
+from .errors import FormatError, SelectionError, ZeroSignatureWarning
 from .signature import Entry, Signature, bn_entry, dense_entry, is_bn_stat
 
-__all__ = ["extract", "open_source", "Source", "layer_units"]
+__all__ = ["extract", "open_source", "Source", "layer_units", "depth_key", "AUTO_PARAM_BUDGET"]
 
 Layers = Union[str, int, Sequence[str]]
+
+#: Share of the parameters ``layers="auto"`` may select (projection method): the paper
+#: patches VGG-16's first 7 of 13 convs (≈ 12% of the weights); the demo's measured
+#: patch is its first 4 weight layers (23%). A quarter covers both.
+AUTO_PARAM_BUDGET = 0.25
+
+#: Leaf names of tensors that are state, not weights: never a layer, never counted as
+#: parameters (BatchNorm statistics and counter, input normalisation buffers).
+BUFFER_LEAVES = ("running_mean", "running_var", "num_batches_tracked", "mean", "std")
+
+#: First module-path components of output heads, which sort last in natural order.
+HEAD_MODULES = ("lm_head", "classifier", "head", "fc")
+
+#: A signature whose norm is at most this share of its reference norm (‖Δr‖ for the
+#: projection, ‖robust‖ for the difference) counts as zero: extract warns.
+ZERO_SIGNATURE_RTOL = 1e-6
 
 
 # ---------------------------------------------------------------------------- sources
 
 
 class Source:
-    """A checkpoint read lazily: names in model order, float tensors as numpy arrays."""
+    """A checkpoint read lazily: names in depth order, float tensors as numpy arrays.
 
-    def __init__(self, names: list[str], bn: set[str], where: str) -> None:
+    ``buffers``: names known to be buffers (a torch module's), beside those
+    :func:`is_buffer` recognises by name.
+    """
+
+    def __init__(
+        self, names: list[str], bn: set[str], where: str, buffers: set[str] | None = None
+    ) -> None:
         self.names = names
         self.bn = bn
         self.where = where
+        self.buffers = set(buffers or ()) | bn
+
+    def is_buffer(self, name: str) -> bool:
+        """True for state that is not a weight (never a layer, not a parameter)."""
+        return name in self.buffers or is_buffer_name(name)
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         raise NotImplementedError
@@ -70,12 +105,25 @@ class Source:
 
 
 class DictSource(Source):
-    """A mapping name → numpy array (non-float arrays are ignored)."""
+    """A mapping name → numpy array (non-float arrays are ignored).
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], bn: set[str] | None = None, where=""):
+    ``ordered``: the mapping's order is the model's (it came from a torch module or
+    state dict); otherwise names are put in :func:`depth_key` order.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        bn: set[str] | None = None,
+        where="",
+        *,
+        ordered: bool = False,
+        buffers: set[str] | None = None,
+    ):
         self.arrays = {k: v for k, v in arrays.items() if _is_float_array(v)}
-        names = list(self.arrays)
-        super().__init__(names, set(bn or ()) | {k for k in names if is_bn_stat(k)}, where)
+        names = list(self.arrays) if ordered else sorted(self.arrays, key=depth_key)
+        bn_names = set(bn or ()) | {k for k in names if is_bn_stat(k)}
+        super().__init__(names, bn_names, where, buffers)
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         a = self.arrays.get(name)
@@ -111,7 +159,7 @@ class FileSource(Source):
                 if t.name in self._where:
                     raise FormatError(f"{where}: tensor {t.name!r} appears in two shards")
                 self._where[t.name] = (i, t)
-        names = _model_order(self._headers)
+        names = sorted(self._where, key=depth_key)
         super().__init__(names, {n for n in names if is_bn_stat(n)}, where)
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
@@ -129,22 +177,26 @@ class FileSource(Source):
         return arr.reshape(t.shape)
 
 
-def _model_order(headers: list[Any]) -> list[str]:
-    """Tensor names in model order, as well as a file can tell.
+def _part_key(part: str) -> tuple[tuple[int, int, str], ...]:
+    """Natural order within one path component: ``layer2`` < ``layer10``."""
+    return tuple(
+        (0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", part) if p
+    )
 
-    Writers that keep insertion order (robustpatch, most of the lab) leave the model's
-    order in the byte offsets; ``safetensors.torch.save_file`` sorts by dtype then name,
-    which carries no order, and then names are sorted naturally (``layer2`` < ``layer10``).
+
+def depth_key(name: str) -> tuple[bool, list[tuple], tuple]:
+    """Sort key putting tensor names in depth order when no model order is known.
+
+    Module paths compare component by component, numbers as numbers (``layers.2`` before
+    ``layers.10``, a module before its children); modules under an output head
+    (:data:`HEAD_MODULES` as the first component) go last; a module's tensors stay
+    together. Siblings without numbers (``self_attn``, ``mlp``) keep name order: a name
+    cannot tell their execution order.
     """
-    in_file = [t for h in headers for t in h.tensors]
-    runs_sorted = all(a.name <= b.name for a, b in zip(in_file, in_file[1:]) if a.dtype == b.dtype)
-    if in_file and not runs_sorted:
-        return [t.name for t in in_file]
-    return sorted((t.name for t in in_file), key=_natural_key)
-
-
-def _natural_key(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+    module = _module(name)
+    path = module.split(".") if module else []
+    is_head = bool(path) and path[0] in HEAD_MODULES
+    return is_head, [_part_key(p) for p in path], _part_key(name.rsplit(".", 1)[-1])
 
 
 def _index_files(path: Path) -> list[Path]:
@@ -168,7 +220,7 @@ def open_source(obj: Any) -> Source:
             from .torch_bridge import load_torch_file, numpy_state
 
             arrays, bn = numpy_state(load_torch_file(str(path)))
-            return DictSource(arrays, bn, str(path))
+            return DictSource(arrays, bn, str(path), ordered=True)
         return FileSource([path], str(path))
     from .torch_bridge import is_torch_object
 
@@ -176,10 +228,16 @@ def open_source(obj: Any) -> Source:
         from .torch_bridge import numpy_state
 
         arrays, bn = numpy_state(obj)
-        return DictSource(arrays, bn, type(obj).__name__)
+        return DictSource(arrays, bn, type(obj).__name__, ordered=True, buffers=_torch_buffers(obj))
     if isinstance(obj, Mapping):
         return DictSource(obj, where="dict")
     raise TypeError(f"cannot read a checkpoint from a {type(obj).__name__}")
+
+
+def _torch_buffers(obj: Any) -> set[str]:
+    """A torch module's registered buffer names (a state dict cannot tell them apart)."""
+    named = getattr(obj, "named_buffers", None)
+    return {n for n, _ in named()} if callable(named) else set()
 
 
 # ---------------------------------------------------------------------------- layers
@@ -189,11 +247,21 @@ def _module(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
-def layer_units(names: Sequence[str], specs: Callable[[str], tuple]) -> list[list[str]]:
-    """Group tensor names into leading-layer units, in model order.
+def is_buffer_name(name: str) -> bool:
+    """True for names of state that is not a weight (leaf in :data:`BUFFER_LEAVES`)."""
+    return name.rsplit(".", 1)[-1] in BUFFER_LEAVES
 
-    A *weight layer* is a module holding a tensor of 2+ dimensions (conv, linear,
-    embedding); a unit is one weight layer plus the modules that follow it up to the
+
+def layer_units(
+    names: Sequence[str],
+    specs: Callable[[str], tuple],
+    is_buffer: Callable[[str], bool] = is_buffer_name,
+) -> list[list[str]]:
+    """Group tensor names into leading-layer units, in the order given.
+
+    A *weight layer* is a module holding a tensor of 2+ dimensions that is not a buffer
+    (conv, linear, embedding; never normalisation ``mean``/``std`` or BatchNorm
+    statistics); a unit is one weight layer plus the modules that follow it up to the
     next weight layer (its BatchNorm, bias-only modules...). Modules before the first
     weight layer join the first unit.
     """
@@ -203,7 +271,7 @@ def layer_units(names: Sequence[str], specs: Callable[[str], tuple]) -> list[lis
     units: list[list[str]] = []
     has_weight = False  # whether the last unit already holds a weight layer
     for tensors in modules.values():
-        is_weight_layer = any(len(specs(t)[1]) >= 2 for t in tensors)
+        is_weight_layer = any(not is_buffer(t) and len(specs(t)[1]) >= 2 for t in tensors)
         if not units or (is_weight_layer and has_weight):
             units.append([])
             has_weight = False
@@ -212,11 +280,50 @@ def layer_units(names: Sequence[str], specs: Callable[[str], tuple]) -> list[lis
     return units
 
 
-def _select_pattern(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
-    regs = [re.compile(p) for p in patterns]
-    chosen = {n for n in names if any(r.fullmatch(n) or r.fullmatch(_module(n)) for r in regs)}
+def units_within_budget(params: Sequence[int], budget: float) -> int:
+    """How many leading units hold at most ``budget`` of all parameters (at least one)."""
+    total = sum(params)
+    cum = k = 0
+    for p in params:
+        cum += p
+        if cum > (budget + 1e-12) * total:
+            break
+        k += 1
+    return max(k, 1)
+
+
+def _units_for_energy(energies: Sequence[float], share: float) -> int:
+    """The fewest leading units holding ``share`` of the total energy (all if it is 0)."""
+    total = sum(energies)
+    cum = 0.0
+    for k, e in enumerate(energies, 1):
+        cum += e
+        if total > 0 and cum >= share * total * (1 - 1e-12):
+            return k
+    return len(energies)
+
+
+def _compile_pattern(pattern: Any) -> re.Pattern[str]:
+    """A layer regex searched on whole dot-separated name components (see :func:`extract`)."""
+    if not isinstance(pattern, str):
+        raise SelectionError(f"layers: expected a regex string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+        return re.compile(rf"(?:^|(?<=\.))(?:{pattern})(?=\.|$)")
+    except re.error as e:
+        raise SelectionError(f"layers: invalid regex {pattern!r}: {e}") from None
+
+
+def _select_pattern(names: Sequence[str], patterns: Sequence[Any]) -> set[str]:
+    regs = [_compile_pattern(p) for p in patterns]
+    chosen = {n for n in names if any(r.search(n) or r.search(_module(n)) for r in regs)}
     if not chosen:
-        raise ValueError(f"layers {list(patterns)} match no tensor")
+        raise SelectionError(
+            f"layers {list(patterns)} match no tensor (a regex matches whole name components,"
+            f" e.g. {_module(names[0]) or names[0]!r})"
+            if names
+            else f"layers {list(patterns)} match no tensor"
+        )
     # A selected module's BatchNorm statistics come with it.
     modules = {_module(n) for n in chosen}
     return chosen | {n for n in names if is_bn_stat(n) and _module(n) in modules}
@@ -231,15 +338,31 @@ class _Trio:
     clean: Source
     robust: Source
 
+    def is_buffer(self, name: str) -> bool:
+        return self.clean.is_buffer(name) or self.robust.is_buffer(name)
 
-def _signature_values(
-    trio: _Trio, name: str, method: str
-) -> tuple[np.ndarray, dict[str, float]] | None:
-    """The signature of one tensor and its stats, or None when it must be skipped."""
+    def params(self, unit: Sequence[str]) -> int:
+        return sum(math.prod(self.clean.spec(n)[1]) for n in unit if not self.is_buffer(n))
+
+
+@dataclass
+class _Values:
+    """One tensor's signature, its stats, and the squared norm it is judged against
+    (‖Δr‖² for the projection, ‖robust‖² for the difference)."""
+
+    sig: np.ndarray
+    stats: dict[str, float]
+    reference: float
+
+
+def _signature_values(trio: _Trio, name: str, method: str) -> _Values | None:
+    """The signature of one tensor, or None when it has no pretrained counterpart."""
     c, r = trio.clean.get(name), trio.robust.get(name)
     if method == "difference":
-        d = widen(r) - widen(c)
-        return d, {"energy": float(_core.dot(d.reshape(-1), d.reshape(-1)))}
+        wr = widen(r)
+        d = wr - widen(c)
+        flat, rflat = d.reshape(-1), wr.reshape(-1)
+        return _Values(d, {"energy": float(_core.dot(flat, flat))}, float(_core.dot(rflat, rflat)))
     pspec = trio.pre.spec(name) if trio.pre is not None else None
     if pspec is None or pspec != trio.clean.spec(name):
         return None
@@ -247,12 +370,13 @@ def _signature_values(
     if p.dtype == np.float64:
         p, c, r = (x.astype(np.float32) for x in (p, c, r))
     sig, stats = _core.project(p, c, r)
-    return sig, {
+    stats = {
         "energy": float(stats["norm2_sig"]),
         "coef": float(stats["coef"]),
         "robust_energy": float(stats["norm2_r"]),
         "clean_energy": float(stats["norm2_d"]),
     }
+    return _Values(sig, stats, stats["robust_energy"])
 
 
 def _candidates(trio: _Trio, order: Sequence[str] | None) -> list[str]:
@@ -269,27 +393,42 @@ def _candidates(trio: _Trio, order: Sequence[str] | None) -> list[str]:
     return names
 
 
-def _auto_units(
-    trio: _Trio, units: list[list[str]], bn: set[str], method: str, share: float, progress
-) -> tuple[int, list[float]]:
+def _unit_energies(trio: _Trio, units: list[list[str]], bn: set[str], progress) -> list[float]:
     energies = []
     for unit in units:
         e = 0.0
         for n in unit:
             if n not in bn:
-                got = _signature_values(trio, n, method)
-                e += got[1]["energy"] if got else 0.0
+                got = _signature_values(trio, n, "projection")
+                e += got.stats["energy"] if got else 0.0
             progress(1)
         energies.append(e)
-    total = sum(energies)
-    if total <= 0:
-        return len(units), energies
-    cum = 0.0
-    for k, e in enumerate(energies, 1):
-        cum += e
-        if cum >= share * total * (1 - 1e-12):
-            return k, energies
-    return len(units), energies
+    return energies
+
+
+def _leading(units: list[list[str]], params: list[int], k: int, **info: Any):
+    """The first ``k`` units' tensors and the layer info recorded for them."""
+    total = sum(params) or 1
+    info.update(units=k, of=len(units), param_share=sum(params[:k]) / total)
+    return [n for u in units[:k] for n in u], info
+
+
+def _auto_projection(trio, units, params, bn, share: float, progress):
+    """Leading units: the fewest holding ``share`` of the energy, within the budget."""
+    energies = _unit_energies(trio, units, bn, progress)
+    k = min(units_within_budget(params, AUTO_PARAM_BUDGET), _units_for_energy(energies, share))
+    total = sum(energies) or 1.0
+    return _leading(
+        units,
+        params,
+        k,
+        mode="auto",
+        share=share,
+        param_budget=AUTO_PARAM_BUDGET,
+        energy_kept=sum(energies[:k]) / total,
+        unit_energy=[e / total for e in energies],
+        modules=list(dict.fromkeys(_module(n) for u in units[:k] for n in u)),
+    )
 
 
 def _choose(
@@ -299,29 +438,30 @@ def _choose(
     layers: Layers,
     method: str,
     share: float,
+    param_budget: float | None,
     progress,
 ) -> tuple[list[str], dict[str, Any]]:
-    units = layer_units(names, trio.clean.spec)
-    if isinstance(layers, str) and layers in ("auto", "all"):
-        if layers == "all":
-            return names, {"mode": "all", "units": len(units), "of": len(units)}
-        k, energies = _auto_units(trio, units, bn, method, share, progress)
-        total = sum(energies) or 1.0
-        info = {
-            "mode": "auto",
-            "share": share,
-            "units": k,
-            "of": len(units),
-            "energy_kept": sum(energies[:k]) / total,
-            "unit_energy": [e / total for e in energies],
-            "modules": list(dict.fromkeys(_module(n) for u in units[:k] for n in u)),
-        }
-        return [n for u in units[:k] for n in u], info
+    units = layer_units(names, trio.clean.spec, trio.is_buffer)
+    params = [trio.params(u) for u in units]
+    is_auto = isinstance(layers, str) and layers == "auto"
+    if param_budget is not None:
+        if not is_auto:
+            raise SelectionError(
+                f"param_budget chooses the layers itself: it cannot be combined with "
+                f"layers={layers!r}"
+            )
+        k = units_within_budget(params, param_budget)
+        return _leading(units, params, k, mode="budget", param_budget=param_budget)
+    if is_auto and method == "difference":
+        return _leading(units, params, len(units), mode="auto", rule="every changed tensor")
+    if is_auto:
+        return _auto_projection(trio, units, params, bn, share, progress)
+    if isinstance(layers, str) and layers == "all":
+        return names, {"mode": "all", "units": len(units), "of": len(units)}
     if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         if layers < 1:
-            raise ValueError(f"layers must be at least 1, got {layers}")
-        k = min(int(layers), len(units))
-        return [n for u in units[:k] for n in u], {"mode": "count", "units": k, "of": len(units)}
+            raise SelectionError(f"layers must be at least 1, got {layers}")
+        return _leading(units, params, min(int(layers), len(units)), mode="count")
     patterns = [layers] if isinstance(layers, str) else list(layers)
     chosen = _select_pattern(names, patterns)
     return [n for n in names if n in chosen], {"mode": "names", "patterns": patterns}
@@ -340,6 +480,14 @@ def _fingerprint(src: Source | None, names: Iterable[str]) -> str | None:
     return "sha256:" + h.hexdigest()
 
 
+def _share(what: str, value: Any) -> float:
+    """``value`` as a float in (0, 1], or a one-line error naming ``what``."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not ok or not 0 < value <= 1:
+        raise SelectionError(f"{what} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
 def extract(
     pretrained: Any,
     clean: Any,
@@ -348,6 +496,7 @@ def extract(
     *,
     method: str = "projection",
     energy: float = 0.9,
+    param_budget: float | None = None,
     name: str = "signature",
     provenance: Mapping[str, Any] | None = None,
     effect: Mapping[str, Any] | None = None,
@@ -356,20 +505,40 @@ def extract(
 ) -> Signature:
     """Extract a robust weight signature.
 
-    ``layers``: ``"auto"`` (the fewest leading layers holding ``energy`` of the
-    signature's energy), ``"all"``, a number of leading weight layers, or a regex / list
-    of regexes matched (fully) against tensor or module names. ``method``:
-    ``"projection"`` or ``"difference"`` (``pretrained`` may then be None). The choice,
-    per-tensor stats, fingerprints and ``provenance`` are recorded in the metadata.
-    Leading layers follow the model's order: a dict's or state dict's own order, a
-    file's byte order when its writer kept it, else natural name order; ``order`` (a
-    list of names, e.g. ``list(model.state_dict())``) overrides it. ``progress`` is
-    called with the number of tensors done.
+    ``layers`` chooses the tensors, in units of leading weight layers (a weight layer
+    with the BatchNorm and bias-only modules after it; buffers are never layers):
+
+    - ``"auto"`` (default): with ``method="projection"``, the fewest leading layers that
+      hold ``energy`` of the signature's energy, but never more than those holding
+      :data:`AUTO_PARAM_BUDGET` (a quarter) of the model's parameters: the paper's
+      shallow-layer patch; with ``method="difference"``, every tensor (every changed
+      tensor is kept);
+    - ``"all"``; an int: that many leading layers;
+    - a regex or a list of regexes, searched in each tensor name and its module path
+      (``re.search``) on whole dot-separated components: ``model\\.layers\\.[01]``
+      selects layers 0 and 1, not 10–19; anchor with ``^``/``$`` to the name's start
+      and end. An invalid regex raises :class:`~robustpatch.errors.SelectionError`.
+
+    ``param_budget`` (a share in (0, 1], with ``layers="auto"`` only) takes leading
+    layers in depth order while they hold at most that share of the parameters
+    (buffers not counted), at least one layer. Depth follows the model's structure (see
+    the module docstring); ``order`` (a list of names, e.g. ``list(model.state_dict())``)
+    overrides it.
+
+    ``method``: ``"projection"`` or ``"difference"`` (``pretrained`` may then be None).
+    Tensors whose signature is zero everywhere are skipped and listed in
+    ``meta["skipped"]`` (with those lacking a pretrained counterpart); with the
+    difference method, changed tensors the selection left out are listed in
+    ``meta["dropped"]``. A signature whose norm is at most :data:`ZERO_SIGNATURE_RTOL`
+    of ‖Δr‖ (projection) or ‖robust‖ (difference) raises a
+    :class:`~robustpatch.errors.ZeroSignatureWarning`; one with no entry left is an
+    error. The choice, per-tensor stats, fingerprints and ``provenance`` are recorded in
+    the metadata. ``progress`` is called with the number of tensors done.
     """
     if method not in ("projection", "difference"):
         raise ValueError(f"unknown method {method!r}; expected 'projection' or 'difference'")
-    if not 0 < energy <= 1:
-        raise ValueError(f"energy share must be in (0, 1], got {energy}")
+    share = _share("energy share", energy)
+    budget = None if param_budget is None else _share("param_budget", param_budget)
     if pretrained is None and method == "projection":
         raise ValueError("method 'projection' needs the pretrained checkpoint")
     trio = _Trio(
@@ -380,40 +549,78 @@ def extract(
     tick = progress or (lambda n: None)
     names = _candidates(trio, order)
     bn = trio.clean.bn | trio.robust.bn
-    chosen, layer_info = _choose(trio, names, bn, layers, method, energy, tick)
-    entries, skipped = _entries(trio, chosen, bn, method, tick)
+    chosen, layer_info = _choose(trio, names, bn, layers, method, share, budget, tick)
+    tally = _entries(trio, chosen, bn, method, tick)
+    if not tally.entries:
+        raise SelectionError(
+            f"nothing to extract: the {len(chosen)} selected tensors are unchanged "
+            "(robust equals clean) or have no pretrained counterpart"
+        )
     meta = {
         "method": method,
         "layers": layer_info,
-        "skipped": skipped,
-        "fingerprints": {"base": _fingerprint(trio.pre, [e.name for e in entries])},
+        "skipped": tally.skipped,
+        "fingerprints": {"base": _fingerprint(trio.pre, [e.name for e in tally.entries])},
         "source": {
             "model_nbytes": trio.robust.float_nbytes(),
             "model_tensors": len(names),
         },
         "provenance": dict(provenance or {}),
     }
+    if method == "difference":
+        meta["dropped"] = _dropped(trio, names, set(chosen), tick)
     if effect:
         meta["effect"] = dict(effect)
-    if not entries:
-        raise ValueError("no tensor selected: nothing to extract")
-    return Signature(entries, name=name, meta=meta)
+    _warn_if_zero(name, tally, method)
+    return Signature(tally.entries, name=name, meta=meta)
 
 
-def _entries(
-    trio: _Trio, chosen: list[str], bn: set[str], method: str, tick
-) -> tuple[list[Entry], list[str]]:
-    entries: list[Entry] = []
-    skipped: list[str] = []
+@dataclass
+class _Tally:
+    entries: list[Entry]
+    skipped: list[str]
+    energy: float = 0.0  # ‖signature‖² over the stored deltas
+    reference: float = 0.0  # the matching ‖Δr‖² or ‖robust‖² over the selected deltas
+
+
+def _entries(trio: _Trio, chosen: list[str], bn: set[str], method: str, tick) -> _Tally:
+    tally = _Tally([], [])
     for n in chosen:
         label = trio.clean.spec(n)[0]
         if n in bn:
-            entries.append(bn_entry(n, widen(trio.robust.get(n)), label))
+            tally.entries.append(bn_entry(n, widen(trio.robust.get(n)), label))
         else:
             got = _signature_values(trio, n, method)
-            if got is None:
-                skipped.append(n)
+            if got is not None:
+                tally.reference += got.reference
+            if got is None or not np.any(got.sig):
+                tally.skipped.append(n)
             else:
-                entries.append(dense_entry(n, got[0], label, got[1]))
+                tally.entries.append(dense_entry(n, got.sig, label, got.stats))
+                tally.energy += got.stats["energy"]
         tick(1)
-    return entries, skipped
+    return tally
+
+
+def _dropped(trio: _Trio, names: list[str], chosen: set[str], tick) -> list[str]:
+    """Tensors left out of the selection whose robust values differ from the clean ones."""
+    out = []
+    for n in names:
+        if n not in chosen:
+            if np.any(widen(trio.robust.get(n)) != widen(trio.clean.get(n))):
+                out.append(n)
+            tick(1)
+    return out
+
+
+def _warn_if_zero(name: str, tally: _Tally, method: str) -> None:
+    if tally.energy > ZERO_SIGNATURE_RTOL**2 * tally.reference:
+        return
+    what = "robust - pretrained" if method == "projection" else "the robust weights"
+    warnings.warn(
+        f"signature {name!r} is zero or near zero: its norm {math.sqrt(tally.energy):.3g} is "
+        f"at most {ZERO_SIGNATURE_RTOL:g} x the norm of {what} "
+        f"({math.sqrt(tally.reference):.3g}); are the clean and robust checkpoints the same?",
+        ZeroSignatureWarning,
+        stacklevel=3,
+    )

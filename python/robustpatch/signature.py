@@ -798,21 +798,28 @@ def _combine_bn(sigs: Sequence[Signature], coefs: Sequence[float]) -> list[Entry
     return out
 
 
-def _shared_cosine(a: Signature, b: Signature, energies: dict[int, dict[str, float]]) -> float:
+def _cosine(
+    a: Signature, b: Signature, energies: dict[int, dict[str, float]], *, union: bool
+) -> float:
+    """Cosine of two signatures' deltas, from the stored (possibly packed) values.
+
+    ``union``: over every tensor either holds (one the other lacks, or holds with another
+    size, counts as zero there); else over the tensors both hold.
+    """
     shared = [k for k, e in a.deltas.items() if k in b.deltas and b[k].numel == e.numel]
-    if not shared:
-        return 0.0
     ea, eb = energies[id(a)], energies[id(b)]
     dot = sum(_core.dot(a[k].delta(), b[k].delta()) for k in shared)
-    na = sum(ea[k] for k in shared)
-    nb = sum(eb[k] for k in shared)
+    na = sum(ea.values()) if union else sum(ea[k] for k in shared)
+    nb = sum(eb.values()) if union else sum(eb[k] for k in shared)
     return float(dot / math.sqrt(na * nb)) if na > 0 and nb > 0 else 0.0
 
 
 def similarity(sigs: Sequence[SignatureLike]) -> np.ndarray:
-    """Cosine similarity matrix of signatures over the delta entries each pair shares.
+    """Cosine similarity matrix of signatures over the union of their delta entries.
 
-    Computed from the stored (possibly quantized) values without decoding them.
+    A tensor one signature lacks counts as zero in it, so two signatures that agree on
+    the tensors they share but differ in coverage score below 1. Computed from the
+    stored (possibly quantized) values without decoding them.
     """
     sigs = as_signatures(sigs)
     energies = {id(s): s.energy() for s in sigs}
@@ -822,7 +829,7 @@ def similarity(sigs: Sequence[SignatureLike]) -> np.ndarray:
         if not any(energies[id(sigs[i])].values()):
             out[i, i] = 0.0
         for j in range(i + 1, n):
-            out[i, j] = out[j, i] = _shared_cosine(sigs[i], sigs[j], energies)
+            out[i, j] = out[j, i] = _cosine(sigs[i], sigs[j], energies, union=True)
     return out
 
 
@@ -834,7 +841,9 @@ def detect(
 
     ``x`` is a signature or a mapping name → delta array (e.g. the weight difference of
     an unknown fine-tune to its clean twin); ``library`` maps names to signatures (or is
-    a list of signatures, named by their ``name``).
+    a list of signatures, named by their ``name``). Unlike :func:`similarity`, each
+    score covers only the tensors ``x`` and that signature share: a query usually holds
+    more tensors than any signature.
     """
     if not isinstance(x, Signature):
         x = Signature.from_deltas({k: v for k, v in x.items() if not is_bn_stat(k)}, name="query")
@@ -843,7 +852,7 @@ def detect(
     else:
         named = [(s.name, s) for s in as_signatures(library)]
     energies = {id(x): x.energy(), **{id(s): s.energy() for _, s in named}}
-    scores = [(k, _shared_cosine(x, s, energies)) for k, s in named]
+    scores = [(k, _cosine(x, s, energies, union=False)) for k, s in named]
     return sorted(scores, key=lambda t: -t[1])
 
 
