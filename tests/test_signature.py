@@ -455,6 +455,30 @@ def test_similarity_and_detect_rank_the_matching_signature_first():
     assert ranking[0][1] > 0.9
 
 
+def test_similarity_counts_a_tensor_one_signature_lacks_as_zero():
+    x = np.array([3, 0, 0, 0], np.float32)
+    y = np.array([0, 4, 0, 0], np.float32)
+    a = Signature.from_deltas({"x": x}, name="a")
+    b = Signature.from_deltas({"x": x, "y": y}, name="b")
+    # ⟨a, b⟩ = 9 over the union {x, y}; ‖a‖ = 3, ‖b‖ = 5.
+    np.testing.assert_allclose(similarity([a, b]), [[1, 0.6], [0.6, 1]], rtol=0, atol=1e-12)
+
+
+def test_similarity_over_the_union_holds_for_packed_codes():
+    rng = np.random.default_rng(4)
+    shared = {k: rng.normal(0, 1, 256).astype(np.float32) for k in ("p", "q")}
+    extra = {"r": rng.normal(0, 2, 256).astype(np.float32)}
+    a = Signature.from_deltas(shared).quantize(4)
+    b = Signature.from_deltas({**shared, **extra}).quantize(4)
+    dense = {k: e.dense().astype(np.float64) for k, e in b.deltas.items()}
+    na = sum(float(a[k].dense().astype(np.float64) @ a[k].dense()) for k in shared)
+    nb = sum(float(v @ v) for v in dense.values())
+    dot = sum(float(a[k].dense().astype(np.float64) @ dense[k]) for k in shared)
+    expect = dot / np.sqrt(na * nb)
+    assert expect < 0.7  # "r" holds most of b's energy
+    assert similarity([a, b])[0, 1] == pytest.approx(expect, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------- refusals
 
 
