@@ -16,7 +16,18 @@ from robustpatch.container import write_tensors
 from robustpatch.signature import Signature
 from rp_testutil import listing, sha, trio
 
-NAMES = ["extract", "quantize", "apply", "remove", "inspect", "similarity", "demo"]
+NAMES = [
+    "extract",
+    "quantize",
+    "apply",
+    "subtract",
+    "remove",
+    "inspect",
+    "similarity",
+    "combine",
+    "detect",
+    "demo",
+]
 
 
 def run(capsys, *argv):

@@ -1,9 +1,21 @@
 """The ``robustpatch`` command line.
 
 Each subcommand is registered by one small function decorated with :func:`command`
-(it adds its parser and sets ``func``); more can be added the same way. Expected errors
-(bad files, mismatched models, I/O) are printed as one line ``robustpatch: error: ...``
-with exit code 1; usage errors exit with 2 (argparse).
+(it adds its parser and sets ``func``); more can be added the same way. The
+conventions are those of the tools people know:
+
+- ``-q/--quiet`` and ``--json`` are accepted before or after the subcommand. With
+  ``--json`` a command prints one JSON object on stdout and nothing else there.
+- ``--help`` shows every option's default and an example; ``--version`` the version.
+- No command writes over one of its inputs (also not through a symlink or a hard
+  link), nor over an existing file unless ``--overwrite``; a refused call writes nothing.
+- Bad values (bits, group size, regexes, device...) are usage errors: exit code 2
+  (argparse), before anything is read or created. Expected errors (bad files,
+  mismatched models, I/O) are one line ``robustpatch: error: ...`` with exit code 1,
+  naming the user's paths and the CLI's flags (``--force``, not ``force=True``).
+- A reader that goes away (``robustpatch inspect x --json | head -1``) ends the
+  command quietly with exit code 141, 128 + SIGPIPE, as a shell reports for the
+  classic tools that SIGPIPE kills.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -20,10 +33,22 @@ from typing import Any
 
 import numpy as np
 
+from ._core import __version__
 from .errors import EXPECTED_ERRORS
 
 PROG = "robustpatch"
 Register = Callable[[Any], None]
+
+#: Exit code after a closed stdout (128 + SIGPIPE).
+EXIT_BROKEN_PIPE = 141
+
+#: Library keywords that error messages name, and the CLI flags that set them.
+FLAG_OF_KEYWORD = {
+    "allow_dtype_change=True": "--allow-dtype-change",
+    "force=True": "--force",
+    "overwrite=True": "--overwrite",
+    "undo=False": "--no-undo",
+}
 
 #: Functions that add one subcommand each to the subparsers object, in --help order.
 COMMANDS: list[Register] = []
@@ -35,16 +60,54 @@ def command(fn: Register) -> Register:
     return fn
 
 
-def add_command(sub: Any, name: str, help: str, example: str, run: Callable[[Any], int]):
-    """Add a subparser with a description, an ``Example:`` epilog and a handler."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions and examples as written, and each option's default where it has one
+    (not for on/off flags or options that are off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def global_options(json_output: bool, top: bool = False) -> argparse.ArgumentParser:
+    """``-q`` (and ``--json``) as a parent parser. A subcommand's copy defaults to
+    SUPPRESS, so that it sets the option when given after the subcommand and leaves
+    the top-level value alone otherwise: the position does not matter."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = False if top else argparse.SUPPRESS
+    p.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress bars or notes"
+    )
+    if json_output:
+        p.add_argument(
+            "--json",
+            action="store_true",
+            default=default,
+            help="print one JSON object on stdout instead of text",
+        )
+    return p
+
+
+def add_command(
+    sub: Any,
+    name: str,
+    help: str,
+    example: str,
+    run: Callable[[Any], int],
+    json_output: bool = True,
+):
+    """Add a subparser with a description, an ``Example:`` epilog, the global options
+    and a handler."""
     p = sub.add_parser(
         name,
         help=help,
         description=help,
         epilog="example:\n  " + example.strip().replace("\n", "\n  "),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
+        parents=[global_options(json_output)],
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, json_output=json_output)
     return p
 
 
@@ -71,6 +134,115 @@ def progress_bar(args: Any, desc: str, total: int | None = None, unit: str = "B"
 def _say(args: Any, text: str) -> None:
     if not getattr(args, "quiet", False):
         print(text)
+
+
+def _report(args: Any, rep: dict[str, Any], text: str) -> None:
+    """Print ``rep`` as one JSON object with --json, else ``text`` (unless --quiet)."""
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        _say(args, text)
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"expected bits from 1 to 8, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _layer_spec(text: str) -> str:
+    """A ``--layers`` value: a keyword, a count, or a regex that compiles."""
+    if text in ("auto", "all") or text.isdigit():
+        return text
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"invalid regex {text!r}: {e}") from None
+    return text
+
+
+def _device(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N, checked against this machine's torch before
+    the demo creates anything."""
+    try:
+        import torch
+    except ImportError as e:
+        raise argparse.ArgumentTypeError(f"--device needs the torch extra ({e})") from None
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} requested but torch.cuda.is_available() is False on this machine"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} requested but this machine has {torch.cuda.device_count()} CUDA devices"
+        )
+    return text
+
+
+def _add_output(p: Any, help: str) -> None:
+    p.add_argument("-o", "--output", required=True, help=help)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (never one of the inputs)",
+    )
+
+
+def _check_outputs(args: Any, inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
+    """Refuse, before any work, outputs that are inputs or exist (without --overwrite)."""
+    from .container import check_destinations
+
+    check_destinations(inputs, outputs, overwrite=args.overwrite)
+
+
+def _file_labels(paths: Sequence[str]) -> list[str]:
+    """A label per file: its basename, or the path as given where two files share it."""
+    names = [os.path.basename(p) for p in paths]
+    return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
+
+
+def _per_signature(values: list[float] | None, n: int, flag: str) -> list[float]:
+    """One value per signature: none given means 1, one value applies to all."""
+    if not values:
+        return [1.0] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{n} signatures but {len(values)} {flag} values")
+    return values
 
 
 # ---------------------------------------------------------------------------- extract
@@ -101,25 +273,61 @@ def _kv(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _input_files(path: str) -> list[str]:
+    """The files a checkpoint argument reads: the file, and a sharded checkpoint's
+    shards (from its index; an unreadable index is left for extract to report)."""
+    if not path.endswith(".json"):
+        return [path]
+    try:
+        with open(path) as f:
+            shards = set(json.load(f)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [path]
+    folder = os.path.dirname(path)
+    return [path, *(os.path.join(folder, s) for s in sorted(shards) if isinstance(s, str))]
+
+
 def _add_quant_args(p: Any, required: bool) -> None:
-    note = "" if required else " (default: no quantization)"
+    note = "" if required else "; leave out for no quantization"
     p.add_argument(
-        "--bits", type=int, default=4 if required else None, help="bits per weight, 1-8" + note
+        "--bits", type=_bits, default=4 if required else None, help="bits per weight, 1-8" + note
     )
-    p.add_argument("--scheme", default="affine", choices=["affine", "symmetric", "log", "tanh"])
-    p.add_argument("--granularity", default="group", choices=["tensor", "channel", "group"])
-    p.add_argument("--group", type=int, default=128, help="group size (default 128)")
+    p.add_argument(
+        "--scheme",
+        default="affine",
+        choices=["affine", "symmetric", "log", "tanh"],
+        help="how values map to codes: min/max, absmax, log or tanh companding",
+    )
+    p.add_argument(
+        "--granularity",
+        default="group",
+        choices=["tensor", "channel", "group"],
+        help="one scale per tensor, per output channel or per --group elements",
+    )
+    p.add_argument("--group", type=_positive_int, default=128, help="group size")
+
+
+def _layer_kwargs(args: Any) -> dict[str, Any]:
+    """``layers`` (and ``param_budget``) for extract; a budget replaces the layer rule."""
+    layers = _layers_arg(args.layers)
+    if args.param_budget is None:
+        return {"layers": layers}
+    if layers != "auto":
+        raise ValueError("--param-budget cannot be combined with --layers all, N or a regex")
+    return {"layers": layers, "param_budget": args.param_budget}
 
 
 def run_extract(args: Any) -> int:
     from .extract import extract
 
+    models = [m for m in (args.pretrained, args.clean, args.robust) if m != "-"]
+    _check_outputs(args, [f for m in models for f in _input_files(m)], [args.output])
     with progress_bar(args, "extract", unit="tensor") as tick:
         sig = extract(
             None if args.pretrained == "-" else args.pretrained,
             args.clean,
             args.robust,
-            layers=_layers_arg(args.layers),
+            **_layer_kwargs(args),
             method=args.method,
             energy=args.energy,
             name=args.name or Path(args.output).stem,
@@ -129,12 +337,23 @@ def run_extract(args: Any) -> int:
     if args.bits:
         sig = sig.quantize(args.bits, args.scheme, args.granularity, args.group)
     sig.save(args.output)
-    layers = sig.meta["layers"]
-    _say(
-        args,
+    layers, skipped = sig.meta["layers"], sig.meta.get("skipped") or []
+    rep = {
+        "file": args.output,
+        "name": sig.name,
+        "entries": len(sig),
+        "bytes": sig.nbytes,
+        "layers": layers,
+        "skipped": skipped,
+        "quantization": sig.meta.get("quantization"),
+    }
+    text = (
         f"wrote {args.output}: {len(sig)} entries, {sig.nbytes} bytes "
-        f"({layers.get('units', '?')} of {layers.get('of', '?')} layers)",
+        f"({layers.get('units', '?')} of {layers.get('of', '?')} layers)"
     )
+    if skipped:
+        text += f"\nskipped {len(skipped)} tensors: {', '.join(skipped)}"
+    _report(args, rep, text)
     return 0
 
 
@@ -151,14 +370,27 @@ def add_extract(sub: Any) -> None:
     p.add_argument("pretrained", help="pretrained checkpoint ('-' with --method difference)")
     p.add_argument("clean", help="clean fine-tune (.safetensors, *.index.json or .pt)")
     p.add_argument("robust", help="robust fine-tune, same architecture")
-    p.add_argument("-o", "--output", required=True, help="signature file to write")
+    _add_output(p, "signature file to write")
     p.add_argument(
         "--layers",
         action="append",
+        type=_layer_spec,
         help="auto (default), all, a number of leading layers, or regexes (repeat)",
     )
+    p.add_argument(
+        "--param-budget",
+        type=_fraction,
+        metavar="FRACTION",
+        help="leading layers holding at most this share of the model's parameters, "
+        "in (0, 1] (instead of --layers)",
+    )
     p.add_argument("--energy", type=float, default=0.9, help="energy share for --layers auto")
-    p.add_argument("--method", default="projection", choices=["projection", "difference"])
+    p.add_argument(
+        "--method",
+        default="projection",
+        choices=["projection", "difference"],
+        help="robust change orthogonal to the clean one (the paper's), or robust minus clean",
+    )
     p.add_argument("--name", help="signature name (default: the output file's stem)")
     p.add_argument(
         "--provenance", action="append", metavar="KEY=VALUE", help="provenance to record (repeat)"
@@ -172,10 +404,21 @@ def add_extract(sub: Any) -> None:
 def run_quantize(args: Any) -> int:
     from .signature import Signature
 
+    _check_outputs(args, [args.input], [args.output])
     sig = Signature.load(args.input)
     q = sig.quantize(args.bits, args.scheme, args.granularity, args.group)
     q.save(args.output)
-    _say(args, f"wrote {args.output}: {q.nbytes} bytes ({q.delta_ratio:.3f} of the float32 delta)")
+    rep = {
+        "file": args.output,
+        "bytes": q.nbytes,
+        "delta_ratio": q.delta_ratio,
+        "quantization": q.meta["quantization"],
+    }
+    _report(
+        args,
+        rep,
+        f"wrote {args.output}: {q.nbytes} bytes ({q.delta_ratio:.3f} of the float32 delta)",
+    )
     return 0
 
 
@@ -189,46 +432,87 @@ def add_quantize(sub: Any) -> None:
         run_quantize,
     )
     p.add_argument("input", help="signature file")
-    p.add_argument("-o", "--output", required=True, help="quantized signature file to write")
+    _add_output(p, "quantized signature file to write")
     _add_quant_args(p, required=True)
 
 
-# ---------------------------------------------------------------------------- apply / remove
+# ------------------------------------------------------------ apply / subtract / remove
 
 
-def _alphas(values: list[float] | None, n: int) -> list[float]:
-    if not values:
-        return [1.0] * n
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise ValueError(f"{n} signatures but {len(values)} --alpha values")
-    return values
+def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
+    """``apply_file`` of the model with the signatures at ``sign · α``; the report."""
+    from .files import apply_file, undo_path_for
 
-
-def run_apply(args: Any) -> int:
-    from .files import apply_file
-
-    alphas = _alphas(args.alpha, len(args.signatures))
+    outputs = [args.output] if args.no_undo else [args.output, undo_path_for(args.output)]
+    _check_outputs(args, [args.model, *args.signatures], outputs)
+    alphas = [sign * a for a in _per_signature(args.alpha, len(args.signatures), "--alpha")]
     total = os.path.getsize(args.model)
-    with progress_bar(args, "apply", total) as tick:
+    with progress_bar(args, desc, total) as tick:
         rep = apply_file(
             args.model,
             args.signatures,
             alphas,
             args.output,
             force=args.force,
+            allow_dtype_change=args.allow_dtype_change,
             undo=not args.no_undo,
             durable=args.durable,
             progress=tick,
         )
-    undo = f"; undo record {rep.undo}" if rep.undo else ""
-    _say(
-        args,
-        f"wrote {rep.out}: {rep.tensors} tensors patched, "
-        f"{rep.bn_buffers} BatchNorm buffers blended{undo}",
+    return {
+        "file": str(rep.out),
+        "undo": str(rep.undo) if rep.undo else None,
+        "tensors": rep.tensors,
+        "bn_buffers": rep.bn_buffers,
+        "bytes": rep.bytes_written,
+        "signatures": args.signatures,
+        "alphas": alphas,
+    }
+
+
+def run_apply(args: Any) -> int:
+    rep = _patch_file(args, 1.0, "apply")
+    undo = f"; undo record {rep['undo']}" if rep["undo"] else ""
+    text = (
+        f"wrote {rep['file']}: {rep['tensors']} tensors patched, "
+        f"{rep['bn_buffers']} BatchNorm buffers blended{undo}"
     )
+    _report(args, rep, text)
     return 0
+
+
+def run_subtract(args: Any) -> int:
+    rep = _patch_file(args, -1.0, "subtract")
+    rep["approximate"] = True
+    undo = f"; undo record {rep['undo']}" if rep["undo"] else ""
+    text = (
+        f"wrote {rep['file']}: {rep['tensors']} tensors with the signatures subtracted "
+        "(approximate: elements may differ by one unit in the last place from the model "
+        "before the patch; 'robustpatch remove' with the patch's undo record is exact), "
+        f"{rep['bn_buffers']} BatchNorm buffers left as they were{undo}"
+    )
+    _report(args, rep, text)
+    return 0
+
+
+def _add_patch_args(p: Any, model_help: str, alpha_help: str) -> None:
+    p.add_argument("model", help=model_help)
+    p.add_argument("signatures", nargs="+", help="signature files")
+    _add_output(p, "patched model to write")
+    p.add_argument("--alpha", type=float, action="append", help=alpha_help)
+    p.add_argument(
+        "--allow-dtype-change",
+        action="store_true",
+        help="apply to float tensors of another dtype than the signature was made for "
+        "(e.g. a float32 signature on a float16 or bfloat16 model); shapes are still checked",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="apply despite dtype and shape mismatches (same element count)",
+    )
+    p.add_argument("--no-undo", action="store_true", help="do not write the .rpundo record")
+    add_durable_flag(p)
 
 
 @command
@@ -241,37 +525,52 @@ def add_apply(sub: Any) -> None:
         "-o robust.safetensors",
         run_apply,
     )
-    p.add_argument("model", help="safetensors model file (left untouched)")
-    p.add_argument("signatures", nargs="+", help="signature files")
-    p.add_argument("-o", "--output", required=True, help="patched model to write")
-    p.add_argument(
-        "--alpha",
-        type=float,
-        action="append",
-        help="strength per signature (repeat; one value applies to all; default 1)",
+    _add_patch_args(
+        p,
+        "safetensors model file (left untouched)",
+        "strength per signature (repeat; one value applies to all; default 1)",
     )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="apply despite dtype/shape mismatches (same element count)",
+
+
+@command
+def add_subtract(sub: Any) -> None:
+    p = add_command(
+        sub,
+        "subtract",
+        "take signatures out of a model without its undo record: the model minus "
+        "alpha times each signature, rounded once (approximate; BatchNorm buffers stay "
+        "as they are; 'remove' is exact where an undo record exists)",
+        "robustpatch subtract robust.safetensors fog.rws -o unpatched.safetensors",
+        run_subtract,
     )
-    p.add_argument("--no-undo", action="store_true", help="do not write the .rpundo record")
-    add_durable_flag(p)
+    _add_patch_args(
+        p,
+        "safetensors model file a signature was applied to (left untouched)",
+        "strength to take out per signature (repeat; one value applies to all; default 1)",
+    )
 
 
 def run_remove(args: Any) -> int:
-    from .files import remove_file
+    from .files import remove_file, undo_path_for
 
+    undo = args.undo or undo_path_for(args.patched)
+    _check_outputs(args, [args.patched, undo], [args.output])
     total = os.path.getsize(args.patched)
     with progress_bar(args, "remove", total) as tick:
         rep = remove_file(
             args.patched, args.output, undo=args.undo, durable=args.durable, progress=tick
         )
-    _say(
-        args,
+    text = (
         f"wrote {rep.out}: {rep.tensors} tensors and {rep.bn_buffers} BatchNorm "
-        "buffers restored bit for bit",
+        "buffers restored bit for bit"
     )
+    out = {
+        "file": str(rep.out),
+        "tensors": rep.tensors,
+        "bn_buffers": rep.bn_buffers,
+        "bytes": rep.bytes_written,
+    }
+    _report(args, out, text)
     return 0
 
 
@@ -285,7 +584,7 @@ def add_remove(sub: Any) -> None:
         run_remove,
     )
     p.add_argument("patched", help="model written by 'robustpatch apply'")
-    p.add_argument("-o", "--output", required=True, help="restored model to write")
+    _add_output(p, "restored model to write")
     p.add_argument("--undo", help="undo record (default: PATCHED.rpundo)")
     add_durable_flag(p)
 
@@ -493,7 +792,6 @@ def add_inspect(sub: Any) -> None:
         run_inspect,
     )
     p.add_argument("file", help="signature, model or .rpundo file")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 # ---------------------------------------------------------------------------- similarity
@@ -503,13 +801,19 @@ def run_similarity(args: Any) -> int:
     from .signature import Signature, similarity
 
     sigs = [Signature.load(p) for p in args.signatures]
-    m = similarity(sigs)
-    names = [s.name for s in sigs]
+    m = np.asarray(similarity(sigs))
+    labels = _file_labels(args.signatures)
     if args.json:
-        print(json.dumps({"names": names, "files": args.signatures, "cosine": m.tolist()}))
+        rep = {
+            "labels": labels,
+            "files": args.signatures,
+            "names": [s.name for s in sigs],
+            "cosine": m.tolist(),
+        }
+        print(json.dumps(rep))
         return 0
-    rows = [[n, *(f"{x:+.3f}" for x in row)] for n, row in zip(names, np.asarray(m))]
-    _print_table(rows, ["", *names])
+    rows = [[n, *(f"{x:+.3f}" for x in row)] for n, row in zip(labels, m)]
+    _print_table(rows, ["", *labels])
     return 0
 
 
@@ -518,12 +822,123 @@ def add_similarity(sub: Any) -> None:
     p = add_command(
         sub,
         "similarity",
-        "cosine similarity matrix of signatures (over the tensors they share)",
+        "cosine similarity matrix of signatures, rows and columns labelled by file",
         "robustpatch similarity fog.rws snow.rws noise.rws",
         run_similarity,
     )
     p.add_argument("signatures", nargs="+", help="signature files")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+# ---------------------------------------------------------------------------- combine
+
+
+def run_combine(args: Any) -> int:
+    from .signature import Signature, combine
+
+    _check_outputs(args, args.signatures, [args.output])
+    coefs = _per_signature(args.coef, len(args.signatures), "--coef")
+    sig = combine([Signature.load(p) for p in args.signatures], coefs, name=args.name)
+    sig.save(args.output)
+    rep = {
+        "file": args.output,
+        "name": sig.name,
+        "entries": len(sig),
+        "bytes": sig.nbytes,
+        "components": sig.meta["components"],
+    }
+    _report(args, rep, f"wrote {args.output}: signature {sig.name!r}, {len(sig)} entries")
+    return 0
+
+
+@command
+def add_combine(sub: Any) -> None:
+    p = add_command(
+        sub,
+        "combine",
+        "weighted sum of signatures as one (unquantized) signature file: applying it at "
+        "alpha 1 equals applying the parts with alpha = their coefficients",
+        "robustpatch combine fog.rws noise.rws --coef 1 --coef 0.5 -o fog_noise.rws",
+        run_combine,
+    )
+    p.add_argument("signatures", nargs="+", help="signature files")
+    _add_output(p, "signature file to write")
+    p.add_argument(
+        "--coef",
+        type=float,
+        action="append",
+        help="coefficient per signature (repeat; one value applies to all; default 1)",
+    )
+    p.add_argument(
+        "--name", help="signature name (default: the sum written out, e.g. fog+0.5*noise)"
+    )
+
+
+# ---------------------------------------------------------------------------- detect
+
+
+def _model_delta(model: str, base: str, names: set[str]) -> dict[str, np.ndarray]:
+    """``model − base`` (float32) for the tensors in ``names`` both checkpoints hold."""
+    from .dtypes import widen
+    from .errors import MismatchError
+    from .extract import open_source
+
+    m, b = open_source(model), open_source(base)
+    out = {}
+    for n in sorted(names):
+        ms, bs = m.spec(n), b.spec(n)
+        if ms is None or bs is None or not (m.is_float(n) and b.is_float(n)):
+            continue
+        if ms[1] != bs[1]:
+            raise MismatchError(f"{n}: shape {list(ms[1])} in {model}, {list(bs[1])} in {base}")
+        out[n] = widen(m.get(n)) - widen(b.get(n))
+    if not out:
+        raise MismatchError(f"{model} and {base} share no tensor with the signatures")
+    return out
+
+
+def run_detect(args: Any) -> int:
+    from .signature import Signature, detect
+
+    if args.model is not None and args.base is None:
+        raise ValueError("--model needs --base, the checkpoint it was fine-tuned from")
+    library = dict(zip(_file_labels(args.signatures), args.signatures))
+    sigs = {label: Signature.load(p) for label, p in library.items()}
+    if args.query is not None:
+        query: Any = Signature.load(args.query)
+    else:
+        names = {n for s in sigs.values() for n in s.deltas}
+        query = _model_delta(args.model, args.base, names)
+    ranking = [
+        {"label": label, "file": library[label], "name": sigs[label].name, "cosine": score}
+        for label, score in detect(query, sigs)
+    ]
+    if args.json:
+        print(json.dumps({"query": args.query or [args.model, args.base], "ranking": ranking}))
+        return 0
+    rows = [[r["label"], r["name"], f"{r['cosine']:+.3f}"] for r in ranking]
+    _print_table(rows, ["signature", "name", "cosine"])
+    return 0
+
+
+@command
+def add_detect(sub: Any) -> None:
+    p = add_command(
+        sub,
+        "detect",
+        "rank signatures by cosine similarity to a query: a signature, or the weight "
+        "change of a fine-tuned model from its base",
+        "robustpatch detect fog.rws snow.rws noise.rws --model tuned.safetensors "
+        "--base clean.safetensors",
+        run_detect,
+    )
+    p.add_argument("signatures", nargs="+", help="known signature files")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--query", help="signature file to identify")
+    query.add_argument("--model", help="fine-tuned checkpoint whose change to identify")
+    p.add_argument("--base", help="the checkpoint --model was fine-tuned from")
+
+
+# ---------------------------------------------------------------------------- demo
 
 
 @command
@@ -535,9 +950,12 @@ def add_demo(sub: Any) -> None:
         "evaluate and write a report (needs the torch extra)",
         "robustpatch demo --quick --out report",
         run_demo,
+        json_output=False,
     )
     p.add_argument("--quick", action="store_true", help="smaller run (minutes on 2 CPU cores)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)"
+    )
     p.add_argument("--out", type=Path, default=Path("report"), help="report folder")
     p.add_argument(
         "--threads",
@@ -546,16 +964,6 @@ def add_demo(sub: Any) -> None:
         help="torch CPU threads (default: torch's choice); CPU results reproduce exactly "
         "only with the thread count the report records",
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def run_demo(args: Any) -> int:
@@ -577,14 +985,8 @@ def run_demo(args: Any) -> int:
         progress=not args.quiet,
         threads=args.threads,
     )
-    for s in results["summary"]:
-        best = max(s["recovered"].items(), key=lambda kv: kv[1] if kv[1] == kv[1] else -1e9)
-        print(
-            f"{s['corruption']:16s} clean {s['mean']['clean']:5.1f}%  "
-            f"BN-only {s['mean']['bn_reestimation_only']:5.1f}%  "
-            f"robust {s['mean']['robust']:5.1f}%  best patch {best[0]} "
-            f"{s['mean'][best[0]]:5.1f}%"
-        )
+    for line in demo.console_lines(results):  # the pre-registered arm, not the best
+        print(line)
     print(f"report: {args.out / 'report.md'}")
     return 0
 
@@ -598,9 +1000,10 @@ def build_parser(commands: Sequence[Register] | None = None) -> argparse.Argumen
         prog=PROG,
         description="Robust weight signatures: extract, compress, apply and remove robustness.",
         epilog="example:\n  robustpatch apply model.safetensors fog.rws -o robust.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
+        parents=[global_options(json_output=True, top=True)],
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for register in commands if commands is not None else COMMANDS:
@@ -611,20 +1014,40 @@ def build_parser(commands: Sequence[Register] | None = None) -> argparse.Argumen
 def _message(e: BaseException) -> str:
     if isinstance(e, KeyError) and e.args:
         return str(e.args[0])
-    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{os.fspath(e.filename)}: {e.strerror}"  # the path first, as cp and mv say
+    else:
+        text = str(e) or type(e).__name__
     if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a file
         why = [ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln]
         text = "refused to load a checkpoint that holds more than tensors (read with " + (
             f"torch.load(weights_only=True)): {why[0] if why else text.splitlines()[0]}"
         )
+    for keyword, flag in FLAG_OF_KEYWORD.items():
+        text = text.replace(keyword, flag)
     return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())  # one line
 
 
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout went away: point stdout at devnull, so that the interpreter's
+    final flush does not fail again, and exit quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage)."""
-    args = build_parser().parse_args(argv)
+    """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage, 141 closed stdout)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.json and not args.json_output:
+        parser.error(f"{args.command} has no --json output")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe is reported here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except (*EXPECTED_ERRORS, pickle.UnpicklingError) as e:
         print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 1

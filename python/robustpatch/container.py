@@ -1,9 +1,12 @@
 """safetensors container I/O: validated reads, atomic writes, byte-range copies.
 
 Headers are always parsed by the engine's validating reader (``_core.read_header``), so
-no offset or length from a file is used before it has been checked. Writes go to a
-temporary file in the destination folder, are fsynced and renamed into place: a crash or
-an error never leaves a partial file at the destination.
+no offset or length from a file is used before it has been checked; a file that is
+plainly something else (text, a pickle) is called "not a safetensors file". Writes go to
+a temporary file in the destination folder, are fsynced and renamed into place: a crash
+or an error never leaves a partial file at the destination, and an I/O error names the
+destination, never the temporary file. :func:`check_destinations` refuses, before any
+write, an output that is one of the inputs.
 
 Temporary files are named ``.<name>.rp<pid>.<random>.tmp``. A writer killed mid-write
 (``SIGKILL``, power cut) leaves its temporary file behind; the next write to the same
@@ -25,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +81,8 @@ def read_header(path: PathLike) -> Header:
     try:
         meta, entries, data_start = _core.read_header(path)
     except FormatError as e:
-        raise FormatError(f"{path}: {e}") from None
+        with open(path, "rb") as f:
+            raise _refusal(path, f.read(9), size, e) from None
     tensors = [TensorInfo(n, d, tuple(s), b, e) for n, d, s, b, e in entries]
     return Header(dict(meta), tensors, data_start, size)
 
@@ -98,7 +102,18 @@ def read_header_from(f: BinaryIO, name: str) -> Header:
     try:
         return parse_header(buf, size)
     except FormatError as e:
-        raise FormatError(f"{name}: {e}") from None
+        raise _refusal(name, buf[:9], size, e) from None
+
+
+def _refusal(name: str, start: bytes, size: int, e: FormatError) -> FormatError:
+    """The error for a header the parser refused. A file whose length prefix cannot be
+    right (longer than the file) or whose header does not open a JSON object is not a
+    damaged safetensors file but something else (text, a pickle...): say so first, as
+    the parser's detail (a huge "header length") would only puzzle."""
+    n = int.from_bytes(start[:8], "little")
+    if len(start) < 9 or n > size - 8 or start[8:9] != b"{":
+        return FormatError(f"{name}: not a safetensors file ({e})")
+    return FormatError(f"{name}: {e}")
 
 
 def parse_header(buf: bytes, file_size: int) -> Header:
@@ -526,7 +541,8 @@ class AtomicFile:
         self.durable = durable
         folder = self.path.parent
         remove_stale_temps(self.path)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(self.path), suffix=".tmp", dir=folder)
+        with naming_errors(self.path):
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(self.path), suffix=".tmp", dir=folder)
         self.tmp = Path(tmp)
         try:  # mkstemp makes the file 0600; give the result the mode a plain open() would
             if hasattr(os, "fchmod"):
@@ -550,7 +566,8 @@ class AtomicFile:
 
     def _rename(self) -> None:
         self.file.close()
-        os.replace(self.tmp, self.path)
+        with naming_errors(self.path):
+            os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
         """Close and delete the temporary file (idempotent)."""
@@ -567,6 +584,8 @@ class AtomicFile:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self.file.closed:
             self.discard()
+        if isinstance(exc, OSError) and _names_no_user_path(exc, self.path):
+            raise _renamed(exc, self.path) from None  # e.g. a full disk while writing
 
 
 def commit_all(files: list[AtomicFile]) -> None:
@@ -608,13 +627,36 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 @contextmanager
 def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
     """``with atomic_file(p) as f: f.write(...)`` — ``p`` appears complete or not at all."""
-    af = AtomicFile(path)
-    try:
+    with AtomicFile(path) as af:
         yield af.file
         af.commit()
-    except BaseException:
-        af.discard()
-        raise
+
+
+@contextmanager
+def naming_errors(path: PathLike) -> Iterator[None]:
+    """Re-raise an ``OSError`` about a temporary file of ``path`` (or about no file) as
+    one naming ``path``, the file the user asked for: "out.rws: Permission denied",
+    never a ``.out.rws.rp123.x.tmp`` they have never heard of."""
+    try:
+        yield
+    except OSError as e:
+        if not _names_no_user_path(e, path):
+            raise
+        raise _renamed(e, path) from None
+
+
+def _names_no_user_path(e: OSError, path: PathLike) -> bool:
+    """True if ``e`` names no file, or a temporary file of ``path`` (a failed rename names
+    it and ``path``: the error is about ``path``)."""
+    prefix = f".{Path(path).name}.rp"
+    named = [os.path.basename(os.fspath(f)) for f in (e.filename, e.filename2) if f is not None]
+    return not named or any(f.startswith(prefix) and f.endswith(".tmp") for f in named)
+
+
+def _renamed(e: OSError, path: PathLike) -> OSError:
+    if e.errno is None:  # our own OSError("...") messages
+        return type(e)(f"{os.fspath(path)}: {e}")
+    return type(e)(e.errno, e.strerror, os.fspath(path))
 
 
 #: When this module was imported: temporary files not modified since are "older than
@@ -696,12 +738,39 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def same_file(a: PathLike, b: PathLike) -> bool:
-    """True if ``a`` and ``b`` name the same file (or the same path when ``b`` is absent)."""
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return os.path.samefile(pa, pb)
-    return pa.resolve() == pb.resolve()
+def _file_id(path: PathLike) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, through symlinks; None if there is none."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_destinations(
+    inputs: Iterable[PathLike], outputs: Iterable[PathLike], overwrite: bool = True
+) -> None:
+    """Refuse, before anything is written, an output that is one of the inputs (the same
+    file by device and inode, so also through a symlink or a hard link: ValueError), or,
+    unless ``overwrite``, one that exists (FileExistsError). Even ``overwrite`` never
+    lets an output replace an input."""
+    seen: dict[tuple[int, int], PathLike] = {}
+    for p in inputs:
+        fid = _file_id(p)
+        if fid is not None:
+            seen.setdefault(fid, p)
+    for out in outputs:
+        fid = _file_id(out)
+        if fid is None:
+            continue
+        if fid in seen:
+            src = os.fspath(seen[fid])
+            also = "" if src == os.fspath(out) else f" {src} (the same file)"
+            raise ValueError(f"output {os.fspath(out)} is the input{also}; write to another file")
+        if not overwrite:
+            raise FileExistsError(
+                errno.EEXIST, "already exists (overwrite=True replaces it)", os.fspath(out)
+            )
 
 
 def sha256_file(path: PathLike, chunk: int = 8 << 20) -> str:

@@ -8,13 +8,16 @@ and the CLI can report it as one clear line:
   mismatch).
 - :class:`NonFiniteError` (a ``ValueError``): NaN or Inf in a delta, a weight or an α.
 - :class:`MismatchError` (a ``ValueError``): a signature and a model that do not fit
-  each other (missing tensor, shape, dtype); ``force=True`` relaxes the dtype and shape
-  checks (never the element count).
+  each other (missing tensor, shape, dtype); ``allow_dtype_change=True`` relaxes the
+  dtype check, ``force=True`` the dtype and shape checks (never the element count).
 - :class:`SelectionError` (a ``ValueError``): a layer selection for ``extract`` that is
   invalid (bad regex, share outside (0, 1]) or leaves nothing to extract.
 
 :class:`ZeroSignatureWarning` (a ``UserWarning``): an extracted signature is zero or
 near zero (clean and robust checkpoints that are the same model).
+
+Messages name the keyword that relaxes a check (``force=True``); the CLI shows the
+matching flag instead (``--force``).
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from .container import (
     Header,
     TensorInfo,
     TensorReader,
+    check_destinations,
     commit_all,
     copy_range,
     encode_header,
@@ -58,7 +59,6 @@ from .container import (
     read_header,
     read_header_from,
     read_tensor,
-    same_file,
     start_writeback,
 )
 from .dtypes import NUMPY_OF_LABEL, kernel_view, label_of
@@ -109,13 +109,6 @@ def applied_signatures(header: Header) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise FormatError(f"{APPLIED_KEY} metadata is not a list")
     return value
-
-
-def _refuse_same(src: Path, out: Path) -> None:
-    if same_file(src, out):
-        raise ValueError(f"output path {str(out)!r} is the input; write to another file")
-    if same_file(undo_path_for(out), src):
-        raise ValueError(f"the undo record {undo_path_for(out)} would overwrite the input")
 
 
 def _file_spec(tensors: dict[str, TensorInfo]):
@@ -244,6 +237,7 @@ def apply_file(
     out: str | os.PathLike[str] | None = None,
     *,
     force: bool = False,
+    allow_dtype_change: bool = False,
     undo: bool = True,
     durable: bool = False,
     progress: Progress | None = None,
@@ -251,9 +245,12 @@ def apply_file(
     """Write ``src`` patched with ``Σ α_k·sig_k`` to ``out`` (atomically).
 
     With ``undo`` (default) an undo record is written to ``<out>.rpundo`` so that
-    :func:`remove_file` restores ``src`` bit for bit. Refuses ``out == src``, and a model
-    whose names/shapes/dtypes do not match the signatures unless ``force=True``; on any
-    error nothing is left at ``out`` and ``src`` is untouched. ``durable=True`` fsyncs
+    :func:`remove_file` restores ``src`` bit for bit. Refuses an output (or its record)
+    that is one of the inputs (``src`` or a signature file, also through links), and a
+    model whose names/shapes/dtypes do not match the signatures; ``allow_dtype_change``
+    accepts a float tensor of another dtype than the signature was made for (F32
+    signature, F16/BF16 model...), ``force=True`` also a shape of the same element
+    count. On any error nothing is left at ``out`` and ``src`` is untouched. ``durable=True`` fsyncs
     the output and the record before the rename, so that they also survive a power cut
     or kernel crash; it runs at the disk's write speed. ``progress`` is called with byte
     counts as the output is written.
@@ -264,11 +261,12 @@ def apply_file(
     if out is None:
         raise ValueError("apply_file needs an output path (out=...)")
     src, out = Path(src), Path(out)
-    _refuse_same(src, out)
+    outputs = [out, undo_path_for(out)] if undo else [out]
+    check_destinations([src, *_paths(sigs)], outputs)
     sigs = as_signatures(sigs)
     plan = make_plan(sigs, normalize_alphas(len(sigs), alphas))
     header = read_header(src)
-    check_plan(plan, _file_spec(header.by_name()), force)
+    check_plan(plan, _file_spec(header.by_name()), force, allow_dtype_change=allow_dtype_change)
     applied = applied_signatures(header) + [
         {"name": s.name, "hash": s.content_hash, "alpha": a} for s, a in zip(sigs, plan.alphas)
     ]
@@ -295,6 +293,12 @@ def apply_file(
             record.write()
             _commit_pair(uf, fout)
     return FileReport(out, uf.path, len(plan.deltas), len(plan.bn), size, record.elements)
+
+
+def _paths(sigs: SignatureLike | Sequence[SignatureLike]) -> list[str | os.PathLike[str]]:
+    """The signature files among ``sigs`` (the others are in memory)."""
+    many = sigs if isinstance(sigs, Sequence) and not isinstance(sigs, str) else [sigs]
+    return [s for s in many if isinstance(s, (str, os.PathLike))]
 
 
 def _touched(header: Header, plan: Plan) -> list[TensorInfo]:
@@ -358,7 +362,7 @@ def _stream(
         _stream_threaded(fsrc, fout, header, new_header, touched, patch, tick)
     got = os.fstat(fout.file.fileno()).st_size
     if got != size:
-        raise OSError(f"{fout.path}: wrote {got} bytes, expected {size}")
+        raise OSError(f"wrote {got} bytes, expected {size}")  # AtomicFile names the path
     return size
 
 
@@ -508,14 +512,13 @@ def remove_file(
 ) -> FileReport:
     """Restore the file :func:`apply_file` patched: ``out`` becomes bit-identical to the
     source (same sha256). ``undo`` defaults to ``<patched>.rpundo``. Refuses a patched
-    file that changed since (size, header or touched tensors differ). Written
-    atomically like :func:`apply_file`."""
+    file that changed since (size, header or touched tensors differ), and an ``out``
+    that is the patched file or the record. Written atomically like :func:`apply_file`."""
     if out is None:
         raise ValueError("remove_file needs an output path (out=...)")
     patched, out = Path(patched), Path(out)
-    if same_file(patched, out):
-        raise ValueError(f"output path {str(out)!r} is the input; write to another file")
     side_path = Path(undo) if undo else undo_path_for(patched)
+    check_destinations([patched, side_path], [out])
     if not side_path.exists():
         raise FileNotFoundError(
             f"no undo record at {side_path} (was {patched} written with undo=False?)"

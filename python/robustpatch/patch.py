@@ -163,9 +163,17 @@ def make_plan(sigs: Sequence[Signature], alphas: Sequence[float]) -> Plan:
     return plan
 
 
-def check_plan(plan: Plan, spec_of: Any, force: bool = False, writable: Any = None) -> None:
+def check_plan(
+    plan: Plan,
+    spec_of: Any,
+    force: bool = False,
+    writable: Any = None,
+    *,
+    allow_dtype_change: bool = False,
+) -> None:
     """Refuse (MismatchError/TypeError) unless every touched tensor fits; ``force``
-    relaxes dtype and shape checks (the element count must still match)."""
+    relaxes dtype and shape checks (the element count must still match);
+    ``allow_dtype_change`` only the dtype check (a float tensor either way)."""
     for sig in plan.sigs:
         for name, e in sig.entries.items():
             spec = spec_of(name)
@@ -178,10 +186,10 @@ def check_plan(plan: Plan, spec_of: Any, force: bool = False, writable: Any = No
                 raise TypeError(f"{name}: cannot patch a {label} tensor (F32, F16 or BF16 only)")
             if e.kind == "bn" and label not in PATCHABLE + ("F64",):
                 raise TypeError(f"{name}: BatchNorm buffer has non-float dtype {label}")
-            if label != e.dtype and not force:
+            if label != e.dtype and not (force or allow_dtype_change):
                 raise MismatchError(
                     f"{name}: the model's tensor is {label} but signature {sig.name!r} was made "
-                    f"for {e.dtype} (force=True to apply anyway)"
+                    f"for {e.dtype} (allow_dtype_change=True to apply anyway)"
                 )
             if tuple(shape) != e.shape:
                 if math.prod(shape) != e.numel:
