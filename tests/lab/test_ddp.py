@@ -71,6 +71,7 @@ def test_two_ranks_end_identical_and_the_loss_falls(tmp_path):
     # ...the loss (mean over both ranks, so the same on each) fell...
     la, lb = got[0]["losses"], got[1]["losses"]
     assert la == lb and len(la) == 3
+    # last / first epoch loss with data, model and order seeded 0-4: 0.06, 0.08, 0.19, 0.07, 0.17
     assert la[-1] < 0.7 * la[0], la
     # ...and each rank trained on its own half of every epoch.
     oa, ob = got[0]["order"], got[1]["order"]

