@@ -433,3 +433,54 @@ def test_param_budget_end_to_end(d, capsys):
     assert run(capsys, "extract", *models, "-o", d / "b.rws", "--param-budget", "0.3")[0] == 0
     sig = Signature.load(d / "b.rws")
     assert {n.split(".")[0] for n in sig.entries} == {"conv1", "bn1"}
+
+
+def test_extract_says_what_it_left_out_and_warns_in_one_line(d, capsys):
+    """The difference method keeps unchanged tensors out (skipped) and lists changed
+    ones outside the selection (dropped); a near-zero signature warns in one line."""
+    models = [d / f"{n}.safetensors" for n in ("clean", "robust")]
+    code, out, _ = run(
+        capsys,
+        "extract",
+        "-",
+        *models,
+        "-o",
+        d / "x.rws",
+        "--method",
+        "difference",
+        "--layers",
+        "conv1",
+        "--json",
+    )
+    rep = json.loads(out)
+    assert code == 0 and "conv2.weight" in rep["dropped"] and rep["skipped"] == []
+    code, out, _ = run(
+        capsys,
+        "extract",
+        "-",
+        *models,
+        "-o",
+        d / "y.rws",
+        "--method",
+        "difference",
+        "--layers",
+        "conv1",
+    )
+    assert code == 0 and f"dropped {len(rep['dropped'])} tensors (changed but outside" in out
+    _, clean, _ = trio(0)
+    twin = {k: v.copy() for k, v in clean.items()}
+    twin["conv1.weight"][0, 0, 0, 0] = np.nextafter(twin["conv1.weight"][0, 0, 0, 0], np.inf)
+    write_tensors(d / "twin.safetensors", twin)
+    code, _, err = run(
+        capsys,
+        "extract",
+        "-",
+        models[0],
+        d / "twin.safetensors",
+        "-o",
+        d / "z.rws",
+        "--method",
+        "difference",
+    )
+    lines = err.strip().splitlines()
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("robustpatch: warning: ")

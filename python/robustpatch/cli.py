@@ -26,6 +26,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -337,22 +338,25 @@ def run_extract(args: Any) -> int:
     if args.bits:
         sig = sig.quantize(args.bits, args.scheme, args.granularity, args.group)
     sig.save(args.output)
-    layers, skipped = sig.meta["layers"], sig.meta.get("skipped") or []
+    layers = sig.meta["layers"]
+    left_out = {k: sig.meta.get(k) or [] for k in ("skipped", "dropped")}
     rep = {
         "file": args.output,
         "name": sig.name,
         "entries": len(sig),
         "bytes": sig.nbytes,
         "layers": layers,
-        "skipped": skipped,
+        **left_out,
         "quantization": sig.meta.get("quantization"),
     }
     text = (
         f"wrote {args.output}: {len(sig)} entries, {sig.nbytes} bytes "
         f"({layers.get('units', '?')} of {layers.get('of', '?')} layers)"
     )
-    if skipped:
-        text += f"\nskipped {len(skipped)} tensors: {', '.join(skipped)}"
+    why = {"skipped": "unchanged", "dropped": "changed but outside the selected layers"}
+    for key, names in left_out.items():
+        if names:
+            text += f"\n{key} {len(names)} tensors ({why[key]}): {', '.join(names)}"
     _report(args, rep, text)
     return 0
 
@@ -1034,6 +1038,11 @@ def _message(e: BaseException) -> str:
     return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())  # one line
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (e.g. a near-zero signature) as one line, like an error."""
+    print(f"{PROG}: warning: {_message(Warning(str(message)))}", file=sys.stderr)
+
+
 def _quiet_broken_pipe() -> int:
     """The reader of stdout went away: point stdout at devnull, so that the interpreter's
     final flush does not fail again, and exit quietly."""
@@ -1049,7 +1058,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json and not args.json_output:
         parser.error(f"{args.command} has no --json output")
     try:
-        code = int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe is reported here, not at interpreter exit
         return code
     except BrokenPipeError:
