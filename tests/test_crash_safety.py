@@ -113,6 +113,7 @@ def big(tmp_path_factory) -> Big:
 
 def cli_apply(big: Big, out: Path, durable: bool = False) -> subprocess.Popen:
     argv = [sys.executable, "-m", "robustpatch.cli", "-q", "apply", big.model, big.sig]
+    argv += ["--overwrite"]  # the runs replace an earlier output pair on purpose
     argv += ["--durable"] if durable else []
     return subprocess.Popen(
         [str(a) for a in [*argv, "-o", out]],
