@@ -230,7 +230,7 @@ def test_demo_threads_must_be_positive_and_reach_the_demo(capsys, tmp_path, monk
 
     def fake_run(out, **kwargs):
         seen.update(kwargs)
-        return {"summary": []}
+        return {"summary": [], "claims": []}
 
     monkeypatch.setattr(demo, "run", fake_run)
     code, out, _ = run(capsys, "--quiet", "demo", "--threads", "3", "--out", tmp_path)

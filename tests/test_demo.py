@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -54,12 +59,12 @@ def test_report_files_are_written(tiny_run):
     assert [c["id"] for c in saved["claims"]] == [1, 2, "2s", 3, 4, 5, 6, "R"]
     assert "### Claim 2 across fine-tune seeds [0, 1]" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
-    assert "## Claims" in report and "BN-only" in report
+    assert "## 1. Claims" in report and "BN-only" in report
     rows = saved["robustifiers"]["rows"]
-    assert len(rows) == 5 and "## 10. Robustifiers compared" in report
+    assert len(rows) == 5 and ". Robustifiers compared (lab.robustifiers)" in report
     assert (out / "robustifiers" / "comparison.json").stat().st_size > 0
     for c in saved["claims"]:
-        assert ("**pass**" if c["passed"] else "**FAIL**") in report
+        assert f"- **{c['id']}** ({c['verdict']}): " in report
     # The BN-only baseline is always there, per corruption and severity.
     for name in ("gaussian_noise", "contrast"):
         arms = saved["per_corruption"][name]["arms"]
@@ -154,3 +159,268 @@ def test_run_sets_the_torch_thread_count_it_records(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(old)
     assert seen == [2, 1]
+
+
+# ---------------------------------------------------------------------------- report format
+
+
+def _claim_table(report: str) -> list[list[str]]:
+    """The claims table's rows (header first), cells stripped."""
+    lines = report.split("\n")
+    start = lines.index("| claim | measured | threshold | verdict |")
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_report_starts_with_a_five_line_summary(tiny_run):
+    from robustpatch.lab import demo
+
+    out, results = tiny_run
+    lines = (out / "report.md").read_text().split("\n")
+    assert lines[:4] == ["# robustpatch demo report", "", "## Summary", ""]
+    summary = lines[4:9]
+    assert [ln.split("**")[1] for ln in summary] == [
+        "Run",
+        "Software",
+        "Pre-registered arm",
+        "Robust gain recovered",
+        "Claims",
+    ]
+    assert lines[9:11] == ["", "## 1. Claims"]
+    # The headline numbers are the pre-registered arm's, averaged over corruptions.
+    arms = [r["arms"] for r in results["per_corruption"].values()]
+    patched = sum(a["shallow|reestimate"]["mean"] for a in arms) / len(arms)
+    assert "`shallow|reestimate`" in summary[2] and f"patched {patched:.1f}%" in summary[2]
+    n = demo.verdict_counts(results["claims"])
+    assert (
+        f"{n['holds']} hold, {n['near miss']} near miss (within 10% of the threshold), "
+        f"{n['fails']} fail"
+    ) in summary[4]
+    prov = results["provenance"]
+    assert f"robustpatch {prov['robustpatch']} (commit {prov['commit']})" in summary[1]
+
+
+def test_claim_table_has_one_row_per_sub_claim_with_four_columns(tiny_run):
+    from robustpatch.lab import demo
+
+    out, results = tiny_run
+    header, *rows = _claim_table((out / "report.md").read_text())
+    assert header == ["claim", "measured", "threshold", "verdict"]
+    checks = [(c["id"], k) for c in results["claims"] for k in c["checks"]]
+    assert len(rows) == len(checks)
+    for row, (cid, check) in zip(rows, checks):
+        assert len(row) == 4, row
+        assert row[0] == f"{cid} · {check['claim']}"
+        assert row[1:] == [check["measured"], check["threshold_text"], check["verdict"]]
+        assert row[3] in demo.VERDICTS
+    for c in results["claims"]:
+        verdicts = {k["verdict"] for k in c["checks"]}
+        assert c["passed"] == (verdicts == {"holds"}), c["id"]
+    # The rule is written down where the verdicts are.
+    assert demo.NEAR_MISS_RULE in (out / "report.md").read_text()
+
+
+def test_near_miss_rule_on_synthetic_numbers():
+    from robustpatch.lab.demo import _check, _claim, verdict
+
+    # ≥ 70: a near miss down to 63 (10% of 70), below that a failure.
+    assert verdict(70.0, "≥", 70) == "holds"
+    assert verdict(63.0, "≥", 70) == "near miss"
+    assert verdict(62.9, "≥", 70) == "fails"
+    assert verdict(100 * 0.63, "≥", 70) == "near miss"  # float noise at the edge
+    assert verdict(float("nan"), "≥", 70) == "fails"
+    # ≤ 2 points: a near miss up to 2.2.
+    assert verdict(1.0, "≤", 2) == "holds"
+    assert verdict(2.2, "≤", 2) == "near miss"
+    assert verdict(2.3, "≤", 2) == "fails"
+    # A negative threshold scales by its magnitude.
+    assert verdict(-1.1, "≥", -1) == "near miss" and verdict(-1.2, "≥", -1) == "fails"
+    # Exact checks have no near miss; a strict order is not met by equality.
+    assert verdict(3, "≥", 4, near=False) == "fails"
+    assert verdict(0.0, ">", 0, near=False) == "fails" and verdict(0.01, ">", 0) == "holds"
+    # A claim is as good as its worst sub-claim.
+    ok, near, bad = (_check("x", v, "≥", 70, "%") for v in (80.0, 65.0, 10.0))
+    assert [near["measured"], near["threshold_text"]] == ["65.0%", "≥ 70%"]
+    assert _claim(1, "c", [ok, ok])["verdict"] == "holds"
+    assert _claim(1, "c", [ok, near])["verdict"] == "near miss"
+    assert not _claim(1, "c", [ok, near])["passed"]
+    assert _claim(1, "c", [near, bad])["verdict"] == "fails"
+
+
+def test_section_numbers_strictly_increase(tiny_run):
+    out, _ = tiny_run
+    report = (out / "report.md").read_text()
+    headings = re.findall(r"^## (.*)$", report, flags=re.M)
+    numbers = [int(h.split(".")[0]) for h in headings[1:]]
+    assert headings[0] == "Summary"
+    assert numbers == list(range(1, len(headings)))
+    figures = [int(n) for n in re.findall(r"^\*Figure (\d+)\. ", report, flags=re.M)]
+    assert figures == list(range(1, 9))  # one caption under each of the eight figures
+
+
+def test_results_json_records_what_produced_it(tiny_run):
+    import numpy as np
+
+    import robustpatch
+
+    out, _ = tiny_run
+    prov = json.loads((out / "results.json").read_text())["provenance"]
+    assert prov["robustpatch"] == robustpatch.__version__
+    assert prov["torch"] == torch.__version__ and prov["numpy"] == np.__version__
+    assert prov["python"] == platform.python_version()
+    assert prov["torch_threads"] == 1 and prov["device"] == "cpu"  # the fixture's
+    assert prov["commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", prov["commit"])
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_commit_names_the_checkout_or_unknown(tmp_path):
+    from robustpatch.lab.demo import git_commit
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    assert git_commit(tmp_path) == "unknown"  # not a checkout
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("x = 1\n")
+    git("init", "-q")
+    assert git_commit(pkg) == "unknown"  # in a repository, but not tracked
+    git("add", "pkg/__init__.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    head = git("rev-parse", "HEAD")
+    assert git_commit(pkg) == head
+    (pkg / "__init__.py").write_text("x = 2\n")
+    assert git_commit(pkg) == f"{head}-dirty"
+
+
+def test_console_prints_the_pre_registered_arm_not_the_best():
+    from robustpatch.lab.demo import _check, _claim, console_lines
+
+    mean = {
+        "clean": 40.0,
+        "bn_reestimation_only": 50.0,
+        "robust": 80.0,
+        "shallow|reestimate": 61.0,
+        "full|reestimate": 79.0,  # better, but not the arm fixed in advance
+    }
+    results = {
+        "summary": [
+            {
+                "corruption": "fog",
+                "mean": mean,
+                "recovered": {"shallow|reestimate": 0.525, "full|reestimate": 0.975},
+            }
+        ],
+        "claims": [_claim(2, "c", [_check("a", 80.0, "≥", 70), _check("b", 64.0, "≥", 70)])],
+    }
+    header, row, counts = console_lines(results)
+    assert "pre-registered arm shallow|reestimate" in header
+    assert "patched  61.0%" in row and "recovered 52%" in row and "79.0" not in row
+    assert "clean model  40.0%" in row and "robust twin  80.0%" in row
+    assert counts == "claims: 1 sub-claims hold, 1 near miss, 0 fail"
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+@pytest.fixture(scope="module")
+def demo_figures(tiny_run, tmp_path_factory):
+    """The demo's figures as matplotlib objects, drawn again from the tiny run."""
+    from robustpatch.lab import demo
+    from robustpatch.lab import experiments as X
+
+    figs = {}
+    save = X._save
+
+    def keep(fig, path):
+        figs[Path(path).stem] = fig
+        return save(fig, path)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(X, "_save", keep)
+    try:
+        demo._figures(tmp_path_factory.mktemp("figures"), tiny_run[1])
+    finally:
+        mp.undo()
+    assert len(figs) == 8
+    return figs
+
+
+def test_figures_use_at_least_10_pt_type(demo_figures):
+    from matplotlib.text import Text
+
+    from robustpatch.lab import experiments as X
+
+    assert X.MIN_FONT_PT >= 10
+    for name, fig in demo_figures.items():
+        texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
+        assert len(texts) > 5, name
+        small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 10]
+        assert not small, (name, small)
+
+
+def test_figure_legends_lie_outside_every_panel(demo_figures):
+    legends = 0
+    for name, fig in demo_figures.items():
+        renderer = fig.canvas.get_renderer()
+        fig.draw(renderer)
+        boxes = [ax.get_window_extent(renderer) for ax in fig.axes]
+        found = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+        for legend in found:
+            box = legend.get_window_extent(renderer)
+            assert not any(box.overlaps(b) for b in boxes), name
+        legends += len(found)
+    assert legends == 7  # every figure but the heatmap has one
+
+
+def test_each_corruption_has_one_colour_in_every_figure(demo_figures, tiny_run):
+    names = list(tiny_run[1]["per_corruption"])
+    colours: dict[str, set] = {c: set() for c in names}
+    for fig in demo_figures.values():
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                label = line.get_label().split(" (")[0]
+                if label in colours:
+                    colours[label].add(line.get_color())
+            for text in ax.get_xticklabels() + [ax.title]:
+                if text.get_text() in colours:
+                    colours[text.get_text()].add(text.get_color())
+    assert all(len(v) == 1 for v in colours.values()), colours
+    assert len({next(iter(v)) for v in colours.values()}) == len(names)
+
+
+def test_compression_figure_tells_coinciding_size_lines_apart(tmp_path, monkeypatch):
+    from robustpatch.lab import experiments as X
+
+    def result(kept, nbytes):
+        rows = [{"bits": b, "kept": kept, "nbytes": nbytes * b} for b in (2, 4, 8)]
+        return {"rows": rows, "model_nbytes": 10**6}
+
+    figs = []
+    save = X._save
+    monkeypatch.setattr(X, "_save", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    same = {"fog": result(0.9, 100), "contrast": result(0.8, 100)}
+    different = {"fog": result(0.9, 100), "contrast": result(0.8, 120)}
+    assert X.same_sizes(same) and not X.same_sizes(different)
+    X.plot_compression(same, tmp_path / "same.png")
+    X.plot_compression(different, tmp_path / "different.png")
+
+    def labels(ax):
+        return [line.get_label() for line in ax.get_lines() if line.get_label()[0] != "_"]
+
+    kept, size = figs[0].axes[:2]
+    assert labels(kept) == ["fog", "contrast"]
+    assert labels(size) == [X.SAME_SIZE_LABEL, "fp32 robust model"]
+    assert labels(figs[1].axes[1]) == ["fog", "contrast", "fp32 robust model"]
+    # Lines that may coincide differ in colour, marker and line style.
+    fog, contrast = kept.get_lines()[:2]
+    assert fog.get_color() != contrast.get_color()
+    assert fog.get_marker() != contrast.get_marker()
+    assert fog.get_linestyle() != contrast.get_linestyle()

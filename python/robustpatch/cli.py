@@ -989,14 +989,8 @@ def run_demo(args: Any) -> int:
         progress=not args.quiet,
         threads=args.threads,
     )
-    for s in results["summary"]:
-        best = max(s["recovered"].items(), key=lambda kv: kv[1] if kv[1] == kv[1] else -1e9)
-        print(
-            f"{s['corruption']:16s} clean {s['mean']['clean']:5.1f}%  "
-            f"BN-only {s['mean']['bn_reestimation_only']:5.1f}%  "
-            f"robust {s['mean']['robust']:5.1f}%  best patch {best[0]} "
-            f"{s['mean'][best[0]]:5.1f}%"
-        )
+    for line in demo.console_lines(results):  # the pre-registered arm, not the best
+        print(line)
     print(f"report: {args.out / 'report.md'}")
     return 0
 
