@@ -394,6 +394,10 @@ def test_each_corruption_has_one_colour_in_every_figure(demo_figures, tiny_run):
                     colours[text.get_text()].add(text.get_color())
     assert all(len(v) == 1 for v in colours.values()), colours
     assert len({next(iter(v)) for v in colours.values()}) == len(names)
+    # Bars stand for arms, not corruptions: they are grey.
+    for name in ("transfer", "composition"):
+        bars = demo_figures[name].axes[0].patches
+        assert bars and all(len(set(bar.get_facecolor()[:3])) == 1 for bar in bars), name
 
 
 def test_compression_figure_tells_coinciding_size_lines_apart(tmp_path, monkeypatch):

@@ -1042,18 +1042,19 @@ def plot_transfer(
 ) -> Path:
     """Gains on dataset B: BN alone, A's signature, B's own signature, B's robust model."""
     names = list(results)
+    # Bars are arms, in greys: colour stands for a corruption in these figures.
     arms = [
-        ("bn_reestimation_only", "BN re-estimation alone"),
-        (f"transfer|{policy}", "signature from A"),
-        (f"own|{policy}", "B's own signature"),
-        ("robust", "B's robust model"),
+        ("bn_reestimation_only", "BN re-estimation alone", "0.85"),
+        (f"transfer|{policy}", "signature from A", "0.6"),
+        (f"own|{policy}", "B's own signature", "0.35"),
+        ("robust", "B's robust model", "0.1"),
     ]
     fig, (ax,) = _figure(max(6.0, 1.8 * len(names)), 4)
     x = np.arange(len(names))
     w = 0.8 / len(arms)
-    for i, (arm, label) in enumerate(arms):
+    for i, (arm, label, grey) in enumerate(arms):
         vals = [results[n]["arms"].get(arm, {}).get("gain", np.nan) for n in names]
-        ax.bar(x + (i - 1.5) * w, vals, w, label=label)
+        ax.bar(x + (i - 1.5) * w, vals, w, label=label, color=grey, edgecolor="black", lw=0.5)
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=20, ha="right")
     _colour_ticklabels(ax.get_xticklabels(), names)
