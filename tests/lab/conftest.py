@@ -30,6 +30,15 @@ def _one_torch_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Seed torch's global generator before each test. The lab draws from its own seeded
+    generators; this makes any draw outside them (a test's own, a library default)
+    reproducible too, at a fixed thread count."""
+    if torch is not None:
+        torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def lab_cache(tmp_path_factory):
     """A private cache folder for the embedded datasets."""
