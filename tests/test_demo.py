@@ -246,6 +246,11 @@ def test_near_miss_rule_on_synthetic_numbers():
     # A claim is as good as its worst sub-claim.
     ok, near, bad = (_check("x", v, "≥", 70, "%") for v in (80.0, 65.0, 10.0))
     assert [near["measured"], near["threshold_text"]] == ["65.0%", "≥ 70%"]
+    # A shown number never lands on the other side of its threshold.
+    assert _check("x", 2.04, "≤", 2, " points")["measured"] == "2.04 points"
+    assert _check("x", 2.0, "≤", 2, " points")["measured"] == "2.0 points"
+    assert _check("x", 4.996, "≥", 5, spec="+.1f")["measured"] == "+4.996"
+    assert _check("x", float("nan"), "≥", 70, "%")["measured"] == "n/a"
     assert _claim(1, "c", [ok, ok])["verdict"] == "holds"
     assert _claim(1, "c", [ok, near])["verdict"] == "near miss"
     assert not _claim(1, "c", [ok, near])["passed"]

@@ -765,10 +765,25 @@ def _check(
         "value": value,
         "op": op,
         "threshold": threshold,
-        "measured": measured or (_fmt(value, spec) + unit if value == value else "n/a"),
+        "measured": measured
+        or (_shown(value, op, threshold, spec) + unit if value == value else "n/a"),
         "threshold_text": threshold_text or f"{op} {_fmt(threshold, 'g')}{unit}",
         "verdict": verdict(value, op, threshold, near),
     }
+
+
+def _shown(value: float, op: str, threshold: float, spec: str) -> str:
+    """`value` with as many more decimals as it takes for the shown number to land on
+    the same side of the threshold as the number itself (2.04 ≤ 2 fails: not "2.0")."""
+    text = _fmt(value, spec)
+    holds = verdict(value, op, threshold, near=False) == "holds"
+    sign = "+" if spec.startswith("+") else ""
+    for digits in range(2, 5):
+        shown = float(text.replace("−", "-"))
+        if (verdict(shown, op, threshold, near=False) == "holds") == holds:
+            break
+        text = _fmt(value, f"{sign}.{digits}f")
+    return text
 
 
 def _claim(cid: Any, text: str, checks: list[dict], notes: list[str] | None = None) -> dict:
