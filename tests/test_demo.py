@@ -386,6 +386,8 @@ def test_figure_legends_lie_outside_every_panel(demo_figures):
 
 
 def test_each_corruption_has_one_colour_in_every_figure(demo_figures, tiny_run):
+    import matplotlib.colors
+
     names = list(tiny_run[1]["per_corruption"])
     colours: dict[str, set] = {c: set() for c in names}
     for fig in demo_figures.values():
@@ -399,6 +401,11 @@ def test_each_corruption_has_one_colour_in_every_figure(demo_figures, tiny_run):
                     colours[text.get_text()].add(text.get_color())
     assert all(len(v) == 1 for v in colours.values()), colours
     assert len({next(iter(v)) for v in colours.values()}) == len(names)
+    # Arms are grey or, patched, in their panel's corruption colour.
+    for ax in demo_figures["patch_gain"].axes:
+        for line in ax.get_lines():
+            rgb = matplotlib.colors.to_rgb(line.get_color())
+            assert len(set(rgb)) == 1 or line.get_color() == ax.title.get_color(), ax.title
     # Bars stand for arms, not corruptions: they are grey.
     for name in ("transfer", "composition"):
         bars = demo_figures[name].axes[0].patches

@@ -918,6 +918,27 @@ def plot_layer_profile(profiles: Mapping[str, Mapping[str, Any]], path: str | Pa
     return _save(fig, path)
 
 
+# Reference arms in greys; patched arms in the panel's corruption colour, told apart by
+# line style and marker, the first listed (the pre-registered arm) drawn thicker.
+_REFERENCE_ARMS = {
+    "clean": {"color": "0.0", "linestyle": ":", "marker": "o"},
+    "bn_reestimation_only": {"color": "0.6", "linestyle": "--", "marker": "s"},
+    "robust": {"color": "0.3", "linestyle": "-", "marker": "D"},
+}
+
+
+def _arm_style(arm: str, patched: Sequence[str], colour: str) -> dict[str, Any]:
+    if arm in _REFERENCE_ARMS:
+        return {**_REFERENCE_ARMS[arm], "lw": 1.5}
+    i = patched.index(arm)
+    return {
+        "color": colour,
+        "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+        "marker": _MARKERS[(i + 2) % len(_MARKERS)],
+        "lw": 3.0 if i == 0 else 1.5,
+    }
+
+
 @_styled
 def plot_patch_arms(
     results: Mapping[str, Mapping[str, Any]],
@@ -927,21 +948,35 @@ def plot_patch_arms(
 ) -> Path:
     """Accuracy against severity, one panel per corruption, for the listed arms
     (`labels`: legend text per arm; the arm's name where absent)."""
+    from matplotlib.lines import Line2D
+
     labels = labels or {}
+    patched = [arm for arm in arms if arm not in _REFERENCE_ARMS]
     n = len(results)
     fig, axes = _figure(3.4 * n, 3.6, ncols=n)
     for ax, (name, r) in zip(axes, results.items()):
+        colour = corruption_style(name)["color"]
         for arm in arms:
             if arm in r["arms"]:
-                ax.plot(
-                    SEVERITIES, r["arms"][arm]["severity"], marker="o", label=labels.get(arm, arm)
-                )
-        ax.set_title(name, color=corruption_style(name)["color"])
+                style = _arm_style(arm, patched, colour)
+                ax.plot(SEVERITIES, r["arms"][arm]["severity"], label=arm, **style)
+        ax.set_title(name, color=colour)
         ax.set_xlabel("severity")
         ax.set_xticks(SEVERITIES)
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("accuracy on corrupted test (%)")
-    _legend_outside(fig)
+    # Patched arms change colour with the panel: the legend shows their style in grey.
+    handles = [
+        Line2D([], [], label=labels.get(arm, arm), **_arm_style(arm, patched, "0.45"))
+        for arm in arms
+    ]
+    fig.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        frameon=False,
+        title="patched arms in the panel's colour",
+    )
     return _save(fig, path)
 
 
