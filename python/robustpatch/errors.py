@@ -10,6 +10,8 @@ and the CLI can report it as one clear line:
 - :class:`MismatchError` (a ``ValueError``): a signature and a model that do not fit
   each other (missing tensor, shape, dtype); ``allow_dtype_change=True`` relaxes the
   dtype check, ``force=True`` the dtype and shape checks (never the element count).
+- :class:`InvalidArgumentError` (a ``ValueError``): an argument out of range or of the
+  wrong kind (bits, group, scheme, α, a path), refused where it enters the API.
 - :class:`SelectionError` (a ``ValueError``): a layer selection for ``extract`` that is
   invalid (bad regex, share outside (0, 1]) or leaves nothing to extract.
 
@@ -28,6 +30,7 @@ __all__ = [
     "FormatError",
     "NonFiniteError",
     "MismatchError",
+    "InvalidArgumentError",
     "SelectionError",
     "ZeroSignatureWarning",
     "EXPECTED_ERRORS",
@@ -36,6 +39,10 @@ __all__ = [
 
 class MismatchError(ValueError):
     """A signature does not fit the model it is applied to (or an undo record its target)."""
+
+
+class InvalidArgumentError(ValueError):
+    """An argument of the wrong kind or out of range (see :mod:`robustpatch.validate`)."""
 
 
 class SelectionError(ValueError):

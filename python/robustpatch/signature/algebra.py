@@ -1,0 +1,252 @@
+"""Computations over signatures as weighted terms: the (signature, α) pairs apply
+patches with, fusing sums into one dense signature, BatchNorm blending, similarity.
+
+Every signature-like (a :class:`Signature`, a scaled one, a :class:`SignatureSum`, a path)
+becomes a list of ``(weight-1 signature, coefficient)`` terms (:func:`terms`); nothing
+here decodes a quantized entry except :func:`combine`, which is asked to.
+
+>>> import numpy as np
+>>> a = Signature.from_deltas({"w": np.array([1, 2], np.float32)}, name="a")
+>>> b = Signature.from_deltas({"w": np.array([4, 0], np.float32)}, name="b")
+>>> [(s.name, x) for s, x in terms([0.5 * a + b], 2.0)]
+[('a', 1.0), ('b', 2.0)]
+>>> combine([a, b], [1.0, -0.5])["w"].dense()
+array([-1.,  2.], dtype=float32)
+>>> round(float(similarity([a, b])[0, 1]), 4)
+0.4472
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import _core, validate
+from ..dtypes import label_of, narrow, widen
+from ..errors import MismatchError
+from .entry import Entry, bn_entry, dense_entry, is_bn_stat
+from .model import Signature, SignatureLike, Term, as_signature, as_signatures, sum_name
+
+__all__ = [
+    "terms",
+    "combine",
+    "bn_blend_weights",
+    "blend_bn",
+    "blend_bn_array",
+    "similarity",
+    "detect",
+]
+
+
+def terms(sigs: SignatureLike | Sequence[SignatureLike], alphas: Any = 1.0) -> list[Term]:
+    """``(weight-1 signature, effective α)`` pairs for ``Σ α_k · sig_k``.
+
+    ``sigs``: signatures, scaled signatures, sums or paths; ``alphas``: one per item,
+    or one for all (checked by :func:`robustpatch.validate.alphas`). A scaled signature
+    contributes its stored entries at ``α · weight``; a sum, each of its terms. This is
+    where public patch functions check their α: the products are checked too.
+    """
+    items = as_signatures(sigs)
+    out: list[Term] = []
+    for item, a in zip(items, validate.alphas(len(items), alphas)):
+        for sig, coef in item.terms():
+            out.append((sig, validate.alpha(a * coef, f"alpha for {sig.name!r} (α × weight)")))
+    return out
+
+
+def _flatten(sigs: Sequence[SignatureLike], coefs: Any) -> list[Term]:
+    return terms(list(sigs), validate.alphas(len(sigs), coefs, "coefficient"))
+
+
+# ---------------------------------------------------------------------------- combine
+
+
+def combine(
+    sigs: Sequence[SignatureLike], coefs: Sequence[float], name: str | None = None
+) -> Signature:
+    """``Σ coef_k · sig_k`` as one dense (unquantized) weight-1 signature.
+
+    Deltas are decoded and added in float32 (missing entries count as zero; shapes must
+    agree). BN replacements combine so that applying the result at α=1 equals applying
+    the parts with α=coef: replacement = Σ e_k·r_k / Σ e_k and weight = Σ e_k, with
+    e_k = max(coef_k·w_k, 0). Entry stats are dropped (they measured the parts).
+    """
+    parts = _flatten(sigs, coefs)
+    entries = _combine_deltas(parts) + _combine_bn(parts)
+    bases = {s.base_fingerprint for s, _ in parts}
+    meta: dict[str, Any] = {
+        "method": "combination",
+        "components": [
+            {"name": s.name, "content_hash": s.content_hash, "coef": c} for s, c in parts
+        ],
+        "fingerprints": {"base": bases.pop() if len(bases) == 1 else None},
+    }
+    sizes = [s.meta.get("source", {}).get("model_nbytes") for s, _ in parts]
+    if any(sizes):
+        meta["source"] = {"model_nbytes": max(x for x in sizes if x)}
+    return Signature(entries, name=name or sum_name(parts), meta=meta)
+
+
+def _combine_deltas(parts: Sequence[Term]) -> list[Entry]:
+    out: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    for s, c in parts:
+        for k, e in s.deltas.items():
+            d = np.float32(c) * e.dense().astype(np.float32, copy=False)
+            if k not in out:
+                out[k], dtypes[k] = d, e.dtype
+            elif out[k].shape != d.shape:
+                raise MismatchError(f"{k}: shapes differ ({out[k].shape} vs {d.shape})")
+            else:
+                out[k] = out[k] + d
+    return [dense_entry(k, v, dtypes[k]) for k, v in out.items()]
+
+
+def _combine_bn(parts: Sequence[Term]) -> list[Entry]:
+    grouped: dict[str, list[tuple[float, Entry]]] = {}
+    for s, c in parts:
+        for k, e in s.bn.items():
+            grouped.setdefault(k, []).append((max(c * e.weight, 0.0), e))
+    out = []
+    for k, ps in grouped.items():
+        total = sum(w for w, _ in ps)
+        if total <= 0:
+            continue
+        shapes = {e.shape for _, e in ps}
+        if len(shapes) > 1:
+            raise MismatchError(f"{k}: BatchNorm replacement shapes differ {sorted(shapes)}")
+        acc = sum(np.float64(w) * e.values.astype(np.float64) for w, e in ps if w > 0)
+        out.append(bn_entry(k, (acc / total).astype(np.float32), ps[0][1].dtype, total))
+    return out
+
+
+# ---------------------------------------------------------------------------- BatchNorm
+
+
+def bn_blend_weights(weights: Sequence[float]) -> list[float]:
+    """Effective blend weights for several replacements of one BN buffer.
+
+    Each ``w`` is clipped below at 0 (a negative α never extrapolates statistics); when
+    they sum past 1 they are scaled to sum to 1. The current value keeps ``1 − Σ``.
+
+    >>> bn_blend_weights([0.5, -1.0]), bn_blend_weights([1.5, 0.5])
+    ([0.5, 0.0], [0.75, 0.25])
+    """
+    e = [max(float(w), 0.0) for w in weights]
+    s = sum(e)
+    return [w / s for w in e] if s > 1.0 else e
+
+
+def blend_bn(
+    current: np.ndarray, replacements: Sequence[np.ndarray], weights: Sequence[float]
+) -> np.ndarray:
+    """``(1 − Σe)·current + Σ e_k·r_k`` in float64 (see :func:`bn_blend_weights`).
+
+    With Σe = 1 the current value does not enter at all (so a NaN/Inf there is replaced).
+    """
+    e = bn_blend_weights(weights)
+    keep = 1.0 - sum(e)
+    out = np.zeros(current.shape, np.float64)
+    if keep > 0:
+        out += keep * current
+    for w, r in zip(e, replacements):
+        if w > 0:
+            out += w * r.reshape(current.shape).astype(np.float64)
+    return out
+
+
+def blend_bn_array(
+    buffer: np.ndarray, replacements: Sequence[np.ndarray], weights: Sequence[float]
+) -> np.ndarray:
+    """:func:`blend_bn` of a buffer in its own dtype (F64/F32/F16, BF16 as uint16 bits),
+    returned in that dtype: blended in float64, bf16 rounded to nearest even."""
+    label = label_of(buffer)
+    current = widen(buffer, label) if label == "BF16" else buffer
+    out = blend_bn(current.astype(np.float64), replacements, weights)
+    return narrow(out.astype(np.float32), label) if label == "BF16" else out.astype(buffer.dtype)
+
+
+# ---------------------------------------------------------------------------- similarity
+
+
+class _Deltas:
+    """A signature-like's delta entries per tensor, as (coefficient, entry) terms, with
+    ``‖Σ c·δ‖²`` per tensor computed from the stored (possibly packed) values."""
+
+    def __init__(self, x: Any) -> None:
+        self.by_name: dict[str, list[tuple[float, Entry]]] = {}
+        for sig, c in x.terms():
+            for k, e in sig.deltas.items():
+                self.by_name.setdefault(k, []).append((c, e))
+        self.energy = {k: _dot(ts, ts) for k, ts in self.by_name.items()}
+
+    def numel(self, name: str) -> int:
+        return self.by_name[name][0][1].numel
+
+
+def _dot(xs: Sequence[tuple[float, Entry]], ys: Sequence[tuple[float, Entry]]) -> float:
+    """``⟨Σ c_x·x, Σ c_y·y⟩`` over the terms whose sizes agree."""
+    return sum(
+        cx * cy * float(_core.dot(ex.delta(), ey.delta()))
+        for cx, ex in xs
+        for cy, ey in ys
+        if ex.numel == ey.numel
+    )
+
+
+def _cosine(a: _Deltas, b: _Deltas, *, union: bool) -> float:
+    """Cosine of two signature-likes' deltas.
+
+    ``union``: over every tensor either holds (one the other lacks, or holds with another
+    size, counts as zero there); else over the tensors both hold.
+    """
+    shared = [k for k in a.by_name if k in b.by_name and a.numel(k) == b.numel(k)]
+    dot = sum(_dot(a.by_name[k], b.by_name[k]) for k in shared)
+    na = sum(a.energy.values()) if union else sum(a.energy[k] for k in shared)
+    nb = sum(b.energy.values()) if union else sum(b.energy[k] for k in shared)
+    return float(dot / math.sqrt(na * nb)) if na > 0 and nb > 0 else 0.0
+
+
+def similarity(sigs: Sequence[SignatureLike]) -> np.ndarray:
+    """Cosine similarity matrix of signatures over the union of their delta entries.
+
+    A tensor one signature lacks counts as zero in it, so two signatures that agree on
+    the tensors they share but differ in coverage score below 1. Scaled signatures and
+    sums count with their coefficients. Computed from the stored (possibly quantized)
+    values without decoding them.
+    """
+    forms = [_Deltas(s) for s in as_signatures(sigs)]
+    n = len(forms)
+    out = np.eye(n)
+    for i in range(n):
+        if not any(forms[i].energy.values()):
+            out[i, i] = 0.0
+        for j in range(i + 1, n):
+            out[i, j] = out[j, i] = _cosine(forms[i], forms[j], union=True)
+    return out
+
+
+def detect(
+    x: SignatureLike | Mapping[str, np.ndarray],
+    library: Mapping[str, SignatureLike] | Sequence[SignatureLike],
+) -> list[tuple[str, float]]:
+    """Rank known signatures by cosine similarity to ``x``, best first.
+
+    ``x`` is a signature (or sum) or a mapping name → delta array (e.g. the weight
+    difference of an unknown fine-tune to its clean twin); ``library`` maps names to
+    signatures (or is a list of signatures, named by their ``name``). Unlike
+    :func:`similarity`, each score covers only the tensors ``x`` and that signature
+    share: a query usually holds more tensors than any signature.
+    """
+    if isinstance(x, Mapping):
+        x = Signature.from_deltas({k: v for k, v in x.items() if not is_bn_stat(k)}, name="query")
+    query = _Deltas(as_signature(x))
+    if isinstance(library, Mapping):
+        named = [(k, as_signature(v)) for k, v in library.items()]
+    else:
+        named = [(s.name, s) for s in as_signatures(library)]
+    scores = [(k, _cosine(query, _Deltas(s), union=False)) for k, s in named]
+    return sorted(scores, key=lambda t: -t[1])

@@ -1,0 +1,268 @@
+"""The signature file: header metadata, its validating parser, the content hash.
+
+A signature file (``format_version`` 1) is a safetensors container: per delta entry
+``P`` either the tensor ``P`` (F32) or ``P.codes`` (U8, bit-packed little-endian),
+``P.scale`` and ``P.offset`` (F32, one per group); per BN entry ``P.replace`` (F32).
+``__metadata__["robustpatch"]`` is a JSON object::
+
+    {"format_version": 1, "kind": "signature", "name": ..., "method": ...,
+     "entries": [{"name", "kind", "shape", "dtype", "encoding": "dense"|"quantized",
+                  "bits", "scheme", "granularity", "group", "group_len", "weight",
+                  "stats"}, ...],
+     "fingerprints": {"architecture": ..., "base": ...}, "layers": ..., "source": ...,
+     "provenance": ..., "effect": ..., "content_hash": "sha256:..."}
+
+The content hash covers the entry specs and every tensor's name, dtype, shape and bytes
+(not provenance/effect, which may be filled in later); it is verified on load. Every
+key, type, length and scale is checked before a tensor is trusted (:func:`parse_meta`,
+:func:`from_parts`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._format.safetensors import read_tensors, write_tensors
+from ..errors import FormatError
+from ..validate import GRANULARITIES, SCHEMES
+from .entry import Entry, Quantized, bn_entry, check_finite, dense_entry
+
+if TYPE_CHECKING:
+    from .model import Signature
+
+__all__ = [
+    "FORMAT_VERSION",
+    "META_KEY",
+    "MAX_META_DEPTH",
+    "content_hash",
+    "header_meta",
+    "save",
+    "load",
+    "parse_meta",
+    "parse_meta_json",
+    "from_parts",
+    "json_default",
+]
+
+FORMAT_VERSION = 1
+META_KEY = "robustpatch"
+
+#: Top-level metadata keys the codec writes itself (not kept in ``Signature.meta``).
+HEADER_KEYS = ("format_version", "kind", "name", "entries", "content_hash")
+
+
+def json_default(x: Any) -> Any:
+    """numpy scalars and arrays in metadata (provenance, effect) become plain JSON."""
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    raise TypeError(f"metadata value of type {type(x).__name__} is not JSON serializable")
+
+
+def content_hash(specs: list[dict[str, Any]], tensors: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(specs, sort_keys=True).encode())
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        h.update(json.dumps([name, arr.dtype.str, list(arr.shape)]).encode())
+        h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+    return "sha256:" + h.hexdigest()
+
+
+#: Deepest nesting accepted in robustpatch metadata JSON (ours is 4 levels deep): deeper
+#: files are refused on load instead of overflowing the stack later (json, deepcopy).
+MAX_META_DEPTH = 64
+
+
+def parse_meta_json(raw: str, where: str, what: str = "robustpatch metadata") -> Any:
+    """``json.loads`` for metadata read from a file: FormatError if it is not valid JSON
+    or nests deeper than :data:`MAX_META_DEPTH` (never RecursionError)."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{where}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        value = None
+    else:
+        stack = [(value, 1)]
+        while stack:
+            v, depth = stack.pop()
+            if depth > MAX_META_DEPTH:
+                break
+            if isinstance(v, dict):
+                stack.extend((x, depth + 1) for x in v.values())
+            elif isinstance(v, list):
+                stack.extend((x, depth + 1) for x in v)
+        else:
+            return value
+    raise FormatError(f"{where}: {what} nests deeper than {MAX_META_DEPTH} levels")
+
+
+def parse_meta(raw: str, where: str) -> dict[str, Any]:
+    meta = parse_meta_json(raw, where)
+    if not isinstance(meta, dict):
+        raise FormatError(f"{where}: robustpatch metadata is not a JSON object")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise FormatError(f"{where}: missing or invalid format_version")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"{where}: signature format version {version} is newer than this robustpatch "
+            f"supports ({FORMAT_VERSION}); upgrade robustpatch"
+        )
+    if version < 1:
+        raise FormatError(f"{where}: invalid format_version {version}")
+    if meta.get("kind", "signature") != "signature" or not isinstance(meta.get("entries"), list):
+        raise FormatError(f"{where}: not a signature (no entries list)")
+    return meta
+
+
+def _want(tensors: Mapping[str, np.ndarray], name: str, dtype, numel: int, where: str):
+    arr = tensors.get(name)
+    if arr is None:
+        raise FormatError(f"{where}: tensor {name!r} is missing")
+    if arr.dtype != np.dtype(dtype):
+        want = np.dtype(dtype)
+        raise FormatError(f"{where}: tensor {name!r} has dtype {arr.dtype}, expected {want}")
+    if arr.size != numel:
+        raise FormatError(f"{where}: tensor {name!r} has {arr.size} elements, expected {numel}")
+    return arr
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _entry_from_spec(s: Any, tensors: Mapping[str, np.ndarray], where: str) -> Entry:
+    if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+        raise FormatError(f"{where}: malformed entry {s!r}")
+    name, kind, dtype = s["name"], s.get("kind"), s.get("dtype")
+    shape = s.get("shape")
+    ok_shape = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+    if kind not in ("delta", "bn") or not ok_shape or not isinstance(dtype, str):
+        raise FormatError(f"{where}: entry {name!r} has a bad kind, shape or dtype")
+    shape_t, numel = tuple(shape), math.prod(shape)
+    stats = s.get("stats", {})
+    if not isinstance(stats, dict):
+        raise FormatError(f"{where}: entry {name!r} has stats that are not a JSON object")
+    if kind == "bn":
+        arr = _want(tensors, f"{name}.replace", np.float32, numel, where).reshape(shape_t)
+        weight = s.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise FormatError(f"{where}: entry {name!r} has a bad weight {weight!r}")
+        return bn_entry(name, arr, dtype, weight)
+    if s.get("encoding") == "dense":
+        arr = _want(tensors, name, np.float32, numel, where).reshape(shape_t)
+        return dense_entry(name, arr, dtype, stats)
+    if s.get("encoding") != "quantized":
+        raise FormatError(f"{where}: entry {name!r} has unknown encoding {s.get('encoding')!r}")
+    return _quant_entry_from_spec(s, shape_t, numel, stats, tensors, where)
+
+
+def _quant_entry_from_spec(s, shape, numel, stats, tensors, where) -> Entry:
+    name = s["name"]
+    bits, scheme, gran = s.get("bits"), s.get("scheme"), s.get("granularity")
+    glen, group = s.get("group_len"), s.get("group", 0)
+    if not (_is_int(bits) and 1 <= bits <= 8) or scheme not in SCHEMES:
+        raise FormatError(f"{where}: entry {name!r} has bad bits/scheme ({bits!r}, {scheme!r})")
+    if gran not in GRANULARITIES or not _is_int(glen) or glen < 1 or numel % glen:
+        raise FormatError(f"{where}: entry {name!r} has a bad group length {glen!r}")
+    if not _is_int(group) or group < 0:
+        raise FormatError(f"{where}: entry {name!r} has a bad group size {group!r}")
+    codes = _want(tensors, f"{name}.codes", np.uint8, (numel * bits + 7) // 8, where)
+    scale = _want(tensors, f"{name}.scale", np.float32, numel // glen, where)
+    offset = _want(tensors, f"{name}.offset", np.float32, numel // glen, where)
+    check_finite(name, scale, "scale")
+    check_finite(name, offset, "offset")
+    _check_decodable(name, scale.reshape(-1), offset.reshape(-1), bits, scheme, where)
+    q = Quantized(
+        codes.reshape(-1),
+        scale.reshape(-1),
+        offset.reshape(-1),
+        bits,
+        scheme,
+        gran,
+        group,
+        glen,
+        numel,
+    )
+    return Entry(name, "delta", shape, s["dtype"], quant=q, stats=dict(stats))
+
+
+def _check_decodable(name, scale, offset, bits: int, scheme: str, where: str) -> None:
+    """What the quantizer guarantees, checked on load: every scale ≥ 0, and every group
+    decodes (``level·scale + offset`` in f32) to finite values, so a crafted file cannot
+    write Inf into a model."""
+    if (scale < 0).any():
+        g = int(np.flatnonzero(scale < 0)[0])
+        raise FormatError(f"{where}: entry {name!r}: group {g} has a negative scale {scale[g]}")
+    lo, hi = (-1.0, 1.0) if scheme in ("log", "tanh") else (0.0, float((1 << bits) - 1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        ok = np.isfinite(np.float32(lo) * scale + offset) & np.isfinite(
+            np.float32(hi) * scale + offset
+        )
+    if not ok.all():
+        g = int(np.flatnonzero(~ok)[0])
+        raise FormatError(
+            f"{where}: entry {name!r}: group {g} (scale {scale[g]}, offset {offset[g]}) "
+            "decodes past the float32 range"
+        )
+
+
+def from_parts(
+    meta: dict[str, Any], tensors: Mapping[str, np.ndarray], where: str = "signature"
+) -> Signature:
+    """Rebuild a signature from its parsed metadata and file tensors, verifying both."""
+    from .model import Signature
+
+    entries = [_entry_from_spec(s, tensors, where) for s in meta["entries"]]
+    sig_meta = {k: v for k, v in meta.items() if k not in HEADER_KEYS}
+    sig = Signature(entries, name=str(meta.get("name", "signature")), meta=sig_meta)
+    extra = set(tensors) - set(sig.file_tensors())
+    if extra:
+        raise FormatError(f"{where}: unexpected tensors {sorted(extra)[:5]}")
+    expected = meta.get("content_hash")
+    if expected != sig.content_hash:
+        raise FormatError(f"{where}: content hash mismatch (file modified?)")
+    return sig
+
+
+def header_meta(sig: Signature) -> dict[str, Any]:
+    """The JSON object stored under ``__metadata__["robustpatch"]``."""
+    meta = copy.deepcopy(sig.meta)
+    fps = dict(meta.pop("fingerprints", {}) or {})
+    fps["architecture"] = sig.architecture_fingerprint
+    fps.setdefault("base", None)
+    out: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": "signature"}
+    out["name"] = sig.name
+    out.update((k, v) for k, v in meta.items() if k not in HEADER_KEYS)
+    out["fingerprints"] = fps
+    out["entries"] = [e.spec() for e in sig]
+    out["content_hash"] = sig.content_hash
+    return out
+
+
+def save(sig: Signature, path: Path) -> Path:
+    """Write ``sig`` (weight 1) to ``path`` atomically."""
+    meta = json.dumps(header_meta(sig), default=json_default)
+    write_tensors(path, sig.file_tensors(), {META_KEY: meta})
+    return path
+
+
+def load(path: Path) -> Signature:
+    """Read and validate a signature file (FormatError / NonFiniteError if bad)."""
+    header, tensors = read_tensors(path)
+    raw = header.metadata.get(META_KEY)
+    if raw is None:
+        raise FormatError(f"{path}: not a robustpatch signature (no {META_KEY!r} metadata)")
+    return from_parts(parse_meta(raw, str(path)), tensors, where=str(path))

@@ -1,0 +1,150 @@
+"""One normaliser per kind of user input, called where the input enters (a public
+function or a CLI argument); deeper layers trust what these return.
+
+Each raises :class:`~robustpatch.errors.InvalidArgumentError` (a ``ValueError``) with one
+line naming the value, or :class:`~robustpatch.errors.NonFiniteError` for NaN/Inf.
+
+>>> alphas(3, 0.5)
+[0.5, 0.5, 0.5]
+>>> bits(4)
+4
+>>> bits(99)
+Traceback (most recent call last):
+...
+robustpatch.errors.InvalidArgumentError: bits must be an integer from 1 to 8, got 99
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError, NonFiniteError
+
+__all__ = [
+    "SCHEMES",
+    "GRANULARITIES",
+    "alphas",
+    "alpha",
+    "bits",
+    "scheme",
+    "granularity",
+    "group",
+    "path",
+]
+
+SCHEMES = ("affine", "symmetric", "log", "tanh")
+GRANULARITIES = ("tensor", "channel", "group")
+
+#: Largest magnitude an α may have: the engine multiplies in float32.
+F32_MAX = float(np.finfo(np.float32).max)
+
+#: Longest rendering of a bad value inside a message.
+_SHOWN = 60
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def alpha(value: Any, what: str = "alpha") -> float:
+    """One real number, finite and within float32 range (the engine narrows α to f32)."""
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not is_number:
+        raise InvalidArgumentError(f"{what} must be a real number, got {_show(value)}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise NonFiniteError(f"{what} {out} is not finite")
+    if abs(out) > F32_MAX:
+        raise InvalidArgumentError(
+            f"{what} {out:g} is outside the float32 range (±{F32_MAX:.4g}) the engine computes in"
+        )
+    return out
+
+
+def alphas(n: int, values: Any, what: str = "alpha") -> list[float]:
+    """One α per signature: a single number (or a one-item sequence) applies to all ``n``.
+
+    >>> alphas(2, [1, -0.5])
+    [1.0, -0.5]
+    >>> alphas(2, [1, 2, 3])
+    Traceback (most recent call last):
+    ...
+    robustpatch.errors.InvalidArgumentError: 2 signatures but 3 alpha values
+    """
+    if isinstance(values, (str, bytes)) or not _is_sequence(values):
+        return [alpha(values, what)] * n
+    items = list(values)
+    if len(items) == 1:
+        return [alpha(items[0], what)] * n
+    if len(items) != n:
+        raise InvalidArgumentError(f"{n} signatures but {len(items)} {what} values")
+    return [alpha(v, f"{what} #{i + 1}") for i, v in enumerate(items)]
+
+
+def _is_sequence(values: Any) -> bool:
+    if isinstance(values, np.ndarray):
+        return values.ndim > 0
+    return hasattr(values, "__iter__") and hasattr(values, "__len__")
+
+
+def _integer(value: Any, what: str, lo: int, hi: int | None) -> int:
+    """An int (bool and float refused) in ``lo..hi``."""
+    try:
+        out = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:
+        out = None
+    in_range = out is not None and out >= lo and (hi is None or out <= hi)
+    if not in_range:
+        bound = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+        raise InvalidArgumentError(f"{what} must be an integer {bound}, got {_show(value)}")
+    return int(out)
+
+
+def bits(value: Any) -> int:
+    """Bits per quantized weight: an integer from 1 to 8."""
+    return _integer(value, "bits", 1, 8)
+
+
+def group(value: Any) -> int:
+    """Elements per quantization group: an integer of at least 1."""
+    return _integer(value, "group", 1, None)
+
+
+def _choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidArgumentError(
+            f"unknown {what} {_show(value)}; expected one of {', '.join(choices)}"
+        )
+    return value
+
+
+def scheme(value: Any) -> str:
+    """Quantization scheme: one of :data:`SCHEMES`."""
+    return _choice(value, "scheme", SCHEMES)
+
+
+def granularity(value: Any) -> str:
+    """Quantization granularity: one of :data:`GRANULARITIES`."""
+    return _choice(value, "granularity", GRANULARITIES)
+
+
+def path(value: Any, what: str = "path") -> Path:
+    """A filesystem path from a ``str`` or ``os.PathLike``: not empty, no NUL byte.
+
+    >>> path("fog.rws").name
+    'fog.rws'
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidArgumentError(f"{what} must be a str or os.PathLike, got {_show(value)}")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise InvalidArgumentError(f"{what} {_show(text)} is not a usable file name")
+    return Path(text)
