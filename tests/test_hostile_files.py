@@ -970,4 +970,5 @@ def test_a_pt_checkpoint_is_read_with_weights_only(tmp_path, capsys):
     assert not marker.exists()
     assert code == 1 and "Traceback" not in err and not out.exists()
     assert len(err.strip().splitlines()) == 1 and err.startswith("robustpatch: error: "), err
-    assert "weights_only=True" in err and "Unsupported global" in err
+    # torch 2.3 names the refused global "Unsupported class", later versions "Unsupported global".
+    assert "weights_only=True" in err and re.search("Unsupported (global|class)", err), err
