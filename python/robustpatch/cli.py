@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from . import validate
 from ._core import __version__
 from .errors import EXPECTED_ERRORS
 
@@ -158,14 +159,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _bits(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"expected bits from 1 to 8, got {text!r}")
-    return value
+def _parsed(parse: Any, normalise: Any, kind: str) -> Any:
+    """An argparse type: ``parse`` the text, then check it with the API's own normaliser
+    (:mod:`robustpatch.validate`), so a flag and a keyword follow one rule."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        try:
+            return normalise(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+_bits = _parsed(int, validate.bits, "bits from 1 to 8")
+_group = _parsed(int, validate.group, "a positive integer group size")
+_alpha = _parsed(float, validate.alpha, "a number")
+_coef = _parsed(float, lambda v: validate.alpha(v, "coefficient"), "a number")
 
 
 def _fraction(text: str) -> float:
@@ -224,7 +238,7 @@ def _add_output(p: Any, help: str) -> None:
 
 def _check_outputs(args: Any, inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
     """Refuse, before any work, outputs that are inputs or exist (without --overwrite)."""
-    from .container import check_destinations
+    from ._io.atomic import check_destinations
 
     check_destinations(inputs, outputs, overwrite=args.overwrite)
 
@@ -237,13 +251,7 @@ def _file_labels(paths: Sequence[str]) -> list[str]:
 
 def _per_signature(values: list[float] | None, n: int, flag: str) -> list[float]:
     """One value per signature: none given means 1, one value applies to all."""
-    if not values:
-        return [1.0] * n
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise ValueError(f"{n} signatures but {len(values)} {flag} values")
-    return values
+    return validate.alphas(n, values or 1.0, flag)
 
 
 # ---------------------------------------------------------------------------- extract
@@ -296,16 +304,16 @@ def _add_quant_args(p: Any, required: bool) -> None:
     p.add_argument(
         "--scheme",
         default="affine",
-        choices=["affine", "symmetric", "log", "tanh"],
+        choices=validate.SCHEMES,
         help="how values map to codes: min/max, absmax, log or tanh companding",
     )
     p.add_argument(
         "--granularity",
         default="group",
-        choices=["tensor", "channel", "group"],
+        choices=validate.GRANULARITIES,
         help="one scale per tensor, per output channel or per --group elements",
     )
-    p.add_argument("--group", type=_positive_int, default=128, help="group size")
+    p.add_argument("--group", type=_group, default=128, help="group size")
 
 
 def _layer_kwargs(args: Any) -> dict[str, Any]:
@@ -503,7 +511,7 @@ def _add_patch_args(p: Any, model_help: str, alpha_help: str) -> None:
     p.add_argument("model", help=model_help)
     p.add_argument("signatures", nargs="+", help="signature files")
     _add_output(p, "patched model to write")
-    p.add_argument("--alpha", type=float, action="append", help=alpha_help)
+    p.add_argument("--alpha", type=_alpha, action="append", help=alpha_help)
     p.add_argument(
         "--allow-dtype-change",
         action="store_true",
@@ -660,7 +668,7 @@ def signature_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def model_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``inspect`` shows about a model file: size, tensors, applied signatures."""
-    from .container import read_header
+    from ._format.safetensors import read_header
     from .files import APPLIED_KEY, applied_signatures, undo_path_for
 
     h = read_header(path)
@@ -697,7 +705,7 @@ def undo_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def inspect_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Dispatch on what the file holds (signature, undo record or model)."""
-    from .container import read_header
+    from ._format.safetensors import read_header
     from .files import UNDO_KEY
     from .signature import META_KEY
 
@@ -868,7 +876,7 @@ def add_combine(sub: Any) -> None:
     _add_output(p, "signature file to write")
     p.add_argument(
         "--coef",
-        type=float,
+        type=_coef,
         action="append",
         help="coefficient per signature (repeat; one value applies to all; default 1)",
     )

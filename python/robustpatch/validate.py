@@ -11,7 +11,7 @@ line naming the value, or :class:`~robustpatch.errors.NonFiniteError` for NaN/In
 >>> bits(99)
 Traceback (most recent call last):
 ...
-robustpatch.errors.InvalidArgumentError: bits must be an integer from 1 to 8, got 99
+robustpatch.errors.InvalidArgumentError: expected bits from 1 to 8 (an integer), got 99
 """
 
 from __future__ import annotations
@@ -95,27 +95,31 @@ def _is_sequence(values: Any) -> bool:
     return hasattr(values, "__iter__") and hasattr(values, "__len__")
 
 
-def _integer(value: Any, what: str, lo: int, hi: int | None) -> int:
-    """An int (bool and float refused) in ``lo..hi``."""
+def _integer(value: Any, lo: int, hi: int | None) -> int | None:
+    """``value`` as an int in ``lo..hi``, or None (bool and float are not integers)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
     try:
-        out = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+        out = operator.index(value)
     except TypeError:
-        out = None
-    in_range = out is not None and out >= lo and (hi is None or out <= hi)
-    if not in_range:
-        bound = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
-        raise InvalidArgumentError(f"{what} must be an integer {bound}, got {_show(value)}")
-    return int(out)
+        return None
+    return out if out >= lo and (hi is None or out <= hi) else None
 
 
 def bits(value: Any) -> int:
     """Bits per quantized weight: an integer from 1 to 8."""
-    return _integer(value, "bits", 1, 8)
+    out = _integer(value, 1, 8)
+    if out is None:
+        raise InvalidArgumentError(f"expected bits from 1 to 8 (an integer), got {_show(value)}")
+    return out
 
 
 def group(value: Any) -> int:
     """Elements per quantization group: an integer of at least 1."""
-    return _integer(value, "group", 1, None)
+    out = _integer(value, 1, None)
+    if out is None:
+        raise InvalidArgumentError(f"expected a positive integer group size, got {_show(value)}")
+    return out
 
 
 def _choice(value: Any, what: str, choices: tuple[str, ...]) -> str:

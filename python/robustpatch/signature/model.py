@@ -189,8 +189,9 @@ class Signature:
         weight is kept. Re-quantizing an already quantized signature decodes it first.
         Every argument is checked, whatever the signature holds.
         """
-        bits, scheme = validate.bits(bits), validate.scheme(scheme)
-        granularity, group = validate.granularity(granularity), validate.group(group)
+        return self._quantized(*_quantization(bits, scheme, granularity, group))
+
+    def _quantized(self, bits: int, scheme: str, granularity: str, group: int) -> Signature:
         entries = [quantize_entry(e, bits, scheme, granularity, group) for e in self]
         meta = copy.deepcopy(self.meta)
         meta["quantization"] = {
@@ -312,6 +313,16 @@ class Signature:
         return codec.load(validate.path(path, "signature path"))
 
 
+def _quantization(bits: Any, scheme: Any, granularity: Any, group: Any) -> tuple:
+    """Quantization arguments as given to a public ``quantize``, validated."""
+    return (
+        validate.bits(bits),
+        validate.scheme(scheme),
+        validate.granularity(granularity),
+        validate.group(group),
+    )
+
+
 def _is_factor(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
@@ -375,9 +386,17 @@ class SignatureSum:
 
         return combine([s for s, _ in self._terms], [c for _, c in self._terms], name=name)
 
-    def quantize(self, *args: Any, **kwargs: Any) -> Signature:
-        """The materialized sum, quantized (arguments as :meth:`Signature.quantize`)."""
-        return self.materialize().quantize(*args, **kwargs)
+    def quantize(
+        self,
+        bits: int = 4,
+        scheme: str = "affine",
+        granularity: str = "group",
+        group: int = 128,
+    ) -> Signature:
+        """The materialized sum, quantized (arguments as :meth:`Signature.quantize`,
+        checked before anything is decoded)."""
+        checked = _quantization(bits, scheme, granularity, group)
+        return self.materialize()._quantized(*checked)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Refused: a sum has no file form."""

@@ -1,0 +1,193 @@
+"""Signature algebra keeps the form: α·sig shares the stored (quantized) entries with a
+weight, a + b keeps both as terms fused at apply time; only materialize()/combine()
+decode. Similarity, detect and combine take scaled signatures and sums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from robustpatch import apply, combine, detect, remove, similarity
+from robustpatch.errors import InvalidArgumentError, MismatchError
+from robustpatch.extract import extract
+from robustpatch.signature import Signature, SignatureSum, terms
+from rp_testutil import copy_model, same_bits, trio
+
+
+@pytest.fixture(scope="module")
+def models():
+    return trio(0)
+
+
+@pytest.fixture(scope="module")
+def pair(models):
+    """Two 4-bit signatures with deltas and BatchNorm replacements."""
+    pre, clean, robust = models
+    rng = np.random.default_rng(9)
+    other = dict(robust, **{"bn1.running_mean": robust["bn1.running_mean"] - 1})
+    for k in ("conv1.weight", "conv2.weight", "fc.weight"):
+        other[k] = (clean[k] + rng.normal(0, 0.05, clean[k].shape)).astype(np.float32)
+    a = extract(pre, clean, robust, layers="all", name="a").quantize(4)
+    b = extract(pre, clean, other, layers="all", name="b").quantize(4)
+    return a, b
+
+
+def _stored_arrays(sig: Signature) -> list[np.ndarray]:
+    return [x for e in sig for x in e.file_tensors().values()]
+
+
+def test_scaling_shares_the_quantized_entries_and_their_stats(pair):
+    a, _ = pair
+    half = 0.5 * a
+    assert isinstance(half, Signature) and half.weight == 0.5 and a.weight == 1.0
+    assert half.name == a.name and half.nbytes == a.nbytes
+    for name, e in a.entries.items():
+        assert half[name] is e  # same entry: same codes, same stats
+    assert any(e.stats for e in half)
+    assert (a * 0.5).weight == 0.5 and (-half).weight == -0.5 and (3 * half).weight == 1.5
+    assert half.unit().weight == 1.0 and half.unit()[next(iter(a.entries))] is a[next(iter(a.entries))]
+    assert half.content_hash == a.content_hash  # the weight is not part of the stored data
+
+
+def test_a_sum_keeps_its_terms_without_decoding(pair):
+    a, b = pair
+    s = 0.5 * a + 2 * b
+    assert isinstance(s, SignatureSum)
+    got = s.terms()
+    assert [(t.name, c) for t, c in got] == [("a", 0.5), ("b", 2.0)]
+    for t, _ in got:
+        assert t.weight == 1.0
+        assert all(e.is_quantized and e.values is None for e in t.deltas.values())
+    shared = {id(x) for x in _stored_arrays(a) + _stored_arrays(b)}
+    assert {id(x) for t, _ in got for x in _stored_arrays(t)} <= shared  # no new arrays
+    assert s.nbytes == a.nbytes + b.nbytes
+    assert (a + a).nbytes == a.nbytes  # an entry two terms share counts once
+    assert s.name == "0.5*a+2*b"
+
+
+def test_sums_subtract_negate_and_scale_term_by_term(pair):
+    a, b = pair
+    as_pairs = lambda x: [(t.name, c) for t, c in x.terms()]  # noqa: E731
+    assert as_pairs(a - b) == as_pairs(a + (-1) * b) == [("a", 1.0), ("b", -1.0)]
+    assert as_pairs(-(a + 0.5 * b)) == [("a", -1.0), ("b", -0.5)]
+    assert as_pairs(2 * (a - b) + a) == [("a", 2.0), ("b", -2.0), ("a", 1.0)]
+    assert (a - 0.5 * b).name == "a-0.5*b"
+
+
+def test_terms_expand_items_at_their_alphas(pair):
+    a, b = pair
+    got = terms([0.5 * a + b, b], [2.0, -1.0])
+    assert [(t.name, x) for t, x in got] == [("a", 1.0), ("b", 2.0), ("b", -1.0)]
+
+
+def test_applying_a_sum_is_bit_identical_to_applying_its_parts(models, pair):
+    _, clean, _ = models
+    a, b = pair
+    summed, parts = copy_model(clean), copy_model(clean)
+    undo = apply(summed, 0.5 * a + 2 * b)
+    apply(parts, [a, b], alphas=[0.5, 2])
+    assert same_bits(summed, parts)
+    assert not same_bits(summed, clean)
+    assert [(x["name"], x["hash"], x["alpha"]) for x in undo.applied] == [
+        ("a", a.content_hash, 0.5),
+        ("b", b.content_hash, 2.0),
+    ]
+    remove(summed, undo)
+    assert same_bits(summed, clean)
+
+
+def test_a_scaled_signature_applies_like_its_alpha(models, pair):
+    _, clean, _ = models
+    a, _ = pair
+    scaled, direct = copy_model(clean), copy_model(clean)
+    apply(scaled, 0.25 * a, alphas=2.0)
+    apply(direct, a, alphas=0.5)
+    assert same_bits(scaled, direct)  # BatchNorm blend included (weight 0.5)
+
+
+def test_an_effective_alpha_outside_float32_is_refused_before_any_change(models, pair):
+    _, clean, _ = models
+    a, _ = pair
+    model = copy_model(clean)
+    big = 1e30 * a
+    with pytest.raises(InvalidArgumentError, match="float32"):
+        apply(model, big, alphas=1e30)
+    with pytest.raises(InvalidArgumentError, match="float32"):
+        big * 1e30
+    assert same_bits(model, clean)
+
+
+def test_a_scaled_signature_or_a_sum_is_not_saved_without_materialize(pair, tmp_path):
+    a, b = pair
+    for x in (0.5 * a, a + b):
+        with pytest.raises(InvalidArgumentError, match=r"materialize\(\)"):
+            x.save(tmp_path / "x.rws")
+    assert list(tmp_path.iterdir()) == []
+    dense = (0.5 * a + 2 * b).materialize()
+    assert dense.weight == 1.0 and not any(e.is_quantized for e in dense)
+    loaded = Signature.load(dense.save(tmp_path / "dense.rws"))
+    assert loaded.content_hash == dense.content_hash
+
+
+def test_materialize_equals_the_decoded_weighted_sum(pair):
+    a, b = pair
+    dense = (0.5 * a + 2 * b).materialize()
+    for name, e in a.deltas.items():
+        want = np.float32(0.5) * e.dense() + np.float32(2) * b[name].dense()
+        np.testing.assert_array_equal(dense[name].dense(), want)
+    ref = combine([a, b], [0.5, 2])
+    assert dense.content_hash == ref.content_hash
+    assert dense.name == "0.5*a+2*b"
+    assert [c["coef"] for c in dense.meta["components"]] == [0.5, 2.0]
+    assert (0.5 * a).materialize().content_hash == combine([a], [0.5]).content_hash
+    assert a.materialize().name == "a" and not any(e.is_quantized for e in a.materialize())
+
+
+def test_materialized_batchnorm_follows_the_blend_rule(pair):
+    a, b = pair
+    zero = (a - a).materialize()
+    assert all(not np.any(e.dense()) for e in zero.deltas.values())
+    assert zero.bn.keys() == a.bn.keys()  # a − a keeps a's replacements (−1 clips to 0)
+    assert not (-a).materialize().bn  # only a negative weight: no replacement left
+    both = (a + b).materialize()
+    mean = (a["bn1.running_mean"].values + b["bn1.running_mean"].values) / 2
+    np.testing.assert_allclose(both["bn1.running_mean"].values, mean, rtol=1e-6)
+    assert both["bn1.running_mean"].weight == 2.0
+
+
+def test_a_sum_of_different_shapes_fails_when_fused(pair):
+    a, _ = pair
+    wrong = Signature.from_deltas({"fc.bias": np.ones(3, np.float32)}, name="w")
+    with pytest.raises(MismatchError, match="shapes differ"):
+        (a + wrong).materialize()
+
+
+def test_quantizing_a_sum_fuses_then_codes_it(pair):
+    a, b = pair
+    q = (a + b).quantize(8)
+    assert all(e.is_quantized and e.quant.bits == 8 for e in q.deltas.values())
+    with pytest.raises(InvalidArgumentError, match="bits"):
+        (a + b).quantize(99)
+
+
+def test_similarity_of_sums_equals_that_of_their_dense_form(models, pair):
+    a, b = pair
+    da, db = a.dequantize(), b.dequantize()
+    forms = [da + 2 * db, da - db, 3 * da]
+    dense = [f.materialize() for f in forms]
+    np.testing.assert_allclose(similarity(forms), similarity(dense), rtol=1e-5, atol=1e-6)
+    m = similarity([a, 2 * a, -a])
+    np.testing.assert_allclose(m[0], [1, 1, -1], rtol=0, atol=1e-9)
+
+
+def test_detect_and_combine_take_sums(pair):
+    a, b = pair
+    ranking = detect(a + 0.01 * b, {"b": b, "mix": 0.5 * a + 0.5 * b, "a": 2 * a})
+    assert ranking[0][0] == "a"
+    assert ranking[0][1] > ranking[1][1] > ranking[2][1]
+    np.testing.assert_allclose(
+        detect(a, [a + b])[0][1], detect(a, [(a + b).materialize()])[0][1], rtol=1e-5
+    )
+    via_sum = combine([a + b, b], [2.0, 1.0])
+    flat = combine([a, b, b], [2.0, 2.0, 1.0])
+    assert via_sum.content_hash == flat.content_hash
