@@ -45,7 +45,8 @@ def test_scaling_shares_the_quantized_entries_and_their_stats(pair):
         assert half[name] is e  # same entry: same codes, same stats
     assert any(e.stats for e in half)
     assert (a * 0.5).weight == 0.5 and (-half).weight == -0.5 and (3 * half).weight == 1.5
-    assert half.unit().weight == 1.0 and half.unit()[next(iter(a.entries))] is a[next(iter(a.entries))]
+    first = next(iter(a.entries))
+    assert half.unit().weight == 1.0 and half.unit()[first] is a[first]
     assert half.content_hash == a.content_hash  # the weight is not part of the stored data
 
 

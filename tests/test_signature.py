@@ -14,7 +14,6 @@ from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.dtypes import narrow, widen
 from robustpatch.errors import FormatError, MismatchError, NonFiniteError
 from robustpatch.extract import extract
-from robustpatch.targets import apply, remove, subtract
 from robustpatch.signature import (
     Signature,
     content_hash,
@@ -22,6 +21,7 @@ from robustpatch.signature import (
     group_len_for,
     similarity,
 )
+from robustpatch.targets import apply, remove, subtract
 from rp_testutil import copy_model, same_bits, trio
 
 PROPS = settings(max_examples=40, deadline=None)
