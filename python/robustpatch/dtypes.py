@@ -46,8 +46,6 @@ _LABEL_OF_NUMPY = {
     np.dtype(np.bool_): "BOOL",
 }
 
-FLOAT_LABELS = ("F64", "F32", "F16", "BF16")
-
 
 def kernel_view(arr: np.ndarray) -> np.ndarray:
     """The array as the engine takes it: ``ml_dtypes.bfloat16`` is viewed as uint16 bits."""
@@ -83,8 +81,3 @@ def narrow(x: np.ndarray, label: str) -> np.ndarray:
         quiet_nan = ((b >> 16) | 0x40).astype(np.uint16)
         return np.where(np.isnan(x), quiet_nan, rounded)
     return x.astype(NUMPY_OF_LABEL[label])
-
-
-def itemsize(label: str) -> int:
-    """Bytes per element of a safetensors dtype label."""
-    return NUMPY_OF_LABEL[label].itemsize
