@@ -1,28 +1,50 @@
 """robustpatch: robust weight signatures — extract, compress and patch robustness
 into neural networks at memory bandwidth.
 
+>>> import numpy as np
 >>> import robustpatch as rp
->>> sig = rp.extract(pretrained, clean, robust, layers="auto").quantize(bits=4)
->>> undo = rp.apply(model, sig, alpha=1.0)      # in place
->>> rp.remove(model, undo)                       # bit-exact
+>>> rng = np.random.default_rng(0)
+>>> pretrained = {"fc.weight": rng.normal(size=(8, 16)).astype(np.float32)}
+>>> clean = {"fc.weight": pretrained["fc.weight"] + np.float32(0.01)}
+>>> robust = {"fc.weight": clean["fc.weight"] + rng.normal(0, 0.1, (8, 16)).astype(np.float32)}
+>>> sig = rp.extract(pretrained, clean, robust, layers="all").quantize(bits=4)
+>>> model = {k: v.copy() for k, v in clean.items()}
+>>> undo = rp.apply(model, sig, alphas=1.0)     # in place
+>>> rp.remove(model, undo)["tensors"]            # bit-exact
+1
+>>> bool((model["fc.weight"] == clean["fc.weight"]).all())
+True
+>>> combo = 0.5 * sig + sig                      # kept as 4-bit terms, fused when applied
+>>> [(s.name, a) for s, a in combo.terms()]
+[('signature', 0.5), ('signature', 1.0)]
 
 The lab (`robustpatch.lab`) needs the ``torch`` extra; nothing here imports torch.
 """
 
 from ._core import __version__
-from .errors import FormatError, MismatchError, NonFiniteError
+from .errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError
 from .extract import extract
 from .files import apply_file, remove_file
-from .patch import Undo, apply, remove, subtract
-from .signature import Entry, Quantized, Signature, combine, detect, similarity
+from .signature import (
+    Entry,
+    Quantized,
+    Signature,
+    SignatureSum,
+    combine,
+    detect,
+    similarity,
+)
+from .targets import Undo, apply, remove, subtract
 
 __all__ = [
     "Entry",
     "FormatError",
+    "InvalidArgumentError",
     "MismatchError",
     "NonFiniteError",
     "Quantized",
     "Signature",
+    "SignatureSum",
     "Undo",
     "__version__",
     "apply",
