@@ -43,7 +43,56 @@ SignatureLike = Union["Signature", "SignatureSum", str, "os.PathLike[str]"]
 Term = tuple["Signature", float]
 
 
-class Signature:
+class _Linear:
+    """``+``, ``-``, ``*``, unary ``-`` and :meth:`quantize` for a class with ``terms()``,
+    ``scaled()`` and ``_quantized()``: sums keep their terms, scaling multiplies a
+    weight, arguments are checked here, once."""
+
+    def __add__(self, other: Any) -> SignatureSum:
+        if not isinstance(other, _Linear):
+            return NotImplemented
+        return SignatureSum(self.terms() + other.terms())  # type: ignore[attr-defined]
+
+    def __sub__(self, other: Any) -> SignatureSum:
+        if not isinstance(other, _Linear):
+            return NotImplemented
+        return self + other.scaled(-1.0)  # type: ignore[attr-defined]
+
+    def __mul__(self, factor: Any) -> Any:
+        if not isinstance(factor, numbers.Real) or isinstance(factor, (bool, np.bool_)):
+            return NotImplemented
+        return self.scaled(factor)  # type: ignore[attr-defined]
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Any:
+        return self.scaled(-1.0)  # type: ignore[attr-defined]
+
+    def quantize(
+        self,
+        bits: int = 4,
+        scheme: str = "affine",
+        granularity: str = "group",
+        group: int = 128,
+    ) -> Signature:
+        """A quantized copy: every delta entry coded with ``bits`` bits (1–8).
+
+        ``scheme``: affine (min/max), symmetric (absmax), log or tanh companding;
+        ``granularity``: one scale per ``tensor``, per output ``channel``, or per
+        ``group`` of ``group`` contiguous elements. BN replacements stay float32; a
+        signature's weight is kept; a sum is materialized first. Re-quantizing a
+        quantized signature decodes it first. Every argument is checked before any
+        work, whatever the signature holds.
+        """
+        return self._quantized(  # type: ignore[attr-defined]
+            validate.bits(bits),
+            validate.scheme(scheme),
+            validate.granularity(granularity),
+            validate.group(group),
+        )
+
+
+class Signature(_Linear):
     """A robust weight signature: named delta/BN entries plus metadata.
 
     Build one with :func:`robustpatch.extract.extract`, :meth:`from_deltas` or
@@ -174,23 +223,6 @@ class Signature:
 
     # -- transforms -------------------------------------------------------------------
 
-    def quantize(
-        self,
-        bits: int = 4,
-        scheme: str = "affine",
-        granularity: str = "group",
-        group: int = 128,
-    ) -> Signature:
-        """A quantized copy: every delta entry coded with ``bits`` bits (1–8).
-
-        ``scheme``: affine (min/max), symmetric (absmax), log or tanh companding;
-        ``granularity``: one scale per ``tensor``, per output ``channel``, or per
-        ``group`` of ``group`` contiguous elements. BN replacements stay float32; the
-        weight is kept. Re-quantizing an already quantized signature decodes it first.
-        Every argument is checked, whatever the signature holds.
-        """
-        return self._quantized(*_quantization(bits, scheme, granularity, group))
-
     def _quantized(self, bits: int, scheme: str, granularity: str, group: int) -> Signature:
         entries = [quantize_entry(e, bits, scheme, granularity, group) for e in self]
         meta = copy.deepcopy(self.meta)
@@ -253,26 +285,6 @@ class Signature:
         """``[(weight-1 signature, weight)]``: what apply adds, and at which α."""
         return [(self.unit(), self.weight)]
 
-    def __add__(self, other: Any) -> SignatureSum:
-        if not isinstance(other, (Signature, SignatureSum)):
-            return NotImplemented
-        return SignatureSum(self.terms() + other.terms())
-
-    def __sub__(self, other: Any) -> SignatureSum:
-        if not isinstance(other, (Signature, SignatureSum)):
-            return NotImplemented
-        return self + (-1.0) * other
-
-    def __mul__(self, factor: Any) -> Signature:
-        if not _is_factor(factor):
-            return NotImplemented
-        return self.scaled(factor)
-
-    __rmul__ = __mul__
-
-    def __neg__(self) -> Signature:
-        return self.scaled(-1.0)
-
     # -- files ------------------------------------------------------------------------
 
     def file_tensors(self) -> dict[str, np.ndarray]:
@@ -313,21 +325,7 @@ class Signature:
         return codec.load(validate.path(path, "signature path"))
 
 
-def _quantization(bits: Any, scheme: Any, granularity: Any, group: Any) -> tuple:
-    """Quantization arguments as given to a public ``quantize``, validated."""
-    return (
-        validate.bits(bits),
-        validate.scheme(scheme),
-        validate.granularity(granularity),
-        validate.group(group),
-    )
-
-
-def _is_factor(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
-
-
-class SignatureSum:
+class SignatureSum(_Linear):
     """``Σ coef_k · sig_k`` kept as its terms: each ``sig_k`` keeps its stored (possibly
     quantized) entries and apply fuses them per tensor. Build one with ``+``/``-``.
 
@@ -359,25 +357,10 @@ class SignatureSum:
     def __repr__(self) -> str:
         return f"SignatureSum({self.name!r}, {len(self)} terms, {self.nbytes} bytes)"
 
-    def __add__(self, other: Any) -> SignatureSum:
-        if not isinstance(other, (Signature, SignatureSum)):
-            return NotImplemented
-        return SignatureSum(self._terms + other.terms())
-
-    def __sub__(self, other: Any) -> SignatureSum:
-        if not isinstance(other, (Signature, SignatureSum)):
-            return NotImplemented
-        return self + (-1.0) * other
-
-    def __mul__(self, factor: Any) -> SignatureSum:
-        if not _is_factor(factor):
-            return NotImplemented
-        return SignatureSum((s, c * validate.alpha(factor, "factor")) for s, c in self._terms)
-
-    __rmul__ = __mul__
-
-    def __neg__(self) -> SignatureSum:
-        return (-1.0) * self
+    def scaled(self, factor: float) -> SignatureSum:
+        """``factor · self``: every coefficient multiplied by ``factor``."""
+        factor = validate.alpha(factor, "factor")
+        return SignatureSum((s, c * factor) for s, c in self._terms)
 
     def materialize(self, name: str | None = None) -> Signature:
         """One dense weight-1 signature equal to the sum (see
@@ -386,17 +369,8 @@ class SignatureSum:
 
         return combine([s for s, _ in self._terms], [c for _, c in self._terms], name=name)
 
-    def quantize(
-        self,
-        bits: int = 4,
-        scheme: str = "affine",
-        granularity: str = "group",
-        group: int = 128,
-    ) -> Signature:
-        """The materialized sum, quantized (arguments as :meth:`Signature.quantize`,
-        checked before anything is decoded)."""
-        checked = _quantization(bits, scheme, granularity, group)
-        return self.materialize()._quantized(*checked)
+    def _quantized(self, bits: int, scheme: str, granularity: str, group: int) -> Signature:
+        return self.materialize()._quantized(bits, scheme, granularity, group)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Refused: a sum has no file form."""
