@@ -42,7 +42,7 @@ from torch import nn
 
 from robustpatch.extract import extract
 from robustpatch.patch import apply, remove
-from robustpatch.signature import Signature, detect, similarity
+from robustpatch.signature import Signature, SignatureSum, detect, similarity, terms
 
 from . import corruptions as C
 from . import models, recipes
@@ -88,7 +88,7 @@ SEVERITIES = (1, 2, 3, 4, 5)
 BN_POLICIES = ("signature", "reestimate")
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
-Sigs = Union[Signature, Sequence[Signature]]
+Sigs = Union[Signature, SignatureSum, Sequence[Union[Signature, SignatureSum]]]
 
 
 # ---------------------------------------------------------------------------- data
@@ -216,11 +216,11 @@ class Task:
 
 
 def _sigs_key(sigs: Sigs | None) -> tuple:
+    """What a patch adds: each stored signature's hash with its coefficient (a scaled
+    signature shares its entries, and its hash, with the unscaled one)."""
     if sigs is None:
         return ()
-    if isinstance(sigs, Signature):
-        sigs = [sigs]
-    return tuple(s.content_hash for s in sigs)
+    return tuple((s.content_hash, c) for s, c in terms(sigs))
 
 
 def _alphas_key(alphas: float | Sequence[float]) -> tuple:
