@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robustpatch.container import TensorInfo, encode_header
+from robustpatch._format.safetensors import TensorInfo, encode_header
 from robustpatch.signature import Signature
 
 CHILD = r"""

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from robustpatch._format.safetensors import write_tensors
 from robustpatch.cli import COMMANDS, build_parser, main
-from robustpatch.container import write_tensors
 from robustpatch.signature import Signature
 from rp_testutil import listing, sha, trio
 

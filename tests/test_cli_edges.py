@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import robustpatch
+from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.cli import build_parser, main
-from robustpatch.container import read_tensors, write_tensors
 from robustpatch.files import apply_file
 from robustpatch.signature import Signature, combine
 from rp_testutil import listing, sha, trio

@@ -24,14 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustpatch import container
-from robustpatch.container import (
-    DirectWriter,
-    TensorInfo,
-    encode_header,
-    read_header,
-    read_tensors,
-)
+from robustpatch._format.safetensors import TensorInfo, encode_header, read_header, read_tensors
+from robustpatch._io import direct as direct_io
+from robustpatch._io.direct import DirectWriter
 from robustpatch.errors import MismatchError
 from robustpatch.files import apply_file, remove_file, undo_path_for
 from robustpatch.signature import Signature
@@ -420,13 +415,13 @@ def test_direct_and_buffered_writes_give_the_same_bytes(big, tmp_path, monkeypat
     buffered = tmp_path / "buffered" / "p.safetensors"
     direct.parent.mkdir()
     buffered.parent.mkdir()
-    monkeypatch.setattr(container, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(direct_io, "DIRECT_MIN_BYTES", 0)
     seen: list[int] = []
     apply_file(big.model, [big.sig], 1.0, direct, durable=True, progress=seen.append)
     h = read_header(big.model)
     assert sum(seen) == h.file_size - h.data_start  # progress counts every data byte
     remove_file(direct, tmp_path / "direct" / "r.safetensors", durable=True)
-    monkeypatch.setattr(container, "DIRECT_MIN_BYTES", 1 << 62)
+    monkeypatch.setattr(direct_io, "DIRECT_MIN_BYTES", 1 << 62)
     apply_file(big.model, [big.sig], 1.0, buffered, durable=True)
     assert (sha(direct), sha(undo_path_for(direct))) == big.new
     assert (sha(buffered), sha(undo_path_for(buffered))) == big.new

@@ -10,12 +10,12 @@ import struct
 import numpy as np
 import pytest
 
-from robustpatch.container import read_header, read_tensors, write_tensors
+from robustpatch._format.safetensors import read_header, read_tensors, write_tensors
 from robustpatch.errors import FormatError, MismatchError, NonFiniteError
 from robustpatch.extract import extract
 from robustpatch.files import applied_signatures, apply_file, remove_file, undo_path_for
-from robustpatch.patch import apply
-from robustpatch.signature import Signature, _content_hash
+from robustpatch.signature import Signature, content_hash
+from robustpatch.targets import apply
 from rp_testutil import copy_model, listing, same_bits, sha, trio
 
 
@@ -213,7 +213,7 @@ def test_nan_in_a_delta(setup):
     header, tensors = read_tensors(sigs[1])
     meta = json.loads(header.metadata["robustpatch"])
     tensors["fc.bias"][3] = np.nan
-    meta["content_hash"] = _content_hash(meta["entries"], tensors)
+    meta["content_hash"] = content_hash(meta["entries"], tensors)
     write_tensors(sigs[1], tensors, {"robustpatch": json.dumps(meta)})
     _refused(src, sigs, out, NonFiniteError, "fc.bias: delta holds NaN")
 
@@ -256,5 +256,5 @@ def test_a_failing_undo_write_leaves_no_output(setup, monkeypatch):
     def failing(*args, **kw):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(files._Undo, "write", failing)
+    monkeypatch.setattr(files.UndoWriter, "finish", failing)
     _refused(src, sigs, out, OSError, "Input/output")

@@ -29,13 +29,14 @@ import numpy as np
 import pytest
 
 import robustpatch
+from robustpatch._format.safetensors import read_header, read_tensors, write_tensors
+from robustpatch._io.ranged import sha256_file
 from robustpatch.cli import main
-from robustpatch.container import read_header, read_tensors, sha256_file, write_tensors
 from robustpatch.errors import FormatError, NonFiniteError
 from robustpatch.extract import extract
 from robustpatch.files import APPLIED_KEY, UNDO_KEY, apply_file, remove_file
-from robustpatch.patch import apply
-from robustpatch.signature import Signature, _content_hash
+from robustpatch.signature import Signature, content_hash
+from robustpatch.targets import apply
 from rp_testutil import copy_model, listing, same_bits, sha, trio
 
 TYPED = (ValueError, TypeError, OSError)  # FormatError, NonFiniteError are ValueErrors
@@ -103,7 +104,7 @@ def sig_variant(
         if meta_fn:
             meta_fn(meta)
         if rehash and isinstance(meta.get("entries"), list):
-            meta["content_hash"] = _content_hash(meta["entries"], tensors)
+            meta["content_hash"] = content_hash(meta["entries"], tensors)
         text = raw_meta if raw_meta is not None else json.dumps(meta)
         labels = {k: "U16" for k, a in tensors.items() if a.dtype == np.uint16}
         write_tensors(path, tensors, {SIG_KEY: text}, labels)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustpatch.container import TensorInfo, encode_header, sha256_file
+from robustpatch._format.safetensors import TensorInfo, encode_header
+from robustpatch._io.ranged import sha256_file
 from robustpatch.signature import Signature
 
 pytestmark = pytest.mark.skipif(

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from robustpatch.extract import extract  # noqa: E402
-from robustpatch.patch import apply, remove  # noqa: E402
+from robustpatch.targets import apply, remove  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -36,7 +36,7 @@ from typing import Any, Union
 import numpy as np
 
 from . import _core
-from .container import read_header
+from ._format.safetensors import read_header
 from .dtypes import NUMPY_OF_LABEL, PATCHABLE, label_of, widen
 from .errors import FormatError, SelectionError, ZeroSignatureWarning
 from .signature import Entry, Signature, bn_entry, dense_entry, is_bn_stat

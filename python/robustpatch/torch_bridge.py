@@ -10,13 +10,16 @@ original bits.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .dtypes import kernel_view
+from .errors import FormatError, InvalidArgumentError, MismatchError
 from .signature import is_bn_stat
+from .targets import EngineRecord
 
 __all__ = [
     "is_torch_object",
@@ -25,6 +28,7 @@ __all__ = [
     "to_numpy",
     "numpy_state",
     "TorchTarget",
+    "TorchRecord",
     "load_torch_file",
 ]
 
@@ -80,7 +84,7 @@ def to_numpy(t: Any) -> np.ndarray | None:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     if t.dtype not in (torch.float32, torch.float16, torch.float64):
-        raise TypeError(f"unsupported tensor dtype {t.dtype}")
+        raise InvalidArgumentError(f"unsupported tensor dtype {t.dtype}")
     return t.numpy()
 
 
@@ -101,7 +105,7 @@ def load_torch_file(path: str) -> dict[str, Any]:
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise TypeError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise FormatError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return dict(obj)
 
 
@@ -141,8 +145,20 @@ def _acc(deltas: Sequence[Any], alphas: Sequence[float], device: Any, numel: int
     return acc
 
 
+@dataclass(frozen=True)
+class TorchRecord:
+    """The exact-undo record of a tensor patched with torch operations (on its device):
+    the positions where ``(w + δ) − δ`` does not give ``w`` back, and the originals."""
+
+    positions: Any
+    values: Any
+
+    def __len__(self) -> int:
+        return int(self.positions.numel())
+
+
 class TorchTarget:
-    """Patch target over a torch module or state dict (see :mod:`robustpatch.patch`).
+    """Patch target over a torch module or state dict (see :mod:`robustpatch.targets`).
 
     ``torch_ops=True`` forces the on-device torch path even for CPU tensors (tests use
     it to check that path on machines without a GPU).
@@ -165,39 +181,55 @@ class TorchTarget:
     def check_writable(self, name: str) -> None:
         t = self.tensors[name]
         if t.is_inference() and not _torch().is_inference_mode_enabled():
-            raise ValueError(f"{name}: inference tensors cannot be modified outside inference mode")
+            raise InvalidArgumentError(
+                f"{name}: inference tensors cannot be modified outside inference mode"
+            )
 
     def _kernel_ok(self, t: Any) -> bool:
         return not self.torch_ops and t.device.type == "cpu" and t.is_contiguous()
 
-    def add(self, name: str, deltas: Sequence[Any], alphas: Sequence[float]) -> Any:
+    def visit(self, names: Sequence[str]) -> Iterator[str]:
+        yield from names
+
+    def add(
+        self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: bool
+    ) -> EngineRecord | TorchRecord | None:
         from . import _core
 
         t = self.tensors[name]
         if self._kernel_ok(t):
-            return ("np", _core.apply(to_numpy(t), list(deltas), list(alphas)))
+            rec = _core.apply(to_numpy(t), list(deltas), list(alphas), record=record)
+            return None if rec is None else EngineRecord(*rec)
         torch = _torch()
         with torch.no_grad():
             acc = _acc(deltas, alphas, t.device, t.numel())
             w = t.detach().reshape(-1)
             new = (w.float() + acc).to(t.dtype)
-            back = (new.float() - acc).to(t.dtype)
-            pos = (_bits(back) != _bits(w)).nonzero().squeeze(1)
-            vals = w[pos].clone()
+            kept = None
+            if record:
+                back = (new.float() - acc).to(t.dtype)
+                pos = (_bits(back) != _bits(w)).nonzero().squeeze(1)
+                kept = TorchRecord(pos, w[pos].clone())
             t.detach().copy_(new.view(t.shape))
-        return ("torch", pos, vals)
+        return kept
 
     def subtract(
-        self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: Any
+        self,
+        name: str,
+        deltas: Sequence[Any],
+        alphas: Sequence[float],
+        record: EngineRecord | TorchRecord | None,
     ) -> tuple[int, int]:
         from . import _core
 
         t = self.tensors[name]
-        if record is not None and record[0] == "np":
+        if isinstance(record, EngineRecord):
             if t.device.type != "cpu" or not t.is_contiguous():
-                raise ValueError(f"{name}: patched on CPU but now on {t.device} or non-contiguous")
-            rec = record[1]
-            return _core.remove(to_numpy(t), list(deltas), list(alphas), *(rec or ()))
+                raise MismatchError(
+                    f"{name}: patched on CPU but now on {t.device} or non-contiguous"
+                )
+            arrays = (record.positions, record.values)
+            return _core.remove(to_numpy(t), list(deltas), list(alphas), *arrays)
         torch = _torch()
         with torch.no_grad():
             acc = _acc(deltas, alphas, t.device, t.numel())
@@ -207,9 +239,9 @@ class TorchTarget:
             inconsistent = int((_bits(again) != _bits(w)).sum())
             corrected = 0
             if record is not None:
-                pos, vals = record[1].to(t.device), record[2].to(t.device)
+                pos, vals = record.positions.to(t.device), record.values.to(t.device)
                 old[pos] = vals
-                corrected = int(pos.numel())
+                corrected = len(record)
             t.detach().copy_(old.view(t.shape))
         return corrected, inconsistent
 

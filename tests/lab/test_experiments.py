@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from robustpatch.container import read_header  # noqa: E402
+from robustpatch._format.safetensors import read_header  # noqa: E402
 from robustpatch.lab import experiments as X  # noqa: E402
 from robustpatch.lab import models, recipes  # noqa: E402
 from robustpatch.signature import Signature  # noqa: E402

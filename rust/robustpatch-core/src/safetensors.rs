@@ -1,7 +1,7 @@
-//! A validating reader for safetensors headers (the container of both model
-//! files and signature files). Nothing from the file is trusted: lengths,
-//! offsets, shapes and dtypes are checked before any byte is used, and no
-//! allocation exceeds what the file itself holds.
+//! The safetensors header codec (the container of model files, signature files
+//! and undo records): a validating reader and the writer. Nothing from a file is
+//! trusted: lengths, offsets, shapes and dtypes are checked before any byte is
+//! used, and no allocation exceeds what the file itself holds.
 //!
 //! Layout: 8 bytes little-endian header length N, N bytes of a UTF-8 JSON
 //! object, then the data buffer. Each JSON entry is
@@ -101,6 +101,75 @@ pub fn read(path: &Path) -> Result<Header> {
     let mut json = vec![0u8; n];
     f.read_exact(&mut json)?;
     parse_json(&json, file_len - 8 - n as u64, 8 + n)
+}
+
+/// Encode a header: the 8-byte length, then the JSON object (`__metadata__`
+/// first when not empty, then the tensors in the given order), padded with
+/// spaces to a multiple of 8 bytes so that the data buffer starts aligned.
+///
+/// The JSON is compact and escapes as Python's `json.dumps` does by default
+/// (`ensure_ascii`), so headers are byte-identical to those written before the
+/// encoder moved here. Offsets are written as given: the caller lays them out.
+pub fn encode(metadata: &[(String, String)], tensors: &[TensorInfo]) -> Vec<u8> {
+    let mut json = String::from("{");
+    if !metadata.is_empty() {
+        json.push_str("\"__metadata__\":{");
+        for (i, (k, v)) in metadata.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            push_json_str(&mut json, k);
+            json.push(':');
+            push_json_str(&mut json, v);
+        }
+        json.push('}');
+    }
+    for (i, t) in tensors.iter().enumerate() {
+        if i > 0 || !metadata.is_empty() {
+            json.push(',');
+        }
+        push_json_str(&mut json, &t.name);
+        json.push_str(":{\"dtype\":");
+        push_json_str(&mut json, &t.dtype);
+        let dims: Vec<String> = t.shape.iter().map(usize::to_string).collect();
+        json.push_str(&format!(
+            ",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
+            dims.join(","),
+            t.begin,
+            t.end
+        ));
+    }
+    json.push('}');
+    let pad = (8 - json.len() % 8) % 8;
+    let mut out = Vec::with_capacity(8 + json.len() + pad);
+    out.extend_from_slice(&((json.len() + pad) as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out.resize(out.len() + pad, b' ');
+    out
+}
+
+/// A JSON string literal, ASCII only (`\uXXXX`, surrogate pairs beyond the BMP).
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+        }
+    }
+    out.push('"');
 }
 
 /// JSON object entries in file order, keeping duplicates so they can be refused.
@@ -322,6 +391,53 @@ mod tests {
         assert_eq!(
             parse_file(&file(h, 0)).unwrap().tensors[0].shape,
             vec![0, 3]
+        );
+    }
+
+    fn info(name: &str, dtype: &str, shape: Vec<usize>, begin: usize, end: usize) -> TensorInfo {
+        TensorInfo {
+            name: name.into(),
+            dtype: dtype.into(),
+            shape,
+            begin,
+            end,
+        }
+    }
+
+    #[test]
+    fn encode_then_parse_round_trips() {
+        let meta = vec![(
+            "k\u{e9}y".to_string(),
+            "v \"q\" \\ \n \u{1f600}".to_string(),
+        )];
+        let tensors = vec![
+            info("a", "F32", vec![2], 0, 8),
+            info("b\u{3b1}", "F16", vec![1, 2], 8, 12),
+            info("e", "U8", vec![0], 12, 12),
+        ];
+        let head = encode(&meta, &tensors);
+        assert_eq!(head.len() % 8, 0);
+        assert!(head[8..].is_ascii());
+        let mut v = head.clone();
+        v.resize(head.len() + 12, 0);
+        let hdr = parse_file(&v).unwrap();
+        assert_eq!(hdr.metadata, meta);
+        assert_eq!(hdr.tensors, tensors);
+        assert_eq!(hdr.data_start, head.len());
+    }
+
+    #[test]
+    fn encode_matches_python_json_dumps() {
+        // json.dumps({"__metadata__": {"m": "\u00e9"}, "t": {...}}, separators=(",", ":"))
+        let head = encode(
+            &[("m".into(), "\u{e9}".into())],
+            &[info("t", "F32", vec![1], 0, 4)],
+        );
+        let want = r#"{"__metadata__":{"m":"\u00e9"},"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        assert_eq!(std::str::from_utf8(&head[8..]).unwrap().trim_end(), want);
+        assert_eq!(
+            encode(&[], &[]),
+            [8, 0, 0, 0, 0, 0, 0, 0, b'{', b'}', 32, 32, 32, 32, 32, 32]
         );
     }
 

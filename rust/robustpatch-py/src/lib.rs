@@ -10,7 +10,7 @@ use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDy
 use pyo3::exceptions::PyValueError;
 use pyo3::marker::Ungil;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 use robustpatch_core::apply::{self as core_apply, Undo};
 use robustpatch_core::delta::{Delta, Dense};
 use robustpatch_core::quant::{self, QuantSpec, QuantView, Scheme};
@@ -472,6 +472,32 @@ fn parse_header<'py>(py: Python<'py>, buf: &[u8], file_len: u64) -> PyResult<Bou
     header_tuple(py, h)
 }
 
+/// Encode a safetensors header (length prefix + JSON, space-padded to a multiple
+/// of 8) from `metadata` and `[(name, dtype, shape, begin, end), ...]`, in order.
+#[pyfunction]
+fn encode_header<'py>(
+    py: Python<'py>,
+    metadata: Vec<(String, String)>,
+    tensors: Vec<(String, String, Vec<usize>, usize, usize)>,
+) -> Bound<'py, PyBytes> {
+    let tensors: Vec<_> = tensors
+        .into_iter()
+        .map(
+            |(name, dtype, shape, begin, end)| robustpatch_core::safetensors::TensorInfo {
+                name,
+                dtype,
+                shape,
+                begin,
+                end,
+            },
+        )
+        .collect();
+    PyBytes::new(
+        py,
+        &robustpatch_core::safetensors::encode(&metadata, &tensors),
+    )
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -491,5 +517,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cosine, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_function(wrap_pyfunction!(parse_header, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_header, m)?)?;
     Ok(())
 }

@@ -1,12 +1,15 @@
-"""Apply signatures to models in memory, and remove them again bit for bit.
+"""Apply signatures to models, and remove them again bit for bit: one algorithm over
+a :class:`Target`.
 
-Targets: a dict of numpy arrays (float32, float16, uint16 = bf16 bits or
-``ml_dtypes.bfloat16``), a torch ``state_dict`` or ``nn.Module`` (CPU tensors patched in
-place through zero-copy views; CUDA tensors with torch on the device). Files have their
-own functions in :mod:`robustpatch.files`.
+Targets: a dict of numpy arrays (:class:`NumpyTarget`: float32, float16, uint16 = bf16
+bits or ``ml_dtypes.bfloat16``), a torch ``state_dict`` or ``nn.Module``
+(:class:`~robustpatch.torch_bridge.TorchTarget`: CPU tensors patched in place through
+zero-copy views; CUDA tensors with torch on the device), and a safetensors file streamed
+into a new file (:class:`~robustpatch.files.FileTarget`, used by ``apply_file``).
 
 Everything is checked before the first byte changes (names, shapes, dtypes, NaN); if
-anything still fails midway, what was already patched is rolled back.
+anything still fails midway, what was already patched in memory is rolled back (a file
+target's output is discarded instead).
 
     undo = apply(model, [fog, noise], alphas=[1.0, 0.5])
     remove(model, undo)            # the model is bit-identical to before
@@ -16,7 +19,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
@@ -24,21 +28,55 @@ import numpy as np
 
 from . import _core
 from .dtypes import PATCHABLE, kernel_view, label_of, narrow
-from .errors import MismatchError, NonFiniteError
-from .signature import Signature, SignatureLike, as_signatures, bn_blend_weights
+from .errors import InvalidArgumentError, MismatchError
+from .signature import Signature, SignatureLike, blend_bn, terms
 
-__all__ = ["Undo", "apply", "remove", "subtract", "Plan", "make_plan", "blend_bn"]
+__all__ = [
+    "Undo",
+    "apply",
+    "remove",
+    "subtract",
+    "Target",
+    "NumpyTarget",
+    "EngineRecord",
+    "Plan",
+    "make_plan",
+    "check_plan",
+    "patch_target",
+    "restore_target",
+]
 
 Alphas = Union[float, Sequence[float]]
 
 
+@dataclass(frozen=True)
+class EngineRecord:
+    """The engine's exact-undo record of one tensor: the positions where ``(w + δ) − δ``
+    does not give ``w`` back, and the original bits there (numpy arrays)."""
+
+    positions: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
 class Target(Protocol):
-    """What apply/remove need from a model."""
+    """A model that apply/remove/subtract patch, tensor by tensor.
+
+    :meth:`visit` yields the names to work on, in the order the target wants them (a
+    streamed file: its own order); the per-tensor methods are called only for the name
+    just yielded. Close the iterator when done (``contextlib.closing``): a streamed
+    target then finishes or abandons its output.
+    """
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None: ...
     def address(self, name: str) -> int: ...
     def check_writable(self, name: str) -> None: ...
-    def add(self, name: str, deltas: Sequence[Any], alphas: Sequence[float]) -> Any: ...
+    def visit(self, names: Sequence[str]) -> Iterator[str]: ...
+    def add(
+        self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: bool
+    ) -> Any: ...
     def subtract(
         self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: Any
     ) -> tuple[int, int]: ...
@@ -62,7 +100,7 @@ class NumpyTarget:
         if a is None:
             return None
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+            raise InvalidArgumentError(f"{name}: expected a numpy array, got {type(a).__name__}")
         return label_of(a), tuple(a.shape)
 
     def address(self, name: str) -> int:
@@ -71,23 +109,31 @@ class NumpyTarget:
     def check_writable(self, name: str) -> None:
         a = self.arrays[name]
         if not a.flags.c_contiguous:
-            raise ValueError(f"{name}: array is not C-contiguous")
+            raise InvalidArgumentError(f"{name}: array is not C-contiguous")
         if not a.flags.writeable:
-            raise ValueError(f"{name}: array is read-only")
+            raise InvalidArgumentError(f"{name}: array is read-only")
 
-    def add(self, name: str, deltas: Sequence[Any], alphas: Sequence[float]) -> Any:
-        return _core.apply(self._array(name), list(deltas), list(alphas))
+    def visit(self, names: Sequence[str]) -> Iterator[str]:
+        yield from names
+
+    def add(
+        self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: bool
+    ) -> EngineRecord | None:
+        rec = _core.apply(self._array(name), list(deltas), list(alphas), record=record)
+        return None if rec is None else EngineRecord(*rec)
 
     def subtract(
         self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: Any
     ) -> tuple[int, int]:
-        return _core.remove(self._array(name), list(deltas), list(alphas), *(record or ()))
+        arrays = () if record is None else (record.positions, record.values)
+        return _core.remove(self._array(name), list(deltas), list(alphas), *arrays)
 
     def snapshot(self, name: str) -> np.ndarray:
         return self.arrays[name].copy()
 
     def restore(self, name: str, snap: np.ndarray) -> None:
-        self.arrays[name][...] = snap
+        a = self.arrays[name]
+        a[...] = snap.reshape(a.shape)
 
     def read_values(self, name: str) -> np.ndarray:
         a = self._array(name)
@@ -110,8 +156,10 @@ def as_target(obj: Any, torch_ops: bool = False) -> Target:
     if isinstance(obj, Mapping):
         return NumpyTarget(obj)
     if isinstance(obj, (str, os.PathLike)):
-        raise TypeError("files are patched with apply_file(src, sigs, alphas, out)")
-    raise TypeError(f"cannot patch a {type(obj).__name__}; expected a dict of arrays or torch")
+        raise InvalidArgumentError("files are patched with apply_file(src, sigs, alphas, out)")
+    raise InvalidArgumentError(
+        f"cannot patch a {type(obj).__name__}; expected a dict of arrays or torch"
+    )
 
 
 # ---------------------------------------------------------------------------- planning
@@ -131,22 +179,9 @@ class Plan:
         return list(self.deltas) + list(self.bn)
 
 
-def normalize_alphas(n: int, alphas: Alphas) -> list[float]:
-    """One α per signature (a single number applies to all); all finite."""
-    if isinstance(alphas, (int, float, np.floating, np.integer)):
-        out = [float(alphas)] * n
-    else:
-        out = [float(a) for a in alphas]
-    if len(out) != n:
-        raise ValueError(f"{n} signatures but {len(out)} alphas")
-    for a in out:
-        if not math.isfinite(a):
-            raise NonFiniteError(f"alpha {a} is not finite")
-    return out
-
-
 def make_plan(sigs: Sequence[Signature], alphas: Sequence[float]) -> Plan:
-    """Group the entries of several signatures per target tensor, in signature order."""
+    """Group the entries of several signatures per target tensor, in signature order
+    (``alphas``: one validated α per weight-1 signature, as :func:`terms` gives)."""
     plan = Plan(list(sigs), list(alphas))
     for sig, a in zip(sigs, alphas):
         for name, e in sig.entries.items():
@@ -171,9 +206,9 @@ def check_plan(
     *,
     allow_dtype_change: bool = False,
 ) -> None:
-    """Refuse (MismatchError/TypeError) unless every touched tensor fits; ``force``
-    relaxes dtype and shape checks (the element count must still match);
-    ``allow_dtype_change`` only the dtype check (a float tensor either way)."""
+    """Refuse (MismatchError) unless every touched tensor fits; ``force`` relaxes dtype
+    and shape checks (the element count must still match); ``allow_dtype_change`` only
+    the dtype check (a float tensor either way)."""
     for sig in plan.sigs:
         for name, e in sig.entries.items():
             spec = spec_of(name)
@@ -183,9 +218,11 @@ def check_plan(
                 )
             label, shape = spec
             if e.kind == "delta" and label not in PATCHABLE:
-                raise TypeError(f"{name}: cannot patch a {label} tensor (F32, F16 or BF16 only)")
+                raise MismatchError(
+                    f"{name}: cannot patch a {label} tensor (F32, F16 or BF16 only)"
+                )
             if e.kind == "bn" and label not in PATCHABLE + ("F64",):
-                raise TypeError(f"{name}: BatchNorm buffer has non-float dtype {label}")
+                raise MismatchError(f"{name}: BatchNorm buffer has non-float dtype {label}")
             if label != e.dtype and not (force or allow_dtype_change):
                 raise MismatchError(
                     f"{name}: the model's tensor is {label} but signature {sig.name!r} was made "
@@ -206,30 +243,60 @@ def check_plan(
                 writable(name)
 
 
-def blend_bn(
-    current: np.ndarray, replacements: Sequence[np.ndarray], weights: Sequence[float]
-) -> np.ndarray:
-    """``(1 − Σe)·current + Σ e_k·r_k`` in float64 (see :func:`bn_blend_weights`).
-
-    With Σe = 1 the current value does not enter at all (so a NaN/Inf there is replaced).
-    """
-    e = bn_blend_weights(weights)
-    keep = 1.0 - sum(e)
-    out = np.zeros(current.shape, np.float64)
-    if keep > 0:
-        out += keep * current
-    for w, r in zip(e, replacements):
-        if w > 0:
-            out += w * r.reshape(current.shape).astype(np.float64)
-    return out
+# ---------------------------------------------------------------------------- the algorithm
 
 
-# ---------------------------------------------------------------------------- undo
+class UndoSink(Protocol):
+    """Where :func:`patch_target` keeps what removal needs, tensor by tensor."""
+
+    def keep_delta(self, name: str, record: Any) -> None: ...
+    def keep_bn(self, name: str, original: Any) -> None: ...
+
+
+class UndoSource(Protocol):
+    """Where :func:`restore_target` finds what :func:`patch_target` kept."""
+
+    def delta_record(self, name: str) -> Any: ...
+    def bn_original(self, name: str) -> Any: ...
+
+
+def patch_target(tgt: Target, plan: Plan, undo: UndoSink | None) -> None:
+    """Add the plan's fused deltas and blend its BatchNorm buffers, tensor by tensor,
+    keeping each tensor's undo record in ``undo`` (None: keep nothing)."""
+    with closing(tgt.visit(plan.names)) as names:
+        for name in names:
+            if name in plan.deltas:
+                ds, al = plan.deltas[name]
+                record = tgt.add(name, ds, al, record=undo is not None)
+                if undo is not None:
+                    undo.keep_delta(name, record)
+            else:
+                rs, ws = plan.bn[name]
+                original = tgt.snapshot(name) if undo is not None else None
+                tgt.write_values(name, blend_bn(tgt.read_values(name), rs, ws))
+                if undo is not None:
+                    undo.keep_bn(name, original)
+
+
+def restore_target(tgt: Target, plan: Plan, undo: UndoSource) -> int:
+    """Undo :func:`patch_target` exactly; returns the elements corrected from records."""
+    corrected = 0
+    with closing(tgt.visit(plan.names)) as names:
+        for name in names:
+            if name in plan.deltas:
+                ds, al = plan.deltas[name]
+                corrected += tgt.subtract(name, ds, al, undo.delta_record(name))[0]
+            else:
+                tgt.restore(name, undo.bn_original(name))
+    return corrected
+
+
+# ---------------------------------------------------------------------------- in memory
 
 
 @dataclass
 class Undo:
-    """What :func:`remove` needs to restore a target bit for bit.
+    """What :func:`remove` needs to restore a model in memory bit for bit.
 
     ``records``: per patched tensor, the engine's record of the elements plain
     subtraction would get wrong; ``bn``: the original BatchNorm buffers (small).
@@ -240,6 +307,18 @@ class Undo:
     bn: dict[str, Any] = field(default_factory=dict)
     specs: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     removed: bool = False
+
+    def keep_delta(self, name: str, record: Any) -> None:
+        self.records[name] = record
+
+    def keep_bn(self, name: str, original: Any) -> None:
+        self.bn[name] = original
+
+    def delta_record(self, name: str) -> Any:
+        return self.records[name]
+
+    def bn_original(self, name: str) -> Any:
+        return self.bn[name]
 
     @property
     def applied(self) -> list[dict[str, Any]]:
@@ -252,15 +331,14 @@ class Undo:
     @property
     def record_elements(self) -> int:
         """Elements the record holds (the size of the exact-undo overhead)."""
-        return sum(_record_len(r) for r in self.records.values())
+        return sum(len(r) for r in self.records.values() if r is not None)
 
 
-def _record_len(r: Any) -> int:
-    if r is None:
-        return 0
-    if isinstance(r, tuple) and r and isinstance(r[0], str):  # torch target records
-        return int(len(r[1][0])) if r[0] == "np" and r[1] is not None else int(r[1].numel())
-    return int(len(r[0]))
+def plan_for(sigs: SignatureLike | Sequence[SignatureLike], alphas: Any) -> Plan:
+    """The plan of a public call: signatures loaded, α validated, scaled signatures and
+    sums expanded into their stored terms (:func:`~robustpatch.signature.terms`)."""
+    pairs = terms(sigs, alphas)
+    return make_plan([s for s, _ in pairs], [a for _, a in pairs])
 
 
 def apply(
@@ -279,18 +357,13 @@ def apply(
     Refuses (MismatchError) a model whose names/shapes/dtypes do not match unless
     ``force=True``. Nothing is modified when a check fails.
     """
-    sigs = as_signatures(sigs)
-    plan = make_plan(sigs, normalize_alphas(len(sigs), alphas))
+    plan = plan_for(sigs, alphas)
     tgt = as_target(target, torch_ops=torch_ops)
     check_plan(plan, tgt.spec, force, tgt.check_writable)
     _check_aliases(tgt, plan.names)
     undo = Undo(plan, specs={n: tgt.spec(n) for n in plan.names})
     try:
-        for name, (ds, al) in plan.deltas.items():
-            undo.records[name] = tgt.add(name, ds, al)
-        for name, (rs, ws) in plan.bn.items():
-            undo.bn[name] = tgt.snapshot(name)
-            tgt.write_values(name, blend_bn(tgt.read_values(name), rs, ws))
+        patch_target(tgt, plan, undo)
     except BaseException:
         _rollback(tgt, undo)
         raise
@@ -326,19 +399,14 @@ def remove(target: Any, undo: Undo) -> dict[str, int]:
     undo record that was already used.
     """
     if undo.removed:
-        raise ValueError("this undo record was already used")
+        raise InvalidArgumentError("this undo record was already used")
     tgt = as_target(target)
     for name, spec in undo.specs.items():
         found = tgt.spec(name)
         if found is None or (found[0], tuple(found[1])) != (spec[0], tuple(spec[1])):
             raise MismatchError(f"{name}: the target does not match the undo record ({found})")
         tgt.check_writable(name)
-    corrected = 0
-    for name, rec in undo.records.items():
-        ds, al = undo.plan.deltas[name]
-        corrected += tgt.subtract(name, ds, al, rec)[0]
-    for name, snap in undo.bn.items():
-        tgt.restore(name, snap)
+    corrected = restore_target(tgt, undo.plan, undo)
     undo.removed = True
     return {"tensors": len(undo.records), "bn_buffers": len(undo.bn), "corrected": corrected}
 
@@ -358,12 +426,13 @@ def subtract(
     BatchNorm buffers cannot be restored this way and are left as they are
     (``bn_left``). Prefer :func:`remove` with the record :func:`apply` returned.
     """
-    sigs = as_signatures(sigs)
-    plan = make_plan(sigs, normalize_alphas(len(sigs), alphas))
+    plan = plan_for(sigs, alphas)
     tgt = as_target(target)
     check_plan(plan, tgt.spec, force, tgt.check_writable)
     _check_aliases(tgt, plan.names)
     bad = 0
-    for name, (ds, al) in plan.deltas.items():
-        bad += tgt.subtract(name, ds, al, None)[1]
+    with closing(tgt.visit(list(plan.deltas))) as names:
+        for name in names:
+            ds, al = plan.deltas[name]
+            bad += tgt.subtract(name, ds, al, None)[1]
     return {"tensors": len(plan.deltas), "inconsistent": bad, "bn_left": len(plan.bn)}

@@ -1,0 +1,172 @@
+"""The safetensors container: validated headers, tensor layout, whole-file reads/writes.
+
+Headers are parsed and encoded by the engine (``_core.parse_header``,
+``_core.encode_header``: one codec, in Rust), so no offset or length from a file is used
+before it has been checked; a file that is plainly something else (text, a pickle) is
+called "not a safetensors file".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+from .. import _core
+from .._io.atomic import PathLike, atomic_file
+from ..dtypes import NUMPY_OF_LABEL, label_of
+from ..errors import FormatError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file; ``begin``/``end`` are relative to ``data_start``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header."""
+
+    metadata: dict[str, str]
+    tensors: list[TensorInfo]  # sorted by offset
+    data_start: int
+    file_size: int
+
+    def by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+
+def read_header(path: PathLike) -> Header:
+    """Read and validate the header of a safetensors file (FormatError if malformed)."""
+    path = os.fspath(path)
+    size = os.stat(path).st_size  # a missing file raises FileNotFoundError naming the path
+    try:
+        meta, entries, data_start = _core.read_header(path)
+    except FormatError as e:
+        with open(path, "rb") as f:
+            raise _refusal(path, f.read(9), size, e) from None
+    tensors = [TensorInfo(n, d, tuple(s), b, e) for n, d, s, b, e in entries]
+    return Header(dict(meta), tensors, data_start, size)
+
+
+_MAX_HEADER = 100_000_000  # the engine's limit on a header's length (MAX_HEADER)
+
+
+def read_header_from(f: BinaryIO, name: str) -> Header:
+    """Read and validate the header of an open safetensors file (``name`` for errors):
+    header and data come from the same file even if its path is replaced meanwhile."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    prefix = f.read(8)
+    n = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+    # Read no more than the file holds or the parser accepts; it then refuses bad lengths.
+    buf = prefix + f.read(min(n, max(size - 8, 0), _MAX_HEADER + 1))
+    try:
+        return parse_header(buf, size)
+    except FormatError as e:
+        raise _refusal(name, buf[:9], size, e) from None
+
+
+def _refusal(name: str, start: bytes, size: int, e: FormatError) -> FormatError:
+    """The error for a header the parser refused. A file whose length prefix cannot be
+    right (longer than the file) or whose header does not open a JSON object is not a
+    damaged safetensors file but something else (text, a pickle...): say so first, as
+    the parser's detail (a huge "header length") would only puzzle."""
+    n = int.from_bytes(start[:8], "little")
+    if len(start) < 9 or n > size - 8 or start[8:9] != b"{":
+        return FormatError(f"{name}: not a safetensors file ({e})")
+    return FormatError(f"{name}: {e}")
+
+
+def parse_header(buf: bytes, file_size: int) -> Header:
+    """Validate a header held in memory (``buf`` starts at byte 0 of the file)."""
+    meta, entries, data_start = _core.parse_header(buf, file_size)
+    tensors = [TensorInfo(n, d, tuple(s), b, e) for n, d, s, b, e in entries]
+    return Header(dict(meta), tensors, data_start, file_size)
+
+
+def encode_header(tensors: list[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
+    """Length prefix + JSON header, space-padded to a multiple of 8 bytes (by the engine,
+    byte-identical to what ``json.dumps`` wrote before)."""
+    entries = [(t.name, t.dtype, list(t.shape), t.begin, t.end) for t in tensors]
+    return _core.encode_header(list((metadata or {}).items()), entries)
+
+
+def _layout(tensors: Mapping[str, np.ndarray]) -> list[TensorInfo]:
+    infos, offset = [], 0
+    for name, arr in tensors.items():
+        label = "U8" if arr.dtype == np.uint8 else label_of(arr)
+        infos.append(TensorInfo(name, label, tuple(arr.shape), offset, offset + arr.nbytes))
+        offset += arr.nbytes
+    return infos
+
+
+def _dtype_override(label_overrides: Mapping[str, str] | None, info: TensorInfo) -> TensorInfo:
+    if label_overrides and info.name in label_overrides:
+        return TensorInfo(info.name, label_overrides[info.name], info.shape, info.begin, info.end)
+    return info
+
+
+def write_tensors(
+    path: PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> None:
+    """Write numpy arrays as a safetensors file, atomically.
+
+    uint16 arrays are labelled ``BF16`` unless ``labels`` says otherwise (e.g. ``U16``).
+    """
+    with atomic_file(path) as f:
+        write_tensors_to(f, tensors, metadata, labels)
+
+
+def write_tensors_to(
+    f: BinaryIO,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> None:
+    """Write numpy arrays as safetensors into an open binary file."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    infos = [_dtype_override(labels, i) for i in _layout(arrays)]
+    f.write(encode_header(infos, metadata))
+    for arr in arrays.values():
+        f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+
+
+def read_tensors(path: PathLike) -> tuple[Header, dict[str, np.ndarray]]:
+    """Read a whole (small) safetensors file into numpy arrays, validating the header.
+
+    BF16 tensors come back as uint16 bits; F8 tensors as raw uint8.
+    """
+    header = read_header(path)
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f:
+        for t in header.tensors:
+            out[t.name] = read_tensor(f, header, t)
+    return header, out
+
+
+def read_tensor(f: BinaryIO, header: Header, t: TensorInfo) -> np.ndarray:
+    """Read one tensor into a fresh, writable, aligned array."""
+    arr = np.empty(t.shape, NUMPY_OF_LABEL[t.dtype])
+    f.seek(header.data_start + t.begin)
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    got = f.readinto(view) if t.nbytes else 0
+    if got != t.nbytes:
+        raise FormatError(f"tensor {t.name!r}: file ended after {got} of {t.nbytes} bytes")
+    return arr

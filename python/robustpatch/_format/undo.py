@@ -1,0 +1,369 @@
+"""The undo record of a patched file (``<out>.rpundo``): a safetensors file.
+
+Tensors: ``header`` (the source's header bytes), per patched tensor ``records/<name>/
+positions`` and ``records/<name>/values`` (the engine's exact-undo record), ``bn/<name>``
+(an original BatchNorm buffer's bytes), and ``sig<k>/<tensor>`` (the signatures
+themselves). ``__metadata__["robustpatch.undo"]`` is the JSON of :class:`UndoRecord`.
+
+:meth:`UndoRecord.parse` validates every key of that JSON (presence, type, range, the
+lengths that must agree) as strictly as a signature file's metadata is validated, so a
+crafted record is refused with one line naming the file and the problem. The
+checksums are then verified against the patched file's tensors as they are read.
+:class:`UndoWriter` writes a record while a file is patched; :class:`UndoSidecar` is a
+record loaded for :func:`robustpatch.remove_file`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .. import validate
+from .._io.atomic import AtomicFile
+from .._io.ranged import pwrite_all, start_writeback
+from ..dtypes import NUMPY_OF_LABEL, label_of
+from ..errors import FormatError, InvalidArgumentError, NonFiniteError
+from ..signature import Signature, from_parts, json_default, parse_meta_json
+from .safetensors import Header, TensorInfo, encode_header, read_header_from, read_tensor
+
+__all__ = [
+    "UNDO_KEY",
+    "UNDO_SUFFIX",
+    "UNDO_VERSION",
+    "TensorEntry",
+    "UndoRecord",
+    "UndoWriter",
+    "UndoSidecar",
+    "undo_path_for",
+    "checksum",
+]
+
+UNDO_KEY = "robustpatch.undo"
+UNDO_SUFFIX = ".rpundo"
+UNDO_VERSION = 1
+KINDS = ("delta", "bn")
+
+#: Largest size a record may claim for a file (the format's offsets are 64-bit).
+_MAX_SIZE = (1 << 63) - 1
+#: Longest rendering of a bad value inside a message.
+_SHOWN = 200
+_CHECKSUM = re.compile(r"crc32:[0-9a-f]{8}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SUM_WIDTH = "crc32:00000000"  # a checksum's width, for the header bound
+
+
+def undo_path_for(path: str | Path) -> Path:
+    """Where the undo record of a patched file lives: ``<path>.rpundo``."""
+    return Path(str(path) + UNDO_SUFFIX)
+
+
+def checksum(arr: np.ndarray) -> str:
+    """CRC-32 of a tensor's bytes: detects a patched file changed since (not tampering)."""
+    data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    return f"crc32:{zlib.crc32(data):08x}"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the patched file that the record restores."""
+
+    name: str
+    kind: str  # "delta": records/<name>/*; "bn": bn/<name>
+    dtype: str  # its safetensors dtype in the patched (and source) file
+    checksum: str  # of its patched bytes
+
+
+@dataclass(frozen=True)
+class UndoRecord:
+    """The metadata of an undo record: what was applied and to which file."""
+
+    source_size: int
+    patched_size: int
+    patched_header_sha256: str
+    alphas: list[float]
+    signatures: list[dict[str, Any]]  # each signature's file metadata (from_parts checks it)
+    tensors: list[TensorEntry]
+
+    def to_json(self) -> str:
+        meta = {"format_version": UNDO_VERSION, "kind": "undo", **asdict(self)}
+        return json.dumps(meta)
+
+    @classmethod
+    def parse(cls, raw: str, where: str) -> UndoRecord:
+        """Validate the record's JSON (FormatError naming ``where`` and the problem)."""
+        meta = parse_meta_json(raw, where, "undo metadata")
+        check = _Checker(where)
+        if not isinstance(meta, dict):
+            raise check.fail("undo metadata is not a JSON object")
+        _check_version(check, meta)
+        if meta.get("kind", "undo") != "undo":
+            raise check.fail(f"kind is {_show(meta.get('kind'))}, not 'undo'")
+        signatures = check.list_of(meta, "signatures", dict, "objects")
+        alphas = check.list_of(meta, "alphas", (int, float), "numbers")
+        if len(alphas) != len(signatures):
+            raise check.fail(f"{len(alphas)} alphas for {len(signatures)} signatures")
+        for a in alphas:
+            try:
+                validate.alpha(a)
+            except (InvalidArgumentError, NonFiniteError) as e:
+                raise check.fail(str(e)) from None
+        return cls(
+            source_size=check.size(meta, "source_size"),
+            patched_size=check.size(meta, "patched_size"),
+            patched_header_sha256=check.text(meta, "patched_header_sha256", _SHA256),
+            alphas=[float(a) for a in alphas],
+            signatures=signatures,
+            tensors=_tensor_entries(check, check.list_of(meta, "tensors", dict, "objects")),
+        )
+
+
+class _Checker:
+    """Type and range checks of JSON values, each failing as one FormatError line."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, problem: str) -> FormatError:
+        return FormatError(f"{self.where}: bad undo record: {problem}")
+
+    def get(self, obj: dict[str, Any], key: str, what: str = "") -> Any:
+        if key not in obj:
+            raise self.fail(f"missing key {key!r}{what}")
+        return obj[key]
+
+    def list_of(self, obj: dict[str, Any], key: str, kind: Any, kinds: str) -> list[Any]:
+        value = self.get(obj, key)
+        if not isinstance(value, list) or not all(_is(v, kind) for v in value):
+            raise self.fail(f"{key} must be a list of {kinds}, got {_show(value)}")
+        return value
+
+    def size(self, obj: dict[str, Any], key: str) -> int:
+        value = self.get(obj, key)
+        if not _is(value, int) or not 0 <= value <= _MAX_SIZE:
+            raise self.fail(f"{key} must be a byte count from 0 to 2**63-1, got {_show(value)}")
+        return value
+
+    def text(self, obj: dict[str, Any], key: str, form: re.Pattern[str], what: str = "") -> str:
+        value = self.get(obj, key, what)
+        if not isinstance(value, str) or not form.fullmatch(value):
+            raise self.fail(f"{key}{what} is malformed: {_show(value)}")
+        return value
+
+
+def _is(value: Any, kind: Any) -> bool:
+    """isinstance, except that a JSON ``true``/``false`` is never a number."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _check_version(check: _Checker, meta: dict[str, Any]) -> None:
+    version = meta.get("format_version")
+    if not _is(version, int) or version < 1:
+        raise check.fail(f"missing or invalid format_version {_show(version)}")
+    if version > UNDO_VERSION:
+        raise FormatError(
+            f"{check.where}: undo format version {version} is newer than this robustpatch "
+            f"supports ({UNDO_VERSION}); upgrade robustpatch"
+        )
+
+
+def _tensor_entries(check: _Checker, raw: list[dict[str, Any]]) -> list[TensorEntry]:
+    out, seen = [], set()
+    for e in raw:
+        name = check.get(e, "name", " in a tensors entry")
+        if not isinstance(name, str) or name in seen:
+            raise check.fail(f"tensors entry name {_show(name)} is not a new string")
+        seen.add(name)
+        at = f" of tensor {_show(name)}"
+        kind, dtype = check.get(e, "kind", at), check.get(e, "dtype", at)
+        if kind not in KINDS:
+            raise check.fail(f"kind{at} is {_show(kind)}, not one of {list(KINDS)}")
+        if dtype not in NUMPY_OF_LABEL:
+            raise check.fail(f"dtype{at} is {_show(dtype)}, not a safetensors float dtype")
+        out.append(TensorEntry(name, kind, dtype, check.text(e, "checksum", _CHECKSUM, at)))
+    return out
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _label(arr: np.ndarray) -> str:
+    """safetensors label of an array in the record (uint16 is plain ``U16`` there)."""
+    if arr.dtype == np.uint16:
+        return "U16"
+    return "U8" if arr.dtype == np.uint8 else label_of(arr)
+
+
+def _signature_meta(sig: Signature) -> dict[str, Any]:
+    """A signature's file metadata as plain JSON values (numpy scalars converted)."""
+    return json.loads(json.dumps(sig.header_meta(), default=json_default))
+
+
+class UndoWriter:
+    """Writes an undo record while a file is patched.
+
+    Each tensor's record goes to disk as soon as the tensor is patched, so memory holds
+    one tensor's record, never the whole file's. The safetensors header comes last,
+    into space reserved at the front: its size is bounded in advance (every name, dtype,
+    shape rank and checksum width is known; offsets and lengths are counted at 20
+    digits) and the rest is padded with spaces, as the format allows.
+    """
+
+    def __init__(
+        self,
+        af: AtomicFile,
+        sigs: list[Signature],
+        alphas: list[float],
+        touched: list[tuple[TensorInfo, str]],
+        src_header: bytes,
+        sizes: tuple[int, int],
+        new_header: bytes,
+    ) -> None:
+        af.file.flush()
+        self.fd = af.file.fileno()
+        self.durable = af.durable
+        self.elements = 0  # undo-record elements written
+        self.infos: list[TensorInfo] = []
+        self.entries: list[TensorEntry] = []
+        self.sig_tensors: dict[str, np.ndarray] = {}
+        for k, sig in enumerate(sigs):
+            self.sig_tensors.update({f"sig{k}/{n}": a for n, a in sig.file_tensors().items()})
+        self.record = UndoRecord(
+            source_size=sizes[0],
+            patched_size=sizes[1],
+            patched_header_sha256=hashlib.sha256(new_header).hexdigest(),
+            alphas=list(alphas),
+            signatures=[_signature_meta(s) for s in sigs],
+            tensors=[TensorEntry(t.name, kind, t.dtype, _SUM_WIDTH) for t, kind in touched],
+        )
+        self.data_start = _reserved_header(self.record, touched, self.sig_tensors)
+        self.offset = 0  # bytes of the data buffer written so far
+        self._put("header", np.frombuffer(src_header, np.uint8))
+
+    def _put(self, name: str, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        end = self.offset + arr.nbytes
+        self.infos.append(TensorInfo(name, _label(arr), tuple(arr.shape), self.offset, end))
+        at = self.data_start + self.offset
+        pwrite_all(self.fd, memoryview(arr.reshape(-1).view(np.uint8)), at)
+        if self.durable:
+            start_writeback(self.fd, at, arr.nbytes)
+        self.offset = end
+
+    def delta(self, t: TensorInfo, positions: np.ndarray, values: np.ndarray, sum_: str) -> None:
+        """Record a patched tensor (its engine record and patched checksum)."""
+        self._put(f"records/{t.name}/positions", positions)
+        self._put(f"records/{t.name}/values", values)
+        self.elements += len(positions)
+        self.entries.append(TensorEntry(t.name, "delta", t.dtype, sum_))
+
+    def bn(self, t: TensorInfo, original: np.ndarray, sum_: str) -> None:
+        """Record a blended BatchNorm buffer (its original bytes and patched checksum)."""
+        self._put(f"bn/{t.name}", np.ascontiguousarray(original).reshape(-1).view(np.uint8))
+        self.entries.append(TensorEntry(t.name, "bn", t.dtype, sum_))
+
+    def finish(self) -> None:
+        """Append the signatures and write the header: the record is then complete."""
+        for name, arr in self.sig_tensors.items():
+            self._put(name, arr)
+        done = UndoRecord(**{**asdict(self.record), "tensors": self.entries})
+        text = encode_header(self.infos, {UNDO_KEY: done.to_json()})[8:].rstrip(b" ")
+        if 8 + len(text) > self.data_start:  # cannot happen: the reservation is a bound
+            raise AssertionError("the undo record's header outgrew its reserved space")
+        size = self.data_start - 8
+        pwrite_all(self.fd, size.to_bytes(8, "little") + text.ljust(size), 0)
+
+
+def _reserved_header(
+    record: UndoRecord, touched: list[tuple[TensorInfo, str]], sigs: dict[str, np.ndarray]
+) -> int:
+    """An upper bound on the record's header size, rounded up to 8 bytes."""
+    big = 10**19  # more digits than any real offset, length or dimension
+    bound = [TensorInfo("header", "U8", (big,), big, big)]
+    for t, kind in touched:
+        names = [f"records/{t.name}/positions", f"records/{t.name}/values"]
+        for n in names if kind == "delta" else [f"bn/{t.name}"]:
+            bound.append(TensorInfo(n, "BF16", (big,), big, big))
+    bound += [TensorInfo(n, "BF16", (big,) * a.ndim, big, big) for n, a in sigs.items()]
+    n = len(encode_header(bound, {UNDO_KEY: record.to_json()}))
+    return n + (-n % 8)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@dataclass
+class UndoSidecar:
+    """A validated undo record: metadata, signatures and small tensors in memory; the
+    per-tensor records are read from ``file`` one at a time (:meth:`delta_record`)."""
+
+    path: Path
+    record: UndoRecord
+    signatures: list[Signature]
+    source_header: bytes
+    header: Header
+    file: BinaryIO
+
+    @classmethod
+    def load(cls, path: Path, f: BinaryIO) -> UndoSidecar:
+        """Validate and load the record in ``f`` (the open file at ``path``)."""
+        where = str(path)
+        header = read_header_from(f, where)
+        raw = header.metadata.get(UNDO_KEY)
+        if raw is None:
+            raise FormatError(f"{where}: not a robustpatch undo record")
+        record = UndoRecord.parse(raw, where)
+        _check_tensor_names(where, header, record)
+        sig_tensors = [t for t in header.tensors if t.name.startswith("sig")]
+        loaded = {t.name: read_tensor(f, header, t) for t in sig_tensors}
+        sigs = [
+            from_parts(meta, _prefixed(loaded, f"sig{k}/"), where=f"{where} (signature {k})")
+            for k, meta in enumerate(record.signatures)
+        ]
+        source = read_tensor(f, header, header.by_name()["header"]).tobytes()
+        return cls(path, record, sigs, source, header, f)
+
+    def read(self, name: str) -> np.ndarray:
+        return read_tensor(self.file, self.header, self.header.by_name()[name])
+
+    def delta_record(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The engine's record of a patched tensor: (positions, original values)."""
+        return self.read(f"records/{name}/positions"), self.read(f"records/{name}/values")
+
+    def bn_original(self, t: TensorInfo) -> np.ndarray:
+        """The original bytes of a BatchNorm buffer, as the buffer's dtype and shape."""
+        raw = self.read(f"bn/{t.name}").tobytes()
+        if len(raw) != t.nbytes:
+            raise FormatError(f"{self.path}: bad undo record: bn/{t.name} holds {len(raw)} bytes")
+        return np.frombuffer(raw, NUMPY_OF_LABEL[t.dtype]).reshape(t.shape)
+
+
+def _prefixed(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {n[len(prefix) :]: a for n, a in tensors.items() if n.startswith(prefix)}
+
+
+def _check_tensor_names(where: str, header: Header, record: UndoRecord) -> None:
+    """The record's file holds exactly the tensors its metadata implies."""
+    want = {"header"}
+    for e in record.tensors:
+        if e.kind == "delta":
+            want |= {f"records/{e.name}/positions", f"records/{e.name}/values"}
+        else:
+            want.add(f"bn/{e.name}")
+    sig_prefixes = tuple(f"sig{k}/" for k in range(len(record.signatures)))
+    have = {t.name for t in header.tensors if not t.name.startswith(sig_prefixes)}
+    for problem, names in (("is missing", want - have), ("is unknown", have - want)):
+        if names:
+            name = _show(sorted(names)[0])
+            raise FormatError(f"{where}: bad undo record: tensor {name} {problem}")

@@ -1,0 +1,271 @@
+"""Atomic files: a temporary file in the destination folder, renamed into place.
+
+A crash or an error never leaves a partial file at the destination, and an I/O error
+names the destination, never the temporary file. :func:`check_destinations` refuses,
+before any write, an output that is one of the inputs.
+
+Temporary files are named ``.<name>.rp<pid>.<random>.tmp``. A writer killed mid-write
+(``SIGKILL``, power cut) leaves its temporary file behind; the next write to the same
+destination deletes such leftovers when the process that made them is gone and they are
+older than the current process (see :func:`remove_stale_temps`). Anything else that only
+looks similar is never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class AtomicFile:
+    """A temporary file in the destination folder that becomes ``path`` on :meth:`commit`.
+
+    Until then nothing exists at ``path`` (an existing file there stays untouched);
+    :meth:`discard` (or an exception inside ``with``) deletes the temporary file.
+    ``durable=False`` skips the fsyncs (still atomic for readers, not across a crash).
+    """
+
+    def __init__(self, path: PathLike, durable: bool = True) -> None:
+        self.path = Path(path)
+        self.durable = durable
+        folder = self.path.parent
+        remove_stale_temps(self.path)
+        with naming_errors(self.path):
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(self.path), suffix=".tmp", dir=folder)
+        self.tmp = Path(tmp)
+        try:  # mkstemp makes the file 0600; give the result the mode a plain open() would
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, _new_file_mode())
+        except OSError:
+            pass
+        self.file: BinaryIO = os.fdopen(fd, "w+b")
+
+    def sync(self) -> None:
+        """Flush (and with ``durable``, fsync) the data before :meth:`commit`."""
+        self.file.flush()
+        if self.durable:
+            os.fsync(self.file.fileno())
+
+    def commit(self) -> None:
+        """Sync, close and atomically rename into place."""
+        self.sync()
+        self._rename()
+        if self.durable:
+            _fsync_dir(self.path.parent)
+
+    def _rename(self) -> None:
+        self.file.close()
+        with naming_errors(self.path):
+            os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        """Close and delete the temporary file (idempotent)."""
+        if not self.file.closed:
+            self.file.close()
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self.file.closed:
+            self.discard()
+        if isinstance(exc, OSError) and _names_no_user_path(exc, self.path):
+            raise _renamed(exc, self.path) from None  # e.g. a full disk while writing
+
+
+def commit_all(files: list[AtomicFile]) -> None:
+    """Commit several temporary files of one folder as a set: all are synced first, then
+    renamed back to back under an exclusive lock on the folder (then the folder is
+    synced once), so two processes committing the same destinations never interleave
+    their renames (the set that commits last wins whole, e.g. a patched model and its
+    undo record stay a pair), and a crash can split the set only in the window between
+    two ``rename`` calls."""
+    for af in files:
+        af.sync()
+    with _folder_lock(files[0].path.parent):
+        for af in files:
+            af._rename()
+    if any(af.durable for af in files):
+        _fsync_dir(files[0].path.parent)
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on a folder (a no-op where folders cannot be locked)."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. a filesystem without flock: commit unlocked
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
+    """``with atomic_file(p) as f: f.write(...)`` — ``p`` appears complete or not at all."""
+    with AtomicFile(path) as af:
+        yield af.file
+        af.commit()
+
+
+@contextmanager
+def naming_errors(path: PathLike) -> Iterator[None]:
+    """Re-raise an ``OSError`` about a temporary file of ``path`` (or about no file) as
+    one naming ``path``, the file the user asked for: "out.rws: Permission denied",
+    never a ``.out.rws.rp123.x.tmp`` they have never heard of."""
+    try:
+        yield
+    except OSError as e:
+        if not _names_no_user_path(e, path):
+            raise
+        raise _renamed(e, path) from None
+
+
+def _names_no_user_path(e: OSError, path: PathLike) -> bool:
+    """True if ``e`` names no file, or a temporary file of ``path`` (a failed rename names
+    it and ``path``: the error is about ``path``)."""
+    prefix = f".{Path(path).name}.rp"
+    named = [os.path.basename(os.fspath(f)) for f in (e.filename, e.filename2) if f is not None]
+    return not named or any(f.startswith(prefix) and f.endswith(".tmp") for f in named)
+
+
+def _renamed(e: OSError, path: PathLike) -> OSError:
+    if e.errno is None:  # our own OSError("...") messages
+        return type(e)(f"{os.fspath(path)}: {e}")
+    return type(e)(e.errno, e.strerror, os.fspath(path))
+
+
+#: When this module was imported: temporary files not modified since are "older than
+#: the current process" for :func:`remove_stale_temps`.
+_STARTED = time.time()
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.rp{os.getpid()}."
+
+
+def _new_file_mode() -> int:
+    """0o666 minus the process umask (what ``open(path, "w")`` would create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # not thread-safe, hence only where /proc is missing
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: someone else's; or not a pid: leave it
+        return True
+    return True
+
+
+def remove_stale_temps(path: PathLike) -> list[Path]:
+    """Delete the temporary files that killed writers of ``path`` left in its folder.
+
+    A file is removed only if its name is ``.<name>.rp<pid>.<random>.tmp`` for this
+    ``path``, the process ``<pid>`` no longer exists on this machine, and it was last
+    modified before the current process imported robustpatch; so a concurrent writer's
+    file is never touched. POSIX only (elsewhere nothing is removed). Returns what was
+    removed; errors (a racing cleaner, permissions) are ignored.
+    """
+    if os.name != "posix":
+        return []
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.rp") + r"(\d+)\.[A-Za-z0-9_]+\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_file(follow_symlinks=False) or st.st_mtime >= _STARTED:
+                continue
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _file_id(path: PathLike) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, through symlinks; None if there is none."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_destinations(
+    inputs: Iterable[PathLike], outputs: Iterable[PathLike], overwrite: bool = True
+) -> None:
+    """Refuse, before anything is written, an output that is one of the inputs (the same
+    file by device and inode, so also through a symlink or a hard link: ValueError), or,
+    unless ``overwrite``, one that exists (FileExistsError). Even ``overwrite`` never
+    lets an output replace an input."""
+    seen: dict[tuple[int, int], PathLike] = {}
+    for p in inputs:
+        fid = _file_id(p)
+        if fid is not None:
+            seen.setdefault(fid, p)
+    for out in outputs:
+        fid = _file_id(out)
+        if fid is None:
+            continue
+        if fid in seen:
+            src = os.fspath(seen[fid])
+            also = "" if src == os.fspath(out) else f" {src} (the same file)"
+            raise ValueError(f"output {os.fspath(out)} is the input{also}; write to another file")
+        if not overwrite:
+            raise FileExistsError(
+                errno.EEXIST, "already exists (overwrite=True replaces it)", os.fspath(out)
+            )
