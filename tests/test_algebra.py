@@ -48,6 +48,8 @@ def test_scaling_shares_the_quantized_entries_and_their_stats(pair):
     first = next(iter(a.entries))
     assert half.unit().weight == 1.0 and half.unit()[first] is a[first]
     assert half.content_hash == a.content_hash  # the weight is not part of the stored data
+    for name, energy in a.energy().items():
+        assert (2 * a).energy()[name] == 4 * energy
 
 
 def test_a_sum_keeps_its_terms_without_decoding(pair):

@@ -88,7 +88,7 @@ class Entry:
     dtype: str  # dtype of the target tensor (F32, F16, BF16, F64 for BN buffers)
     values: np.ndarray | None = None  # dense f32 delta or BN replacement
     quant: Quantized | None = None
-    weight: float = 1.0  # BN blend weight (scaled by algebra)
+    weight: float = 1.0  # BN blend weight (a combined replacement carries Σ e_k)
     stats: dict[str, float] = field(default_factory=dict)
 
     @property
