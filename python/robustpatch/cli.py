@@ -36,7 +36,7 @@ import numpy as np
 
 from . import validate
 from ._core import __version__
-from .errors import EXPECTED_ERRORS
+from .errors import EXPECTED_ERRORS, InvalidArgumentError
 
 PROG = "robustpatch"
 Register = Callable[[Any], None]
@@ -274,7 +274,7 @@ def _kv(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+            raise InvalidArgumentError(f"expected KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -322,7 +322,9 @@ def _layer_kwargs(args: Any) -> dict[str, Any]:
     if args.param_budget is None:
         return {"layers": layers}
     if layers != "auto":
-        raise ValueError("--param-budget cannot be combined with --layers all, N or a regex")
+        raise InvalidArgumentError(
+            "--param-budget cannot be combined with --layers all, N or a regex"
+        )
     return {"layers": layers, "param_budget": args.param_budget}
 
 
@@ -912,7 +914,7 @@ def run_detect(args: Any) -> int:
     from .signature import Signature, detect
 
     if args.model is not None and args.base is None:
-        raise ValueError("--model needs --base, the checkpoint it was fine-tuned from")
+        raise InvalidArgumentError("--model needs --base, the checkpoint it was fine-tuned from")
     library = dict(zip(_file_labels(args.signatures), args.signatures))
     sigs = {label: Signature.load(p) for label, p in library.items()}
     if args.query is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InvalidArgumentError
+
 #: Float dtypes the engine can patch, by safetensors label.
 PATCHABLE = ("F32", "F16", "BF16")
 
@@ -60,7 +62,7 @@ def label_of(arr: np.ndarray) -> str:
     try:
         return _LABEL_OF_NUMPY[arr.dtype]
     except KeyError:
-        raise TypeError(f"unsupported dtype {arr.dtype}") from None
+        raise InvalidArgumentError(f"unsupported dtype {arr.dtype}") from None
 
 
 def widen(arr: np.ndarray, label: str | None = None) -> np.ndarray:

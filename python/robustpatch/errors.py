@@ -1,7 +1,8 @@
 """Exception classes of robustpatch.
 
-Every expected failure is one of these (or a plain ``TypeError``/``OSError``), so callers
-and the CLI can report it as one clear line:
+Every expected failure is one of these (or an ``OSError``), so callers and the CLI can
+report it as one clear line; anything else is a bug in robustpatch and shows its
+traceback:
 
 - :class:`FormatError` (a ``ValueError``): a file that is not what it claims to be
   (truncated, bad header, overlapping offsets, unknown format version, content hash
@@ -53,13 +54,13 @@ class ZeroSignatureWarning(UserWarning):
     """An extracted signature is zero or near zero relative to the robust delta."""
 
 
-#: Exceptions the CLI reports as one line without a traceback.
+#: Exceptions the CLI reports as one line without a traceback: ours, and OSError (a file
+#: missing, a full disk...). A plain ValueError, TypeError or KeyError is a bug.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     FormatError,
     NonFiniteError,
     MismatchError,
-    ValueError,
+    InvalidArgumentError,
+    SelectionError,
     OSError,
-    TypeError,
-    KeyError,
 )

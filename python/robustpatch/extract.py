@@ -38,7 +38,13 @@ import numpy as np
 from . import _core
 from ._format.safetensors import read_header
 from .dtypes import NUMPY_OF_LABEL, PATCHABLE, label_of, widen
-from .errors import FormatError, SelectionError, ZeroSignatureWarning
+from .errors import (
+    FormatError,
+    InvalidArgumentError,
+    MismatchError,
+    SelectionError,
+    ZeroSignatureWarning,
+)
 from .signature import Entry, Signature, bn_entry, dense_entry, is_bn_stat
 
 __all__ = ["extract", "open_source", "Source", "layer_units", "depth_key", "AUTO_PARAM_BUDGET"]
@@ -231,7 +237,7 @@ def open_source(obj: Any) -> Source:
         return DictSource(arrays, bn, type(obj).__name__, ordered=True, buffers=_torch_buffers(obj))
     if isinstance(obj, Mapping):
         return DictSource(obj, where="dict")
-    raise TypeError(f"cannot read a checkpoint from a {type(obj).__name__}")
+    raise InvalidArgumentError(f"cannot read a checkpoint from a {type(obj).__name__}")
 
 
 def _torch_buffers(obj: Any) -> set[str]:
@@ -387,9 +393,9 @@ def _candidates(trio: _Trio, order: Sequence[str] | None) -> list[str]:
     for n in names:
         rs, cs = trio.robust.spec(n), trio.clean.spec(n)
         if rs is None:
-            raise ValueError(f"tensor {n!r} is in the clean model but not in the robust one")
+            raise MismatchError(f"tensor {n!r} is in the clean model but not in the robust one")
         if rs != cs:
-            raise ValueError(f"{n}: clean {cs} and robust {rs} differ in dtype or shape")
+            raise MismatchError(f"{n}: clean {cs} and robust {rs} differ in dtype or shape")
     return names
 
 
@@ -536,11 +542,13 @@ def extract(
     the metadata. ``progress`` is called with the number of tensors done.
     """
     if method not in ("projection", "difference"):
-        raise ValueError(f"unknown method {method!r}; expected 'projection' or 'difference'")
+        raise InvalidArgumentError(
+            f"unknown method {method!r}; expected 'projection' or 'difference'"
+        )
     share = _share("energy share", energy)
     budget = None if param_budget is None else _share("param_budget", param_budget)
     if pretrained is None and method == "projection":
-        raise ValueError("method 'projection' needs the pretrained checkpoint")
+        raise InvalidArgumentError("method 'projection' needs the pretrained checkpoint")
     trio = _Trio(
         open_source(pretrained) if pretrained is not None else None,
         open_source(clean),

@@ -467,7 +467,7 @@ class _FileRecords:
         self.side, self.infos = side, header.by_name()
 
     def delta_record(self, name: str) -> EngineRecord:
-        return EngineRecord(*self.side.delta_record(name))
+        return EngineRecord(*self.side.delta_record(self.infos[name]))
 
     def bn_original(self, name: str) -> np.ndarray:
         return self.side.bn_original(self.infos[name])

@@ -337,9 +337,23 @@ class UndoSidecar:
     def read(self, name: str) -> np.ndarray:
         return read_tensor(self.file, self.header, self.header.by_name()[name])
 
-    def delta_record(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """The engine's record of a patched tensor: (positions, original values)."""
-        return self.read(f"records/{name}/positions"), self.read(f"records/{name}/values")
+    def delta_record(self, t: TensorInfo) -> tuple[np.ndarray, np.ndarray]:
+        """The engine's record of patched tensor ``t``: (positions, original bits), each
+        checked against ``t`` (FormatError naming the record's tensor)."""
+        where = f"{self.path}: bad undo record: records/{t.name}"
+        pos, vals = self.read(f"records/{t.name}/positions"), self.read(f"records/{t.name}/values")
+        itemsize = np.dtype(NUMPY_OF_LABEL[t.dtype]).itemsize
+        if pos.dtype != np.uint32 or pos.ndim != 1:
+            raise FormatError(f"{where}/positions is not a list of uint32")
+        if vals.dtype.kind != "u" or vals.dtype.itemsize != itemsize or vals.shape != pos.shape:
+            raise FormatError(f"{where}/values does not hold one {t.dtype} per position")
+        numel = t.nbytes // itemsize
+        if pos.size and int(pos.max()) >= numel:
+            raise FormatError(
+                f"{where}/positions: position {int(pos.max())} is outside a tensor of "
+                f"{numel} elements"
+            )
+        return pos, vals
 
     def bn_original(self, t: TensorInfo) -> np.ndarray:
         """The original bytes of a BatchNorm buffer, as the buffer's dtype and shape."""

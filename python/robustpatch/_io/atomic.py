@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Union
 
+from ..errors import InvalidArgumentError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -249,7 +251,8 @@ def check_destinations(
     inputs: Iterable[PathLike], outputs: Iterable[PathLike], overwrite: bool = True
 ) -> None:
     """Refuse, before anything is written, an output that is one of the inputs (the same
-    file by device and inode, so also through a symlink or a hard link: ValueError), or,
+    file by device and inode, so also through a symlink or a hard link:
+    InvalidArgumentError), or,
     unless ``overwrite``, one that exists (FileExistsError). Even ``overwrite`` never
     lets an output replace an input."""
     seen: dict[tuple[int, int], PathLike] = {}
@@ -264,7 +267,9 @@ def check_destinations(
         if fid in seen:
             src = os.fspath(seen[fid])
             also = "" if src == os.fspath(out) else f" {src} (the same file)"
-            raise ValueError(f"output {os.fspath(out)} is the input{also}; write to another file")
+            raise InvalidArgumentError(
+                f"output {os.fspath(out)} is the input{also}; write to another file"
+            )
         if not overwrite:
             raise FileExistsError(
                 errno.EEXIST, "already exists (overwrite=True replaces it)", os.fspath(out)

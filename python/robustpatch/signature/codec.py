@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._format.safetensors import read_tensors, write_tensors
-from ..errors import FormatError
+from ..errors import FormatError, InvalidArgumentError
 from ..validate import GRANULARITIES, SCHEMES
 from .entry import Entry, Quantized, bn_entry, check_finite, dense_entry
 
@@ -66,7 +66,9 @@ def json_default(x: Any) -> Any:
         return x.tolist()
     if isinstance(x, os.PathLike):
         return os.fspath(x)
-    raise TypeError(f"metadata value of type {type(x).__name__} is not JSON serializable")
+    raise InvalidArgumentError(
+        f"metadata value of type {type(x).__name__} is not JSON serializable"
+    )
 
 
 def content_hash(specs: list[dict[str, Any]], tensors: Mapping[str, np.ndarray]) -> str:
