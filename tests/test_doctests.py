@@ -17,6 +17,7 @@ SKIPPED = ("robustpatch.lab",)
 #: Modules whose docstrings must hold examples (the public entry points).
 WITH_EXAMPLES = (
     "robustpatch",
+    "robustpatch.targets",
     "robustpatch.validate",
     "robustpatch.signature.model",
     "robustpatch.signature.algebra",

@@ -11,8 +11,16 @@ Everything is checked before the first byte changes (names, shapes, dtypes, NaN)
 anything still fails midway, what was already patched in memory is rolled back (a file
 target's output is discarded instead).
 
-    undo = apply(model, [fog, noise], alphas=[1.0, 0.5])
-    remove(model, undo)            # the model is bit-identical to before
+>>> from robustpatch.signature import Signature
+>>> fog = Signature.from_deltas({"w": np.full(4, 0.1, np.float32)}, name="fog")
+>>> noise = Signature.from_deltas({"w": np.full(4, 0.3, np.float32)}, name="noise")
+>>> model = {"w": np.linspace(-1, 1, 4, dtype=np.float32)}
+>>> before = model["w"].copy()
+>>> undo = apply(model, [fog, noise], alphas=[1.0, 0.5])
+>>> remove(model, undo)["tensors"]
+1
+>>> bool((model["w"] == before).all())  # the model is bit-identical to before
+True
 """
 
 from __future__ import annotations
