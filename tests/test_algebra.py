@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robustpatch import apply, combine, detect, remove, similarity
+from robustpatch import apply, apply_file, combine, detect, remove, remove_file, similarity
+from robustpatch._format.safetensors import write_tensors
 from robustpatch.errors import InvalidArgumentError, MismatchError
 from robustpatch.extract import extract
 from robustpatch.signature import Signature, SignatureSum, terms
@@ -194,3 +195,16 @@ def test_detect_and_combine_take_sums(pair):
     via_sum = combine([a + b, b], [2.0, 1.0])
     flat = combine([a, b, b], [2.0, 2.0, 1.0])
     assert via_sum.content_hash == flat.content_hash
+
+
+def test_a_sum_patches_a_file_like_its_parts_and_is_removed_exactly(models, pair, tmp_path):
+    _, clean, _ = models
+    a, b = pair
+    src = tmp_path / "model.safetensors"
+    write_tensors(src, clean)
+    apply_file(src, 0.5 * a + 2 * b, out=tmp_path / "sum.safetensors")
+    apply_file(src, [a, b], [0.5, 2], out=tmp_path / "parts.safetensors")
+    sum_bytes = (tmp_path / "sum.safetensors").read_bytes()
+    assert sum_bytes == (tmp_path / "parts.safetensors").read_bytes()
+    remove_file(tmp_path / "sum.safetensors", tmp_path / "restored.safetensors")
+    assert (tmp_path / "restored.safetensors").read_bytes() == src.read_bytes()
