@@ -483,16 +483,15 @@ def _verify_patched(fsrc: BinaryIO, header: Header, side: UndoSidecar, plan: Pla
     if got != record.patched_header_sha256:
         raise MismatchError("the patched file's header differs from the undo record's")
     infos = header.by_name()
-    kinds = {e.name: e for e in record.tensors}
-    for name in plan.names:
-        if name not in kinds:
-            raise FormatError(f"{where}: tensor {name!r} of the signatures has no record")
     for e in record.tensors:
         kind = "delta" if e.name in plan.deltas else "bn" if e.name in plan.bn else None
         if kind is None:
             raise FormatError(f"{where}: tensor {e.name!r} is touched by no signature")
         if e.kind != kind or e.name not in infos or infos[e.name].dtype != e.dtype:
             raise FormatError(f"{where}: tensor {e.name!r} does not match the patched file")
+    missing = set(plan.names) - {e.name for e in record.tensors}
+    if missing:
+        raise FormatError(f"{where}: tensor {sorted(missing)[0]!r} of its signatures has no record")
     try:
         orig = parse_header(side.source_header, record.source_size)
     except FormatError as e:

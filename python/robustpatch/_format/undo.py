@@ -31,6 +31,7 @@ from .._io.ranged import pwrite_all, start_writeback
 from ..dtypes import NUMPY_OF_LABEL, label_of
 from ..errors import FormatError, InvalidArgumentError, NonFiniteError
 from ..signature import Signature, from_parts, json_default, parse_meta_json
+from ..signature.codec import parse_meta
 from .safetensors import Header, TensorInfo, encode_header, read_header_from, read_tensor
 
 __all__ = [
@@ -328,7 +329,7 @@ class UndoSidecar:
         sig_tensors = [t for t in header.tensors if t.name.startswith("sig")]
         loaded = {t.name: read_tensor(f, header, t) for t in sig_tensors}
         sigs = [
-            from_parts(meta, _prefixed(loaded, f"sig{k}/"), where=f"{where} (signature {k})")
+            _signature(meta, _prefixed(loaded, f"sig{k}/"), f"{where} (signature {k})")
             for k, meta in enumerate(record.signatures)
         ]
         source = read_tensor(f, header, header.by_name()["header"]).tobytes()
@@ -361,6 +362,11 @@ class UndoSidecar:
         if len(raw) != t.nbytes:
             raise FormatError(f"{self.path}: bad undo record: bn/{t.name} holds {len(raw)} bytes")
         return np.frombuffer(raw, NUMPY_OF_LABEL[t.dtype]).reshape(t.shape)
+
+
+def _signature(meta: dict[str, Any], tensors: dict[str, np.ndarray], where: str) -> Signature:
+    """A signature stored in the record, validated as a signature file's would be."""
+    return from_parts(parse_meta(json.dumps(meta), where), tensors, where=where)
 
 
 def _prefixed(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
