@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from robustpatch.extract import extract
-from robustpatch.patch import apply, remove
 from robustpatch.signature import Signature, SignatureSum, detect, similarity, terms
+from robustpatch.targets import apply, remove
 
 from . import corruptions as C
 from . import models, recipes

@@ -338,7 +338,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, **metadata: object) -> P
     from the file sees the real depth order; the write is atomic. See
     :func:`checkpoint_metadata` for the standard keys.
     """
-    from robustpatch.container import write_tensors
+    from robustpatch._format.safetensors import write_tensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1511,8 +1511,8 @@ def _signature_arm(
     """Extract (``method``), quantize, save, reload and apply a signature to the clean twin;
     evaluate the patched model."""
     from robustpatch.extract import extract
-    from robustpatch.patch import apply
     from robustpatch.signature import Signature, is_bn_stat
+    from robustpatch.targets import apply
 
     clean_np, robust_np = _state_numpy(clean), _state_numpy(robust)
     sig = extract(
