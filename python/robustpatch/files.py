@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -153,7 +153,10 @@ class FileTarget(NumpyTarget):
         self.checksums = checksums
         self._reader = TensorReader(src.fileno(), header)
         self._index = {t.name: k for k, t in enumerate(header.tensors)}
-        self.spec = _spec_of(header)  # type: ignore[method-assign]
+        self._spec = _spec_of(header)
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        return self._spec(name)
 
     def address(self, name: str) -> int:
         return self._index[name]  # tensors of one file never share bytes
@@ -213,7 +216,7 @@ def _ranges(header: Header, touched: list[TensorInfo]) -> list[tuple[int, int]]:
     return ranges
 
 
-class _Stream:
+class _Stream(Protocol):
     """How a :class:`FileTarget` moves bytes: ``before(t)`` each touched tensor,
     ``write(t, arr)`` it, then ``finish()`` (or ``abort()`` after an error)."""
 
@@ -223,7 +226,7 @@ class _Stream:
     def abort(self) -> None: ...
 
 
-class _DirectStream(_Stream):
+class _DirectStream:
     """Front to back through a :class:`DirectWriter`: each untouched range is copied
     just before the tensor that follows it."""
 
@@ -250,7 +253,7 @@ class _DirectStream(_Stream):
         self.w.abort()
 
 
-class _ThreadedStream(_Stream):
+class _ThreadedStream:
     """Untouched ranges copied in the kernel by a second thread while this one patches;
     a durable output has its writeback started as it is produced."""
 
