@@ -147,6 +147,12 @@ CRAFTED = [
         "dtype of tensor .* is 'Q4'",
         _first_tensor(lambda e: e.update(dtype="Q4")),
     ),
+    case(
+        "dtype_a_list",
+        F,
+        r"dtype of tensor .* is \[\]",
+        _first_tensor(lambda e: e.update(dtype=[])),
+    ),
     case("version_zero", F, "invalid format_version 0", _set("format_version", 0)),
     # checksums and sizes
     case(

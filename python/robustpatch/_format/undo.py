@@ -190,7 +190,7 @@ def _tensor_entries(check: _Checker, raw: list[dict[str, Any]]) -> list[TensorEn
         kind, dtype = check.get(e, "kind", at), check.get(e, "dtype", at)
         if kind not in KINDS:
             raise check.fail(f"kind{at} is {_show(kind)}, not one of {list(KINDS)}")
-        if dtype not in NUMPY_OF_LABEL:
+        if not isinstance(dtype, str) or dtype not in NUMPY_OF_LABEL:
             raise check.fail(f"dtype{at} is {_show(dtype)}, not a safetensors float dtype")
         out.append(TensorEntry(name, kind, dtype, check.text(e, "checksum", _CHECKSUM, at)))
     return out
