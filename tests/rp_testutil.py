@@ -66,7 +66,12 @@ def same_bits(a: dict, b: dict) -> bool:
 
 
 def sha(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """Hex sha256 of a file, read in chunks (model files may be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def listing(folder: str | os.PathLike) -> dict[str, str]:

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from robustpatch._format.safetensors import TensorInfo, encode_header
-from robustpatch._io.ranged import sha256_file
 from robustpatch.signature import Signature
+from rp_testutil import sha
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc"
@@ -36,6 +36,7 @@ import json, os, sys
 op, args = sys.argv[1], json.loads(sys.argv[2])
 from robustpatch.files import apply_file, remove_file
 from robustpatch.signature import Signature
+from rp_testutil import sha
 
 def peak_mib():
     for line in open("/proc/self/status"):
@@ -110,7 +111,7 @@ def test_peak_memory_follows_the_largest_tensor_not_the_file_size(tmp_path):
             tag = "" if durable else "_no_fsync"
             a = peak("apply", src=str(model), sig=str(sig), out=str(out), durable=durable)
             r = peak("remove", src=str(out), out=str(tmp_path / "r"), durable=durable)
-            assert sha256_file(tmp_path / "r") == sha256_file(model)
+            assert sha(tmp_path / "r") == sha(model)
             row[f"apply{tag}_peak_mib"], row[f"remove{tag}_peak_mib"] = a, r
             row[f"apply{tag}_growth_mib"] = a - base
             row[f"remove{tag}_growth_mib"] = r - base

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import sys
@@ -12,7 +11,6 @@ import numpy as np
 
 from ..dtypes import NUMPY_OF_LABEL
 from ..errors import FormatError
-from .atomic import PathLike
 
 if TYPE_CHECKING:
     from .._format.safetensors import Header, TensorInfo
@@ -164,12 +162,3 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     fn = _resolve_sync_file_range()
     if fn is not None and length > 0:
         fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # releases the GIL (ctypes.CDLL)
-
-
-def sha256_file(path: PathLike, chunk: int = 8 << 20) -> str:
-    """Hex sha256 of a whole file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
