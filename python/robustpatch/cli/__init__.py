@@ -1,0 +1,131 @@
+"""The ``robustpatch`` command line.
+
+Each subcommand is one ``add_*`` function (it adds its parser and sets ``func``)
+listed in :data:`COMMANDS`, in ``--help`` order: parser.py holds the shared options
+and the argparse types that validate values, signatures.py, models.py, inspect.py and
+demo.py the commands, output.py what they print; this module runs one and turns an
+expected error into one line. The conventions are those of the tools people know:
+
+- ``-q/--quiet`` and ``--json`` are accepted before or after the subcommand. With
+  ``--json`` a command prints one JSON object on stdout and nothing else there.
+- ``--help`` shows every option's default and an example; ``--version`` the version.
+- No command writes over one of its inputs (also not through a symlink or a hard
+  link), nor over an existing file unless ``--overwrite``; a refused call writes nothing.
+- Bad values (bits, group size, regexes, device...) are usage errors: exit code 2
+  (argparse), before anything is read or created. Expected errors (bad files,
+  mismatched models, I/O) are one line ``robustpatch: error: ...`` with exit code 1,
+  naming the user's paths and the CLI's flags (``--force``, not ``force=True``).
+- A reader that goes away (``robustpatch inspect x --json | head -1``) ends the
+  command quietly with exit code 141, 128 + SIGPIPE, as a shell reports for the
+  classic tools that SIGPIPE kills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import warnings
+from collections.abc import Sequence
+
+from .._core import __version__
+from ..errors import EXPECTED_ERRORS
+from . import demo, inspect, models, signatures
+from .parser import PROG, HelpFormatter, Register, global_options
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: Exit code after a closed stdout (128 + SIGPIPE).
+EXIT_BROKEN_PIPE = 141
+
+#: Library keywords that error messages name, and the CLI flags that set them.
+FLAG_OF_KEYWORD = {
+    "allow_dtype_change=True": "--allow-dtype-change",
+    "force=True": "--force",
+    "overwrite=True": "--overwrite",
+    "undo=False": "--no-undo",
+}
+
+#: Functions that add one subcommand each to the subparsers object, in --help order.
+COMMANDS: list[Register] = [
+    signatures.add_extract,
+    signatures.add_quantize,
+    models.add_apply,
+    models.add_subtract,
+    models.add_remove,
+    inspect.add_inspect,
+    signatures.add_similarity,
+    signatures.add_combine,
+    signatures.add_detect,
+    demo.add_demo,
+]
+
+
+def build_parser(commands: Sequence[Register] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Robust weight signatures: extract, compress, apply and remove robustness.",
+        epilog="example:\n  robustpatch apply model.safetensors fog.rws -o robust.safetensors",
+        formatter_class=HelpFormatter,
+        parents=[global_options(json_output=True, top=True)],
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for register in commands if commands is not None else COMMANDS:
+        register(sub)
+    return parser
+
+
+def _message(e: BaseException) -> str:
+    """One line for an expected error: the path first for an OSError (as cp and mv say),
+    a refused pickle explained, keyword arguments named as the CLI's flags."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{os.fspath(e.filename)}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a file
+        why = [ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln]
+        text = "refused to load a checkpoint that holds more than tensors (read with " + (
+            f"torch.load(weights_only=True)): {why[0] if why else text.splitlines()[0]}"
+        )
+    for keyword, flag in FLAG_OF_KEYWORD.items():
+        text = text.replace(keyword, flag)
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())  # one line
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (e.g. a near-zero signature) as one line, like an error."""
+    print(f"{PROG}: warning: {_message(Warning(str(message)))}", file=sys.stderr)
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout went away: point stdout at devnull, so that the interpreter's
+    final flush does not fail again, and exit quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage, 141 closed stdout)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.json and not args.json_output:
+        parser.error(f"{args.command} has no --json output")
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe is reported here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except (*EXPECTED_ERRORS, pickle.UnpicklingError) as e:
+        print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,192 @@
+"""``robustpatch inspect``: what a file holds — a signature (per tensor: shape, bits,
+scheme, bytes, energy), a patched model (applied signatures, undo record) or an undo
+record — as text or one JSON object."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from . import parser as cli_args
+from .output import fmt_bytes, print_table
+
+
+def signature_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The facts ``inspect`` shows about a signature file, as a JSON-able dict."""
+    from ..signature import Signature
+
+    sig = Signature.load(path)
+    energy = sig.energy()
+    total_e = sum(energy.values()) or 1.0
+    rows = []
+    for e in sig:
+        row = {k: v for k, v in e.spec().items() if k != "stats"}
+        row["bytes"] = e.nbytes
+        if e.kind == "delta":
+            row["f32_bytes"] = 4 * e.numel
+            row["ratio"] = e.nbytes / (4 * e.numel) if e.numel else 1.0
+            row["energy"] = energy[e.name]
+            row["energy_share"] = energy[e.name] / total_e
+        rows.append(row)
+    size = os.path.getsize(path)
+    return {
+        "file": str(path),
+        "kind": "signature",
+        "name": sig.name,
+        "format_version": 1,
+        "method": sig.meta.get("method"),
+        "entries": rows,
+        "bytes": sig.nbytes,
+        "file_bytes": size,
+        "f32_delta_bytes": sig.dense_nbytes,
+        "delta_ratio": sig.delta_ratio,
+        "file_ratio": size / sig.dense_nbytes if sig.dense_nbytes else None,
+        "model_bytes": sig.meta.get("source", {}).get("model_nbytes"),
+        "smaller_than_model": sig.compression_ratio(),
+        "content_hash": sig.content_hash,
+        "fingerprints": {
+            "architecture": sig.architecture_fingerprint,
+            "base": sig.base_fingerprint,
+        },
+        **{
+            k: sig.meta[k]
+            for k in ("layers", "quantization", "provenance", "effect", "components", "skipped")
+            if sig.meta.get(k)
+        },
+    }
+
+
+def model_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``inspect`` shows about a model file: size, tensors, applied signatures."""
+    from .._format.safetensors import read_header
+    from ..files import APPLIED_KEY, applied_signatures, undo_path_for
+
+    h = read_header(path)
+    dtypes: dict[str, int] = {}
+    for t in h.tensors:
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    undo = undo_path_for(path)
+    return {
+        "file": str(path),
+        "kind": "model",
+        "bytes": h.file_size,
+        "tensors": len(h.tensors),
+        "dtypes": dtypes,
+        "applied": applied_signatures(h),
+        "undo": str(undo) if undo.exists() else None,
+        "metadata": {k: v for k, v in h.metadata.items() if k != APPLIED_KEY},
+    }
+
+
+def undo_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``inspect`` shows about an undo record."""
+    from ..files import load_undo_signatures
+
+    sigs, alphas = load_undo_signatures(path)
+    return {
+        "file": str(path),
+        "kind": "undo",
+        "bytes": os.path.getsize(path),
+        "signatures": [
+            {"name": s.name, "hash": s.content_hash, "alpha": a} for s, a in zip(sigs, alphas)
+        ],
+    }
+
+
+def inspect_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Dispatch on what the file holds (signature, undo record or model)."""
+    from .._format.safetensors import read_header
+    from ..files import UNDO_KEY
+    from ..signature import META_KEY
+
+    meta = read_header(path).metadata
+    if META_KEY in meta:
+        return signature_report(path)
+    if UNDO_KEY in meta:
+        return undo_report(path)
+    return model_report(path)
+
+
+def _print_signature(rep: dict[str, Any]) -> None:
+    print(
+        f"{rep['file']}: signature {rep['name']!r} (format {rep['format_version']}, "
+        f"method {rep['method']}, {len(rep['entries'])} entries)"
+    )
+    rows = []
+    for e in rep["entries"]:
+        q = e["encoding"] == "quantized"
+        rows.append(
+            [
+                e["name"],
+                e["kind"],
+                "x".join(map(str, e["shape"])) or "scalar",
+                e["dtype"],
+                e.get("bits", "-") if q else "f32",
+                e.get("scheme", "-"),
+                e.get("group_len", "-"),
+                e["bytes"],
+                f"{e['ratio']:.3f}" if "ratio" in e else "-",
+                f"{e['energy']:.3g} ({100 * e['energy_share']:.1f}%)" if "energy" in e else "-",
+            ]
+        )
+    print_table(
+        rows,
+        ["tensor", "kind", "shape", "dtype", "bits", "scheme", "group", "bytes", "ratio", "energy"],
+    )
+    file_ratio = f" (whole file {rep['file_ratio']:.3f})" if rep["file_ratio"] else ""
+    print(
+        f"stored {fmt_bytes(rep['bytes'])} (file {fmt_bytes(rep['file_bytes'])}); "
+        f"float32 delta {fmt_bytes(rep['f32_delta_bytes'])}; "
+        f"compression ratio vs the float32 delta {rep['delta_ratio']:.3f}{file_ratio}"
+    )
+    if rep.get("smaller_than_model"):
+        print(
+            f"{rep['smaller_than_model']:.1f}x smaller than the model it came from "
+            f"({fmt_bytes(rep['model_bytes'])})"
+        )
+    print(f"content hash {rep['content_hash']}")
+    print(f"architecture fingerprint {rep['fingerprints']['architecture']}")
+    print(f"base fingerprint {rep['fingerprints']['base']}")
+    for key in ("layers", "quantization", "provenance", "effect", "components", "skipped"):
+        if key in rep:
+            print(f"{key}: {json.dumps(rep[key])}")
+
+
+def _print_model(rep: dict[str, Any]) -> None:
+    dt = ", ".join(f"{n} {d}" for d, n in sorted(rep["dtypes"].items()))
+    print(f"{rep['file']}: model, {rep['tensors']} tensors ({dt}), {fmt_bytes(rep['bytes'])}")
+    if not rep["applied"]:
+        print("no robustpatch signatures applied")
+    for a in rep["applied"]:
+        print(f"applied {a.get('name')!r} alpha={a.get('alpha')} hash={a.get('hash')}")
+    print(f"undo record: {rep['undo'] or 'none'}")
+
+
+def _print_undo(rep: dict[str, Any]) -> None:
+    print(f"{rep['file']}: undo record, {fmt_bytes(rep['bytes'])}")
+    for s in rep["signatures"]:
+        print(f"  {s['name']!r} alpha={s['alpha']} hash={s['hash']}")
+
+
+PRINTERS = {"signature": _print_signature, "model": _print_model, "undo": _print_undo}
+
+
+def run_inspect(args: Any) -> None:
+    rep = inspect_report(args.file)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        PRINTERS[rep["kind"]](rep)
+
+
+def add_inspect(sub: Any) -> None:
+    p = cli_args.add_command(
+        sub,
+        "inspect",
+        "describe a signature (per tensor: shape, bits, scheme, bytes, energy), a patched "
+        "model or an undo record",
+        "robustpatch inspect fog.rws --json",
+        run_inspect,
+    )
+    p.add_argument("file", help="signature, model or .rpundo file")

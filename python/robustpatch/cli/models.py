@@ -1,0 +1,154 @@
+"""Commands that patch safetensors model files: apply, subtract, remove. Each writes
+its output atomically (temp file + rename) through :mod:`robustpatch.files`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import parser as cli_args
+from .output import progress_bar, report
+
+
+def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
+    """``apply_file`` of the model with the signatures at ``sign · α``; the report."""
+    from ..files import apply_file, undo_path_for
+
+    outputs = [args.output] if args.no_undo else [args.output, undo_path_for(args.output)]
+    cli_args.check_outputs(args, [args.model, *args.signatures], outputs)
+    alphas = [sign * a for a in cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")]
+    total = os.path.getsize(args.model)
+    with progress_bar(args, desc, total) as tick:
+        rep = apply_file(
+            args.model,
+            args.signatures,
+            alphas,
+            args.output,
+            force=args.force,
+            allow_dtype_change=args.allow_dtype_change,
+            undo=not args.no_undo,
+            durable=args.durable,
+            progress=tick,
+        )
+    return {
+        "file": str(rep.out),
+        "undo": str(rep.undo) if rep.undo else None,
+        "tensors": rep.tensors,
+        "bn_buffers": rep.bn_buffers,
+        "bytes": rep.bytes_written,
+        "signatures": args.signatures,
+        "alphas": alphas,
+    }
+
+
+def run_apply(args: Any) -> None:
+    rep = _patch_file(args, 1.0, "apply")
+    undo = f"; undo record {rep['undo']}" if rep["undo"] else ""
+    text = (
+        f"wrote {rep['file']}: {rep['tensors']} tensors patched, "
+        f"{rep['bn_buffers']} BatchNorm buffers blended{undo}"
+    )
+    report(args, rep, text)
+
+
+def run_subtract(args: Any) -> None:
+    rep = _patch_file(args, -1.0, "subtract")
+    rep["approximate"] = True
+    undo = f"; undo record {rep['undo']}" if rep["undo"] else ""
+    text = (
+        f"wrote {rep['file']}: {rep['tensors']} tensors with the signatures subtracted "
+        "(approximate: elements may differ by one unit in the last place from the model "
+        "before the patch; 'robustpatch remove' with the patch's undo record is exact), "
+        f"{rep['bn_buffers']} BatchNorm buffers left as they were{undo}"
+    )
+    report(args, rep, text)
+
+
+def _add_patch_args(p: Any, model_help: str, alpha_help: str) -> None:
+    p.add_argument("model", help=model_help)
+    p.add_argument("signatures", nargs="+", help="signature files")
+    cli_args.add_output(p, "patched model to write")
+    p.add_argument("--alpha", type=cli_args.alpha_arg, action="append", help=alpha_help)
+    p.add_argument(
+        "--allow-dtype-change",
+        action="store_true",
+        help="apply to float tensors of another dtype than the signature was made for "
+        "(e.g. a float32 signature on a float16 or bfloat16 model); shapes are still checked",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="apply despite dtype and shape mismatches (same element count)",
+    )
+    p.add_argument("--no-undo", action="store_true", help="do not write the .rpundo record")
+    cli_args.add_durable_flag(p)
+
+
+def add_apply(sub: Any) -> None:
+    p = cli_args.add_command(
+        sub,
+        "apply",
+        "patch a safetensors model with one or more signatures (atomic, with undo record)",
+        "robustpatch apply model.safetensors fog.rws noise.rws --alpha 1 --alpha 0.5 "
+        "-o robust.safetensors",
+        run_apply,
+    )
+    _add_patch_args(
+        p,
+        "safetensors model file (left untouched)",
+        "strength per signature (repeat; one value applies to all; default 1)",
+    )
+
+
+def add_subtract(sub: Any) -> None:
+    p = cli_args.add_command(
+        sub,
+        "subtract",
+        "take signatures out of a model without its undo record: the model minus "
+        "alpha times each signature, rounded once (approximate; BatchNorm buffers stay "
+        "as they are; 'remove' is exact where an undo record exists)",
+        "robustpatch subtract robust.safetensors fog.rws -o unpatched.safetensors",
+        run_subtract,
+    )
+    _add_patch_args(
+        p,
+        "safetensors model file a signature was applied to (left untouched)",
+        "strength to take out per signature (repeat; one value applies to all; default 1)",
+    )
+
+
+def run_remove(args: Any) -> None:
+    from ..files import remove_file, undo_path_for
+
+    undo = args.undo or undo_path_for(args.patched)
+    cli_args.check_outputs(args, [args.patched, undo], [args.output])
+    total = os.path.getsize(args.patched)
+    with progress_bar(args, "remove", total) as tick:
+        rep = remove_file(
+            args.patched, args.output, undo=args.undo, durable=args.durable, progress=tick
+        )
+    text = (
+        f"wrote {rep.out}: {rep.tensors} tensors and {rep.bn_buffers} BatchNorm "
+        "buffers restored bit for bit"
+    )
+    out = {
+        "file": str(rep.out),
+        "tensors": rep.tensors,
+        "bn_buffers": rep.bn_buffers,
+        "bytes": rep.bytes_written,
+    }
+    report(args, out, text)
+
+
+def add_remove(sub: Any) -> None:
+    p = cli_args.add_command(
+        sub,
+        "remove",
+        "restore the original of a patched model, bit for bit, from its undo record",
+        "robustpatch remove robust.safetensors -o original.safetensors",
+        run_remove,
+    )
+    p.add_argument("patched", help="model written by 'robustpatch apply'")
+    cli_args.add_output(p, "restored model to write")
+    p.add_argument("--undo", help="undo record (default: PATCHED.rpundo)")
+    cli_args.add_durable_flag(p)

@@ -1,0 +1,53 @@
+"""What commands print: a text line or one JSON object, tables, sizes, progress bars
+(on stderr, so that stdout holds only the result)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any
+
+
+@contextmanager
+def progress_bar(args: Any, desc: str, total: int | None = None, unit: str = "B"):
+    """A tqdm bar on stderr (hidden with --quiet or when stderr is not a terminal);
+    yields a callable taking increments."""
+    from tqdm import tqdm
+
+    disable = True if getattr(args, "quiet", False) else None
+    with tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        unit_divisor=1024 if unit == "B" else 1000,
+        disable=disable,
+        file=sys.stderr,
+        leave=False,
+    ) as bar:
+        yield bar.update
+
+
+def report(args: Any, rep: dict[str, Any], text: str) -> None:
+    """Print ``rep`` as one JSON object with --json, else ``text`` (unless --quiet)."""
+    if args.json:
+        print(json.dumps(rep))
+    elif not getattr(args, "quiet", False):
+        print(text)
+
+
+def print_table(rows: list[list[str]], head: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def fmt_bytes(n: float) -> str:
+    """``n`` bytes in the largest binary unit below 1024 of it (GiB at most)."""
+    units = ("B", "KiB", "MiB", "GiB")
+    k = 0
+    while abs(n) >= 1024 and k < len(units) - 1:
+        n /= 1024
+        k += 1
+    return f"{n:.0f} B" if k == 0 else f"{n:.1f} {units[k]}"

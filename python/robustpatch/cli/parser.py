@@ -1,0 +1,212 @@
+"""The CLI's argument edge: the help formatter, the options every command shares, and
+the argparse types that check each value with :mod:`robustpatch.validate` before
+anything is read or created (a bad value is a usage error, exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .. import validate
+
+PROG = "robustpatch"
+
+#: A function that adds one subcommand to the subparsers object.
+Register = Callable[[Any], None]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions and examples as written, and each option's default where it has one
+    (not for on/off flags or options that are off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def global_options(json_output: bool, top: bool = False) -> argparse.ArgumentParser:
+    """``-q`` (and ``--json``) as a parent parser. A subcommand's copy defaults to
+    SUPPRESS, so that it sets the option when given after the subcommand and leaves
+    the top-level value alone otherwise: the position does not matter."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = False if top else argparse.SUPPRESS
+    p.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress bars or notes"
+    )
+    if json_output:
+        p.add_argument(
+            "--json",
+            action="store_true",
+            default=default,
+            help="print one JSON object on stdout instead of text",
+        )
+    return p
+
+
+def add_command(
+    sub: Any,
+    name: str,
+    help: str,
+    example: str,
+    run: Callable[[Any], int],
+    json_output: bool = True,
+):
+    """Add a subparser with a description, an ``Example:`` epilog, the global options
+    and a handler."""
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog="example:\n  " + example.strip().replace("\n", "\n  "),
+        formatter_class=HelpFormatter,
+        parents=[global_options(json_output)],
+    )
+    p.set_defaults(func=run, json_output=json_output)
+    return p
+
+
+# ---------------------------------------------------------------------------- value types
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _parsed(parse: Any, normalise: Any, kind: str) -> Any:
+    """An argparse type: ``parse`` the text, then check it with the API's own normaliser
+    (:mod:`robustpatch.validate`), so a flag and a keyword follow one rule."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        try:
+            return normalise(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+bits_arg = _parsed(int, validate.bits, "bits from 1 to 8")
+group_arg = _parsed(int, validate.group, "a positive integer group size")
+alpha_arg = _parsed(float, validate.alpha, "a number")
+coef_arg = _parsed(float, lambda v: validate.alpha(v, "coefficient"), "a number")
+
+
+def fraction_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def layer_arg(text: str) -> str:
+    """A ``--layers`` value: a keyword, a count, or a regex that compiles."""
+    if text in ("auto", "all") or text.isdigit():
+        return text
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"invalid regex {text!r}: {e}") from None
+    return text
+
+
+def device_arg(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N, checked against this machine's torch before
+    the demo creates anything."""
+    try:
+        import torch
+    except ImportError as e:
+        raise argparse.ArgumentTypeError(f"--device needs the torch extra ({e})") from None
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} requested but torch.cuda.is_available() is False on this machine"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} requested but this machine has {torch.cuda.device_count()} CUDA devices"
+        )
+    return text
+
+
+# ---------------------------------------------------------------------------- shared options
+
+
+def add_output(p: Any, help: str) -> None:
+    p.add_argument("-o", "--output", required=True, help=help)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (never one of the inputs)",
+    )
+
+
+def add_durable_flag(p: Any) -> None:
+    p.add_argument(
+        "--durable",
+        action="store_true",
+        help="fsync the output before renaming it into place, so that it survives a power "
+        "cut (runs at disk speed)",
+    )
+
+
+def add_quant_args(p: Any, required: bool) -> None:
+    note = "" if required else "; leave out for no quantization"
+    p.add_argument(
+        "--bits", type=bits_arg, default=4 if required else None, help="bits per weight, 1-8" + note
+    )
+    p.add_argument(
+        "--scheme",
+        default="affine",
+        choices=validate.SCHEMES,
+        help="how values map to codes: min/max, absmax, log or tanh companding",
+    )
+    p.add_argument(
+        "--granularity",
+        default="group",
+        choices=validate.GRANULARITIES,
+        help="one scale per tensor, per output channel or per --group elements",
+    )
+    p.add_argument("--group", type=group_arg, default=128, help="group size")
+
+
+# ---------------------------------------------------------------------------- checks after parsing
+
+
+def check_outputs(args: Any, inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
+    """Refuse, before any work, outputs that are inputs or exist (without --overwrite)."""
+    from .._io.atomic import check_destinations
+
+    check_destinations(inputs, outputs, overwrite=args.overwrite)
+
+
+def per_signature(values: list[float] | None, n: int, flag: str) -> list[float]:
+    """One value per signature: none given means 1, one value applies to all."""
+    return validate.alphas(n, values or 1.0, flag)
+
+
+def file_labels(paths: Sequence[str]) -> list[str]:
+    """A label per file: its basename, or the path as given where two files share it."""
+    names = [os.path.basename(p) for p in paths]
+    return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
