@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from robustpatch.errors import SelectionError, ZeroSignatureWarning
-from robustpatch.extract import extract, layer_units, open_source
+from robustpatch.extract import extract, open_source
+from robustpatch.selection import layer_units
 from rp_testutil import copy_model, perturb, trio
 
 DEMO_WIDTHS = (16, 16, 32, 32, 64, 64)
