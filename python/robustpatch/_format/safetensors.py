@@ -130,22 +130,12 @@ def write_tensors(
 
     uint16 arrays are labelled ``BF16`` unless ``labels`` says otherwise (e.g. ``U16``).
     """
-    with atomic_file(path) as f:
-        write_tensors_to(f, tensors, metadata, labels)
-
-
-def write_tensors_to(
-    f: BinaryIO,
-    tensors: Mapping[str, np.ndarray],
-    metadata: Mapping[str, str] | None = None,
-    labels: Mapping[str, str] | None = None,
-) -> None:
-    """Write numpy arrays as safetensors into an open binary file."""
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     infos = [_dtype_override(labels, i) for i in _layout(arrays)]
-    f.write(encode_header(infos, metadata))
-    for arr in arrays.values():
-        f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+    with atomic_file(path) as f:
+        f.write(encode_header(infos, metadata))
+        for arr in arrays.values():
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
 
 
 def read_tensors(path: PathLike) -> tuple[Header, dict[str, np.ndarray]]:

@@ -1,10 +1,11 @@
 """The ``robustpatch`` command line.
 
-Each subcommand is one ``add_*`` function (it adds its parser and sets ``func``)
-listed in :data:`COMMANDS`, in ``--help`` order: parser.py holds the shared options
-and the argparse types that validate values, signatures.py, models.py, inspect.py and
-demo.py the commands, output.py what they print; this module runs one and turns an
-expected error into one line. The conventions are those of the tools people know:
+Each subcommand is a :class:`~robustpatch.cli.parser.Command` in :data:`COMMANDS`: a
+``run_*`` function, whose docstring is its ``--help`` text, and the function adding its
+arguments. parser.py holds the shared options and the argparse types that validate
+values; signatures.py, models.py, inspect.py and demo.py the commands; output.py what
+they print; this module runs one and turns an expected error into one line. The
+conventions are those of the tools people know:
 
 - ``-q/--quiet`` and ``--json`` are accepted before or after the subcommand. With
   ``--json`` a command prints one JSON object on stdout and nothing else there.
@@ -32,7 +33,7 @@ from collections.abc import Sequence
 from .._core import __version__
 from ..errors import EXPECTED_ERRORS
 from . import demo, inspect, models, signatures
-from .parser import PROG, HelpFormatter, Register, global_options
+from .parser import PROG, Command, HelpFormatter, add_command, global_options
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -47,22 +48,22 @@ FLAG_OF_KEYWORD = {
     "undo=False": "--no-undo",
 }
 
-#: Functions that add one subcommand each to the subparsers object, in --help order.
-COMMANDS: list[Register] = [
-    signatures.add_extract,
-    signatures.add_quantize,
-    models.add_apply,
-    models.add_subtract,
-    models.add_remove,
-    inspect.add_inspect,
-    signatures.add_similarity,
-    signatures.add_combine,
-    signatures.add_detect,
-    demo.add_demo,
+#: The subcommands, in --help order.
+COMMANDS: list[Command] = [
+    Command("extract", signatures.run_extract, signatures.extract_arguments),
+    Command("quantize", signatures.run_quantize, signatures.quantize_arguments),
+    Command("apply", models.run_apply, models.apply_arguments),
+    Command("subtract", models.run_subtract, models.subtract_arguments),
+    Command("remove", models.run_remove, models.remove_arguments),
+    Command("inspect", inspect.run_inspect, inspect.inspect_arguments),
+    Command("similarity", signatures.run_similarity, signatures.similarity_arguments),
+    Command("combine", signatures.run_combine, signatures.combine_arguments),
+    Command("detect", signatures.run_detect, signatures.detect_arguments),
+    Command("demo", demo.run_demo, demo.demo_arguments, json_output=False),
 ]
 
 
-def build_parser(commands: Sequence[Register] | None = None) -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -74,8 +75,8 @@ def build_parser(commands: Sequence[Register] | None = None) -> argparse.Argumen
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for register in commands if commands is not None else COMMANDS:
-        register(sub)
+    for command in commands if commands is not None else COMMANDS:
+        add_command(sub, command)
     return parser
 
 

@@ -11,16 +11,7 @@ from . import parser as cli_args
 from .parser import PROG
 
 
-def add_demo(sub: Any) -> None:
-    p = cli_args.add_command(
-        sub,
-        "demo",
-        "train clean and robust models on embedded data, extract signatures, patch, "
-        "evaluate and write a report (needs the torch extra)",
-        "robustpatch demo --quick --out report",
-        run_demo,
-        json_output=False,
-    )
+def demo_arguments(p: Any) -> None:
     p.add_argument("--quick", action="store_true", help="smaller run (minutes on 2 CPU cores)")
     p.add_argument(
         "--device",
@@ -39,6 +30,12 @@ def add_demo(sub: Any) -> None:
 
 
 def run_demo(args: Any) -> int:
+    """train clean and robust models on embedded data, extract signatures, patch,
+    evaluate and write a report (needs the torch extra)
+
+    example:
+    robustpatch demo --quick --out report
+    """
     try:
         from ..lab import demo
     except ImportError as e:

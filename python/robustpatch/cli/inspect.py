@@ -8,7 +8,6 @@ import json
 import os
 from typing import Any
 
-from . import parser as cli_args
 from .output import fmt_bytes, print_table
 
 
@@ -173,6 +172,12 @@ PRINTERS = {"signature": _print_signature, "model": _print_model, "undo": _print
 
 
 def run_inspect(args: Any) -> None:
+    """describe a signature (per tensor: shape, bits, scheme, bytes, energy), a patched
+    model or an undo record
+
+    example:
+    robustpatch inspect fog.rws --json
+    """
     rep = inspect_report(args.file)
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -180,13 +185,5 @@ def run_inspect(args: Any) -> None:
         PRINTERS[rep["kind"]](rep)
 
 
-def add_inspect(sub: Any) -> None:
-    p = cli_args.add_command(
-        sub,
-        "inspect",
-        "describe a signature (per tensor: shape, bits, scheme, bytes, energy), a patched "
-        "model or an undo record",
-        "robustpatch inspect fog.rws --json",
-        run_inspect,
-    )
+def inspect_arguments(p: Any) -> None:
     p.add_argument("file", help="signature, model or .rpundo file")

@@ -42,6 +42,12 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
 
 
 def run_apply(args: Any) -> None:
+    r"""patch a safetensors model with one or more signatures (atomic, with undo record)
+
+    example:
+    robustpatch apply model.safetensors fog.rws noise.rws --alpha 1 --alpha 0.5 \
+        -o robust.safetensors
+    """
     rep = _patch_file(args, 1.0, "apply")
     undo = f"; undo record {rep['undo']}" if rep["undo"] else ""
     text = (
@@ -52,6 +58,13 @@ def run_apply(args: Any) -> None:
 
 
 def run_subtract(args: Any) -> None:
+    """take signatures out of a model without its undo record: the model minus
+    alpha times each signature, rounded once (approximate; BatchNorm buffers stay
+    as they are; 'remove' is exact where an undo record exists)
+
+    example:
+    robustpatch subtract robust.safetensors fog.rws -o unpatched.safetensors
+    """
     rep = _patch_file(args, -1.0, "subtract")
     rep["approximate"] = True
     undo = f"; undo record {rep['undo']}" if rep["undo"] else ""
@@ -64,11 +77,11 @@ def run_subtract(args: Any) -> None:
     report(args, rep, text)
 
 
-def _add_patch_args(p: Any, model_help: str, alpha_help: str) -> None:
+def _add_patch_args(p: Any, model_help: str, alpha_what: str) -> None:
     p.add_argument("model", help=model_help)
     p.add_argument("signatures", nargs="+", help="signature files")
     cli_args.add_output(p, "patched model to write")
-    p.add_argument("--alpha", type=cli_args.alpha_arg, action="append", help=alpha_help)
+    cli_args.add_per_signature(p, "--alpha", cli_args.alpha_arg, alpha_what)
     p.add_argument(
         "--allow-dtype-change",
         action="store_true",
@@ -84,40 +97,28 @@ def _add_patch_args(p: Any, model_help: str, alpha_help: str) -> None:
     cli_args.add_durable_flag(p)
 
 
-def add_apply(sub: Any) -> None:
-    p = cli_args.add_command(
-        sub,
-        "apply",
-        "patch a safetensors model with one or more signatures (atomic, with undo record)",
-        "robustpatch apply model.safetensors fog.rws noise.rws --alpha 1 --alpha 0.5 "
-        "-o robust.safetensors",
-        run_apply,
-    )
+def apply_arguments(p: Any) -> None:
     _add_patch_args(
         p,
         "safetensors model file (left untouched)",
-        "strength per signature (repeat; one value applies to all; default 1)",
+        "strength",
     )
 
 
-def add_subtract(sub: Any) -> None:
-    p = cli_args.add_command(
-        sub,
-        "subtract",
-        "take signatures out of a model without its undo record: the model minus "
-        "alpha times each signature, rounded once (approximate; BatchNorm buffers stay "
-        "as they are; 'remove' is exact where an undo record exists)",
-        "robustpatch subtract robust.safetensors fog.rws -o unpatched.safetensors",
-        run_subtract,
-    )
+def subtract_arguments(p: Any) -> None:
     _add_patch_args(
         p,
         "safetensors model file a signature was applied to (left untouched)",
-        "strength to take out per signature (repeat; one value applies to all; default 1)",
+        "strength to take out",
     )
 
 
 def run_remove(args: Any) -> None:
+    """restore the original of a patched model, bit for bit, from its undo record
+
+    example:
+    robustpatch remove robust.safetensors -o original.safetensors
+    """
     from ..files import remove_file, undo_path_for
 
     undo = args.undo or undo_path_for(args.patched)
@@ -140,14 +141,7 @@ def run_remove(args: Any) -> None:
     report(args, out, text)
 
 
-def add_remove(sub: Any) -> None:
-    p = cli_args.add_command(
-        sub,
-        "remove",
-        "restore the original of a patched model, bit for bit, from its undo record",
-        "robustpatch remove robust.safetensors -o original.safetensors",
-        run_remove,
-    )
+def remove_arguments(p: Any) -> None:
     p.add_argument("patched", help="model written by 'robustpatch apply'")
     cli_args.add_output(p, "restored model to write")
     p.add_argument("--undo", help="undo record (default: PATCHED.rpundo)")

@@ -5,17 +5,16 @@ anything is read or created (a bad value is a usage error, exit code 2)."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .. import validate
 
 PROG = "robustpatch"
-
-#: A function that adds one subcommand to the subparsers object.
-Register = Callable[[Any], None]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -47,26 +46,37 @@ def global_options(json_output: bool, top: bool = False) -> argparse.ArgumentPar
     return p
 
 
-def add_command(
-    sub: Any,
-    name: str,
-    help: str,
-    example: str,
-    run: Callable[[Any], int],
-    json_output: bool = True,
-):
-    """Add a subparser with a description, an ``Example:`` epilog, the global options
-    and a handler."""
+@dataclass(frozen=True)
+class Command:
+    """One subcommand. ``run(args)`` does the work and returns the exit code (None for
+    0); its docstring is the ``--help`` text, up to a line ``example:`` followed by the
+    example shown under ``--help``. ``arguments(parser)`` adds the command's own
+    arguments; ``json_output``: whether it accepts ``--json``."""
+
+    name: str
+    run: Callable[[Any], int | None]
+    arguments: Callable[[Any], None]
+    json_output: bool = True
+
+    def help_and_example(self) -> tuple[str, str]:
+        text, _, example = inspect.cleandoc(self.run.__doc__ or "").partition("\nexample:\n")
+        return " ".join(text.split()), example.strip()
+
+
+def add_command(sub: Any, command: Command) -> None:
+    """Add a subparser with the command's description, an ``example:`` epilog, the
+    global options, its arguments and its handler."""
+    help, example = command.help_and_example()
     p = sub.add_parser(
-        name,
+        command.name,
         help=help,
         description=help,
-        epilog="example:\n  " + example.strip().replace("\n", "\n  "),
+        epilog="example:\n  " + example.replace("\n", "\n  "),
         formatter_class=HelpFormatter,
-        parents=[global_options(json_output)],
+        parents=[global_options(command.json_output)],
     )
-    p.set_defaults(func=run, json_output=json_output)
-    return p
+    command.arguments(p)
+    p.set_defaults(func=command.run, json_output=command.json_output)
 
 
 # ---------------------------------------------------------------------------- value types
@@ -169,6 +179,13 @@ def add_durable_flag(p: Any) -> None:
         help="fsync the output before renaming it into place, so that it survives a power "
         "cut (runs at disk speed)",
     )
+
+
+def add_per_signature(p: Any, flag: str, type: Callable[[str], float], what: str) -> None:
+    """An option given once per signature, once for all of them, or not (1); see
+    :func:`per_signature`."""
+    help = f"{what} per signature (repeat; one value applies to all; default 1)"
+    p.add_argument(flag, type=type, action="append", help=help)
 
 
 def add_quant_args(p: Any, required: bool) -> None:

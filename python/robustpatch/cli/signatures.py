@@ -70,6 +70,12 @@ def _layer_kwargs(args: Any) -> dict[str, Any]:
 
 
 def run_extract(args: Any) -> None:
+    r"""extract a robust weight signature from pretrained, clean and robust checkpoints
+
+    example:
+    robustpatch extract pre.safetensors clean.safetensors fog.safetensors -o fog.rws \
+        --bits 4 --provenance corruption=fog
+    """
     from ..extract import extract
 
     models = [m for m in (args.pretrained, args.clean, args.robust) if m != "-"]
@@ -111,23 +117,15 @@ def run_extract(args: Any) -> None:
     report(args, rep, text)
 
 
-def add_extract(sub: Any) -> None:
-    p = cli_args.add_command(
-        sub,
-        "extract",
-        "extract a robust weight signature from pretrained, clean and robust checkpoints",
-        "robustpatch extract pre.safetensors clean.safetensors fog.safetensors -o fog.rws "
-        "--bits 4 --provenance corruption=fog",
-        run_extract,
-    )
+def extract_arguments(p: Any) -> None:
     p.add_argument("pretrained", help="pretrained checkpoint ('-' with --method difference)")
     p.add_argument("clean", help="clean fine-tune (.safetensors, *.index.json or .pt)")
     p.add_argument("robust", help="robust fine-tune, same architecture")
     cli_args.add_output(p, "signature file to write")
     p.add_argument(
         "--layers",
-        action="append",
         type=cli_args.layer_arg,
+        action="append",
         help="auto (default), all, a number of leading layers, or regexes (repeat)",
     )
     p.add_argument(
@@ -155,6 +153,11 @@ def add_extract(sub: Any) -> None:
 
 
 def run_quantize(args: Any) -> None:
+    """compress a signature's deltas to a few bits per weight
+
+    example:
+    robustpatch quantize fog.rws -o fog4.rws --bits 4 --scheme affine --group 128
+    """
     from ..signature import Signature
 
     cli_args.check_outputs(args, [args.input], [args.output])
@@ -174,14 +177,7 @@ def run_quantize(args: Any) -> None:
     )
 
 
-def add_quantize(sub: Any) -> None:
-    p = cli_args.add_command(
-        sub,
-        "quantize",
-        "compress a signature's deltas to a few bits per weight",
-        "robustpatch quantize fog.rws -o fog4.rws --bits 4 --scheme affine --group 128",
-        run_quantize,
-    )
+def quantize_arguments(p: Any) -> None:
     p.add_argument("input", help="signature file")
     cli_args.add_output(p, "quantized signature file to write")
     cli_args.add_quant_args(p, required=True)
@@ -191,6 +187,11 @@ def add_quantize(sub: Any) -> None:
 
 
 def run_similarity(args: Any) -> None:
+    """cosine similarity matrix of signatures, rows and columns labelled by file
+
+    example:
+    robustpatch similarity fog.rws snow.rws noise.rws
+    """
     from ..signature import Signature, similarity
 
     sigs = [Signature.load(p) for p in args.signatures]
@@ -209,14 +210,7 @@ def run_similarity(args: Any) -> None:
     print_table(rows, ["", *labels])
 
 
-def add_similarity(sub: Any) -> None:
-    p = cli_args.add_command(
-        sub,
-        "similarity",
-        "cosine similarity matrix of signatures, rows and columns labelled by file",
-        "robustpatch similarity fog.rws snow.rws noise.rws",
-        run_similarity,
-    )
+def similarity_arguments(p: Any) -> None:
     p.add_argument("signatures", nargs="+", help="signature files")
 
 
@@ -224,6 +218,12 @@ def add_similarity(sub: Any) -> None:
 
 
 def run_combine(args: Any) -> None:
+    """weighted sum of signatures as one (unquantized) signature file: applying it at
+    alpha 1 equals applying the parts with alpha = their coefficients
+
+    example:
+    robustpatch combine fog.rws noise.rws --coef 1 --coef 0.5 -o fog_noise.rws
+    """
     from ..signature import Signature, combine
 
     cli_args.check_outputs(args, args.signatures, [args.output])
@@ -240,23 +240,10 @@ def run_combine(args: Any) -> None:
     report(args, rep, f"wrote {args.output}: signature {sig.name!r}, {len(sig)} entries")
 
 
-def add_combine(sub: Any) -> None:
-    p = cli_args.add_command(
-        sub,
-        "combine",
-        "weighted sum of signatures as one (unquantized) signature file: applying it at "
-        "alpha 1 equals applying the parts with alpha = their coefficients",
-        "robustpatch combine fog.rws noise.rws --coef 1 --coef 0.5 -o fog_noise.rws",
-        run_combine,
-    )
+def combine_arguments(p: Any) -> None:
     p.add_argument("signatures", nargs="+", help="signature files")
     cli_args.add_output(p, "signature file to write")
-    p.add_argument(
-        "--coef",
-        type=cli_args.coef_arg,
-        action="append",
-        help="coefficient per signature (repeat; one value applies to all; default 1)",
-    )
+    cli_args.add_per_signature(p, "--coef", cli_args.coef_arg, "coefficient")
     p.add_argument(
         "--name", help="signature name (default: the sum written out, e.g. fog+0.5*noise)"
     )
@@ -286,6 +273,13 @@ def _model_delta(model: str, base: str, names: set[str]) -> dict[str, np.ndarray
 
 
 def run_detect(args: Any) -> None:
+    r"""rank signatures by cosine similarity to a query: a signature, or the weight
+    change of a fine-tuned model from its base
+
+    example:
+    robustpatch detect fog.rws snow.rws noise.rws \
+        --model tuned.safetensors --base clean.safetensors
+    """
     from ..signature import Signature, detect
 
     if args.model is not None and args.base is None:
@@ -308,16 +302,7 @@ def run_detect(args: Any) -> None:
     print_table(rows, ["signature", "name", "cosine"])
 
 
-def add_detect(sub: Any) -> None:
-    p = cli_args.add_command(
-        sub,
-        "detect",
-        "rank signatures by cosine similarity to a query: a signature, or the weight "
-        "change of a fine-tuned model from its base",
-        "robustpatch detect fog.rws snow.rws noise.rws --model tuned.safetensors "
-        "--base clean.safetensors",
-        run_detect,
-    )
+def detect_arguments(p: Any) -> None:
     p.add_argument("signatures", nargs="+", help="known signature files")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--query", help="signature file to identify")
