@@ -30,6 +30,7 @@ import pytest
 
 import robustpatch
 from robustpatch._format.safetensors import read_header, read_tensors, write_tensors
+from robustpatch._format.undo import UNDO_VERSION, record_digest
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, NonFiniteError
 from robustpatch.extract import extract
@@ -708,6 +709,7 @@ def _rewrite_undo(path: Path, meta_fn=None, tensors_fn=None, raw_meta=None) -> N
         meta_fn(meta)
     if tensors_fn:
         tensors_fn(tensors)
+    meta["record_digest"] = record_digest(meta, tensors)  # reach the checks past it
     labels = {k: "U16" for k, a in tensors.items() if a.dtype == np.uint16}
     text = raw_meta if raw_meta is not None else json.dumps(meta)
     write_tensors(path, tensors, {UNDO_KEY: text}, labels)
@@ -726,9 +728,9 @@ def _bad_positions(ts: dict) -> None:
         ("too_deep", {"raw_meta": nested(100_000)}, FormatError, "undo metadata nests deeper"),
         (
             "newer_version",
-            {"meta_fn": lambda m: m.update(format_version=2)},
+            {"meta_fn": lambda m: m.update(format_version=UNDO_VERSION + 1)},
             FormatError,
-            "undo format version 2 is newer",
+            f"undo format version {UNDO_VERSION + 1} is newer",
         ),
         ("position_out_of_range", {"tensors_fn": _bad_positions}, ValueError, "outside a tensor"),
     ],

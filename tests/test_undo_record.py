@@ -27,7 +27,13 @@ from robustpatch._format.safetensors import (
     read_tensors,
     write_tensors,
 )
-from robustpatch._format.undo import UNDO_KEY, TensorEntry, UndoRecord, undo_path_for
+from robustpatch._format.undo import (
+    UNDO_KEY,
+    TensorEntry,
+    UndoRecord,
+    record_digest,
+    undo_path_for,
+)
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, MismatchError
 from robustpatch.extract import extract
@@ -48,7 +54,8 @@ def patched_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _crafted(pair: tuple[Path, Path], folder: Path, edit=None, raw=None, tensors_fn=None):
-    """A copy of the patched pair in ``folder`` whose record's metadata is edited."""
+    """A copy of the patched pair in ``folder`` whose record's metadata is edited, then
+    resealed (its record digest recomputed), so the checks past the digest are reached."""
     folder.mkdir()
     patched, undo = folder / "p.safetensors", folder / "p.safetensors.rpundo"
     shutil.copyfile(pair[0], patched)
@@ -58,6 +65,8 @@ def _crafted(pair: tuple[Path, Path], folder: Path, edit=None, raw=None, tensors
         edit(meta)
     if tensors_fn is not None:
         tensors_fn(tensors)
+    if isinstance(meta, dict) and "record_digest" in meta:
+        meta["record_digest"] = record_digest(meta, tensors)
     labels = {k: "U16" for k, a in tensors.items() if a.dtype == np.uint16}
     text = raw(meta) if raw is not None else json.dumps(meta)
     write_tensors(undo, tensors, {UNDO_KEY: text}, labels)
@@ -245,11 +254,43 @@ def test_an_undo_record_round_trips_through_its_parser():
         alphas=[0.5, -1.0],
         signatures=[{"name": "a"}, {"name": "b"}],
         tensors=[
-            TensorEntry("w", "delta", "F16", "crc32:0badf00d"),
-            TensorEntry("bn.running_var", "bn", "F32", "crc32:00000001"),
+            TensorEntry("w", "delta", "F16", "crc32:0badf00d", "sha256:" + "1" * 64),
+            TensorEntry("bn.running_var", "bn", "F32", "crc32:00000001", "sha256:" + "2" * 64),
         ],
+        source_header_digest="sha256:" + "3" * 64,
+        record_digest="sha256:" + "4" * 64,
     )
     assert UndoRecord.parse(record.to_json(), "r.rpundo") == record
+
+
+def test_a_version_2_record_without_its_digests_is_refused():
+    meta = {
+        "format_version": 2,
+        "kind": "undo",
+        "source_size": 100,
+        "patched_size": 164,
+        "patched_header_sha256": "ab" * 32,
+        "alphas": [1.0],
+        "signatures": [{"name": "a"}],
+        "tensors": [],
+        "source_header_digest": "sha256:" + "3" * 64,
+    }
+    with pytest.raises(FormatError, match="r.rpundo: bad undo record: missing key 'record_digest'"):
+        UndoRecord.parse(json.dumps(meta), "r.rpundo")
+    meta["record_digest"] = "sha256:short"
+    with pytest.raises(FormatError, match="record_digest is malformed: 'sha256:short'"):
+        UndoRecord.parse(json.dumps(meta), "r.rpundo")
+
+
+def test_a_record_damaged_on_disk_fails_its_own_digest(patched_pair, tmp_path):
+    """One byte of a signature tensor stored in the record, changed in place."""
+    shutil.copyfile(patched_pair[0], tmp_path / "p.safetensors")
+    data = bytearray(patched_pair[1].read_bytes())
+    data[-1] ^= 0x01  # the last signature tensor's last byte
+    (tmp_path / "p.safetensors.rpundo").write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="record digest does not match its contents"):
+        rp.remove_file(tmp_path / "p.safetensors", tmp_path / "r.safetensors")
+    assert not (tmp_path / "r.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------- previous release
@@ -288,6 +329,9 @@ def test_previous_release_patch_is_reproduced_byte_for_byte(tmp_path):
 
 
 def test_previous_release_undo_record_removes_exactly(tmp_path):
+    """A version 1 record has no digests: accepted, its CRCs verified."""
+    meta = json.loads(read_tensors(PREV / "patched.safetensors.rpundo")[0].metadata[UNDO_KEY])
+    assert meta["format_version"] == 1 and "record_digest" not in meta
     report = rp.remove_file(PREV / "patched.safetensors", tmp_path / "restored")
     assert sha(tmp_path / "restored") == _prev_sums()["model.safetensors"]
     assert (report.tensors, report.bn_buffers) == (3, 2)

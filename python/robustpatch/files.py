@@ -44,17 +44,26 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 
 from . import validate
-from ._format.safetensors import Header, TensorInfo, encode_header, parse_header, read_header
+from ._format.safetensors import (
+    Header,
+    TensorInfo,
+    check_header_size,
+    encode_header,
+    parse_header,
+    read_header_from,
+)
 from ._format.undo import (
     UNDO_KEY,
     UndoSidecar,
     UndoWriter,
     checksum,
+    digest,
     undo_path_for,
 )
 from ._io import direct
 from ._io.atomic import AtomicFile, check_destinations, commit_all
 from ._io.direct import DirectWriter
+from ._io.inputs import open_input
 from ._io.ranged import TensorReader, copy_range, pwrite_all, start_writeback
 from .dtypes import kernel_view
 from .errors import FormatError, InvalidArgumentError, MismatchError
@@ -130,8 +139,9 @@ class FileTarget(NumpyTarget):
     :meth:`visit` walks the touched tensors in file order: each is loaded (one at a
     time, into one reused buffer), handed to the algorithm as the one array of this
     numpy target, then written to the output while the untouched byte ranges are
-    copied. ``checksums`` (for removal) refuses a tensor whose bytes changed since it
-    was patched. The output's header is ``new_header``; the data keeps its layout.
+    copied. ``watch`` sees each tensor as loaded and as it is about to be written (to
+    digest the originals on apply, to verify checksums and digests on removal). The
+    output's header is ``new_header``; the data keeps its layout.
     """
 
     def __init__(
@@ -141,7 +151,7 @@ class FileTarget(NumpyTarget):
         out: AtomicFile,
         new_header: bytes,
         progress: Progress | None = None,
-        checksums: dict[str, str] | None = None,
+        watch: _Watch | None = None,
     ) -> None:
         super().__init__({})
         self.header = header
@@ -150,7 +160,7 @@ class FileTarget(NumpyTarget):
         self.new_header = new_header
         self.size = len(new_header) + header.file_size - header.data_start
         self.tick = _locked(progress)
-        self.checksums = checksums
+        self.watch = watch
         self._reader = TensorReader(src.fileno(), header)
         self._index = {t.name: k for k, t in enumerate(header.tensors)}
         self._spec = _spec_of(header)
@@ -171,8 +181,13 @@ class FileTarget(NumpyTarget):
         try:
             for t in touched:
                 stream.before(t)
-                self.arrays = {t.name: self._load(t)}
+                arr = kernel_view(self._reader.load(t))
+                if self.watch is not None:
+                    self.watch.loaded(t, arr)
+                self.arrays = {t.name: arr}
                 yield t.name
+                if self.watch is not None:
+                    self.watch.finished(t, arr)
                 stream.write(t, self.arrays.pop(t.name))
                 self.tick(t.nbytes)
             stream.finish()
@@ -182,16 +197,6 @@ class FileTarget(NumpyTarget):
         got = os.fstat(self.out.file.fileno()).st_size
         if got != self.size:
             raise OSError(f"wrote {got} bytes, expected {self.size}")  # AtomicFile names it
-
-    def current(self, name: str) -> np.ndarray:
-        """The tensor being visited, as the engine sees it (for its checksum)."""
-        return self._array(name)
-
-    def _load(self, t: TensorInfo) -> np.ndarray:
-        arr = kernel_view(self._reader.load(t))
-        if self.checksums is not None and checksum(arr) != self.checksums[t.name]:
-            raise MismatchError(f"{t.name}: tensor changed since it was patched")
-        return arr
 
     def _open_stream(self, touched: list[TensorInfo]) -> _Stream:
         """Direct I/O for a large durable output, else a kernel copy in a second thread."""
@@ -214,6 +219,13 @@ def _ranges(header: Header, touched: list[TensorInfo]) -> list[tuple[int, int]]:
         pos = header.data_start + t.end
     ranges.append((pos, header.file_size - pos))
     return ranges
+
+
+class _Watch(Protocol):
+    """Sees each touched tensor of a :class:`FileTarget` when loaded and when done."""
+
+    def loaded(self, t: TensorInfo, arr: np.ndarray) -> None: ...
+    def finished(self, t: TensorInfo, arr: np.ndarray) -> None: ...
 
 
 class _Stream(Protocol):
@@ -310,19 +322,46 @@ def _locked(progress: Progress | None) -> Progress:
 
 
 class _RecordToFile:
-    """The undo sink of a file patch: each tensor's record goes to the :class:`UndoWriter`
-    with the checksum of its patched bytes."""
+    """The undo sink of a file patch, and the watch of its :class:`FileTarget`: each
+    tensor's record goes to the :class:`UndoWriter` once the tensor is patched, with the
+    digest of its original bytes (taken as loaded) and the checksum of its patched ones."""
 
-    def __init__(self, writer: UndoWriter, target: FileTarget) -> None:
-        self.writer, self.target = writer, target
-        self.infos = target.header.by_name()
+    def __init__(self, writer: UndoWriter) -> None:
+        self.writer = writer
+        self.original = ""  # digest of the tensor being patched
+        self.kept: EngineRecord | np.ndarray | None = None
+
+    def loaded(self, t: TensorInfo, arr: np.ndarray) -> None:
+        self.original = digest(arr)
 
     def keep_delta(self, name: str, record: EngineRecord) -> None:
-        sum_ = checksum(self.target.current(name))
-        self.writer.delta(self.infos[name], record.positions, record.values, sum_)
+        self.kept = record
 
     def keep_bn(self, name: str, original: np.ndarray) -> None:
-        self.writer.bn(self.infos[name], original, checksum(self.target.current(name)))
+        self.kept = original
+
+    def finished(self, t: TensorInfo, arr: np.ndarray) -> None:
+        kept, sum_ = self.kept, checksum(arr)
+        if isinstance(kept, EngineRecord):
+            self.writer.delta(t, kept.positions, kept.values, sum_, self.original)
+        else:
+            self.writer.bn(t, kept, sum_, self.original)
+
+
+class _Verify:
+    """The watch of a removal: each patched tensor is the one the record was made for
+    (its CRC) when loaded, and restores the original (its digest) before it is written."""
+
+    def __init__(self, side: UndoSidecar) -> None:
+        self.side = side
+        self.entries = {e.name: e for e in side.record.tensors}
+
+    def loaded(self, t: TensorInfo, arr: np.ndarray) -> None:
+        if checksum(arr) != self.entries[t.name].checksum:
+            raise MismatchError(f"{t.name}: tensor changed since it was patched")
+
+    def finished(self, t: TensorInfo, arr: np.ndarray) -> None:
+        self.side.check_restored(f"tensor {t.name!r}", self.entries[t.name].digest, arr)
 
 
 # ---------------------------------------------------------------------------- apply
@@ -360,25 +399,42 @@ def apply_file(
     outputs = [out, undo_path_for(out)] if undo else [out]
     check_destinations([src, *_paths(sigs)], outputs)
     plan = plan_for(sigs, alphas)
-    header = read_header(src)
-    check_plan(plan, _spec_of(header), force, allow_dtype_change=allow_dtype_change)
-    new_header = _patched_header(header, plan)
-    touched = [t for t in header.tensors if t.name in plan.deltas or t.name in plan.bn]
-    with open(src, "rb") as fsrc, AtomicFile(out, durable) as fout:
-        target = FileTarget(fsrc, header, fout, new_header, progress)
+    with open_input(src) as fsrc:
+        header = read_header_from(fsrc, str(src))
+        check_plan(plan, _spec_of(header), force, allow_dtype_change=allow_dtype_change)
+        new_header = _patched_header(header, plan, out)
         if not undo:
-            patch_target(target, plan, None)
-            fout.commit()
+            with AtomicFile(out, durable) as fout:
+                target = FileTarget(fsrc, header, fout, new_header, progress)
+                patch_target(target, plan, None)
+                fout.commit()
             return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
-        src_header = _read_exact(fsrc, 0, header.data_start)
-        kinds = [(t, "delta" if t.name in plan.deltas else "bn") for t in touched]
-        sizes = (header.file_size, target.size)
-        with AtomicFile(undo_path_for(out), durable) as uf:
-            writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, sizes, new_header)
-            patch_target(target, plan, _RecordToFile(writer, target))
-            writer.finish()
-            _commit_pair(uf, fout)
-    return FileReport(out, uf.path, len(plan.deltas), len(plan.bn), target.size, writer.elements)
+        return _apply_with_undo(fsrc, header, new_header, plan, out, durable, progress)
+
+
+def _apply_with_undo(
+    fsrc: BinaryIO,
+    header: Header,
+    new_header: bytes,
+    plan: Plan,
+    out: Path,
+    durable: bool,
+    progress: Progress | None,
+) -> FileReport:
+    """Patch into ``out`` and write its undo record beside it, committed as a pair."""
+    touched = [t for t in header.tensors if t.name in plan.deltas or t.name in plan.bn]
+    kinds = [(t, "delta" if t.name in plan.deltas else "bn") for t in touched]
+    src_header = _read_exact(fsrc, 0, header.data_start)
+    sizes = (header.file_size, len(new_header) + header.file_size - header.data_start)
+    undo_path = undo_path_for(out)
+    with AtomicFile(out, durable) as fout, AtomicFile(undo_path, durable) as uf:
+        writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, sizes, new_header)
+        sink = _RecordToFile(writer)
+        target = FileTarget(fsrc, header, fout, new_header, progress, sink)
+        patch_target(target, plan, sink)
+        writer.finish()
+        _commit_pair(uf, fout)
+    return FileReport(out, undo_path, len(plan.deltas), len(plan.bn), sizes[1], writer.elements)
 
 
 def _output(out: str | os.PathLike[str] | None, fn: str) -> Path:
@@ -387,14 +443,17 @@ def _output(out: str | os.PathLike[str] | None, fn: str) -> Path:
     return validate.path(out, "out")
 
 
-def _patched_header(header: Header, plan: Plan) -> bytes:
-    """The source's header with the applied signatures added to its metadata."""
+def _patched_header(header: Header, plan: Plan, out: Path) -> bytes:
+    """The source's header with the applied signatures added to its metadata; refused
+    if readers (remove, inspect, safetensors) would refuse its length."""
     applied = applied_signatures(header) + [
         {"name": s.name, "hash": s.content_hash, "alpha": a} for s, a in zip(plan.sigs, plan.alphas)
     ]
     meta = dict(header.metadata)
     meta[APPLIED_KEY] = json.dumps(applied)
-    return encode_header(header.tensors, meta)
+    encoded = encode_header(header.tensors, meta)
+    check_header_size(len(encoded) - 8, f"{out}: the patched model")
+    return encoded
 
 
 def _paths(sigs: SignatureLike | Sequence[SignatureLike]) -> list[str | os.PathLike[str]]:
@@ -450,14 +509,13 @@ def remove_file(
         raise FileNotFoundError(
             f"no undo record at {side_path} (was {patched} written with undo=False?)"
         )
-    with open(side_path, "rb") as fside, open(patched, "rb") as fsrc:
+    with open_input(side_path) as fside, open_input(patched) as fsrc:
         side = UndoSidecar.load(side_path, fside)
-        header = read_header(patched)
+        header = read_header_from(fsrc, str(patched))
         plan = make_plan(side.signatures, side.record.alphas)
         _verify_patched(fsrc, header, side, plan)
-        sums = {e.name: e.checksum for e in side.record.tensors}
         with AtomicFile(out, durable) as fout:
-            target = FileTarget(fsrc, header, fout, side.source_header, progress, sums)
+            target = FileTarget(fsrc, header, fout, side.source_header, progress, _Verify(side))
             restore_target(target, plan, _FileRecords(side, header))
             fout.commit()
     return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
@@ -511,6 +569,6 @@ def _same_layout(patched: Header, orig: Header, where: str) -> None:
 
 def load_undo_signatures(path: str | os.PathLike[str]) -> tuple[list[Signature], list[float]]:
     """The signatures and α an undo record holds (for ``inspect``)."""
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         side = UndoSidecar.load(Path(path), f)
     return side.signatures, side.record.alphas

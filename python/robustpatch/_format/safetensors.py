@@ -17,8 +17,9 @@ import numpy as np
 
 from .. import _core
 from .._io.atomic import PathLike, atomic_file
+from .._io.inputs import open_input
 from ..dtypes import NUMPY_OF_LABEL, label_of
-from ..errors import FormatError
+from ..errors import FormatError, InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -50,19 +51,25 @@ class Header:
 
 
 def read_header(path: PathLike) -> Header:
-    """Read and validate the header of a safetensors file (FormatError if malformed)."""
-    path = os.fspath(path)
-    size = os.stat(path).st_size  # a missing file raises FileNotFoundError naming the path
-    try:
-        meta, entries, data_start = _core.read_header(path)
-    except FormatError as e:
-        with open(path, "rb") as f:
-            raise _refusal(path, f.read(9), size, e) from None
-    tensors = [TensorInfo(n, d, tuple(s), b, e) for n, d, s, b, e in entries]
-    return Header(dict(meta), tensors, data_start, size)
+    """Read and validate the header of a safetensors file (FormatError if malformed; a
+    path that is not a regular file is refused before it is opened)."""
+    with open_input(path) as f:
+        return read_header_from(f, os.fspath(path))
 
 
-_MAX_HEADER = 100_000_000  # the engine's limit on a header's length (MAX_HEADER)
+#: The engine's limit on a header's JSON length (MAX_HEADER), as in safetensors.
+MAX_HEADER = 100_000_000
+#: Longest parser detail quoted in a refusal (it may embed a tensor name from the file).
+_SHOWN = 200
+
+
+def check_header_size(n: int, what: str) -> None:
+    """Refuse, before it is written, a header that readers would refuse as too long."""
+    if n > MAX_HEADER:
+        raise InvalidArgumentError(
+            f"{what} would have a {n}-byte header, over the {MAX_HEADER}-byte limit of "
+            "safetensors readers (shorten the signature names or metadata)"
+        )
 
 
 def read_header_from(f: BinaryIO, name: str) -> Header:
@@ -72,8 +79,11 @@ def read_header_from(f: BinaryIO, name: str) -> Header:
     f.seek(0)
     prefix = f.read(8)
     n = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
-    # Read no more than the file holds or the parser accepts; it then refuses bad lengths.
-    buf = prefix + f.read(min(n, max(size - 8, 0), _MAX_HEADER + 1))
+    # Read the header in one piece (one allocation), no more than the file holds; a
+    # length the parser refuses needs only its first byte (for the refusal's wording).
+    want = min(n, max(size - 8, 0)) if n <= MAX_HEADER else 1
+    f.seek(0)
+    buf = f.read(8 + want)
     try:
         return parse_header(buf, size)
     except FormatError as e:
@@ -86,9 +96,10 @@ def _refusal(name: str, start: bytes, size: int, e: FormatError) -> FormatError:
     damaged safetensors file but something else (text, a pickle...): say so first, as
     the parser's detail (a huge "header length") would only puzzle."""
     n = int.from_bytes(start[:8], "little")
+    detail = str(e) if len(str(e)) <= _SHOWN else str(e)[: _SHOWN - 3] + "..."
     if len(start) < 9 or n > size - 8 or start[8:9] != b"{":
-        return FormatError(f"{name}: not a safetensors file ({e})")
-    return FormatError(f"{name}: {e}")
+        return FormatError(f"{name}: not a safetensors file ({detail})")
+    return FormatError(f"{name}: {detail}")
 
 
 def parse_header(buf: bytes, file_size: int) -> Header:
@@ -143,9 +154,9 @@ def read_tensors(path: PathLike) -> tuple[Header, dict[str, np.ndarray]]:
 
     BF16 tensors come back as uint16 bits; F8 tensors as raw uint8.
     """
-    header = read_header(path)
     out: dict[str, np.ndarray] = {}
-    with open(path, "rb") as f:
+    with open_input(path) as f:
+        header = read_header_from(f, os.fspath(path))
         for t in header.tensors:
             out[t.name] = read_tensor(f, header, t)
     return header, out

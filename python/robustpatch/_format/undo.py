@@ -7,8 +7,21 @@ themselves). ``__metadata__["robustpatch.undo"]`` is the JSON of :class:`UndoRec
 
 :meth:`UndoRecord.parse` validates every key of that JSON (presence, type, range, the
 lengths that must agree) as strictly as a signature file's metadata is validated, so a
-crafted record is refused with one line naming the file and the problem. The
-checksums are then verified against the patched file's tensors as they are read.
+crafted record is refused with one line naming the file and the problem.
+
+Three checks then run, in this order. The record's own digest (``record_digest``: sha256
+over its tensors and its metadata without that field) is verified before anything is
+used, so a damaged or edited record is a FormatError. The CRC-32 ``checksum`` of each
+patched tensor is verified as the patched file is read (it changed since: MismatchError).
+The sha256 ``digest`` of each original tensor (and ``source_header_digest`` of the
+original header) is verified on the restored bytes before they are written, so a
+record that does not restore the source is a MismatchError naming the tensor, and
+nothing is renamed into place. A digest detects damage and edits; it is not a
+signature: whoever rewrites a record can recompute it.
+
+Records of format version 1 (before these digests) are still read and removed: they
+carry no digest, so only their CRCs are verified (the patched tensors), not the
+restored bytes.
 :class:`UndoWriter` writes a record while a file is patched; :class:`UndoSidecar` is a
 record loaded for :func:`robustpatch.remove_file`.
 """
@@ -19,7 +32,7 @@ import hashlib
 import json
 import re
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,10 +42,17 @@ from .. import validate
 from .._io.atomic import AtomicFile
 from .._io.ranged import pwrite_all, start_writeback
 from ..dtypes import NUMPY_OF_LABEL, label_of
-from ..errors import FormatError, InvalidArgumentError, NonFiniteError
+from ..errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError
 from ..signature import Signature, from_parts, json_default, parse_meta_json
 from ..signature.codec import parse_meta
-from .safetensors import Header, TensorInfo, encode_header, read_header_from, read_tensor
+from .safetensors import (
+    Header,
+    TensorInfo,
+    check_header_size,
+    encode_header,
+    read_header_from,
+    read_tensor,
+)
 
 __all__ = [
     "UNDO_KEY",
@@ -44,11 +64,13 @@ __all__ = [
     "UndoSidecar",
     "undo_path_for",
     "checksum",
+    "digest",
+    "record_digest",
 ]
 
 UNDO_KEY = "robustpatch.undo"
 UNDO_SUFFIX = ".rpundo"
-UNDO_VERSION = 1
+UNDO_VERSION = 2  # 2: digests (version 1 records have none)
 KINDS = ("delta", "bn")
 
 #: Largest size a record may claim for a file (the format's offsets are 64-bit).
@@ -57,7 +79,11 @@ _MAX_SIZE = (1 << 63) - 1
 _SHOWN = 200
 _CHECKSUM = re.compile(r"crc32:[0-9a-f]{8}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _SUM_WIDTH = "crc32:00000000"  # a checksum's width, for the header bound
+_DIGEST_WIDTH = "sha256:" + "0" * 64
+#: Bytes of a record hashed per read when its digest is verified.
+_HASH_CHUNK = 8 << 20
 
 
 def undo_path_for(path: str | Path) -> Path:
@@ -69,6 +95,46 @@ def checksum(arr: np.ndarray) -> str:
     """CRC-32 of a tensor's bytes: detects a patched file changed since (not tampering)."""
     data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
     return f"crc32:{zlib.crc32(data):08x}"
+
+
+def digest(data: np.ndarray | bytes) -> str:
+    """sha256 of a tensor's (or a header's) bytes: what a restore must reproduce."""
+    if isinstance(data, np.ndarray):
+        data = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class _RecordHasher:
+    """The record digest, fed tensor by tensor in file order, then the metadata.
+
+    Each tensor counts as the JSON line ``[name, dtype, shape]`` followed by its bytes
+    (their length follows from a validated header), the metadata as sorted-key JSON
+    without ``record_digest``: so it covers every byte the record's reader uses.
+    """
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+
+    def tensor(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        self.h.update(json.dumps([name, dtype, list(shape)]).encode() + b"\n")
+
+    def update(self, data: memoryview | bytes) -> None:
+        self.h.update(data)
+
+    def finish(self, meta: dict[str, Any]) -> str:
+        rest = {k: v for k, v in meta.items() if k != "record_digest"}
+        self.h.update(json.dumps(rest, sort_keys=True).encode())
+        return "sha256:" + self.h.hexdigest()
+
+
+def record_digest(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> str:
+    """The record digest of a record's metadata and tensors (in file order)."""
+    hasher = _RecordHasher()
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        hasher.tensor(name, _label(arr), tuple(arr.shape))
+        hasher.update(memoryview(arr.reshape(-1).view(np.uint8)))
+    return hasher.finish(meta)
 
 
 def _show(value: Any) -> str:
@@ -84,6 +150,7 @@ class TensorEntry:
     kind: str  # "delta": records/<name>/*; "bn": bn/<name>
     dtype: str  # its safetensors dtype in the patched (and source) file
     checksum: str  # of its patched bytes
+    digest: str | None = None  # of its original bytes (None in a version 1 record)
 
 
 @dataclass(frozen=True)
@@ -96,6 +163,8 @@ class UndoRecord:
     alphas: list[float]
     signatures: list[dict[str, Any]]  # each signature's file metadata (from_parts checks it)
     tensors: list[TensorEntry]
+    source_header_digest: str | None = None  # None in a version 1 record
+    record_digest: str | None = None
 
     def to_json(self) -> str:
         meta = {"format_version": UNDO_VERSION, "kind": "undo", **asdict(self)}
@@ -108,7 +177,7 @@ class UndoRecord:
         check = _Checker(where)
         if not isinstance(meta, dict):
             raise check.fail("undo metadata is not a JSON object")
-        _check_version(check, meta)
+        version = _check_version(check, meta)
         if meta.get("kind", "undo") != "undo":
             raise check.fail(f"kind is {_show(meta.get('kind'))}, not 'undo'")
         signatures = check.list_of(meta, "signatures", dict, "objects")
@@ -120,13 +189,18 @@ class UndoRecord:
                 validate.alpha(a)
             except (InvalidArgumentError, NonFiniteError) as e:
                 raise check.fail(str(e)) from None
+        digests = version >= 2
         return cls(
             source_size=check.size(meta, "source_size"),
             patched_size=check.size(meta, "patched_size"),
             patched_header_sha256=check.text(meta, "patched_header_sha256", _SHA256),
             alphas=[float(a) for a in alphas],
             signatures=signatures,
-            tensors=_tensor_entries(check, check.list_of(meta, "tensors", dict, "objects")),
+            tensors=_tensor_entries(
+                check, check.list_of(meta, "tensors", dict, "objects"), digests
+            ),
+            source_header_digest=check.digest(meta, "source_header_digest", digests),
+            record_digest=check.digest(meta, "record_digest", digests),
         )
 
 
@@ -162,13 +236,17 @@ class _Checker:
             raise self.fail(f"{key}{what} is malformed: {_show(value)}")
         return value
 
+    def digest(self, obj: dict[str, Any], key: str, present: bool, what: str = "") -> str | None:
+        """A ``sha256:<hex>`` digest, required where ``present`` (else ignored: None)."""
+        return self.text(obj, key, _DIGEST, what) if present else None
+
 
 def _is(value: Any, kind: Any) -> bool:
     """isinstance, except that a JSON ``true``/``false`` is never a number."""
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
-def _check_version(check: _Checker, meta: dict[str, Any]) -> None:
+def _check_version(check: _Checker, meta: dict[str, Any]) -> int:
     version = meta.get("format_version")
     if not _is(version, int) or version < 1:
         raise check.fail(f"missing or invalid format_version {_show(version)}")
@@ -177,9 +255,10 @@ def _check_version(check: _Checker, meta: dict[str, Any]) -> None:
             f"{check.where}: undo format version {version} is newer than this robustpatch "
             f"supports ({UNDO_VERSION}); upgrade robustpatch"
         )
+    return version
 
 
-def _tensor_entries(check: _Checker, raw: list[dict[str, Any]]) -> list[TensorEntry]:
+def _tensor_entries(check: _Checker, raw: list[dict[str, Any]], digests: bool) -> list[TensorEntry]:
     out, seen = [], set()
     for e in raw:
         name = check.get(e, "name", " in a tensors entry")
@@ -192,7 +271,8 @@ def _tensor_entries(check: _Checker, raw: list[dict[str, Any]]) -> list[TensorEn
             raise check.fail(f"kind{at} is {_show(kind)}, not one of {list(KINDS)}")
         if not isinstance(dtype, str) or dtype not in NUMPY_OF_LABEL:
             raise check.fail(f"dtype{at} is {_show(dtype)}, not a safetensors float dtype")
-        out.append(TensorEntry(name, kind, dtype, check.text(e, "checksum", _CHECKSUM, at)))
+        sum_ = check.text(e, "checksum", _CHECKSUM, at)
+        out.append(TensorEntry(name, kind, dtype, sum_, check.digest(e, "digest", digests, at)))
     return out
 
 
@@ -246,44 +326,68 @@ class UndoWriter:
             patched_header_sha256=hashlib.sha256(new_header).hexdigest(),
             alphas=list(alphas),
             signatures=[_signature_meta(s) for s in sigs],
-            tensors=[TensorEntry(t.name, kind, t.dtype, _SUM_WIDTH) for t, kind in touched],
+            tensors=[
+                TensorEntry(t.name, kind, t.dtype, _SUM_WIDTH, _DIGEST_WIDTH) for t, kind in touched
+            ],
+            source_header_digest=digest(src_header),
+            record_digest=_DIGEST_WIDTH,
         )
+        self.hasher = _RecordHasher()
         self.data_start = _reserved_header(self.record, touched, self.sig_tensors)
+        _check_readable(self.record, self.data_start - 8, f"{af.path}: the undo record")
         self.offset = 0  # bytes of the data buffer written so far
         self._put("header", np.frombuffer(src_header, np.uint8))
 
     def _put(self, name: str, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr)
         end = self.offset + arr.nbytes
-        self.infos.append(TensorInfo(name, _label(arr), tuple(arr.shape), self.offset, end))
+        info = TensorInfo(name, _label(arr), tuple(arr.shape), self.offset, end)
+        self.infos.append(info)
+        data = memoryview(arr.reshape(-1).view(np.uint8))
+        self.hasher.tensor(name, info.dtype, info.shape)
+        self.hasher.update(data)
         at = self.data_start + self.offset
-        pwrite_all(self.fd, memoryview(arr.reshape(-1).view(np.uint8)), at)
+        pwrite_all(self.fd, data, at)
         if self.durable:
             start_writeback(self.fd, at, arr.nbytes)
         self.offset = end
 
-    def delta(self, t: TensorInfo, positions: np.ndarray, values: np.ndarray, sum_: str) -> None:
-        """Record a patched tensor (its engine record and patched checksum)."""
+    def delta(
+        self, t: TensorInfo, positions: np.ndarray, values: np.ndarray, sum_: str, orig: str
+    ) -> None:
+        """Record a patched tensor: its engine record, patched checksum and original digest."""
         self._put(f"records/{t.name}/positions", positions)
         self._put(f"records/{t.name}/values", values)
         self.elements += len(positions)
-        self.entries.append(TensorEntry(t.name, "delta", t.dtype, sum_))
+        self.entries.append(TensorEntry(t.name, "delta", t.dtype, sum_, orig))
 
-    def bn(self, t: TensorInfo, original: np.ndarray, sum_: str) -> None:
-        """Record a blended BatchNorm buffer (its original bytes and patched checksum)."""
+    def bn(self, t: TensorInfo, original: np.ndarray, sum_: str, orig: str) -> None:
+        """Record a blended BatchNorm buffer: its original bytes, patched checksum and
+        original digest."""
         self._put(f"bn/{t.name}", np.ascontiguousarray(original).reshape(-1).view(np.uint8))
-        self.entries.append(TensorEntry(t.name, "bn", t.dtype, sum_))
+        self.entries.append(TensorEntry(t.name, "bn", t.dtype, sum_, orig))
 
     def finish(self) -> None:
         """Append the signatures and write the header: the record is then complete."""
         for name, arr in self.sig_tensors.items():
             self._put(name, arr)
-        done = UndoRecord(**{**asdict(self.record), "tensors": self.entries})
+        done = replace(self.record, tensors=self.entries, record_digest=None)
+        done = replace(done, record_digest=self.hasher.finish(json.loads(done.to_json())))
         text = encode_header(self.infos, {UNDO_KEY: done.to_json()})[8:].rstrip(b" ")
         if 8 + len(text) > self.data_start:  # cannot happen: the reservation is a bound
             raise AssertionError("the undo record's header outgrew its reserved space")
         size = self.data_start - 8
         pwrite_all(self.fd, size.to_bytes(8, "little") + text.ljust(size), 0)
+
+
+def _check_readable(record: UndoRecord, header_size: int, what: str) -> None:
+    """Refuse, before it is written, a record that :meth:`UndoSidecar.load` would refuse:
+    it nests each signature's metadata two levels deeper than the signature file."""
+    try:
+        parse_meta_json(record.to_json(), what, "metadata")
+    except FormatError as e:
+        raise InvalidArgumentError(f"{e} (a signature's metadata nests too deep)") from None
+    check_header_size(header_size, what)
 
 
 def _reserved_header(
@@ -325,6 +429,8 @@ class UndoSidecar:
         if raw is None:
             raise FormatError(f"{where}: not a robustpatch undo record")
         record = UndoRecord.parse(raw, where)
+        if record.record_digest is not None:
+            _check_record_digest(f, header, json.loads(raw), record.record_digest, where)
         _check_tensor_names(where, header, record)
         sig_tensors = [t for t in header.tensors if t.name.startswith("sig")]
         loaded = {t.name: read_tensor(f, header, t) for t in sig_tensors}
@@ -333,7 +439,17 @@ class UndoSidecar:
             for k, meta in enumerate(record.signatures)
         ]
         source = read_tensor(f, header, header.by_name()["header"]).tobytes()
-        return cls(path, record, sigs, source, header, f)
+        side = cls(path, record, sigs, source, header, f)
+        side.check_restored("the original header", record.source_header_digest, source)
+        return side
+
+    def check_restored(self, what: str, expected: str | None, data: np.ndarray | bytes) -> None:
+        """Restored bytes match the original's digest (a version 1 record has none)."""
+        if expected is not None and digest(data) != expected:
+            raise MismatchError(
+                f"{self.path}: {what} differs from the original's digest after restoring: "
+                "the record does not restore this file"
+            )
 
     def read(self, name: str) -> np.ndarray:
         return read_tensor(self.file, self.header, self.header.by_name()[name])
@@ -362,6 +478,28 @@ class UndoSidecar:
         if len(raw) != t.nbytes:
             raise FormatError(f"{self.path}: bad undo record: bn/{t.name} holds {len(raw)} bytes")
         return np.frombuffer(raw, NUMPY_OF_LABEL[t.dtype]).reshape(t.shape)
+
+
+def _check_record_digest(
+    f: BinaryIO, header: Header, meta: dict[str, Any], expected: str, where: str
+) -> None:
+    """The record's own digest, over every tensor's bytes as stored and its metadata."""
+    hasher = _RecordHasher()
+    for t in header.tensors:
+        hasher.tensor(t.name, t.dtype, t.shape)
+        at, end = header.data_start + t.begin, header.data_start + t.end
+        while at < end:
+            f.seek(at)
+            block = f.read(min(_HASH_CHUNK, end - at))
+            if not block:
+                raise FormatError(f"{where}: tensor {_show(t.name)}: the file ends early")
+            hasher.update(block)
+            at += len(block)
+    if hasher.finish(meta) != expected:
+        raise FormatError(
+            f"{where}: bad undo record: its record digest does not match its contents "
+            "(the record was changed or damaged)"
+        )
 
 
 def _signature(meta: dict[str, Any], tensors: dict[str, np.ndarray], where: str) -> Signature:
