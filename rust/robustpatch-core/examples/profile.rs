@@ -109,6 +109,7 @@ fn run<T: Element>(w: &[f32], deltas: &[(Delta, f32)], copy: f64, name: &str) {
     let rec = best(|| {
         flagged = apply(&mut t, deltas, true)
             .unwrap()
+            .undo
             .unwrap()
             .positions
             .len();

@@ -5,6 +5,10 @@
 //! the same sum would give back the original bits; only the elements where it
 //! would not are recorded (position, original bits). `remove` subtracts and then
 //! writes those records back, which restores the target bit for bit.
+//!
+//! The same pass counts the elements that overflowed: finite before, ±Inf or
+//! NaN after (a large α or delta in a narrow dtype). Callers refuse such a
+//! result unless asked not to; counting here costs no second pass.
 
 use crate::delta::{check_deltas, Delta};
 use crate::dtype::Element;
@@ -37,6 +41,14 @@ impl<B> Undo<B> {
     }
 }
 
+/// What `apply` did: the undo record (when asked for) and the overflow count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied<B> {
+    pub undo: Option<Undo<B>>,
+    /// Elements that were finite before and are not after.
+    pub overflowed: usize,
+}
+
 /// What `remove` found: with a record the result is exact; without one,
 /// `inconsistent` counts elements that are certainly not the original
 /// (re-adding the delta does not give the patched value back).
@@ -51,7 +63,7 @@ pub fn apply<T: Element>(
     target: &mut [T],
     deltas: &[(Delta, f32)],
     record: bool,
-) -> Result<Option<Undo<T::Bits>>> {
+) -> Result<Applied<T::Bits>> {
     check_target(target.len(), deltas)?;
     let run = |base: usize, chunk: &mut [T]| {
         crate::simd::dispatch(
@@ -59,8 +71,11 @@ pub fn apply<T: Element>(
             || apply_chunk(chunk, base, deltas, record),
         )
     };
-    let parts = for_each_chunk(target, run);
-    Ok(record.then(|| concat_undo(parts)))
+    let (parts, counts): (Vec<_>, Vec<_>) = for_each_chunk(target, run).into_iter().unzip();
+    Ok(Applied {
+        undo: record.then(|| concat_undo(parts)),
+        overflowed: counts.into_iter().sum(),
+    })
 }
 
 /// Inverse of [`apply`] with the same deltas and alphas. With `undo` the
@@ -93,9 +108,10 @@ pub fn apply_scalar<T: Element>(
     target: &mut [T],
     deltas: &[(Delta, f32)],
     record: bool,
-) -> Result<Option<Undo<T::Bits>>> {
+) -> Result<Applied<T::Bits>> {
     check_target(target.len(), deltas)?;
     let mut undo = Undo::default();
+    let mut overflowed = 0;
     let (mut acc, mut scratch) = (vec![0f32; TILE], vec![0u8; TILE]);
     for (ti, tile) in target.chunks_mut(TILE).enumerate() {
         let start = ti * TILE;
@@ -107,10 +123,14 @@ pub fn apply_scalar<T: Element>(
                 undo.positions.push((start + i) as u32);
                 undo.values.push(w.to_bits());
             }
+            overflowed += overflows(*w, new) as usize;
             *w = new;
         }
     }
-    Ok(record.then_some(undo))
+    Ok(Applied {
+        undo: record.then_some(undo),
+        overflowed,
+    })
 }
 
 /// Reference twin of [`remove`].
@@ -203,14 +223,22 @@ fn sum_deltas_scalar(deltas: &[(Delta, f32)], start: usize, acc: &mut [f32], scr
     }
 }
 
+/// Finite before, not after: what the overflow count counts.
+#[inline(always)]
+fn overflows<T: Element>(old: T, new: T) -> bool {
+    old.to_f32().is_finite() && !new.to_f32().is_finite()
+}
+
+/// One chunk's undo record and overflow count.
 #[inline(always)]
 fn apply_chunk<T: Element>(
     chunk: &mut [T],
     base: usize,
     deltas: &[(Delta, f32)],
     record: bool,
-) -> Undo<T::Bits> {
+) -> (Undo<T::Bits>, usize) {
     let mut undo = Undo::default();
+    let mut overflowed = 0;
     let (mut acc, mut scratch) = ([0f32; TILE], [0u8; TILE]);
     for (ti, tile) in chunk.chunks_mut(TILE).enumerate() {
         let start = base + ti * TILE;
@@ -218,37 +246,51 @@ fn apply_chunk<T: Element>(
         sum_deltas(deltas, start, &mut acc[..n], &mut scratch);
         let acc = &acc[..n];
         #[cfg(target_arch = "x86_64")]
-        if avx2::add_tile(tile, acc, start, record.then_some(&mut undo)) {
+        if let Some(n) = avx2::add_tile(tile, acc, start, record.then_some(&mut undo)) {
+            overflowed += n;
             continue;
         }
-        if record {
-            add_and_record(tile, acc, start, &mut undo);
+        overflowed += if record {
+            add_and_record(tile, acc, start, &mut undo)
         } else {
-            add_in_place(tile, acc);
-        }
+            add_in_place(tile, acc)
+        };
     }
-    undo
+    (undo, overflowed)
 }
 
-/// w = round(w + d), element by element.
+/// w = round(w + d), element by element; returns the overflow count.
 #[inline(always)]
-fn add_in_place<T: Element>(tile: &mut [T], acc: &[f32]) {
+fn add_in_place<T: Element>(tile: &mut [T], acc: &[f32]) -> usize {
+    let mut overflowed = 0;
     for (w, &d) in tile.iter_mut().zip(acc) {
-        *w = T::from_f32(w.to_f32() + d);
+        let new = T::from_f32(w.to_f32() + d);
+        overflowed += overflows(*w, new) as usize;
+        *w = new;
     }
+    overflowed
 }
 
-/// w = round(w + d), recording (position, w) where round(new − d) is not w.
+/// w = round(w + d), recording (position, w) where round(new − d) is not w;
+/// returns the overflow count.
 #[inline(always)]
-fn add_and_record<T: Element>(tile: &mut [T], acc: &[f32], start: usize, undo: &mut Undo<T::Bits>) {
+fn add_and_record<T: Element>(
+    tile: &mut [T],
+    acc: &[f32],
+    start: usize,
+    undo: &mut Undo<T::Bits>,
+) -> usize {
+    let mut overflowed = 0;
     for (i, (w, &d)) in tile.iter_mut().zip(acc).enumerate() {
         let new = T::from_f32(w.to_f32() + d);
         if T::from_f32(new.to_f32() - d).to_bits() != w.to_bits() {
             undo.positions.push((start + i) as u32);
             undo.values.push(w.to_bits());
         }
+        overflowed += overflows(*w, new) as usize;
         *w = new;
     }
+    overflowed
 }
 
 /// The apply step (add, round, check, record) eight lanes at a time with
@@ -275,6 +317,13 @@ mod avx2 {
         unsafe fn narrow8(x: __m256) -> Self::Raw;
         /// Bit i set where lane i of `a` and `b` differ.
         unsafe fn differ(a: Self::Raw, b: Self::Raw) -> u32;
+        /// Per-lane counters at zero.
+        unsafe fn zero() -> Self::Raw;
+        /// Add one to the counter of each lane finite in `old`, not in `new`
+        /// (exponent bits all ones = Inf or NaN, tested on the raw bits).
+        unsafe fn tally(count: Self::Raw, old: Self::Raw, new: Self::Raw) -> Self::Raw;
+        /// Sum of the lane counters.
+        unsafe fn total(count: Self::Raw) -> usize;
     }
 
     impl Lanes for f32 {
@@ -301,6 +350,22 @@ mod avx2 {
             let same = _mm256_cmpeq_epi32(a, b);
             !(_mm256_movemask_ps(_mm256_castsi256_ps(same)) as u32) & 0xFF
         }
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn tally(count: __m256i, old: __m256i, new: __m256i) -> __m256i {
+            let exp = _mm256_set1_epi32(0x7F80_0000);
+            let special = |x| _mm256_cmpeq_epi32(_mm256_and_si256(x, exp), exp);
+            // A true lane is all ones, i.e. −1: subtracting it counts one.
+            _mm256_sub_epi32(count, _mm256_andnot_si256(special(old), special(new)))
+        }
+        #[inline(always)]
+        unsafe fn total(count: __m256i) -> usize {
+            let lanes: [u32; 8] = std::mem::transmute(count);
+            lanes.iter().map(|&c| c as usize).sum()
+        }
     }
 
     impl Lanes for f16 {
@@ -324,6 +389,18 @@ mod avx2 {
         #[inline(always)]
         unsafe fn differ(a: __m128i, b: __m128i) -> u32 {
             differ16(a, b)
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m128i {
+            _mm_setzero_si128()
+        }
+        #[inline(always)]
+        unsafe fn tally(count: __m128i, old: __m128i, new: __m128i) -> __m128i {
+            tally16::<0x7C00>(count, old, new)
+        }
+        #[inline(always)]
+        unsafe fn total(count: __m128i) -> usize {
+            total16(count)
         }
     }
 
@@ -364,6 +441,33 @@ mod avx2 {
         unsafe fn differ(a: __m128i, b: __m128i) -> u32 {
             differ16(a, b)
         }
+        #[inline(always)]
+        unsafe fn zero() -> __m128i {
+            _mm_setzero_si128()
+        }
+        #[inline(always)]
+        unsafe fn tally(count: __m128i, old: __m128i, new: __m128i) -> __m128i {
+            tally16::<0x7F80>(count, old, new)
+        }
+        #[inline(always)]
+        unsafe fn total(count: __m128i) -> usize {
+            total16(count)
+        }
+    }
+
+    /// [`Lanes::tally`] for eight 16-bit lanes whose exponent bits are `EXP`.
+    /// A lane counts at most TILE / 8 = 256 per tile, far below 2^16.
+    #[inline(always)]
+    unsafe fn tally16<const EXP: i16>(count: __m128i, old: __m128i, new: __m128i) -> __m128i {
+        let exp = _mm_set1_epi16(EXP);
+        let special = |x| _mm_cmpeq_epi16(_mm_and_si128(x, exp), exp);
+        _mm_sub_epi16(count, _mm_andnot_si128(special(old), special(new)))
+    }
+
+    #[inline(always)]
+    unsafe fn total16(count: __m128i) -> usize {
+        let lanes: [u16; 8] = std::mem::transmute(count);
+        lanes.iter().map(|&c| c as usize).sum()
     }
 
     /// [`Lanes::differ`] for eight 16-bit lanes.
@@ -375,37 +479,35 @@ mod avx2 {
     }
 
     /// Apply `acc` to `tile` (and record into `undo` when given) if this CPU
-    /// has AVX2; returns false, doing nothing, if it has not.
+    /// has AVX2, returning the overflow count; returns None, doing nothing, if
+    /// it has not.
     #[inline(always)]
     pub fn add_tile<T: Element>(
         tile: &mut [T],
         acc: &[f32],
         start: usize,
         undo: Option<&mut Undo<T::Bits>>,
-    ) -> bool {
+    ) -> Option<usize> {
         if !crate::simd::has_avx2() {
-            return false;
+            return None;
         }
         let ty = TypeId::of::<T>();
         // SAFETY: AVX2/F16C were detected just above; each branch reinterprets
         // T as the very type it was just found to be.
         unsafe {
             if ty == TypeId::of::<f32>() {
-                add_tile_avx2::<f32>(cast(tile), acc, start, undo.map(|u| cast_undo::<T, f32>(u)));
+                let u = undo.map(|u| cast_undo::<T, f32>(u));
+                Some(add_tile_avx2::<f32>(cast(tile), acc, start, u))
             } else if ty == TypeId::of::<f16>() {
-                add_tile_avx2::<f16>(cast(tile), acc, start, undo.map(|u| cast_undo::<T, f16>(u)));
+                let u = undo.map(|u| cast_undo::<T, f16>(u));
+                Some(add_tile_avx2::<f16>(cast(tile), acc, start, u))
             } else if ty == TypeId::of::<bf16>() {
-                add_tile_avx2::<bf16>(
-                    cast(tile),
-                    acc,
-                    start,
-                    undo.map(|u| cast_undo::<T, bf16>(u)),
-                );
+                let u = undo.map(|u| cast_undo::<T, bf16>(u));
+                Some(add_tile_avx2::<bf16>(cast(tile), acc, start, u))
             } else {
-                return false;
+                None
             }
         }
-        true
     }
 
     /// Safety: `T` and `U` must be the same type.
@@ -426,20 +528,21 @@ mod avx2 {
         acc: &[f32],
         start: usize,
         undo: Option<&mut Undo<T::Bits>>,
-    ) {
+    ) -> usize {
         let n = tile.len().min(acc.len());
         let full = n / 8 * 8;
         let (t, a) = (tile.as_mut_ptr(), acc.as_ptr());
-        match undo {
+        let mut count = T::zero();
+        let tail = match undo {
             None => {
                 for i in (0..full).step_by(8) {
+                    let w = T::load(t.add(i));
                     let d = _mm256_loadu_ps(a.add(i));
-                    T::store(
-                        t.add(i),
-                        T::narrow8(_mm256_add_ps(T::widen8(T::load(t.add(i))), d)),
-                    );
+                    let new = T::narrow8(_mm256_add_ps(T::widen8(w), d));
+                    count = T::tally(count, w, new);
+                    T::store(t.add(i), new);
                 }
-                super::add_in_place(&mut tile[full..n], &acc[full..n]);
+                super::add_in_place(&mut tile[full..n], &acc[full..n])
             }
             Some(undo) => {
                 for i in (0..full).step_by(8) {
@@ -455,11 +558,13 @@ mod avx2 {
                         let group = std::slice::from_raw_parts(t.add(i), 8);
                         record_bits(bad, group, start + i, undo);
                     }
+                    count = T::tally(count, w, new);
                     T::store(t.add(i), new);
                 }
-                super::add_and_record(&mut tile[full..n], &acc[full..n], start + full, undo);
+                super::add_and_record(&mut tile[full..n], &acc[full..n], start + full, undo)
             }
-        }
+        };
+        T::total(count) + tail
     }
 
     /// Record (position, original bits) of `group[l]` for each bit l set in `bits`.
@@ -615,6 +720,12 @@ mod tests {
             let (mut fast, mut slow) = (target.clone(), target.clone());
             let a = apply(&mut fast, &deltas, record).unwrap();
             let b = apply_scalar(&mut slow, &deltas, record).unwrap();
+            assert_eq!(
+                b.overflowed,
+                0,
+                "{:?}: no finite element overflows",
+                T::DTYPE
+            );
             let bits = |v: &[T]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&slow), "{:?} record={record}", T::DTYPE);
             assert_eq!(a, b);

@@ -7,18 +7,23 @@ use crate::delta::Delta;
 use crate::quant::{dequantize, QuantSpec, QuantView, Scheme};
 use crate::safetensors::{dtype_size, parse};
 
-/// The header parser never panics, and what it accepts lies inside the buffer.
+/// The header parser never panics, and what it accepts tiles the data buffer
+/// exactly: in order, no gap, no overlap, nothing after the last tensor.
 pub fn check_header(data: &[u8]) {
     if let Ok(h) = parse(data, data.len() as u64) {
+        let mut covered = 0;
         for t in &h.tensors {
-            assert!(
-                h.data_start + t.end <= data.len(),
-                "tensor outside the file"
-            );
+            assert_eq!(t.begin, covered, "gap or overlap accepted");
+            covered = t.end;
             let numel: usize = t.shape.iter().product();
             let size = dtype_size(&t.dtype).expect("accepted dtype has a size");
             assert_eq!(numel * size, t.end - t.begin, "size mismatch accepted");
         }
+        assert_eq!(
+            h.data_start + covered,
+            data.len(),
+            "uncovered bytes accepted"
+        );
     }
 }
 
@@ -58,6 +63,7 @@ pub fn check_apply(data: &[u8]) {
     let deltas = [(Delta::Quant(view), 0.5f32)];
     let undo = apply(&mut target, &deltas, true)
         .expect("validated apply")
+        .undo
         .expect("record");
     remove(&mut target, &deltas, Some(&undo)).expect("validated remove");
     let same = target

@@ -172,92 +172,293 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// JSON object entries in file order, keeping duplicates so they can be refused.
-struct Entries(Vec<(String, Value)>);
+/// What the header's top-level JSON object holds, read in one pass straight into
+/// the final structures: no JSON tree is built (a tree of 1.4 M tiny entries took
+/// 20× the header's size), so memory stays near the header's own size.
+#[derive(Default)]
+struct Entries {
+    metadata: Option<Vec<(String, String)>>,
+    tensors: Vec<TensorInfo>,
+    /// The last entry name read, to say which entry a JSON error is in.
+    current: Option<String>,
+    /// A refusal found while reading (the JSON itself was fine).
+    refused: Option<Error>,
+}
 
-impl<'de> Deserialize<'de> for Entries {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Entries;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> std::result::Result<Entries, A::Error> {
-                let mut v = Vec::new();
-                while let Some(entry) = m.next_entry::<String, Value>()? {
-                    v.push(entry);
+/// Reads the top-level object into [`Entries`]; a refusal stops the read.
+struct TopVisitor<'a> {
+    out: &'a mut Entries,
+    data_len: u64,
+}
+
+impl<'de> Visitor<'de> for TopVisitor<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<(), A::Error> {
+        while let Some(name) = m.next_key::<String>()? {
+            self.out.current = Some(name.clone());
+            let entry = if name == "__metadata__" {
+                let meta = m.next_value::<MetadataEntry>()?;
+                match self.out.metadata {
+                    Some(_) => Err(Error::Format(
+                        "duplicate entry \"__metadata__\" in header".into(),
+                    )),
+                    None => parse_metadata(meta).map(|meta| self.out.metadata = Some(meta)),
                 }
-                Ok(Entries(v))
+            } else {
+                let raw = m.next_value::<RawTensor>()?;
+                parse_tensor(name, raw, self.data_len).map(|t| self.out.tensors.push(t))
+            };
+            if let Err(e) = entry {
+                self.out.refused = Some(e);
+                return Err(serde::de::Error::custom("refused"));
             }
         }
-        d.deserialize_map(V)
+        self.out.current = None;
+        Ok(())
+    }
+}
+
+/// `__metadata__`, keys in file order (duplicates kept so they can be refused).
+struct MetadataEntry(Option<Vec<(String, Value)>>);
+
+impl<'de> Deserialize<'de> for MetadataEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(MetadataVisitor)
+    }
+}
+
+struct MetadataVisitor;
+
+impl<'de> Visitor<'de> for MetadataVisitor {
+    type Value = MetadataEntry;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut m: A,
+    ) -> std::result::Result<MetadataEntry, A::Error> {
+        let mut v = Vec::new();
+        while let Some(entry) = m.next_entry::<String, Value>()? {
+            v.push(entry);
+        }
+        Ok(MetadataEntry(Some(v)))
+    }
+    // Anything else is refused with our own message (parse_metadata).
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<MetadataEntry, E> {
+        Ok(MetadataEntry(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<MetadataEntry, E> {
+        Ok(MetadataEntry(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<MetadataEntry, E> {
+        Ok(MetadataEntry(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<MetadataEntry, E> {
+        Ok(MetadataEntry(None))
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<MetadataEntry, E> {
+        Ok(MetadataEntry(None))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<MetadataEntry, E> {
+        Ok(MetadataEntry(None))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut s: A,
+    ) -> std::result::Result<MetadataEntry, A::Error> {
+        while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(MetadataEntry(None))
+    }
+}
+
+/// One tensor entry as written: each field at most once (as the safetensors
+/// package requires), unknown fields ignored (as it does). Numbers stay JSON
+/// numbers so that their validation gives our own messages.
+#[derive(Default)]
+struct RawTensor {
+    /// None: the entry is not an object.
+    fields: Option<RawFields>,
+}
+
+#[derive(Default)]
+struct RawFields {
+    dtype: Option<Value>,
+    shape: Option<Value>,
+    data_offsets: Option<Value>,
+    /// A field given twice (the first such name).
+    duplicate: Option<&'static str>,
+}
+
+impl<'de> Deserialize<'de> for RawTensor {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(RawTensorVisitor)
+    }
+}
+
+struct RawTensorVisitor;
+
+impl RawTensorVisitor {
+    fn not_an_object() -> RawTensor {
+        RawTensor { fields: None }
+    }
+}
+
+impl<'de> Visitor<'de> for RawTensorVisitor {
+    type Value = RawTensor;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a tensor entry")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<RawTensor, A::Error> {
+        let mut f = RawFields::default();
+        while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            let (slot, name) = match key.as_ref() {
+                "dtype" => (&mut f.dtype, "dtype"),
+                "shape" => (&mut f.shape, "shape"),
+                "data_offsets" => (&mut f.data_offsets, "data_offsets"),
+                _ => {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                    continue;
+                }
+            };
+            if slot.is_some() {
+                f.duplicate.get_or_insert(name);
+            }
+            *slot = Some(m.next_value::<Value>()?);
+        }
+        Ok(RawTensor { fields: Some(f) })
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<RawTensor, E> {
+        Ok(Self::not_an_object())
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<RawTensor, E> {
+        Ok(Self::not_an_object())
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<RawTensor, E> {
+        Ok(Self::not_an_object())
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<RawTensor, E> {
+        Ok(Self::not_an_object())
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<RawTensor, E> {
+        Ok(Self::not_an_object())
+    }
+    fn visit_unit<E>(self) -> std::result::Result<RawTensor, E> {
+        Ok(Self::not_an_object())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut s: A,
+    ) -> std::result::Result<RawTensor, A::Error> {
+        while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Self::not_an_object())
     }
 }
 
 fn parse_json(json: &[u8], data_len: u64, data_start: usize) -> Result<Header> {
     let text = std::str::from_utf8(json)
         .map_err(|e| Error::Format(format!("header is not UTF-8: {e}")))?;
-    let Entries(entries) = serde_json::from_str(text.trim_end_matches(' '))
-        .map_err(|e| Error::Format(format!("header is not a JSON object: {e}")))?;
-    let mut seen = std::collections::HashSet::new();
-    let mut metadata = Vec::new();
-    let mut tensors = Vec::new();
-    for (name, value) in entries {
-        if !seen.insert(name.clone()) {
-            return Err(Error::Format(format!("duplicate entry {name:?} in header")));
-        }
-        if name == "__metadata__" {
-            metadata = parse_metadata(value)?;
-        } else {
-            tensors.push(parse_tensor(name, &value, data_len)?);
-        }
+    // As the safetensors package: the object starts at the first byte.
+    if !text.starts_with('{') {
+        return Err(Error::Format(
+            "header is not a JSON object: it does not start with '{'".into(),
+        ));
     }
-    tensors.sort_by_key(|t| (t.begin, t.end));
-    check_overlaps(&tensors)?;
+    let mut entries = Entries::default();
+    let mut de = serde_json::Deserializer::from_str(text);
+    let read = serde::Deserializer::deserialize_map(
+        &mut de,
+        TopVisitor {
+            out: &mut entries,
+            data_len,
+        },
+    )
+    .and_then(|()| de.end());
+    if let Some(e) = entries.refused {
+        return Err(e);
+    }
+    read.map_err(|e| match (&entries.current, e.classify()) {
+        (Some(name), serde_json::error::Category::Data) => {
+            Error::Format(format!("entry {name:?}: {e}"))
+        }
+        _ => Error::Format(format!("header is not a JSON object: {e}")),
+    })?;
+    let mut tensors = entries.tensors;
+    check_unique_names(&tensors)?;
+    tensors.sort_unstable_by_key(|t| (t.begin, t.end));
+    check_coverage(&tensors, data_len)?;
     Ok(Header {
-        metadata,
+        metadata: entries.metadata.unwrap_or_default(),
         tensors,
         data_start,
     })
 }
 
-fn parse_metadata(value: Value) -> Result<Vec<(String, String)>> {
-    let Value::Object(map) = value else {
+/// Refuse a tensor name given twice (JSON would silently keep the last one).
+fn check_unique_names(tensors: &[TensorInfo]) -> Result<()> {
+    // Sorting references, not a hash set of copies: 1.4 M names cost 11 MB here.
+    let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable();
+    match names.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(Error::Format(format!(
+            "duplicate entry {:?} in header",
+            w[0]
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn parse_metadata(meta: MetadataEntry) -> Result<Vec<(String, String)>> {
+    let Some(pairs) = meta.0 else {
         return Err(Error::Format(
             "__metadata__ must be an object of strings".into(),
         ));
     };
-    map.into_iter()
-        .map(|(k, v)| match v {
-            Value::String(s) => Ok((k, s)),
-            _ => Err(Error::Format(format!(
-                "__metadata__ value {k:?} is not a string"
-            ))),
+    let mut seen = std::collections::HashSet::new();
+    pairs
+        .into_iter()
+        .map(|(k, v)| {
+            if !seen.insert(k.clone()) {
+                return Err(Error::Format(format!(
+                    "__metadata__ has the key {k:?} twice"
+                )));
+            }
+            match v {
+                Value::String(s) => Ok((k, s)),
+                _ => Err(Error::Format(format!(
+                    "__metadata__ value {k:?} is not a string"
+                ))),
+            }
         })
         .collect()
 }
 
-fn parse_tensor(name: String, v: &Value, data_len: u64) -> Result<TensorInfo> {
+fn parse_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<TensorInfo> {
     let bad = |what: &str| Error::Format(format!("tensor {name:?}: {what}"));
-    let obj = v.as_object().ok_or_else(|| bad("entry is not an object"))?;
-    let dtype = obj
-        .get("dtype")
+    let f = raw.fields.ok_or_else(|| bad("entry is not an object"))?;
+    if let Some(field) = f.duplicate {
+        return Err(bad(&format!("{field:?} is given twice")));
+    }
+    let dtype = f
+        .dtype
+        .as_ref()
         .and_then(Value::as_str)
         .ok_or_else(|| bad("missing dtype"))?;
     let size = dtype_size(dtype).ok_or_else(|| bad(&format!("unknown dtype {dtype:?}")))?;
-    let shape = obj
-        .get("shape")
+    let shape = f
+        .shape
+        .as_ref()
         .and_then(Value::as_array)
         .ok_or_else(|| bad("missing shape"))?
         .iter()
         .map(|d| d.as_u64().ok_or_else(|| bad("shape holds a non-integer")))
         .collect::<Result<Vec<u64>>>()?;
-    let offsets = obj
-        .get("data_offsets")
+    let offsets = f
+        .data_offsets
+        .as_ref()
         .and_then(Value::as_array)
         .filter(|o| o.len() == 2)
         .ok_or_else(|| bad("data_offsets must be [begin, end]"))?;
@@ -290,14 +491,34 @@ fn parse_tensor(name: String, v: &Value, data_len: u64) -> Result<TensorInfo> {
     })
 }
 
-fn check_overlaps(sorted: &[TensorInfo]) -> Result<()> {
-    for w in sorted.windows(2) {
-        if w[1].begin < w[0].end {
+/// The tensors, sorted by offset, tile the data buffer exactly: no overlap, no
+/// gap, no trailing byte (as the safetensors package requires: bytes no tensor
+/// owns would be copied into every output unseen).
+fn check_coverage(sorted: &[TensorInfo], data_len: u64) -> Result<()> {
+    let mut covered = 0usize;
+    let mut last: Option<&TensorInfo> = None;
+    for t in sorted {
+        if t.begin < covered {
+            let prev = last.map_or("", |p| p.name.as_str());
             return Err(Error::Format(format!(
-                "tensors {:?} and {:?} overlap in the data buffer",
-                w[0].name, w[1].name
+                "tensors {prev:?} and {:?} overlap in the data buffer",
+                t.name
             )));
         }
+        if t.begin > covered {
+            return Err(Error::Format(format!(
+                "bytes [{covered}, {}) of the data buffer belong to no tensor (before {:?})",
+                t.begin, t.name
+            )));
+        }
+        covered = t.end;
+        last = Some(t);
+    }
+    if (covered as u64) < data_len {
+        return Err(Error::Format(format!(
+            "{} trailing bytes after the last tensor belong to no tensor",
+            data_len - covered as u64
+        )));
     }
     Ok(())
 }
@@ -361,6 +582,59 @@ mod tests {
             let err = parse_file(&file(h, 12)).unwrap_err().to_string();
             assert!(err.contains(want), "{h}: {err}");
         }
+    }
+
+    /// What the safetensors package refuses, refused too (issue 17, finding 8).
+    #[test]
+    fn refuses_what_safetensors_refuses() {
+        let a = r#""a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}"#;
+        let cases = [
+            (
+                r#"{"a":{"dtype":"F32","dtype":"F16","shape":[1],"data_offsets":[0,4]}}"#
+                    .to_string(),
+                4,
+                "\"dtype\" is given twice",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"shape":[1],"data_offsets":[0,4]}}"#.to_string(),
+                4,
+                "\"shape\" is given twice",
+            ),
+            (
+                format!(r#"{{{a},"b":{{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}}}"#),
+                12,
+                "bytes [4, 8) of the data buffer belong to no tensor",
+            ),
+            (format!("{{{a}}}"), 5, "1 trailing bytes"),
+            (r#"{}"#.to_string(), 3, "3 trailing bytes"),
+            (
+                r#"{"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#.to_string(),
+                8,
+                "bytes [0, 4)",
+            ),
+            (format!(" {{{a}}}"), 4, "does not start with '{'"),
+            (
+                format!(r#"{{"__metadata__":{{}},{a},"__metadata__":{{}}}}"#),
+                4,
+                "duplicate entry \"__metadata__\"",
+            ),
+            (
+                r#"{"__metadata__":{"k":"v","k":"w"}}"#.to_string(),
+                0,
+                "the key \"k\" twice",
+            ),
+        ];
+        for (h, data, want) in cases {
+            let err = parse_file(&file(&h, data)).unwrap_err().to_string();
+            assert!(err.contains(want), "{h}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_trailing_whitespace_are_accepted() {
+        let h =
+            "{\"a\":{\"dtype\":\"U8\",\"extra\":[1,{}],\"shape\":[2],\"data_offsets\":[0,2]}} \n\t";
+        assert_eq!(parse_file(&file(h, 2)).unwrap().tensors[0].end, 2);
     }
 
     #[test]

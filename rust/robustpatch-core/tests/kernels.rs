@@ -68,8 +68,8 @@ fn roundtrip<T: Element>(target: &[f32], deltas: &[(Delta, f32)]) -> (usize, usi
     let original: Vec<T> = convert(target);
     let mut fast = original.clone();
     let mut slow = original.clone();
-    let undo_fast = apply(&mut fast, deltas, true).unwrap().unwrap();
-    let undo_slow = apply_scalar(&mut slow, deltas, true).unwrap().unwrap();
+    let undo_fast = apply(&mut fast, deltas, true).unwrap().undo.unwrap();
+    let undo_slow = apply_scalar(&mut slow, deltas, true).unwrap().undo.unwrap();
     assert_eq!(
         bits(&fast),
         bits(&slow),
@@ -86,6 +86,66 @@ fn roundtrip<T: Element>(target: &[f32], deltas: &[(Delta, f32)]) -> (usize, usi
     );
     assert_eq!(bits(&slow_back), bits(&original));
     (undo_fast.positions.len(), original.len())
+}
+
+/// Overflow count of [`apply`] (explicit SIMD, tails, parallel chunks) against
+/// the scalar twin and against a count made here from the bits before and after.
+fn overflow_count_matches<T: Element>(n: usize) {
+    let big = match T::DTYPE {
+        robustpatch_core::DType::F16 => 60000.0,
+        _ => 3.0e38,
+    };
+    // Large weights, existing Inf and NaN (never counted), small ones.
+    let target: Vec<T> = (0..n)
+        .map(|i| match i % 7 {
+            0 => T::from_f32(big),
+            1 => T::from_f32(-big),
+            2 => T::from_f32(f32::INFINITY),
+            3 => T::from_f32(f32::NAN),
+            _ => T::from_f32(i as f32 * 1e-3),
+        })
+        .collect();
+    let d: Vec<f32> = (0..n)
+        .map(|i| if i % 5 == 0 { -big } else { big })
+        .collect();
+    let deltas = [(Delta::Dense(Dense::F32(&d)), 2.0)];
+    let finite = |x: T| x.to_f32().is_finite();
+    for record in [true, false] {
+        let (mut fast, mut slow) = (target.clone(), target.clone());
+        let a = apply(&mut fast, &deltas, record).unwrap();
+        let b = apply_scalar(&mut slow, &deltas, record).unwrap();
+        let want = target
+            .iter()
+            .zip(&slow)
+            .filter(|(&o, &w)| finite(o) && !finite(w))
+            .count();
+        assert!(want > 0, "the case overflows somewhere");
+        assert_eq!(bits(&fast), bits(&slow));
+        assert_eq!(
+            (a.overflowed, b.overflowed),
+            (want, want),
+            "{:?} n={n} record={record}",
+            T::DTYPE
+        );
+    }
+}
+
+#[test]
+fn overflow_is_counted_on_every_dtype_and_path() {
+    // A tail of five, several tiles, and enough for parallel chunks.
+    for n in [37, 3 * 2048 + 5, (1 << 17) + 1001] {
+        overflow_count_matches::<f32>(n);
+        overflow_count_matches::<f16>(n);
+        overflow_count_matches::<bf16>(n);
+    }
+}
+
+#[test]
+fn finite_results_count_no_overflow() {
+    let mut t: Vec<f16> = convert(&[65504.0, -65504.0, 1.0, f32::INFINITY]);
+    let d = [-1.0f32, 1.0, 2.0, 1.0];
+    let a = apply(&mut t, &[(Delta::Dense(Dense::F32(&d)), 1.0)], false).unwrap();
+    assert_eq!(a.overflowed, 0, "Inf in, Inf out is not an overflow");
 }
 
 fn check_all_dtypes(target: &[f32], deltas: &[(Delta, f32)]) {
