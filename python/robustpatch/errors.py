@@ -35,7 +35,18 @@ __all__ = [
     "SelectionError",
     "ZeroSignatureWarning",
     "EXPECTED_ERRORS",
+    "shown",
 ]
+
+#: Longest rendering of a value quoted in an error message.
+SHOWN_CHARS = 200
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` cut to :data:`SHOWN_CHARS`: a value read from a file may be huge,
+    and the message must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 class MismatchError(ValueError):

@@ -19,7 +19,7 @@ from .. import _core
 from .._io.atomic import PathLike, atomic_file
 from .._io.inputs import open_input
 from ..dtypes import NUMPY_OF_LABEL, label_of
-from ..errors import FormatError, InvalidArgumentError
+from ..errors import SHOWN_CHARS, FormatError, InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,6 @@ def read_header(path: PathLike) -> Header:
 
 #: The engine's limit on a header's JSON length (MAX_HEADER), as in safetensors.
 MAX_HEADER = 100_000_000
-#: Longest parser detail quoted in a refusal (it may embed a tensor name from the file).
-_SHOWN = 200
 
 
 def check_header_size(n: int, what: str) -> None:
@@ -96,7 +94,8 @@ def _refusal(name: str, start: bytes, size: int, e: FormatError) -> FormatError:
     damaged safetensors file but something else (text, a pickle...): say so first, as
     the parser's detail (a huge "header length") would only puzzle."""
     n = int.from_bytes(start[:8], "little")
-    detail = str(e) if len(str(e)) <= _SHOWN else str(e)[: _SHOWN - 3] + "..."
+    # The parser's detail may quote a tensor name from the file: cut like a value.
+    detail = str(e) if len(str(e)) <= SHOWN_CHARS else str(e)[: SHOWN_CHARS - 3] + "..."
     if len(start) < 9 or n > size - 8 or start[8:9] != b"{":
         return FormatError(f"{name}: not a safetensors file ({detail})")
     return FormatError(f"{name}: {detail}")

@@ -42,7 +42,7 @@ from .. import validate
 from .._io.atomic import AtomicFile
 from .._io.ranged import pwrite_all, start_writeback
 from ..dtypes import NUMPY_OF_LABEL, label_of
-from ..errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError
+from ..errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError, shown
 from ..signature import Signature, from_parts, json_default, parse_meta_json
 from ..signature.codec import parse_meta
 from .safetensors import (
@@ -75,8 +75,6 @@ KINDS = ("delta", "bn")
 
 #: Largest size a record may claim for a file (the format's offsets are 64-bit).
 _MAX_SIZE = (1 << 63) - 1
-#: Longest rendering of a bad value inside a message.
-_SHOWN = 200
 _CHECKSUM = re.compile(r"crc32:[0-9a-f]{8}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -137,11 +135,6 @@ def record_digest(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> str:
     return hasher.finish(meta)
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
-
-
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor of the patched file that the record restores."""
@@ -179,7 +172,7 @@ class UndoRecord:
             raise check.fail("undo metadata is not a JSON object")
         version = _check_version(check, meta)
         if meta.get("kind", "undo") != "undo":
-            raise check.fail(f"kind is {_show(meta.get('kind'))}, not 'undo'")
+            raise check.fail(f"kind is {shown(meta.get('kind'))}, not 'undo'")
         signatures = check.list_of(meta, "signatures", dict, "objects")
         alphas = check.list_of(meta, "alphas", (int, float), "numbers")
         if len(alphas) != len(signatures):
@@ -221,19 +214,19 @@ class _Checker:
     def list_of(self, obj: dict[str, Any], key: str, kind: Any, kinds: str) -> list[Any]:
         value = self.get(obj, key)
         if not isinstance(value, list) or not all(_is(v, kind) for v in value):
-            raise self.fail(f"{key} must be a list of {kinds}, got {_show(value)}")
+            raise self.fail(f"{key} must be a list of {kinds}, got {shown(value)}")
         return value
 
     def size(self, obj: dict[str, Any], key: str) -> int:
         value = self.get(obj, key)
         if not _is(value, int) or not 0 <= value <= _MAX_SIZE:
-            raise self.fail(f"{key} must be a byte count from 0 to 2**63-1, got {_show(value)}")
+            raise self.fail(f"{key} must be a byte count from 0 to 2**63-1, got {shown(value)}")
         return value
 
     def text(self, obj: dict[str, Any], key: str, form: re.Pattern[str], what: str = "") -> str:
         value = self.get(obj, key, what)
         if not isinstance(value, str) or not form.fullmatch(value):
-            raise self.fail(f"{key}{what} is malformed: {_show(value)}")
+            raise self.fail(f"{key}{what} is malformed: {shown(value)}")
         return value
 
     def digest(self, obj: dict[str, Any], key: str, present: bool, what: str = "") -> str | None:
@@ -249,7 +242,7 @@ def _is(value: Any, kind: Any) -> bool:
 def _check_version(check: _Checker, meta: dict[str, Any]) -> int:
     version = meta.get("format_version")
     if not _is(version, int) or version < 1:
-        raise check.fail(f"missing or invalid format_version {_show(version)}")
+        raise check.fail(f"missing or invalid format_version {shown(version)}")
     if version > UNDO_VERSION:
         raise FormatError(
             f"{check.where}: undo format version {version} is newer than this robustpatch "
@@ -263,14 +256,14 @@ def _tensor_entries(check: _Checker, raw: list[dict[str, Any]], digests: bool) -
     for e in raw:
         name = check.get(e, "name", " in a tensors entry")
         if not isinstance(name, str) or name in seen:
-            raise check.fail(f"tensors entry name {_show(name)} is not a new string")
+            raise check.fail(f"tensors entry name {shown(name)} is not a new string")
         seen.add(name)
-        at = f" of tensor {_show(name)}"
+        at = f" of tensor {shown(name)}"
         kind, dtype = check.get(e, "kind", at), check.get(e, "dtype", at)
         if kind not in KINDS:
-            raise check.fail(f"kind{at} is {_show(kind)}, not one of {list(KINDS)}")
+            raise check.fail(f"kind{at} is {shown(kind)}, not one of {list(KINDS)}")
         if not isinstance(dtype, str) or dtype not in NUMPY_OF_LABEL:
-            raise check.fail(f"dtype{at} is {_show(dtype)}, not a safetensors float dtype")
+            raise check.fail(f"dtype{at} is {shown(dtype)}, not a safetensors float dtype")
         sum_ = check.text(e, "checksum", _CHECKSUM, at)
         out.append(TensorEntry(name, kind, dtype, sum_, check.digest(e, "digest", digests, at)))
     return out
@@ -492,7 +485,7 @@ def _check_record_digest(
             f.seek(at)
             block = f.read(min(_HASH_CHUNK, end - at))
             if not block:
-                raise FormatError(f"{where}: tensor {_show(t.name)}: the file ends early")
+                raise FormatError(f"{where}: tensor {shown(t.name)}: the file ends early")
             hasher.update(block)
             at += len(block)
     if hasher.finish(meta) != expected:
@@ -523,5 +516,5 @@ def _check_tensor_names(where: str, header: Header, record: UndoRecord) -> None:
     have = {t.name for t in header.tensors if not t.name.startswith(sig_prefixes)}
     for problem, names in (("is missing", want - have), ("is unknown", have - want)):
         if names:
-            name = _show(sorted(names)[0])
+            name = shown(sorted(names)[0])
             raise FormatError(f"{where}: bad undo record: tensor {name} {problem}")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._format.safetensors import read_tensors, write_tensors
-from ..errors import FormatError, InvalidArgumentError
+from ..errors import FormatError, InvalidArgumentError, shown
 from ..validate import GRANULARITIES, SCHEMES
 from .entry import Entry, Quantized, bn_entry, check_finite, dense_entry
 
@@ -132,12 +132,14 @@ def parse_meta(raw: str, where: str) -> dict[str, Any]:
 def _want(tensors: Mapping[str, np.ndarray], name: str, dtype, numel: int, where: str):
     arr = tensors.get(name)
     if arr is None:
-        raise FormatError(f"{where}: tensor {name!r} is missing")
+        raise FormatError(f"{where}: tensor {shown(name)} is missing")
     if arr.dtype != np.dtype(dtype):
         want = np.dtype(dtype)
-        raise FormatError(f"{where}: tensor {name!r} has dtype {arr.dtype}, expected {want}")
+        raise FormatError(f"{where}: tensor {shown(name)} has dtype {arr.dtype}, expected {want}")
     if arr.size != numel:
-        raise FormatError(f"{where}: tensor {name!r} has {arr.size} elements, expected {numel}")
+        raise FormatError(
+            f"{where}: tensor {shown(name)} has {arr.size} elements, expected {numel}"
+        )
     return arr
 
 
@@ -147,27 +149,29 @@ def _is_int(x: Any) -> bool:
 
 def _entry_from_spec(s: Any, tensors: Mapping[str, np.ndarray], where: str) -> Entry:
     if not isinstance(s, dict) or not isinstance(s.get("name"), str):
-        raise FormatError(f"{where}: malformed entry {s!r}")
+        raise FormatError(f"{where}: malformed entry {shown(s)}")
     name, kind, dtype = s["name"], s.get("kind"), s.get("dtype")
     shape = s.get("shape")
     ok_shape = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
     if kind not in ("delta", "bn") or not ok_shape or not isinstance(dtype, str):
-        raise FormatError(f"{where}: entry {name!r} has a bad kind, shape or dtype")
+        raise FormatError(f"{where}: entry {shown(name)} has a bad kind, shape or dtype")
     shape_t, numel = tuple(shape), math.prod(shape)
     stats = s.get("stats", {})
     if not isinstance(stats, dict):
-        raise FormatError(f"{where}: entry {name!r} has stats that are not a JSON object")
+        raise FormatError(f"{where}: entry {shown(name)} has stats that are not a JSON object")
     if kind == "bn":
         arr = _want(tensors, f"{name}.replace", np.float32, numel, where).reshape(shape_t)
         weight = s.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise FormatError(f"{where}: entry {name!r} has a bad weight {weight!r}")
+            raise FormatError(f"{where}: entry {shown(name)} has a bad weight {shown(weight)}")
         return bn_entry(name, arr, dtype, weight)
     if s.get("encoding") == "dense":
         arr = _want(tensors, name, np.float32, numel, where).reshape(shape_t)
         return dense_entry(name, arr, dtype, stats)
     if s.get("encoding") != "quantized":
-        raise FormatError(f"{where}: entry {name!r} has unknown encoding {s.get('encoding')!r}")
+        raise FormatError(
+            f"{where}: entry {shown(name)} has unknown encoding {shown(s.get('encoding'))}"
+        )
     return _quant_entry_from_spec(s, shape_t, numel, stats, tensors, where)
 
 
@@ -176,11 +180,13 @@ def _quant_entry_from_spec(s, shape, numel, stats, tensors, where) -> Entry:
     bits, scheme, gran = s.get("bits"), s.get("scheme"), s.get("granularity")
     glen, group = s.get("group_len"), s.get("group", 0)
     if not (_is_int(bits) and 1 <= bits <= 8) or scheme not in SCHEMES:
-        raise FormatError(f"{where}: entry {name!r} has bad bits/scheme ({bits!r}, {scheme!r})")
+        raise FormatError(
+            f"{where}: entry {shown(name)} has bad bits/scheme ({shown(bits)}, {shown(scheme)})"
+        )
     if gran not in GRANULARITIES or not _is_int(glen) or glen < 1 or numel % glen:
-        raise FormatError(f"{where}: entry {name!r} has a bad group length {glen!r}")
+        raise FormatError(f"{where}: entry {shown(name)} has a bad group length {shown(glen)}")
     if not _is_int(group) or group < 0:
-        raise FormatError(f"{where}: entry {name!r} has a bad group size {group!r}")
+        raise FormatError(f"{where}: entry {shown(name)} has a bad group size {shown(group)}")
     codes = _want(tensors, f"{name}.codes", np.uint8, (numel * bits + 7) // 8, where)
     scale = _want(tensors, f"{name}.scale", np.float32, numel // glen, where)
     offset = _want(tensors, f"{name}.offset", np.float32, numel // glen, where)
@@ -207,7 +213,9 @@ def _check_decodable(name, scale, offset, bits: int, scheme: str, where: str) ->
     write Inf into a model."""
     if (scale < 0).any():
         g = int(np.flatnonzero(scale < 0)[0])
-        raise FormatError(f"{where}: entry {name!r}: group {g} has a negative scale {scale[g]}")
+        raise FormatError(
+            f"{where}: entry {shown(name)}: group {g} has a negative scale {scale[g]}"
+        )
     lo, hi = (-1.0, 1.0) if scheme in ("log", "tanh") else (0.0, float((1 << bits) - 1))
     with np.errstate(over="ignore", invalid="ignore"):
         ok = np.isfinite(np.float32(lo) * scale + offset) & np.isfinite(
@@ -216,7 +224,7 @@ def _check_decodable(name, scale, offset, bits: int, scheme: str, where: str) ->
     if not ok.all():
         g = int(np.flatnonzero(~ok)[0])
         raise FormatError(
-            f"{where}: entry {name!r}: group {g} (scale {scale[g]}, offset {offset[g]}) "
+            f"{where}: entry {shown(name)}: group {g} (scale {scale[g]}, offset {offset[g]}) "
             "decodes past the float32 range"
         )
 
