@@ -88,7 +88,7 @@ def test_apply_matches_numpy_bit_for_bit_and_remove_restores(dtype, n, alpha, se
     # Reference: one f32 add of alpha*delta, one rounding to the target dtype.
     with np.errstate(invalid="ignore", over="ignore"):
         expect = narrow_like(widen(target) + np.float32(alpha) * delta, target)
-    undo = _core.apply(target, [delta], [alpha])
+    undo, _ = _core.apply(target, [delta], [alpha])
     np.testing.assert_array_equal(target.view(np.uint8), expect.view(np.uint8))
     _core.remove(target, [delta], [alpha], *undo)
     np.testing.assert_array_equal(target.view(np.uint8), original.view(np.uint8))
@@ -118,7 +118,7 @@ def test_fused_quantized_apply_then_remove_is_exact(dtype, bits, scheme, groups,
     with np.errstate(invalid="ignore", over="ignore"):
         dense = sum(a * _core.dequantize(*q) for a, q in zip(alphas, deltas))
         expect = widen(target) + dense
-    undo = _core.apply(target, deltas, alphas)
+    undo, _ = _core.apply(target, deltas, alphas)
     finite = np.isfinite(expect)
     np.testing.assert_allclose(widen(target)[finite], expect[finite], rtol=1e-2, atol=1e-4)
     _core.remove(target, deltas, alphas, *undo)

@@ -41,7 +41,7 @@ def apply(
     deltas: list[DeltaLike],
     alphas: list[float],
     record: bool = True,
-) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32 | np.uint16]] | None: ...
+) -> tuple[tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32 | np.uint16]] | None, int]: ...
 def remove(
     target: FloatArray,
     deltas: list[DeltaLike],

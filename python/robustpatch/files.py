@@ -378,6 +378,7 @@ def apply_file(
     undo: bool = True,
     durable: bool = False,
     progress: Progress | None = None,
+    allow_nonfinite: bool = False,
 ) -> FileReport:
     """Write ``src`` patched with ``Σ α_k·sig_k`` to ``out`` (atomically).
 
@@ -390,7 +391,8 @@ def apply_file(
     count. On any error nothing is left at ``out`` and ``src`` is untouched. ``durable=True`` fsyncs
     the output and the record before the rename, so that they also survive a power cut
     or kernel crash; it runs at the disk's write speed. ``progress`` is called with byte
-    counts as the output is written.
+    counts as the output is written. A result that overflows a tensor's dtype (a finite
+    weight becoming ±Inf) is refused (NonFiniteError) unless ``allow_nonfinite=True``.
 
     Memory stays near the largest touched tensor (and its undo record) plus the
     signatures and a fixed set of I/O buffers, whatever the file's size.
@@ -406,10 +408,12 @@ def apply_file(
         if not undo:
             with AtomicFile(out, durable) as fout:
                 target = FileTarget(fsrc, header, fout, new_header, progress)
-                patch_target(target, plan, None)
+                patch_target(target, plan, None, allow_nonfinite)
                 fout.commit()
             return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
-        return _apply_with_undo(fsrc, header, new_header, plan, out, durable, progress)
+        return _apply_with_undo(
+            fsrc, header, new_header, plan, out, durable, progress, allow_nonfinite
+        )
 
 
 def _apply_with_undo(
@@ -420,6 +424,7 @@ def _apply_with_undo(
     out: Path,
     durable: bool,
     progress: Progress | None,
+    allow_nonfinite: bool,
 ) -> FileReport:
     """Patch into ``out`` and write its undo record beside it, committed as a pair."""
     touched = [t for t in header.tensors if t.name in plan.deltas or t.name in plan.bn]
@@ -431,7 +436,7 @@ def _apply_with_undo(
         writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, sizes, new_header)
         sink = _RecordToFile(writer)
         target = FileTarget(fsrc, header, fout, new_header, progress, sink)
-        patch_target(target, plan, sink)
+        patch_target(target, plan, sink, allow_nonfinite)
         writer.finish()
         _commit_pair(uf, fout)
     return FileReport(out, undo_path, len(plan.deltas), len(plan.bn), sizes[1], writer.elements)

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import _core
 from .dtypes import PATCHABLE, kernel_view, label_of, narrow
-from .errors import InvalidArgumentError, MismatchError
+from .errors import InvalidArgumentError, MismatchError, NonFiniteError
 from .signature import Signature, SignatureLike, blend_bn, terms
 
 __all__ = [
@@ -84,7 +84,7 @@ class Target(Protocol):
     def visit(self, names: Sequence[str]) -> Iterator[str]: ...
     def add(
         self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: bool
-    ) -> Any: ...
+    ) -> tuple[Any, int]: ...
     def subtract(
         self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: Any
     ) -> tuple[int, int]: ...
@@ -126,9 +126,10 @@ class NumpyTarget:
 
     def add(
         self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: bool
-    ) -> EngineRecord | None:
-        rec = _core.apply(self._array(name), list(deltas), list(alphas), record=record)
-        return None if rec is None else EngineRecord(*rec)
+    ) -> tuple[EngineRecord | None, int]:
+        """The undo record (None unless ``record``) and the elements that overflowed."""
+        rec, overflowed = _core.apply(self._array(name), list(deltas), list(alphas), record)
+        return (None if rec is None else EngineRecord(*rec)), overflowed
 
     def subtract(
         self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: Any
@@ -268,22 +269,51 @@ class UndoSource(Protocol):
     def bn_original(self, name: str) -> Any: ...
 
 
-def patch_target(tgt: Target, plan: Plan, undo: UndoSink | None) -> None:
+@dataclass
+class Overflow:
+    """Elements a patch turned from finite into ±Inf or NaN, and the first tensor."""
+
+    count: int = 0
+    first: str = ""
+
+    def add(self, name: str, n: int, label: str) -> None:
+        if n and not self.count:
+            self.first = f"{name!r} ({label})"
+        self.count += n
+
+    def check(self, allowed: bool) -> None:
+        if self.count and not allowed:
+            raise NonFiniteError(
+                f"{self.count} elements overflow to Inf or NaN (first in tensor {self.first}): "
+                "weight + α·δ is outside the tensor dtype's range; nothing was written "
+                "(allow_nonfinite=True to write them anyway)"
+            )
+
+
+def patch_target(
+    tgt: Target, plan: Plan, undo: UndoSink | None, allow_nonfinite: bool = False
+) -> None:
     """Add the plan's fused deltas and blend its BatchNorm buffers, tensor by tensor,
-    keeping each tensor's undo record in ``undo`` (None: keep nothing)."""
+    keeping each tensor's undo record in ``undo`` (None: keep nothing). Elements that
+    overflow are counted by the same pass; unless ``allow_nonfinite``, NonFiniteError
+    is raised once every tensor is done (the caller rolls back or discards)."""
+    overflow = Overflow()
     with closing(tgt.visit(plan.names)) as names:
         for name in names:
             if name in plan.deltas:
                 ds, al = plan.deltas[name]
-                record = tgt.add(name, ds, al, record=undo is not None)
+                label = tgt.spec(name)
+                record, overflowed = tgt.add(name, ds, al, record=undo is not None)
                 if undo is not None:
                     undo.keep_delta(name, record)
+                overflow.add(name, overflowed, label[0] if label else "?")
             else:
                 rs, ws = plan.bn[name]
                 original = tgt.snapshot(name) if undo is not None else None
                 tgt.write_values(name, blend_bn(tgt.read_values(name), rs, ws))
                 if undo is not None:
                     undo.keep_bn(name, original)
+        overflow.check(allow_nonfinite)
 
 
 def restore_target(tgt: Target, plan: Plan, undo: UndoSource) -> int:
@@ -356,6 +386,7 @@ def apply(
     *,
     force: bool = False,
     torch_ops: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Undo:
     """Add ``Σ α_k · sig_k`` to ``target`` in place; returns the :class:`Undo` record.
 
@@ -363,7 +394,9 @@ def apply(
     per signature, or one for all. Deltas for the same tensor are fused (rounded once).
     BatchNorm running statistics are blended toward the signatures' replacements.
     Refuses (MismatchError) a model whose names/shapes/dtypes do not match unless
-    ``force=True``. Nothing is modified when a check fails.
+    ``force=True``. Nothing is modified when a check fails. A result that overflows
+    the tensor's dtype (a finite weight becoming ±Inf) is refused (NonFiniteError, the
+    model rolled back) unless ``allow_nonfinite=True``.
     """
     plan = plan_for(sigs, alphas)
     tgt = as_target(target, torch_ops=torch_ops)
@@ -371,7 +404,7 @@ def apply(
     _check_aliases(tgt, plan.names)
     undo = Undo(plan, specs={n: tgt.spec(n) for n in plan.names})
     try:
-        patch_target(tgt, plan, undo)
+        patch_target(tgt, plan, undo, allow_nonfinite)
     except BaseException:
         _rollback(tgt, undo)
         raise

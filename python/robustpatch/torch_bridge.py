@@ -193,25 +193,27 @@ class TorchTarget:
 
     def add(
         self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: bool
-    ) -> EngineRecord | TorchRecord | None:
+    ) -> tuple[EngineRecord | TorchRecord | None, int]:
+        """The undo record (None unless ``record``) and the elements that overflowed."""
         from . import _core
 
         t = self.tensors[name]
         if self._kernel_ok(t):
-            rec = _core.apply(to_numpy(t), list(deltas), list(alphas), record=record)
-            return None if rec is None else EngineRecord(*rec)
+            rec, overflowed = _core.apply(to_numpy(t), list(deltas), list(alphas), record)
+            return (None if rec is None else EngineRecord(*rec)), overflowed
         torch = _torch()
         with torch.no_grad():
             acc = _acc(deltas, alphas, t.device, t.numel())
             w = t.detach().reshape(-1)
             new = (w.float() + acc).to(t.dtype)
+            overflowed = int((torch.isfinite(w) & ~torch.isfinite(new)).sum())
             kept = None
             if record:
                 back = (new.float() - acc).to(t.dtype)
                 pos = (_bits(back) != _bits(w)).nonzero().squeeze(1)
                 kept = TorchRecord(pos, w[pos].clone())
             t.detach().copy_(new.view(t.shape))
-        return kept
+        return kept, overflowed
 
     def subtract(
         self,

@@ -43,6 +43,7 @@ EXIT_BROKEN_PIPE = 141
 #: Library keywords that error messages name, and the CLI flags that set them.
 FLAG_OF_KEYWORD = {
     "allow_dtype_change=True": "--allow-dtype-change",
+    "allow_nonfinite=True": "--allow-nonfinite",
     "force=True": "--force",
     "overwrite=True": "--overwrite",
     "undo=False": "--no-undo",

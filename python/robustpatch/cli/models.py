@@ -29,6 +29,7 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
             undo=not args.no_undo,
             durable=args.durable,
             progress=tick,
+            allow_nonfinite=args.allow_nonfinite,
         )
     return {
         "file": str(rep.out),
@@ -92,6 +93,11 @@ def _add_patch_args(p: Any, model_help: str, alpha_what: str) -> None:
         "--force",
         action="store_true",
         help="apply despite dtype and shape mismatches (same element count)",
+    )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write elements that overflow the tensor's dtype (become Inf) instead of refusing",
     )
     p.add_argument("--no-undo", action="store_true", help="do not write the .rpundo record")
     cli_args.add_durable_flag(p)

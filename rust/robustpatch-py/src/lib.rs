@@ -11,7 +11,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::marker::Ungil;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
-use robustpatch_core::apply::{self as core_apply, Undo};
+use robustpatch_core::apply::{self as core_apply, Applied, Undo};
 use robustpatch_core::delta::{Delta, Dense};
 use robustpatch_core::quant::{self, QuantSpec, QuantView, Scheme};
 use robustpatch_core::{dot as core_dot, pack as core_pack, project as core_project, Element};
@@ -304,24 +304,30 @@ fn check_finite(deltas: &[(Delta, f32)]) -> robustpatch_core::Result<()> {
     Ok(())
 }
 
-fn undo_arrays<'py, B: numpy::Element>(
+/// `(record or None, overflowed)`: the undo record as `(positions, values)` arrays.
+fn applied_tuple<'py, B: numpy::Element>(
     py: Python<'py>,
-    u: Option<Undo<B>>,
-) -> PyResult<Option<Bound<'py, PyTuple>>> {
-    u.map(|u| {
-        PyTuple::new(
-            py,
-            [
-                u.positions.into_pyarray(py).into_any(),
-                u.values.into_pyarray(py).into_any(),
-            ],
-        )
-    })
-    .transpose()
+    a: Applied<B>,
+) -> PyResult<(Option<Bound<'py, PyTuple>>, usize)> {
+    let record = a
+        .undo
+        .map(|u| {
+            PyTuple::new(
+                py,
+                [
+                    u.positions.into_pyarray(py).into_any(),
+                    u.values.into_pyarray(py).into_any(),
+                ],
+            )
+        })
+        .transpose()?;
+    Ok((record, a.overflowed))
 }
 
 /// In place: `target += Σ alphas[k]·deltas[k]`, rounding once to the target dtype.
-/// With `record`, returns the undo record `(positions uint32, original bits)`.
+/// Returns `(record, overflowed)`: with `record`, the undo record `(positions
+/// uint32, original bits)`, else None; and the number of elements that were
+/// finite and are now ±Inf or NaN (counted in the same pass; the caller decides).
 #[pyfunction]
 #[pyo3(signature = (target, deltas, alphas, record = true))]
 fn apply<'py>(
@@ -330,22 +336,22 @@ fn apply<'py>(
     deltas: &Bound<'py, PyAny>,
     alphas: Vec<f32>,
     record: bool,
-) -> PyResult<Option<Bound<'py, PyTuple>>> {
+) -> PyResult<(Option<Bound<'py, PyTuple>>, usize)> {
     let mut t = FloatInOut::extract(target, "target")?;
     let (ins, alphas) = extract_deltas(deltas, alphas)?;
     let ds = views(&ins, &alphas)?;
     match t.dense_mut("target")? {
         DenseMut::F32(x) => {
             let u = nogil(py, || run_apply(x, &ds, record)).map_err(errors::to_py)?;
-            undo_arrays(py, u)
+            applied_tuple(py, u)
         }
         DenseMut::F16(x) => {
             let u = nogil(py, || run_apply(x, &ds, record)).map_err(errors::to_py)?;
-            undo_arrays(py, u)
+            applied_tuple(py, u)
         }
         DenseMut::BF16(x) => {
             let u = nogil(py, || run_apply(x, &ds, record)).map_err(errors::to_py)?;
-            undo_arrays(py, u)
+            applied_tuple(py, u)
         }
     }
 }
@@ -354,7 +360,7 @@ fn run_apply<T: Element>(
     x: &mut [T],
     ds: &[(Delta, f32)],
     record: bool,
-) -> robustpatch_core::Result<Option<Undo<T::Bits>>> {
+) -> robustpatch_core::Result<Applied<T::Bits>> {
     check_finite(ds)?;
     core_apply::apply(x, ds, record)
 }
