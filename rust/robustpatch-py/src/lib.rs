@@ -10,7 +10,7 @@ use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDy
 use pyo3::exceptions::PyValueError;
 use pyo3::marker::Ungil;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use robustpatch_core::apply::{self as core_apply, Applied, Undo};
 use robustpatch_core::delta::{Delta, Dense};
 use robustpatch_core::quant::{self, QuantSpec, QuantView, Scheme};
@@ -453,11 +453,17 @@ fn header_tuple<'py>(
     for (k, v) in h.metadata {
         meta.set_item(k, v)?;
     }
+    // Per tensor, only what is its own: dtype names are interned (one object per
+    // dtype) and shapes are tuples (the empty one is shared). 1.4 M entries
+    // otherwise cost ~100 MB more.
     let tensors = h
         .tensors
         .into_iter()
-        .map(|t| (t.name, t.dtype, t.shape, t.begin, t.end))
-        .collect::<Vec<_>>();
+        .map(|t| {
+            let shape = PyTuple::new(py, t.shape)?;
+            Ok((t.name, PyString::intern(py, &t.dtype), shape, t.begin, t.end))
+        })
+        .collect::<PyResult<Vec<_>>>()?;
     (meta, tensors, h.data_start).into_pyobject(py)
 }
 
