@@ -461,7 +461,13 @@ fn header_tuple<'py>(
         .into_iter()
         .map(|t| {
             let shape = PyTuple::new(py, t.shape)?;
-            Ok((t.name, PyString::intern(py, &t.dtype), shape, t.begin, t.end))
+            Ok((
+                t.name,
+                PyString::intern(py, &t.dtype),
+                shape,
+                t.begin,
+                t.end,
+            ))
         })
         .collect::<PyResult<Vec<_>>>()?;
     (meta, tensors, h.data_start).into_pyobject(py)
