@@ -406,7 +406,8 @@ def test_alpha_scales_the_change_linearly(n, seed, quantized, alpha):
     for k in target:
         change1 = unit[k].astype(np.float64) - target[k]
         change = scaled[k].astype(np.float64) - target[k]
-        ulp = np.spacing(np.abs(target[k]).max() + 0.1).astype(np.float64)
+        # In the target's dtype: numpy 1.x widens float32 scalar + 0.1 to float64 (no NEP 50).
+        ulp = np.spacing(target[k].dtype.type(np.abs(target[k]).max() + 0.1)).astype(np.float64)
         np.testing.assert_allclose(change, alpha * change1, rtol=0, atol=4 * ulp * (1 + abs(alpha)))
 
 
