@@ -902,6 +902,14 @@ def _claim2(results: dict) -> dict:
     )
 
 
+#: Claim 2's sub-claims on seed means: label, statistic, scale, comparison, threshold, unit, format.
+_CLAIM2_MEANS = (
+    ("robust gain recovered", "recovered", 100, "≥", 70, "%", ".0f"),
+    ("patched − BN-only", "vs_bn_only", 1, "≥", 5, " points", "+.1f"),
+    ("clean accuracy lost", "clean_loss", 1, "≤", 2, " points", ".1f"),
+)
+
+
 def _claim2_over_seeds(reps: dict) -> dict:
     """Claim 2 judged on the mean over fine-tune seeds (intervals shown, not used)."""
     checks, n = [], 0
@@ -910,29 +918,14 @@ def _claim2_over_seeds(reps: dict) -> dict:
         n = st["recovered"]["n"]
         checks += [
             _check(
-                f"{c}: robust gain recovered, mean",
-                100 * st["recovered"]["mean"],
-                "≥",
-                70,
-                "%",
-                measured=_ci(st["recovered"], 100, ".0f") + "%",
-            ),
-            _check(
-                f"{c}: patched − BN-only, mean",
-                st["vs_bn_only"]["mean"],
-                "≥",
-                5,
-                " points",
-                measured=_ci(st["vs_bn_only"], 1, "+.1f") + " points",
-            ),
-            _check(
-                f"{c}: clean accuracy lost, mean",
-                st["clean_loss"]["mean"],
-                "≤",
-                2,
-                " points",
-                measured=_ci(st["clean_loss"], 1, ".1f") + " points",
-            ),
+                f"{c}: {label}, mean",
+                scale * st[key]["mean"],
+                op,
+                threshold,
+                unit,
+                measured=_ci(st[key], scale, spec) + unit,
+            )
+            for label, key, scale, op, threshold, unit, spec in _CLAIM2_MEANS
         ]
     return _claim(
         "2s",
