@@ -15,7 +15,7 @@ from robustpatch.cli import main
 from robustpatch.errors import NonFiniteError
 from robustpatch.files import apply_file, remove_file, undo_path_for
 from robustpatch.signature import Signature
-from robustpatch.targets import apply, remove
+from robustpatch.targets import apply, remove, subtract
 from rp_testutil import listing, sha
 
 N = 4640  # the count of Inf values in an f16 model
@@ -96,6 +96,37 @@ def test_existing_nonfinite_weights_stay_allowed_and_are_restored_exactly():
     undo = apply(model, sig, 1.0)
     remove(model, undo)
     assert bits(model) == before
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_in_memory_subtract_refuses_overflow_and_rolls_back(case):
+    model, sig, alpha, count = CASES[case]()
+    before = bits(model)
+    with pytest.raises(NonFiniteError, match=rf"^{count} elements overflow .* tensor 'w'"):
+        subtract(model, sig, -alpha)
+    assert bits(model) == before
+
+
+def test_in_memory_subtract_allow_nonfinite_writes_the_overflow():
+    model, sig = f16_case()
+    report = subtract(model, sig, -1e30, allow_nonfinite=True)
+    assert int(np.isinf(model["w"]).sum()) == N
+    assert report["tensors"] == 1
+
+
+def test_in_memory_subtract_counts_inconsistent_elements_exactly():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(4096).astype(np.float16)
+    delta = (rng.standard_normal(4096) * 3).astype(np.float16)
+    d = delta.astype(np.float32) * np.float32(0.7)
+    old = (w.astype(np.float32) - d).astype(np.float16)
+    again = (old.astype(np.float32) + d).astype(np.float16)
+    expected = int((again.view(np.uint16) != w.view(np.uint16)).sum())
+    model = {"w": w.copy()}
+    report = subtract(model, Signature.from_deltas({"w": delta}), 0.7)
+    assert expected > 0
+    assert report["inconsistent"] == expected
+    assert bits(model) == bits({"w": old})
 
 
 def test_torch_ops_path_refuses_and_rolls_back():

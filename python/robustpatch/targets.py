@@ -458,6 +458,7 @@ def subtract(
     alphas: Alphas = 1.0,
     *,
     force: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, int]:
     """Approximate removal without an undo record: ``w − Σ α·δ`` rounded once.
 
@@ -465,15 +466,31 @@ def subtract(
     one unit in the last place; ``inconsistent`` counts the elements known to be wrong
     (a lower bound: most wrong elements cannot be detected without the record).
     BatchNorm buffers cannot be restored this way and are left as they are
-    (``bn_left``). Prefer :func:`remove` with the record :func:`apply` returned.
+    (``bn_left``). Prefer :func:`remove` with the record :func:`apply` returned. A result
+    that overflows the tensor's dtype is refused (NonFiniteError, the model rolled back)
+    unless ``allow_nonfinite=True``.
     """
     plan = plan_for(sigs, alphas)
     tgt = as_target(target)
     check_plan(plan, tgt.spec, force, tgt.check_writable)
     _check_aliases(tgt, plan.names)
-    bad = 0
-    with closing(tgt.visit(list(plan.deltas))) as names:
-        for name in names:
-            ds, al = plan.deltas[name]
-            bad += tgt.subtract(name, ds, al, None)[1]
-    return {"tensors": len(plan.deltas), "inconsistent": bad, "bn_left": len(plan.bn)}
+    # Adding −α·δ is the same rounding as subtracting α·δ (negation is exact), and the
+    # add kernel counts overflow; its record (where re-adding α·δ misses w) is the set
+    # of inconsistent elements, and lets a refusal roll back exactly.
+    undo = Undo(_negated(plan))
+    try:
+        patch_target(tgt, undo.plan, undo, allow_nonfinite)
+    except BaseException:
+        _rollback(tgt, undo)
+        raise
+    return {
+        "tensors": len(plan.deltas),
+        "inconsistent": undo.record_elements,
+        "bn_left": len(plan.bn),
+    }
+
+
+def _negated(plan: Plan) -> Plan:
+    """The plan's deltas with every α negated, without its BatchNorm blends."""
+    deltas = {name: (ds, [-a for a in al]) for name, (ds, al) in plan.deltas.items()}
+    return Plan(plan.sigs, [-a for a in plan.alphas], deltas)
