@@ -9,9 +9,9 @@ called "not a safetensors file".
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, overload
 
 import numpy as np
 
@@ -37,12 +37,49 @@ class TensorInfo:
         return self.end - self.begin
 
 
+class TensorTable(Sequence[TensorInfo]):
+    """The tensors of a parsed header, kept as the engine's columns; each
+    :class:`TensorInfo` is made on access. One Python object per tensor took 7.5× the
+    header's size for 1.4 M tiny tensors; the columns take about 1×."""
+
+    def __init__(self, names: list[str], codes, labels, shape_ends, dims, offsets) -> None:
+        self._names = names
+        self._codes = codes
+        self._labels = labels
+        self._ends = shape_ends
+        self._dims = dims
+        self._offsets = offsets.reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @overload
+    def __getitem__(self, i: int) -> TensorInfo: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[TensorInfo]: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        k = range(len(self))[i]  # IndexError (and negative indices) as for a list
+        start = int(self._ends[k - 1]) if k else 0
+        shape = tuple(self._dims[start : int(self._ends[k])].tolist())
+        begin, end = self._offsets[k].tolist()
+        return TensorInfo(self._names[k], self._labels[self._codes[k]], shape, begin, end)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(frozen=True)
 class Header:
     """A validated safetensors header."""
 
     metadata: dict[str, str]
-    tensors: list[TensorInfo]  # sorted by offset
+    tensors: Sequence[TensorInfo]  # sorted by offset
     data_start: int
     file_size: int
 
@@ -103,9 +140,8 @@ def _refusal(name: str, start: bytes, size: int, e: FormatError) -> FormatError:
 
 def parse_header(buf: bytes, file_size: int) -> Header:
     """Validate a header held in memory (``buf`` starts at byte 0 of the file)."""
-    meta, entries, data_start = _core.parse_header(buf, file_size)
-    tensors = [TensorInfo(n, d, tuple(s), b, e) for n, d, s, b, e in entries]
-    return Header(dict(meta), tensors, data_start, file_size)
+    meta, columns, data_start = _core.parse_header(buf, file_size)
+    return Header(meta, TensorTable(*columns), data_start, file_size)
 
 
 def encode_header(tensors: list[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:

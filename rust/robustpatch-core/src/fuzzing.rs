@@ -12,11 +12,11 @@ use crate::safetensors::{dtype_size, parse};
 pub fn check_header(data: &[u8]) {
     if let Ok(h) = parse(data, data.len() as u64) {
         let mut covered = 0;
-        for t in &h.tensors {
+        for t in h.tensors() {
             assert_eq!(t.begin, covered, "gap or overlap accepted");
             covered = t.end;
             let numel: usize = t.shape.iter().product();
-            let size = dtype_size(&t.dtype).expect("accepted dtype has a size");
+            let size = dtype_size(t.dtype).expect("accepted dtype has a size");
             assert_eq!(numel * size, t.end - t.begin, "size mismatch accepted");
         }
         assert_eq!(
