@@ -42,7 +42,18 @@ class TensorTable(Sequence[TensorInfo]):
     :class:`TensorInfo` is made on access. One Python object per tensor took 7.5× the
     header's size for 1.4 M tiny tensors; the columns take about 1×."""
 
-    def __init__(self, names: list[str], codes, labels, shape_ends, dims, offsets) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        codes: np.ndarray,
+        labels: tuple[str, ...],
+        shape_ends: np.ndarray,
+        dims: np.ndarray,
+        offsets: np.ndarray,
+    ) -> None:
+        """Columns as ``_core.parse_header`` gives them: tensor ``k`` is named
+        ``names[k]``, has dtype ``labels[codes[k]]``, the dimensions
+        ``dims[shape_ends[k-1]:shape_ends[k]]`` and the byte range ``offsets[2k:2k+2]``."""
         self._names = names
         self._codes = codes
         self._labels = labels
