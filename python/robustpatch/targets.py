@@ -398,17 +398,30 @@ def apply(
     the tensor's dtype (a finite weight becoming ±Inf) is refused (NonFiniteError, the
     model rolled back) unless ``allow_nonfinite=True``.
     """
+    plan, tgt = _checked(target, sigs, alphas, force, torch_ops)
+    undo = Undo(plan, specs={n: tgt.spec(n) for n in plan.names})
+    _patch_or_roll_back(tgt, undo, allow_nonfinite)
+    return undo
+
+
+def _checked(
+    target: Any, sigs: Any, alphas: Alphas, force: bool, torch_ops: bool = False
+) -> tuple[Plan, Target]:
+    """The plan of a public call and its target, checked before anything changes."""
     plan = plan_for(sigs, alphas)
     tgt = as_target(target, torch_ops=torch_ops)
     check_plan(plan, tgt.spec, force, tgt.check_writable)
     _check_aliases(tgt, plan.names)
-    undo = Undo(plan, specs={n: tgt.spec(n) for n in plan.names})
+    return plan, tgt
+
+
+def _patch_or_roll_back(tgt: Target, undo: Undo, allow_nonfinite: bool) -> None:
+    """Run ``undo.plan`` on the target; on any failure put back what was patched."""
     try:
-        patch_target(tgt, plan, undo, allow_nonfinite)
+        patch_target(tgt, undo.plan, undo, allow_nonfinite)
     except BaseException:
         _rollback(tgt, undo)
         raise
-    return undo
 
 
 def _check_aliases(tgt: Target, names: Sequence[str]) -> None:
@@ -470,19 +483,12 @@ def subtract(
     that overflows the tensor's dtype is refused (NonFiniteError, the model rolled back)
     unless ``allow_nonfinite=True``.
     """
-    plan = plan_for(sigs, alphas)
-    tgt = as_target(target)
-    check_plan(plan, tgt.spec, force, tgt.check_writable)
-    _check_aliases(tgt, plan.names)
+    plan, tgt = _checked(target, sigs, alphas, force)
     # Adding −α·δ is the same rounding as subtracting α·δ (negation is exact), and the
     # add kernel counts overflow; its record (where re-adding α·δ misses w) is the set
     # of inconsistent elements, and lets a refusal roll back exactly.
     undo = Undo(_negated(plan))
-    try:
-        patch_target(tgt, undo.plan, undo, allow_nonfinite)
-    except BaseException:
-        _rollback(tgt, undo)
-        raise
+    _patch_or_roll_back(tgt, undo, allow_nonfinite)
     return {
         "tensors": len(plan.deltas),
         "inconsistent": undo.record_elements,

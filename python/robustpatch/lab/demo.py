@@ -1231,9 +1231,12 @@ class _Doc:
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
 
-    def section(self, title: str) -> None:
+    def section(self, title: str, figure: str | None = None, caption: str = "") -> None:
+        """A numbered section heading, opened by its figure where one is given."""
         self.sections += 1
         self.lines += [f"## {self.sections}. {title}", ""]
+        if figure is not None:
+            self.figure(figure, caption)
 
     def figure(self, path: str, caption: str) -> None:
         self.figures += 1
@@ -1462,8 +1465,8 @@ def _arms_section(doc: _Doc, results: dict) -> None:
 
 def _layers_section(doc: _Doc, results: dict, figs: dict[str, str]) -> None:
     pc = results["per_corruption"]
-    doc.section("Where robust and clean differ")
-    doc.figure(
+    doc.section(
+        "Where robust and clean differ",
         figs["layers"],
         "Per weight layer (input → output): how far the robust twin is from the clean model "
         "(left, ‖θrobust − θclean‖ / ‖θclean‖) and the projection coefficient ⟨Δr, d⟩ / ‖d‖² "
@@ -1486,8 +1489,8 @@ def _layers_section(doc: _Doc, results: dict, figs: dict[str, str]) -> None:
 def _depth_section(doc: _Doc, results: dict, figs: dict[str, str]) -> None:
     pc = results["per_corruption"]
     rows0 = next(iter(pc.values()))["depth_sweep"]["rows"]
-    doc.section("Shallow vs full")
-    doc.figure(
+    doc.section(
+        "Shallow vs full",
         figs["depth"],
         "Gain over the clean model (mean over severities, BN re-estimated) when the first k "
         "weight layers are patched, against the share of parameters they hold; dashed: the "
@@ -1512,8 +1515,8 @@ def _depth_section(doc: _Doc, results: dict, figs: dict[str, str]) -> None:
 def _alpha_section(doc: _Doc, results: dict, figs: dict[str, str]) -> None:
     pc = results["per_corruption"]
     alphas = next(iter(pc.values()))["alpha_sweep"]["alphas"]
-    doc.section("α sweep")
-    doc.figure(
+    doc.section(
+        "α sweep",
         figs["alpha"],
         "Mean accuracy on the corrupted test set against the patch strength α of the shallow "
         "signature; solid: BN re-estimated, dashed: the signature's BN statistics; grey line: "
@@ -1535,8 +1538,8 @@ def _similarity_section(doc: _Doc, results: dict, figs: dict[str, str]) -> None:
     sim = results.get("similarity") or {}
     if not sim:
         return
-    doc.section("Similarity and detection")
-    doc.figure(
+    doc.section(
+        "Similarity and detection",
         figs["similarity"],
         "Cosine similarity between shallow signatures, labelled by corruption (label colour), "
         "fine-tune seed (`/sN`, digits) and dataset (`patterns:`).",
@@ -1565,8 +1568,8 @@ def _composition_section(doc: _Doc, results: dict, figs: dict[str, str]) -> None
     comps = results.get("composition") or []
     if not comps:
         return
-    doc.section("Composition")
-    doc.figure(
+    doc.section(
+        "Composition",
         figs["composition"],
         "Gain over the clean model of each signature alone and of the sum of two, evaluated "
         "on each corruption of the pair (label colour), BN re-estimated.",
@@ -1612,8 +1615,8 @@ def _transfer_section(doc: _Doc, results: dict, figs: dict[str, str]) -> None:
     tr = results.get("transfer") or {}
     if not tr:
         return
-    doc.section("Transfer digits → patterns")
-    doc.figure(
+    doc.section(
+        "Transfer digits → patterns",
         figs["transfer"],
         "Gains on the patterns dataset (B) over its clean model, per corruption (label "
         "colour): BN re-estimation alone, the digits signature, B's own signature, and B's "
@@ -1646,8 +1649,8 @@ def _compression_section(doc: _Doc, results: dict, figs: dict[str, str]) -> None
     comp = {c: r["compression"] for c, r in pc.items()}
     same = X.same_sizes(comp)
     rows0 = next(iter(comp.values()))["rows"]
-    doc.section("Compression")
-    doc.figure(
+    doc.section(
+        "Compression",
         figs["compression"],
         "Left: share of the unquantized shallow signature's gain kept at each bit width, one "
         "line per corruption. Right: signature size against bits"

@@ -1063,12 +1063,7 @@ def plot_composition(
     x = np.arange(len(labels))
     ax.bar(x - 0.2, alone, 0.4, label="signature alone", color="0.6")
     ax.bar(x + 0.2, summed, 0.4, label="sum of two", color="0.2")
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=45, ha="right")
-    _colour_ticklabels(ax.get_xticklabels(), evaluated)
-    ax.set_ylabel("gain over clean (points)")
-    _legend_outside(fig)
-    return _save(fig, path)
+    return _save_bars(fig, ax, labels, evaluated, 45, "gain over clean (points)", path)
 
 
 @_styled
@@ -1090,10 +1085,24 @@ def plot_transfer(
     for i, (arm, label, grey) in enumerate(arms):
         vals = [results[n]["arms"].get(arm, {}).get("gain", np.nan) for n in names]
         ax.bar(x + (i - 1.5) * w, vals, w, label=label, color=grey, edgecolor="black", lw=0.5)
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=20, ha="right")
-    _colour_ticklabels(ax.get_xticklabels(), names)
-    ax.set_ylabel("gain over B's clean model (points)")
+    return _save_bars(fig, ax, names, names, 20, "gain over B's clean model (points)", path)
+
+
+def _save_bars(
+    fig: Any,
+    ax: Any,
+    labels: Sequence[str],
+    corruptions: Sequence[str],
+    rotation: float,
+    ylabel: str,
+    path: str | Path,
+) -> Path:
+    """Label a bar chart's groups (tick text in each group's corruption colour), legend
+    outside, saved."""
+    ax.set_xticks(np.arange(len(labels)))
+    ax.set_xticklabels(labels, rotation=rotation, ha="right")
+    _colour_ticklabels(ax.get_xticklabels(), corruptions)
+    ax.set_ylabel(ylabel)
     _legend_outside(fig)
     return _save(fig, path)
 
