@@ -5,6 +5,7 @@ combine and detect commands."""
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import inspect
 import json
@@ -197,6 +198,21 @@ def test_a_read_only_folder_is_named_by_the_output_path(d, capsys):
     ro.mkdir(mode=0o500)
     line = one_line_error(capsys, "quantize", d / "fog.rws", "-o", ro / "q.rws")
     assert line == f"robustpatch: error: {ro / 'q.rws'}: Permission denied"
+
+
+def test_a_refused_temporary_file_is_named_by_the_output_path(d, capsys, monkeypatch):
+    """As root no folder refuses a write: the refusal of the temporary file is simulated,
+    with the temp file's own name, as the system reports it."""
+    from robustpatch._io import atomic
+
+    def refuse(prefix: str, suffix: str, dir: str):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}x{suffix}")
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
+    out = d / "q.rws"
+    line = one_line_error(capsys, "quantize", d / "fog.rws", "-o", out)
+    assert line == f"robustpatch: error: {out}: Permission denied"
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------- findings 6, 7
