@@ -52,6 +52,7 @@ from ._format.safetensors import (
     parse_header,
     read_header_from,
 )
+from ._format.shards import is_sharded
 from ._format.undo import (
     UNDO_KEY,
     UndoSidecar,
@@ -107,6 +108,7 @@ class FileReport:
     bn_buffers: int
     bytes_written: int
     record_elements: int  # elements held by the undo record
+    header_updated: bool = True  # False: an in-place patch kept the header (no room)
 
 
 def applied_signatures(header: Header) -> list[dict[str, Any]]:
@@ -379,8 +381,12 @@ def apply_file(
     durable: bool = False,
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
+    inplace: bool = False,
 ) -> FileReport:
     """Write ``src`` patched with ``Σ α_k·sig_k`` to ``out`` (atomically).
+
+    ``inplace=True`` patches ``src`` itself instead (``out`` left out), touching only the
+    patched tensors' bytes, crash-safe through a journal (:mod:`robustpatch.inplace`).
 
     With ``undo`` (default) an undo record is written to ``<out>.rpundo`` so that
     :func:`remove_file` restores ``src`` bit for bit. Refuses an output (or its record)
@@ -397,7 +403,37 @@ def apply_file(
     Memory stays near the largest touched tensor (and its undo record) plus the
     signatures and a fixed set of I/O buffers, whatever the file's size.
     """
+    if is_sharded(validate.path(src, "src")):  # an *.index.json or its folder: into a folder
+        from .sharded import apply_sharded
+
+        return apply_sharded(
+            src,
+            sigs,
+            alphas,
+            out,
+            force=force,
+            allow_dtype_change=allow_dtype_change,
+            undo=undo,
+            durable=durable,
+            progress=progress,
+            allow_nonfinite=allow_nonfinite,
+        )
+    if inplace:
+        from .inplace import apply_inplace
+
+        _no_output(src, out)
+        return apply_inplace(
+            src,
+            sigs,
+            alphas,
+            force=force,
+            allow_dtype_change=allow_dtype_change,
+            undo=undo,
+            progress=progress,
+            allow_nonfinite=allow_nonfinite,
+        )
     src, out = validate.path(src, "src"), _output(out, "apply_file")
+    _check_no_journal(src)
     outputs = [out, undo_path_for(out)] if undo else [out]
     check_destinations([src, *_paths(sigs)], outputs)
     plan = plan_for(sigs, alphas)
@@ -440,6 +476,24 @@ def _apply_with_undo(
         writer.finish()
         _commit_pair(uf, fout)
     return FileReport(out, undo_path, len(plan.deltas), len(plan.bn), sizes[1], writer.elements)
+
+
+def _no_output(src: str | os.PathLike[str], out: str | os.PathLike[str] | None) -> None:
+    if out is not None:
+        raise InvalidArgumentError(
+            f"inplace=True patches {os.fspath(src)} itself: leave out the output ({os.fspath(out)})"
+        )
+
+
+def _check_no_journal(model: Path) -> None:
+    """A model with an unfinished in-place patch is refused until recovered."""
+    from ._io.journal import journal_path_for
+
+    if journal_path_for(model).exists():
+        raise FormatError(
+            f"{model}: an in-place patch of it was interrupted; run 'robustpatch recover "
+            f"{model}' (or patch it in place again) first"
+        )
 
 
 def _output(out: str | os.PathLike[str] | None, fn: str) -> Path:
@@ -502,12 +556,25 @@ def remove_file(
     undo: str | os.PathLike[str] | None = None,
     durable: bool = False,
     progress: Progress | None = None,
+    inplace: bool = False,
 ) -> FileReport:
     """Restore the file :func:`apply_file` patched: ``out`` becomes bit-identical to the
     source (same sha256). ``undo`` defaults to ``<patched>.rpundo``. Refuses a patched
     file that changed since (size, header or touched tensors differ), and an ``out``
-    that is the patched file or the record. Written atomically like :func:`apply_file`."""
+    that is the patched file or the record. Written atomically like :func:`apply_file`.
+    ``inplace=True`` restores ``patched`` itself (``out`` left out) through a journal,
+    and deletes the record it used (:func:`robustpatch.inplace.remove_inplace`)."""
+    if is_sharded(validate.path(patched, "patched")):
+        from .sharded import remove_sharded
+
+        return remove_sharded(patched, out, undo=undo, durable=durable, progress=progress)
+    if inplace:
+        from .inplace import remove_inplace
+
+        _no_output(patched, out)
+        return remove_inplace(patched, undo=undo, progress=progress)
     patched, out = validate.path(patched, "patched"), _output(out, "remove_file")
+    _check_no_journal(patched)
     side_path = validate.path(undo, "undo") if undo else undo_path_for(patched)
     check_destinations([patched, side_path], [out])
     if not side_path.exists():

@@ -1,0 +1,413 @@
+"""Patch sharded Hugging Face checkpoints (``*.index.json`` + shards) and restore them.
+
+A sharded checkpoint is patched shard by shard through the single-file engine
+(:func:`robustpatch.files.apply_file`, which streams): each shard that a signature
+touches is written patched with its own undo record beside it, each untouched shard is
+hard-linked (copied where the filesystem cannot link), and a new index is written. The
+output is a folder, built as a temporary folder beside it and renamed into place, so the
+destination holds the complete result or what it held before, whatever happens to the
+process.
+
+The output folder holds the index, the shards, ``<shard>.rpundo`` for each patched
+shard and :data:`RECORD_NAME`, the folder's undo record: the source index byte for
+byte, the sha256 of the patched index, and for each shard either its undo record's name
+or (linked shards) its size and header sha256. :func:`remove_sharded` restores every
+shard bit for bit from it. Other files of the source folder (config, tokenizer) are
+not carried over.
+
+A linked shard shares its bytes with the source: modifying one in place modifies both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import validate
+from ._format.safetensors import Header
+from ._format.shards import INDEX_SUFFIX, ShardedIndex, load_index
+from ._format.undo import undo_path_for
+from ._io.atomic import _STARTED, _fsync_dir, _pid_alive
+from .errors import FormatError, InvalidArgumentError, MismatchError
+from .signature import Signature, SignatureLike
+from .signature.algebra import terms
+from .targets import Alphas, check_plan, make_plan
+
+__all__ = [
+    "RECORD_NAME",
+    "apply_sharded",
+    "remove_sharded",
+    "checkpoint_bytes",
+    "remove_stale_folders",
+]
+
+#: The folder-level undo record of a patched sharded checkpoint.
+RECORD_NAME = "robustpatch.rpundo.json"
+RECORD_FORMAT = "robustpatch-sharded-undo"
+RECORD_VERSION = 1
+APPLIED_KEY = "robustpatch.applied"
+
+
+def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes a patch of ``path`` reads: the file's size, or a sharded checkpoint's shards."""
+    from ._format.shards import find_index, is_sharded
+
+    if not is_sharded(path):
+        return os.path.getsize(path)
+    index = find_index(path)
+    with open(index, "rb") as f:
+        shards = set(json.load(f).get("weight_map", {}).values())
+    return sum(os.path.getsize(index.parent / s) for s in shards if isinstance(s, str))
+
+
+# ---------------------------------------------------------------------------- apply
+
+
+def apply_sharded(
+    src: str | os.PathLike[str],
+    sigs: SignatureLike | Sequence[SignatureLike],
+    alphas: Alphas = 1.0,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    force: bool = False,
+    allow_dtype_change: bool = False,
+    undo: bool = True,
+    durable: bool = False,
+    progress: Any = None,
+    allow_nonfinite: bool = False,
+):
+    """:func:`robustpatch.files.apply_file` for a sharded checkpoint (its index or its
+    folder): ``out`` is the folder to write. Everything is checked (index, shards,
+    signatures against the tensors) before anything is written."""
+    from .files import FileReport, apply_file
+
+    index = load_index(validate.path(src, "src"))
+    out = _out_folder(out, "apply_file")
+    pairs = terms(sigs, alphas)
+    plan = make_plan([s for s, _ in pairs], [a for _, a in pairs])
+    check_plan(plan, _spec_across(index), force, allow_dtype_change=allow_dtype_change)
+    _check_out_folder(out, [index.folder, *_sig_paths(sigs)])
+    shards: dict[str, dict[str, Any]] = {}
+    written = elements = 0
+    with _TempFolder(out, durable) as tmp:
+        for shard in index.shards:
+            part = _part_for(pairs, index.tensors_of(shard))
+            dst = tmp.path / shard
+            if not part:
+                shards[shard] = _link_or_copy(index.shard_path(shard), dst, index.headers[shard])
+                _tick(progress, index.headers[shard].file_size)
+                continue
+            rep = apply_file(
+                index.shard_path(shard),
+                [s for s, _ in part],
+                [a for _, a in part],
+                dst,
+                force=force,
+                allow_dtype_change=allow_dtype_change,
+                undo=undo,
+                durable=durable,
+                progress=progress,
+                allow_nonfinite=allow_nonfinite,
+            )
+            shards[shard] = {"undo": undo_path_for(shard).name} if undo else {"patched": True}
+            written += rep.bytes_written
+            elements += rep.record_elements
+        new_index = _patched_index(index, pairs)
+        _write(tmp.path / index.path.name, new_index, durable)
+        if undo:
+            _write(tmp.path / RECORD_NAME, _record(index, new_index, shards), durable)
+        tmp.commit()
+    record = out / RECORD_NAME if undo else None
+    return FileReport(out, record, len(plan.deltas), len(plan.bn), written, elements)
+
+
+def _spec_across(index: ShardedIndex):
+    """The (dtype, shape) of a tensor of any shard, for :func:`check_plan`."""
+    infos = {}
+    for header in index.headers.values():
+        infos.update(header.by_name())
+
+    def spec(name: str):
+        t = infos.get(name)
+        return None if t is None else (t.dtype, t.shape)
+
+    return spec
+
+
+def _part_for(pairs: list[tuple[Signature, float]], names: set[str]):
+    """The signatures (restricted to ``names``) that touch a shard, with their α."""
+    part = []
+    for sig, a in pairs:
+        mine = [n for n in sig.entries if n in names]
+        if mine:
+            part.append((sig.select(mine), a))
+    return part
+
+
+def _sig_paths(sigs: Any) -> list[Path]:
+    many = sigs if isinstance(sigs, Sequence) and not isinstance(sigs, str) else [sigs]
+    return [Path(s) for s in many if isinstance(s, (str, os.PathLike))]
+
+
+def _patched_index(index: ShardedIndex, pairs: list[tuple[Signature, float]]) -> bytes:
+    """The source index with the applied signatures added to its metadata."""
+    doc = json.loads(index.raw)
+    meta = dict(doc.get("metadata") or {})
+    applied = meta.get(APPLIED_KEY, [])
+    if not isinstance(applied, list):
+        raise FormatError(f"{index.path}: metadata {APPLIED_KEY} is not a list")
+    meta[APPLIED_KEY] = applied + [
+        {"name": s.name, "hash": s.content_hash, "alpha": a} for s, a in pairs
+    ]
+    doc["metadata"] = meta
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def _record(index: ShardedIndex, new_index: bytes, shards: dict[str, dict[str, Any]]) -> bytes:
+    doc = {
+        "format": RECORD_FORMAT,
+        "version": RECORD_VERSION,
+        "index": index.path.name,
+        "source_index": index.raw.decode("utf-8"),
+        "patched_index_sha256": hashlib.sha256(new_index).hexdigest(),
+        "shards": shards,
+    }
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def _link_or_copy(src: Path, dst: Path, header: Header) -> dict[str, Any]:
+    """Hard-link ``src`` at ``dst`` (copy where links are refused); what a removal checks."""
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copyfile(src, dst)
+    return {"size": header.file_size, "header_sha256": _header_sha256(dst, header)}
+
+
+def _header_sha256(path: Path, header: Header) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(header.data_start)).hexdigest()
+
+
+def _tick(progress: Any, n: int) -> None:
+    if progress is not None:
+        progress(n)
+
+
+def _write(path: Path, data: bytes, durable: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------- remove
+
+
+def remove_sharded(
+    patched: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    undo: str | os.PathLike[str] | None = None,
+    durable: bool = False,
+    progress: Any = None,
+):
+    """:func:`robustpatch.files.remove_file` for a sharded checkpoint that
+    :func:`apply_sharded` wrote: ``out`` (a folder) gets the source's index and shards,
+    bit for bit. ``undo`` defaults to the folder's :data:`RECORD_NAME`."""
+    from .files import FileReport, remove_file
+
+    index = load_index(validate.path(patched, "patched"))
+    out = _out_folder(out, "remove_file")
+    record_path = validate.path(undo, "undo") if undo else index.folder / RECORD_NAME
+    record = _load_record(record_path, index)
+    _check_out_folder(out, [index.folder, record_path])
+    tensors = bn = written = 0
+    with _TempFolder(out, durable) as tmp:
+        for shard, entry in record["shards"].items():
+            src, dst = index.shard_path(shard), tmp.path / shard
+            if "undo" not in entry:
+                _check_untouched(src, index.headers[shard], entry)
+                _link_or_copy(src, dst, index.headers[shard])
+                _tick(progress, entry["size"])
+                continue
+            rep = remove_file(
+                src, dst, undo=index.folder / entry["undo"], durable=durable, progress=progress
+            )
+            tensors, bn, written = (
+                tensors + rep.tensors,
+                bn + rep.bn_buffers,
+                written + rep.bytes_written,
+            )
+        _write(tmp.path / record["index"], record["source_index"].encode("utf-8"), durable)
+        tmp.commit()
+    return FileReport(out, None, tensors, bn, written, 0)
+
+
+def _load_record(path: Path, index: ShardedIndex) -> dict[str, Any]:
+    """The folder's undo record, checked against the patched index it was written with."""
+    if not path.exists():
+        raise FileNotFoundError(
+            errno.ENOENT, "no undo record (was it written with undo=False?)", os.fspath(path)
+        )
+    where = f"{path}: bad undo record"
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{where} ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
+        raise FormatError(f"{where}: not a sharded checkpoint's record")
+    if doc.get("version") != RECORD_VERSION:
+        raise FormatError(f"{where}: unknown version {doc.get('version')!r}")
+    shards, source = doc.get("shards"), doc.get("source_index")
+    if not isinstance(shards, dict) or not isinstance(source, str):
+        raise FormatError(f"{where}: 'shards' or 'source_index' missing")
+    if doc.get("index") != index.path.name:
+        raise FormatError(f"{where}: it was written for index {doc.get('index')!r}")
+    if hashlib.sha256(index.raw).hexdigest() != doc.get("patched_index_sha256"):
+        raise MismatchError(f"{index.path}: the index changed since it was patched")
+    if set(shards) != set(index.shards):
+        raise FormatError(f"{where}: its shards are not the index's")
+    for shard, entry in shards.items():
+        _check_entry(shard, entry, where)
+    return doc
+
+
+def _check_entry(shard: str, entry: Any, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise FormatError(f"{where}: shard {shard!r} has no entry")
+    if "undo" in entry:
+        if entry["undo"] != undo_path_for(shard).name:
+            raise FormatError(f"{where}: shard {shard!r} names undo record {entry['undo']!r}")
+        return
+    ok = isinstance(entry.get("size"), int) and isinstance(entry.get("header_sha256"), str)
+    if not ok:
+        raise FormatError(f"{where}: shard {shard!r} has neither an undo record nor a size")
+
+
+def _check_untouched(path: Path, header: Header, entry: dict[str, Any]) -> None:
+    if header.file_size != entry["size"] or _header_sha256(path, header) != entry["header_sha256"]:
+        raise MismatchError(f"{path}: shard changed since the checkpoint was patched")
+
+
+# ---------------------------------------------------------------------------- the folder
+
+
+def _out_folder(out: Any, fn: str) -> Path:
+    if out is None:
+        raise InvalidArgumentError(f"{fn} needs an output path (out=...)")
+    path = validate.path(out, "out")
+    if path.name.endswith(INDEX_SUFFIX) or path.suffix == ".safetensors":
+        raise InvalidArgumentError(
+            f"{path}: a sharded checkpoint is written to a folder; give out=<folder>"
+        )
+    if path.name in ("", ".", ".."):
+        raise InvalidArgumentError(f"out={os.fspath(out)!r}: name the output folder")
+    return path
+
+
+def _check_out_folder(out: Path, inputs: list[Path]) -> None:
+    """Refuse an output folder that holds (or is) an input, or that exists without
+    being a sharded checkpoint robustpatch wrote (it would be replaced whole)."""
+    target = out.resolve()
+    for p in inputs:
+        q = p.resolve()
+        if q == target or target in q.parents:
+            raise InvalidArgumentError(f"output {out} holds the input {p}; write to another folder")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(errno.EEXIST, "exists and is not a folder", os.fspath(out))
+    if out.exists() and any(out.iterdir()) and not (out / RECORD_NAME).exists():
+        raise FileExistsError(
+            errno.EEXIST,
+            f"exists and is not a checkpoint robustpatch wrote (no {RECORD_NAME}); "
+            "not replacing it",
+            os.fspath(out),
+        )
+
+
+_TEMP = re.compile(r"\.(.+)\.rp(\d+)\.[A-Za-z0-9_]+\.(tmp|old)")
+
+
+class _TempFolder:
+    """A temporary folder beside ``out`` that becomes ``out`` on :meth:`commit` (an
+    existing ``out`` is swapped out atomically where the kernel can, then deleted)."""
+
+    def __init__(self, out: Path, durable: bool) -> None:
+        self.out, self.durable = out, durable
+        remove_stale_folders(out)
+        prefix = f".{out.name}.rp{os.getpid()}."
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out.parent))
+        self.committed = False
+
+    def __enter__(self) -> _TempFolder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def commit(self) -> None:
+        if self.durable:
+            _fsync_dir(self.path)
+        if self.out.exists():
+            old = self.path.with_name(self.path.name[: -len(".tmp")] + ".old")
+            _swap(self.path, self.out, old)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.path, self.out)
+        self.committed = True
+        if self.durable:
+            _fsync_dir(self.out.parent)
+
+
+def _swap(new: Path, out: Path, old: Path) -> None:
+    """Put ``new`` at ``out`` and the previous ``out`` at ``old``: one atomic exchange
+    (Linux ``renameat2``), else two renames (a crash between them leaves ``out``
+    missing, its previous content at ``old``)."""
+    if _exchange(new, out):
+        os.rename(new, old)  # ``new`` now names the previous folder
+        return
+    os.rename(out, old)
+    os.rename(new, out)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def remove_stale_folders(out: Path) -> list[Path]:
+    """Delete the temporary folders that killed writers of ``out`` left beside it (named
+    ``.<name>.rp<pid>.<random>.tmp`` or ``.old``, their process gone, older than this one)."""
+    removed = []
+    try:
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        m = _TEMP.fullmatch(entry.name)
+        if m is None or m.group(1) != out.name or _pid_alive(int(m.group(2))):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False) and entry.stat().st_mtime < _STARTED:
+                shutil.rmtree(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed

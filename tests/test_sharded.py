@@ -1,0 +1,304 @@
+"""Sharded checkpoints (``*.index.json`` + shards): patched shard by shard into an atomic
+folder, untouched shards hard-linked, restored bit for bit; hostile indexes refused with
+nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import robustpatch as rp
+from robustpatch._format.safetensors import read_tensors, write_tensors
+from robustpatch.cli import main
+from robustpatch.errors import FormatError, InvalidArgumentError, MismatchError
+from robustpatch.sharded import RECORD_NAME, remove_stale_folders
+
+INDEX = "model.safetensors.index.json"
+#: tensor -> shard it lives in (shard 1 is touched by no signature)
+LAYOUT = {
+    "embed.weight": 0,
+    "layers.0.weight": 0,
+    "layers.1.weight": 1,
+    "layers.1.bias": 1,
+    "layers.2.weight": 2,
+    "head.weight": 2,
+}
+
+
+def shard_name(k: int, n: int = 3) -> str:
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def listing(folder: Path) -> dict[str, str]:
+    return {p.name: sha(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def write_sharded(folder: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A 3-shard checkpoint of float32 tensors; returns the tensors."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: rng.normal(size=(4, 6)).astype(np.float32) for n in LAYOUT}
+    for k in range(3):
+        part = {n: a for n, a in tensors.items() if LAYOUT[n] == k}
+        write_tensors(folder / shard_name(k), part)
+    index = {
+        "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+        "weight_map": {n: shard_name(k) for n, k in LAYOUT.items()},
+    }
+    (folder / INDEX).write_text(json.dumps(index))
+    return tensors
+
+
+def signature(seed: int = 1) -> rp.Signature:
+    rng = np.random.default_rng(seed)
+    names = ("embed.weight", "layers.2.weight")  # shards 0 and 2
+    return rp.Signature.from_deltas(
+        {n: rng.normal(0, 0.1, (4, 6)).astype(np.float32) for n in names}, name="fog"
+    )
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    tensors = write_sharded(tmp_path / "base")
+    sig = signature()
+    sig.save(tmp_path / "fog.rws")
+    return tmp_path, tensors, sig
+
+
+def loaded(folder: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for k in range(3):
+        out.update(read_tensors(folder / shard_name(k))[1])
+    return out
+
+
+# ---------------------------------------------------------------------------- apply / remove
+
+
+def test_apply_patches_touched_shards_links_the_rest_and_remove_restores_bit_for_bit(ckpt):
+    d, tensors, sig = ckpt
+    rep = rp.apply_file(d / "base" / INDEX, [d / "fog.rws"], 0.5, d / "out")
+    assert rep.out == d / "out" and rep.undo == d / "out" / RECORD_NAME and rep.tensors == 2
+    got = loaded(d / "out")
+    for name, arr in tensors.items():
+        delta = sig[name].dense() * np.float32(0.5) if name in sig else 0
+        np.testing.assert_array_equal(got[name], arr + delta)
+    untouched = (d / "base" / shard_name(1)).stat()
+    assert (d / "out" / shard_name(1)).stat().st_ino == untouched.st_ino  # hard link
+    assert (d / "out" / shard_name(0)).stat().st_ino != (d / "base" / shard_name(0)).stat().st_ino
+    index = json.loads((d / "out" / INDEX).read_text())
+    assert index["weight_map"] == json.loads((d / "base" / INDEX).read_text())["weight_map"]
+    applied = index["metadata"]["robustpatch.applied"]
+    assert applied == [{"name": "fog", "hash": sig.content_hash, "alpha": 0.5}]
+    assert sorted(p.name for p in (d / "out").glob("*.rpundo")) == [
+        shard_name(0) + ".rpundo",
+        shard_name(2) + ".rpundo",
+    ]
+
+    rp.remove_file(d / "out", d / "restored")  # the folder works as the index does
+    assert listing(d / "restored") == listing(d / "base")
+
+
+def test_a_folder_is_accepted_for_its_index_and_other_folders_stay_refused(ckpt, tmp_path):
+    d, _, sig = ckpt
+    rp.apply_file(d / "base", sig, 1.0, d / "out")
+    assert (d / "out" / INDEX).exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InvalidArgumentError, match="is a directory"):
+        rp.apply_file(empty, sig, 1.0, tmp_path / "o.safetensors")
+
+
+def test_untouched_shards_are_copied_where_links_are_refused(ckpt, monkeypatch):
+    d, _, sig = ckpt
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    rp.apply_file(d / "base", sig, 1.0, d / "out")
+    copied = d / "out" / shard_name(1)
+    assert copied.stat().st_ino != (d / "base" / shard_name(1)).stat().st_ino
+    assert sha(copied) == sha(d / "base" / shard_name(1))
+
+
+def test_cli_apply_and_remove_take_an_index(ckpt, capsys):
+    d, _, _ = ckpt
+    args = ["apply", str(d / "base" / INDEX), str(d / "fog.rws"), "-o", str(d / "out")]
+    assert main([*args, "--json", "-q"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["file"] == str(d / "out") and rep["tensors"] == 2
+    assert main(["remove", str(d / "out" / INDEX), "-o", str(d / "back"), "-q"]) == 0
+    assert listing(d / "back") == listing(d / "base")
+    assert main([*args, "-q"]) == 1  # exists: --overwrite needed
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_a_previous_output_whole(ckpt):
+    d, tensors, sig = ckpt
+    rp.apply_file(d / "base", sig, 1.0, d / "out")
+    rp.apply_file(d / "base", sig, -1.0, d / "out")
+    got = loaded(d / "out")
+    np.testing.assert_array_equal(
+        got["embed.weight"], tensors["embed.weight"] - sig["embed.weight"].dense()
+    )
+    assert [p.name for p in d.iterdir() if p.name.startswith(".out.")] == []
+
+
+def test_a_folder_robustpatch_did_not_write_is_never_replaced(ckpt):
+    d, _, sig = ckpt
+    mine = d / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a checkpoint robustpatch wrote"):
+        rp.apply_file(d / "base", sig, 1.0, mine)
+    assert listing(mine) == {"notes.txt": sha(mine / "notes.txt")}
+
+
+def test_an_output_folder_holding_an_input_is_refused(ckpt):
+    d, _, sig = ckpt
+    with pytest.raises(InvalidArgumentError, match="holds the input"):
+        rp.apply_file(d / "base", sig, 1.0, d / "base")
+    with pytest.raises(InvalidArgumentError, match="holds the input"):
+        rp.apply_file(d / "base", d / "fog.rws", 1.0, d)
+    with pytest.raises(InvalidArgumentError, match="written to a folder"):
+        rp.apply_file(d / "base", sig, 1.0, d / "o.safetensors")
+
+
+def test_a_signature_tensor_missing_from_every_shard_writes_nothing(ckpt):
+    d, _, _ = ckpt
+    bad = rp.Signature.from_deltas({"nowhere.weight": np.ones((4, 6), np.float32)})
+    before = sorted(p.name for p in d.iterdir())
+    with pytest.raises(MismatchError, match="nowhere.weight"):
+        rp.apply_file(d / "base", bad, 1.0, d / "out")
+    assert sorted(p.name for p in d.iterdir()) == before
+
+
+def test_an_error_in_a_later_shard_leaves_no_folder(ckpt):
+    """The first shard is written before the last one fails to overflow-check."""
+    d, tensors, _ = ckpt
+    huge = {
+        "embed.weight": np.ones((4, 6), np.float32),
+        "head.weight": np.full((4, 6), 3e38, np.float32),
+    }
+    sig = rp.Signature.from_deltas(huge)
+    with pytest.raises(rp.NonFiniteError):
+        rp.apply_file(d / "base", sig, 10.0, d / "out")
+    assert not (d / "out").exists()
+    assert [p.name for p in d.iterdir() if p.name.startswith(".out.")] == []
+
+
+def test_removal_refuses_a_changed_untouched_shard_and_a_changed_index(ckpt):
+    d, _, sig = ckpt
+    rp.apply_file(d / "base", sig, 1.0, d / "out")
+    index = d / "out" / INDEX
+    index.write_text(index.read_text().replace('"fog"', '"fig"'))
+    with pytest.raises(MismatchError, match="index changed"):
+        rp.remove_file(d / "out", d / "back")
+    rp.apply_file(d / "base", sig, 1.0, d / "out2")
+    linked = d / "out2" / shard_name(1)
+    other = write_tensors(
+        d / "x.safetensors",
+        {
+            "layers.1.weight": np.zeros((4, 6), np.float32),
+            "layers.1.bias": np.zeros((4, 7), np.float32),
+        },
+    )
+    del other
+    os.replace(d / "x.safetensors", linked)
+    with pytest.raises(MismatchError, match="changed since"):
+        rp.remove_file(d / "out2", d / "back")
+    assert not (d / "back").exists()
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write(ckpt):
+    d, _, sig = ckpt
+    stale = d / ".out.rp999999999.abc.tmp"  # no such process
+    stale.mkdir()
+    (stale / "part").write_bytes(b"x")
+    os.utime(stale, (1, 1))
+    live = d / f".out.rp{os.getpid()}.abc.tmp"  # this process: a concurrent writer's
+    live.mkdir()
+    assert remove_stale_folders(d / "out") == [stale]
+    assert live.exists()
+
+
+# ---------------------------------------------------------------------------- hostile indexes
+
+
+def hostile(d: Path, edit) -> Path:
+    index = json.loads((d / "base" / INDEX).read_text())
+    edit(index)
+    (d / "base" / INDEX).write_text(json.dumps(index) if not isinstance(index, str) else index)
+    return d / "base" / INDEX
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "match"),
+    [
+        (
+            lambda i: i["weight_map"].update({"embed.weight": "../fog.rws"}),
+            FormatError,
+            "not a file name",
+        ),
+        (
+            lambda i: i["weight_map"].update({"embed.weight": "/etc/passwd"}),
+            FormatError,
+            "not a file name",
+        ),
+        (
+            lambda i: i["weight_map"].update({"x.weight": "missing.safetensors"}),
+            FileNotFoundError,
+            "missing",
+        ),
+        (
+            lambda i: i["weight_map"].update({"embed.weight": shard_name(1)}),
+            FormatError,
+            "embed.weight",
+        ),
+        (lambda i: i["weight_map"].pop("head.weight"), FormatError, "does not list"),
+        (
+            lambda i: i["weight_map"].update({"ghost": shard_name(0)}),
+            FormatError,
+            "not stored there",
+        ),
+        (lambda i: i.pop("weight_map"), FormatError, "weight_map"),
+        (lambda i: i["weight_map"].update({"embed.weight": 3}), FormatError, "not a file"),
+    ],
+)
+def test_hostile_indexes_are_refused_and_nothing_is_written(ckpt, edit, error, match):
+    d, _, sig = ckpt
+    index = hostile(d, edit)
+    before = sorted(p.name for p in d.iterdir())
+    with pytest.raises(error, match=match):
+        rp.apply_file(index, sig, 1.0, d / "out")
+    assert sorted(p.name for p in d.iterdir()) == before
+
+
+def test_a_tensor_listed_twice_is_refused(ckpt):
+    d, _, sig = ckpt
+    text = (d / "base" / INDEX).read_text()
+    dup = text.replace('"weight_map": {', f'"weight_map": {{"head.weight": "{shard_name(0)}", ', 1)
+    (d / "base" / INDEX).write_text(dup)
+    with pytest.raises(FormatError, match="'head.weight' is listed twice"):
+        rp.apply_file(d / "base", sig, 1.0, d / "out")
+
+
+def test_a_tensor_stored_in_two_shards_is_refused(ckpt):
+    d, tensors, sig = ckpt
+    write_tensors(
+        d / "base" / shard_name(1),
+        {n: tensors[n] for n in ("layers.1.weight", "layers.1.bias", "embed.weight")},
+    )
+    with pytest.raises(FormatError, match=r"'embed.weight' is in .* and "):
+        rp.apply_file(d / "base", sig, 1.0, d / "out")
+    assert not (d / "out").exists()
