@@ -22,6 +22,7 @@ NAMES = [
     "apply",
     "subtract",
     "remove",
+    "recover",
     "inspect",
     "similarity",
     "combine",

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from .._core import __version__
 from ..errors import EXPECTED_ERRORS
-from . import demo, inspect, models, signatures
+from . import batch, demo, inspect, models, signatures
 from .parser import PROG, Command, HelpFormatter, add_command, global_options
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -56,10 +56,12 @@ COMMANDS: list[Command] = [
     Command("apply", models.run_apply, models.apply_arguments),
     Command("subtract", models.run_subtract, models.subtract_arguments),
     Command("remove", models.run_remove, models.remove_arguments),
+    Command("recover", models.run_recover, models.recover_arguments),
     Command("inspect", inspect.run_inspect, inspect.inspect_arguments),
     Command("similarity", signatures.run_similarity, signatures.similarity_arguments),
     Command("combine", signatures.run_combine, signatures.combine_arguments),
     Command("detect", signatures.run_detect, signatures.detect_arguments),
+    Command("batch", batch.run_batch, batch.batch_arguments, json_output=False),
     Command("demo", demo.run_demo, demo.demo_arguments, json_output=False),
 ]
 

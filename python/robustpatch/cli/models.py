@@ -10,12 +10,23 @@ from . import parser as cli_args
 from .output import progress_bar, report
 
 
+def _inplace_or_output(args: Any, target: str) -> None:
+    """Exactly one of -o and --inplace (a usage error otherwise, before any work)."""
+    if getattr(args, "inplace", False) == (args.output is not None):
+        args.parser.error("give either -o/--output or --inplace")
+    if args.output is None:
+        args.output = target
+
+
 def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
     """``apply_file`` of the model with the signatures at ``sign · α``; the report."""
     from ..files import apply_file, undo_path_for
 
+    _inplace_or_output(args, args.model)
+    inplace = getattr(args, "inplace", False)
     outputs = [args.output] if args.no_undo else [args.output, undo_path_for(args.output)]
-    cli_args.check_outputs(args, [args.model, *args.signatures], outputs)
+    if not inplace:
+        cli_args.check_outputs(args, [args.model, *args.signatures], outputs)
     alphas = [sign * a for a in cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")]
     total = os.path.getsize(args.model)
     with progress_bar(args, desc, total) as tick:
@@ -23,13 +34,14 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
             args.model,
             args.signatures,
             alphas,
-            args.output,
+            None if inplace else args.output,
             force=args.force,
             allow_dtype_change=args.allow_dtype_change,
             undo=not args.no_undo,
             durable=args.durable,
             progress=tick,
             allow_nonfinite=args.allow_nonfinite,
+            inplace=inplace,
         )
     return {
         "file": str(rep.out),
@@ -39,6 +51,8 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
         "bytes": rep.bytes_written,
         "signatures": args.signatures,
         "alphas": alphas,
+        "inplace": inplace,
+        "header_updated": rep.header_updated,
     }
 
 
@@ -51,8 +65,13 @@ def run_apply(args: Any) -> None:
     """
     rep = _patch_file(args, 1.0, "apply")
     undo = f"; undo record {rep['undo']}" if rep["undo"] else ""
+    how = f"wrote {rep['file']}"
+    if rep["inplace"]:
+        how = f"patched {rep['file']} in place ({rep['bytes']} bytes written)"
+    if rep["inplace"] and not rep["header_updated"]:
+        undo += " (no room in the header for the applied list: the record holds it)"
     text = (
-        f"wrote {rep['file']}: {rep['tensors']} tensors patched, "
+        f"{how}: {rep['tensors']} tensors patched, "
         f"{rep['bn_buffers']} BatchNorm buffers blended{undo}"
     )
     report(args, rep, text)
@@ -78,10 +97,13 @@ def run_subtract(args: Any) -> None:
     report(args, rep, text)
 
 
-def _add_patch_args(p: Any, model_help: str, alpha_what: str) -> None:
+def _add_patch_args(p: Any, model_help: str, alpha_what: str, inplace: bool = False) -> None:
     p.add_argument("model", help=model_help)
     p.add_argument("signatures", nargs="+", help="signature files")
-    cli_args.add_output(p, "patched model to write")
+    cli_args.add_output(p, "patched model to write", required=not inplace)
+    if inplace:
+        _add_inplace_flag(p, "patch MODEL itself")
+    p.set_defaults(parser=p)
     cli_args.add_per_signature(p, "--alpha", cli_args.alpha_arg, alpha_what)
     p.add_argument(
         "--allow-dtype-change",
@@ -106,8 +128,9 @@ def _add_patch_args(p: Any, model_help: str, alpha_what: str) -> None:
 def apply_arguments(p: Any) -> None:
     _add_patch_args(
         p,
-        "safetensors model file (left untouched)",
+        "safetensors model file (left untouched unless --inplace)",
         "strength",
+        inplace=True,
     )
 
 
@@ -119,6 +142,15 @@ def subtract_arguments(p: Any) -> None:
     )
 
 
+def _add_inplace_flag(p: Any, what: str) -> None:
+    p.add_argument(
+        "--inplace",
+        action="store_true",
+        help=f"{what} instead of writing -o: only the touched tensors' bytes are written, "
+        "through a journal that survives a crash ('robustpatch recover')",
+    )
+
+
 def run_remove(args: Any) -> None:
     """restore the original of a patched model, bit for bit, from its undo record
 
@@ -127,15 +159,23 @@ def run_remove(args: Any) -> None:
     """
     from ..files import remove_file, undo_path_for
 
+    _inplace_or_output(args, args.patched)
     undo = args.undo or undo_path_for(args.patched)
-    cli_args.check_outputs(args, [args.patched, undo], [args.output])
+    if not args.inplace:
+        cli_args.check_outputs(args, [args.patched, undo], [args.output])
     total = os.path.getsize(args.patched)
     with progress_bar(args, "remove", total) as tick:
         rep = remove_file(
-            args.patched, args.output, undo=args.undo, durable=args.durable, progress=tick
+            args.patched,
+            None if args.inplace else args.output,
+            undo=args.undo,
+            durable=args.durable,
+            progress=tick,
+            inplace=args.inplace,
         )
+    where = f"restored {rep.out} in place" if args.inplace else f"wrote {rep.out}"
     text = (
-        f"wrote {rep.out}: {rep.tensors} tensors and {rep.bn_buffers} BatchNorm "
+        f"{where}: {rep.tensors} tensors and {rep.bn_buffers} BatchNorm "
         "buffers restored bit for bit"
     )
     out = {
@@ -149,6 +189,31 @@ def run_remove(args: Any) -> None:
 
 def remove_arguments(p: Any) -> None:
     p.add_argument("patched", help="model written by 'robustpatch apply'")
-    cli_args.add_output(p, "restored model to write")
+    cli_args.add_output(p, "restored model to write", required=False)
+    _add_inplace_flag(p, "restore PATCHED itself (and delete the record it used)")
+    p.set_defaults(parser=p)
     p.add_argument("--undo", help="undo record (default: PATCHED.rpundo)")
     cli_args.add_durable_flag(p)
+
+
+def run_recover(args: Any) -> None:
+    """finish an in-place apply or remove that a crash interrupted: the model becomes
+    the original or the patched one again, as its journal says
+
+    example:
+    robustpatch recover model.safetensors
+    """
+    from ..inplace import recover
+
+    outcome = recover(args.model)
+    text = {
+        None: f"{args.model}: nothing to recover",
+        "discarded": f"{args.model}: unchanged (the interrupted patch had not started)",
+        "rolled back": f"{args.model}: restored to the original (interrupted patch rolled back)",
+        "completed": f"{args.model}: the interrupted patch had committed; finished it",
+    }[outcome]
+    report(args, {"file": args.model, "outcome": outcome}, text)
+
+
+def recover_arguments(p: Any) -> None:
+    p.add_argument("model", help="model patched in place with --inplace")

@@ -163,8 +163,8 @@ def device_arg(text: str) -> str:
 # ---------------------------------------------------------------------------- shared options
 
 
-def add_output(p: Any, help: str) -> None:
-    p.add_argument("-o", "--output", required=True, help=help)
+def add_output(p: Any, help: str, required: bool = True) -> None:
+    p.add_argument("-o", "--output", required=required, help=help)
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -1,0 +1,227 @@
+"""The journal of an in-place patch: the original bytes of every range a patch is about
+to overwrite, made durable before the first of them changes.
+
+``<model>.rpjournal`` holds::
+
+    b"RPJRNL1\\n"  state (1 byte: P pending, D done)  7 bytes zero
+    u64 little-endian length of the JSON that follows, the JSON
+    the original bytes of each range, in order
+    sha256 (32 bytes) of the JSON and the bytes: present only once the journal is whole
+
+The JSON names the model's size, the ranges, and what the commit and a rollback do to
+the files beside the model (rename a pending undo record into place, delete a consumed
+one). A patch runs :meth:`Journal.begin` (written and fsynced), changes the ranges,
+fsyncs the model, then :meth:`Journal.commit` (state D fsynced: the commit point; then
+the file actions; then the journal is deleted). :func:`recover` finishes whatever a
+killed process left: a journal without its digest was never followed (the model is
+untouched; it is deleted), a pending one is rolled back (the original bytes written
+back), a done one is completed (its file actions run). So after any crash the model is
+either the original or the patched one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import FormatError, MismatchError
+from .atomic import PathLike, _fsync_dir, _pid_alive
+from .ranged import pwrite_all
+
+__all__ = ["JOURNAL_SUFFIX", "Journal", "journal_path_for", "recover"]
+
+JOURNAL_SUFFIX = ".rpjournal"
+_MAGIC = b"RPJRNL1\n"
+_STATE_AT = len(_MAGIC)
+_PREFIX = len(_MAGIC) + 8  # magic, state byte, padding
+_PENDING, _DONE = b"P", b"D"
+_CHUNK = 8 << 20
+
+
+def journal_path_for(model: PathLike) -> Path:
+    """Where the journal of an in-place patch of ``model`` lives."""
+    return Path(os.fspath(model) + JOURNAL_SUFFIX)
+
+
+@dataclass
+class _Plan:
+    """The journal's JSON: the ranges saved and the file actions of commit/rollback."""
+
+    model_size: int
+    ranges: list[tuple[int, int]]  # (offset, length) in the model
+    commit_rename: tuple[str, str] | None = None  # pending record -> its place
+    commit_unlink: str | None = None  # the record a removal consumed
+    rollback_unlink: list[str] = field(default_factory=list)
+    pid: int = 0  # the patching process (its temporary files name it)
+
+
+class Journal:
+    """An open journal of one in-place patch (see the module docstring)."""
+
+    def __init__(self, path: Path, plan: _Plan) -> None:
+        self.path, self.plan = path, plan
+
+    @classmethod
+    def begin(
+        cls,
+        model: Path,
+        fd: int,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        commit_rename: tuple[Path, Path] | None = None,
+        commit_unlink: Path | None = None,
+    ) -> Journal:
+        """Save the original bytes of ``ranges`` of the model open at ``fd``, durably."""
+        plan = _Plan(
+            os.fstat(fd).st_size,
+            [(int(o), int(n)) for o, n in ranges],
+            None if commit_rename is None else (str(commit_rename[0]), str(commit_rename[1])),
+            None if commit_unlink is None else str(commit_unlink),
+            [] if commit_rename is None else [str(commit_rename[0])],
+            os.getpid(),
+        )
+        path = journal_path_for(model)
+        meta = json.dumps(asdict(plan)).encode()
+        h = hashlib.sha256(meta)
+        with open(path, "wb") as f:
+            f.write(_MAGIC + _PENDING + bytes(7) + len(meta).to_bytes(8, "little") + meta)
+            for offset, length in plan.ranges:
+                for block in _blocks(fd, offset, length):
+                    h.update(block)
+                    f.write(block)
+            f.write(h.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(path.parent)
+        return cls(path, plan)
+
+    def commit(self) -> None:
+        """The patch is whole and synced: mark the journal done, then finish."""
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            pwrite_all(fd, _DONE, _STATE_AT)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._finish_commit()
+
+    def _finish_commit(self) -> None:
+        if self.plan.commit_rename is not None:
+            src, dst = self.plan.commit_rename
+            if os.path.exists(src):
+                os.replace(src, dst)
+        if self.plan.commit_unlink is not None:
+            Path(self.plan.commit_unlink).unlink(missing_ok=True)
+        self._delete()
+
+    def roll_back(self, fd: int) -> None:
+        """Write the original bytes back into the model open at ``fd`` and sync it."""
+        with open(self.path, "rb") as f:
+            at = _PREFIX + 8 + _meta_length(f)
+            for offset, length in self.plan.ranges:
+                for start in range(0, length, _CHUNK):
+                    n = min(_CHUNK, length - start)
+                    f.seek(at + start)
+                    pwrite_all(fd, f.read(n), offset + start)
+                at += length
+        os.fsync(fd)
+        for name in self.plan.rollback_unlink:
+            Path(name).unlink(missing_ok=True)
+            _remove_writer_temps(Path(name), self.plan.pid)
+        self._delete()
+
+    def _delete(self) -> None:
+        self.path.unlink(missing_ok=True)
+        _fsync_dir(self.path.parent)
+
+
+def _remove_writer_temps(path: Path, pid: int) -> None:
+    """Delete the temporary files of ``path`` that the journal's writer left, once it is
+    gone (alive, it is this process: its own files are discarded as it unwinds)."""
+    if _pid_alive(pid):
+        return
+    prefix = f".{path.name}.rp{pid}."
+    for entry in path.parent.iterdir():
+        if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)
+
+
+def _blocks(fd: int, offset: int, length: int):
+    """The bytes of a range of ``fd``, in blocks of at most ``_CHUNK``."""
+    end = offset + length
+    while offset < end:
+        block = os.pread(fd, min(_CHUNK, end - offset), offset)
+        if not block:
+            raise FormatError(f"the model ended at byte {offset}, inside a range to patch")
+        yield block
+        offset += len(block)
+
+
+def _meta_length(f) -> int:
+    f.seek(_PREFIX)
+    return int.from_bytes(f.read(8), "little")
+
+
+def _load(path: Path) -> tuple[bytes, _Plan] | None:
+    """The state and plan of a whole journal; None if it was never completed."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_PREFIX + 8)
+        if len(head) < _PREFIX + 8 or head[: len(_MAGIC)] != _MAGIC:
+            return None
+        n = int.from_bytes(head[_PREFIX:], "little")
+        meta = f.read(n) if n <= size else b""
+        if len(meta) != n:
+            return None
+        try:
+            plan = _Plan(**json.loads(meta))
+        except (ValueError, TypeError):
+            return None
+        body = sum(length for _, length in plan.ranges)
+        if size != _PREFIX + 8 + n + body + 32:
+            return None
+        h, left = hashlib.sha256(meta), body
+        while left:
+            block = f.read(min(_CHUNK, left))
+            h.update(block)
+            left -= len(block)
+        if f.read(32) != h.digest():
+            return None
+    return head[_STATE_AT : _STATE_AT + 1], plan
+
+
+def recover(model: PathLike) -> str | None:
+    """Finish an in-place patch of ``model`` that a crash interrupted.
+
+    Returns None (no journal), ``"discarded"`` (the journal was never completed, so the
+    model was never changed), ``"rolled back"`` (the original bytes written back) or
+    ``"completed"`` (the patch had committed; its file actions were finished).
+    """
+    path = journal_path_for(model)
+    if not path.exists():
+        return None
+    loaded = _load(path)
+    if loaded is None:
+        path.unlink()
+        _fsync_dir(path.parent)
+        return "discarded"
+    state, plan = loaded
+    journal = Journal(path, plan)
+    if state == _DONE:
+        journal._finish_commit()
+        return "completed"
+    fd = os.open(model, os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size != plan.model_size:
+            raise MismatchError(
+                f"{os.fspath(model)}: its size changed since the in-place patch that "
+                f"{path} journals; refusing to write the journal's bytes into it"
+            )
+        journal.roll_back(fd)
+    finally:
+        os.close(fd)
+    return "rolled back"

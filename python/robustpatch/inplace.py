@@ -1,0 +1,297 @@
+"""Patch a safetensors model in place, through a memory map, crash-safe by a journal.
+
+:func:`apply_inplace` (``apply_file(..., inplace=True)``, ``robustpatch apply
+--inplace``) touches only the bytes of the tensors the signatures patch: it saves their
+original bytes in a durable journal (:mod:`robustpatch._io.journal`), patches them in
+the mapped file, fsyncs, writes the undo record, and marks the journal done. Its time
+and I/O follow the touched bytes, not the file's size. A process killed at any moment
+leaves a journal that :func:`recover` (run by the next in-place call, or ``robustpatch
+recover``) turns back into the original model or forward into the patched one.
+
+The model's header gains the applied signatures' metadata when the new header fits in
+the old one's space (padded with spaces, as the format allows); otherwise the header
+stays as it was and only the undo record tells what was applied (``header_updated``).
+
+Nothing but the model and its own journal and record is written: a model that is one of
+the signature files is refused, and so is a model with other hard links (patching it
+would change those names too), or one that already has an undo record (that patch could
+no longer be removed).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import validate
+from ._format.safetensors import Header, TensorInfo, read_header_from
+from ._format.undo import UndoSidecar, UndoWriter, undo_path_for
+from ._io.atomic import AtomicFile, check_destinations
+from ._io.inputs import open_input
+from ._io.journal import Journal, journal_path_for, recover
+from ._io.ranged import pwrite_all
+from .dtypes import NUMPY_OF_LABEL, kernel_view
+from .errors import InvalidArgumentError
+from .files import (
+    FileReport,
+    Progress,
+    _FileRecords,
+    _locked,
+    _patched_header,
+    _paths,
+    _RecordToFile,
+    _spec_of,
+    _Verify,
+    _verify_patched,
+    _Watch,
+)
+from .signature import SignatureLike
+from .targets import (
+    Alphas,
+    NumpyTarget,
+    check_plan,
+    make_plan,
+    patch_target,
+    plan_for,
+    restore_target,
+)
+
+__all__ = ["apply_inplace", "remove_inplace", "recover", "journal_path_for", "PENDING_SUFFIX"]
+
+#: The undo record is written here, then renamed to ``<model>.rpundo`` at the commit.
+PENDING_SUFFIX = ".pending"
+
+
+class MappedTarget(NumpyTarget):
+    """The touched tensors of a model mapped read-write, patched where they lie.
+
+    :meth:`visit` walks them in file order; each is a view of the mapping (a copy,
+    written back when done, where the file puts it at an unaligned offset). ``watch``
+    sees each as loaded and when done, as for a streamed file.
+    """
+
+    def __init__(self, mm: mmap.mmap, header: Header, watch: _Watch, progress: Progress) -> None:
+        super().__init__({})
+        self.mm, self.header, self.watch, self.tick = mm, header, watch, progress
+        self._index = {t.name: k for k, t in enumerate(header.tensors)}
+        self._spec = _spec_of(header)
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        return self._spec(name)
+
+    def address(self, name: str) -> int:
+        return self._index[name]
+
+    def check_writable(self, name: str) -> None:
+        """Mapped read-write: always writable."""
+
+    def visit(self, names: Sequence[str]) -> Iterator[str]:
+        wanted = set(names)
+        for t in (t for t in self.header.tensors if t.name in wanted):
+            mapped = self._view(t)
+            arr = mapped if mapped.flags.aligned else mapped.copy()
+            try:
+                self.watch.loaded(t, arr)
+                self.arrays = {t.name: arr}
+                yield t.name
+                self.watch.finished(t, arr)
+                if arr is not mapped:
+                    mapped[...] = arr
+            finally:
+                self.arrays = {}  # no view may outlive the mapping
+            del mapped, arr
+            self.tick(t.nbytes)
+
+    def _view(self, t: TensorInfo) -> np.ndarray:
+        raw = np.frombuffer(self.mm, np.uint8, t.nbytes, self.header.data_start + t.begin)
+        return kernel_view(raw.view(NUMPY_OF_LABEL[t.dtype]).reshape(t.shape))
+
+
+def _check_model(model: Path) -> None:
+    """Refuse a model whose bytes other names share (hard links)."""
+    links = os.stat(model).st_nlink
+    if links > 1:
+        raise InvalidArgumentError(
+            f"{model} has {links} hard links: patching it in place would change the other "
+            "names too; copy it first (cp) or write to an output file"
+        )
+
+
+def _fitted_header(new_header: bytes, data_start: int) -> bytes | None:
+    """``new_header`` padded to the old header's length, or None if it does not fit."""
+    text = new_header[8:].rstrip(b" ")
+    size = data_start - 8
+    if len(text) > size:
+        return None
+    return size.to_bytes(8, "little") + text.ljust(size)
+
+
+def _tensor_ranges(header: Header, names: set[str]) -> list[tuple[int, int]]:
+    return [(header.data_start + t.begin, t.nbytes) for t in header.tensors if t.name in names]
+
+
+@contextmanager
+def _mapped(f: Any) -> Iterator[mmap.mmap]:
+    """The open model mapped shared and writable; synced to disk when done."""
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
+    try:
+        yield mm
+        mm.flush()
+    finally:
+        mm.close()
+
+
+def apply_inplace(
+    model: str | os.PathLike[str],
+    sigs: SignatureLike | Sequence[SignatureLike],
+    alphas: Alphas = 1.0,
+    *,
+    force: bool = False,
+    allow_dtype_change: bool = False,
+    undo: bool = True,
+    progress: Progress | None = None,
+    allow_nonfinite: bool = False,
+) -> FileReport:
+    """Patch ``model`` in place with ``Σ α_k·sig_k`` (see the module docstring).
+
+    The undo record goes to ``<model>.rpundo`` (unless ``undo=False``); checks and errors
+    are those of :func:`~robustpatch.files.apply_file`. On any error the model is
+    restored from the journal before the error propagates.
+    """
+    model = validate.path(model, "model")
+    record = undo_path_for(model)
+    check_destinations(_paths(sigs), [model])
+    if undo:
+        check_destinations([model, *_paths(sigs)], [record])
+        if record.exists():
+            raise FileExistsError(
+                f"{record} exists: {model} already carries a patch; remove it first "
+                "(robustpatch remove --inplace) or move the record away"
+            )
+    _check_model(model)
+    recover(model)
+    plan = plan_for(sigs, alphas)
+    with open_input(model) as probe:
+        header = read_header_from(probe, str(model))
+    check_plan(plan, _spec_of(header), force, allow_dtype_change=allow_dtype_change)
+    fitted = _fitted_header(_patched_header(header, plan, model), header.data_start)
+    ranges = _tensor_ranges(header, set(plan.names))
+    if fitted is not None:
+        ranges.insert(0, (0, header.data_start))
+    pending = Path(str(record) + PENDING_SUFFIX)
+    with open(model, "r+b") as f:
+        src_header = os.pread(f.fileno(), header.data_start, 0)
+        journal = Journal.begin(
+            model, f.fileno(), ranges, commit_rename=(pending, record) if undo else None
+        )
+        try:
+            elements = _patch(
+                f,
+                header,
+                plan,
+                fitted,
+                src_header,
+                pending if undo else None,
+                progress,
+                allow_nonfinite,
+            )
+            journal.commit()
+        except BaseException:
+            journal.roll_back(f.fileno())
+            raise
+    touched = sum(n for _, n in ranges)
+    return FileReport(
+        model,
+        record if undo else None,
+        len(plan.deltas),
+        len(plan.bn),
+        touched,
+        elements,
+        header_updated=fitted is not None,
+    )
+
+
+def _patch(f, header, plan, fitted, src_header, pending, progress, allow_nonfinite) -> int:
+    """Patch the mapped tensors (and header), writing the undo record to ``pending``;
+    returns the record's element count."""
+    tick = _locked(progress)
+    header_now = fitted if fitted is not None else src_header
+    if pending is None:
+        with _mapped(f) as mm:
+            patch_target(MappedTarget(mm, header, _NoWatch(), tick), plan, None, allow_nonfinite)
+        _finish_model(f, fitted)
+        return 0
+    touched = [t for t in header.tensors if t.name in plan.deltas or t.name in plan.bn]
+    kinds = [(t, "delta" if t.name in plan.deltas else "bn") for t in touched]
+    size = header.file_size
+    with AtomicFile(pending, durable=True) as uf:
+        writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, (size, size), header_now)
+        sink = _RecordToFile(writer)
+        with _mapped(f) as mm:
+            patch_target(MappedTarget(mm, header, sink, tick), plan, sink, allow_nonfinite)
+        _finish_model(f, fitted)
+        writer.finish()
+        uf.commit()
+    return writer.elements
+
+
+def _finish_model(f: Any, fitted: bytes | None) -> None:
+    """Write the new header (if it fits) and make the model durable."""
+    if fitted is not None:
+        pwrite_all(f.fileno(), fitted, 0)
+    os.fsync(f.fileno())
+
+
+class _NoWatch:
+    def loaded(self, t: TensorInfo, arr: np.ndarray) -> None:
+        """Nothing to record without an undo record."""
+
+    def finished(self, t: TensorInfo, arr: np.ndarray) -> None:
+        """Nothing to record without an undo record."""
+
+
+def remove_inplace(
+    patched: str | os.PathLike[str],
+    *,
+    undo: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> FileReport:
+    """Restore, in place, the model a patch changed: bit for bit the original, through
+    the same journal as :func:`apply_inplace`; the consumed record is deleted at the
+    commit. Works for a record of an in-place patch, and for one of ``apply_file`` whose
+    header kept its length. Refuses what :func:`~robustpatch.files.remove_file` refuses."""
+    patched = validate.path(patched, "patched")
+    side_path = validate.path(undo, "undo") if undo else undo_path_for(patched)
+    check_destinations([side_path], [patched])
+    if not side_path.exists():
+        raise FileNotFoundError(f"no undo record at {side_path}")
+    _check_model(patched)
+    recover(patched)
+    with open_input(side_path) as fside, open(patched, "r+b") as f:
+        side = UndoSidecar.load(side_path, fside)
+        header = read_header_from(f, str(patched))
+        plan = make_plan(side.signatures, side.record.alphas)
+        _verify_patched(f, header, side, plan)
+        if len(side.source_header) != header.data_start:
+            raise InvalidArgumentError(
+                f"{patched}: the original header has another length than the patched one; "
+                "restore to an output file (robustpatch remove -o)"
+            )
+        ranges = [(0, header.data_start), *_tensor_ranges(header, set(plan.names))]
+        journal = Journal.begin(patched, f.fileno(), ranges, commit_unlink=side_path)
+        try:
+            with _mapped(f) as mm:
+                target = MappedTarget(mm, header, _Verify(side), _locked(progress))
+                restore_target(target, plan, _FileRecords(side, header))
+            _finish_model(f, side.source_header)
+            journal.commit()
+        except BaseException:
+            journal.roll_back(f.fileno())
+            raise
+    return FileReport(patched, None, len(plan.deltas), len(plan.bn), sum(n for _, n in ranges), 0)

@@ -1,0 +1,261 @@
+"""In-place patching of a mapped model (``apply_file(..., inplace=True)``, ``--inplace``):
+the same tensor bytes as an output file, exact removal in place, only the touched bytes
+written, refusals that leave every file as it was, the journal's recovery in each
+state, and SIGKILL at random moments (the model is always the original or the patched
+one once recovered)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robustpatch._format.safetensors import TensorInfo, encode_header, read_header
+from robustpatch._io.journal import Journal, journal_path_for, recover
+from robustpatch.cli import main
+from robustpatch.errors import FormatError, InvalidArgumentError, NonFiniteError
+from robustpatch.files import apply_file, remove_file, undo_path_for
+from robustpatch.inplace import PENDING_SUFFIX
+from robustpatch.signature import Signature
+from rp_testutil import listing, sha
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="mmap sharing and SIGKILL are POSIX")
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def write_model(path: Path, n: int, shape=(64, 64), pad: int = 0, seed: int = 0) -> list:
+    """``n`` tensors (every third BF16, the rest F32); ``pad`` spaces of room in the header."""
+    rng = np.random.default_rng(seed)
+    infos, blobs, offset = [], [], 0
+    for i in range(n):
+        x = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        if i % 3 == 2:
+            x, label = (x.view(np.uint32) >> 16).astype(np.uint16), "BF16"
+        else:
+            label = "F32"
+        infos.append(TensorInfo(f"layers.{i}.weight", label, shape, offset, offset + x.nbytes))
+        blobs.append(x.tobytes())
+        offset += x.nbytes
+    head = encode_header(infos, {"format": "pt"})
+    text = head[8:] + b" " * pad
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+    return infos
+
+
+def write_signature(path: Path, infos: list, every: int, bits: int | None = 4, seed=1) -> None:
+    rng = np.random.default_rng(seed)
+    chosen = infos[::every]
+    deltas = {t.name: rng.normal(0, 1e-3, t.shape).astype(np.float32) for t in chosen}
+    sig = Signature.from_deltas(deltas, dtypes={t.name: t.dtype for t in chosen}, name="ip")
+    (sig.quantize(bits, "affine", "group", 64) if bits else sig).save(path)
+
+
+def data(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return raw[8 + int.from_bytes(raw[:8], "little") :]
+
+
+@pytest.fixture
+def small(tmp_path):
+    infos = write_model(tmp_path / "m.safetensors", 9)
+    write_signature(tmp_path / "s.rws", infos, every=2)
+    return tmp_path
+
+
+def test_inplace_gives_the_output_files_tensor_bytes_and_removal_restores_every_bit(small):
+    model, sig = small / "m.safetensors", small / "s.rws"
+    original = sha(model)
+    ref = apply_file(model, sig, 0.7, small / "ref.safetensors")
+    rep = apply_file(model, sig, 0.7, inplace=True)
+    assert data(model) == data(ref.out)
+    assert rep.undo == undo_path_for(model) and rep.undo.exists()
+    assert rep.bytes_written == sum(t.nbytes for t in read_header(model).tensors[::2])
+    assert not rep.header_updated  # the written header had no room
+    remove_file(model, inplace=True)
+    assert sha(model) == original
+    assert sorted(listing(small)) == [
+        "m.safetensors",
+        "ref.safetensors",
+        "ref.safetensors.rpundo",
+        "s.rws",
+    ]
+
+
+def test_header_with_room_records_the_applied_signature_and_is_restored(tmp_path):
+    model, sig = tmp_path / "m.safetensors", tmp_path / "s.rws"
+    write_signature(sig, write_model(model, 6, pad=512), every=3)
+    original = sha(model)
+    start = read_header(model).data_start
+    rep = apply_file(model, sig, 1.0, inplace=True)
+    assert rep.header_updated
+    header = read_header(model)
+    assert header.data_start == start  # the data did not move
+    assert '"hash"' in header.metadata["robustpatch.applied"]
+    assert main(["remove", str(model), "--inplace", "-q"]) == 0
+    assert sha(model) == original and not undo_path_for(model).exists()
+
+
+def test_only_the_touched_bytes_are_written(tmp_path):
+    """A 1 GiB tensor left as a hole in a sparse file stays a hole: in place, the
+    untouched bytes are never read into memory or written."""
+    model, sig = tmp_path / "m.safetensors", tmp_path / "s.rws"
+    small = TensorInfo("small", "F32", (256, 256), 0, 256 * 256 * 4)
+    huge = TensorInfo("huge", "F32", (1 << 28,), small.end, small.end + (1 << 30))
+    head = encode_header([small, huge], {})
+    with open(model, "wb") as f:
+        f.write(head + np.ones(256 * 256, np.float32).tobytes())
+        f.truncate(len(head) + huge.end)
+    Signature.from_deltas({"small": np.full((256, 256), 0.5, np.float32)}, name="s").save(sig)
+    before = os.stat(model).st_blocks
+    apply_file(model, sig, 1.0, inplace=True)
+    assert os.stat(model).st_blocks - before < (4 << 20) // 512
+    raw = np.fromfile(model, np.float32, 256 * 256, offset=len(head))
+    assert (raw == 1.5).all()
+
+
+def test_refusals_leave_every_file_as_it_was(small):
+    model, sig = small / "m.safetensors", small / "s.rws"
+    before = listing(small)
+    with pytest.raises(InvalidArgumentError, match="leave out the output"):
+        apply_file(model, sig, 1.0, small / "x.safetensors", inplace=True)
+    with pytest.raises(InvalidArgumentError, match="is the input"):
+        apply_file(sig, sig, 1.0, inplace=True)  # the model is one of the signatures
+    os.link(model, small / "alias.safetensors")
+    with pytest.raises(InvalidArgumentError, match="2 hard links"):
+        apply_file(model, sig, 1.0, inplace=True)
+    os.unlink(small / "alias.safetensors")
+    undo_path_for(model).write_bytes(b"an earlier patch's record")
+    with pytest.raises(FileExistsError, match="already carries a patch"):
+        apply_file(model, sig, 1.0, inplace=True)
+    undo_path_for(model).unlink()
+    assert listing(small) == before
+
+
+def test_an_overflow_is_rolled_back_from_the_journal(small):
+    model, infos = small / "m.safetensors", read_header(small / "m.safetensors").tensors
+    big = Signature.from_deltas({infos[0].name: np.full((64, 64), 3e38, np.float32)}, name="b")
+    big.save(small / "big.rws")
+    before = listing(small)
+    with pytest.raises(NonFiniteError):
+        apply_file(model, small / "big.rws", 2.0, inplace=True)
+    assert listing(small) == before
+
+
+def test_remove_in_place_refuses_a_record_whose_header_had_another_length(small):
+    model, sig = small / "m.safetensors", small / "s.rws"
+    apply_file(model, sig, 1.0, small / "p.safetensors")  # the header grew
+    before = listing(small)
+    with pytest.raises(InvalidArgumentError, match="another length"):
+        remove_file(small / "p.safetensors", inplace=True)
+    assert listing(small) == before
+
+
+def test_a_model_with_an_interrupted_patch_is_refused_until_recovered(small):
+    model, sig = small / "m.safetensors", small / "s.rws"
+    journal_path_for(model).write_bytes(b"RPJRNL1\nP")  # never completed
+    with pytest.raises(FormatError, match="robustpatch recover"):
+        apply_file(model, sig, 1.0, small / "out.safetensors")
+    assert recover(model) == "discarded" and not journal_path_for(model).exists()
+
+
+def test_recovery_rolls_a_pending_journal_back_and_a_done_one_forward(small):
+    model = small / "m.safetensors"
+    original = model.read_bytes()
+    ranges = [(100, 64), (4000, 1000)]
+    with open(model, "r+b") as f:
+        Journal.begin(model, f.fileno(), ranges)
+        for offset, length in ranges:
+            os.pwrite(f.fileno(), b"\xff" * length, offset)  # killed mid-patch
+    assert recover(model) == "rolled back"
+    assert model.read_bytes() == original and not journal_path_for(model).exists()
+
+    pending, record = small / ("r" + PENDING_SUFFIX), small / "r.rpundo"
+    with open(model, "r+b") as f:
+        journal = Journal.begin(model, f.fileno(), ranges, commit_rename=(pending, record))
+        os.pwrite(f.fileno(), b"\x01" * 64, 100)
+    pending.write_bytes(b"record")
+    with open(journal.path, "r+b") as j:
+        os.pwrite(j.fileno(), b"D", 8)  # committed, killed before the rename
+    assert recover(model) == "completed"
+    assert record.read_bytes() == b"record" and not pending.exists()
+    assert model.read_bytes()[100:164] == b"\x01" * 64
+    assert recover(model) is None
+
+
+def test_cli_needs_exactly_one_of_output_and_inplace(small, capsys):
+    model, sig = str(small / "m.safetensors"), str(small / "s.rws")
+    with pytest.raises(SystemExit) as e:
+        main(["apply", model, sig])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["apply", model, sig, "--inplace", "-o", str(small / "o.safetensors")])
+    assert e.value.code == 2
+    assert "either -o/--output or --inplace" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- SIGKILL
+
+
+def _cli(*argv: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "robustpatch.cli", "-q", *map(str, argv)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _journal_window(model: Path, sig: Path) -> tuple[float, float]:
+    """(seconds until the journal appears, seconds to finish) of one in-place apply."""
+    t0, first = time.perf_counter(), None
+    proc = _cli("apply", model, sig, "--inplace")
+    while proc.poll() is None:
+        if first is None and journal_path_for(model).exists():
+            first = time.perf_counter() - t0
+        time.sleep(0.001)
+    assert proc.returncode == 0, proc.stderr.read()
+    return first if first is not None else 0.0, time.perf_counter() - t0
+
+
+def test_sigkill_at_random_moments_leaves_the_original_or_the_patched_model(tmp_path):
+    """Kills land uniformly over the in-place run (seeded) until 5 have hit it while its
+    journal existed (up to 60 trials): recovery must give the original model (and no
+    record) or the patched one with a record that removes it exactly."""
+    model, sig = tmp_path / "m.safetensors", tmp_path / "s.rws"
+    write_signature(sig, write_model(model, 24, shape=(512, 512)), every=2, bits=None)
+    original = sha(model)
+    apply_file(model, sig, 1.0, tmp_path / "ref.safetensors")
+    patched = data(tmp_path / "ref.safetensors")
+    start, duration = _journal_window(model, sig)
+    remove_file(model, inplace=True)
+    assert sha(model) == original
+    rng, mid, outcomes = random.Random(19), 0, set()
+    for _ in range(60):
+        proc = _cli("apply", model, sig, "--inplace")
+        time.sleep(rng.uniform(start * 0.9, duration))
+        proc.kill()
+        proc.wait()
+        mid += journal_path_for(model).exists()
+        outcomes.add(recover(model))
+        if undo_path_for(model).exists():
+            assert data(model) == patched
+            remove_file(model, inplace=True)
+        assert sha(model) == original
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "m.safetensors",
+            "ref.safetensors",
+            "ref.safetensors.rpundo",
+            "s.rws",
+        ]
+        if mid >= 5:
+            break
+    assert mid >= 5, f"only {mid} of 60 kills landed while the journal existed"
+    assert outcomes & {"rolled back", "discarded"}
