@@ -13,22 +13,29 @@ from .output import fmt_bytes, print_table
 
 def signature_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The facts ``inspect`` shows about a signature file, as a JSON-able dict."""
+    from .._format.safetensors import read_header
     from ..signature import Signature
 
     sig = Signature.load(path)
+    stored = read_header(path).by_name()
     energy = sig.energy()
     total_e = sum(energy.values()) or 1.0
-    rows = []
+    rows, stored_as = [], {}
     for e in sig:
         row = {k: v for k, v in e.spec().items() if k != "stats"}
         row["bytes"] = e.nbytes
+        if e.kind == "delta" and not e.is_quantized:  # compact storage: BF16/F16 if exact
+            row["stored"], row["bytes"] = stored[e.name].dtype, stored[e.name].nbytes
+            stored_as[row["stored"]] = stored_as.get(row["stored"], 0) + 1
         if e.kind == "delta":
             row["f32_bytes"] = 4 * e.numel
-            row["ratio"] = e.nbytes / (4 * e.numel) if e.numel else 1.0
+            row["ratio"] = row["bytes"] / (4 * e.numel) if e.numel else 1.0
             row["energy"] = energy[e.name]
             row["energy_share"] = energy[e.name] / total_e
         rows.append(row)
     size = os.path.getsize(path)
+    stored_bytes = sum(r["bytes"] for r in rows)
+    delta_bytes = sum(r["bytes"] for r in rows if r["kind"] == "delta")
     return {
         "file": str(path),
         "kind": "signature",
@@ -36,10 +43,12 @@ def signature_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         "format_version": 1,
         "method": sig.meta.get("method"),
         "entries": rows,
-        "bytes": sig.nbytes,
+        "bytes": stored_bytes,
+        "dense_stored_as": stored_as,
+        "unchanged_skipped": len(sig.meta.get("skipped") or []),
         "file_bytes": size,
         "f32_delta_bytes": sig.dense_nbytes,
-        "delta_ratio": sig.delta_ratio,
+        "delta_ratio": delta_bytes / sig.dense_nbytes if sig.dense_nbytes else 1.0,
         "file_ratio": size / sig.dense_nbytes if sig.dense_nbytes else None,
         "model_bytes": sig.meta.get("source", {}).get("model_nbytes"),
         "smaller_than_model": sig.compression_ratio(),
@@ -121,7 +130,7 @@ def _print_signature(rep: dict[str, Any]) -> None:
                 e["kind"],
                 "x".join(map(str, e["shape"])) or "scalar",
                 e["dtype"],
-                e.get("bits", "-") if q else "f32",
+                e.get("bits", "-") if q else e.get("stored", "f32").lower(),
                 e.get("scheme", "-"),
                 e.get("group_len", "-"),
                 e["bytes"],
@@ -143,6 +152,12 @@ def _print_signature(rep: dict[str, Any]) -> None:
         print(
             f"{rep['smaller_than_model']:.1f}x smaller than the model it came from "
             f"({fmt_bytes(rep['model_bytes'])})"
+        )
+    if rep["dense_stored_as"] or rep["unchanged_skipped"]:
+        kinds = ", ".join(f"{n} as {d}" for d, n in sorted(rep["dense_stored_as"].items()))
+        print(
+            f"dense deltas stored {kinds or 'none'} (BF16/F16 only where exact); "
+            f"{rep['unchanged_skipped']} unchanged tensors skipped"
         )
     print(f"content hash {rep['content_hash']}")
     print(f"architecture fingerprint {rep['fingerprints']['architecture']}")

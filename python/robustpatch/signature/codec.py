@@ -1,7 +1,8 @@
 """The signature file: header metadata, its validating parser, the content hash.
 
 A signature file (``format_version`` 1) is a safetensors container: per delta entry
-``P`` either the tensor ``P`` (F32) or ``P.codes`` (U8, bit-packed little-endian),
+``P`` either the tensor ``P`` (F32, or BF16/F16 where that holds every value exactly:
+see :func:`compact`) or ``P.codes`` (U8, bit-packed little-endian),
 ``P.scale`` and ``P.offset`` (F32, one per group); per BN entry ``P.replace`` (F32).
 ``__metadata__["robustpatch"]`` is a JSON object::
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._format.safetensors import read_tensors, write_tensors
+from ..dtypes import widen
 from ..errors import FormatError, InvalidArgumentError, shown
 from ..validate import GRANULARITIES, SCHEMES
 from .entry import Entry, Quantized, bn_entry, check_finite, dense_entry
@@ -143,6 +145,38 @@ def _want(tensors: Mapping[str, np.ndarray], name: str, dtype, numel: int, where
     return arr
 
 
+#: The dtypes a dense delta may be stored in (uint16: bfloat16 bits), narrowest first.
+_COMPACT = (np.dtype(np.uint16), np.dtype(np.float16))
+
+
+def _dense_values(tensors: Mapping[str, np.ndarray], name: str, numel: int, where: str):
+    """A dense delta as float32, stored as F32 or (compact, exact) as BF16/F16."""
+    arr = tensors.get(name)
+    stored = arr.dtype if arr is not None and arr.dtype in _COMPACT else np.dtype(np.float32)
+    arr = _want(tensors, name, stored, numel, where)
+    if stored == np.uint16:
+        return widen(arr, "BF16")
+    return arr.astype(np.float32, copy=False)
+
+
+def compact(values: np.ndarray) -> np.ndarray:
+    """``values`` (float32) in the narrowest dtype that holds every one exactly:
+    bfloat16 bits (uint16) or float16 if either round-trips bit for bit, else float32.
+
+    >>> compact(np.array([0.5, -2.0], np.float32)).dtype, compact(np.array([0.1], np.float32)).dtype
+    (dtype('uint16'), dtype('float32'))
+    """
+    flat = np.ascontiguousarray(values, np.float32)
+    bits = flat.view(np.uint32)
+    if not (bits & 0xFFFF).any():
+        return (bits >> 16).astype(np.uint16)
+    with np.errstate(over="ignore"):  # an overflow to Inf just fails the round trip
+        half = flat.astype(np.float16)
+    if np.array_equal(half.astype(np.float32).view(np.uint32), bits):
+        return half
+    return flat
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -166,7 +200,7 @@ def _entry_from_spec(s: Any, tensors: Mapping[str, np.ndarray], where: str) -> E
             raise FormatError(f"{where}: entry {shown(name)} has a bad weight {shown(weight)}")
         return bn_entry(name, arr, dtype, weight)
     if s.get("encoding") == "dense":
-        arr = _want(tensors, name, np.float32, numel, where).reshape(shape_t)
+        arr = _dense_values(tensors, name, numel, where).reshape(shape_t)
         return dense_entry(name, arr, dtype, stats)
     if s.get("encoding") != "quantized":
         raise FormatError(
@@ -263,9 +297,15 @@ def header_meta(sig: Signature) -> dict[str, Any]:
 
 
 def save(sig: Signature, path: Path) -> Path:
-    """Write ``sig`` (weight 1) to ``path`` atomically."""
+    """Write ``sig`` (weight 1) to ``path`` atomically; each dense delta is stored in the
+    narrowest dtype that holds it exactly (:func:`compact`). The content hash is over
+    the float32 values either way, so it does not depend on how they are stored."""
     meta = json.dumps(header_meta(sig), default=json_default)
-    write_tensors(path, sig.file_tensors(), {META_KEY: meta})
+    tensors = sig.file_tensors()
+    for e in sig:
+        if e.kind == "delta" and e.quant is None:
+            tensors[e.name] = compact(e.values)
+    write_tensors(path, tensors, {META_KEY: meta})
     return path
 
 
