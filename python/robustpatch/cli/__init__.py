@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from .._core import __version__
 from ..errors import EXPECTED_ERRORS
-from . import batch, demo, inspect, models, signatures
+from . import batch, demo, inspect, models, onnx, signatures
 from .parser import PROG, Command, HelpFormatter, add_command, global_options
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -63,6 +63,7 @@ COMMANDS: list[Command] = [
     Command("detect", signatures.run_detect, signatures.detect_arguments),
     Command("batch", batch.run_batch, batch.batch_arguments, json_output=False),
     Command("demo", demo.run_demo, demo.demo_arguments, json_output=False),
+    Command("onnx", onnx.run_onnx, onnx.onnx_arguments),
 ]
 
 

@@ -366,11 +366,11 @@ def remove(
         plan = make_plan(side.signatures, side.record.alphas)
         _verify_patched(m, side, plan)
         restored = _restored_bytes(m, side, data_out)
-        if data_out is not None:  # the embedded tensors come back with the source's bytes
-            plan = _external_only(m, plan)
+        # With external data the embedded tensors come back with the source's bytes.
+        todo = plan if data_out is None else _external_only(m, plan)
         with _Outputs(out, data_out, None, durable) as files, _data_source(m) as fsrc:
             target = _target(m, restored, fsrc, files.data, _Verify(side))
-            restore_target(target, plan, _FileRecords(side, _Infos(m)))  # type: ignore[arg-type]
+            restore_target(target, todo, _FileRecords(side, _Infos(m)))  # type: ignore[arg-type]
             files.model.file.write(restored)
             files.commit()
     return OnnxReport(out, data_out, None, len(plan.deltas), len(plan.bn), 0)

@@ -1,8 +1,13 @@
 """An onnxruntime session with signatures applied at load time, no file written.
 
-The touched initializers are read from the model, patched in memory by the engine and
-handed to onnxruntime through ``SessionOptions.add_initializer``, which takes
-precedence over the model's own: switching a device between signatures is a new
+The model's bytes are patched in memory (as :func:`robustpatch.onnx.apply` patches
+them on disk) and handed to onnxruntime; the tensors of its external data file are read
+into memory, patched where touched, and given to onnxruntime with
+``SessionOptions.add_external_initializers``, so that it never opens the data file
+(whose path has been checked here). ``SessionOptions.add_initializer`` is not used: the
+overrides it sets are ignored by the graph optimizations that fold initializers into
+their consumers (Conv + BatchNorm fusion, constant folding; onnxruntime 1.32 at
+the default optimization level). Switching a device between signatures is a new
 session, not a new file. Nothing here imports torch.
 """
 
@@ -12,16 +17,19 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from ..errors import InvalidArgumentError, MismatchError
 from ..signature import SignatureLike
-from ..targets import Alphas, NumpyTarget, patch_target, plan_for
-from .model import load
-from .patch import check_fits
+from ..targets import Alphas, patch_target, plan_for
+from .model import Initializer, OnnxModel, load
+from .patch import OnnxTarget, check_fits
 
 __all__ = ["session"]
 
-#: Initializer dtypes onnxruntime takes from numpy arrays as they are.
-_SESSION_LABELS = ("F32", "F16")
+#: External initializer dtypes that numpy holds only as raw bits (onnxruntime would
+#: take them as integers).
+_RAW_BITS = ("BF16", "F8_E4M3", "F8_E5M2")
 _CPU = ("CPUExecutionProvider",)
 
 
@@ -47,28 +55,35 @@ def session(
     allow_nonfinite: bool = False,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` of ``model`` with ``Σ α_k·sig_k`` added to its
-    initializers (F32/F16), checked like :func:`robustpatch.onnx.apply`; the file is
-    not changed. ``providers`` default to the CPU; ``sess_options`` (a
+    initializers, checked like :func:`robustpatch.onnx.apply`; the file is not changed
+    (the model and its external data are held in memory, as onnxruntime holds them).
+    ``providers`` default to the CPU; ``sess_options`` (a
     ``SessionOptions``) gets the patched initializers added. The session's
     ``patched_initializers`` maps each patched name to its array."""
     ort = _ort()
     m = load(model)
     plan = plan_for(signatures, alphas)
     check_fits(m, plan, force, allow_dtype_change)
-    for name in plan.names:
-        label = m.initializers[name].label
-        if label not in _SESSION_LABELS:
-            raise MismatchError(
-                f"{m.path}: initializer {name!r} is {label}; sessions patch F32/F16"
-            )
-    arrays = {name: m.read(name) for name in plan.names}
-    patch_target(NumpyTarget(arrays), plan, None, allow_nonfinite)
+    patched = bytearray(m.data)
+    target = OnnxTarget(m, patched, None)
+    external = {init.name: _external_array(m, init) for init in m.external}
+    target.arrays.update(external)
+    patch_target(target, plan, None, allow_nonfinite)
     opts = sess_options if sess_options is not None else ort.SessionOptions()
-    values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
-    for name, value in values.items():
-        opts.add_initializer(name, value)
-    sess = ort.InferenceSession(os.fspath(m.path), opts, providers=list(providers or _CPU))
-    # onnxruntime reads the initializers from these buffers while the session lives.
-    sess.patched_initializers = arrays
-    sess.patched_ortvalues = values
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
+    if values:
+        opts.add_external_initializers(list(external), values)
+    sess = ort.InferenceSession(bytes(patched), opts, providers=list(providers or _CPU))
+    sess.patched_initializers = {name: target.arrays[name] for name in plan.names}
+    sess.external_ortvalues = values  # onnxruntime reads these buffers while it lives
     return sess
+
+
+def _external_array(m: OnnxModel, init: Initializer) -> np.ndarray:
+    """An external tensor read into memory, in a dtype onnxruntime takes from numpy."""
+    if init.label is None or init.label in _RAW_BITS:
+        raise MismatchError(
+            f"{m.path}: external initializer {init.name!r} is {init.label}, which onnxruntime "
+            "does not take from numpy: patch the file with rp.onnx.apply instead"
+        )
+    return m.read(init.name)

@@ -1,0 +1,226 @@
+"""``robustpatch onnx apply|remove|export|check``: ONNX models patched in their
+initializers, restored from their undo record, exported from a checkpoint as measured
+f32 / f16 / int8 variants, and checked as untrusted files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import MismatchError
+from . import parser as cli_args
+from .output import report
+
+
+def run_onnx(args: Any) -> None:
+    """patch, restore, export and check ONNX models (see each subcommand's --help)
+
+    example:
+    robustpatch onnx apply model.onnx fog.rws -o fog.onnx
+    """
+    return args.onnx_run(args)
+
+
+def onnx_arguments(p: Any) -> None:
+    sub = p.add_subparsers(dest="onnx_command", metavar="SUBCOMMAND")
+    sub.required = True
+    for name, run, arguments in (
+        ("apply", run_apply, apply_arguments),
+        ("remove", run_remove, remove_arguments),
+        ("export", run_export, export_arguments),
+        ("check", run_check, check_arguments),
+    ):
+        help, example = cli_args.Command(name, run, arguments).help_and_example()
+        q = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog="example:\n  " + example.replace("\n", "\n  "),
+            formatter_class=cli_args.HelpFormatter,
+            parents=[cli_args.global_options(True)],
+        )
+        arguments(q)
+        q.set_defaults(onnx_run=run)
+
+
+# ---------------------------------------------------------------------------- apply / remove
+
+
+def run_apply(args: Any) -> None:
+    r"""patch an ONNX model's initializers with signatures (atomic, with undo record);
+    external data goes to OUTPUT.data
+
+    example:
+    robustpatch onnx apply model.onnx fog.rws noise.rws --alpha 1 --alpha 0.5 -o robust.onnx
+    """
+    from ..onnx import apply
+
+    alphas = cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")
+    _check_overwrite(args, [args.output])
+    rep = apply(
+        args.model,
+        args.signatures,
+        alphas,
+        args.output,
+        force=args.force,
+        allow_dtype_change=args.allow_dtype_change,
+        undo=not args.no_undo,
+        durable=args.durable,
+        allow_nonfinite=args.allow_nonfinite,
+    )
+    out = _files(rep) | {"signatures": args.signatures, "alphas": alphas}
+    undo = f"; undo record {rep.undo}" if rep.undo else ""
+    text = (
+        f"wrote {rep.out}: {rep.tensors} initializers patched, {rep.bn_buffers} BatchNorm "
+        f"buffers blended{undo}"
+    )
+    report(args, out, text)
+
+
+def apply_arguments(p: Any) -> None:
+    p.add_argument("model", help="ONNX model (left untouched, with its external data)")
+    p.add_argument("signatures", nargs="+", help="signature files")
+    cli_args.add_output(p, "patched ONNX model to write")
+    cli_args.add_per_signature(p, "--alpha", cli_args.alpha_arg, "strength")
+    p.add_argument(
+        "--allow-dtype-change",
+        action="store_true",
+        help="apply to float initializers of another dtype than the signature was made for",
+    )
+    p.add_argument("--force", action="store_true", help="apply despite dtype and shape mismatches")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write elements that overflow the initializer's dtype instead of refusing",
+    )
+    p.add_argument("--no-undo", action="store_true", help="do not write the .rpundo record")
+    cli_args.add_durable_flag(p)
+
+
+def run_remove(args: Any) -> None:
+    """restore the original of a patched ONNX model, bit for bit, from its undo record
+
+    example:
+    robustpatch onnx remove robust.onnx -o original/model.onnx
+    """
+    from ..onnx import remove
+
+    _check_overwrite(args, [args.output])
+    rep = remove(args.patched, args.output, undo=args.undo, durable=args.durable)
+    text = (
+        f"wrote {rep.out}: {rep.tensors} initializers and {rep.bn_buffers} BatchNorm "
+        "buffers restored bit for bit"
+    )
+    report(args, _files(rep), text)
+
+
+def remove_arguments(p: Any) -> None:
+    p.add_argument("patched", help="model written by 'robustpatch onnx apply'")
+    cli_args.add_output(p, "restored ONNX model to write")
+    p.add_argument("--undo", help="undo record (default: PATCHED.rpundo)")
+    cli_args.add_durable_flag(p)
+
+
+def _files(rep: Any) -> dict[str, Any]:
+    return {
+        "file": str(rep.out),
+        "data": str(rep.data) if rep.data else None,
+        "undo": str(rep.undo) if rep.undo else None,
+        "tensors": rep.tensors,
+        "bn_buffers": rep.bn_buffers,
+    }
+
+
+def _check_overwrite(args: Any, outputs: list[str]) -> None:
+    """Without --overwrite, refuse an existing output (the API refuses inputs itself)."""
+    if not args.overwrite:
+        cli_args.check_outputs(args, [], outputs)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def run_export(args: Any) -> None:
+    """export a SmallCNN checkpoint (robustpatch train / the demo) to ONNX: patched in
+    torch, BatchNorm folded, optionally f16 and int8, validated against torch on a batch
+
+    example:
+    robustpatch onnx export clean.safetensors --signature fog.rws --dtype f16 -o fog16.onnx
+    """
+    from ..onnx.exporter import export_checkpoint
+
+    alphas = cli_args.per_signature(args.alpha, len(args.signature or []), "--alpha")
+    _check_overwrite(args, [args.output])
+    rep = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        signatures=args.signature or [],
+        alphas=alphas,
+        dtype=args.dtype,
+        int8=args.int8 or False,
+        input_shape=tuple(args.input_shape),
+        max_abs_error=args.max_abs_error,
+        min_agreement=args.min_agreement,
+    )
+    text = (
+        f"wrote {rep['file']}: max abs error {rep['max_abs_error']:.3g} against torch, "
+        f"top-1 agreement {rep['agreement']:.1%} on {rep['batch']} inputs"
+    )
+    report(args, rep, text)
+
+
+def export_arguments(p: Any) -> None:
+    p.add_argument("checkpoint", help="SmallCNN safetensors checkpoint")
+    cli_args.add_output(p, "ONNX model to write")
+    p.add_argument("--signature", action="append", help="signature to apply first (repeat)")
+    cli_args.add_per_signature(p, "--alpha", cli_args.alpha_arg, "strength")
+    p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight dtype")
+    p.add_argument("--int8", choices=("dynamic", "static"), help="quantize to int8")
+    p.add_argument(
+        "--input-shape",
+        type=cli_args.positive_int,
+        nargs=3,
+        default=[3, 32, 32],
+        metavar=("C", "H", "W"),
+        help="one input's shape",
+    )
+    p.add_argument(
+        "--max-abs-error", type=float, help="largest output error allowed (default: per dtype)"
+    )
+    p.add_argument(
+        "--min-agreement", type=float, help="smallest top-1 agreement allowed (default: per dtype)"
+    )
+
+
+# ---------------------------------------------------------------------------- check
+
+
+def run_check(args: Any) -> None:
+    """validate an ONNX model as untrusted input; with signatures, say whether they fit
+    (exit code 1 if not); a patched model's undo record shows what was applied
+
+    example:
+    robustpatch onnx check model.onnx fog.rws --json
+    """
+    from ..onnx.check import check
+
+    rep = check(args.model, args.signatures)
+    if args.json:
+        report(args, rep, "")
+    elif not args.quiet:
+        _print_check(rep)
+    if rep.get("fits") is False:
+        raise MismatchError(rep["problem"])
+
+
+def _print_check(rep: dict[str, Any]) -> None:
+    data = f", external data {rep['external_data']}" if rep["external_data"] else ""
+    print(f"{rep['file']}: valid ONNX model, {rep['initializers']} initializers{data}")
+    for a in rep["applied"]:
+        print(f"  applied: {a['name']} (alpha {a['alpha']:g}, {a['hash'][:12]})")
+    if "fits" in rep:
+        print("  the signatures fit" if rep["fits"] else f"  does not fit: {rep['problem']}")
+
+
+def check_arguments(p: Any) -> None:
+    p.add_argument("model", help="ONNX model")
+    p.add_argument("signatures", nargs="*", help="signature files to check against it")
