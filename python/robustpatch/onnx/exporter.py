@@ -1,0 +1,248 @@
+"""Export a torch model to ONNX as a deployable, measured variant: patched in torch,
+BatchNorm folded, optionally f16 and int8, validated against the patched torch model.
+
+The only module of :mod:`robustpatch.onnx` that imports torch (imported when
+:func:`robustpatch.onnx.export` is called). The export is torch's own
+(``torch.onnx.export``, dynamo): its graph optimization folds each BatchNorm into the
+convolution before it, after the signatures were applied, which is why a signature is
+applied here in torch rather than to the folded file. f16 is onnxruntime's
+``float16`` converter (inputs and outputs stay f32); int8 is onnxruntime's dynamic or
+static (QDQ, calibrated on ``calibration``) quantization. The variant is then run by
+onnxruntime on a batch and compared with the patched torch model; one that misses the
+tolerance is refused (MismatchError) and nothing is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import validate
+from .._io.atomic import AtomicFile
+from ..errors import InvalidArgumentError, MismatchError
+from ..targets import apply as apply_signatures
+
+__all__ = ["TOLERANCES", "export", "export_checkpoint"]
+
+#: Default (max abs error relative to the largest |output|, min top-1 agreement) per
+#: variant: f32 differs from torch only by the order of float sums, f16 by 11-bit
+#: mantissas; int8 changes outputs by design, so only its decisions are held.
+TOLERANCES = {"f32": (1e-4, 0.99), "f16": (2e-2, 0.95), "int8": (float("inf"), 0.9)}
+
+INT8_MODES = (False, "dynamic", "static")
+
+
+def export(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike[str],
+    *,
+    signatures: Any = None,
+    alphas: Any = 1.0,
+    dtype: str = "f32",
+    int8: Any = False,
+    calibration: torch.Tensor | None = None,
+    max_abs_error: float | None = None,
+    min_agreement: float | None = None,
+) -> dict[str, Any]:
+    """Write ``module`` (with ``Σ α_k·sig_k`` applied to a copy) as an ONNX file.
+
+    ``example``: an input batch (its first dimension stays dynamic); it is also the
+    validation batch unless ``calibration`` is given (then that batch is, and static
+    int8 calibrates on it). ``dtype``: ``"f32"`` or ``"f16"``; ``int8``: False,
+    ``"dynamic"`` or ``"static"`` (quantizes the f32 model). ``max_abs_error``
+    (relative to the largest |output| of the torch model) and ``min_agreement`` (top-1
+    agreement with it) default to :data:`TOLERANCES`. Returns the measurements; a
+    variant outside them is refused (MismatchError) and ``path`` is left as it was.
+    The file is self-contained (no external data: up to protobuf's 2 GiB).
+    """
+    path = validate.path(path, "path")
+    variant = _variant(dtype, int8)
+    if int8 == "static" and calibration is None:
+        calibration = example
+    batch = example if calibration is None else calibration
+    model = copy.deepcopy(module).cpu().eval()
+    if signatures is not None:
+        apply_signatures(model, signatures, alphas)
+    proto = _exported(model, example.cpu())
+    if dtype == "f16":
+        proto = _to_f16(proto)
+    data = proto.SerializeToString()
+    if int8:
+        data = _quantized(data, int8, batch.cpu(), _input_name(proto))
+    with torch.no_grad():
+        reference = model(batch.cpu()).numpy()
+    measured = _measure(data, batch.cpu().numpy(), reference)
+    _check_tolerance(measured, variant, max_abs_error, min_agreement)
+    with AtomicFile(path, durable=False) as af:
+        af.file.write(data)
+        af.commit()
+    return {"file": str(path), "variant": variant, "bytes": len(data), **measured}
+
+
+def _variant(dtype: str, int8: Any) -> str:
+    if dtype not in ("f32", "f16"):
+        raise InvalidArgumentError(f"dtype must be 'f32' or 'f16', got {dtype!r}")
+    if int8 not in INT8_MODES:
+        raise InvalidArgumentError(f"int8 must be False, 'dynamic' or 'static', got {int8!r}")
+    if int8 and dtype != "f32":
+        raise InvalidArgumentError("int8 quantizes the f32 model: give dtype='f32'")
+    return "int8" if int8 else dtype
+
+
+def _exported(model: torch.nn.Module, example: torch.Tensor) -> Any:
+    """torch's ONNX export with a dynamic batch dimension (BatchNorm folded)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, dynamic_shapes=({0: "batch"},), verbose=False
+        )
+    return program.model_proto
+
+
+def _to_f16(proto: Any) -> Any:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_float_to_float16(proto, keep_io_types=True)
+
+
+def _input_name(proto: Any) -> str:
+    return proto.graph.input[0].name
+
+
+def _quantized(data: bytes, mode: str, batch: torch.Tensor, input_name: str) -> bytes:
+    """onnxruntime's int8 quantization of the f32 model (files in a private folder)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{input_name: batch.numpy()}])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
+        src, dst = Path(tmp) / "f32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(data)
+        if mode == "dynamic":
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        else:
+            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ)
+        return dst.read_bytes()
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantizer logs advice on the root logger: errors only, meanwhile."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _session(data: bytes, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def _measure(data: bytes, x: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """The variant's outputs on ``x`` against torch's: max abs error (and relative to the
+    largest |output|) and top-1 agreement."""
+    sess = _session(data)
+    out = sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float32)
+    err = float(np.abs(out - reference).max())
+    scale = max(float(np.abs(reference).max()), 1e-30)
+    agreement = float((out.argmax(1) == reference.argmax(1)).mean())
+    return {
+        "max_abs_error": err,
+        "relative_error": err / scale,
+        "agreement": agreement,
+        "batch": int(x.shape[0]),
+    }
+
+
+def _check_tolerance(
+    m: dict[str, Any], variant: str, max_abs: float | None, min_agree: float | None
+) -> None:
+    rel_default, agree_default = TOLERANCES[variant]
+    if max_abs is not None and m["max_abs_error"] > max_abs:
+        raise MismatchError(
+            f"the {variant} export differs from the patched torch model by up to "
+            f"{m['max_abs_error']:.3g} (allowed {max_abs:.3g}); nothing was written"
+        )
+    if max_abs is None and m["relative_error"] > rel_default:
+        raise MismatchError(
+            f"the {variant} export differs from the patched torch model by up to "
+            f"{m['relative_error']:.3g} of its largest output (allowed {rel_default:.3g}); "
+            "nothing was written"
+        )
+    need = agree_default if min_agree is None else min_agree
+    if m["agreement"] < need:
+        raise MismatchError(
+            f"the {variant} export agrees with the patched torch model on "
+            f"{m['agreement']:.1%} of top-1 predictions (needed {need:.1%}); nothing was written"
+        )
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    signatures: Sequence[Any] = (),
+    alphas: Any = 1.0,
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    batch: int = 64,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`export` of a :class:`~robustpatch.lab.models.SmallCNN` checkpoint (its
+    widths read from the tensors' shapes), validated on ``batch`` seeded uniform inputs
+    in [0, 1) of ``input_shape``."""
+    from safetensors.torch import load_file
+
+    from ..lab.models import SmallCNN
+
+    state = load_file(os.fspath(validate.path(checkpoint, "checkpoint")))
+    # safetensors lists tensors by name ("features.10" before "features.3"): by index.
+    names = [k for k in state if re.fullmatch(r"features\.\d+\.weight", k) and state[k].ndim == 4]
+    convs = [state[k] for k in sorted(names, key=lambda k: int(k.split(".")[1]))]
+    if not convs or "classifier.weight" not in state:
+        raise InvalidArgumentError(f"{checkpoint}: not a SmallCNN checkpoint")
+    model = SmallCNN(
+        num_classes=state["classifier.weight"].shape[0],
+        in_channels=convs[0].shape[1],
+        widths=[c.shape[0] for c in convs[::2]],
+    )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise MismatchError(f"{checkpoint}: not a SmallCNN checkpoint ({first})") from None
+    gen = torch.Generator().manual_seed(0)
+    example = torch.rand((batch, *input_shape), generator=gen)
+    sigs = list(signatures) or None
+    return export(model, example, path, signatures=sigs, alphas=alphas, **options)

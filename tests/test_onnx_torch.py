@@ -1,0 +1,139 @@
+"""rp.onnx against torch's exporter: apply on the exported file equals patching in torch
+then exporting, bit for bit; folded BatchNorm is refused; rp.onnx.export's variants are
+measured and refused outside their tolerance."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from onnx import numpy_helper  # noqa: E402
+
+import robustpatch as rp  # noqa: E402
+import robustpatch.onnx as ro  # noqa: E402
+from robustpatch.cli import main  # noqa: E402
+from robustpatch.errors import InvalidArgumentError, MismatchError  # noqa: E402
+from robustpatch.lab.models import SmallCNN  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def _perturbed(state: dict, gen: torch.Generator, scale: float, prefix: str = "") -> dict:
+    out = {}
+    for k, v in state.items():
+        moved = v.is_floating_point() and k.startswith(prefix)
+        out[k] = v + scale * torch.randn(v.shape, generator=gen) if moved else v.clone()
+    return out
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A small SmallCNN clean model and a signature over its first stage (convs and BN)."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    model = SmallCNN(num_classes=10, widths=(4, 8, 8), seed=0).eval()
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    clean = _perturbed(pre, gen, 0.01)
+    robust = _perturbed(clean, gen, 0.05, prefix="features.")
+    for k in clean:
+        if k.endswith("running_var"):
+            robust[k] = clean[k] * 1.5
+    model.load_state_dict(clean)
+    sig = rp.extract(pre, clean, robust, layers=r"features\.[0-4]").quantize(bits=4)
+    x = torch.rand(16, 3, 32, 32, generator=gen)
+    return model, sig, x
+
+
+def _export(model, x, path, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=True, **kwargs)
+
+
+def _initializers(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_apply_equals_patching_in_torch_then_exporting_bit_for_bit(models, tmp_path):
+    model, sig, x = models
+    _export(model, x, tmp_path / "clean.onnx", optimize=False)
+    ro.apply(tmp_path / "clean.onnx", sig, 0.8, out=tmp_path / "fog.onnx")
+    patched = SmallCNN(num_classes=10, widths=(4, 8, 8)).eval()
+    patched.load_state_dict(model.state_dict())
+    rp.apply(patched, sig, 0.8)
+    _export(patched, x, tmp_path / "torch_fog.onnx", optimize=False)
+    got, want = _initializers(tmp_path / "fog.onnx"), _initializers(tmp_path / "torch_fog.onnx")
+    assert set(sig.entries) <= set(got) and set(got) == set(want)
+    for name in want:
+        assert got[name].tobytes() == want[name].tobytes(), name
+    assert any(not np.array_equal(got[n], _initializers(tmp_path / "clean.onnx")[n]) for n in got)
+
+
+def test_export_with_folded_batchnorm_is_refused_with_the_way_out(models, tmp_path):
+    model, sig, x = models
+    _export(model, x, tmp_path / "folded.onnx")  # torch's default optimizes: BN folded
+    with pytest.raises(MismatchError, match=r"features\.1\..*optimize=False"):
+        ro.apply(tmp_path / "folded.onnx", sig, 1.0, out=tmp_path / "p.onnx")
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def _run(path, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("dtype,int8", [("f32", False), ("f16", False), ("f32", "dynamic")])
+def test_export_measures_the_written_variant_against_patched_torch(models, tmp_path, dtype, int8):
+    model, sig, x = models
+    out = tmp_path / "v.onnx"
+    rep = ro.export(
+        model, x, out, signatures=sig, alphas=1.0, dtype=dtype, int8=int8, min_agreement=0.0
+    )
+    patched = SmallCNN(num_classes=10, widths=(4, 8, 8)).eval()
+    patched.load_state_dict(model.state_dict())
+    rp.apply(patched, sig, 1.0)
+    with torch.no_grad():
+        ref = patched(x).numpy()
+    got = _run(out, x)
+    assert rep["max_abs_error"] == pytest.approx(float(np.abs(got - ref).max()), rel=1e-6)
+    assert rep["agreement"] == float((got.argmax(1) == ref.argmax(1)).mean())
+    assert rep["bytes"] == out.stat().st_size
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "BatchNormalization" not in ops  # folded after patching
+    if int8:
+        assert ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
+
+
+def test_export_refuses_a_variant_outside_its_tolerance(models, tmp_path):
+    model, sig, x = models
+    out = tmp_path / "v.onnx"
+    with pytest.raises(MismatchError, match="nothing was written"):
+        ro.export(model, x, out, signatures=sig, int8="dynamic", max_abs_error=0.0)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InvalidArgumentError, match="dtype='f32'"):
+        ro.export(model, x, out, dtype="f16", int8="static")
+    with pytest.raises(InvalidArgumentError, match="'f32' or 'f16'"):
+        ro.export(model, x, out, dtype="bf16")
+
+
+def test_cli_export_writes_a_static_int8_variant(models, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model, sig, x = models
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "c.st")
+    sig.save(tmp_path / "fog.rws")
+    args = ["onnx", "export", str(tmp_path / "c.st"), "-o", str(tmp_path / "q.onnx")]
+    args += ["--signature", str(tmp_path / "fog.rws"), "--int8", "static"]
+    assert main([*args, "--min-agreement", "0", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["variant"] == "int8" and rep["batch"] == 64
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert "QuantizeLinear" in ops
