@@ -107,6 +107,14 @@ class FashionSplits:
     def __getitem__(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[split], self.labels[split]
 
+    def head(self, n: int) -> FashionSplits:
+        """The first ``n`` images of every split (for miniature runs)."""
+        return FashionSplits(
+            {k: v[:n] for k, v in self.images.items()},
+            {k: v[:n] for k, v in self.labels.items()},
+            f"{self.source}, first {n} of each split",
+        )
+
 
 def assign_splits(
     train_labels: np.ndarray, test_labels: np.ndarray, sizes: SplitSizes

@@ -104,13 +104,19 @@ def null_verdict(interval: Interval) -> str:
     return HOLDS if interval.lo <= 0.0 else FAILS
 
 
+def _shown(claim: Claim) -> str:
+    if claim.unit == "share":
+        return f"{100 * claim.threshold:g}%"
+    return f"{claim.threshold:g} {claim.unit}"
+
+
 def judge(claim: Claim, interval: Interval) -> dict:
     """The claim's row: its interval, threshold and verdict."""
     return {
         "id": claim.id,
         "claim": claim.text,
         "statistic": claim.statistic,
-        "threshold": f"{claim.op} {claim.threshold:g} {claim.unit} ({claim.source})",
+        "threshold": f"{claim.op} {_shown(claim)} ({claim.source})",
         "interval": interval.as_dict(),
         "verdict": verdict(interval.lo, interval.hi, claim.op, claim.threshold),
     }
