@@ -1,0 +1,252 @@
+"""One job of a batch run: a base model patched with signatures at strengths into an
+output, its done-marker, and the result line it gives.
+
+A job's output is *complete and verified* when its done-marker ``<output>.rpdone``
+exists, names this job (the :func:`job_key` of its inputs and options), and the
+output's sha256 (and its undo record's) still equal the ones the marker holds. The
+marker is written atomically (and durably) only after the output is committed and
+hashed, and deleted before a job rebuilds its output, so a run killed at any moment
+leaves each output either verified or rebuilt by the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import validate
+from .._format.shards import find_index, is_sharded
+from .._format.undo import undo_path_for
+from .._io.atomic import AtomicFile
+from ..errors import EXPECTED_ERRORS, InvalidArgumentError
+
+__all__ = [
+    "DONE_SUFFIX",
+    "Job",
+    "done_path_for",
+    "error_line",
+    "job_key",
+    "output_digest",
+    "run_job",
+    "verified",
+]
+
+DONE_SUFFIX = ".rpdone"
+DONE_FORMAT = "robustpatch-done"
+DONE_VERSION = 1
+_HASH_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class Job:
+    """Patch ``base`` (a safetensors file, an ``*.index.json`` or its folder) with
+    ``signatures`` at ``alphas`` (one per signature) into ``output`` (a file, or a folder
+    for a sharded base). Paths are absolute; build one with :meth:`make`."""
+
+    base: str
+    signatures: tuple[str, ...]
+    alphas: tuple[float, ...]
+    output: str
+    allow_dtype_change: bool = False
+    force: bool = False
+    undo: bool = True
+    durable: bool = False
+
+    @classmethod
+    def make(
+        cls,
+        base: Any,
+        signatures: Any,
+        alphas: Any = 1.0,
+        output: Any = None,
+        *,
+        allow_dtype_change: bool = False,
+        force: bool = False,
+        undo: bool = True,
+        durable: bool = False,
+    ) -> Job:
+        """A job from user values, each checked (InvalidArgumentError naming it)."""
+        if isinstance(signatures, (str, os.PathLike)):
+            signatures = [signatures]
+        if not isinstance(signatures, (list, tuple)) or not signatures:
+            raise InvalidArgumentError("a job needs a list of one or more signature files")
+        if output is None:
+            raise InvalidArgumentError("a job needs an output path")
+        for flag, value in (("allow_dtype_change", allow_dtype_change), ("force", force),
+                            ("undo", undo), ("durable", durable)):  # fmt: skip
+            if not isinstance(value, bool):
+                raise InvalidArgumentError(f"{flag} must be true or false, got {value!r}")
+        return cls(
+            _absolute(base, "base"),
+            tuple(_absolute(s, "signature") for s in signatures),
+            tuple(validate.alphas(len(signatures), alphas)),
+            _absolute(output, "output"),
+            allow_dtype_change,
+            force,
+            undo,
+            durable,
+        )
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.base, *self.signatures]
+
+
+def _absolute(value: Any, what: str) -> str:
+    return os.path.abspath(validate.path(value, what))
+
+
+def done_path_for(output: str | os.PathLike[str]) -> Path:
+    """Where a job's done-marker lives: ``<output>.rpdone``."""
+    return Path(os.fspath(output) + DONE_SUFFIX)
+
+
+def _identity(path: str) -> list[Any]:
+    """What tells a changed input file apart: its name, size and modification time."""
+    st = os.stat(path)
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def _input_files(job: Job) -> list[str]:
+    """Every file the job reads: a sharded base's index and shards, the signatures."""
+    files = [job.base]
+    if is_sharded(job.base):
+        index = find_index(job.base)
+        files = [str(index), *sorted(str(p) for p in index.parent.glob("*.safetensors"))]
+    return files + list(job.signatures)
+
+
+def job_key(job: Job) -> str:
+    """sha256 of the job's options and its inputs' identities: a marker made by another
+    job, or before an input changed, does not count."""
+    spec = {k: v for k, v in asdict(job).items() if k != "durable"}
+    spec["inputs"] = [_identity(p) for p in _input_files(job)]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def output_digest(output: str | os.PathLike[str]) -> tuple[str, int]:
+    """(sha256, bytes) of an output: a file's own sha256, or for a folder the sha256 of
+    its sorted ``name sha256`` lines (so two folders agree iff every file does)."""
+    path = Path(output)
+    if not path.is_dir():
+        return _file_sha256(path), path.stat().st_size
+    lines, total = [], 0
+    for p in sorted(path.iterdir()):
+        lines.append(f"{p.name} {_file_sha256(p)}\n")
+        total += p.stat().st_size
+    return hashlib.sha256("".join(lines).encode()).hexdigest(), total
+
+
+def _undo_digest(job: Job) -> str | None:
+    """sha256 of a file output's undo record (a folder's records are in its digest)."""
+    record = undo_path_for(job.output)
+    if not job.undo or Path(job.output).is_dir():
+        return None
+    return _file_sha256(record)
+
+
+def _read_marker(job: Job) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(done_path_for(job.output).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(doc, dict) and doc.get("format") == DONE_FORMAT
+    return doc if ok and doc.get("version") == DONE_VERSION else None
+
+
+def verified(job: Job, key: str) -> dict[str, Any] | None:
+    """The marker of a complete, verified output of this job, else None."""
+    marker = _read_marker(job)
+    if marker is None or marker.get("job") != key or not os.path.exists(job.output):
+        return None
+    try:
+        sha, size = output_digest(job.output)
+        undo = _undo_digest(job)
+    except OSError:
+        return None
+    if (sha, size, undo) != (marker.get("sha256"), marker.get("bytes"), marker.get("undo_sha256")):
+        return None
+    return marker
+
+
+def _write_marker(job: Job, key: str, sha: str, size: int) -> None:
+    doc = {
+        "format": DONE_FORMAT,
+        "version": DONE_VERSION,
+        "job": key,
+        "sha256": sha,
+        "bytes": size,
+        "undo_sha256": _undo_digest(job),
+    }
+    with AtomicFile(done_path_for(job.output), durable=True) as f:
+        f.file.write((json.dumps(doc) + "\n").encode())
+        f.commit()
+
+
+def _build(job: Job) -> None:
+    from ..files import apply_file
+
+    Path(job.output).parent.mkdir(parents=True, exist_ok=True)
+    apply_file(
+        job.base,
+        list(job.signatures),
+        list(job.alphas),
+        job.output,
+        force=job.force,
+        allow_dtype_change=job.allow_dtype_change,
+        undo=job.undo,
+        durable=job.durable,
+    )
+
+
+def run_job(job: Job, index: int = 0) -> dict[str, Any]:
+    """Build one job's output unless it is complete and verified; its result line.
+
+    Never raises for a failing job: the result says ``"status": "failed"`` with a
+    one-line ``error`` (and a ``traceback`` when the error is a bug, not one of
+    robustpatch's expected errors), so the rest of a batch goes on.
+    """
+    start = time.perf_counter()
+    line: dict[str, Any] = {"job": index, "output": job.output}
+    try:
+        key = job_key(job)
+        marker = verified(job, key)
+        if marker is None:
+            done_path_for(job.output).unlink(missing_ok=True)
+            _build(job)
+            sha, size = output_digest(job.output)
+            _write_marker(job, key, sha, size)
+            line.update(status="done", bytes=size, sha256=sha)
+        else:
+            line.update(status="skipped", bytes=marker["bytes"], sha256=marker["sha256"])
+    except Exception as e:  # noqa: BLE001 - one failing job must not end the batch
+        line.update(status="failed", error=error_line(e))
+        if not isinstance(e, EXPECTED_ERRORS):
+            line["traceback"] = traceback.format_exc()
+    line["seconds"] = round(time.perf_counter() - start, 6)
+    return line
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error, an OSError's path first (as the CLI prints them)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{os.fspath(e.filename)}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    if not isinstance(e, EXPECTED_ERRORS):
+        text = f"{type(e).__name__}: {text}"
+    return " ".join(text.split())

@@ -1,0 +1,199 @@
+"""Batch manifests (YAML or JSON): the jobs of a run, validated before any is started.
+
+::
+
+    defaults:                 # optional: options every job gets unless it sets them
+      allow_dtype_change: true
+    jobs:                     # explicit jobs
+      - base: models/llama-a.safetensors
+        signatures: [fog.rws, noise.rws]
+        alphas: [1.0, 0.5]
+        output: out/a-fog-noise.safetensors
+    grid:                     # and/or every base × signature set × alpha
+      bases: {a: models/llama-a.safetensors, b: models/llama-b}   # a folder: sharded
+      signatures: {fog: [fog.rws], mix: [fog.rws, noise.rws]}
+      alphas: [0.5, 1.0]      # each a number for all signatures, or one list per set
+      output: out/{base}-{signatures}-{alpha}.safetensors
+
+Relative paths are relative to the manifest's folder. Unknown keys, a missing key, two
+jobs writing one output, or a job writing another job's input are refused with one line
+naming the manifest (:class:`~robustpatch.errors.InvalidArgumentError`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import string
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .._io.inputs import open_input
+from ..errors import FormatError, InvalidArgumentError, shown
+from .jobs import Job
+
+__all__ = ["load_manifest", "jobs_from", "check_jobs"]
+
+JOB_KEYS = ("base", "signatures", "alphas", "output")
+OPTION_KEYS = ("allow_dtype_change", "force", "undo", "durable")
+GRID_KEYS = ("bases", "signatures", "alphas", "output")
+TOP_KEYS = ("version", "defaults", "jobs", "grid")
+PLACEHOLDERS = {"base", "signatures", "alpha"}
+
+
+def load_manifest(path: str | os.PathLike[str]) -> list[Job]:
+    """The jobs of a manifest file (``.yaml``/``.yml`` needs PyYAML, else JSON)."""
+    path = Path(path)
+    with open_input(path) as f:
+        text = f.read().decode("utf-8", errors="replace")
+    doc = _parse(text, path)
+    try:
+        return jobs_from(doc, path.parent)
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"{path}: {e}") from None
+
+
+def _parse(text: str, path: Path) -> Any:
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise InvalidArgumentError(
+                f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write it as JSON"
+            ) from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise FormatError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def jobs_from(doc: Any, root: str | os.PathLike[str] = ".") -> list[Job]:
+    """The jobs a manifest document describes, paths resolved against ``root``."""
+    top = _mapping(doc, "the manifest", TOP_KEYS)
+    if top.get("version", 1) != 1:
+        raise InvalidArgumentError(f"unknown manifest version {shown(top['version'])}")
+    defaults = _mapping(top.get("defaults", {}), "defaults", ("alphas", *OPTION_KEYS))
+    if "jobs" not in top and "grid" not in top:
+        raise InvalidArgumentError("no 'jobs' and no 'grid': nothing to run")
+    raw = top.get("jobs", [])
+    if not isinstance(raw, list):
+        raise InvalidArgumentError("'jobs' must be a list")
+    jobs = [_job({**defaults, **_mapping(j, f"job #{i + 1}", JOB_KEYS + OPTION_KEYS)}, root,
+                 f"job #{i + 1}") for i, j in enumerate(raw)]  # fmt: skip
+    if "grid" in top:
+        jobs += _grid(_mapping(top["grid"], "grid", GRID_KEYS), defaults, root)
+    check_jobs(jobs)
+    return jobs
+
+
+def _mapping(value: Any, what: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidArgumentError(f"{what} must be a mapping, got {shown(value)}")
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        raise InvalidArgumentError(
+            f"{what}: unknown key {shown(unknown[0])} (expected {', '.join(allowed)})"
+        )
+    return value
+
+
+def _job(spec: Mapping[str, Any], root: Any, what: str) -> Job:
+    missing = [k for k in ("base", "signatures", "output") if k not in spec]
+    if missing:
+        raise InvalidArgumentError(f"{what}: missing {missing[0]!r}")
+    sigs = spec["signatures"]
+    sigs = [sigs] if isinstance(sigs, str) else sigs
+    if not isinstance(sigs, list) or not all(isinstance(s, str) for s in sigs):
+        raise InvalidArgumentError(f"{what}: 'signatures' must be a list of paths")
+    for key in ("base", "output"):
+        if not isinstance(spec[key], str):
+            raise InvalidArgumentError(f"{what}: {key!r} must be a path, got {shown(spec[key])}")
+    options = {k: spec[k] for k in OPTION_KEYS if k in spec}
+    try:
+        return Job.make(
+            _under(root, spec["base"]),
+            [_under(root, s) for s in sigs],
+            spec.get("alphas", 1.0),
+            _under(root, spec["output"]),
+            **options,
+        )
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"{what}: {e}") from None
+
+
+def _under(root: Any, path: str) -> str:
+    return os.path.join(os.fspath(root), os.path.expanduser(path))
+
+
+def _grid(grid: Mapping[str, Any], defaults: Mapping[str, Any], root: Any) -> list[Job]:
+    """Every base × signature set × alpha, named by the ``output`` template."""
+    for key in ("bases", "signatures", "output"):
+        if key not in grid:
+            raise InvalidArgumentError(f"grid: missing {key!r}")
+    bases = _named(grid["bases"], "grid: bases")
+    sets = _named(grid["signatures"], "grid: signatures")
+    alphas = grid.get("alphas", [defaults.get("alphas", 1.0)])
+    if not isinstance(alphas, list) or not alphas:
+        raise InvalidArgumentError("grid: 'alphas' must be a non-empty list")
+    template = grid["output"]
+    _check_template(template)
+    options = {k: defaults[k] for k in OPTION_KEYS if k in defaults}
+    jobs = []
+    for (bname, base), (sname, sigs), alpha in itertools.product(bases, sets, alphas):
+        label = _alpha_label(alpha)
+        out = template.format(base=bname, signatures=sname, alpha=label)
+        spec = {"base": base, "signatures": sigs, "alphas": alpha, "output": out, **options}
+        jobs.append(_job(spec, root, f"grid job {bname}/{sname}/{label}"))
+    return jobs
+
+
+def _alpha_label(alpha: Any) -> str:
+    """``0.5`` or ``1-0.5`` (one α per signature), for output names."""
+    items = alpha if isinstance(alpha, list) else [alpha]
+    if not items or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in items):
+        raise InvalidArgumentError(f"grid: alpha {shown(alpha)} is not a number or list of them")
+    return "-".join(f"{a:g}" for a in items)
+
+
+def _named(value: Any, what: str) -> list[tuple[str, Any]]:
+    if not isinstance(value, Mapping) or not value:
+        raise InvalidArgumentError(f"{what} must be a non-empty mapping of name: path(s)")
+    return [(str(k), v) for k, v in value.items()]
+
+
+def _check_template(template: Any) -> None:
+    if not isinstance(template, str):
+        raise InvalidArgumentError(f"grid: 'output' must be a path template, got {shown(template)}")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise InvalidArgumentError(f"grid: bad output template {template!r}: {e}") from None
+    unknown = fields - PLACEHOLDERS
+    if unknown:
+        raise InvalidArgumentError(
+            f"grid: output template field {{{sorted(unknown)[0]}}} is not one of "
+            "{base}, {signatures}, {alpha}"
+        )
+    if not {"base", "signatures"} <= fields:
+        raise InvalidArgumentError("grid: the output template needs {base} and {signatures}")
+
+
+def check_jobs(jobs: list[Job]) -> None:
+    """Refuse two jobs writing one output, and a job writing what a job reads."""
+    seen: dict[str, int] = {}
+    inputs = {os.path.realpath(p) for j in jobs for p in j.inputs}
+    for i, job in enumerate(jobs):
+        out = os.path.realpath(job.output)
+        if out in seen:
+            raise InvalidArgumentError(
+                f"jobs #{seen[out] + 1} and #{i + 1} both write {job.output}"
+            )
+        seen[out] = i
+        if out in inputs:
+            raise InvalidArgumentError(f"job #{i + 1} writes {job.output}, an input of the run")

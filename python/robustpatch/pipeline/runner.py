@@ -1,0 +1,159 @@
+"""Run the jobs of a batch: in this process (one worker), on a local process pool, or as
+Ray tasks; the same result lines and resume rules whichever runs them."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from ..errors import InvalidArgumentError
+from .jobs import Job, run_job
+from .manifest import check_jobs, jobs_from
+
+__all__ = ["EXECUTORS", "run"]
+
+EXECUTORS = ("local", "ray")
+
+Line = dict[str, Any]
+
+
+def run(
+    jobs: Iterable[Job | Mapping[str, Any]],
+    *,
+    executor: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    on_result: Callable[[Line], object] | None = None,
+    progress: bool = False,
+) -> list[Line]:
+    """Run ``jobs`` (:class:`Job` or manifest-style mappings, paths relative to the
+    current folder); returns one result line per job, in job order.
+
+    A line is ``{"job", "output", "status", "seconds", "bytes", "sha256"}``; status is
+    ``done`` (built), ``skipped`` (complete and verified from a previous run) or
+    ``failed`` (with ``error``); a failing job never stops the others. ``on_result`` is
+    called with each line as its job ends. ``executor="local"`` runs ``workers``
+    processes (default: one per CPU; 1 runs in this process); ``executor="ray"`` submits
+    Ray tasks to the cluster at ``ray_address`` (default: a Ray already initialized in
+    this process, else a new local instance of ``workers`` CPUs). ``progress`` shows one
+    bar for the run on stderr.
+    """
+    jobs = _jobs(jobs)
+    if executor not in EXECUTORS:
+        raise InvalidArgumentError(f"unknown executor {executor!r}; expected local or ray")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise InvalidArgumentError(f"workers must be a positive integer, got {workers!r}")
+    if ray_address is not None and executor != "ray":
+        raise InvalidArgumentError("ray_address is only for executor='ray'")
+    results: list[Line | None] = [None] * len(jobs)
+    with _bar(len(jobs), progress) as tick:
+
+        def emit(line: Line) -> None:
+            results[line["job"]] = line
+            if on_result is not None:
+                on_result(line)
+            tick(line)
+
+        if executor == "ray":
+            _run_ray(jobs, workers, ray_address, emit)
+        else:
+            _run_local(jobs, workers or os.cpu_count() or 1, emit)
+    return [r for r in results if r is not None]
+
+
+def _jobs(jobs: Iterable[Job | Mapping[str, Any]]) -> list[Job]:
+    items = list(jobs)
+    specs = [j for j in items if not isinstance(j, Job)]
+    if specs:
+        made = iter(jobs_from({"jobs": specs}))
+        items = [j if isinstance(j, Job) else next(made) for j in items]
+    check_jobs(items)
+    return items
+
+
+class _bar:
+    """One tqdm bar over the jobs (a no-op without ``progress``); shows the failures."""
+
+    def __init__(self, total: int, show: bool) -> None:
+        self.total, self.show, self.failed = total, show, 0
+
+    def __enter__(self) -> Callable[[Line], None]:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.total,
+            unit="job",
+            desc="batch",
+            disable=None if self.show else True,
+            file=sys.stderr,
+        )
+        return self.tick
+
+    def tick(self, line: Line) -> None:
+        if line["status"] == "failed":
+            self.failed += 1
+            self.bar.set_postfix(failed=self.failed)
+        self.bar.update(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+
+def _crashed(job: Job, index: int, e: BaseException) -> Line:
+    """The line of a job whose worker died (the job's own errors come back as lines)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return {"job": index, "output": job.output, "status": "failed", "error": text, "seconds": None}
+
+
+def _run_local(jobs: list[Job], workers: int, emit: Callable[[Line], None]) -> None:
+    if workers == 1:
+        for i, job in enumerate(jobs):
+            emit(run_job(job, i))
+        return
+    # spawn: workers start clean (no copy of this process's threads or locks)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs) or 1), mp_context=ctx) as pool:
+        futures = {pool.submit(run_job, job, i): i for i, job in enumerate(jobs)}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            try:
+                emit(fut.result())
+            except BrokenProcessPool as e:  # a worker was killed (e.g. out of memory)
+                emit(_crashed(jobs[i], i, e))
+
+
+def _run_ray(
+    jobs: list[Job], workers: int | None, address: str | None, emit: Callable[[Line], None]
+) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise InvalidArgumentError(
+            "executor='ray' needs Ray: pip install 'robustpatch[ray]'"
+        ) from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address=address,
+            num_cpus=None if address else workers,
+            log_to_driver=False,
+            include_dashboard=False,
+        )
+    try:
+        task = ray.remote(num_cpus=1)(run_job)
+        pending = {task.remote(job, i): i for i, job in enumerate(jobs)}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready[0])
+            try:
+                emit(ray.get(ready[0]))
+            except ray.exceptions.RayError as e:  # the task's worker or node died
+                emit(_crashed(jobs[i], i, e))
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,311 @@
+"""Batch runs (robustpatch.pipeline, ``robustpatch batch``): manifests, result lines, a
+failing job among good ones, resume rules (SIGKILL at random moments included), and the
+Ray executor on a real local instance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import robustpatch as rp
+from robustpatch import pipeline
+from robustpatch._format.safetensors import write_tensors
+from robustpatch.cli import main
+from robustpatch.errors import InvalidArgumentError
+from robustpatch.pipeline.jobs import job_key
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_fleet(d: Path, bases: int = 2, rows: int = 64) -> dict:
+    """``bases`` float32 models of 4 tensors and two signatures; a grid manifest over
+    them (outputs under ``d/out``) as a JSON-ready dict."""
+    rng = np.random.default_rng(0)
+    d.mkdir(parents=True, exist_ok=True)
+    for b in range(bases):
+        tensors = {f"l{i}.weight": rng.normal(size=(rows, 64)).astype(np.float32) for i in range(4)}
+        write_tensors(d / f"m{b}.safetensors", tensors)
+    for s in ("fog", "snow"):
+        deltas = {f"l{i}.weight": rng.normal(0, 0.1, (rows, 64)).astype(np.float32) for i in (0, 2)}
+        rp.Signature.from_deltas(deltas, name=s).save(d / f"{s}.rws")
+    return {
+        "grid": {
+            "bases": {f"m{b}": f"m{b}.safetensors" for b in range(bases)},
+            "signatures": {"fog": ["fog.rws"], "both": ["fog.rws", "snow.rws"]},
+            "alphas": [0.5],
+            "output": "out/{base}-{signatures}-{alpha}.safetensors",
+        }
+    }
+
+
+def write_manifest(d: Path, doc: dict, name: str = "fleet.json") -> Path:
+    (d / name).write_text(json.dumps(doc))
+    return d / name
+
+
+def reference(job: pipeline.Job, scratch: Path) -> str:
+    """sha256 of the job's output built by one plain apply_file call."""
+    out = scratch / (hashlib.sha256(job.output.encode()).hexdigest()[:16] + ".safetensors")
+    rp.apply_file(job.base, list(job.signatures), list(job.alphas), out)
+    return sha(out)
+
+
+# ---------------------------------------------------------------------------- manifests
+
+
+def test_a_grid_expands_to_every_base_signature_set_and_alpha(tmp_path):
+    doc = make_fleet(tmp_path)
+    doc["grid"]["signatures"] = {"both": ["fog.rws", "snow.rws"], "rev": ["snow.rws", "fog.rws"]}
+    doc["grid"]["alphas"] = [0.5, [1, 0.25]]  # one for all, or one per signature
+    jobs = pipeline.load_manifest(write_manifest(tmp_path, doc))
+    names = [Path(j.output).name for j in jobs]
+    assert len(jobs) == 2 * 2 * 2 and len(set(names)) == 8
+    assert "m1-both-1-0.25.safetensors" in names
+    both = next(j for j in jobs if Path(j.output).name == "m1-both-1-0.25.safetensors")
+    assert both.alphas == (1.0, 0.25)
+    assert both.signatures == (str(tmp_path / "fog.rws"), str(tmp_path / "snow.rws"))
+    assert both.base == str(tmp_path / "m1.safetensors")  # relative to the manifest
+
+
+def test_yaml_and_json_manifests_give_the_same_jobs(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    doc = make_fleet(tmp_path)
+    doc["jobs"] = [{"base": "m0.safetensors", "signatures": "fog.rws", "output": "x.safetensors"}]
+    doc["defaults"] = {"allow_dtype_change": True}
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    from_yaml = pipeline.load_manifest(tmp_path / "fleet.yaml")
+    assert from_yaml == pipeline.load_manifest(write_manifest(tmp_path, doc))
+    assert len(from_yaml) == 5 and all(j.allow_dtype_change for j in from_yaml)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m.update(jobz=[]), "unknown key 'jobz'"),
+        (lambda m: m["grid"].pop("bases"), "grid: missing 'bases'"),
+        (lambda m: m["grid"].update(output="out/{base}.safetensors"), "needs {base} and"),
+        (lambda m: m["grid"].update(output="out/{base}-{signatures}-{x}"), "field {x}"),
+        (lambda m: m["grid"].update(alphas=["strong"]), "not a number"),
+        (lambda m: m["grid"].update(alphas=[[1, 2, 3]]), "job m0/fog/1-2-3: 1 signatures but 3"),
+        (lambda m: m.update(jobs=[{"base": "m0.safetensors", "output": "o"}]), "missing 'sig"),
+        (
+            lambda m: m.update(
+                jobs=[
+                    {
+                        "base": "m0.safetensors",
+                        "signatures": ["fog.rws"],
+                        "output": "m1.safetensors",
+                    }
+                ]
+            ),  # fmt: skip
+            "writes .*m1.safetensors, an input of the run",
+        ),
+        (lambda m: m["grid"].update(alphas=[0.5, 0.50]), "both write"),
+        (lambda m: m.update(defaults={"undo": "yes"}), "undo must be true or false"),
+    ],
+)
+def test_bad_manifests_are_refused_with_one_line_naming_the_manifest(tmp_path, edit, match):
+    doc = make_fleet(tmp_path)
+    edit(doc)
+    path = write_manifest(tmp_path, doc)
+    with pytest.raises(InvalidArgumentError, match=match) as info:
+        pipeline.load_manifest(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_run_builds_what_apply_file_builds_and_reports_a_line_per_job(tmp_path, workers):
+    jobs = pipeline.load_manifest(write_manifest(tmp_path, make_fleet(tmp_path)))
+    seen = []
+    lines = pipeline.run(jobs, workers=workers, on_result=seen.append)
+    assert sorted(ln["job"] for ln in seen) == list(range(4)) and lines == sorted(
+        seen, key=lambda ln: ln["job"]
+    )
+    scratch = tmp_path / "ref"
+    scratch.mkdir()
+    for job, line in zip(jobs, lines):
+        assert line["status"] == "done" and line["output"] == job.output
+        assert line["sha256"] == sha(Path(job.output)) == reference(job, scratch)
+        assert line["bytes"] == os.path.getsize(job.output) and line["seconds"] > 0
+        assert pipeline.verified(job, job_key(job)) is not None
+
+
+def test_a_failing_job_is_reported_and_the_others_finish(tmp_path, capsys):
+    doc = make_fleet(tmp_path)
+    doc["grid"]["signatures"]["bad"] = ["missing.rws"]
+    path = write_manifest(tmp_path, doc)
+    assert main(["batch", str(path), "--workers", "2", "-q"]) == 1
+    out, err = capsys.readouterr()
+    lines = [json.loads(ln) for ln in out.splitlines()]
+    assert len(lines) == 6
+    failed = [ln for ln in lines if ln["status"] == "failed"]
+    assert len(failed) == 2 and all("missing.rws: No such file" in ln["error"] for ln in failed)
+    assert all(Path(ln["output"]).exists() for ln in lines if ln["status"] == "done")
+    assert err.strip() == "robustpatch: batch: 6 jobs: 4 done, 0 skipped, 2 failed"
+
+
+def test_a_rerun_skips_verified_outputs_and_rebuilds_the_rest(tmp_path):
+    jobs = pipeline.load_manifest(write_manifest(tmp_path, make_fleet(tmp_path)))
+    first = pipeline.run(jobs, workers=1)
+    stamps = {j.output: os.stat(j.output).st_mtime_ns for j in jobs}
+    corrupt, unmarked, changed = jobs[0], jobs[1], jobs[2]
+    with open(corrupt.output, "r+b") as f:  # one flipped byte, same size
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    pipeline.done_path_for(unmarked.output).unlink()
+    changed = pipeline.Job.make(changed.base, changed.signatures, 0.75, changed.output)
+    again = pipeline.run([corrupt, unmarked, changed, jobs[3]], workers=1)
+    assert [ln["status"] for ln in again] == ["done", "done", "done", "skipped"]
+    assert again[0]["sha256"] == first[0]["sha256"]  # the corrupt output rebuilt
+    assert again[2]["sha256"] != first[2]["sha256"]  # the new alpha applied
+    assert os.stat(jobs[3].output).st_mtime_ns == stamps[jobs[3].output]
+    assert again[3]["sha256"] == first[3]["sha256"]
+
+
+def test_a_sharded_base_is_a_job_like_any_other(tmp_path):
+    from test_sharded import INDEX, signature, write_sharded
+
+    write_sharded(tmp_path / "base")
+    signature().save(tmp_path / "fog.rws")
+    doc = {"jobs": [{"base": "base", "signatures": ["fog.rws"], "output": "out/p"}]}
+    (line,) = pipeline.run(pipeline.load_manifest(write_manifest(tmp_path, doc)), workers=1)
+    assert line["status"] == "done" and (tmp_path / "out" / "p" / INDEX).exists()
+    assert line["sha256"] == pipeline.output_digest(tmp_path / "out" / "p")[0]
+    (again,) = pipeline.run(pipeline.load_manifest(tmp_path / "fleet.json"), workers=1)
+    assert again["status"] == "skipped"
+
+
+def test_ray_address_without_the_ray_executor_is_refused(tmp_path, capsys):
+    path = write_manifest(tmp_path, make_fleet(tmp_path))
+    assert main(["batch", str(path), "--ray-address", "auto"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "robustpatch: error: --ray-address needs --executor ray"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- SIGKILL
+
+
+def start_batch(manifest: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "robustpatch.cli", "-q", "batch", str(manifest), "--workers", "2"]
+    return subprocess.Popen(
+        argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+
+
+def line_times(manifest: Path) -> tuple[float, float]:
+    """Seconds after the start at which an uninterrupted run printed its first and its
+    last result line."""
+    t0 = time.perf_counter()
+    proc = start_batch(manifest)
+    times = [time.perf_counter() - t0 for _ in proc.stdout]
+    assert proc.wait() == 0 and len(times) == 8, proc.stderr.read()
+    return times[0], times[-1]
+
+
+def test_sigkill_at_a_random_moment_then_rerun_completes_without_rebuilding(tmp_path):
+    """The whole process group (driver and workers) is killed at a random moment; the
+    re-run leaves every output complete and verified and rebuilds none that was."""
+    doc = make_fleet(tmp_path, bases=4, rows=4096)  # 8 jobs of 4 MiB models
+    manifest = write_manifest(tmp_path, doc)
+    jobs = pipeline.load_manifest(manifest)
+    scratch = tmp_path / "ref"
+    scratch.mkdir()
+    expected = {j.output: reference(j, scratch) for j in jobs}
+    first, last = line_times(manifest)  # when the first and the last job ended
+    gap = (last - first) / (len(jobs) - 1)  # between two jobs' ends
+
+    rng = np.random.default_rng(19)
+    mid_run = 0
+    for trial in range(10):
+        if trial >= 3 and mid_run >= 2:
+            break
+        for j in jobs:
+            for p in (
+                Path(j.output),
+                rp.files.undo_path_for(j.output),
+                pipeline.done_path_for(j.output),
+            ):
+                p.unlink(missing_ok=True)
+        proc = start_batch(manifest)
+        if trial % 3 == 0:  # anywhere in the run
+            after, delay = 0, rng.uniform(0, last)
+        else:  # while jobs end: after some result lines and a random part of a job's time
+            after, delay = int(rng.integers(1, len(jobs))), rng.uniform(0, gap)
+        for _ in range(after):
+            proc.stdout.readline()
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        complete = {j.output: os.stat(j.output) for j in jobs if pipeline.verified(j, job_key(j))}
+        mid_run += 0 < len(complete) < len(jobs)
+
+        lines = pipeline.run(jobs, workers=2)
+        where = f"trial {trial}: killed {delay:.3f} s after result line {after}"
+        for job, line in zip(jobs, lines):
+            assert line["sha256"] == expected[job.output] == sha(Path(job.output)), where
+            assert pipeline.verified(job, job_key(job)) is not None, where
+            if job.output in complete:
+                assert line["status"] == "skipped", where
+                st = os.stat(job.output)
+                assert (st.st_ino, st.st_mtime_ns) == (
+                    complete[job.output].st_ino,
+                    complete[job.output].st_mtime_ns,
+                ), where
+            else:
+                assert line["status"] == "done", where
+    assert mid_run >= 1  # at least one kill landed with some outputs done, some not
+
+
+# ---------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_tasks_give_the_same_outputs_and_follow_the_same_resume_rules(tmp_path, ray_local):
+    jobs = pipeline.load_manifest(write_manifest(tmp_path, make_fleet(tmp_path)))
+    on_ray = pipeline.run(jobs, executor="ray")
+    assert [ln["status"] for ln in on_ray] == ["done"] * 4
+    local_dir = tmp_path / "local"
+    local_jobs = [
+        pipeline.Job.make(j.base, j.signatures, j.alphas, local_dir / Path(j.output).name)
+        for j in jobs
+    ]
+    local = pipeline.run(local_jobs, workers=1)
+    assert [ln["sha256"] for ln in on_ray] == [ln["sha256"] for ln in local]
+    assert set(on_ray[0]) == set(local[0])  # the same fields in a line
+    again = pipeline.run(jobs, executor="ray")
+    assert [ln["status"] for ln in again] == ["skipped"] * 4
+
+
+def test_a_failing_ray_task_is_reported_and_the_others_finish(tmp_path, ray_local):
+    doc = make_fleet(tmp_path)
+    doc["grid"]["signatures"]["bad"] = ["missing.rws"]
+    lines = pipeline.run(pipeline.load_manifest(write_manifest(tmp_path, doc)), executor="ray")
+    assert [ln["status"] for ln in lines].count("failed") == 2
+    assert [ln["status"] for ln in lines].count("done") == 4
