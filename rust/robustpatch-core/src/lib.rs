@@ -8,6 +8,7 @@
 //! - [`safetensors`]: a validating header reader for model and signature files.
 
 pub mod apply;
+pub mod args;
 pub mod delta;
 pub mod dot;
 pub mod dtype;

@@ -192,17 +192,18 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<Header> {
 
 /// Read and validate the header of a file on disk (reads only the header).
 pub fn read(path: &Path) -> Result<Header> {
-    let mut f = File::open(path)?;
-    let file_len = f.metadata()?.len();
+    let mut f = File::open(path).map_err(|e| Error::io_at(path, e))?;
+    let file_len = f.metadata().map_err(|e| Error::io_at(path, e))?.len();
     let mut prefix = [0u8; 8];
-    f.read_exact(&mut prefix).map_err(|_| {
-        Error::Format(format!(
+    f.read_exact(&mut prefix).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::Format(format!(
             "file of {file_len} bytes is too short for a header"
-        ))
+        )),
+        _ => Error::io_at(path, e),
     })?;
     let n = header_len(&prefix, file_len)?;
     let mut json = vec![0u8; n];
-    f.read_exact(&mut json)?;
+    f.read_exact(&mut json).map_err(|e| Error::io_at(path, e))?;
     parse_json(&json, file_len - 8 - n as u64, 8 + n)
 }
 

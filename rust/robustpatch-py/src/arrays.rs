@@ -1,15 +1,15 @@
 //! numpy arrays in, borrowed slices out: the one dtype switch of the bindings.
 //! bf16 travels as uint16 (numpy has no bf16), so a uint16 array means bf16.
 
+use crate::errors::BindResult;
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use numpy::{
     PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use robustpatch_core::delta::Dense;
-use robustpatch_core::DType;
+use robustpatch_core::{DType, Error};
 
 /// A read-only float array of one of the supported dtypes.
 pub enum FloatIn<'py> {
@@ -25,24 +25,24 @@ pub enum FloatInOut<'py> {
     BF16(PyReadwriteArrayDyn<'py, u16>),
 }
 
-fn dtype_error(what: &str, obj: &Bound<'_, PyAny>) -> PyErr {
+fn dtype_error(what: &str, obj: &Bound<'_, PyAny>) -> Error {
     let found = obj
         .getattr("dtype")
         .map(|d| d.to_string())
         .unwrap_or_else(|_| obj.get_type().to_string());
-    PyTypeError::new_err(format!(
+    Error::DType(format!(
         "{what}: expected a numpy array of float32, float16 or uint16 (bf16 bits), got {found}"
     ))
 }
 
-pub fn contiguous_error(what: &str) -> PyErr {
-    PyValueError::new_err(format!(
+pub fn contiguous_error(what: &str) -> Error {
+    Error::Value(format!(
         "{what}: array is not C-contiguous (use numpy.ascontiguousarray)"
     ))
 }
 
 impl<'py> FloatIn<'py> {
-    pub fn extract(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
+    pub fn extract(obj: &Bound<'py, PyAny>, what: &str) -> BindResult<Self> {
         let arr = if let Ok(a) = obj.downcast::<PyArrayDyn<f32>>() {
             FloatIn::F32(a.readonly())
         } else if let Ok(a) = obj.downcast::<PyArrayDyn<f16>>() {
@@ -50,7 +50,7 @@ impl<'py> FloatIn<'py> {
         } else if let Ok(a) = obj.downcast::<PyArrayDyn<u16>>() {
             FloatIn::BF16(a.readonly())
         } else {
-            return Err(dtype_error(what, obj));
+            return Err(dtype_error(what, obj).into());
         };
         arr.dense(what)?;
         Ok(arr)
@@ -73,7 +73,7 @@ impl<'py> FloatIn<'py> {
     }
 
     /// Borrow the data as a core dense view (fails for non-contiguous arrays).
-    pub fn dense(&self, what: &str) -> PyResult<Dense<'_>> {
+    pub fn dense(&self, what: &str) -> BindResult<Dense<'_>> {
         let err = |_| contiguous_error(what);
         Ok(match self {
             FloatIn::F32(a) => Dense::F32(a.as_slice().map_err(err)?),
@@ -91,9 +91,9 @@ pub enum DenseMut<'a> {
 }
 
 impl<'py> FloatInOut<'py> {
-    pub fn extract(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
+    pub fn extract(obj: &Bound<'py, PyAny>, what: &str) -> BindResult<Self> {
         let not_writeable = |_| {
-            PyValueError::new_err(format!(
+            Error::Value(format!(
                 "{what}: array is read-only; pass a writeable array"
             ))
         };
@@ -104,11 +104,11 @@ impl<'py> FloatInOut<'py> {
         } else if let Ok(a) = obj.downcast::<PyArrayDyn<u16>>() {
             Ok(FloatInOut::BF16(a.try_readwrite().map_err(not_writeable)?))
         } else {
-            Err(dtype_error(what, obj))
+            Err(dtype_error(what, obj).into())
         }
     }
 
-    pub fn dense_mut(&mut self, what: &str) -> PyResult<DenseMut<'_>> {
+    pub fn dense_mut(&mut self, what: &str) -> BindResult<DenseMut<'_>> {
         let err = |_| contiguous_error(what);
         Ok(match self {
             FloatInOut::F32(a) => DenseMut::F32(a.as_slice_mut().map_err(err)?),
@@ -124,6 +124,6 @@ impl<'py> FloatInOut<'py> {
 pub fn slice_of<'a, T: numpy::Element>(
     a: &'a PyReadonlyArrayDyn<'_, T>,
     what: &str,
-) -> PyResult<&'a [T]> {
-    a.as_slice().map_err(|_| contiguous_error(what))
+) -> BindResult<&'a [T]> {
+    Ok(a.as_slice().map_err(|_| contiguous_error(what))?)
 }

@@ -1,20 +1,22 @@
 //! `robustpatch._core`: thin PyO3 wrappers over `robustpatch-core`.
 //! Each function converts arrays, releases the GIL around the kernel through
-//! [`nogil`], and maps errors through [`errors::to_py`]. No logic lives here.
+//! [`nogil`], and returns [`BindResult`], whose errors become Python exceptions
+//! in `errors.rs` only. No logic lives here.
 
 mod arrays;
 mod errors;
 
 use arrays::{slice_of, DenseMut, FloatIn, FloatInOut};
+use errors::BindResult;
 use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
-use pyo3::exceptions::PyValueError;
 use pyo3::marker::Ungil;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use robustpatch_core::apply::{self as core_apply, Applied, Undo};
 use robustpatch_core::delta::{Delta, Dense};
-use robustpatch_core::quant::{self, QuantSpec, QuantView, Scheme};
-use robustpatch_core::{dot as core_dot, pack as core_pack, project as core_project, Element};
+use robustpatch_core::quant::{self, QuantSpec, QuantView};
+use robustpatch_core::{args, dot as core_dot, pack as core_pack, project as core_project};
+use robustpatch_core::{Element, Error};
 
 /// A zeroed 1-D numpy array for a kernel to fill. numpy's allocator backs large
 /// arrays with huge pages; a Rust `Vec` of 256 MiB page-faults every 4 KiB on
@@ -28,47 +30,33 @@ fn nogil<T: Ungil, F: Ungil + FnOnce() -> T>(py: Python<'_>, f: F) -> T {
     py.allow_threads(f)
 }
 
-fn spec(bits: u8, scheme: &str, group_len: usize) -> PyResult<QuantSpec> {
-    let scheme = Scheme::parse(scheme).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "unknown scheme {scheme:?}; expected affine, symmetric, log or tanh"
-        ))
-    })?;
-    Ok(QuantSpec {
-        bits,
-        scheme,
-        group_len,
-    })
-}
-
 /// Quantize a float array: returns (packed codes u8, scale f32, offset f32).
 #[pyfunction]
 #[pyo3(signature = (x, bits, scheme, group_len))]
 fn quantize<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    bits: u8,
+    bits: i64,
     scheme: &str,
-    group_len: usize,
-) -> PyResult<Bound<'py, PyTuple>> {
+    group_len: i64,
+) -> BindResult<Bound<'py, PyTuple>> {
     let x = FloatIn::extract(x, "x")?;
-    let spec = spec(bits, scheme, group_len)?;
+    let spec = args::spec(bits, scheme, group_len)?;
     let dense = x.dense("x")?;
     let q = nogil(py, || match dense {
         Dense::F32(v) => quant::quantize(v, spec),
         Dense::F16(v) => quant::quantize(v, spec),
         Dense::BF16(v) => quant::quantize(v, spec),
-    })
-    .map_err(errors::to_py)?;
+    })?;
     let parts = (
         q.codes.into_pyarray(py),
         q.scale.into_pyarray(py),
         q.offset.into_pyarray(py),
     );
-    PyTuple::new(
+    Ok(PyTuple::new(
         py,
         [parts.0.into_any(), parts.1.into_any(), parts.2.into_any()],
-    )
+    )?)
 }
 
 /// Decode packed codes to a flat float32 array of `numel` elements.
@@ -80,24 +68,24 @@ fn dequantize<'py>(
     codes: PyReadonlyArrayDyn<'py, u8>,
     scale: PyReadonlyArrayDyn<'py, f32>,
     offset: PyReadonlyArrayDyn<'py, f32>,
-    bits: u8,
+    bits: i64,
     scheme: &str,
-    group_len: usize,
-    numel: usize,
-) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let spec = spec(bits, scheme, group_len)?;
+    group_len: i64,
+    numel: i64,
+) -> BindResult<Bound<'py, PyArray1<f32>>> {
+    let spec = args::spec(bits, scheme, group_len)?;
+    let numel = args::count("numel", numel)?;
     let view = QuantView::new(
         slice_of(&codes, "codes")?,
         slice_of(&scale, "scale")?,
         slice_of(&offset, "offset")?,
         spec,
         numel,
-    )
-    .map_err(errors::to_py)?;
+    )?;
     let arr = zeros::<f32>(py, numel);
     let mut rw = arr.readwrite();
     let out = rw.as_slice_mut()?;
-    nogil(py, || quant::dequantize(&view, out)).map_err(errors::to_py)?;
+    nogil(py, || quant::dequantize(&view, out))?;
     drop(rw);
     Ok(arr)
 }
@@ -107,16 +95,12 @@ fn dequantize<'py>(
 fn pack<'py>(
     py: Python<'py>,
     codes: PyReadonlyArrayDyn<'py, u8>,
-    bits: u8,
-) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    bits: i64,
+) -> BindResult<Bound<'py, PyArray1<u8>>> {
     let codes = slice_of(&codes, "codes")?;
-    if !(1..=8).contains(&bits) {
-        return Err(PyValueError::new_err(format!(
-            "bits must be in 1..=8, got {bits}"
-        )));
-    }
+    let bits = args::bits(bits)?;
     let mut out = vec![0u8; core_pack::packed_len(codes.len(), bits)];
-    nogil(py, || core_pack::pack(codes, bits, &mut out)).map_err(errors::to_py)?;
+    nogil(py, || core_pack::pack(codes, bits, &mut out))?;
     Ok(out.into_pyarray(py))
 }
 
@@ -125,25 +109,23 @@ fn pack<'py>(
 fn unpack<'py>(
     py: Python<'py>,
     packed: PyReadonlyArrayDyn<'py, u8>,
-    bits: u8,
-    n: usize,
-) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    bits: i64,
+    n: i64,
+) -> BindResult<Bound<'py, PyArray1<u8>>> {
     let packed = slice_of(&packed, "packed")?;
-    if !(1..=8).contains(&bits) {
-        return Err(PyValueError::new_err(format!(
-            "bits must be in 1..=8, got {bits}"
-        )));
-    }
+    let bits = args::bits(bits)?;
+    let n = args::count("n", n)?;
     if packed.len() != core_pack::packed_len(n, bits) {
-        return Err(PyValueError::new_err(format!(
+        return Err(Error::Shape(format!(
             "{} packed bytes cannot hold exactly {n} codes of {bits} bits",
             packed.len()
-        )));
+        ))
+        .into());
     }
     let arr = zeros::<u8>(py, n);
     let mut rw = arr.readwrite();
     let out = rw.as_slice_mut()?;
-    nogil(py, || core_pack::unpack(packed, bits, 0, out)).map_err(errors::to_py)?;
+    nogil(py, || core_pack::unpack(packed, bits, 0, out))?;
     drop(rw);
     Ok(arr)
 }
@@ -155,7 +137,7 @@ fn project<'py>(
     pretrained: &Bound<'py, PyAny>,
     clean: &Bound<'py, PyAny>,
     robust: &Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, PyTuple>> {
+) -> BindResult<Bound<'py, PyTuple>> {
     let (p, c, r) = (
         FloatIn::extract(pretrained, "pretrained")?,
         FloatIn::extract(clean, "clean")?,
@@ -163,20 +145,22 @@ fn project<'py>(
     );
     let shape = p.shape();
     if c.shape() != shape || r.shape() != shape {
-        return Err(PyValueError::new_err(format!(
+        return Err(Error::Shape(format!(
             "shapes differ: pretrained {:?}, clean {:?}, robust {:?}",
             shape,
             c.shape(),
             r.shape()
-        )));
+        ))
+        .into());
     }
     if c.dtype() != p.dtype() || r.dtype() != p.dtype() {
-        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+        return Err(Error::DType(format!(
             "dtypes differ: pretrained {}, clean {}, robust {}",
             p.dtype().name(),
             c.dtype().name(),
             r.dtype().name()
-        )));
+        ))
+        .into());
     }
     let (pd, cd, rd) = (
         p.dense("pretrained")?,
@@ -191,8 +175,7 @@ fn project<'py>(
         (Dense::F16(a), Dense::F16(b), Dense::F16(c)) => core_project::project(a, b, c, out),
         (Dense::BF16(a), Dense::BF16(b), Dense::BF16(c)) => core_project::project(a, b, c, out),
         _ => unreachable!("dtypes checked above"),
-    })
-    .map_err(errors::to_py)?;
+    })?;
     drop(rw);
     let sig = arr.reshape(shape)?;
     let d = PyDict::new(py);
@@ -201,7 +184,7 @@ fn project<'py>(
     d.set_item("norm2_r", stats.norm2_r)?;
     d.set_item("norm2_sig", stats.norm2_sig)?;
     d.set_item("coef", stats.coef)?;
-    PyTuple::new(py, [sig.into_any(), d.into_any()])
+    Ok(PyTuple::new(py, [sig.into_any(), d.into_any()])?)
 }
 
 /// A delta as passed from Python: a float array, or a tuple
@@ -218,18 +201,19 @@ enum DeltaIn<'py> {
 }
 
 impl<'py> DeltaIn<'py> {
-    fn extract(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+    fn extract(obj: &Bound<'py, PyAny>) -> BindResult<Self> {
         if let Ok(t) = obj.downcast::<PyTuple>() {
             let (codes, scale, offset, bits, scheme, group_len, numel): (
                 PyReadonlyArrayDyn<u8>,
                 PyReadonlyArrayDyn<f32>,
                 PyReadonlyArrayDyn<f32>,
-                u8,
+                i64,
                 String,
-                usize,
-                usize,
+                i64,
+                i64,
             ) = t.extract()?;
-            let spec = spec(bits, &scheme, group_len)?;
+            let spec = args::spec(bits, &scheme, group_len)?;
+            let numel = args::count("numel", numel)?;
             return Ok(DeltaIn::Quant {
                 codes,
                 scale,
@@ -241,7 +225,7 @@ impl<'py> DeltaIn<'py> {
         Ok(DeltaIn::Dense(FloatIn::extract(obj, "delta")?))
     }
 
-    fn view(&self) -> PyResult<Delta<'_>> {
+    fn view(&self) -> BindResult<Delta<'_>> {
         match self {
             DeltaIn::Dense(a) => Ok(Delta::Dense(a.dense("delta")?)),
             DeltaIn::Quant {
@@ -250,16 +234,13 @@ impl<'py> DeltaIn<'py> {
                 offset,
                 spec,
                 numel,
-            } => Ok(Delta::Quant(
-                QuantView::new(
-                    slice_of(codes, "codes")?,
-                    slice_of(scale, "scale")?,
-                    slice_of(offset, "offset")?,
-                    *spec,
-                    *numel,
-                )
-                .map_err(errors::to_py)?,
-            )),
+            } => Ok(Delta::Quant(QuantView::new(
+                slice_of(codes, "codes")?,
+                slice_of(scale, "scale")?,
+                slice_of(offset, "offset")?,
+                *spec,
+                *numel,
+            )?)),
         }
     }
 }
@@ -267,22 +248,20 @@ impl<'py> DeltaIn<'py> {
 fn extract_deltas<'py>(
     deltas: &Bound<'py, PyAny>,
     alphas: Vec<f32>,
-) -> PyResult<(Vec<DeltaIn<'py>>, Vec<f32>)> {
+) -> BindResult<(Vec<DeltaIn<'py>>, Vec<f32>)> {
     let ins: Vec<DeltaIn> = deltas
         .try_iter()?
         .map(|d| DeltaIn::extract(&d?))
-        .collect::<PyResult<_>>()?;
+        .collect::<BindResult<_>>()?;
     if ins.len() != alphas.len() {
-        return Err(PyValueError::new_err(format!(
-            "{} deltas but {} alphas",
-            ins.len(),
-            alphas.len()
-        )));
+        return Err(
+            Error::Shape(format!("{} deltas but {} alphas", ins.len(), alphas.len())).into(),
+        );
     }
     Ok((ins, alphas))
 }
 
-fn views<'a>(ins: &'a [DeltaIn<'_>], alphas: &[f32]) -> PyResult<Vec<(Delta<'a>, f32)>> {
+fn views<'a>(ins: &'a [DeltaIn<'_>], alphas: &[f32]) -> BindResult<Vec<(Delta<'a>, f32)>> {
     ins.iter()
         .zip(alphas)
         .map(|(d, &a)| Ok((d.view()?, a)))
@@ -295,7 +274,7 @@ fn check_finite(deltas: &[(Delta, f32)]) -> robustpatch_core::Result<()> {
     for (k, (d, _)) in deltas.iter().enumerate() {
         if let Delta::Dense(dense) = d {
             if let Some(i) = dense.first_non_finite() {
-                return Err(robustpatch_core::Error::NonFinite(format!(
+                return Err(Error::NonFinite(format!(
                     "delta {k} holds NaN or Inf at flat index {i}"
                 )));
             }
@@ -336,24 +315,15 @@ fn apply<'py>(
     deltas: &Bound<'py, PyAny>,
     alphas: Vec<f32>,
     record: bool,
-) -> PyResult<(Option<Bound<'py, PyTuple>>, usize)> {
+) -> BindResult<(Option<Bound<'py, PyTuple>>, usize)> {
     let mut t = FloatInOut::extract(target, "target")?;
     let (ins, alphas) = extract_deltas(deltas, alphas)?;
     let ds = views(&ins, &alphas)?;
-    match t.dense_mut("target")? {
-        DenseMut::F32(x) => {
-            let u = nogil(py, || run_apply(x, &ds, record)).map_err(errors::to_py)?;
-            applied_tuple(py, u)
-        }
-        DenseMut::F16(x) => {
-            let u = nogil(py, || run_apply(x, &ds, record)).map_err(errors::to_py)?;
-            applied_tuple(py, u)
-        }
-        DenseMut::BF16(x) => {
-            let u = nogil(py, || run_apply(x, &ds, record)).map_err(errors::to_py)?;
-            applied_tuple(py, u)
-        }
-    }
+    Ok(match t.dense_mut("target")? {
+        DenseMut::F32(x) => applied_tuple(py, nogil(py, || run_apply(x, &ds, record))?)?,
+        DenseMut::F16(x) => applied_tuple(py, nogil(py, || run_apply(x, &ds, record))?)?,
+        DenseMut::BF16(x) => applied_tuple(py, nogil(py, || run_apply(x, &ds, record))?)?,
+    })
 }
 
 fn run_apply<T: Element>(
@@ -378,7 +348,7 @@ fn remove<'py>(
     alphas: Vec<f32>,
     positions: Option<PyReadonlyArrayDyn<'py, u32>>,
     values: Option<&Bound<'py, PyAny>>,
-) -> PyResult<(usize, usize)> {
+) -> BindResult<(usize, usize)> {
     let mut t = FloatInOut::extract(target, "target")?;
     let (ins, alphas) = extract_deltas(deltas, alphas)?;
     let ds = views(&ins, &alphas)?;
@@ -387,9 +357,10 @@ fn remove<'py>(
         .map(|p| slice_of(p, "positions"))
         .transpose()?;
     if pos.is_some() != values.is_some() {
-        return Err(PyValueError::new_err(
-            "positions and values come together: pass both or neither",
-        ));
+        return Err(Error::Value(
+            "positions and values come together: pass both or neither".into(),
+        )
+        .into());
     }
     let report = match t.dense_mut("target")? {
         DenseMut::F32(x) => {
@@ -404,20 +375,19 @@ fn remove<'py>(
             let u = undo_of::<u16>(pos, values)?;
             nogil(py, || core_apply::remove(x, &ds, u.as_ref()))
         }
-    }
-    .map_err(errors::to_py)?;
+    }?;
     Ok((report.corrected, report.inconsistent))
 }
 
 fn undo_of<B: numpy::Element + Copy>(
     pos: Option<&[u32]>,
     values: Option<&Bound<'_, PyAny>>,
-) -> PyResult<Option<Undo<B>>> {
+) -> BindResult<Option<Undo<B>>> {
     let (Some(pos), Some(values)) = (pos, values) else {
         return Ok(None);
     };
     let values = values.downcast::<PyArrayDyn<B>>().map_err(|_| {
-        pyo3::exceptions::PyTypeError::new_err(format!(
+        Error::DType(format!(
             "undo values must be {} for this target dtype",
             std::any::type_name::<B>()
         ))
@@ -431,18 +401,18 @@ fn undo_of<B: numpy::Element + Copy>(
 
 /// ⟨a, b⟩ of two deltas (arrays or quantized tuples), in float64.
 #[pyfunction]
-fn dot(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<f64> {
+fn dot(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> BindResult<f64> {
     let (a, b) = (DeltaIn::extract(a)?, DeltaIn::extract(b)?);
     let (va, vb) = (a.view()?, b.view()?);
-    nogil(py, || core_dot::dot(&va, &vb)).map_err(errors::to_py)
+    Ok(nogil(py, || core_dot::dot(&va, &vb))?)
 }
 
 /// Cosine similarity of two deltas; 0 when either is all zeros.
 #[pyfunction]
-fn cosine(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<f64> {
+fn cosine(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> BindResult<f64> {
     let (a, b) = (DeltaIn::extract(a)?, DeltaIn::extract(b)?);
     let (va, vb) = (a.view()?, b.view()?);
-    nogil(py, || core_dot::cosine(&va, &vb)).map_err(errors::to_py)
+    Ok(nogil(py, || core_dot::cosine(&va, &vb))?)
 }
 
 /// The header as columns, not one Python object per tensor (1.4 M tiny tensors
@@ -486,17 +456,21 @@ fn header_tuple<'py>(
 /// data_start)`, the tensors in file order (see `header_tuple`); offsets are
 /// relative to `data_start`.
 #[pyfunction]
-fn read_header<'py>(py: Python<'py>, path: std::path::PathBuf) -> PyResult<Bound<'py, PyTuple>> {
-    let h = nogil(py, || robustpatch_core::safetensors::read(&path)).map_err(errors::to_py)?;
-    header_tuple(py, h)
+fn read_header<'py>(py: Python<'py>, path: std::path::PathBuf) -> BindResult<Bound<'py, PyTuple>> {
+    let h = nogil(py, || robustpatch_core::safetensors::read(&path))?;
+    Ok(header_tuple(py, h)?)
 }
 
 /// Validate a safetensors header held in memory (`buf` starts at byte 0 of a
 /// file of `file_len` bytes). Same return value as `read_header`.
 #[pyfunction]
-fn parse_header<'py>(py: Python<'py>, buf: &[u8], file_len: u64) -> PyResult<Bound<'py, PyTuple>> {
-    let h = robustpatch_core::safetensors::parse(buf, file_len).map_err(errors::to_py)?;
-    header_tuple(py, h)
+fn parse_header<'py>(
+    py: Python<'py>,
+    buf: &[u8],
+    file_len: u64,
+) -> BindResult<Bound<'py, PyTuple>> {
+    let h = nogil(py, || robustpatch_core::safetensors::parse(buf, file_len))?;
+    Ok(header_tuple(py, h)?)
 }
 
 /// Encode a safetensors header (length prefix + JSON, space-padded to a multiple

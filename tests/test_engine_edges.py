@@ -1,0 +1,135 @@
+"""The engine's edges: errors mapped in one place (I/O errors keep their kind, values out of
+range are InvalidArgumentError, inputs that do not fit are MismatchError), integers taken
+wide and range-checked in the engine, and the CLI's one-line refusals of the same values."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+import robustpatch as rp
+from robustpatch import _core
+from robustpatch.cli import main
+from robustpatch.errors import InvalidArgumentError, MismatchError
+from rp_testutil import trio
+
+X8 = np.arange(8, dtype=np.float32)
+
+
+def usage_error(capsys, *argv) -> str:
+    """The one error line of a call argparse refuses (exit 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------- wide integers
+
+
+@pytest.mark.parametrize("bits", [300, -1, 0, 9, 1 << 40, -(1 << 62)])
+def test_engine_quantize_refuses_bits_out_of_range_as_invalid_argument(bits):
+    with pytest.raises(InvalidArgumentError, match=f"bits must be in 1..=8, got {bits}$"):
+        _core.quantize(X8, bits, "affine", 8)
+
+
+@pytest.mark.parametrize("group", [0, -1, -(1 << 40)])
+def test_engine_quantize_refuses_a_group_below_one(group):
+    with pytest.raises(InvalidArgumentError, match=f"group length must be ≥ 1, got {group}$"):
+        _core.quantize(X8, 4, "affine", group)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: _core.pack(np.zeros(8, np.uint8), 300),
+        lambda: _core.unpack(np.zeros(1, np.uint8), -1, 8),
+        lambda: _core.dequantize(
+            np.zeros(4, np.uint8),
+            np.ones(1, np.float32),
+            np.zeros(1, np.float32),
+            256,
+            "affine",
+            8,
+            8,
+        ),
+    ],
+    ids=["pack", "unpack", "dequantize"],
+)
+def test_every_bits_argument_is_range_checked(call):
+    with pytest.raises(InvalidArgumentError, match="bits must be in 1..=8"):
+        call()
+
+
+def test_a_negative_count_is_refused_not_wrapped():
+    with pytest.raises(InvalidArgumentError, match="n must be ≥ 0, got -8"):
+        _core.unpack(np.zeros(1, np.uint8), 1, -8)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "text"),
+    [
+        ("--bits", 300, "argument --bits: expected bits from 1 to 8 (an integer), got 300"),
+        ("--bits", -1, "argument --bits: expected bits from 1 to 8 (an integer), got -1"),
+        ("--group", 0, "argument --group: expected a positive integer group size, got 0"),
+    ],
+)
+def test_cli_quantize_refuses_bad_bits_and_group_in_one_line(capsys, tmp_path, flag, value, text):
+    line = usage_error(
+        capsys, "quantize", tmp_path / "in.rws", "-o", tmp_path / "out.rws", flag, value
+    )
+    assert line == f"robustpatch quantize: error: {text}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "text"),
+    [({"bits": 300}, "bits"), ({"bits": -1}, "bits"), ({"group": 0}, "group")],
+)
+def test_api_quantize_refuses_bad_bits_and_group(kwargs, text):
+    sig = rp.extract(*trio(0), layers="all")
+    with pytest.raises(InvalidArgumentError, match=text):
+        sig.quantize(**kwargs)
+
+
+# ---------------------------------------------------------------------------- error mapping
+
+
+def test_a_missing_file_is_file_not_found_from_the_engine(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError) as e:
+        _core.read_header(str(missing))
+    assert (e.value.errno, e.value.filename) == (errno.ENOENT, str(missing))
+    assert str(e.value) == f"[Errno 2] No such file or directory: '{missing}'"
+
+
+def test_a_folder_keeps_its_os_error_kind(tmp_path):
+    with pytest.raises(IsADirectoryError) as e:
+        _core.read_header(str(tmp_path))
+    assert e.value.errno == errno.EISDIR and e.value.filename == str(tmp_path)
+
+
+def test_a_missing_model_is_file_not_found_through_the_api(tmp_path):
+    sig = rp.extract(*trio(0), layers="all")
+    with pytest.raises(FileNotFoundError):
+        rp.apply_file(tmp_path / "missing.safetensors", [sig], 1.0, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inputs_that_do_not_fit_are_a_mismatch_error():
+    with pytest.raises(MismatchError, match="elements"):
+        _core.apply(np.zeros(4, np.float32), [np.zeros(5, np.float32)], [1.0])
+    with pytest.raises(MismatchError, match="2 alphas"):
+        _core.apply(np.zeros(4, np.float32), [np.zeros(4, np.float32)], [1.0, 2.0])
+
+
+def test_a_bad_container_is_a_format_error_and_a_wrong_dtype_a_type_error():
+    with pytest.raises(rp.errors.FormatError, match="too short"):
+        _core.parse_header(b"\x01", 1)
+    with pytest.raises(TypeError, match="float64"):
+        _core.quantize(np.zeros(8), 4, "affine", 8)
