@@ -302,3 +302,11 @@ def test_a_tensor_stored_in_two_shards_is_refused(ckpt):
     with pytest.raises(FormatError, match=r"'embed.weight' is in .* and "):
         rp.apply_file(d / "base", sig, 1.0, d / "out")
     assert not (d / "out").exists()
+
+
+def test_inplace_is_refused_for_a_sharded_checkpoint(ckpt):
+    d, _, sig = ckpt
+    before = listing(d / "base")
+    with pytest.raises(InvalidArgumentError, match="inplace=True patches one safetensors file"):
+        rp.apply_file(d / "base", sig, 1.0, inplace=True)
+    assert listing(d / "base") == before

@@ -406,6 +406,11 @@ def apply_file(
     if is_sharded(validate.path(src, "src")):  # an *.index.json or its folder: into a folder
         from .sharded import apply_sharded
 
+        if inplace:
+            raise InvalidArgumentError(
+                f"{os.fspath(src)}: inplace=True patches one safetensors file; a sharded "
+                "checkpoint is written to a new folder (out=...)"
+            )
         return apply_sharded(
             src,
             sigs,
