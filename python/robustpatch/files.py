@@ -68,7 +68,8 @@ from ._io.inputs import open_input
 from ._io.ranged import TensorReader, copy_range, pwrite_all, start_writeback
 from .dtypes import kernel_view
 from .errors import FormatError, InvalidArgumentError, MismatchError
-from .signature import Signature, SignatureLike, parse_meta_json
+from .signature import SignatureLike, parse_meta_json
+from .signature.streamed import StreamedSignature, open_signature
 from .targets import (
     Alphas,
     EngineRecord,
@@ -86,7 +87,6 @@ __all__ = [
     "remove_file",
     "undo_path_for",
     "applied_signatures",
-    "load_undo_signatures",
     "FileReport",
     "FileTarget",
     "APPLIED_KEY",
@@ -163,6 +163,7 @@ class FileTarget(NumpyTarget):
         self.size = len(new_header) + header.file_size - header.data_start
         self.tick = _locked(progress)
         self.watch = watch
+        self.release: Callable[[str], object] = lambda name: None  # after each tensor
         self._reader = TensorReader(src.fileno(), header)
         self._index = {t.name: k for k, t in enumerate(header.tensors)}
         self._spec = _spec_of(header)
@@ -191,6 +192,7 @@ class FileTarget(NumpyTarget):
                 if self.watch is not None:
                     self.watch.finished(t, arr)
                 stream.write(t, self.arrays.pop(t.name))
+                self.release(t.name)
                 self.tick(t.nbytes)
             stream.finish()
         except BaseException:
@@ -382,6 +384,7 @@ def apply_file(
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
     inplace: bool = False,
+    embed_signature: bool = False,
 ) -> FileReport:
     """Write ``src`` patched with ``Σ α_k·sig_k`` to ``out`` (atomically).
 
@@ -401,7 +404,10 @@ def apply_file(
     weight becoming ±Inf) is refused (NonFiniteError) unless ``allow_nonfinite=True``.
 
     Memory stays near the largest touched tensor (and its undo record) plus the
-    signatures and a fixed set of I/O buffers, whatever the file's size.
+    signatures and a fixed set of I/O buffers, whatever the file's size. A signature
+    file with dense deltas is streamed (:mod:`robustpatch.signature.streamed`): memory
+    then stays near one of its tensors too, and the undo record refers to the file by
+    content hash instead of embedding it (``embed_signature=True`` embeds it).
     """
     if is_sharded(validate.path(src, "src")):  # an *.index.json or its folder: into a folder
         from .sharded import apply_sharded
@@ -436,12 +442,13 @@ def apply_file(
             undo=undo,
             progress=progress,
             allow_nonfinite=allow_nonfinite,
+            embed_signature=embed_signature,
         )
     src, out = validate.path(src, "src"), _output(out, "apply_file")
     _check_no_journal(src)
     outputs = [out, undo_path_for(out)] if undo else [out]
     check_destinations([src, *_paths(sigs)], outputs)
-    plan = plan_for(sigs, alphas)
+    plan = streamed_plan(sigs, alphas)
     with open_input(src) as fsrc:
         header = read_header_from(fsrc, str(src))
         check_plan(plan, _spec_of(header), force, allow_dtype_change=allow_dtype_change)
@@ -449,11 +456,13 @@ def apply_file(
         if not undo:
             with AtomicFile(out, durable) as fout:
                 target = FileTarget(fsrc, header, fout, new_header, progress)
+                target.release = releaser(plan)
                 patch_target(target, plan, None, allow_nonfinite)
                 fout.commit()
             return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
+        refs = signature_refs(plan, embed_signature)
         return _apply_with_undo(
-            fsrc, header, new_header, plan, out, durable, progress, allow_nonfinite
+            fsrc, header, new_header, plan, out, durable, progress, allow_nonfinite, refs
         )
 
 
@@ -466,21 +475,50 @@ def _apply_with_undo(
     durable: bool,
     progress: Progress | None,
     allow_nonfinite: bool,
+    refs: dict[int, Path] | None = None,
 ) -> FileReport:
-    """Patch into ``out`` and write its undo record beside it, committed as a pair."""
+    """Patch into ``out`` and write its undo record beside it, committed as a pair
+    (``refs``: the signatures it refers to instead of embedding them)."""
     touched = [t for t in header.tensors if t.name in plan.deltas or t.name in plan.bn]
     kinds = [(t, "delta" if t.name in plan.deltas else "bn") for t in touched]
     src_header = _read_exact(fsrc, 0, header.data_start)
     sizes = (header.file_size, len(new_header) + header.file_size - header.data_start)
     undo_path = undo_path_for(out)
     with AtomicFile(out, durable) as fout, AtomicFile(undo_path, durable) as uf:
-        writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, sizes, new_header)
+        writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, sizes, new_header, refs)
         sink = _RecordToFile(writer)
         target = FileTarget(fsrc, header, fout, new_header, progress, sink)
+        target.release = releaser(plan)
         patch_target(target, plan, sink, allow_nonfinite)
         writer.finish()
         _commit_pair(uf, fout)
     return FileReport(out, undo_path, len(plan.deltas), len(plan.bn), sizes[1], writer.elements)
+
+
+def streamed_plan(sigs: SignatureLike | Sequence[SignatureLike], alphas: Alphas) -> Plan:
+    """:func:`plan_for` with signature files opened for streaming (dense deltas stay
+    in their file until applied)."""
+    many = sigs if isinstance(sigs, Sequence) and not isinstance(sigs, str) else [sigs]
+    opened = [open_signature(s) if isinstance(s, (str, os.PathLike)) else s for s in many]
+    return plan_for(opened, alphas)
+
+
+def signature_refs(plan: Plan, embed: bool) -> dict[int, Path]:
+    """The streamed signature files an undo record refers to (none if ``embed``)."""
+    if embed:
+        return {}
+    return {k: s.path for k, s in enumerate(plan.sigs) if isinstance(s, StreamedSignature)}
+
+
+def releaser(plan: Plan) -> Callable[[str], None]:
+    """Drops a tensor's pages from every streamed signature once it is applied."""
+    streamed = [s for s in plan.sigs if isinstance(s, StreamedSignature)]
+
+    def release(name: str) -> None:
+        for s in streamed:
+            s.release(name)
+
+    return release
 
 
 def _no_output(src: str | os.PathLike[str], out: str | os.PathLike[str] | None) -> None:
@@ -562,13 +600,16 @@ def remove_file(
     durable: bool = False,
     progress: Progress | None = None,
     inplace: bool = False,
+    signatures: Sequence[str | os.PathLike[str]] = (),
 ) -> FileReport:
     """Restore the file :func:`apply_file` patched: ``out`` becomes bit-identical to the
     source (same sha256). ``undo`` defaults to ``<patched>.rpundo``. Refuses a patched
     file that changed since (size, header or touched tensors differ), and an ``out``
     that is the patched file or the record. Written atomically like :func:`apply_file`.
     ``inplace=True`` restores ``patched`` itself (``out`` left out) through a journal,
-    and deletes the record it used (:func:`robustpatch.inplace.remove_inplace`)."""
+    and deletes the record it used (:func:`robustpatch.inplace.remove_inplace`). A
+    record that refers to a signature file (by content hash) finds it among
+    ``signatures``, else at the path it holds; a file with another hash is refused."""
     if is_sharded(validate.path(patched, "patched")):
         from .sharded import remove_sharded
 
@@ -577,22 +618,23 @@ def remove_file(
         from .inplace import remove_inplace
 
         _no_output(patched, out)
-        return remove_inplace(patched, undo=undo, progress=progress)
+        return remove_inplace(patched, undo=undo, progress=progress, signatures=signatures)
     patched, out = validate.path(patched, "patched"), _output(out, "remove_file")
     _check_no_journal(patched)
     side_path = validate.path(undo, "undo") if undo else undo_path_for(patched)
-    check_destinations([patched, side_path], [out])
+    check_destinations([patched, side_path, *signatures], [out])
     if not side_path.exists():
         raise FileNotFoundError(
             f"no undo record at {side_path} (was {patched} written with undo=False?)"
         )
     with open_input(side_path) as fside, open_input(patched) as fsrc:
-        side = UndoSidecar.load(side_path, fside)
+        side = UndoSidecar.load(side_path, fside, signatures)
         header = read_header_from(fsrc, str(patched))
         plan = make_plan(side.signatures, side.record.alphas)
         _verify_patched(fsrc, header, side, plan)
         with AtomicFile(out, durable) as fout:
             target = FileTarget(fsrc, header, fout, side.source_header, progress, _Verify(side))
+            target.release = releaser(plan)
             restore_target(target, plan, _FileRecords(side, header))
             fout.commit()
     return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
@@ -642,10 +684,3 @@ def _same_layout(patched: Header, orig: Header, where: str) -> None:
     b = [(t.name, t.dtype, t.shape, t.begin, t.end) for t in orig.tensors]
     if a != b or patched.file_size - patched.data_start != orig.file_size - orig.data_start:
         raise FormatError(f"{where}: its original layout does not match the patched file")
-
-
-def load_undo_signatures(path: str | os.PathLike[str]) -> tuple[list[Signature], list[float]]:
-    """The signatures and α an undo record holds (for ``inspect``)."""
-    with open_input(path) as f:
-        side = UndoSidecar.load(Path(path), f)
-    return side.signatures, side.record.alphas

@@ -50,15 +50,18 @@ from .files import (
     _Verify,
     _verify_patched,
     _Watch,
+    releaser,
+    signature_refs,
+    streamed_plan,
 )
 from .signature import SignatureLike
 from .targets import (
     Alphas,
     NumpyTarget,
+    Plan,
     check_plan,
     make_plan,
     patch_target,
-    plan_for,
     restore_target,
 )
 
@@ -76,9 +79,12 @@ class MappedTarget(NumpyTarget):
     sees each as loaded and when done, as for a streamed file.
     """
 
-    def __init__(self, mm: mmap.mmap, header: Header, watch: _Watch, progress: Progress) -> None:
+    def __init__(
+        self, mm: mmap.mmap, header: Header, watch: _Watch, progress: Progress, plan: Plan
+    ) -> None:
         super().__init__({})
         self.mm, self.header, self.watch, self.tick = mm, header, watch, progress
+        self.release = releaser(plan)
         self._index = {t.name: k for k, t in enumerate(header.tensors)}
         self._spec = _spec_of(header)
 
@@ -106,6 +112,7 @@ class MappedTarget(NumpyTarget):
             finally:
                 self.arrays = {}  # no view may outlive the mapping
             del mapped, arr
+            self.release(t.name)
             self.tick(t.nbytes)
 
     def _view(self, t: TensorInfo) -> np.ndarray:
@@ -157,6 +164,7 @@ def apply_inplace(
     undo: bool = True,
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
+    embed_signature: bool = False,
 ) -> FileReport:
     """Patch ``model`` in place with ``Σ α_k·sig_k`` (see the module docstring).
 
@@ -176,7 +184,7 @@ def apply_inplace(
             )
     _check_model(model)
     recover(model)
-    plan = plan_for(sigs, alphas)
+    plan = streamed_plan(sigs, alphas)
     with open_input(model) as probe:
         header = read_header_from(probe, str(model))
     check_plan(plan, _spec_of(header), force, allow_dtype_change=allow_dtype_change)
@@ -200,6 +208,7 @@ def apply_inplace(
                 pending if undo else None,
                 progress,
                 allow_nonfinite,
+                signature_refs(plan, embed_signature),
             )
             journal.commit()
         except BaseException:
@@ -217,24 +226,26 @@ def apply_inplace(
     )
 
 
-def _patch(f, header, plan, fitted, src_header, pending, progress, allow_nonfinite) -> int:
-    """Patch the mapped tensors (and header), writing the undo record to ``pending``;
-    returns the record's element count."""
+def _patch(f, header, plan, fitted, src_header, pending, progress, allow_nonfinite, refs) -> int:
+    """Patch the mapped tensors (and header), writing the undo record to ``pending``
+    (``refs``: the signatures it refers to); returns the record's element count."""
     tick = _locked(progress)
     header_now = fitted if fitted is not None else src_header
     if pending is None:
         with _mapped(f) as mm:
-            patch_target(MappedTarget(mm, header, _NoWatch(), tick), plan, None, allow_nonfinite)
+            target = MappedTarget(mm, header, _NoWatch(), tick, plan)
+            patch_target(target, plan, None, allow_nonfinite)
         _finish_model(f, fitted)
         return 0
     touched = [t for t in header.tensors if t.name in plan.deltas or t.name in plan.bn]
     kinds = [(t, "delta" if t.name in plan.deltas else "bn") for t in touched]
     size = header.file_size
     with AtomicFile(pending, durable=True) as uf:
-        writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, (size, size), header_now)
+        sizes = (size, size)
+        writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, sizes, header_now, refs)
         sink = _RecordToFile(writer)
         with _mapped(f) as mm:
-            patch_target(MappedTarget(mm, header, sink, tick), plan, sink, allow_nonfinite)
+            patch_target(MappedTarget(mm, header, sink, tick, plan), plan, sink, allow_nonfinite)
         _finish_model(f, fitted)
         writer.finish()
         uf.commit()
@@ -261,6 +272,7 @@ def remove_inplace(
     *,
     undo: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    signatures: Sequence[str | os.PathLike[str]] = (),
 ) -> FileReport:
     """Restore, in place, the model a patch changed: bit for bit the original, through
     the same journal as :func:`apply_inplace`; the consumed record is deleted at the
@@ -274,7 +286,7 @@ def remove_inplace(
     _check_model(patched)
     recover(patched)
     with open_input(side_path) as fside, open(patched, "r+b") as f:
-        side = UndoSidecar.load(side_path, fside)
+        side = UndoSidecar.load(side_path, fside, signatures)
         header = read_header_from(f, str(patched))
         plan = make_plan(side.signatures, side.record.alphas)
         _verify_patched(f, header, side, plan)
@@ -287,7 +299,7 @@ def remove_inplace(
         journal = Journal.begin(patched, f.fileno(), ranges, commit_unlink=side_path)
         try:
             with _mapped(f) as mm:
-                target = MappedTarget(mm, header, _Verify(side), _locked(progress))
+                target = MappedTarget(mm, header, _Verify(side), _locked(progress), plan)
                 restore_target(target, plan, _FileRecords(side, header))
             _finish_model(f, side.source_header)
             journal.commit()

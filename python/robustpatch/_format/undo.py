@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import zlib
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,6 +42,7 @@ import numpy as np
 
 from .. import validate
 from .._io.atomic import AtomicFile
+from .._io.inputs import open_input
 from .._io.ranged import pwrite_all, start_writeback
 from ..dtypes import NUMPY_OF_LABEL, label_of
 from ..errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError, shown
@@ -66,11 +69,12 @@ __all__ = [
     "checksum",
     "digest",
     "record_digest",
+    "read_record",
 ]
 
 UNDO_KEY = "robustpatch.undo"
 UNDO_SUFFIX = ".rpundo"
-UNDO_VERSION = 2  # 2: digests (version 1 records have none)
+UNDO_VERSION = 3  # 2: digests (version 1 records have none); 3: signatures by reference
 KINDS = ("delta", "bn")
 
 #: Largest size a record may claim for a file (the format's offsets are 64-bit).
@@ -158,10 +162,17 @@ class UndoRecord:
     tensors: list[TensorEntry]
     source_header_digest: str | None = None  # None in a version 1 record
     record_digest: str | None = None
+    #: Signatures kept by reference, not embedded: ``{"index": k, "file": path}``, the
+    #: path relative to the record's folder (version 3; the others are embedded).
+    signature_refs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
-        meta = {"format_version": UNDO_VERSION, "kind": "undo", **asdict(self)}
-        return json.dumps(meta)
+        """The record's JSON: version 2 (as before) unless it refers to signatures."""
+        meta = asdict(self)
+        if not self.signature_refs:
+            del meta["signature_refs"]
+        version = UNDO_VERSION if self.signature_refs else 2
+        return json.dumps({"format_version": version, "kind": "undo", **meta})
 
     @classmethod
     def parse(cls, raw: str, where: str) -> UndoRecord:
@@ -183,6 +194,8 @@ class UndoRecord:
             except (InvalidArgumentError, NonFiniteError) as e:
                 raise check.fail(str(e)) from None
         digests = version >= 2
+        refs = check.list_of(meta, "signature_refs", dict, "objects") if version >= 3 else []
+        _check_refs(check, refs, len(signatures))
         return cls(
             source_size=check.size(meta, "source_size"),
             patched_size=check.size(meta, "patched_size"),
@@ -194,7 +207,31 @@ class UndoRecord:
             ),
             source_header_digest=check.digest(meta, "source_header_digest", digests),
             record_digest=check.digest(meta, "record_digest", digests),
+            signature_refs=refs,
         )
+
+    def applied(self) -> list[dict[str, Any]]:
+        """Each signature's name, content hash and α, and whether the record embeds it."""
+        referenced = {r["index"] for r in self.signature_refs}
+        return [
+            {
+                "name": m.get("name"),
+                "hash": m.get("content_hash"),
+                "alpha": a,
+                "embedded": k not in referenced,
+            }
+            for k, (m, a) in enumerate(zip(self.signatures, self.alphas))
+        ]
+
+
+def _check_refs(check: _Checker, refs: list[dict[str, Any]], n: int) -> None:
+    """Each reference names a new signature index and a file path."""
+    seen = set()
+    for r in refs:
+        k, file = r.get("index"), r.get("file")
+        if not _is(k, int) or not 0 <= k < n or k in seen or not isinstance(file, str) or not file:
+            raise check.fail(f"bad signature reference {shown(r)}")
+        seen.add(k)
 
 
 class _Checker:
@@ -303,7 +340,9 @@ class UndoWriter:
         src_header: bytes,
         sizes: tuple[int, int],
         new_header: bytes,
+        refs: Mapping[int, Path] | None = None,
     ) -> None:
+        """``refs``: signatures (by index) kept by reference to their file, not embedded."""
         af.file.flush()
         self.fd = af.file.fileno()
         self.durable = af.durable
@@ -311,8 +350,10 @@ class UndoWriter:
         self.infos: list[TensorInfo] = []
         self.entries: list[TensorEntry] = []
         self.sig_tensors: dict[str, np.ndarray] = {}
+        refs = refs or {}
         for k, sig in enumerate(sigs):
-            self.sig_tensors.update({f"sig{k}/{n}": a for n, a in sig.file_tensors().items()})
+            if k not in refs:
+                self.sig_tensors.update({f"sig{k}/{n}": a for n, a in sig.file_tensors().items()})
         self.record = UndoRecord(
             source_size=sizes[0],
             patched_size=sizes[1],
@@ -324,6 +365,10 @@ class UndoWriter:
             ],
             source_header_digest=digest(src_header),
             record_digest=_DIGEST_WIDTH,
+            signature_refs=[
+                {"index": k, "file": os.path.relpath(os.path.abspath(p), af.path.parent.absolute())}
+                for k, p in sorted(refs.items())
+            ],
         )
         self.hasher = _RecordHasher()
         self.data_start = _reserved_header(self.record, touched, self.sig_tensors)
@@ -414,21 +459,21 @@ class UndoSidecar:
     file: BinaryIO
 
     @classmethod
-    def load(cls, path: Path, f: BinaryIO) -> UndoSidecar:
-        """Validate and load the record in ``f`` (the open file at ``path``)."""
+    def load(
+        cls, path: Path, f: BinaryIO, signature_files: Sequence[str | os.PathLike[str]] = ()
+    ) -> UndoSidecar:
+        """Validate and load the record in ``f`` (the open file at ``path``); signatures
+        it refers to are found among ``signature_files``, else where the record says."""
         where = str(path)
-        header = read_header_from(f, where)
-        raw = header.metadata.get(UNDO_KEY)
-        if raw is None:
-            raise FormatError(f"{where}: not a robustpatch undo record")
-        record = UndoRecord.parse(raw, where)
-        if record.record_digest is not None:
-            _check_record_digest(f, header, json.loads(raw), record.record_digest, where)
-        _check_tensor_names(where, header, record)
+        header, record = _read_record(path, f)
         sig_tensors = [t for t in header.tensors if t.name.startswith("sig")]
         loaded = {t.name: read_tensor(f, header, t) for t in sig_tensors}
+        refs = {r["index"]: r["file"] for r in record.signature_refs}
+        finder = _SignatureFinder(path, signature_files)
         sigs = [
-            _signature(meta, _prefixed(loaded, f"sig{k}/"), f"{where} (signature {k})")
+            finder.find(meta, refs[k])
+            if k in refs
+            else _signature(meta, _prefixed(loaded, f"sig{k}/"), f"{where} (signature {k})")
             for k, meta in enumerate(record.signatures)
         ]
         source = read_tensor(f, header, header.by_name()["header"]).tobytes()
@@ -471,6 +516,61 @@ class UndoSidecar:
         if len(raw) != t.nbytes:
             raise FormatError(f"{self.path}: bad undo record: bn/{t.name} holds {len(raw)} bytes")
         return np.frombuffer(raw, NUMPY_OF_LABEL[t.dtype]).reshape(t.shape)
+
+
+def _read_record(path: Path, f: BinaryIO) -> tuple[Header, UndoRecord]:
+    """The record's header and validated metadata, its digest and tensor names checked."""
+    where = str(path)
+    header = read_header_from(f, where)
+    raw = header.metadata.get(UNDO_KEY)
+    if raw is None:
+        raise FormatError(f"{where}: not a robustpatch undo record")
+    record = UndoRecord.parse(raw, where)
+    if record.record_digest is not None:
+        _check_record_digest(f, header, json.loads(raw), record.record_digest, where)
+    _check_tensor_names(where, header, record)
+    return header, record
+
+
+def read_record(path: Path) -> UndoRecord:
+    """The validated metadata of the record at ``path`` (signatures not loaded)."""
+    with open_input(path) as f:
+        return _read_record(path, f)[1]
+
+
+class _SignatureFinder:
+    """Finds a signature a record refers to by content hash: among the files the user
+    gave, else at the path the record holds (relative to the record's folder)."""
+
+    def __init__(self, record: Path, given: Sequence[str | os.PathLike[str]]) -> None:
+        from ..signature.streamed import open_signature
+
+        self.record, self.open = record, open_signature
+        self.given = [open_signature(p) for p in given]
+
+    def find(self, meta: dict[str, Any], file: str) -> Signature:
+        want, name = meta.get("content_hash"), shown(meta.get("name"))
+        for sig in self.given:
+            if sig.content_hash == want:
+                return sig
+        if self.given:
+            raise MismatchError(
+                f"{self.record}: none of the signatures given is {name} ({want}), which "
+                "the record was made with"
+            )
+        where = self.record.parent / file
+        if not where.exists():
+            raise FileNotFoundError(
+                f"{self.record} refers to signature {name} ({want}) at {where}, which does "
+                "not exist: give it with --signature"
+            )
+        sig = self.open(where)
+        if sig.content_hash != want:
+            raise MismatchError(
+                f"{where} is not the signature {self.record} was made with: content hash "
+                f"{sig.content_hash}, expected {want} (give the right one with --signature)"
+            )
+        return sig
 
 
 def _check_record_digest(

@@ -89,16 +89,15 @@ def model_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def undo_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``inspect`` shows about an undo record."""
-    from ..files import load_undo_signatures
+    from pathlib import Path
 
-    sigs, alphas = load_undo_signatures(path)
+    from .._format.undo import read_record
+
     return {
         "file": str(path),
         "kind": "undo",
         "bytes": os.path.getsize(path),
-        "signatures": [
-            {"name": s.name, "hash": s.content_hash, "alpha": a} for s, a in zip(sigs, alphas)
-        ],
+        "signatures": read_record(Path(path)).applied(),
     }
 
 
@@ -180,7 +179,8 @@ def _print_model(rep: dict[str, Any]) -> None:
 def _print_undo(rep: dict[str, Any]) -> None:
     print(f"{rep['file']}: undo record, {fmt_bytes(rep['bytes'])}")
     for s in rep["signatures"]:
-        print(f"  {s['name']!r} alpha={s['alpha']} hash={s['hash']}")
+        kept = "embedded" if s["embedded"] else "by reference"
+        print(f"  {s['name']!r} alpha={s['alpha']} hash={s['hash']} ({kept})")
 
 
 PRINTERS = {"signature": _print_signature, "model": _print_model, "undo": _print_undo}

@@ -42,6 +42,7 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
             progress=tick,
             allow_nonfinite=args.allow_nonfinite,
             inplace=inplace,
+            embed_signature=args.embed_signature,
         )
     return {
         "file": str(rep.out),
@@ -122,6 +123,12 @@ def _add_patch_args(p: Any, model_help: str, alpha_what: str, inplace: bool = Fa
         help="write elements that overflow the tensor's dtype (become Inf) instead of refusing",
     )
     p.add_argument("--no-undo", action="store_true", help="do not write the .rpundo record")
+    p.add_argument(
+        "--embed-signature",
+        action="store_true",
+        help="copy dense signatures into the undo record (by default it refers to their "
+        "files by content hash, and 'remove' finds them beside the record or by --signature)",
+    )
     cli_args.add_durable_flag(p)
 
 
@@ -162,7 +169,8 @@ def run_remove(args: Any) -> None:
     _inplace_or_output(args, args.patched)
     undo = args.undo or undo_path_for(args.patched)
     if not args.inplace:
-        cli_args.check_outputs(args, [args.patched, undo], [args.output])
+        inputs = [args.patched, undo, *(args.signature or ())]
+        cli_args.check_outputs(args, inputs, [args.output])
     total = os.path.getsize(args.patched)
     with progress_bar(args, "remove", total) as tick:
         rep = remove_file(
@@ -172,6 +180,7 @@ def run_remove(args: Any) -> None:
             durable=args.durable,
             progress=tick,
             inplace=args.inplace,
+            signatures=args.signature or (),
         )
     where = f"restored {rep.out} in place" if args.inplace else f"wrote {rep.out}"
     text = (
@@ -193,6 +202,12 @@ def remove_arguments(p: Any) -> None:
     _add_inplace_flag(p, "restore PATCHED itself (and delete the record it used)")
     p.set_defaults(parser=p)
     p.add_argument("--undo", help="undo record (default: PATCHED.rpundo)")
+    p.add_argument(
+        "--signature",
+        action="append",
+        help="a signature file the undo record refers to (repeat; default: where the record "
+        "says, beside it); one with another content hash is refused",
+    )
     cli_args.add_durable_flag(p)
 
 

@@ -73,14 +73,31 @@ def json_default(x: Any) -> Any:
     )
 
 
+class ContentHasher:
+    """The content hash fed piece by piece: the entry specs, then each tensor (in name
+    order) as its name, dtype and shape followed by its bytes, which may come in blocks
+    (a streamed signature is hashed without being held in memory)."""
+
+    def __init__(self, specs: list[dict[str, Any]]) -> None:
+        self.h = hashlib.sha256(json.dumps(specs, sort_keys=True).encode())
+
+    def tensor(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.h.update(json.dumps([name, np.dtype(dtype).str, list(shape)]).encode())
+
+    def update(self, data: memoryview | bytes) -> None:
+        self.h.update(data)
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self.h.hexdigest()
+
+
 def content_hash(specs: list[dict[str, Any]], tensors: Mapping[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(specs, sort_keys=True).encode())
+    hasher = ContentHasher(specs)
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
-        h.update(json.dumps([name, arr.dtype.str, list(arr.shape)]).encode())
-        h.update(memoryview(arr.reshape(-1).view(np.uint8)))
-    return "sha256:" + h.hexdigest()
+        hasher.tensor(name, arr.dtype, arr.shape)
+        hasher.update(memoryview(arr.reshape(-1).view(np.uint8)))
+    return hasher.hexdigest()
 
 
 #: Deepest nesting accepted in robustpatch metadata JSON (ours is 4 levels deep): deeper
@@ -264,9 +281,13 @@ def _check_decodable(name, scale, offset, bits: int, scheme: str, where: str) ->
 
 
 def from_parts(
-    meta: dict[str, Any], tensors: Mapping[str, np.ndarray], where: str = "signature"
+    meta: dict[str, Any],
+    tensors: Mapping[str, np.ndarray],
+    where: str = "signature",
+    check_hash: bool = True,
 ) -> Signature:
-    """Rebuild a signature from its parsed metadata and file tensors, verifying both."""
+    """Rebuild a signature from its parsed metadata and file tensors, verifying both
+    (``check_hash=False``: all but the content hash, which the caller has verified)."""
     from .model import Signature
 
     entries = [_entry_from_spec(s, tensors, where) for s in meta["entries"]]
@@ -276,7 +297,7 @@ def from_parts(
     if extra:
         raise FormatError(f"{where}: unexpected tensors {sorted(extra)[:5]}")
     expected = meta.get("content_hash")
-    if expected != sig.content_hash:
+    if check_hash and expected != sig.content_hash:
         raise FormatError(f"{where}: content hash mismatch (file modified?)")
     return sig
 

@@ -1,0 +1,175 @@
+"""Signature files read tensor by tensor: a dense task vector applied with memory near
+one tensor, not the whole signature.
+
+:func:`open_signature` opens a signature file whose dense delta entries stay in the
+file: each entry's values are a read-only view of a memory map, in the dtype the file
+stores (F32, or compact BF16/F16, which the engine adds directly), and
+:meth:`StreamedSignature.release` drops a tensor's pages once it has been applied. The
+file is still verified before use, in one streamed pass that reads it in blocks: the
+content hash and that every dense value is finite. Quantized and BatchNorm entries are
+small and loaded as by :meth:`Signature.load`. A file without dense deltas is loaded
+as usual.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import validate
+from .._format.safetensors import Header, TensorInfo, read_header_from, read_tensor
+from .._io.inputs import open_input
+from ..dtypes import NUMPY_OF_LABEL, widen
+from ..errors import FormatError, NonFiniteError, shown
+from .codec import HEADER_KEYS, META_KEY, ContentHasher, from_parts, parse_meta
+from .entry import Entry
+from .model import Signature
+
+__all__ = ["StreamedSignature", "open_signature"]
+
+#: Bytes read per block while the file is verified.
+_BLOCK = 8 << 20
+_DENSE_LABELS = ("F32", "BF16", "F16")
+
+
+class StreamedSignature(Signature):
+    """A signature whose dense deltas are views of its file (see the module docstring)."""
+
+    path: Path
+    _hash: str
+    _mm: mmap.mmap
+    _ranges: dict[str, tuple[int, int]]
+
+    @property
+    def content_hash(self) -> str:
+        """The hash verified when the file was opened (the values are the file's)."""
+        return self._hash
+
+    def release(self, name: str) -> None:
+        """Drop the memory pages of entry ``name`` (it has been applied)."""
+        span = self._ranges.get(name)
+        if span is None or not hasattr(self._mm, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = span[0] - span[0] % page
+        end = -(-(span[0] + span[1]) // page) * page
+        self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
+
+
+def open_signature(path: str | os.PathLike[str]) -> Signature:
+    """The signature at ``path``: streamed if it holds dense deltas, else loaded."""
+    path = validate.path(path, "signature path")
+    with open_input(path) as f:
+        header = read_header_from(f, str(path))
+        raw = header.metadata.get(META_KEY)
+        if raw is None:
+            raise FormatError(f"{path}: not a robustpatch signature (no {META_KEY!r} metadata)")
+        meta = parse_meta(raw, str(path))
+        dense = _dense_specs(meta, header, str(path))
+        if not dense:
+            return Signature.load(path)
+        small = {t.name: read_tensor(f, header, t) for t in header.tensors if t.name not in dense}
+        expected = _verify(f, header, meta, dense, str(path))
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return _build(path, header, meta, dense, small, mm, expected)
+
+
+def _dense_specs(meta: dict, header: Header, where: str) -> dict[str, TensorInfo]:
+    """The file tensors of the dense delta entries, each checked against its spec."""
+    tensors = header.by_name()
+    out = {}
+    for s in meta["entries"]:
+        if not isinstance(s, dict) or s.get("kind") != "delta" or s.get("encoding") != "dense":
+            continue
+        name, shape = s.get("name"), s.get("shape")
+        t = tensors.get(name) if isinstance(name, str) else None
+        if t is None:
+            raise FormatError(f"{where}: tensor {shown(name)} is missing")
+        ok_shape = isinstance(shape, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        )
+        if not ok_shape or not isinstance(s.get("dtype"), str):
+            raise FormatError(f"{where}: entry {shown(name)} has a bad kind, shape or dtype")
+        if t.dtype not in _DENSE_LABELS or math.prod(t.shape) != math.prod(shape):
+            raise FormatError(
+                f"{where}: tensor {shown(name)} ({t.dtype}, {list(t.shape)}) does not hold "
+                f"a dense delta of shape {shape}"
+            )
+        out[name] = t
+    return out
+
+
+def _verify(f, header: Header, meta: dict, dense: dict[str, TensorInfo], where: str) -> str:
+    """Stream the dense tensors once: each value finite, and the content hash (with the
+    small tensors, read the same way) equal to the one stored. Returns it."""
+    hasher = ContentHasher(meta["entries"])
+    shapes = {s["name"]: tuple(s["shape"]) for s in meta["entries"] if s.get("name") in dense}
+    for t in sorted(header.tensors, key=lambda t: t.name):
+        label = t.dtype if t.name in dense else None
+        if label:
+            hasher.tensor(t.name, np.dtype(np.float32), shapes[t.name])
+        else:
+            hasher.tensor(t.name, NUMPY_OF_LABEL.get(t.dtype, np.dtype(np.uint8)), t.shape)
+        for block in _blocks(f, header, t):
+            if label:
+                values = widen(np.frombuffer(block, NUMPY_OF_LABEL[label]), label)
+                if not np.isfinite(values).all():
+                    raise NonFiniteError(f"{t.name}: delta holds NaN or Inf")
+                block = memoryview(values.view(np.uint8))
+            hasher.update(block)
+    got, expected = hasher.hexdigest(), meta.get("content_hash")
+    if got != expected:
+        raise FormatError(f"{where}: content hash mismatch (file modified?)")
+    return got
+
+
+def _blocks(f, header: Header, t: TensorInfo):
+    """A tensor's bytes in blocks of whole elements."""
+    itemsize = np.dtype(NUMPY_OF_LABEL.get(t.dtype, np.uint8)).itemsize
+    step = _BLOCK - _BLOCK % itemsize
+    at, end = header.data_start + t.begin, header.data_start + t.end
+    while at < end:
+        block = os.pread(f.fileno(), min(step, end - at), at)
+        if not block:
+            raise FormatError(f"tensor {t.name!r}: the file ends early")
+        yield block
+        at += len(block)
+
+
+def _build(path, header, meta, dense, small, mm, expected) -> StreamedSignature:
+    """The signature: dense entries as views of ``mm``, the rest as loaded."""
+    rest = dict(meta, entries=[s for s in meta["entries"] if s.get("name") not in dense])
+    rest["content_hash"] = None
+    loaded = from_parts(rest, small, str(path), check_hash=False)  # _verify checked it
+    by_name = {e.name: e for e in loaded}
+    entries, ranges = [], {}
+    for s in meta["entries"]:
+        t = dense.get(s["name"])
+        if t is None:
+            entries.append(by_name[s["name"]])
+            continue
+        at = header.data_start + t.begin
+        view = np.frombuffer(mm, NUMPY_OF_LABEL[t.dtype], math.prod(t.shape), at)
+        values = (view if view.flags.aligned else view.copy()).reshape(tuple(s["shape"]))
+        entries.append(
+            Entry(
+                t.name,
+                "delta",
+                values.shape,
+                s["dtype"],
+                values=values,
+                stats=dict(s.get("stats") or {}),
+            )
+        )
+        ranges[t.name] = (at, t.nbytes)
+    sig = StreamedSignature(
+        entries,
+        name=str(meta.get("name", "signature")),
+        meta={k: v for k, v in meta.items() if k not in HEADER_KEYS},
+    )
+    sig.path, sig._hash, sig._mm, sig._ranges = path, expected, mm, ranges
+    return sig

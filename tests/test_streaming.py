@@ -1,0 +1,204 @@
+"""Streamed signatures: a dense signature file is applied tensor by tensor (peak memory
+near one tensor, not the signature), and the undo record refers to it by content hash
+instead of embedding it; ``remove`` finds it beside the record or by ``--signature``,
+refuses one with another hash, and still embeds on request."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robustpatch._format.safetensors import encode_header, read_header
+from robustpatch._format.undo import read_record
+from robustpatch.cli import main
+from robustpatch.errors import FormatError, MismatchError
+from robustpatch.files import apply_file, remove_file, undo_path_for
+from robustpatch.signature import Signature
+from robustpatch.signature.streamed import StreamedSignature, open_signature
+from rp_testutil import bf16_from_f32, listing, sha
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+MIB = 1 << 20
+
+
+def write_model(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    from robustpatch._format.safetensors import write_tensors
+
+    write_tensors(path, tensors, {"format": "pt"})
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A model (F32 and BF16 tensors) and a dense full-model signature of it."""
+    rng = np.random.default_rng(0)
+    model = {
+        "a.weight": rng.standard_normal((64, 32)).astype(np.float32),
+        "b.weight": bf16_from_f32(rng.uniform(1, 2, (48, 40)).astype(np.float32)),
+        "c.bias": rng.standard_normal(40).astype(np.float32),
+    }
+    write_model(tmp_path / "m.safetensors", model)
+    deltas = {
+        "a.weight": rng.normal(0, 1e-2, (64, 32)).astype(np.float32),
+        "b.weight": np.full((48, 40), 2.0**-7, np.float32),  # exact in bf16: stored BF16
+        "c.bias": rng.normal(0, 1e-2, 40).astype(np.float32),
+    }
+    dtypes = {"a.weight": "F32", "b.weight": "BF16", "c.bias": "F32"}
+    Signature.from_deltas(deltas, dtypes=dtypes, name="tv").save(tmp_path / "tv.rws")
+    return tmp_path
+
+
+def test_a_streamed_signature_is_the_loaded_one_and_patches_the_same_bytes(pair):
+    sig = open_signature(pair / "tv.rws")
+    loaded = Signature.load(pair / "tv.rws")
+    assert isinstance(sig, StreamedSignature) and sig.content_hash == loaded.content_hash
+    assert read_header(pair / "tv.rws").by_name()["b.weight"].dtype == "BF16"
+    eager = apply_file(pair / "m.safetensors", loaded, 1.0, pair / "eager.safetensors")
+    streamed = apply_file(pair / "m.safetensors", pair / "tv.rws", 1.0, pair / "s.safetensors")
+    raw = lambda p: p.read_bytes()[8 + int.from_bytes(p.read_bytes()[:8], "little") :]  # noqa: E731
+    assert raw(eager.out) == raw(streamed.out)
+
+
+def test_a_modified_streamed_signature_is_refused(pair):
+    data = bytearray((pair / "tv.rws").read_bytes())
+    data[-5] ^= 0x40
+    (pair / "bad.rws").write_bytes(bytes(data))
+    before = listing(pair)
+    with pytest.raises(FormatError, match="content hash mismatch"):
+        apply_file(pair / "m.safetensors", pair / "bad.rws", 1.0, pair / "o.safetensors")
+    assert listing(pair) == before
+
+
+def test_the_record_refers_to_the_signature_and_remove_finds_it(pair, capsys):
+    src, out = pair / "m.safetensors", pair / "p.safetensors"
+    apply_file(src, pair / "tv.rws", 0.5, out)
+    record = read_record(undo_path_for(out))
+    assert record.signature_refs == [{"index": 0, "file": "tv.rws"}]
+    names = [t.name for t in read_header(undo_path_for(out)).tensors]
+    assert not any(n.startswith("sig") for n in names)  # nothing embedded
+    assert main(["inspect", str(undo_path_for(out))]) == 0
+    assert "(by reference)" in capsys.readouterr().out
+    remove_file(out, pair / "r.safetensors")
+    assert sha(pair / "r.safetensors") == sha(src)
+
+
+def test_remove_takes_a_moved_signature_by_flag_and_refuses_a_wrong_one(pair, capsys):
+    src, out = pair / "m.safetensors", pair / "p.safetensors"
+    apply_file(src, pair / "tv.rws", 1.0, out)
+    (pair / "kept").mkdir()
+    shutil.move(pair / "tv.rws", pair / "kept" / "tv.rws")
+    other = Signature.from_deltas({"a.weight": np.ones((64, 32), np.float32)}, name="tv")
+    other.save(pair / "other.rws")
+    before = listing(pair)
+    with pytest.raises(FileNotFoundError, match="--signature"):
+        remove_file(out, pair / "r.safetensors")
+    with pytest.raises(MismatchError, match="none of the signatures given"):
+        remove_file(out, pair / "r.safetensors", signatures=[pair / "other.rws"])
+    shutil.copy(pair / "other.rws", pair / "tv.rws")  # a wrong file where the record looks
+    with pytest.raises(MismatchError, match="is not the signature"):
+        remove_file(out, pair / "r.safetensors")
+    os.unlink(pair / "tv.rws")
+    assert listing(pair) == before
+    code = main(
+        [
+            "remove",
+            str(out),
+            "-o",
+            str(pair / "r.safetensors"),
+            "--signature",
+            str(pair / "kept" / "tv.rws"),
+            "-q",
+        ]
+    )
+    assert code == 0 and sha(pair / "r.safetensors") == sha(src)
+
+
+def test_embed_signature_keeps_the_record_self_contained(pair):
+    src, out = pair / "m.safetensors", pair / "p.safetensors"
+    assert (
+        main(["apply", str(src), str(pair / "tv.rws"), "-o", str(out), "--embed-signature", "-q"])
+        == 0
+    )
+    assert read_record(undo_path_for(out)).signature_refs == []
+    os.unlink(pair / "tv.rws")
+    remove_file(out, pair / "r.safetensors")
+    assert sha(pair / "r.safetensors") == sha(src)
+
+
+def test_in_place_records_refer_to_the_signature_too(pair):
+    src = pair / "m.safetensors"
+    original = sha(src)
+    apply_file(src, pair / "tv.rws", 1.0, inplace=True)
+    assert read_record(undo_path_for(src)).signature_refs[0]["file"] == "tv.rws"
+    remove_file(src, inplace=True)
+    assert sha(src) == original
+
+
+# ---------------------------------------------------------------------------- memory
+
+CHILD = r"""
+import json, sys
+op, args = sys.argv[1], json.loads(sys.argv[2])
+from robustpatch.files import apply_file, remove_file
+from robustpatch.signature import Signature
+
+def peak_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+if op == "apply":
+    apply_file(args["src"], [args["sig"]], 1.0, args["out"])
+elif op == "remove":
+    remove_file(args["src"], args["out"])
+print(json.dumps({"peak_mib": peak_mib()}))
+"""
+
+
+def peak(op: str, **args) -> float:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, op, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_a_full_model_task_vector_is_applied_and_removed_near_one_tensor(tmp_path):
+    """32 tensors of 4 MiB and a dense F32 task vector over all of them (128 MiB): apply
+    and remove grow the process far less than the signature's size."""
+    rng = np.random.default_rng(1)
+    shape, n = (1024, 1024), 32
+    infos = []
+    from robustpatch._format.safetensors import TensorInfo
+
+    for i in range(n):
+        infos.append(TensorInfo(f"l{i}.weight", "F32", shape, i * 4 * MIB, (i + 1) * 4 * MIB))
+    block = (rng.standard_normal(MIB, dtype=np.float32) * np.float32(0.02)).tobytes()
+    with open(tmp_path / "m.safetensors", "wb") as f:
+        f.write(encode_header(infos, {}))
+        for _ in infos:
+            f.write(block)
+    sig_path = tmp_path / "tv.rws"
+    deltas = {t.name: rng.normal(0, 1e-3, shape).astype(np.float32) for t in infos}
+    Signature.from_deltas(deltas, name="tv").save(sig_path)
+    del deltas
+    base = peak("baseline")
+    out = tmp_path / "p.safetensors"
+    grew = peak("apply", src=str(tmp_path / "m.safetensors"), sig=str(sig_path), out=str(out))
+    back = peak("remove", src=str(out), out=str(tmp_path / "r.safetensors"))
+    assert sha(tmp_path / "r.safetensors") == sha(tmp_path / "m.safetensors")
+    sig_mib = sig_path.stat().st_size / MIB
+    assert sig_mib > 127
+    for what, p in (("apply", grew), ("remove", back)):
+        assert p - base < 0.4 * sig_mib, (what, p, base)  # loaded whole: over sig_mib
