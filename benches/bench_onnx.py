@@ -130,11 +130,19 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def ort_session(path_or_bytes: Any) -> Any:
+def one_thread() -> Any:
+    """Session options of every onnxruntime session here: one intra-op thread."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    src = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    return opts
+
+
+def ort_session(path: Path) -> Any:
+    return ort.InferenceSession(str(path), one_thread(), providers=["CPUExecutionProvider"])
+
+
+def rp_session(base: Path, sig: Any) -> Any:
+    return ro.session(base, sig, 1.0, sess_options=one_thread())
 
 
 class Runner:
@@ -229,7 +237,7 @@ def variants(
         restored = sha(work / "back" / base.name) == sha(base)
         checks = {"bit_exact": exact, "remove_sha256_ok": restored}
         row("ONNX f32 apply", Runner(ort_session(out)), files_size(out), **checks)
-        row("ONNX session", Runner(ro.session(base, sig, 1.0)), files_size(base))
+        row("ONNX session", Runner(rp_session(base, sig)), files_size(base))
     calibration = task.x_train[:256]
     for variant, kw in (("ONNX f16", {"dtype": "f16"}), ("ONNX int8", {"int8": "static"})):
         path = work / f"{name}_{variant.split()[1]}.onnx"
@@ -254,7 +262,7 @@ def switching(base: Path, sigs: dict[str, Any], work: Path, repeat: int) -> list
             ort_session(base)
             times["plain session"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            ro.session(base, sig, 1.0)
+            rp_session(base, sig)
             times["rp.onnx.session"].append(time.perf_counter() - t)
             t = time.perf_counter()
             out = ro.apply(base, sig, 1.0, out=work / f"switch{k}.onnx").out
