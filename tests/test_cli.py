@@ -28,6 +28,7 @@ NAMES = [
     "combine",
     "detect",
     "demo",
+    "onnx",
 ]
 
 
