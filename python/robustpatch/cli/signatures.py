@@ -186,21 +186,39 @@ def quantize_arguments(p: Any) -> None:
 # ---------------------------------------------------------------------------- similarity
 
 
+def _signature_files(paths: list[str]) -> list[str]:
+    """The files given, a folder standing for the ``*.rws`` files in it (sorted)."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(str(f) for f in Path(p).glob("*.rws") if f.is_file())
+            if not found:
+                raise InvalidArgumentError(f"{p}: folder holds no .rws signature files")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
 def run_similarity(args: Any) -> None:
-    """cosine similarity matrix of signatures, rows and columns labelled by file
+    """cosine similarity matrix of signatures, rows and columns labelled by file; a
+    folder stands for the .rws files in it. Quantized signatures are compared from
+    their packed codes (decoded a tile at a time), all pairs in one Gram matrix
 
     example:
     robustpatch similarity fog.rws snow.rws noise.rws
+    robustpatch similarity library/ --json
     """
     from ..signature import Signature, similarity
 
-    sigs = [Signature.load(p) for p in args.signatures]
+    files = _signature_files(args.signatures)
+    sigs = [Signature.load(p) for p in files]
     m = np.asarray(similarity(sigs))
-    labels = cli_args.file_labels(args.signatures)
+    labels = cli_args.file_labels(files)
     if args.json:
         rep = {
             "labels": labels,
-            "files": args.signatures,
+            "files": files,
             "names": [s.name for s in sigs],
             "cosine": m.tolist(),
         }
@@ -211,7 +229,7 @@ def run_similarity(args: Any) -> None:
 
 
 def similarity_arguments(p: Any) -> None:
-    p.add_argument("signatures", nargs="+", help="signature files")
+    p.add_argument("signatures", nargs="+", help="signature files, or folders of them")
 
 
 # ---------------------------------------------------------------------------- combine
