@@ -1,0 +1,92 @@
+"""Pre-registered verdicts and the interval statistics they read (synthetic inputs)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("scipy")
+pytest.importorskip("torch")
+
+from robustpatch.lab.paper import stats, verdicts  # noqa: E402
+from robustpatch.lab.paper.verdicts import CLAIMS, judge, null_verdict, verdict  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "op", "expected"),
+    [
+        (5.5, 9.0, "≥", "holds"),  # lower bound clears the threshold
+        (5.0, 9.0, "≥", "holds"),  # ... or reaches it
+        (1.0, 4.9, "≥", "fails"),  # upper bound below it
+        (4.0, 6.0, "≥", "inconclusive"),  # straddles it
+        (1.0, 5.0, "≤", "holds"),
+        (5.1, 8.0, "≤", "fails"),
+        (4.0, 6.0, "≤", "inconclusive"),
+    ],
+)
+def test_verdict_rule_all_three_outcomes(lo, hi, op, expected):
+    assert verdict(lo, hi, op, 5.0) == expected
+
+
+def test_unknown_comparison_is_refused():
+    with pytest.raises(ValueError, match="unknown comparison '>'"):
+        verdict(0, 1, ">", 0)
+
+
+def test_judge_reads_the_interval_of_synthetic_seeds():
+    claim = next(c for c in CLAIMS if c.id == "2b")  # ≥ 5 points
+    assert judge(claim, stats.t_interval([9.0, 10.0, 11.0]))["verdict"] == "holds"
+    assert judge(claim, stats.t_interval([0.0, 1.0, 2.0]))["verdict"] == "fails"
+    assert judge(claim, stats.t_interval([0.0, 5.0, 10.0]))["verdict"] == "inconclusive"
+    assert judge(claim, stats.t_interval([9.0]))["verdict"] == "inconclusive"
+
+
+def test_null_control_passes_when_its_interval_reaches_zero():
+    assert null_verdict(stats.t_interval([-1.0, 0.5, 1.0])) == "holds"
+    assert null_verdict(stats.t_interval([-3.0, -2.0, -1.0])) == "holds"
+    assert null_verdict(stats.t_interval([2.0, 3.0, 4.0])) == "fails"
+
+
+def test_claims_table_is_fixed_and_labels_whose_threshold():
+    ids = [c.id for c in CLAIMS]
+    assert ids == ["1", "2a", "2b", "2c", "3", "4", "5a", "5b", "6a", "6b"]
+    assert {c.source for c in CLAIMS} == {"paper", "ours"}
+    assert next(c for c in CLAIMS if c.id == "6b").threshold == 13.0  # the paper's "up to 13x"
+    assert verdicts.NULL_CONTROL.statistic == "null_gain"
+
+
+def test_t_interval_matches_the_textbook_numbers():
+    iv = stats.t_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n)
+    assert iv.mean == 2.0
+    assert iv.lo == pytest.approx(2.0 - half) and iv.hi == pytest.approx(2.0 + half)
+    assert iv.values == (1.0, 2.0, 3.0)
+
+
+def test_t_interval_of_one_seed_is_unbounded():
+    iv = stats.t_interval([4.0])
+    assert iv.lo == -math.inf and iv.hi == math.inf
+
+
+def test_ratio_of_means_is_the_ratio_of_the_means_with_a_bootstrap_around_it():
+    num, den = [1.0, 2.0, 3.0, 6.0], [2.0, 4.0, 6.0, 12.0]  # every seed's ratio is 0.5
+    iv = stats.ratio_of_means(num, den)
+    assert iv.mean == pytest.approx(0.5) and iv.lo == pytest.approx(0.5)
+    assert iv.hi == pytest.approx(0.5)
+    spread = stats.ratio_of_means([1.0, 3.0, 2.0, 8.0], [2.0, 4.0, 6.0, 12.0])
+    assert spread.mean == pytest.approx(14.0 / 24.0)
+    assert spread.lo < spread.mean < spread.hi
+    assert spread == stats.ratio_of_means([1.0, 3.0, 2.0, 8.0], [2.0, 4.0, 6.0, 12.0])
+
+
+def test_ratio_of_means_without_a_positive_denominator_is_undefined():
+    iv = stats.ratio_of_means([1.0, 2.0], [-1.0, -2.0])
+    assert math.isnan(iv.mean) and iv.lo == -math.inf and iv.hi == math.inf
+    assert verdict(iv.lo, iv.hi, "≥", 0.7) == "inconclusive"
+
+
+def test_ratio_of_means_refuses_unpaired_inputs():
+    with pytest.raises(ValueError, match="3 numerators but 2 denominators"):
+        stats.ratio_of_means(np.ones(3), np.ones(2))
