@@ -153,6 +153,7 @@ def test_run_sets_the_torch_thread_count_it_records(tmp_path, monkeypatch):
     """CPU results depend on the thread count, so ``run(threads=n)`` must apply it before
     any training (checked where training starts, then stopped there)."""
     from robustpatch.lab import demo
+    from robustpatch.lab.demo import runner
 
     seen = []
 
@@ -161,7 +162,7 @@ def test_run_sets_the_torch_thread_count_it_records(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     old = torch.get_num_threads()
-    monkeypatch.setattr(demo, "_run", stop_at_training)
+    monkeypatch.setattr(runner, "_run", stop_at_training)
     try:
         for n in (2, 1):
             with pytest.raises(KeyboardInterrupt):
@@ -236,7 +237,7 @@ def test_claim_table_has_one_row_per_sub_claim_with_four_columns(tiny_run):
 
 
 def test_near_miss_rule_on_synthetic_numbers():
-    from robustpatch.lab.demo import _check, _claim, verdict
+    from robustpatch.lab.demo.claims import _check, _claim, verdict
 
     # ≥ 70: a near miss down to 63 (10% of 70), below that a failure.
     assert verdict(70.0, "≥", 70) == "holds"
@@ -316,7 +317,8 @@ def test_git_commit_names_the_checkout_or_unknown(tmp_path):
 
 
 def test_console_prints_the_pre_registered_arm_not_the_best():
-    from robustpatch.lab.demo import _check, _claim, console_lines
+    from robustpatch.lab.demo import console_lines
+    from robustpatch.lab.demo.claims import _check, _claim
 
     mean = {
         "clean": 40.0,
@@ -348,20 +350,20 @@ def test_console_prints_the_pre_registered_arm_not_the_best():
 @pytest.fixture(scope="module")
 def demo_figures(tiny_run, tmp_path_factory):
     """The demo's figures as matplotlib objects, drawn again from the tiny run."""
-    from robustpatch.lab import demo
-    from robustpatch.lab import experiments as X
+    from robustpatch.lab import plots as P
+    from robustpatch.lab.demo import report
 
     figs = {}
-    save = X._save
+    save = P._save
 
     def keep(fig, path):
         figs[Path(path).stem] = fig
         return save(fig, path)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(X, "_save", keep)
+    mp.setattr(P, "_save", keep)
     try:
-        demo._figures(tmp_path_factory.mktemp("figures"), tiny_run[1])
+        report._figures(tmp_path_factory.mktemp("figures"), tiny_run[1])
     finally:
         mp.undo()
     assert len(figs) == 8
@@ -371,9 +373,9 @@ def demo_figures(tiny_run, tmp_path_factory):
 def test_figures_use_at_least_10_pt_type(demo_figures):
     from matplotlib.text import Text
 
-    from robustpatch.lab import experiments as X
+    from robustpatch.lab import plots as P
 
-    assert X.MIN_FONT_PT >= 10
+    assert P.MIN_FONT_PT >= 10
     for name, fig in demo_figures.items():
         texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
         assert len(texts) > 5, name
@@ -423,27 +425,27 @@ def test_each_corruption_has_one_colour_in_every_figure(demo_figures, tiny_run):
 
 
 def test_compression_figure_tells_coinciding_size_lines_apart(tmp_path, monkeypatch):
-    from robustpatch.lab import experiments as X
+    from robustpatch.lab import plots as P
 
     def result(kept, nbytes):
         rows = [{"bits": b, "kept": kept, "nbytes": nbytes * b} for b in (2, 4, 8)]
         return {"rows": rows, "model_nbytes": 10**6}
 
     figs = []
-    save = X._save
-    monkeypatch.setattr(X, "_save", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    save = P._save
+    monkeypatch.setattr(P, "_save", lambda fig, path: (figs.append(fig), save(fig, path))[1])
     same = {"fog": result(0.9, 100), "contrast": result(0.8, 100)}
     different = {"fog": result(0.9, 100), "contrast": result(0.8, 120)}
-    assert X.same_sizes(same) and not X.same_sizes(different)
-    X.plot_compression(same, tmp_path / "same.png")
-    X.plot_compression(different, tmp_path / "different.png")
+    assert P.same_sizes(same) and not P.same_sizes(different)
+    P.plot_compression(same, tmp_path / "same.png")
+    P.plot_compression(different, tmp_path / "different.png")
 
     def labels(ax):
         return [line.get_label() for line in ax.get_lines() if line.get_label()[0] != "_"]
 
     kept, size = figs[0].axes[:2]
     assert labels(kept) == ["fog", "contrast"]
-    assert labels(size) == [X.SAME_SIZE_LABEL, "fp32 robust model"]
+    assert labels(size) == [P.SAME_SIZE_LABEL, "fp32 robust model"]
     assert labels(figs[1].axes[1]) == ["fog", "contrast", "fp32 robust model"]
     # Lines that may coincide differ in colour, marker and line style.
     fog, contrast = kept.get_lines()[:2]

@@ -11,6 +11,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from robustpatch.lab import corruptions as C  # noqa: E402
+from robustpatch.lab.corruptions import ops as O  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -206,7 +207,7 @@ def test_glass_wavefronts_equal_the_sequential_scan(delta, h_extra, w_extra, see
     img = rs.randint(0, 256, (2, 3, h, w)).astype(np.float32)
     dy = rs.randint(-delta, delta, (2, h, w))
     dx = rs.randint(-delta, delta, (2, h, w))
-    ours = C._glass_shuffle(
+    ours = O._glass_shuffle(
         torch.from_numpy(img), delta, torch.from_numpy(dy), torch.from_numpy(dx)
     )
     for n in range(2):
@@ -224,7 +225,7 @@ def test_box_resize_matches_pillow(size_in, size_out):
     ref = np.asarray(Image.fromarray(img).resize((size_out + 2, size_out), Image.BOX)).astype(int)
     x = torch.from_numpy(img.transpose(2, 0, 1)[None].copy()).float() / 255
     ours = (
-        (C._pil_box_resize(x, size_out, size_out + 2) * 255)
+        (O._pil_box_resize(x, size_out, size_out + 2) * 255)
         .round()
         .int()[0]
         .permute(1, 2, 0)
@@ -235,12 +236,12 @@ def test_box_resize_matches_pillow(size_in, size_out):
 
 
 def test_jpeg_quality_scaling():
-    assert np.array_equal(C._jpeg_table(C._JPEG_LUMA, 50), C._JPEG_LUMA)
-    assert (C._jpeg_table(C._JPEG_LUMA, 100) == 1).all()
-    q10 = C._jpeg_table(C._JPEG_LUMA, 10)  # scale 500%, clamped to baseline's 255
+    assert np.array_equal(O._jpeg_table(O._JPEG_LUMA, 50), O._JPEG_LUMA)
+    assert (O._jpeg_table(O._JPEG_LUMA, 100) == 1).all()
+    q10 = O._jpeg_table(O._JPEG_LUMA, 10)  # scale 500%, clamped to baseline's 255
     assert q10[0, 0] == 80 and q10.max() == 255
     assert np.array_equal(
-        C._jpeg_table(C._JPEG_CHROMA, 80), np.clip((C._JPEG_CHROMA * 40 + 50) // 100, 1, 255)
+        O._jpeg_table(O._JPEG_CHROMA, 80), np.clip((O._JPEG_CHROMA * 40 + 50) // 100, 1, 255)
     )
 
 

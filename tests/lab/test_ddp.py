@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from robustpatch.lab import models, recipes  # noqa: E402
+from robustpatch.lab import models, recipes, training  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -48,7 +48,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             progress=lambda _epoch, loss: losses.append(loss),
             distributed=True,
         )
-        order = recipes._rank_order(len(x), 0, config.seed, rank, WORLD)
+        order = training._rank_order(len(x), 0, config.seed, rank, WORLD)
         torch.save(
             {"state": model.state_dict(), "losses": losses, "order": order},
             f"{out_dir}/rank{rank}.pt",

@@ -58,7 +58,9 @@ def test_end_to_end_train_evaluate_json_heatmap(trained_digits, digits_test, tmp
     model, clean_acc, _ = trained_digits
     x, y = digits_test
     names = ["gaussian_noise", "defocus_blur", "contrast"]
-    res = E.evaluate_corruptions(model, x, y, tmp_path / "out", names, seed=0, device="cpu")
+    res = E.evaluate_corruptions(
+        model, x, y, tmp_path / "out", E.CorruptionGrid(names, device="cpu")
+    )
     saved = json.loads((tmp_path / "out" / "corruptions.json").read_text())
     assert saved["clean"] == pytest.approx(clean_acc)
     assert set(saved["accuracy"]) == set(names)
@@ -77,7 +79,7 @@ def test_end_to_end_train_evaluate_json_heatmap(trained_digits, digits_test, tmp
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert res["files"]["heatmap"].endswith("corruptions.png")
     # reproducible
-    again = E.corruption_accuracy(model, x, y, names[:1], seed=0, device="cpu")
+    again = E.corruption_accuracy(model, x, y, E.CorruptionGrid(names[:1], device="cpu"))
     assert again["accuracy"]["gaussian_noise"] == saved["accuracy"]["gaussian_noise"]
 
 
@@ -114,7 +116,7 @@ def test_predict_accuracy_and_errors(trained_digits, digits_test):
     assert E.accuracy(model, x, y, batch_size=50, device="cpu") == pytest.approx(acc)
     assert E.predict(model, x[:7], device="cpu").shape == (7,)
     with pytest.raises(ValueError):
-        E.corruption_accuracy(model, x[:4], y[:4], ["fog"], [6], device="cpu")
+        E.corruption_accuracy(model, x[:4], y[:4], E.CorruptionGrid(["fog"], [6], device="cpu"))
     with pytest.raises(ValueError):
         E.robust_accuracy(model, x[:4], y[:4], attack="cw", device="cpu")
     errs = E.corruption_errors({"accuracy": {"fog": {"1": 0.9, "2": 0.8}}})

@@ -176,7 +176,8 @@ def _controlled(images: np.ndarray, name: str, severity: int, seed: int) -> np.n
     """Ours, driven by the random numbers the reference draws with ``np.random.seed``."""
     import torch
 
-    from .corruptions import _glass_blur_offsets, _motion_blur_angles, corruption_parameters
+    from .corruptions import corruption_parameters
+    from .corruptions.ops import _glass_blur_offsets, _motion_blur_angles
 
     params = corruption_parameters(name, severity, "imagenet")
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float() / 255.0

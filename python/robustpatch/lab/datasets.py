@@ -32,6 +32,8 @@ from typing import Any, Callable, Union
 import numpy as np
 import torch
 
+from .training import default_device
+
 __all__ = [
     "ImageSet",
     "cache_dir",
@@ -635,7 +637,7 @@ class CorruptedView(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.scale = resolve_scale(images.shape[2], images.shape[3], scale)
         self.chunk_size = int(chunk_size)
-        self.device = _device(device)
+        self.device = default_device(device)
         self.mode = mode
         self._chunks: dict[int, np.ndarray] = {}
         self._all: np.ndarray | None = None
@@ -701,9 +703,3 @@ class CorruptedView(torch.utils.data.Dataset):
             return torch.from_numpy(np.array(self._all)), torch.from_numpy(self.labels)
         parts = [b[0] for b in self.batches()]
         return torch.cat(parts), torch.from_numpy(self.labels)
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

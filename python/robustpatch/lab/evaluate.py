@@ -19,20 +19,22 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
 
 from .corruptions import STANDARD, _check_name_severity, corrupt, resolve_scale
-from .models import default_device
+from .training import accuracy, as_float, default_device, predict
 
 __all__ = [
     "ALEXNET_ERRORS",
     "ALEXNET_CLEAN_ERROR",
     "predict",
     "accuracy",
+    "CorruptionGrid",
     "corruption_accuracy",
     "corruption_errors",
     "mean_corruption_error",
@@ -73,90 +75,63 @@ ALEXNET_CLEAN_ERROR = 0.4348
 """AlexNet's clean ImageNet top-1 error (43.5% in the paper; torchvision's AlexNet: 43.48%)."""
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module, images: torch.Tensor, *, batch_size: int = 256, device: DeviceArg = None
-) -> torch.Tensor:
-    """Predicted labels (CPU int64 tensor) of ``model`` in eval mode."""
-    dev = default_device(device)
-    was_training = model.training
-    model.eval().to(dev)
-    try:
-        out = [
-            model(_as_float(images[i : i + batch_size].to(dev))).argmax(1).cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
-
-
-def accuracy(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    batch_size: int = 256,
-    device: DeviceArg = None,
-) -> float:
-    """Top-1 accuracy of ``model`` on ``images`` (eval mode)."""
-    if len(labels) == 0:
-        raise ValueError("no images to evaluate")
-    pred = predict(model, images, batch_size=batch_size, device=device)
-    return float((pred == torch.as_tensor(labels).cpu()).float().mean())
-
-
 def _cell_seed(seed: int, name: str, severity: int) -> int:
     digest = hashlib.sha256(f"{seed}/{name}/{severity}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class CorruptionGrid:
+    """The cells :func:`corruption_accuracy` evaluates, and how.
+
+    Attributes:
+        corruptions: names (default: the 15 standard types).
+        severities: severities to evaluate.
+        seed: base seed of the corruptions; every cell has its own generator seeded from
+            ``(seed, corruption, severity)``, so results are reproducible for a given batch
+            size.
+        scale: corruption parameter table, default from the image size.
+        batch_size: images per batch (corrupted batch by batch on ``device``).
+        device: default CUDA if available, else CPU.
+        progress: show a tqdm bar.
+    """
+
+    corruptions: Sequence[str] | None = None
+    severities: Sequence[int] = (1, 2, 3, 4, 5)
+    seed: int = 0
+    scale: str | None = None
+    batch_size: int = 256
+    device: DeviceArg = None
+    progress: bool = False
 
 
 def corruption_accuracy(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    corruptions: Sequence[str] | None = None,
-    severities: Sequence[int] = (1, 2, 3, 4, 5),
-    *,
-    seed: int = 0,
-    scale: str | None = None,
-    batch_size: int = 256,
-    device: DeviceArg = None,
-    progress: bool = False,
+    grid: CorruptionGrid | None = None,
 ) -> dict[str, Any]:
-    """Accuracy on clean images and on every (corruption, severity) cell.
-
-    Images are corrupted batch by batch on ``device``; every cell has its own generator
-    seeded from ``(seed, corruption, severity)``, so results are reproducible for a given
-    batch size.
+    """Accuracy on clean images and on every (corruption, severity) cell of ``grid``.
 
     Args:
         model: classifier taking [0, 1] images.
         images: ``(N, C, H, W)`` uint8 or float images (the clean test set).
         labels: ``(N,)`` labels.
-        corruptions: names (default: the 15 standard types).
-        severities: severities to evaluate.
-        seed: base seed of the corruptions.
-        scale: corruption parameter table, default from the image size.
-        batch_size: images per batch.
-        device: default CUDA if available, else CPU.
-        progress: show a tqdm bar.
+        grid: the cells and settings (default: :class:`CorruptionGrid`).
 
     Returns:
         ``{"clean": acc, "accuracy": {name: {"1": acc, ...}}, "meta": {...}}``.
     """
-    names = list(STANDARD if corruptions is None else corruptions)
-    sevs = [int(s) for s in severities]
+    grid = grid or CorruptionGrid()
+    seed, batch_size = grid.seed, grid.batch_size
+    names = list(STANDARD if grid.corruptions is None else grid.corruptions)
+    sevs = [int(s) for s in grid.severities]
     for name in names:
         for s in sevs:
             _check_name_severity(name, s)
-    dev = default_device(device)
+    dev = default_device(grid.device)
     labels = torch.as_tensor(labels).cpu()
-    table = resolve_scale(images.shape[-2], images.shape[-1], scale)
+    table = resolve_scale(images.shape[-2], images.shape[-1], grid.scale)
     result: dict[str, Any] = {
         "clean": accuracy(model, images, labels, batch_size=batch_size, device=dev),
         "accuracy": {},
@@ -169,7 +144,7 @@ def corruption_accuracy(
         },
     }
     bar = None
-    if progress:
+    if grid.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(names) * len(sevs), desc="corruptions")
@@ -186,7 +161,7 @@ def corruption_accuracy(
                     for i in range(0, len(labels), batch_size):
                         xb = images[i : i + batch_size].to(dev)
                         xb = corrupt(xb, name, s, generator=gen, scale=table)
-                        pred = model(_as_float(xb)).argmax(1).cpu()
+                        pred = model(as_float(xb)).argmax(1).cpu()
                         correct += int((pred == labels[i : i + batch_size]).sum())
                 cells[str(s)] = correct / len(labels)
                 if bar is not None:
@@ -239,15 +214,26 @@ def mean_corruption_error(
         KeyError: a corruption has no baseline error.
     """
     base = ALEXNET_ERRORS if baseline is None else baseline
+    ce = _per_corruption(errors, base, lambda _name, errs, b: sum(errs) / b)
+    return {"mCE": sum(ce.values()) / len(ce), "CE": ce}
+
+
+def _per_corruption(
+    errors: Mapping[str, Sequence[float]],
+    baseline: Mapping[str, float | Sequence[float]],
+    ratio: Callable[[str, list[float], float], float],
+) -> dict[str, float]:
+    """``ratio(name, errors at each severity, the baseline's error summed over as many
+    severities)`` for every corruption in ``errors``."""
     if not errors:
         raise ValueError("no corruption errors given")
-    ce: dict[str, float] = {}
+    out: dict[str, float] = {}
     for name, errs in errors.items():
-        if name not in base:
+        if name not in baseline:
             raise KeyError(f"no baseline error for corruption {name!r}")
         errs = [float(e) for e in errs]
-        ce[name] = sum(errs) / _baseline_sum(base[name], len(errs))
-    return {"mCE": sum(ce.values()) / len(ce), "CE": ce}
+        out[name] = ratio(name, errs, _baseline_sum(baseline[name], len(errs)))
+    return out
 
 
 def relative_mean_corruption_error(
@@ -270,17 +256,14 @@ def relative_mean_corruption_error(
     Returns:
         ``{"relative_mCE": float, "relative_CE": {name: float}}``.
     """
-    if not errors:
-        raise ValueError("no corruption errors given")
-    rel: dict[str, float] = {}
-    for name, errs in errors.items():
-        if name not in baseline:
-            raise KeyError(f"no baseline error for corruption {name!r}")
-        errs = [float(e) for e in errs]
-        denom = _baseline_sum(baseline[name], len(errs)) - len(errs) * float(baseline_clean_error)
+
+    def degradation_ratio(name: str, errs: list[float], base_sum: float) -> float:
+        denom = base_sum - len(errs) * float(baseline_clean_error)
         if denom == 0:
             raise ValueError(f"baseline degradation on {name!r} is zero")
-        rel[name] = (sum(errs) - len(errs) * float(clean_error)) / denom
+        return (sum(errs) - len(errs) * float(clean_error)) / denom
+
+    rel = _per_corruption(errors, baseline, degradation_ratio)
     return {"relative_mCE": sum(rel.values()) / len(rel), "relative_CE": rel}
 
 
@@ -313,7 +296,7 @@ def fgsm(
     was_training = model.training
     model.eval().to(dev)
     try:
-        x = _as_float(images.to(dev))
+        x = as_float(images.to(dev))
         y = torch.as_tensor(labels).to(dev)
         adv = x + eps * _input_grad(model, x, y).sign()
         return adv.clamp(0, 1).detach()
@@ -346,7 +329,7 @@ def pgd_linf(
     was_training = model.training
     model.eval().to(dev)
     try:
-        x = _as_float(images.to(dev))
+        x = as_float(images.to(dev))
         y = torch.as_tensor(labels).to(dev)
         adv = x.clone()
         if random_start:
@@ -456,16 +439,10 @@ def evaluate_corruptions(
     images: torch.Tensor,
     labels: torch.Tensor,
     out_dir: PathLike,
-    corruptions: Sequence[str] | None = None,
-    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    grid: CorruptionGrid | None = None,
     *,
-    seed: int = 0,
-    scale: str | None = None,
-    batch_size: int = 256,
-    device: DeviceArg = None,
     baseline: Mapping[str, float | Sequence[float]] | None = None,
     name: str = "corruptions",
-    progress: bool = False,
 ) -> dict[str, Any]:
     """Run :func:`corruption_accuracy`, add mCE, write ``<name>.json`` and ``<name>.png``.
 
@@ -475,18 +452,7 @@ def evaluate_corruptions(
     Returns:
         The results dictionary, with ``"files"`` naming the JSON and PNG written.
     """
-    results = corruption_accuracy(
-        model,
-        images,
-        labels,
-        corruptions,
-        severities,
-        seed=seed,
-        scale=scale,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    )
+    results = corruption_accuracy(model, images, labels, grid)
     base = ALEXNET_ERRORS if baseline is None else baseline
     errors = corruption_errors(results)
     if all(n in base for n in errors) and sorted(results["meta"]["severities"]) == [1, 2, 3, 4, 5]:

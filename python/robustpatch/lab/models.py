@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
+
+from .training import DeviceArg, TrainConfig, accuracy, default_device, train
 
 __all__ = [
     "Normalize",
@@ -25,15 +27,6 @@ __all__ = [
     "parameters_by_depth",
     "default_device",
 ]
-
-DeviceArg = Union[str, torch.device, None]
-
-
-def default_device(device: DeviceArg = None) -> torch.device:
-    """``device`` as a ``torch.device``; by default CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Normalize(nn.Module):
@@ -201,7 +194,8 @@ def fit(
     device: DeviceArg = None,
     progress: bool = False,
 ) -> dict[str, list[float]]:
-    """Train a classifier with AdamW and a one-cycle learning-rate schedule.
+    """Train a classifier with AdamW and a one-cycle learning-rate schedule
+    (:func:`robustpatch.lab.training.train`).
 
     Args:
         model: the network (trained in place, left in eval mode on ``device``).
@@ -209,59 +203,69 @@ def fit(
         labels: ``(N,)`` integer labels.
         epochs, batch_size, lr, weight_decay: optimisation settings.
         augment: random translations of up to 2 pixels (reflect padding).
-        seed: seed of the shuffling and augmentation.
+        seed: seed of the shuffling and augmentation (one generator for both).
         device: default CUDA if available, else CPU.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar over the epochs.
 
     Returns:
         ``{"loss": [...], "accuracy": [...], "seconds": [...]}`` per epoch (training set).
     """
-    dev = default_device(device)
-    model.to(dev)
-    n = len(labels)
-    if n == 0:
-        raise ValueError("no training data")
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
-    loss_fn = nn.CrossEntropyLoss()
+    config = TrainConfig(
+        epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed
+    )
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "seconds": []}
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    correct = [0]
 
-        bar = tqdm(total=steps, desc="train")
-    for _ in range(epochs):
-        start = time.perf_counter()
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        total_loss, correct = 0.0, 0
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            xb = images[idx].to(dev)
-            xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
-            yb = labels[idx].to(dev)
-            if augment:
-                xb = _translate(xb, 2, gen)
-            out = model(xb)
-            loss = loss_fn(out, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((out.argmax(1) == yb).sum())
-            if bar is not None:
-                bar.update(1)
-        history["loss"].append(total_loss / n)
-        history["accuracy"].append(correct / n)
-        history["seconds"].append(time.perf_counter() - start)
-    if bar is not None:
-        bar.close()
-    model.eval()
+    def loss_fn(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, gen, _idx) -> torch.Tensor:
+        if augment:
+            xb = _translate(xb, 2, gen)
+        out = net(xb)
+        correct[0] += int((out.argmax(1) == yb).sum())
+        return nn.functional.cross_entropy(out, yb)
+
+    bar = _epoch_bar(epochs) if progress else None
+    started = [time.perf_counter()]
+
+    def epoch_done(_epoch: int, loss: float) -> None:
+        history["loss"].append(loss)
+        history["accuracy"].append(correct[0] / len(labels))
+        history["seconds"].append(time.perf_counter() - started[0])
+        correct[0], started[0] = 0, time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        train(
+            model,
+            images,
+            labels,
+            config,
+            loss_fn,
+            device=device,
+            progress=epoch_done,
+            optimizer=_adamw_one_cycle,
+            generators=(gen, gen),
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     return history
+
+
+def _adamw_one_cycle(params: list[nn.Parameter], config: TrainConfig, batches: int) -> Any:
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps = config.epochs * batches
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.lr, total_steps=steps, pct_start=0.25
+    )
+    return opt, sched, True
+
+
+def _epoch_bar(epochs: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=epochs, desc="train", unit="epoch")
 
 
 def _translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -350,9 +354,4 @@ def train_digits_cnn(
     xtr, ytr = train.tensors()
     fit(model, xtr, ytr, epochs=epochs, seed=seed, device=device, progress=progress)
     xte, yte = test.tensors()
-    dev = default_device(device)
-    with torch.no_grad():
-        pred = torch.cat(
-            [model(xte[i : i + 512].to(dev)).argmax(1).cpu() for i in range(0, len(yte), 512)]
-        )
-    return model, float((pred == yte).float().mean())
+    return model, accuracy(model, xte, yte, batch_size=512, device=device)

@@ -25,35 +25,15 @@ import argparse
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-# A batch transform: (images, generator) -> images. Used to corrupt training batches.
-Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run (recorded in checkpoint metadata)."""
-
-    epochs: int = 4
-    lr: float = 0.05
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    # Epoch indices (0-based) after which the learning rate is multiplied by `gamma`.
-    milestones: list[int] = field(default_factory=lambda: [2, 3])
-    gamma: float = 0.1
-    seed: int = 0
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from . import training
+from .training import TrainConfig, Transform, accuracy, default_device
 
 
 def train(
@@ -67,108 +47,26 @@ def train(
     *,
     distributed: bool = False,
 ) -> nn.Module:
-    """Train `model` in place with SGD on (x, y) and return it.
+    """Train `model` in place with SGD and cross-entropy on (x, y), each batch passed
+    through `transform` first (a corruption for the robust twin); return it.
 
-    The data order and the transform's randomness come from generators seeded
-    with `config.seed`, so two runs with the same seed see the same batches in
-    the same order (the transform draws from its own generator, so it does not
-    change the order). `x` is float in [0, 1], NCHW; `y` int64 labels.
-    `progress(epoch, mean training loss)` is called after every epoch.
-
-    ``distributed=True`` (inside an initialised process group, e.g. under torchrun
-    after :func:`init_distributed`): the model is wrapped in DistributedDataParallel,
-    each rank takes its share of every epoch from a ``DistributedSampler`` seeded with
-    `config.seed` (so the order differs from the single-process one) with
-    `config.batch_size` images per rank and step, gradients are averaged across ranks,
-    and BatchNorm running statistics are averaged across ranks at the end: every rank
-    returns the same weights. The loss passed to `progress` is the mean over all ranks.
+    :func:`robustpatch.lab.training.train` with the paper's optimizer: two runs with the
+    same seed see the same batches in the same order (the transform draws from its own
+    generator, so it does not change the order). `x` is float in [0, 1], NCHW; `y` int64
+    labels. `progress(epoch, mean training loss)` is called after every epoch.
+    ``distributed=True``: DistributedDataParallel under torchrun (see the module's
+    docstring and :func:`init_distributed`).
     """
-    device = device or default_device()
-    model.to(device).train()
-    net: nn.Module = model
-    rank, world = 0, 1
-    if distributed:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "train(distributed=True) needs an initialised process group: run under "
-                "torchrun and call init_distributed() first"
-            )
-        from torch.nn.parallel import DistributedDataParallel
-
-        rank, world = dist.get_rank(), dist.get_world_size()
-        ids = [device.index or 0] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
-    opt = torch.optim.SGD(
-        net.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
+    return training.train(
+        model,
+        x,
+        y,
+        config,
+        transform=transform,
+        device=device,
+        progress=progress,
+        distributed=distributed,
     )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, config.milestones, config.gamma)
-    order_gen = torch.Generator().manual_seed(config.seed)
-    aug_gen = torch.Generator().manual_seed(config.seed + 1 + 1000 * rank)
-    loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(config.epochs):
-        if distributed:
-            perm = _rank_order(len(x), epoch, config.seed, rank, world)
-        else:
-            perm = torch.randperm(len(x), generator=order_gen)
-        total = torch.zeros(2, dtype=torch.float64)
-        for start in range(0, len(perm), config.batch_size):
-            idx = perm[start : start + config.batch_size]
-            xb = x[idx]
-            if transform is not None:
-                xb = transform(xb, aug_gen)
-            xb, yb = xb.to(device), y[idx].to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(xb), yb)
-            loss.backward()
-            opt.step()
-            total += torch.tensor([float(loss.detach()) * len(idx), len(idx)], dtype=torch.float64)
-        sched.step()
-        if distributed:
-            total = _all_reduce_sum(total, device)
-        if progress is not None:
-            progress(epoch, float(total[0] / max(total[1], 1)))
-    if distributed:
-        _average_buffers(model, world)
-    return model.eval()
-
-
-def _rank_order(n: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's indices for one epoch (torch's DistributedSampler, shuffled)."""
-    from torch.utils.data.distributed import DistributedSampler
-
-    sampler = DistributedSampler(
-        range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False
-    )
-    sampler.set_epoch(epoch)
-    return torch.tensor(list(sampler), dtype=torch.int64)
-
-
-def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    import torch.distributed as dist
-
-    buf = t.to(device)
-    dist.all_reduce(buf)
-    return buf.cpu()
-
-
-@torch.no_grad()
-def _average_buffers(model: nn.Module, world: int) -> None:
-    """Average floating-point buffers (BatchNorm running statistics) across ranks.
-
-    DistributedDataParallel broadcasts rank 0's buffers before each forward pass, and
-    each rank then updates them with its own batch, so after the last step they differ.
-    """
-    import torch.distributed as dist
-
-    for b in model.buffers():
-        if b.is_floating_point():
-            dist.all_reduce(b)
-            b.div_(world)
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
@@ -194,24 +92,6 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
 
 
 @torch.no_grad()
-def accuracy(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    device: torch.device | None = None,
-    batch_size: int = 512,
-) -> float:
-    """Top-1 accuracy in [0, 1] (model in eval mode)."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size].to(device))
-        correct += int((logits.argmax(1).cpu() == y[start : start + batch_size]).sum())
-    return correct / max(1, len(x))
-
-
-@torch.no_grad()
 def reestimate_bn(
     model: nn.Module,
     x: torch.Tensor,
@@ -223,7 +103,7 @@ def reestimate_bn(
     Statistics are reset and averaged over all of `x` (cumulative average, not
     an exponential one), so the result does not depend on the old values.
     """
-    device = device or next(model.parameters()).device
+    device = device or training.model_device(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]
     for m in norms:
@@ -432,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     train(model, x.float() / 255, y, config, transform, device, report, distributed=distributed)
     if rank == 0:
-        acc = accuracy(model, xt.float() / 255, yt)
+        acc = accuracy(model, xt, yt, batch_size=512, device=device)
         meta = checkpoint_metadata(
             recipe="corruption" if args.corruption else "clean",
             dataset="digits32",
