@@ -10,6 +10,7 @@
 //! NaN after (a large α or delta in a narrow dtype). Callers refuse such a
 //! result unless asked not to; counting here costs no second pass.
 
+use crate::arch::{self, Path, Simd};
 use crate::delta::{check_deltas, Delta};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -64,11 +65,21 @@ pub fn apply<T: Element>(
     deltas: &[(Delta, f32)],
     record: bool,
 ) -> Result<Applied<T::Bits>> {
+    apply_with(arch::selected()?, target, deltas, record)
+}
+
+/// [`apply`] on a given SIMD path (every path gives the same bits).
+pub fn apply_with<T: Element>(
+    simd: Simd,
+    target: &mut [T],
+    deltas: &[(Delta, f32)],
+    record: bool,
+) -> Result<Applied<T::Bits>> {
     check_target(target.len(), deltas)?;
     let run = |base: usize, chunk: &mut [T]| {
-        crate::simd::dispatch(
+        simd.run(
             #[inline(always)]
-            || apply_chunk(chunk, base, deltas, record),
+            || apply_chunk(simd, chunk, base, deltas, record),
         )
     };
     let (parts, counts): (Vec<_>, Vec<_>) = for_each_chunk(target, run).into_iter().unzip();
@@ -85,12 +96,22 @@ pub fn remove<T: Element>(
     deltas: &[(Delta, f32)],
     undo: Option<&Undo<T::Bits>>,
 ) -> Result<RemoveReport> {
+    remove_with(arch::selected()?, target, deltas, undo)
+}
+
+/// [`remove`] on a given SIMD path (every path gives the same bits).
+pub fn remove_with<T: Element>(
+    simd: Simd,
+    target: &mut [T],
+    deltas: &[(Delta, f32)],
+    undo: Option<&Undo<T::Bits>>,
+) -> Result<RemoveReport> {
     check_target(target.len(), deltas)?;
     if let Some(u) = undo {
         check_undo(u, target.len())?;
     }
     let run = |base: usize, chunk: &mut [T]| {
-        crate::simd::dispatch(
+        simd.run(
             #[inline(always)]
             || subtract_chunk(chunk, base, deltas),
         )
@@ -232,6 +253,7 @@ fn overflows<T: Element>(old: T, new: T) -> bool {
 /// One chunk's undo record and overflow count.
 #[inline(always)]
 fn apply_chunk<T: Element>(
+    simd: Simd,
     chunk: &mut [T],
     base: usize,
     deltas: &[(Delta, f32)],
@@ -246,9 +268,13 @@ fn apply_chunk<T: Element>(
         sum_deltas(deltas, start, &mut acc[..n], &mut scratch);
         let acc = &acc[..n];
         #[cfg(target_arch = "x86_64")]
-        if let Some(n) = avx2::add_tile(tile, acc, start, record.then_some(&mut undo)) {
-            overflowed += n;
-            continue;
+        if simd.has(Path::Avx2) {
+            // SAFETY: `simd` was checked to run AVX2 + F16C on this CPU.
+            let done = unsafe { avx2::add_tile(tile, acc, start, record.then_some(&mut undo)) };
+            if let Some(n) = done {
+                overflowed += n;
+                continue;
+            }
         }
         overflowed += if record {
             add_and_record(tile, acc, start, &mut undo)
@@ -478,23 +504,20 @@ mod avx2 {
         !(_mm_movemask_epi8(_mm_packs_epi16(same, same)) as u32) & 0xFF
     }
 
-    /// Apply `acc` to `tile` (and record into `undo` when given) if this CPU
-    /// has AVX2, returning the overflow count; returns None, doing nothing, if
-    /// it has not.
+    /// Apply `acc` to `tile` (and record into `undo` when given), returning
+    /// the overflow count; None, doing nothing, for an element type without
+    /// lanes. Safety: the CPU must have AVX2 and F16C (`Simd::has(Path::Avx2)`).
     #[inline(always)]
-    pub fn add_tile<T: Element>(
+    pub unsafe fn add_tile<T: Element>(
         tile: &mut [T],
         acc: &[f32],
         start: usize,
         undo: Option<&mut Undo<T::Bits>>,
     ) -> Option<usize> {
-        if !crate::simd::has_avx2() {
-            return None;
-        }
         let ty = TypeId::of::<T>();
-        // SAFETY: AVX2/F16C were detected just above; each branch reinterprets
+        // SAFETY: the caller checked AVX2/F16C; each branch reinterprets
         // T as the very type it was just found to be.
-        unsafe {
+        {
             if ty == TypeId::of::<f32>() {
                 let u = undo.map(|u| cast_undo::<T, f32>(u));
                 Some(add_tile_avx2::<f32>(cast(tile), acc, start, u))

@@ -76,7 +76,9 @@ impl Delta<'_> {
             Delta::Dense(Dense::BF16(x)) => add_scaled(&x[start..start + acc.len()], alpha, acc),
             Delta::Quant(q) => {
                 #[cfg(target_arch = "x86_64")]
-                if nibbles::applies(q) && crate::simd::has_avx2() {
+                if nibbles::applies(q)
+                    && crate::arch::selected_or_scalar().has(crate::arch::Path::Avx2)
+                {
                     // SAFETY: AVX2 was detected on this CPU just above.
                     return unsafe { nibbles::accumulate(q, alpha, start, acc) };
                 }

@@ -138,7 +138,7 @@ impl Element for f16 {
     #[inline(always)]
     fn widen(src: &[f16], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if crate::simd::has_avx2() {
+        if crate::arch::selected_or_scalar().has(crate::arch::Path::Avx2) {
             // SAFETY: F16C/AVX were detected on this CPU.
             return unsafe { f16c::widen(src, dst) };
         }
@@ -149,7 +149,7 @@ impl Element for f16 {
     #[inline(always)]
     fn narrow(src: &[f32], dst: &mut [f16]) {
         #[cfg(target_arch = "x86_64")]
-        if crate::simd::has_avx2() {
+        if crate::arch::selected_or_scalar().has(crate::arch::Path::Avx2) {
             // SAFETY: F16C/AVX were detected on this CPU.
             return unsafe { f16c::narrow(src, dst) };
         }

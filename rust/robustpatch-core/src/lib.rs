@@ -8,6 +8,7 @@
 //! - [`safetensors`]: a validating header reader for model and signature files.
 
 pub mod apply;
+pub mod arch;
 pub mod args;
 pub mod delta;
 pub mod dot;
@@ -20,7 +21,6 @@ pub mod par;
 pub mod project;
 pub mod quant;
 pub mod safetensors;
-pub mod simd;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -6,10 +6,10 @@
 //! and the block sums are added in order, so the parallel kernel and its
 //! scalar twin give the same bits on any number of threads.
 
+use crate::arch::{self, Simd};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::par::PARALLEL_MIN;
-use crate::simd::dispatch;
 use rayon::prelude::*;
 
 /// Elements per reduction block; fixed so results do not depend on threads.
@@ -37,12 +37,23 @@ pub fn project<T: Element>(
     robust: &[T],
     out: &mut [f32],
 ) -> Result<ProjectionStats> {
+    project_with(arch::selected()?, pre, clean, robust, out)
+}
+
+/// [`project`] on a given SIMD path (every path gives the same bits).
+pub fn project_with<T: Element>(
+    simd: Simd,
+    pre: &[T],
+    clean: &[T],
+    robust: &[T],
+    out: &mut [f32],
+) -> Result<ProjectionStats> {
     check_lengths(pre.len(), clean.len(), robust.len(), out.len())?;
     let parallel = pre.len() >= PARALLEL_MIN;
     let blocks = |b: usize| {
         let r = b * BLOCK..((b + 1) * BLOCK).min(pre.len());
         let (p, c, r) = (&pre[r.clone()], &clean[r.clone()], &robust[r]);
-        dispatch(
+        simd.run(
             #[inline(always)]
             || moments(p, c, r),
         )
@@ -58,7 +69,7 @@ pub fn project<T: Element>(
     let write = |(b, o): (usize, &mut [f32])| {
         let r = b * BLOCK..b * BLOCK + o.len();
         let (p, cl, rb) = (&pre[r.clone()], &clean[r.clone()], &robust[r]);
-        dispatch(
+        simd.run(
             #[inline(always)]
             || residual(p, cl, rb, c, o),
         )
@@ -128,7 +139,7 @@ fn lanes_sum(a: [f64; 4]) -> f64 {
 const LANES: usize = 4;
 
 /// [⟨Δr,d⟩, ‖d‖², ‖Δr‖²] of one block, four lanes each. Written over
-/// fixed-size lane arrays so that, under [`dispatch`], each accumulator is one
+/// fixed-size lane arrays so that, under [`Simd::run`], each accumulator is one
 /// 256-bit register of f64 and the loop carries no bounds checks.
 #[inline(always)]
 fn moments<T: Element>(pre: &[T], clean: &[T], robust: &[T]) -> [f64; 3] {

@@ -1,6 +1,7 @@
 //! Decoding: accumulate into f32 and dequantize (the apply / dot path).
 
 use super::QuantView;
+use crate::arch::{self, Simd};
 use crate::error::{Error, Result};
 use crate::pack::unpack_unchecked;
 use crate::par::{CHUNK, PARALLEL_MIN, TILE};
@@ -115,27 +116,21 @@ pub(super) fn code_at(packed: &[u8], bits: u8, e: usize) -> u8 {
     c
 }
 
-/// `decode_range` compiled for AVX2/FMA/F16C (see `encode`'s `avx2` module).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_range_avx2(q: &QuantView, start: usize, out: &mut [f32]) {
-    q.decode_range(start, out)
-}
-
-fn run_decode_range(q: &QuantView, start: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::has_avx2() {
-        // SAFETY: the CPU features were detected at run time.
-        return unsafe { decode_range_avx2(q, start, out) };
-    }
-    q.decode_range(start, out)
-}
-
 /// Decode all of `q` into `out` (`numel` values), in parallel.
 /// `out[i] = level[code_i]·scale_g + offset_g`; errors `Shape` on a wrong length.
 pub fn dequantize(q: &QuantView, out: &mut [f32]) -> Result<()> {
+    dequantize_with(arch::selected()?, q, out)
+}
+
+/// [`dequantize`] on a given SIMD path (every path gives the same bits).
+pub fn dequantize_with(simd: Simd, q: &QuantView, out: &mut [f32]) -> Result<()> {
     check_out(q, out.len())?;
-    let run = |(c, o): (usize, &mut [f32])| run_decode_range(q, c * CHUNK, o);
+    let run = |(c, o): (usize, &mut [f32])| {
+        simd.run(
+            #[inline(always)]
+            || q.decode_range(c * CHUNK, o),
+        )
+    };
     if out.len() < PARALLEL_MIN {
         out.chunks_mut(CHUNK).enumerate().for_each(run);
     } else {

@@ -2,6 +2,7 @@
 
 use super::tables::thresholds;
 use super::{QuantSpec, Quantized, Scheme};
+use crate::arch::{self, Simd};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::pack::{pack_scalar, pack_unchecked, packed_len};
@@ -428,97 +429,6 @@ pub(super) fn encode_span<T: Element>(
     packer.finish();
 }
 
-/// Min/max keys of a chunk (large-group path; see [`key`]).
-#[inline(always)]
-pub(super) fn chunk_range<T: Element>(x: &[T]) -> (i32, i32) {
-    key_range(x)
-}
-
-/// The hot loops compiled for AVX2/FMA/F16C. Each wrapper calls an
-/// `#[inline(always)]` function, so its whole body is compiled with the
-/// features. (Passing a closure to `simd::dispatch` was measured to leave the
-/// closure body at baseline SSE2: the closure is not inlined into the wrapper.)
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quantize_groups<T: Element>(
-        x: &[T],
-        spec: QuantSpec,
-        base: usize,
-        packed: &mut [u8],
-        scale: &mut [f32],
-        offset: &mut [f32],
-    ) -> RunResult {
-        super::quantize_groups(x, spec, base, packed, scale, offset)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn encode_span<T: Element>(
-        x: &[T],
-        base: usize,
-        gl: usize,
-        params_g: &[Params],
-        bits: u8,
-        out: &mut [u8],
-    ) {
-        super::encode_span(x, base, gl, params_g, bits, out)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn chunk_range<T: Element>(x: &[T]) -> (i32, i32) {
-        super::chunk_range(x)
-    }
-}
-
-/// True when the AVX2 wrappers may run (checked once per task, not per element).
-#[inline(always)]
-pub(super) fn use_avx2() -> bool {
-    cfg!(target_arch = "x86_64") && crate::simd::has_avx2()
-}
-
-pub(super) fn run_groups<T: Element>(
-    x: &[T],
-    spec: QuantSpec,
-    base: usize,
-    packed: &mut [u8],
-    scale: &mut [f32],
-    offset: &mut [f32],
-) -> RunResult {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: the CPU features were detected at run time.
-        return unsafe { avx2::quantize_groups(x, spec, base, packed, scale, offset) };
-    }
-    quantize_groups(x, spec, base, packed, scale, offset)
-}
-
-pub(super) fn run_encode_span<T: Element>(
-    x: &[T],
-    base: usize,
-    gl: usize,
-    params_g: &[Params],
-    bits: u8,
-    out: &mut [u8],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: the CPU features were detected at run time.
-        return unsafe { avx2::encode_span(x, base, gl, params_g, bits, out) };
-    }
-    encode_span(x, base, gl, params_g, bits, out)
-}
-
-pub(super) fn run_chunk_range<T: Element>(x: &[T]) -> (i32, i32) {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: the CPU features were detected at run time.
-        return unsafe { avx2::chunk_range(x) };
-    }
-    chunk_range(x)
-}
-
 pub(super) fn empty(spec: QuantSpec, numel: usize, groups: usize) -> Quantized {
     Quantized {
         codes: zeroed(packed_len(numel, spec.bits)),
@@ -583,10 +493,19 @@ pub(super) fn gcd(a: usize, b: usize) -> usize {
 /// element; `Value` naming the group when a range needs a scale beyond f32.
 /// Produces exactly the bytes (and errors) of [`quantize_scalar`].
 pub fn quantize<T: Element>(x: &[T], spec: QuantSpec) -> Result<Quantized> {
+    quantize_with(arch::selected()?, x, spec)
+}
+
+/// [`quantize`] on a given SIMD path (every path gives the same bytes).
+pub fn quantize_with<T: Element>(simd: Simd, x: &[T], spec: QuantSpec) -> Result<Quantized> {
     let groups = spec.check(x.len())?;
     let mut q = empty(spec, x.len(), groups);
     let res = if x.len() < PARALLEL_MIN {
-        run_groups(x, spec, 0, &mut q.codes, &mut q.scale, &mut q.offset)
+        let (codes, scale, offset) = (&mut q.codes, &mut q.scale, &mut q.offset);
+        simd.run(
+            #[inline(always)]
+            || quantize_groups(x, spec, 0, codes, scale, offset),
+        )
     } else if spec.group_len <= CHUNK {
         // Runs of k whole groups with k·group_len a multiple of 8, so every run
         // owns whole packed bytes and starts byte-aligned.
@@ -601,13 +520,17 @@ pub fn quantize<T: Element>(x: &[T], spec: QuantSpec) -> Result<Quantized> {
             .zip(q.offset.par_chunks_mut(per_run))
             .enumerate()
             .filter_map(|(r, (((xs, cs), ss), os))| {
-                run_groups(xs, spec, r * elems, cs, ss, os).err()
+                simd.run(
+                    #[inline(always)]
+                    || quantize_groups(xs, spec, r * elems, cs, ss, os),
+                )
+                .err()
             })
             // The lowest element index wins: the error the scalar twin reports.
             .min_by_key(|e| e.0)
             .map_or(Ok(()), Err)
     } else {
-        quantize_large_groups(x, spec, &mut q)
+        quantize_large_groups(simd, x, spec, &mut q)
     };
     res.map_err(|(_, e)| e)?;
     Ok(q)
@@ -617,6 +540,7 @@ pub fn quantize<T: Element>(x: &[T], spec: QuantSpec) -> Result<Quantized> {
 /// encoding in parallel over byte-aligned element chunks (two reads of the
 /// input; a group this large does not stay in cache anyway).
 pub(super) fn quantize_large_groups<T: Element>(
+    simd: Simd,
     x: &[T],
     spec: QuantSpec,
     q: &mut Quantized,
@@ -627,7 +551,12 @@ pub(super) fn quantize_large_groups<T: Element>(
         let first = g * gl;
         let (lo, hi) = gx
             .par_chunks(CHUNK)
-            .map(run_chunk_range)
+            .map(|c| {
+                simd.run(
+                    #[inline(always)]
+                    || key_range(c),
+                )
+            })
             .reduce(|| (i32::MAX, i32::MIN), |a, b| (a.0.min(b.0), a.1.max(b.1)));
         let Some(p) = params(spec, unkey(lo) + 0.0, unkey(hi) + 0.0) else {
             return Err(first_error(gx, spec, first));
@@ -640,7 +569,12 @@ pub(super) fn quantize_large_groups<T: Element>(
     x.par_chunks(CHUNK)
         .zip(q.codes.par_chunks_mut(bytes))
         .enumerate()
-        .for_each(|(c, (xs, out))| run_encode_span(xs, c * CHUNK, gl, &params_g, spec.bits, out));
+        .for_each(|(c, (xs, out))| {
+            simd.run(
+                #[inline(always)]
+                || encode_span(xs, c * CHUNK, gl, &params_g, spec.bits, out),
+            )
+        });
     Ok(())
 }
 

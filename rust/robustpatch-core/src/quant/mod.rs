@@ -25,8 +25,8 @@ mod decode;
 mod encode;
 mod tables;
 
-pub use decode::{dequantize, dequantize_scalar};
-pub use encode::{quantize, quantize_scalar};
+pub use decode::{dequantize, dequantize_scalar, dequantize_with};
+pub use encode::{quantize, quantize_scalar, quantize_with};
 pub use tables::{levels, LOG_MU, TANH_K};
 
 use crate::error::{Error, Result};
