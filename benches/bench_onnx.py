@@ -3,11 +3,13 @@ models costs and keeps.
 
 Trains the demo's models at the demo's sizes (``--quick``: its test-sized config): a
 SmallCNN pretrained on procedural shapes, a clean fine-tune on digits and one robust
-fine-tune per corruption; extracts each corruption's 4-bit shallow signature
-(``layers="auto"``). Then, for the clean model and each signature applied to it, in one
-run, five deployments:
+fine-tune per corruption, and deploys the demo's primary arm per corruption: the 4-bit
+shallow projection signature (leading layers within the parameter budget), α = 1,
+BatchNorm re-estimated on unlabeled corrupted images. A device gets that arm as two
+signature files: the weight deltas and the re-estimated statistics (BatchNorm
+replacements). For the clean model and each arm, in one run, five deployments:
 
-- ``torch f32``: the patched torch model (the reference);
+- ``torch f32``: the patched, re-estimated torch model (the reference);
 - ``ONNX f32 apply``: torch's export of the clean model (``optimize=False``, BatchNorm
   kept) patched on disk by ``rp.onnx.apply`` (checked: its initializers equal the
   patched torch model's export bit for bit, and ``rp.onnx.remove`` gives back the
@@ -87,20 +89,30 @@ def train_models(cfg: DemoConfig, log: Callable[[str], None]) -> dict[str, Any]:
         return m.cpu().eval()
 
     clean = finetune(None)
-    sigs = {}
+    units = X.depth_units(clean)
+    shallow = units[: X.units_within(units, cfg.budget)]
+    pre_np, clean_np = X.state_arrays(pre), X.state_arrays(clean)
+    arms = {}
     for c in cfg.corruptions:
-        robust = finetune(c)
-        sig = rp.extract(pre, clean.state_dict(), robust.state_dict(), layers="auto", name=c)
-        sigs[c] = sig.quantize(bits=cfg.bits)
-    return {"task": task, "clean": clean, "sigs": sigs}
+        robust = X.state_arrays(finetune(c))
+        sig = X.make_signature(pre_np, clean_np, robust, shallow, name=c).quantize(bits=cfg.bits)
+        arms[c] = deployable(clean, sig, task.pool(c))
+    return {"task": task, "clean": clean, "arms": arms}
 
 
-def patched_copy(clean: torch.nn.Module, sig: Any) -> torch.nn.Module:
-    m = models.SmallCNN(num_classes=10)
-    m.load_state_dict(clean.state_dict())
-    if sig is not None:
-        rp.apply(m, sig, 1.0)
-    return m.eval()
+def deployable(clean: torch.nn.Module, sig: Any, pool: torch.Tensor) -> dict[str, Any]:
+    """The demo's primary arm (shallow signature, α = 1, BatchNorm re-estimated on
+    unlabeled corrupted images) as files a device applies: the signature's weight
+    deltas, and the re-estimated statistics as BatchNorm replacements (α = 1 replaces)."""
+    reference = X.patched(clean, sig, 1.0, bn="reestimate", pool=pool)
+    weights = sig.select(n for n, e in sig.entries.items() if e.kind == "delta")
+    stats = {
+        k: v.numpy().copy()
+        for k, v in reference.state_dict().items()
+        if k.endswith(("running_mean", "running_var"))
+    }
+    bn = rp.Signature.from_deltas({}, bn=stats, name=f"{sig.name}-bn")
+    return {"sigs": [weights, bn], "torch": reference}
 
 
 def export_unfolded(model: torch.nn.Module, path: Path) -> Path:
@@ -142,7 +154,7 @@ def ort_session(path: Path) -> Any:
 
 
 def rp_session(base: Path, sig: Any) -> Any:
-    return ro.session(base, sig, 1.0, sess_options=one_thread())
+    return ro.session(base, sig, [1.0], sess_options=one_thread())
 
 
 class Runner:
@@ -199,17 +211,16 @@ def initializers(path: Path) -> dict[str, bytes]:
 
 
 def variants(
-    name: str, sig: Any, data: dict[str, Any], work: Path, base: Path, args: Any
+    name: str, arm: dict[str, Any] | None, data: dict[str, Any], work: Path, base: Path, args: Any
 ) -> list[dict[str, Any]]:
-    """The five deployments of the clean model with ``sig`` (None: the clean model)."""
-    task, clean, corruptions = data["task"], data["clean"], list(data["sigs"])
-    torch_model = patched_copy(clean, sig)
+    """The five deployments of the clean model with ``arm`` (None: the clean model)."""
+    task, corruptions = data["task"], list(data["arms"])
+    torch_model = data["clean"] if arm is None else arm["torch"]
+    sig = None if arm is None else arm["sigs"]
     ref = Runner(module=torch_model).logits(task.x_test)
-    sig_file = work / f"{name}.rws"
     base_plus_sig = files_size(base)
-    if sig is not None:
-        sig.save(sig_file)
-        base_plus_sig += sig_file.stat().st_size
+    for k, part in enumerate(sig or []):
+        base_plus_sig += part.save(work / f"{name}{k}.rws").stat().st_size
     rows = []
 
     def row(variant: str, runner: Runner, size: int, **extra: Any) -> None:
@@ -229,7 +240,7 @@ def variants(
     if sig is None:
         row("ONNX f32", Runner(ort_session(base)), files_size(base))
     else:
-        out = ro.apply(base, sig, 1.0, out=work / f"{name}.onnx").out
+        out = ro.apply(base, sig, [1.0], out=work / f"{name}.onnx").out
         torch_export = export_unfolded(torch_model, work / f"{name}_torch.onnx")
         exact = initializers(out) == initializers(torch_export)
         (work / "back").mkdir(exist_ok=True)
@@ -248,10 +259,11 @@ def variants(
     return rows
 
 
-def switching(base: Path, sigs: dict[str, Any], work: Path, repeat: int) -> list[dict[str, Any]]:
+def switching(base: Path, arms: dict[str, Any], work: Path, repeat: int) -> list[dict[str, Any]]:
     """Seconds to get a patched session: at load time vs rewriting the file first."""
     rows = []
-    for name, sig in sigs.items():
+    for name, arm in arms.items():
+        sig = arm["sigs"]
         times: dict[str, list[float]] = {
             "plain session": [],
             "rp.onnx.session": [],
@@ -265,7 +277,7 @@ def switching(base: Path, sigs: dict[str, Any], work: Path, repeat: int) -> list
             rp_session(base, sig)
             times["rp.onnx.session"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            out = ro.apply(base, sig, 1.0, out=work / f"switch{k}.onnx").out
+            out = ro.apply(base, sig, [1.0], out=work / f"switch{k}.onnx").out
             ort_session(out)
             times["apply + session"].append(time.perf_counter() - t)
         rows.append({"signature": name} | {k: statistics.median(v) for k, v in times.items()})
@@ -328,13 +340,13 @@ def main() -> None:
         work = Path(tmp)
         base = export_unfolded(data["clean"], work / "clean.onnx")
         rows = variants("clean", None, data, work, base, args)
-        for name, sig in data["sigs"].items():
-            rows += variants(name, sig, data, work, base, args)
-        switch = switching(base, data["sigs"], work, args.repeat)
+        for name, arm in data["arms"].items():
+            rows += variants(name, arm, data, work, base, args)
+        switch = switching(base, data["arms"], work, args.repeat)
     result = {
         "note": "noisy, shared machine" if os.cpu_count() and os.cpu_count() <= 2 else "",
         "size": "quick" if args.quick else "demo quick config",
-        "corruptions": list(data["sigs"]),
+        "corruptions": list(data["arms"]),
         "rows": rows,
         "switching": switch,
         "train_seconds": train_s,
