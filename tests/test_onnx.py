@@ -222,6 +222,31 @@ def test_shape_mismatch_is_refused(setup):
     ro.apply(src, sig, 1.0, out=tmp / "p.onnx", force=True)  # same element count
 
 
+def test_initializer_in_typed_fields_is_refused(setup):
+    clean, sig, tmp = setup
+    proto = model_proto(clean)
+    w = clean["conv1.weight"]
+    typed = helper.make_tensor("conv1.weight", TensorProto.FLOAT, w.shape, w.ravel().tolist())
+    proto.graph.initializer[0].CopyFrom(typed)
+    src = tmp / "m.onnx"
+    src.write_bytes(proto.SerializeToString())
+    with pytest.raises(MismatchError, match="typed fields"):
+        ro.apply(src, sig, 1.0, out=tmp / "p.onnx")
+    assert not (tmp / "p.onnx").exists()
+
+
+def test_remove_to_another_name_renames_the_data_file_only(setup):
+    clean, sig, tmp = setup
+    src = save(model_proto(clean), tmp / "src" / "m.onnx", external=True)
+    ro.apply(src, sig, 1.0, out=tmp / "p.onnx")
+    rep = ro.remove(tmp / "p.onnx", tmp / "r.onnx")
+    assert rep.data == tmp / "r.onnx.data"
+    assert sha(rep.data) == sha(tmp / "src" / "m.onnx.data")
+    assert initializers(rep.out).keys() == initializers(src).keys()
+    for name, want in initializers(src).items():
+        assert initializers(rep.out)[name].tobytes() == want.tobytes()
+
+
 def test_remove_refuses_a_changed_model_and_writes_nothing(setup):
     clean, sig, tmp = setup
     src = save(model_proto(clean), tmp / "m.onnx")

@@ -292,7 +292,9 @@ def relocated(onnx_bytes: bytes, location: str) -> bytes:
 # ---------------------------------------------------------------------------- wire format
 
 
-def raw_spans(data: bytes, path: Path | str) -> list[tuple[str, tuple[int, int] | None]]:
+def raw_spans(
+    data: bytes | bytearray, path: Path | str
+) -> list[tuple[str, tuple[int, int] | None]]:
     """Each top-level initializer's name and the byte range of its ``raw_data`` in
     ``data`` (None without one), in file order. A field repeated where protobuf would
     merge or overwrite (two graphs, two raw_data in one tensor) is refused, so the

@@ -124,7 +124,7 @@ class OnnxTarget(NumpyTarget):
         watch: Any = None,
     ) -> None:
         self.model, self.file, self.watch = model, file, watch
-        spans = dict(raw_spans(bytes(onnx_bytes), model.path))
+        spans = dict(raw_spans(onnx_bytes, model.path))
         views = {}
         for name, init in model.initializers.items():
             span = spans.get(name)
