@@ -57,3 +57,12 @@ def test_miniature_run_writes_every_report_file(tmp_path):
     positions = [md.index(h) for h in order]
     assert positions == sorted(positions)
     assert md.count("\n| ") > len(vgg["claims"]) + len(results["fidelity"])
+
+
+def test_unknown_backbone_is_refused_before_anything_is_written(tmp_path):
+    from robustpatch.errors import InvalidArgumentError
+
+    out = tmp_path / "out"
+    with pytest.raises(InvalidArgumentError, match="unknown backbone 'resnet'"):
+        run.run_paper(out, config=replace(MINI, backbones=("vgg", "resnet")))
+    assert not out.exists()

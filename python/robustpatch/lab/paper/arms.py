@@ -18,10 +18,7 @@ from ..training import accuracy
 from . import controls
 from . import protocol as P
 
-__all__ = ["FixedSets", "build_sets", "measure_seed", "BACKBONE_CONV_LAYERS"]
-
-#: Weight layers of each backbone below its classifier (the "full" patch: every conv).
-BACKBONE_CONV_LAYERS = {"vgg": 6, "bn_cnn": 6}
+__all__ = ["FixedSets", "build_sets", "measure_seed"]
 
 
 @dataclass
@@ -68,6 +65,7 @@ class _Ctx:
     sets: FixedSets
     cfg: P.ProtocolConfig
     device: torch.device
+    layers: int
     full_layers: int
 
     def fit(self, x, y, val, seed: int) -> tuple[nn.Module, dict]:
@@ -80,7 +78,7 @@ class _Ctx:
 
 def _patch_models(ctx: _Ctx, clean, robust, seed: int) -> tuple[dict, dict]:
     """Every patched model of one corruption, and the signatures behind them."""
-    k, bits = ctx.cfg.layers, ctx.cfg.bits
+    k, bits = ctx.layers, ctx.cfg.bits
     sig = P.extract_paper(ctx.pre, clean, robust, k, name="paper")
     sigs = {
         "paper": sig,
@@ -161,11 +159,12 @@ def measure_seed(
     cfg: P.ProtocolConfig,
     seed: int,
     device: torch.device,
-    full_layers: int,
+    layers: tuple[int, int],
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[dict, dict]:
-    """All measurements of one fine-tune seed, and its paper signatures by corruption."""
-    ctx = _Ctx(pre, data, sets, cfg, device, full_layers)
+    """All measurements of one fine-tune seed, and its paper signatures by corruption.
+    ``layers``: the leading conv tensors of the paper's patch and of the full patch."""
+    ctx = _Ctx(pre, data, sets, cfg, device, *layers)
     clean, info = ctx.fit(*data["a_train"], data["a_val"], seed)
     log(f"seed {seed}: clean twin, best validation epoch {info['epoch'] + 1}")
     per_c, sigs = {}, {}

@@ -11,7 +11,7 @@ import inspect
 import math
 from pathlib import Path
 
-from ..backbones import vgg
+from ..backbones import efficientnet_lite, vgg
 from . import arms, controls, protocol, verdicts
 
 __all__ = ["fidelity_rows", "write_markdown", "plot_gains", "REPORT_FILES"]
@@ -75,7 +75,9 @@ def fidelity_rows(cfg: protocol.ProtocolConfig, data_source: str) -> list[tuple[
         (
             "layers",
             "first keep_num = 7 of 13 conv tensors (+ biases); classifier never patched",
-            f"first {cfg.layers} of 6 conv tensors (+ biases), fixed before any run",
+            f"VGG / BN CNN: first {cfg.layers} of 6 conv tensors (+ biases); EfficientNet-Lite0: "
+            f"first {efficientnet_lite.PAPER_LAYERS} of {efficientnet_lite.CONV_LAYERS} (+ BN); "
+            "fixed before any run",
             _where(protocol.extract_paper),
         ),
         (
@@ -146,8 +148,8 @@ def write_markdown(results: dict, path: Path) -> Path:
     lines = [
         "# The paper's protocol on Fashion-MNIST",
         "",
-        f"{len(cfg['seeds'])} fine-tune seeds, severity {cfg['severity']}, first "
-        f"{cfg['layers']} conv tensors, {results['data']}; torch {results['versions']['torch']}, "
+        f"{len(cfg['seeds'])} fine-tune seeds, severity {cfg['severity']}, "
+        f"{results['data']}; torch {results['versions']['torch']}, "
         f"torch threads: {results['threads']}, {results['seconds']:.0f} s.",
         "",
         "## Fidelity: official code → this run",
@@ -155,7 +157,11 @@ def write_markdown(results: dict, path: Path) -> Path:
     ]
     lines += _table(("point", "official code", "this run", "where"), results["fidelity"])
     for name, bb in results["backbones"].items():
-        lines += ["", f"## Verdicts, paper's protocol ({name})", ""]
+        lines += [
+            "",
+            f"## Verdicts, paper's protocol ({name}, first {bb['layers']} conv tensors)",
+            "",
+        ]
         lines += [
             "Pre-registered in `lab/paper/verdicts.py`: *holds* when the 95% interval's lower "
             "bound clears the threshold, *fails* when its upper bound is below it, else "

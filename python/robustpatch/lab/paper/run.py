@@ -12,14 +12,16 @@ import math
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 import robustpatch as rp
 
+from ..backbones import efficientnet_lite
 from ..backbones.vgg import VGGNoBN
 from ..data import fashion_mnist as fm
 from ..evaluate import save_json
@@ -32,9 +34,24 @@ __all__ = ["run_paper", "FULL_SIZES", "main"]
 #: Images per class per split read from the full IDX files (``--data``).
 FULL_SIZES = fm.SplitSizes(pretrain=1000, task_train=1000, task_val=200, test=1000)
 
+
+@dataclass(frozen=True)
+class _Backbone:
+    build: Callable[[], nn.Module]
+    pretrain: bool  # False: the weights come pretrained (ImageNet)
+    layers: int | None  # the paper's k; None: ProtocolConfig.layers
+    full_layers: int  # every conv below the classifier
+
+
 _BACKBONES = {
-    "vgg": lambda: VGGNoBN(10, seed=0),
-    "bn_cnn": lambda: SmallCNN(10, seed=0),
+    "vgg": _Backbone(lambda: VGGNoBN(10, seed=0), True, None, 6),
+    "bn_cnn": _Backbone(lambda: SmallCNN(10, seed=0), True, None, 6),
+    "efficientnet_lite0": _Backbone(
+        lambda: efficientnet_lite.EfficientNetLite0(10, seed=0),
+        False,
+        efficientnet_lite.PAPER_LAYERS,
+        efficientnet_lite.CONV_LAYERS,
+    ),
 }
 
 
@@ -52,21 +69,17 @@ def _json_safe(obj):
 
 
 def _backbone(name: str, splits, sets, cfg: protocol.ProtocolConfig, device, log) -> dict:
-    if name not in _BACKBONES:
-        raise rp.InvalidArgumentError(
-            f"unknown backbone {name!r}; expected one of {sorted(_BACKBONES)}"
-        )
-    pre = _BACKBONES[name]()
-    x, y = splits["pretrain"]
-    protocol.fit_best(
-        pre, x, y, protocol.recipe(cfg.pretrain_epochs, 0, cfg, cfg.pretrain_lr), None, device
-    )
-    log(f"{name}: pretrained")
+    bb = _BACKBONES[name]
+    pre = bb.build().to(device)
+    if bb.pretrain:
+        x, y = splits["pretrain"]
+        recipe = protocol.recipe(cfg.pretrain_epochs, 0, cfg, cfg.pretrain_lr)
+        protocol.fit_best(pre, x, y, recipe, None, device)
+        log(f"{name}: pretrained")
+    layers = (bb.layers or cfg.layers, bb.full_layers)
     seeds, sigs = [], []
     for s in cfg.seeds:
-        row, sig = arms.measure_seed(
-            pre, splits, sets, cfg, s, device, arms.BACKBONE_CONV_LAYERS[name], log
-        )
+        row, sig = arms.measure_seed(pre, splits, sets, cfg, s, device, layers, log)
         seeds.append(row)
         sigs.append(sig)
     return {
@@ -75,6 +88,7 @@ def _backbone(name: str, splits, sets, cfg: protocol.ProtocolConfig, device, log
         "coefficients": aggregate.coefficient_rows(seeds, cfg),
         "severities": aggregate.severity_rows(seeds, cfg),
         "has_bn": controls.has_bn(pre),
+        "layers": layers[0],
         "per_seed": seeds,
     }
 
@@ -97,6 +111,11 @@ def run_paper(
     ``config`` replaces :data:`~.protocol.QUICK` / :data:`~.protocol.FULL`; ``splits``
     replaces the data altogether (miniature runs)."""
     cfg = config or (protocol.QUICK if quick else protocol.FULL)
+    unknown = sorted(set(cfg.backbones) - set(_BACKBONES))
+    if unknown:
+        raise rp.InvalidArgumentError(
+            f"unknown backbone {unknown[0]!r}; expected one of {sorted(_BACKBONES)}"
+        )
     if threads is not None:
         torch.set_num_threads(threads)
     dev = default_device(device)
