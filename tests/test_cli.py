@@ -235,7 +235,9 @@ def test_demo_threads_must_be_positive_and_reach_the_demo(capsys, tmp_path, monk
         return {"summary": [], "claims": []}
 
     monkeypatch.setattr(demo, "run", fake_run)
-    code, out, _ = run(capsys, "--quiet", "demo", "--threads", "3", "--out", tmp_path)
+    code, out, _ = run(
+        capsys, "--quiet", "demo", "--dataset", "digits", "--threads", "3", "--out", tmp_path
+    )
     assert code == 0 and seen["threads"] == 3 and "report:" in out
 
 

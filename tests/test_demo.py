@@ -452,3 +452,90 @@ def test_compression_figure_tells_coinciding_size_lines_apart(tmp_path, monkeypa
     assert fog.get_color() != contrast.get_color()
     assert fog.get_marker() != contrast.get_marker()
     assert fog.get_linestyle() != contrast.get_linestyle()
+
+
+# ---------------------------------------------------------------------------- CLI routing
+
+
+def _paper_results(verdicts: dict[str, list[str]]) -> dict:
+    return {
+        "config": {"severity": 5, "seeds": [0, 1, 2]},
+        "data": "embedded Fashion-MNIST subset",
+        "backbones": {
+            name: {"claims": [{"id": str(i), "verdict": v} for i, v in enumerate(vs)]}
+            for name, vs in verdicts.items()
+        },
+    }
+
+
+def test_paper_console_lines_count_verdicts_per_backbone():
+    from robustpatch.lab.demo import paper_console_lines
+
+    results = _paper_results(
+        {"vgg": ["holds", "fails", "inconclusive", "holds"], "bn_cnn": ["fails"] * 3}
+    )
+    head, vgg, bn = paper_console_lines(results)
+    assert "severity 5, 3 fine-tune seeds" in head and "embedded" in head
+    assert vgg.startswith("vgg ") and "2 hold, 1 inconclusive, 1 fail" in vgg
+    assert bn.startswith("bn_cnn ") and "0 hold, 0 inconclusive, 3 fail" in bn
+
+
+def test_cli_demo_runs_the_paper_protocol_by_default(tmp_path, capsys, monkeypatch):
+    from robustpatch.cli import main
+    from robustpatch.lab import demo
+    from robustpatch.lab.paper import run as paper
+
+    seen = {}
+
+    def fake_paper(out, **kwargs):
+        seen.update(kwargs, out=out)
+        return _paper_results({"vgg": ["holds"]})
+
+    def digits_must_not_run(*_a, **_k):
+        raise AssertionError("the digits pipeline ran")
+
+    monkeypatch.setattr(paper, "run_paper", fake_paper)
+    monkeypatch.setattr(demo, "run", digits_must_not_run)
+    data = tmp_path / "idx"
+    out = tmp_path / "report"
+    argv = ["-q", "demo", "--quick", "--data", str(data), "--threads", "2", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert seen["out"] == out and seen["data"] == data and seen["quick"] is True
+    assert seen["threads"] == 2 and seen["device"] is None
+    assert "vgg" in printed and f"report: {out / 'paper.md'}" in printed
+
+
+def test_cli_demo_digits_runs_the_digits_pipeline(tmp_path, capsys, monkeypatch):
+    from robustpatch.cli import main
+    from robustpatch.lab import demo
+    from robustpatch.lab.paper import run as paper
+
+    seen = {}
+
+    def fake_digits(out, **kwargs):
+        seen.update(kwargs, out=out)
+        return {"summary": [], "claims": []}
+
+    monkeypatch.setattr(demo, "run", fake_digits)
+    monkeypatch.setattr(paper, "run_paper", lambda *_a, **_k: pytest.fail("paper ran"))
+    assert main(["-q", "demo", "--dataset", "digits", "--out", str(tmp_path / "r")]) == 0
+    assert seen["out"] == tmp_path / "r" and seen["quick"] is False
+    assert f"report: {tmp_path / 'r' / 'report.md'}" in capsys.readouterr().out
+
+
+def test_cli_demo_refuses_data_for_digits_and_a_missing_data_folder(tmp_path, capsys):
+    from robustpatch.cli import main
+
+    out = tmp_path / "report"
+    argv = ["demo", "--dataset", "digits", "--data", str(tmp_path), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustpatch demo: error: --data reads Fashion-MNIST IDX files")
+    assert err.count("\n") == 1 and not out.exists()
+    # The real protocol: a folder that is not there fails before anything is written.
+    missing = tmp_path / "no-such-folder"
+    assert main(["demo", "--quick", "--data", str(missing), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("robustpatch: error: ") and str(missing) in err
+    assert err.count("\n") == 1 and not out.exists()

@@ -30,7 +30,7 @@ sub-claim with its measured number, threshold and verdict (holds, near miss, fai
 
 from .claims import NEAR_MISS_RULE, VERDICTS, claims, verdict, verdict_counts
 from .config import DEMO_CORRUPTIONS, PRIMARY, DemoConfig
-from .report import console_lines, summary_lines, write_report
+from .report import console_lines, paper_console_lines, summary_lines, write_report
 from .runner import git_commit, mean_ci, provenance, replicate_seeds, run, summarize
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "console_lines",
     "git_commit",
     "mean_ci",
+    "paper_console_lines",
     "provenance",
     "replicate_seeds",
     "run",

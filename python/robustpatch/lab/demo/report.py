@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,24 @@ def console_lines(results: dict) -> list[str]:
         f"claims: {counts['holds']} sub-claims hold, {counts['near miss']} near miss, "
         f"{counts['fails']} fail"
     )
+    return lines
+
+
+def paper_console_lines(results: dict) -> list[str]:
+    """What `robustpatch demo` prints after the paper's protocol
+    (:func:`robustpatch.lab.paper.run.run_paper`): per backbone, how many pre-registered
+    sub-claims hold, are inconclusive and fail."""
+    cfg = results["config"]
+    lines = [
+        f"paper's protocol on {results['data']}: severity {cfg['severity']}, "
+        f"{len(cfg['seeds'])} fine-tune seeds, verdicts from 95% intervals"
+    ]
+    for name, bb in results["backbones"].items():
+        n = Counter(r["verdict"] for r in bb["claims"])
+        lines.append(
+            f"{name:20s} claims: {n['holds']} hold, {n['inconclusive']} inconclusive, "
+            f"{n['fails']} fail"
+        )
     return lines
 
 
