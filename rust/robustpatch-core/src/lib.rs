@@ -14,6 +14,7 @@ pub mod delta;
 pub mod dot;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod pack;
