@@ -93,8 +93,7 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
     deltas = [(rng.standard_normal(n, dtype=np.float32) * 1e-3) for _ in range(4)]
     quants = []
     for d in deltas:
-        c, s, o = _core.quantize(d, BITS, "affine", GROUP)
-        quants.append((c, s, o, BITS, "affine", GROUP, n))
+        quants.append(_core.quantize(d, BITS, "affine", GROUP))
     target = base.copy()
     scratch = np.empty_like(base)
     rows: list[dict] = []
@@ -193,8 +192,7 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
     ]
     sq = []
     for s in smalls:
-        c, sc, o = _core.quantize(s * 0.01, BITS, "affine", small_size)
-        sq.append([(c, sc, o, BITS, "affine", small_size, small_size)])
+        sq.append([_core.quantize(s * 0.01, BITS, "affine", small_size)])
 
     def ours_small():
         for t, q in zip(smalls, sq):

@@ -64,9 +64,10 @@ def test_pack_unpack_round_trip(bits, n, seed):
 )
 def test_quantization_error_is_within_half_a_step(bits, scheme, groups, group_len, scale, seed):
     x = (np.random.default_rng(seed).standard_normal(groups * group_len) * scale).astype(np.float32)
-    codes, s, o = _core.quantize(x, bits, scheme, group_len)
+    q = _core.quantize(x, bits, scheme, group_len)
+    s, o = q.scale, q.offset
     assert s.shape == o.shape == (groups,)
-    deq = _core.dequantize(codes, s, o, bits, scheme, group_len, x.size)
+    deq = _core.dequantize(q)
     err = np.abs(x - deq).reshape(groups, group_len).max(axis=1)
     # Half a step, plus the float rounding of code * scale + offset.
     bound = s / 2 * (1 + 1e-6) + 4 * np.finfo(np.float32).eps * (np.abs(x).max() + np.abs(o))
@@ -111,12 +112,11 @@ def test_fused_quantized_apply_then_remove_is_exact(dtype, bits, scheme, groups,
     deltas, alphas = [], [1.0, -0.5, 0.25]
     for _ in alphas:
         d = (rng.standard_normal(n) * 1e-2).astype(np.float32)
-        codes, s, o = _core.quantize(d, bits, scheme, group_len)
-        deltas.append((codes, s, o, bits, scheme, group_len, n))
+        deltas.append(_core.quantize(d, bits, scheme, group_len))
     # The fused sum equals adding the dequantized deltas (close: the kernel folds alpha
     # into scale/offset, so it may differ by float rounding only).
     with np.errstate(invalid="ignore", over="ignore"):
-        dense = sum(a * _core.dequantize(*q) for a, q in zip(alphas, deltas))
+        dense = sum(a * _core.dequantize(q) for a, q in zip(alphas, deltas))
         expect = widen(target) + dense
     undo, _ = _core.apply(target, deltas, alphas)
     finite = np.isfinite(expect)
@@ -146,8 +146,8 @@ def test_dot_and_cosine_from_codes():
     rng = np.random.default_rng(0)
     a = rng.standard_normal(4096).astype(np.float32)
     b = (0.5 * a + rng.standard_normal(4096) * 0.1).astype(np.float32)
-    qa = (*_core.quantize(a, 8, "affine", 128), 8, "affine", 128, a.size)
-    deq = _core.dequantize(*qa)
+    qa = _core.quantize(a, 8, "affine", 128)
+    deq = _core.dequantize(qa)
     assert _core.dot(qa, b) == pytest.approx(float(deq.astype(np.float64) @ b), rel=1e-9)
     cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     assert _core.cosine(qa, b) == pytest.approx(cos, abs=1e-3)

@@ -49,7 +49,7 @@ def test_engine_quantize_refuses_a_group_below_one(group):
     [
         lambda: _core.pack(np.zeros(8, np.uint8), 300),
         lambda: _core.unpack(np.zeros(1, np.uint8), -1, 8),
-        lambda: _core.dequantize(
+        lambda: _core.QuantTensor(
             np.zeros(4, np.uint8),
             np.ones(1, np.float32),
             np.zeros(1, np.float32),
@@ -59,7 +59,7 @@ def test_engine_quantize_refuses_a_group_below_one(group):
             8,
         ),
     ],
-    ids=["pack", "unpack", "dequantize"],
+    ids=["pack", "unpack", "QuantTensor"],
 )
 def test_every_bits_argument_is_range_checked(call):
     with pytest.raises(InvalidArgumentError, match="bits must be in 1..=8"):
@@ -133,3 +133,82 @@ def test_a_bad_container_is_a_format_error_and_a_wrong_dtype_a_type_error():
         _core.parse_header(b"\x01", 1)
     with pytest.raises(TypeError, match="float64"):
         _core.quantize(np.zeros(8), 4, "affine", 8)
+
+
+# ---------------------------------------------------------------------------- QuantTensor
+
+
+def _parts(q: _core.QuantTensor) -> tuple:
+    return (q.codes.copy(), q.scale.copy(), q.offset.copy(), q.bits, q.scheme, q.group_len, q.numel)
+
+
+def test_quantize_gives_a_quant_tensor_with_its_spec():
+    q = _core.quantize(np.arange(256, dtype=np.float32), 4, "Symmetric", 64)
+    assert isinstance(q, _core.QuantTensor)
+    assert (q.bits, q.scheme, q.group_len, q.numel) == (4, "symmetric", 64, 256)
+    assert (q.codes.shape, q.scale.shape, q.offset.shape, q.nbytes) == ((128,), (4,), (4,), 160)
+
+
+def test_a_quant_tensor_cannot_be_changed_after_validation():
+    q = _core.quantize(np.arange(64, dtype=np.float32), 4, "affine", 16)
+    for arr in (q.codes, q.scale, q.offset):
+        with pytest.raises(ValueError, match="read-only"):
+            arr[0] = 1
+        with pytest.raises(ValueError):
+            arr.flags.writeable = True
+    with pytest.raises(AttributeError):
+        q.bits = 8
+
+
+def test_a_quant_tensor_is_validated_when_built():
+    q = _core.quantize(np.arange(64, dtype=np.float32), 4, "affine", 16)
+    codes, scale, offset, *spec = _parts(q)
+    scale[2] = np.nan
+    with pytest.raises(rp.errors.NonFiniteError, match="group 2"):
+        _core.QuantTensor(codes, scale, offset, *spec)
+    with pytest.raises(MismatchError, match="bytes"):
+        _core.QuantTensor(codes[:-1], q.scale, offset, *spec)
+    with pytest.raises(MismatchError, match="scales"):
+        _core.QuantTensor(codes, q.scale[:-1], offset, *spec)
+
+
+def test_a_rebuilt_quant_tensor_owns_a_copy_of_its_parts():
+    q = _core.quantize(np.arange(64, dtype=np.float32), 4, "affine", 16)
+    parts = _parts(q)
+    again = _core.QuantTensor(*parts)
+    parts[1][:] = np.nan
+    np.testing.assert_array_equal(_core.dequantize(again), _core.dequantize(q))
+
+
+def test_the_engine_takes_quant_tensors_not_tuples():
+    q = _core.quantize(np.ones(64, np.float32), 4, "affine", 16)
+    target = np.zeros(64, np.float32)
+    _core.apply(target, [q], [2.0], record=False)
+    np.testing.assert_allclose(target, 2.0 * _core.dequantize(q))
+    assert _core.dot(q, q) == pytest.approx(float(_core.dequantize(q) @ _core.dequantize(q)))
+    with pytest.raises(TypeError, match="tuple"):
+        _core.apply(target, [_parts(q)], [1.0])
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 64), (16, 48), (32, 64), (48, 100), (0, 100)])
+def test_dequantize_a_range_matches_the_whole(start, stop):
+    x = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    q = _core.quantize(x[:100], 3, "affine", 4)
+    whole = _core.dequantize(q)
+    assert _core.dequantize(q, start, stop).tobytes() == whole[start:stop].tobytes()
+
+
+@pytest.mark.parametrize(("start", "stop"), [(4, 12), (8, 6), (0, 101), (8, 14), (-8, 8)])
+def test_dequantize_refuses_a_range_off_groups_or_bytes(start, stop):
+    q = _core.quantize(np.zeros(100, np.float32), 3, "affine", 4)
+    with pytest.raises(InvalidArgumentError):
+        _core.dequantize(q, start, stop)
+
+
+def test_signature_entries_hold_the_validated_tensor(tmp_path):
+    sig = rp.extract(*trio(0), layers="all").quantize(4)
+    sig.save(tmp_path / "s.rws")
+    for s in (sig, rp.Signature.load(tmp_path / "s.rws")):
+        for e in s.deltas.values():
+            assert isinstance(e.quant.tensor, _core.QuantTensor)
+            assert e.delta() is e.quant.tensor

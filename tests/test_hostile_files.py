@@ -826,12 +826,10 @@ from robustpatch import _core
 e8, one, zero = np.zeros(0, np.uint8), np.ones(1, np.float32), np.zeros(1, np.float32)
 huge = 1 << 62
 calls = {
-    "dequantize": lambda: _core.dequantize(e8, one, zero, 4, "affine", huge, huge),
+    "QuantTensor": lambda: _core.QuantTensor(e8, one, zero, 4, "affine", huge, huge),
     "unpack": lambda: _core.unpack(e8, 4, huge),
-    "dot": lambda: _core.dot((e8, one, zero, 4, "affine", huge, huge),
-                             (e8, one, zero, 4, "affine", huge, huge)),
-    "apply": lambda: _core.apply(np.zeros(8, np.float32),
-                                 [(e8, one, zero, 4, "affine", huge, huge)], [1.0]),
+    "QuantTensor 1 bit": lambda: _core.QuantTensor(e8, one, zero, 1, "affine", huge, huge),
+    "QuantTensor 8 bits": lambda: _core.QuantTensor(e8, one, zero, 8, "affine", huge, huge),
 }
 for name, call in calls.items():
     print("calling", name, flush=True)

@@ -2,7 +2,10 @@
 
 Float arrays may be float32, float16, or uint16 holding bfloat16 bits (numpy has
 no bfloat16). Arrays must be C-contiguous. Every kernel releases the GIL.
-A quantized delta is passed as ``(codes, scale, offset, bits, scheme, group_len, numel)``.
+A quantized delta is a :class:`QuantTensor`, validated once when built.
+Errors: InvalidArgumentError (a value out of range), MismatchError (inputs that do not
+fit), NonFiniteError, FormatError, TypeError (a wrong array dtype) and the OSError
+subclass of an I/O failure (FileNotFoundError, ...).
 """
 
 import numpy as np
@@ -14,23 +17,45 @@ class FormatError(ValueError): ...
 class NonFiniteError(ValueError): ...
 
 FloatArray = npt.NDArray[np.float32 | np.float16 | np.uint16]
-QuantDelta = tuple[
-    npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, str, int, int
-]
-DeltaLike = FloatArray | QuantDelta
 
-def quantize(
-    x: FloatArray, bits: int, scheme: str, group_len: int
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
-def dequantize(
-    codes: npt.NDArray[np.uint8],
-    scale: npt.NDArray[np.float32],
-    offset: npt.NDArray[np.float32],
-    bits: int,
-    scheme: str,
-    group_len: int,
-    numel: int,
-) -> npt.NDArray[np.float32]: ...
+class QuantTensor:
+    """Packed codes and one scale/offset per group, validated when built; frozen, and its
+    arrays are read-only views of its own memory."""
+
+    def __init__(
+        self,
+        codes: npt.NDArray[np.uint8],
+        scale: npt.NDArray[np.float32],
+        offset: npt.NDArray[np.float32],
+        bits: int,
+        scheme: str,
+        group_len: int,
+        numel: int,
+    ) -> None: ...
+    @property
+    def codes(self) -> npt.NDArray[np.uint8]: ...
+    @property
+    def scale(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def offset(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def bits(self) -> int: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def group_len(self) -> int: ...
+    @property
+    def numel(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
+DeltaLike = FloatArray | QuantTensor
+
+def quantize(x: FloatArray, bits: int, scheme: str, group_len: int) -> QuantTensor: ...
+def dequantize(q: QuantTensor, start: int = 0, stop: int | None = None) -> npt.NDArray[np.float32]:
+    """Elements ``start:stop``; the range starts on a group and byte boundary and ends on a
+    group boundary or at the end."""
+
 def pack(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]: ...
 def unpack(packed: npt.NDArray[np.uint8], bits: int, n: int) -> npt.NDArray[np.uint8]: ...
 def project(

@@ -125,8 +125,8 @@ def _bits(t: Any) -> Any:
 def _dense(d: Any) -> np.ndarray:
     from . import _core
 
-    if isinstance(d, tuple):
-        return _core.dequantize(*d)
+    if isinstance(d, _core.QuantTensor):
+        return _core.dequantize(d)
     return np.ascontiguousarray(kernel_view(d).reshape(-1))
 
 

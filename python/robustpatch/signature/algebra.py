@@ -271,12 +271,7 @@ def _decoded(e: Entry, start: int, stop: int) -> np.ndarray:
     if e.quant is None:  # float32, or a streamed file's bf16 bits
         values = e.values.reshape(-1)[start:stop]
         return widen(values, "BF16") if values.dtype == np.uint16 else values
-    q = e.quant
-    g0, g1 = start // q.group_len, -(-stop // q.group_len)
-    codes = q.codes[start * q.bits // 8 : -(-stop * q.bits // 8)]
-    return _core.dequantize(
-        codes, q.scale[g0:g1], q.offset[g0:g1], q.bits, q.scheme, q.group_len, stop - start
-    )
+    return _core.dequantize(e.quant.tensor, start, stop)
 
 
 def detect(

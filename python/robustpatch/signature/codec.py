@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import _core
 from .._format.safetensors import read_tensors, write_tensors
 from ..dtypes import widen
 from ..errors import FormatError, InvalidArgumentError, shown
@@ -244,17 +245,8 @@ def _quant_entry_from_spec(s, shape, numel, stats, tensors, where) -> Entry:
     check_finite(name, scale, "scale")
     check_finite(name, offset, "offset")
     _check_decodable(name, scale.reshape(-1), offset.reshape(-1), bits, scheme, where)
-    q = Quantized(
-        codes.reshape(-1),
-        scale.reshape(-1),
-        offset.reshape(-1),
-        bits,
-        scheme,
-        gran,
-        group,
-        glen,
-        numel,
-    )
+    parts = (codes.reshape(-1), scale.reshape(-1), offset.reshape(-1))
+    q = Quantized(_core.QuantTensor(*parts, bits, scheme, glen, numel), gran, group)
     return Entry(name, "delta", shape, s["dtype"], quant=q, stats=dict(stats))
 
 

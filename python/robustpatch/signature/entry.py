@@ -45,37 +45,33 @@ def is_bn_stat(name: str) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class Quantized:
-    """A quantized delta: bit-packed codes plus one f32 scale/offset per group."""
+    """A quantized delta: the engine's :class:`~robustpatch._core.QuantTensor` (bit-packed
+    codes, one f32 scale/offset per group, validated once when built) and how its groups
+    were chosen."""
 
-    codes: np.ndarray
-    scale: np.ndarray
-    offset: np.ndarray
-    bits: int
-    scheme: str
+    tensor: _core.QuantTensor
     granularity: str
     group: int  # requested group size (granularity "group"), else 0
-    group_len: int  # elements per contiguous group actually used
-    numel: int
 
-    def as_core(self) -> tuple:
-        """The tuple the engine takes for a quantized delta."""
-        return (
-            self.codes,
-            self.scale,
-            self.offset,
-            self.bits,
-            self.scheme,
-            self.group_len,
-            self.numel,
-        )
+    codes = property(lambda self: self.tensor.codes, doc="Packed codes (read-only).")
+    scale = property(lambda self: self.tensor.scale, doc="One scale per group (read-only).")
+    offset = property(lambda self: self.tensor.offset, doc="One offset per group (read-only).")
+    bits = property(lambda self: self.tensor.bits)
+    scheme = property(lambda self: self.tensor.scheme)
+    group_len = property(lambda self: self.tensor.group_len, doc="Elements per group used.")
+    numel = property(lambda self: self.tensor.numel)
+
+    def as_core(self) -> _core.QuantTensor:
+        """The object the engine takes for a quantized delta."""
+        return self.tensor
 
     def dequantize(self) -> np.ndarray:
         """Decoded values, flat float32."""
-        return _core.dequantize(*self.as_core())
+        return _core.dequantize(self.tensor)
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes + self.offset.nbytes
+        return self.tensor.nbytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,7 +101,7 @@ class Entry:
         return self.quant.nbytes if self.quant is not None else int(self.values.nbytes)
 
     def delta(self) -> Any:
-        """The delta as the engine takes it (a flat f32 array or a quantized tuple)."""
+        """The delta as the engine takes it (a flat f32 array or a QuantTensor)."""
         if self.quant is not None:
             return self.quant.as_core()
         return self.values.reshape(-1)
@@ -228,16 +224,6 @@ def quantize_entry(e: Entry, bits: int, scheme: str, granularity: str, group: in
         return e
     dense = np.ascontiguousarray(e.dense().reshape(-1))
     glen = group_len_for(e.shape, granularity, group)
-    codes, scale, offset = _core.quantize(dense, bits, scheme, glen)
-    q = Quantized(
-        codes,
-        scale,
-        offset,
-        int(bits),
-        scheme,
-        granularity,
-        group if granularity == "group" else 0,
-        glen,
-        e.numel,
-    )
+    tensor = _core.quantize(dense, bits, scheme, glen)
+    q = Quantized(tensor, granularity, group if granularity == "group" else 0)
     return replace(e, values=None, quant=q)

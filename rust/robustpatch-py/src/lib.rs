@@ -5,6 +5,7 @@
 
 mod arrays;
 mod errors;
+mod quant_tensor;
 
 use arrays::{slice_of, DenseMut, FloatIn, FloatInOut};
 use errors::BindResult;
@@ -12,9 +13,10 @@ use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDy
 use pyo3::marker::Ungil;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use quant_tensor::QuantTensor;
 use robustpatch_core::apply::{self as core_apply, Applied, Undo};
 use robustpatch_core::delta::{Delta, Dense};
-use robustpatch_core::quant::{self, QuantSpec, QuantView};
+use robustpatch_core::quant;
 use robustpatch_core::{args, dot as core_dot, pack as core_pack, project as core_project};
 use robustpatch_core::{Element, Error};
 
@@ -30,16 +32,16 @@ fn nogil<T: Ungil, F: Ungil + FnOnce() -> T>(py: Python<'_>, f: F) -> T {
     py.allow_threads(f)
 }
 
-/// Quantize a float array: returns (packed codes u8, scale f32, offset f32).
+/// Quantize a float array into a validated `QuantTensor`.
 #[pyfunction]
 #[pyo3(signature = (x, bits, scheme, group_len))]
-fn quantize<'py>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
+fn quantize(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
     bits: i64,
     scheme: &str,
     group_len: i64,
-) -> BindResult<Bound<'py, PyTuple>> {
+) -> BindResult<QuantTensor> {
     let x = FloatIn::extract(x, "x")?;
     let spec = args::spec(bits, scheme, group_len)?;
     let dense = x.dense("x")?;
@@ -48,41 +50,25 @@ fn quantize<'py>(
         Dense::F16(v) => quant::quantize(v, spec),
         Dense::BF16(v) => quant::quantize(v, spec),
     })?;
-    let parts = (
-        q.codes.into_pyarray(py),
-        q.scale.into_pyarray(py),
-        q.offset.into_pyarray(py),
-    );
-    Ok(PyTuple::new(
-        py,
-        [parts.0.into_any(), parts.1.into_any(), parts.2.into_any()],
-    )?)
+    Ok(QuantTensor::from_quantized(q))
 }
 
-/// Decode packed codes to a flat float32 array of `numel` elements.
+/// Decode elements `start..stop` (default: all) to a flat float32 array.
 #[pyfunction]
-#[pyo3(signature = (codes, scale, offset, bits, scheme, group_len, numel))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (q, start = 0, stop = None))]
 fn dequantize<'py>(
     py: Python<'py>,
-    codes: PyReadonlyArrayDyn<'py, u8>,
-    scale: PyReadonlyArrayDyn<'py, f32>,
-    offset: PyReadonlyArrayDyn<'py, f32>,
-    bits: i64,
-    scheme: &str,
-    group_len: i64,
-    numel: i64,
+    q: &Bound<'py, QuantTensor>,
+    start: i64,
+    stop: Option<i64>,
 ) -> BindResult<Bound<'py, PyArray1<f32>>> {
-    let spec = args::spec(bits, scheme, group_len)?;
-    let numel = args::count("numel", numel)?;
-    let view = QuantView::new(
-        slice_of(&codes, "codes")?,
-        slice_of(&scale, "scale")?,
-        slice_of(&offset, "offset")?,
-        spec,
-        numel,
-    )?;
-    let arr = zeros::<f32>(py, numel);
+    let q = q.get();
+    let numel = q.view().numel;
+    let view = match stop {
+        None if start == 0 => q.view(),
+        _ => q.range(start, stop.unwrap_or(numel as i64))?,
+    };
+    let arr = zeros::<f32>(py, view.numel);
     let mut rw = arr.readwrite();
     let out = rw.as_slice_mut()?;
     nogil(py, || quant::dequantize(&view, out))?;
@@ -187,61 +173,25 @@ fn project<'py>(
     Ok(PyTuple::new(py, [sig.into_any(), d.into_any()])?)
 }
 
-/// A delta as passed from Python: a float array, or a tuple
-/// `(codes, scale, offset, bits, scheme, group_len, numel)`.
+/// A delta as passed from Python: a float array or a `QuantTensor`.
 enum DeltaIn<'py> {
     Dense(FloatIn<'py>),
-    Quant {
-        codes: PyReadonlyArrayDyn<'py, u8>,
-        scale: PyReadonlyArrayDyn<'py, f32>,
-        offset: PyReadonlyArrayDyn<'py, f32>,
-        spec: QuantSpec,
-        numel: usize,
-    },
+    Quant(Bound<'py, QuantTensor>),
 }
 
 impl<'py> DeltaIn<'py> {
     fn extract(obj: &Bound<'py, PyAny>) -> BindResult<Self> {
-        if let Ok(t) = obj.downcast::<PyTuple>() {
-            let (codes, scale, offset, bits, scheme, group_len, numel): (
-                PyReadonlyArrayDyn<u8>,
-                PyReadonlyArrayDyn<f32>,
-                PyReadonlyArrayDyn<f32>,
-                i64,
-                String,
-                i64,
-                i64,
-            ) = t.extract()?;
-            let spec = args::spec(bits, &scheme, group_len)?;
-            let numel = args::count("numel", numel)?;
-            return Ok(DeltaIn::Quant {
-                codes,
-                scale,
-                offset,
-                spec,
-                numel,
-            });
+        if let Ok(q) = obj.downcast::<QuantTensor>() {
+            return Ok(DeltaIn::Quant(q.clone()));
         }
         Ok(DeltaIn::Dense(FloatIn::extract(obj, "delta")?))
     }
 
     fn view(&self) -> BindResult<Delta<'_>> {
-        match self {
-            DeltaIn::Dense(a) => Ok(Delta::Dense(a.dense("delta")?)),
-            DeltaIn::Quant {
-                codes,
-                scale,
-                offset,
-                spec,
-                numel,
-            } => Ok(Delta::Quant(QuantView::new(
-                slice_of(codes, "codes")?,
-                slice_of(scale, "scale")?,
-                slice_of(offset, "offset")?,
-                *spec,
-                *numel,
-            )?)),
-        }
+        Ok(match self {
+            DeltaIn::Dense(a) => Delta::Dense(a.dense("delta")?),
+            DeltaIn::Quant(q) => Delta::Quant(q.get().view()),
+        })
     }
 }
 
@@ -507,6 +457,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "NonFiniteError",
         m.py().get_type::<errors::NonFiniteError>(),
     )?;
+    m.add_class::<QuantTensor>()?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
