@@ -290,7 +290,7 @@ def switching(base: Path, arms: dict[str, Any], work: Path, repeat: int) -> list
 def markdown(result: dict[str, Any]) -> str:
     corruptions = result["corruptions"]
     head = ["model", "variant", "clean acc"] + [f"{c} acc" for c in corruptions]
-    head += ["file", "base + sig", "latency / image", "max abs err vs torch"]
+    head += ["size", "base + sig files", "latency / image", "max abs err vs torch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [r["model"], r["variant"], f"{r['clean_acc']:.1f}%"]
