@@ -22,6 +22,7 @@ REPORT_FILES = ("paper.json", "paper.md", "paper_gains.png")
 def _where(obj, text: str | None = None) -> str:
     """``robustpatch/...py:LINE`` of a function or class, or of the first line of module
     ``obj`` containing ``text`` (computed, so it stays true as files change)."""
+    obj = inspect.unwrap(obj)
     path = Path(inspect.getsourcefile(obj))
     lines, start = inspect.getsourcelines(obj)
     line = start if text is None else start + next(i for i, s in enumerate(lines) if text in s)
@@ -39,13 +40,14 @@ def fidelity_rows(cfg: protocol.ProtocolConfig, data_source: str) -> list[tuple[
         (
             "pretrained start",
             "ImageNet-pretrained VGG-16 / ResNet-50",
-            pre,
-            _where(protocol.recipe),
+            pre + "; EfficientNet-Lite0: its ImageNet weights",
+            _where(protocol.ProtocolConfig, "pretrain_lr: float"),
         ),
         (
             "BatchNorm",
             "CIFAR arm: VGG-16 without BN",
-            f"BN-free VGG arm; backbones run: {', '.join(cfg.backbones)}",
+            f"BN-free VGG arm; BN arms swap the robust BN network-wide and re-estimate it "
+            f"({_where(controls.robust_bn_swap)}); backbones run: {', '.join(cfg.backbones)}",
             _where(vgg.VGGNoBN),
         ),
         (
