@@ -66,3 +66,20 @@ def test_unknown_backbone_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(InvalidArgumentError, match="unknown backbone 'resnet'"):
         run.run_paper(out, config=replace(MINI, backbones=("vgg", "resnet")))
     assert not out.exists()
+
+
+def test_fidelity_rows_point_at_the_code_that_does_it():
+    from pathlib import Path
+
+    import robustpatch
+
+    root = Path(robustpatch.__file__).parent.parent
+    rows = report.fidelity_rows(protocol.QUICK, "embedded")
+    assert len(rows) == 11
+    for point, _official, _ours, where in rows:
+        file, line = where.rsplit(":", 1)
+        text = (root / file).read_text().splitlines()[int(line) - 1]
+        assert text.strip().startswith(("def ", "class ", "#: ", "pretrain_lr", "CLAIMS")), point
+    alpha = next(r for r in rows if r[0] == "α and composition")[3]
+    file, line = alpha.rsplit(":", 1)
+    assert "def official_alphas" in (root / file).read_text().splitlines()[int(line) - 1]

@@ -25,9 +25,10 @@ def _where(obj, text: str | None = None) -> str:
     obj = inspect.unwrap(obj)
     path = Path(inspect.getsourcefile(obj))
     lines, start = inspect.getsourcelines(obj)
+    start = max(start, 1)  # a module's source starts at 0
     line = start if text is None else start + next(i for i, s in enumerate(lines) if text in s)
     parts = path.parts[path.parts.index("robustpatch") :]
-    return f"{'/'.join(parts)}:{max(line, 1)}"
+    return f"{'/'.join(parts)}:{line}"
 
 
 def fidelity_rows(cfg: protocol.ProtocolConfig, data_source: str) -> list[tuple[str, ...]]:
