@@ -5,6 +5,7 @@ wide and range-checked in the engine, and the CLI's one-line refusals of the sam
 from __future__ import annotations
 
 import errno
+import json
 
 import numpy as np
 import pytest
@@ -212,3 +213,57 @@ def test_signature_entries_hold_the_validated_tensor(tmp_path):
         for e in s.deltas.values():
             assert isinstance(e.quant.tensor, _core.QuantTensor)
             assert e.delta() is e.quant.tensor
+
+
+# ---------------------------------------------------------------------------- hashes
+
+
+def test_blake3_matches_the_reference_vectors_however_fed():
+    assert _core.Blake3().hexdigest() == (
+        "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    )
+    h = _core.Blake3()
+    h.update(b"ab")
+    h.update(np.frombuffer(b"c", np.uint8))
+    assert h.hexdigest() == "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+    big = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
+    whole, parts = _core.Blake3(), _core.Blake3()
+    whole.update(big)
+    for k in range(0, big.size, 1 << 19):
+        parts.update(big[k : k + (1 << 19)].tobytes())
+    assert whole.hexdigest() == parts.hexdigest()
+
+
+def test_blake3_refuses_other_dtypes_and_strided_arrays():
+    with pytest.raises(TypeError):
+        _core.Blake3().update(np.zeros(4, np.float32))
+    with pytest.raises(InvalidArgumentError, match="contiguous"):
+        _core.Blake3().update(np.zeros(8, np.uint8)[::2])
+
+
+def test_new_signatures_and_fingerprints_use_blake3(tmp_path):
+    sig = rp.extract(*trio(0), layers="all")
+    assert sig.content_hash.startswith("blake3:") and len(sig.content_hash) == 7 + 64
+    assert sig.base_fingerprint.startswith("blake3:")
+    sig.save(tmp_path / "s.rws")
+    loaded = rp.Signature.load(tmp_path / "s.rws")
+    assert loaded.content_hash == sig.content_hash
+
+
+def test_a_sha256_signature_still_verifies_and_keeps_its_hash(tmp_path):
+    from robustpatch._format.safetensors import read_tensors, write_tensors
+    from robustpatch.signature import content_hash
+
+    sig = rp.extract(*trio(0), layers="all").quantize(4)
+    sig.save(tmp_path / "s.rws")
+    header, tensors = read_tensors(tmp_path / "s.rws")
+    meta = json.loads(header.metadata["robustpatch"])
+    meta["content_hash"] = content_hash(meta["entries"], tensors, "sha256")
+    write_tensors(tmp_path / "old.rws", tensors, {"robustpatch": json.dumps(meta)})
+    old = rp.Signature.load(tmp_path / "old.rws")
+    assert old.content_hash == meta["content_hash"] and old.content_hash.startswith("sha256:")
+    assert (0.5 * old).content_hash == old.content_hash
+    meta["content_hash"] = "sha256:" + "0" * 64
+    write_tensors(tmp_path / "bad.rws", tensors, {"robustpatch": json.dumps(meta)})
+    with pytest.raises(rp.errors.FormatError, match="content hash mismatch"):
+        rp.Signature.load(tmp_path / "bad.rws")

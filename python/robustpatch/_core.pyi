@@ -51,6 +51,13 @@ class QuantTensor:
 
 DeltaLike = FloatArray | QuantTensor
 
+class Blake3:
+    """Incremental BLAKE3 (parallel over large inputs, GIL released), like hashlib's."""
+
+    def __init__(self) -> None: ...
+    def update(self, data: bytes | npt.NDArray[np.uint8]) -> None: ...
+    def hexdigest(self) -> str: ...
+
 def quantize(x: FloatArray, bits: int, scheme: str, group_len: int) -> QuantTensor: ...
 def dequantize(q: QuantTensor, start: int = 0, stop: int | None = None) -> npt.NDArray[np.float32]:
     """Elements ``start:stop``; the range starts on a group and byte boundary and ends on a

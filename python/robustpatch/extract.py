@@ -21,7 +21,6 @@ torch module's or state dict's own order, else a natural sort of module paths
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -296,14 +295,14 @@ def _unit_energies(trio: _Trio, units: list[list[str]], bn: set[str], progress) 
 def _fingerprint(src: Source | None, names: Iterable[str]) -> str | None:
     if src is None:
         return None
-    h = hashlib.sha256()
+    h = _core.Blake3()
     for n in sorted(names):
         spec = src.spec(n)
         if spec is None:
             continue
         h.update(json.dumps([n, list(spec[1]), spec[0]]).encode())
-        h.update(memoryview(np.ascontiguousarray(src.get(n)).reshape(-1).view(np.uint8)))
-    return "sha256:" + h.hexdigest()
+        h.update(np.ascontiguousarray(src.get(n)).reshape(-1).view(np.uint8))
+    return "blake3:" + h.hexdigest()
 
 
 def _share(what: str, value: Any) -> float:

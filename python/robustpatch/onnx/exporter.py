@@ -1,8 +1,8 @@
 """Export a torch model to ONNX as a deployable, measured variant: patched in torch,
 BatchNorm folded, optionally f16 and int8, validated against the patched torch model.
 
-The only module of :mod:`robustpatch.onnx` that imports torch (imported when
-:func:`robustpatch.onnx.export` is called). The export is torch's own
+The only module of :mod:`robustpatch.onnx` that imports torch (when a function here
+is called). The export is torch's own
 (``torch.onnx.export``, dynamo): its graph optimization folds each BatchNorm into the
 convolution before it, after the signatures were applied, which is why a signature is
 applied here in torch rather than to the folded file. f16 is onnxruntime's
@@ -23,15 +23,17 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .. import validate
 from .._io.atomic import AtomicFile
 from ..errors import InvalidArgumentError, MismatchError
 from ..targets import apply as apply_signatures
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TOLERANCES", "export", "export_checkpoint"]
 
@@ -67,6 +69,8 @@ def export(
     variant outside them is refused (MismatchError) and ``path`` is left as it was.
     The file is self-contained (no external data: up to protobuf's 2 GiB).
     """
+    import torch
+
     path = validate.path(path, "path")
     variant = _variant(dtype, int8)
     if int8 == "static" and calibration is None:
@@ -103,6 +107,8 @@ def _variant(dtype: str, int8: Any) -> str:
 
 def _exported(model: torch.nn.Module, example: torch.Tensor) -> Any:
     """torch's ONNX export with a dynamic batch dimension (BatchNorm folded)."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -222,6 +228,7 @@ def export_checkpoint(
     """:func:`export` of a :class:`~robustpatch.lab.models.SmallCNN` checkpoint (its
     widths read from the tensors' shapes), validated on ``batch`` seeded uniform inputs
     in [0, 1) of ``input_shape``."""
+    import torch
     from safetensors.torch import load_file
 
     from ..lab.models import SmallCNN

@@ -11,10 +11,12 @@ see :func:`compact`) or ``P.codes`` (U8, bit-packed little-endian),
                   "bits", "scheme", "granularity", "group", "group_len", "weight",
                   "stats"}, ...],
      "fingerprints": {"architecture": ..., "base": ...}, "layers": ..., "source": ...,
-     "provenance": ..., "effect": ..., "content_hash": "sha256:..."}
+     "provenance": ..., "effect": ..., "content_hash": "blake3:..."}
 
 The content hash covers the entry specs and every tensor's name, dtype, shape and bytes
-(not provenance/effect, which may be filled in later); it is verified on load. Every
+(not provenance/effect, which may be filled in later); it is verified on load with the
+algorithm its prefix names: ``blake3`` (the engine's, parallel) for files written now,
+``sha256`` for files written before, which keep their hash. Every
 key, type, length and scale is checked before a tensor is trusted (:func:`parse_meta`,
 :func:`from_parts`).
 """
@@ -74,30 +76,49 @@ def json_default(x: Any) -> Any:
     )
 
 
+#: Content hash algorithms: new hashes use the first; a stored hash names its own.
+HASH_ALGORITHMS = ("blake3", "sha256")
+
+
+def hash_algorithm_of(stored: Any) -> str:
+    """The algorithm a stored ``"<algorithm>:<hex>"`` hash was made with (the default for
+    anything else: such a hash then fails to match)."""
+    name = stored.split(":", 1)[0] if isinstance(stored, str) else None
+    return name if name in HASH_ALGORITHMS else HASH_ALGORITHMS[0]
+
+
 class ContentHasher:
     """The content hash fed piece by piece: the entry specs, then each tensor (in name
     order) as its name, dtype and shape followed by its bytes, which may come in blocks
     (a streamed signature is hashed without being held in memory)."""
 
-    def __init__(self, specs: list[dict[str, Any]]) -> None:
-        self.h = hashlib.sha256(json.dumps(specs, sort_keys=True).encode())
+    def __init__(self, specs: list[dict[str, Any]], algorithm: str = HASH_ALGORITHMS[0]) -> None:
+        self.algorithm = algorithm
+        self.h = _core.Blake3() if algorithm == "blake3" else hashlib.sha256()
+        self.h.update(json.dumps(specs, sort_keys=True).encode())
 
     def tensor(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         self.h.update(json.dumps([name, np.dtype(dtype).str, list(shape)]).encode())
 
-    def update(self, data: memoryview | bytes) -> None:
+    def update(self, data: memoryview | bytes | np.ndarray) -> None:
+        if isinstance(data, memoryview):
+            data = np.frombuffer(data, np.uint8)
         self.h.update(data)
 
     def hexdigest(self) -> str:
-        return "sha256:" + self.h.hexdigest()
+        return f"{self.algorithm}:{self.h.hexdigest()}"
 
 
-def content_hash(specs: list[dict[str, Any]], tensors: Mapping[str, np.ndarray]) -> str:
-    hasher = ContentHasher(specs)
+def content_hash(
+    specs: list[dict[str, Any]],
+    tensors: Mapping[str, np.ndarray],
+    algorithm: str = HASH_ALGORITHMS[0],
+) -> str:
+    hasher = ContentHasher(specs, algorithm)
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         hasher.tensor(name, arr.dtype, arr.shape)
-        hasher.update(memoryview(arr.reshape(-1).view(np.uint8)))
+        hasher.update(arr.reshape(-1).view(np.uint8))
     return hasher.hexdigest()
 
 
@@ -289,6 +310,7 @@ def from_parts(
     if extra:
         raise FormatError(f"{where}: unexpected tensors {sorted(extra)[:5]}")
     expected = meta.get("content_hash")
+    sig.hash_algorithm = hash_algorithm_of(expected)
     if check_hash and expected != sig.content_hash:
         raise FormatError(f"{where}: content hash mismatch (file modified?)")
     return sig

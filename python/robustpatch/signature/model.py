@@ -115,6 +115,8 @@ class Signature(_Linear):
         self.name = name
         self.meta: dict[str, Any] = dict(meta or {})
         self.weight = validate.alpha(weight, "weight")
+        # A signature loaded from an older file keeps the algorithm its hash was made with.
+        self.hash_algorithm = codec.HASH_ALGORITHMS[0]
         self._check_file_names()
 
     # -- construction ---------------------------------------------------------------
@@ -300,9 +302,11 @@ class Signature(_Linear):
 
     @property
     def content_hash(self) -> str:
-        """sha256 over entry specs and tensor names, dtypes, shapes and bytes (not the
-        weight: a scaled signature names the stored one it scales)."""
-        return codec.content_hash([e.spec() for e in self], self.file_tensors())
+        """BLAKE3 (or, loaded from an older file, that file's sha256) over entry specs and
+        tensor names, dtypes, shapes and bytes (not the weight: a scaled signature names
+        the stored one it scales)."""
+        specs = [e.spec() for e in self]
+        return codec.content_hash(specs, self.file_tensors(), self.hash_algorithm)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the signature file atomically (format: :mod:`robustpatch.signature.codec`).

@@ -25,7 +25,14 @@ from .._format.safetensors import Header, TensorInfo, read_header_from, read_ten
 from .._io.inputs import open_input
 from ..dtypes import NUMPY_OF_LABEL, widen
 from ..errors import FormatError, NonFiniteError, shown
-from .codec import HEADER_KEYS, META_KEY, ContentHasher, from_parts, parse_meta
+from .codec import (
+    HEADER_KEYS,
+    META_KEY,
+    ContentHasher,
+    from_parts,
+    hash_algorithm_of,
+    parse_meta,
+)
 from .entry import Entry
 from .model import Signature
 
@@ -106,7 +113,7 @@ def _dense_specs(meta: dict, header: Header, where: str) -> dict[str, TensorInfo
 def _verify(f, header: Header, meta: dict, dense: dict[str, TensorInfo], where: str) -> str:
     """Stream the dense tensors once: each value finite, and the content hash (with the
     small tensors, read the same way) equal to the one stored. Returns it."""
-    hasher = ContentHasher(meta["entries"])
+    hasher = ContentHasher(meta["entries"], hash_algorithm_of(meta.get("content_hash")))
     shapes = {s["name"]: tuple(s["shape"]) for s in meta["entries"] if s.get("name") in dense}
     for t in sorted(header.tensors, key=lambda t: t.name):
         label = t.dtype if t.name in dense else None

@@ -17,6 +17,7 @@ pub mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hash;
 pub mod pack;
 pub mod par;
 pub mod project;

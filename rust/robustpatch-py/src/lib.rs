@@ -5,6 +5,7 @@
 
 mod arrays;
 mod errors;
+mod hashing;
 mod quant_tensor;
 
 use arrays::{slice_of, DenseMut, FloatIn, FloatInOut};
@@ -458,6 +459,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.py().get_type::<errors::NonFiniteError>(),
     )?;
     m.add_class::<QuantTensor>()?;
+    m.add_class::<hashing::Blake3>()?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;

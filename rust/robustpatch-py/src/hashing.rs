@@ -1,0 +1,41 @@
+//! `Blake3`: the core's parallel content hash, fed from Python like hashlib's
+//! objects (bytes or uint8 arrays), the GIL released while it hashes.
+
+use crate::arrays::slice_of;
+use crate::errors::BindResult;
+use crate::nogil;
+use numpy::PyReadonlyArrayDyn;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use robustpatch_core::hash::Hasher;
+
+/// An incremental BLAKE3 hash (`update(data)`, then `hexdigest()`).
+#[pyclass(module = "robustpatch._core")]
+#[derive(Default)]
+pub struct Blake3(Hasher);
+
+#[pymethods]
+impl Blake3 {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add `data`: bytes, or a C-contiguous uint8 array (`arr.view(numpy.uint8)`).
+    fn update(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> BindResult<()> {
+        if let Ok(b) = data.downcast::<PyBytes>() {
+            let bytes = b.as_bytes();
+            nogil(py, || self.0.update(bytes));
+            return Ok(());
+        }
+        let arr: PyReadonlyArrayDyn<u8> = data.extract()?;
+        let bytes = slice_of(&arr, "data")?;
+        nogil(py, || self.0.update(bytes));
+        Ok(())
+    }
+
+    /// The digest as 64 hex digits.
+    fn hexdigest(&self) -> String {
+        self.0.hex()
+    }
+}
