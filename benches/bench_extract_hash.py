@@ -1,0 +1,119 @@
+"""rp.extract on one large tensor, with the base-model fingerprint hashed by the engine
+(BLAKE3, parallel, GIL released) and by the previous code (sha256 in Python), against a
+plain memory copy of the same tensor and the hashes alone, all in one run.
+
+Run (release build installed):  python benches/bench_extract_hash.py [--elements N] [--quick]
+Writes benches/results/extract_hash.json and benches/results/extract_hash.md. Ratios are
+what matter (measured in the same run); absolute times depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+from unittest import mock
+
+import numpy as np
+
+import robustpatch as rp
+from robustpatch import _core
+
+# The module (``rp.extract`` is the function of the same name).
+extract_module = importlib.import_module("robustpatch.extract")
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> float:
+    """Minimum wall time over ``repeat`` runs."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def sha256_fingerprint(src, names) -> str | None:
+    """The fingerprint as the previous release computed it (sha256 in Python)."""
+    if src is None:
+        return None
+    h = hashlib.sha256()
+    for n in sorted(names):
+        spec = src.spec(n)
+        if spec is None:
+            continue
+        h.update(json.dumps([n, list(spec[1]), spec[0]]).encode())
+        h.update(memoryview(np.ascontiguousarray(src.get(n)).reshape(-1).view(np.uint8)))
+    return "sha256:" + h.hexdigest()
+
+
+def run(n: int, repeat: int) -> dict:
+    rng = np.random.default_rng(0)
+    pre = {"w": rng.standard_normal(n, dtype=np.float32)}
+    clean = {"w": pre["w"] + np.float32(0.01)}
+    robust = {"w": clean["w"] + rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)}
+    raw = pre["w"].view(np.uint8)
+
+    def blake3_only():
+        h = _core.Blake3()
+        h.update(raw)
+        return h.hexdigest()
+
+    def extract_now():
+        return rp.extract(pre, clean, robust, layers="all")
+
+    def extract_sha256():
+        with mock.patch.object(extract_module, "_fingerprint", sha256_fingerprint):
+            return rp.extract(pre, clean, robust, layers="all")
+
+    copy = best_time(lambda: np.copyto(np.empty_like(pre["w"]), pre["w"]), repeat)
+    times = {
+        "copy": copy,
+        "sha256 (hashlib) of the tensor": best_time(lambda: hashlib.sha256(raw).digest(), repeat),
+        "blake3 (engine) of the tensor": best_time(blake3_only, repeat),
+        "rp.extract, sha256 fingerprint (before)": best_time(extract_sha256, repeat),
+        "rp.extract, blake3 fingerprint (now)": best_time(extract_now, repeat),
+    }
+    return {
+        "elements": n,
+        "repeat": repeat,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "rows": [{"what": k, "seconds": v, "x_copy": v / copy} for k, v in times.items()],
+    }
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"{result['elements']:,} float32 elements, best of {result['repeat']}",
+        "",
+        "| what | ms | × copy |",
+        "| --- | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['what']} | {r['seconds'] * 1e3:.1f} | {r['x_copy']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--elements", type=int, default=64 * 2**20, help="tensor size (64M = 256 MiB)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="1M elements, 2 repeats (a smoke run)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "extract_hash")
+    args = ap.parse_args()
+    n, repeat = (1 << 20, 2) if args.quick else (args.elements, args.repeat)
+    result = run(n, repeat)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".md").write_text(table(result))
+    print(table(result), end="")
+
+
+if __name__ == "__main__":
+    main()
