@@ -73,6 +73,9 @@ def test_a_modified_streamed_signature_is_refused(pair):
     with pytest.raises(FormatError, match="content hash mismatch"):
         apply_file(pair / "m.safetensors", pair / "bad.rws", 1.0, pair / "o.safetensors")
     assert listing(pair) == before
+    with pytest.raises(FormatError, match="content hash mismatch"):  # rolled back
+        apply_file(pair / "m.safetensors", pair / "bad.rws", 1.0, inplace=True)
+    assert listing(pair) == before
 
 
 def test_the_record_refers_to_the_signature_and_remove_finds_it(pair, capsys):

@@ -37,6 +37,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -457,7 +458,8 @@ def apply_file(
             with AtomicFile(out, durable) as fout:
                 target = FileTarget(fsrc, header, fout, new_header, progress)
                 target.release = releaser(plan)
-                patch_target(target, plan, None, allow_nonfinite)
+                with verifying(plan):
+                    patch_target(target, plan, None, allow_nonfinite)
                 fout.commit()
             return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
         refs = signature_refs(plan, embed_signature)
@@ -489,7 +491,8 @@ def _apply_with_undo(
         sink = _RecordToFile(writer)
         target = FileTarget(fsrc, header, fout, new_header, progress, sink)
         target.release = releaser(plan)
-        patch_target(target, plan, sink, allow_nonfinite)
+        with verifying(plan):
+            patch_target(target, plan, sink, allow_nonfinite)
         writer.finish()
         _commit_pair(uf, fout)
     return FileReport(out, undo_path, len(plan.deltas), len(plan.bn), sizes[1], writer.elements)
@@ -497,10 +500,32 @@ def _apply_with_undo(
 
 def streamed_plan(sigs: SignatureLike | Sequence[SignatureLike], alphas: Alphas) -> Plan:
     """:func:`plan_for` with signature files opened for streaming (dense deltas stay
-    in their file until applied)."""
+    in their file until applied; verified in a second thread meanwhile: see
+    :func:`verifying`)."""
     many = sigs if isinstance(sigs, Sequence) and not isinstance(sigs, str) else [sigs]
-    opened = [open_signature(s) if isinstance(s, (str, os.PathLike)) else s for s in many]
+    opened = [
+        open_signature(s, background=True) if isinstance(s, (str, os.PathLike)) else s for s in many
+    ]
     return plan_for(opened, alphas)
+
+
+@contextmanager
+def verifying(plan: Plan) -> Iterator[None]:
+    """Around a patch: wait for the streamed signatures' verification at the end (so
+    before anything is committed); if the patch fails, a signature that failed its
+    verification is the error reported (the engine may have met its NaN first)."""
+    try:
+        yield
+    except BaseException:
+        _wait_verified(plan)
+        raise
+    _wait_verified(plan)
+
+
+def _wait_verified(plan: Plan) -> None:
+    for s in plan.sigs:
+        if isinstance(s, StreamedSignature):
+            s.verified()
 
 
 def signature_refs(plan: Plan, embed: bool) -> dict[int, Path]:

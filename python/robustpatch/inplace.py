@@ -53,6 +53,7 @@ from .files import (
     releaser,
     signature_refs,
     streamed_plan,
+    verifying,
 )
 from .signature import SignatureLike
 from .targets import (
@@ -234,7 +235,8 @@ def _patch(f, header, plan, fitted, src_header, pending, progress, allow_nonfini
     if pending is None:
         with _mapped(f) as mm:
             target = MappedTarget(mm, header, _NoWatch(), tick, plan)
-            patch_target(target, plan, None, allow_nonfinite)
+            with verifying(plan):
+                patch_target(target, plan, None, allow_nonfinite)
         _finish_model(f, fitted)
         return 0
     touched = [t for t in header.tensors if t.name in plan.deltas or t.name in plan.bn]
@@ -245,7 +247,9 @@ def _patch(f, header, plan, fitted, src_header, pending, progress, allow_nonfini
         writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, sizes, header_now, refs)
         sink = _RecordToFile(writer)
         with _mapped(f) as mm:
-            patch_target(MappedTarget(mm, header, sink, tick, plan), plan, sink, allow_nonfinite)
+            with verifying(plan):
+                target = MappedTarget(mm, header, sink, tick, plan)
+                patch_target(target, plan, sink, allow_nonfinite)
         _finish_model(f, fitted)
         writer.finish()
         uf.commit()

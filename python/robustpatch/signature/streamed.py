@@ -5,10 +5,11 @@ one tensor, not the whole signature.
 file: each entry's values are a read-only view of a memory map, in the dtype the file
 stores (F32, or compact BF16/F16, which the engine adds directly), and
 :meth:`StreamedSignature.release` drops a tensor's pages once it has been applied. The
-file is still verified before use, in one streamed pass that reads it in blocks: the
-content hash and that every dense value is finite. Quantized and BatchNorm entries are
-small and loaded as by :meth:`Signature.load`. A file without dense deltas is loaded
-as usual.
+file is still verified, in one streamed pass that reads it in blocks: the content hash
+and that every dense value is finite; before use, or (``background=True``) in a second
+thread while it is applied, the patch then committed only once it has passed.
+Quantized and BatchNorm entries are small and loaded as by :meth:`Signature.load`. A
+file without dense deltas is loaded as usual.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,11 @@ class StreamedSignature(Signature):
     _hash: str
     _mm: mmap.mmap
     _ranges: dict[str, tuple[int, int]]
+    _check: Future[str]
+
+    def verified(self) -> None:
+        """Wait for the file's verification (FormatError / NonFiniteError if it failed)."""
+        self._check.result()
 
     @property
     def content_hash(self) -> str:
@@ -67,8 +74,12 @@ class StreamedSignature(Signature):
         self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
 
 
-def open_signature(path: str | os.PathLike[str]) -> Signature:
-    """The signature at ``path``: streamed if it holds dense deltas, else loaded."""
+def open_signature(path: str | os.PathLike[str], background: bool = False) -> Signature:
+    """The signature at ``path``: streamed if it holds dense deltas, else loaded.
+
+    ``background=True`` verifies a streamed file in a second thread while the caller
+    applies it: the caller must call :meth:`StreamedSignature.verified` before it
+    commits anything (a file that fails raises there)."""
     path = validate.path(path, "signature path")
     with open_input(path) as f:
         header = read_header_from(f, str(path))
@@ -80,9 +91,35 @@ def open_signature(path: str | os.PathLike[str]) -> Signature:
         if not dense:
             return Signature.load(path)
         small = {t.name: read_tensor(f, header, t) for t in header.tensors if t.name not in dense}
-        expected = _verify(f, header, meta, dense, str(path))
+        expected = meta.get("content_hash")
+        if not isinstance(expected, str):
+            raise FormatError(f"{path}: content hash mismatch (file modified?)")
+        check = _start_check(f.fileno(), header, meta, dense, str(path), background)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return _build(path, header, meta, dense, small, mm, expected)
+    sig = _build(path, header, meta, dense, small, mm, expected)
+    sig._check = check
+    return sig
+
+
+def _start_check(fd: int, header, meta, dense, where: str, background: bool) -> Future[str]:
+    """:func:`_verify` of the open file now, or in a thread on a duplicate of ``fd``."""
+    if not background:
+        done: Future[str] = Future()
+        done.set_result(_verify(fd, header, meta, dense, where))
+        return done
+    own = os.dup(fd)
+
+    def run() -> str:
+        try:
+            return _verify(own, header, meta, dense, where)
+        finally:
+            os.close(own)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="rp-verify")
+    try:
+        return pool.submit(run)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _dense_specs(meta: dict, header: Header, where: str) -> dict[str, TensorInfo]:
@@ -110,7 +147,7 @@ def _dense_specs(meta: dict, header: Header, where: str) -> dict[str, TensorInfo
     return out
 
 
-def _verify(f, header: Header, meta: dict, dense: dict[str, TensorInfo], where: str) -> str:
+def _verify(fd: int, header: Header, meta: dict, dense: dict[str, TensorInfo], where: str) -> str:
     """Stream the dense tensors once: each value finite, and the content hash (with the
     small tensors, read the same way) equal to the one stored. Returns it."""
     hasher = ContentHasher(meta["entries"], hash_algorithm_of(meta.get("content_hash")))
@@ -121,7 +158,7 @@ def _verify(f, header: Header, meta: dict, dense: dict[str, TensorInfo], where: 
             hasher.tensor(t.name, np.dtype(np.float32), shapes[t.name])
         else:
             hasher.tensor(t.name, NUMPY_OF_LABEL.get(t.dtype, np.dtype(np.uint8)), t.shape)
-        for block in _blocks(f, header, t):
+        for block in _blocks(fd, header, t):
             if label:
                 values = widen(np.frombuffer(block, NUMPY_OF_LABEL[label]), label)
                 if not np.isfinite(values).all():
@@ -134,13 +171,13 @@ def _verify(f, header: Header, meta: dict, dense: dict[str, TensorInfo], where: 
     return got
 
 
-def _blocks(f, header: Header, t: TensorInfo):
+def _blocks(fd: int, header: Header, t: TensorInfo):
     """A tensor's bytes in blocks of whole elements."""
     itemsize = np.dtype(NUMPY_OF_LABEL.get(t.dtype, np.uint8)).itemsize
     step = _BLOCK - _BLOCK % itemsize
     at, end = header.data_start + t.begin, header.data_start + t.end
     while at < end:
-        block = os.pread(f.fileno(), min(step, end - at), at)
+        block = os.pread(fd, min(step, end - at), at)
         if not block:
             raise FormatError(f"tensor {t.name!r}: the file ends early")
         yield block
