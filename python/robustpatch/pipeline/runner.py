@@ -138,9 +138,10 @@ def _run_ray(
         ) from None
     started = not ray.is_initialized()
     if started:
+        new_instance = address is None and "RAY_ADDRESS" not in os.environ
         ray.init(
             address=address,
-            num_cpus=None if address else workers,
+            num_cpus=workers if new_instance else None,  # a cluster has its own
             log_to_driver=False,
             include_dashboard=False,
         )
