@@ -27,6 +27,7 @@ NAMES = [
     "similarity",
     "combine",
     "detect",
+    "batch",
     "demo",
     "onnx",
 ]

@@ -310,3 +310,16 @@ def test_inplace_is_refused_for_a_sharded_checkpoint(ckpt):
     with pytest.raises(InvalidArgumentError, match="inplace=True patches one safetensors file"):
         rp.apply_file(d / "base", sig, 1.0, inplace=True)
     assert listing(d / "base") == before
+
+
+def test_cli_reports_a_hostile_index_in_one_line_and_writes_nothing(ckpt, capsys):
+    d, _, _ = ckpt
+    index = hostile(d, lambda i: i["weight_map"].update({"embed.weight": "../fog.rws"}))
+    before = sorted(p.name for p in d.iterdir())
+    assert main(["apply", str(index), str(d / "fog.rws"), "-o", str(d / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"robustpatch: error: {index}: shard name '../fog.rws' is not a file name in its folder"
+    )
+    assert sorted(p.name for p in d.iterdir()) == before

@@ -34,7 +34,7 @@ from typing import Any
 
 from . import validate
 from ._format.safetensors import Header
-from ._format.shards import INDEX_SUFFIX, ShardedIndex, load_index
+from ._format.shards import INDEX_SUFFIX, ShardedIndex, is_sharded, load_index
 from ._format.undo import undo_path_for
 from ._io.atomic import _STARTED, _fsync_dir, _pid_alive
 from .errors import FormatError, InvalidArgumentError, MismatchError
@@ -58,15 +58,11 @@ APPLIED_KEY = "robustpatch.applied"
 
 
 def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes a patch of ``path`` reads: the file's size, or a sharded checkpoint's shards."""
-    from ._format.shards import find_index, is_sharded
-
+    """Bytes a patch of ``path`` reads: the file's size, or a sharded checkpoint's shards'
+    (its index validated: a bad one is the same one-line error a patch would give)."""
     if not is_sharded(path):
         return os.path.getsize(path)
-    index = find_index(path)
-    with open(index, "rb") as f:
-        shards = set(json.load(f).get("weight_map", {}).values())
-    return sum(os.path.getsize(index.parent / s) for s in shards if isinstance(s, str))
+    return sum(h.file_size for h in load_index(path).headers.values())
 
 
 # ---------------------------------------------------------------------------- apply

@@ -3,7 +3,6 @@ its output atomically (temp file + rename) through :mod:`robustpatch.files`."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from . import parser as cli_args
@@ -21,6 +20,7 @@ def _inplace_or_output(args: Any, target: str) -> None:
 def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
     """``apply_file`` of the model with the signatures at ``sign · α``; the report."""
     from ..files import apply_file, undo_path_for
+    from ..sharded import checkpoint_bytes
 
     _inplace_or_output(args, args.model)
     inplace = getattr(args, "inplace", False)
@@ -28,7 +28,7 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
     if not inplace:
         cli_args.check_outputs(args, [args.model, *args.signatures], outputs)
     alphas = [sign * a for a in cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")]
-    total = os.path.getsize(args.model)
+    total = checkpoint_bytes(args.model)  # a file, or a sharded checkpoint's shards
     with progress_bar(args, desc, total) as tick:
         rep = apply_file(
             args.model,
@@ -165,13 +165,14 @@ def run_remove(args: Any) -> None:
     robustpatch remove robust.safetensors -o original.safetensors
     """
     from ..files import remove_file, undo_path_for
+    from ..sharded import checkpoint_bytes
 
     _inplace_or_output(args, args.patched)
     undo = args.undo or undo_path_for(args.patched)
     if not args.inplace:
         inputs = [args.patched, undo, *(args.signature or ())]
         cli_args.check_outputs(args, inputs, [args.output])
-    total = os.path.getsize(args.patched)
+    total = checkpoint_bytes(args.patched)  # a file, or a sharded checkpoint's shards
     with progress_bar(args, "remove", total) as tick:
         rep = remove_file(
             args.patched,
