@@ -506,6 +506,19 @@ def test_cli_apply_check_remove_json(setup, capsys):
     assert sha(tmp / "back" / "m.onnx.data") == sha(tmp / "m.onnx.data")
 
 
+def test_cli_refuses_an_existing_output_without_overwrite(setup, capsys):
+    clean, sig, tmp = setup
+    src = save(model_proto(clean), tmp / "m.onnx")
+    sig.save(tmp / "fog.rws")
+    args = ["onnx", "apply", str(src), str(tmp / "fog.rws"), "-o", str(tmp / "p.onnx")]
+    assert main(args) == 0
+    before = sha(tmp / "p.onnx")
+    assert main([*args, "--alpha", "2"]) == 1
+    assert "already exists" in capsys.readouterr().err and sha(tmp / "p.onnx") == before
+    assert main([*args, "--alpha", "2", "--overwrite"]) == 0
+    assert sha(tmp / "p.onnx") != before
+
+
 def test_cli_refuses_a_hostile_model_in_one_line(setup, capsys):
     clean, sig, tmp = setup
     src = h_dotdot(tmp, clean)
