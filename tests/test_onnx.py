@@ -469,7 +469,8 @@ def test_apply_remove_session_never_import_torch(setup):
     sig.save(tmp / "fog.rws")
     code = f"""
 import sys, numpy as np
-import robustpatch.onnx as ro
+import robustpatch as rp
+ro = rp.onnx  # imported on first use
 import robustpatch.onnx.exporter, robustpatch.cli  # torch only when export is called
 d = {str(tmp)!r}
 ro.apply(d + "/m.onnx", d + "/fog.rws", 1.0, out=d + "/p.onnx")

@@ -57,3 +57,12 @@ __all__ = [
     "similarity",
     "subtract",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``rp.onnx`` on first use: ONNX support is an extra, kept out of ``import robustpatch``."""
+    if name == "onnx":
+        import importlib
+
+        return importlib.import_module(".onnx", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
