@@ -4,8 +4,10 @@ wide and range-checked in the engine, and the CLI's one-line refusals of the sam
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -213,6 +215,35 @@ def test_signature_entries_hold_the_validated_tensor(tmp_path):
         for e in s.deltas.values():
             assert isinstance(e.quant.tensor, _core.QuantTensor)
             assert e.delta() is e.quant.tensor
+
+
+def test_a_quant_tensor_pickles_by_value_and_is_validated_when_unpickled():
+    q = _core.quantize(np.arange(64, dtype=np.float32), 4, "log", 16)
+    back = pickle.loads(pickle.dumps(q))
+    assert (back.bits, back.scheme, back.group_len, back.numel) == (4, "log", 16, 64)
+    assert _core.dequantize(back).tobytes() == _core.dequantize(q).tobytes()
+    cls, parts = q.__reduce__()
+    bad = (parts[0], np.full(4, np.nan, np.float32), *parts[2:])
+    with pytest.raises(rp.errors.NonFiniteError):
+        pickle.loads(pickle.dumps(_Reduced(cls, bad)))
+
+
+class _Reduced:
+    """Pickles as ``cls(*parts)``: a QuantTensor pickle whose parts were tampered with."""
+
+    def __init__(self, cls, parts):
+        self.cls, self.parts = cls, parts
+
+    def __reduce__(self):
+        return self.cls, self.parts
+
+
+def test_a_quantized_signature_copies_and_pickles():
+    sig = rp.extract(*trio(0), layers="all").quantize(4)
+    for other in (copy.deepcopy(sig), pickle.loads(pickle.dumps(sig))):
+        assert other.content_hash == sig.content_hash
+    e = next(iter(sig.deltas.values()))
+    assert copy.copy(e.quant.tensor) is e.quant.tensor is copy.deepcopy(e.quant.tensor)
 
 
 # ---------------------------------------------------------------------------- hashes

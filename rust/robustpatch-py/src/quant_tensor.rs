@@ -9,6 +9,7 @@ use crate::errors::BindResult;
 use numpy::ndarray::ArrayView1;
 use numpy::{PyArray1, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 use robustpatch_core::args;
 use robustpatch_core::quant::{QuantView, Quantized};
 use robustpatch_core::Error;
@@ -144,6 +145,34 @@ impl QuantTensor {
     #[getter]
     fn nbytes(&self) -> usize {
         self.q.codes.len() + 4 * (self.q.scale.len() + self.q.offset.len())
+    }
+
+    /// Pickled as its parts and validated again when unpickled (the bytes may
+    /// come from anywhere).
+    #[allow(clippy::type_complexity)]
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> BindResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+        let q = &slf.get().q;
+        let parts = (
+            Self::codes(slf)?,
+            Self::scale(slf)?,
+            Self::offset(slf)?,
+            q.spec.bits,
+            q.spec.scheme.name(),
+            q.spec.group_len,
+            q.numel,
+        );
+        Ok((slf.get_type().into_any(), parts.into_pyobject(slf.py())?))
+    }
+
+    /// Immutable: a copy is the object itself.
+    fn __copy__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __deepcopy__<'py>(slf: Bound<'py, Self>, _memo: &Bound<'py, PyAny>) -> Bound<'py, Self> {
+        slf
     }
 
     fn __repr__(&self) -> String {
