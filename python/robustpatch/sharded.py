@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import validate
 from ._format.safetensors import Header
@@ -41,6 +41,9 @@ from .errors import FormatError, InvalidArgumentError, MismatchError
 from .signature import Signature, SignatureLike
 from .signature.algebra import terms
 from .targets import Alphas, check_plan, make_plan
+
+if TYPE_CHECKING:
+    from .files import FileReport
 
 __all__ = [
     "RECORD_NAME",
@@ -80,7 +83,7 @@ def apply_sharded(
     durable: bool = False,
     progress: Any = None,
     allow_nonfinite: bool = False,
-):
+) -> FileReport:
     """:func:`robustpatch.files.apply_file` for a sharded checkpoint (its index or its
     folder): ``out`` is the folder to write. Everything is checked (index, shards,
     signatures against the tensors) before anything is written."""
@@ -99,7 +102,8 @@ def apply_sharded(
             part = _part_for(pairs, index.tensors_of(shard))
             dst = tmp.path / shard
             if not part:
-                shards[shard] = _link_or_copy(index.shard_path(shard), dst, index.headers[shard])
+                header = index.headers[shard]
+                shards[shard] = _link_or_copy(index.shard_path(shard), dst, header, durable)
                 _tick(progress, index.headers[shard].file_size)
                 continue
             rep = apply_file(
@@ -114,7 +118,7 @@ def apply_sharded(
                 progress=progress,
                 allow_nonfinite=allow_nonfinite,
             )
-            shards[shard] = {"undo": undo_path_for(shard).name} if undo else {"patched": True}
+            shards[shard] = {"undo": undo_path_for(shard).name}
             written += rep.bytes_written
             elements += rep.record_elements
         new_index = _patched_index(index, pairs)
@@ -180,13 +184,23 @@ def _record(index: ShardedIndex, new_index: bytes, shards: dict[str, dict[str, A
     return (json.dumps(doc, indent=1) + "\n").encode()
 
 
-def _link_or_copy(src: Path, dst: Path, header: Header) -> dict[str, Any]:
+def _link_or_copy(src: Path, dst: Path, header: Header, durable: bool) -> dict[str, Any]:
     """Hard-link ``src`` at ``dst`` (copy where links are refused); what a removal checks."""
     try:
         os.link(src, dst)
     except OSError:  # another filesystem, or one without hard links
         shutil.copyfile(src, dst)
+        if durable:
+            _fsync_file(dst)
     return {"size": header.file_size, "header_sha256": _header_sha256(dst, header)}
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _header_sha256(path: Path, header: Header) -> str:
@@ -217,7 +231,7 @@ def remove_sharded(
     undo: str | os.PathLike[str] | None = None,
     durable: bool = False,
     progress: Any = None,
-):
+) -> FileReport:
     """:func:`robustpatch.files.remove_file` for a sharded checkpoint that
     :func:`apply_sharded` wrote: ``out`` (a folder) gets the source's index and shards,
     bit for bit. ``undo`` defaults to the folder's :data:`RECORD_NAME`."""
@@ -234,7 +248,7 @@ def remove_sharded(
             src, dst = index.shard_path(shard), tmp.path / shard
             if "undo" not in entry:
                 _check_untouched(src, index.headers[shard], entry)
-                _link_or_copy(src, dst, index.headers[shard])
+                _link_or_copy(src, dst, index.headers[shard], durable)
                 _tick(progress, entry["size"])
                 continue
             rep = remove_file(
