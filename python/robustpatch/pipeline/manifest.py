@@ -84,8 +84,7 @@ def jobs_from(doc: Any, root: str | os.PathLike[str] = ".") -> list[Job]:
     raw = top.get("jobs", [])
     if not isinstance(raw, list):
         raise InvalidArgumentError("'jobs' must be a list")
-    jobs = [_job({**defaults, **_mapping(j, f"job #{i + 1}", JOB_KEYS + OPTION_KEYS)}, root,
-                 f"job #{i + 1}") for i, j in enumerate(raw)]  # fmt: skip
+    jobs = [_listed_job(spec, f"job #{i + 1}", defaults, root) for i, spec in enumerate(raw)]
     if "grid" in top:
         jobs += _grid(_mapping(top["grid"], "grid", GRID_KEYS), defaults, root)
     check_jobs(jobs)
@@ -101,6 +100,11 @@ def _mapping(value: Any, what: str, allowed: tuple[str, ...]) -> Mapping[str, An
             f"{what}: unknown key {shown(unknown[0])} (expected {', '.join(allowed)})"
         )
     return value
+
+
+def _listed_job(spec: Any, what: str, defaults: Mapping[str, Any], root: Any) -> Job:
+    """A job of the ``jobs`` list: its keys over the defaults."""
+    return _job({**defaults, **_mapping(spec, what, JOB_KEYS + OPTION_KEYS)}, root, what)
 
 
 def _job(spec: Mapping[str, Any], root: Any, what: str) -> Job:
