@@ -110,11 +110,11 @@ def _sig_shape(plan: Plan, name: str) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------- the target
 
 
-class OnnxTarget(NumpyTarget):
-    """An ONNX model as a patch target: embedded initializers are numpy views into
-    ``onnx_bytes`` (patched in place), external ones go through ``file`` (a
-    :class:`FileTarget` streaming the data file into its output). ``watch`` sees the
-    embedded tensors as the FileTarget's watch sees its own."""
+class OnnxTarget:
+    """An ONNX model as a patch target: initializers embedded in the .onnx are numpy
+    views into ``onnx_bytes`` (``memory``, patched in place), those in the external data
+    file go through ``file`` (a :class:`FileTarget` streaming it into its output).
+    ``watch`` sees the embedded tensors as the FileTarget's watch sees its own."""
 
     def __init__(
         self,
@@ -124,6 +124,7 @@ class OnnxTarget(NumpyTarget):
         watch: Any = None,
     ) -> None:
         self.model, self.file, self.watch = model, file, watch
+        self._index = {name: k for k, name in enumerate(model.initializers)}
         spans = dict(raw_spans(onnx_bytes, model.path))
         views = {}
         for name, init in model.initializers.items():
@@ -131,59 +132,57 @@ class OnnxTarget(NumpyTarget):
             if init.file is None and span is not None and init.label is not None:
                 raw = np.frombuffer(onnx_bytes, np.uint8, span[1] - span[0], span[0])
                 views[name] = raw.view(NUMPY_OF_LABEL[init.label]).reshape(init.shape)
-        super().__init__(views)
+        self.memory = NumpyTarget(views)
 
-    def _external(self, name: str) -> bool:
-        return self.file is not None and self.model.initializers[name].file is not None
+    def _part(self, name: str) -> NumpyTarget:
+        """The target holding ``name``: the data file's stream, or the model's bytes."""
+        if self.file is not None and self.model.initializers[name].file is not None:
+            return self.file
+        return self.memory
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         return self.model.spec(name)
 
     def address(self, name: str) -> int:
-        return list(self.model.initializers).index(name)  # initializers never share bytes
+        return self._index[name]  # initializers never share bytes
 
     def check_writable(self, name: str) -> None:
         """The outputs are new files: always writable."""
 
     def visit(self, names: Sequence[str]) -> Iterator[str]:
         wanted = set(names)
-        for name in (n for n in self.arrays if n in wanted):
+        arrays = self.memory.arrays
+        for name in (n for n in arrays if n in wanted):
             info = _info(self.model, name)
             if self.watch is not None:
-                self.watch.loaded(info, self.arrays[name])
+                self.watch.loaded(info, arrays[name])
             yield name
             if self.watch is not None:
-                self.watch.finished(info, self.arrays[name])
+                self.watch.finished(info, arrays[name])
         if self.file is not None:
-            yield from self.file.visit([n for n in names if self._external(n)])
+            yield from self.file.visit([n for n in names if self._part(n) is self.file])
 
-    def add(self, name, deltas, alphas, record):
-        if self._external(name):
-            return self.file.add(name, deltas, alphas, record)
-        return super().add(name, deltas, alphas, record)
+    def add(
+        self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: bool
+    ) -> tuple[Any, int]:
+        return self._part(name).add(name, deltas, alphas, record)
 
-    def subtract(self, name, deltas, alphas, record):
-        if self._external(name):
-            return self.file.subtract(name, deltas, alphas, record)
-        return super().subtract(name, deltas, alphas, record)
+    def subtract(
+        self, name: str, deltas: Sequence[Any], alphas: Sequence[float], record: Any
+    ) -> tuple[int, int]:
+        return self._part(name).subtract(name, deltas, alphas, record)
 
     def snapshot(self, name: str) -> np.ndarray:
-        return self.file.snapshot(name) if self._external(name) else super().snapshot(name)
+        return self._part(name).snapshot(name)
 
     def restore(self, name: str, snap: np.ndarray) -> None:
-        if self._external(name):
-            self.file.restore(name, snap)
-        else:
-            super().restore(name, snap)
+        self._part(name).restore(name, snap)
 
     def read_values(self, name: str) -> np.ndarray:
-        return self.file.read_values(name) if self._external(name) else super().read_values(name)
+        return self._part(name).read_values(name)
 
     def write_values(self, name: str, x: np.ndarray) -> None:
-        if self._external(name):
-            self.file.write_values(name, x)
-        else:
-            super().write_values(name, x)
+        self._part(name).write_values(name, x)
 
 
 def _info(model: OnnxModel, name: str) -> TensorInfo:

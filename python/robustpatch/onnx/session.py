@@ -67,14 +67,14 @@ def session(
     patched = bytearray(m.data)
     target = OnnxTarget(m, patched, None)
     external = {init.name: _external_array(m, init) for init in m.external}
-    target.arrays.update(external)
+    target.memory.arrays.update(external)
     patch_target(target, plan, None, allow_nonfinite)
     opts = sess_options if sess_options is not None else ort.SessionOptions()
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
     if values:
         opts.add_external_initializers(list(external), values)
     sess = ort.InferenceSession(bytes(patched), opts, providers=list(providers or _CPU))
-    sess.patched_initializers = {name: target.arrays[name] for name in plan.names}
+    sess.patched_initializers = {name: target.memory.arrays[name] for name in plan.names}
     sess.external_ortvalues = values  # onnxruntime reads these buffers while it lives
     return sess
 
