@@ -57,8 +57,8 @@ def session(
     """An ``onnxruntime.InferenceSession`` of ``model`` with ``Σ α_k·sig_k`` added to its
     initializers, checked like :func:`robustpatch.onnx.apply`; the file is not changed
     (the model and its external data are held in memory, as onnxruntime holds them).
-    ``providers`` default to the CPU; ``sess_options`` (a
-    ``SessionOptions``) gets the patched initializers added. The session's
+    ``providers`` default to the CPU; ``sess_options`` (threads, optimization level...)
+    gets the external tensors added, so give each session its own. The session's
     ``patched_initializers`` maps each patched name to its array."""
     ort = _ort()
     m = load(model)
