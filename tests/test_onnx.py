@@ -448,6 +448,22 @@ def test_hostile_model_is_refused_and_nothing_is_written(setup, make):
     assert list((tmp / "out").iterdir()) == []
 
 
+def test_a_data_file_swapped_after_the_checks_is_refused(setup):
+    """Between validation and use, the data file's path now names another file (e.g. a
+    symlink pointing out of the folder): the file opened must be the one checked."""
+    from robustpatch.onnx.model import load
+
+    clean, sig, tmp = setup
+    src = save(model_proto(clean), tmp / "src" / "m.onnx", external=True)
+    m = load(src)
+    data = tmp / "src" / "m.onnx.data"
+    (tmp / "outside.bin").write_bytes(data.read_bytes())
+    data.unlink()
+    data.symlink_to(tmp / "outside.bin")
+    with pytest.raises(FormatError, match="changed meanwhile"):
+        m.open_data()
+
+
 def test_hostile_patched_model_is_refused_by_remove(setup):
     clean, sig, tmp = setup
     src = save(model_proto(clean), tmp / "src" / "m.onnx", external=True)

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from .. import validate
 from .._io.inputs import open_input
 from .._io.ranged import pread_into
 from ..dtypes import NUMPY_OF_LABEL
-from ..errors import FormatError, InvalidArgumentError
+from ..errors import FormatError, InvalidArgumentError, MismatchError
 
 __all__ = ["Initializer", "OnnxModel", "load", "relocated", "raw_spans", "import_onnx"]
 
@@ -93,10 +93,22 @@ class OnnxModel:
     proto: Any
     initializers: dict[str, Initializer]
     location: str | None  # the one external data file (relative), if any
+    data_id: tuple[int, int, int] | None = None  # its (device, inode, size) when checked
 
     @property
     def data_path(self) -> Path | None:
         return None if self.location is None else self.path.parent / self.location
+
+    def open_data(self) -> BinaryIO:
+        """The external data file, open for reading: the very file that was checked (a
+        path swapped since, e.g. for a symlink out of the folder, is refused)."""
+        assert self.data_path is not None
+        f = open_input(self.data_path)
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino, st.st_size) != self.data_id:
+            f.close()
+            raise FormatError(f"{self.path}: external data {self.location!r} changed meanwhile")
+        return f
 
     @property
     def external(self) -> list[Initializer]:
@@ -112,12 +124,14 @@ class OnnxModel:
     def read(self, name: str) -> np.ndarray:
         """A writable copy of one initializer's values."""
         init = self.initializers[name]
-        arr = np.empty(init.shape, NUMPY_OF_LABEL[init.label or "U8"])
+        if init.label is None:
+            raise MismatchError(f"{self.path}: initializer {name!r} has no fixed-size dtype")
+        arr = np.empty(init.shape, NUMPY_OF_LABEL[init.label])
         view = memoryview(arr.reshape(-1).view(np.uint8))
         if init.file is None:
             view[:] = self.data[init.begin : init.end]
             return arr
-        with open_input(self.path.parent / init.file) as f:
+        with self.open_data() as f:
             if pread_into(f.fileno(), view, init.begin) != init.end - init.begin:
                 raise FormatError(f"{self.path}: tensor {init.name!r}: its data file ends early")
         return arr
@@ -258,11 +272,13 @@ def _check_external(model: OnnxModel) -> None:
         raise FormatError(f"{where} resolves outside the model's folder (to {target})")
     try:
         with open_input(model.path.parent / model.location) as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
     except FileNotFoundError:
         raise FormatError(f"{where} does not exist") from None
     except InvalidArgumentError as e:
         raise FormatError(f"{where}: {e}") from None
+    size = st.st_size
+    model.data_id = (st.st_dev, st.st_ino, size)
     end = 0
     for init in model.external:
         if init.end > size:

@@ -192,9 +192,8 @@ def _info(model: OnnxModel, name: str) -> TensorInfo:
 
 def _data_header(model: OnnxModel) -> Header:
     """The external data file as a header-less safetensors file (offsets from byte 0)."""
-    assert model.data_path is not None
-    size = os.stat(model.data_path).st_size
-    return Header({}, [_info(model, i.name) for i in model.external], 0, size)
+    assert model.data_id is not None
+    return Header({}, [_info(model, i.name) for i in model.external], 0, model.data_id[2])
 
 
 class _Infos:
@@ -281,7 +280,7 @@ def _data_source(m: OnnxModel) -> Iterator[BinaryIO | None]:
     if m.data_path is None:
         yield None
         return
-    with open_input(m.data_path) as f:
+    with m.open_data() as f:
         yield f
 
 
