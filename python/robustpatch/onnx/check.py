@@ -26,7 +26,7 @@ def check(model: str | os.PathLike[str], signatures: Sequence[Any] = ()) -> dict
         "file": str(m.path),
         "initializers": len(m.initializers),
         "external_data": m.location,
-        "bytes": len(m.data) + (os.stat(m.data_path).st_size if m.data_path else 0),
+        "bytes": len(m.data) + (m.data_id[2] if m.data_id else 0),
         "applied": _applied(m.path, m.data),
     }
     if signatures:
