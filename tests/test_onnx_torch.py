@@ -22,8 +22,14 @@ import robustpatch.onnx as ro  # noqa: E402
 from robustpatch.cli import main  # noqa: E402
 from robustpatch.errors import InvalidArgumentError, MismatchError  # noqa: E402
 from robustpatch.lab.models import SmallCNN  # noqa: E402
+from robustpatch.onnx.exporter import has_dynamo_export  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [
+    pytest.mark.torch,
+    pytest.mark.skipif(
+        not has_dynamo_export(), reason="torch.onnx.export(dynamo=True): torch >= 2.6"
+    ),
+]
 
 
 def _perturbed(state: dict, gen: torch.Generator, scale: float, prefix: str = "") -> dict:
@@ -137,3 +143,13 @@ def test_cli_export_writes_a_static_int8_variant(models, tmp_path, capsys):
     assert rep["variant"] == "int8" and rep["batch"] == 64
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert "QuantizeLinear" in ops
+
+
+def test_export_on_a_torch_without_the_dynamo_exporter_says_what_it_needs(
+    models, tmp_path, monkeypatch
+):
+    model, sig, x = models
+    monkeypatch.setattr(torch.onnx, "export", lambda model, args, f=None: None)
+    with pytest.raises(InvalidArgumentError, match=r"torch >= 2\.6"):
+        ro.export(model, x, tmp_path / "v.onnx")
+    assert list(tmp_path.iterdir()) == []

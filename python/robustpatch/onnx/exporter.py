@@ -15,6 +15,7 @@ tolerance is refused (MismatchError) and nothing is written.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import re
@@ -35,7 +36,7 @@ from ..targets import apply as apply_signatures
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TOLERANCES", "export", "export_checkpoint"]
+__all__ = ["TOLERANCES", "export", "export_checkpoint", "has_dynamo_export"]
 
 #: Default (max abs error relative to the largest |output|, min top-1 agreement) per
 #: variant: f32 differs from torch only by the order of float sums, f16 by 11-bit
@@ -105,10 +106,27 @@ def _variant(dtype: str, int8: Any) -> str:
     return "int8" if int8 else dtype
 
 
+#: Keywords of ``torch.onnx.export`` the export needs (torch 2.6 and newer).
+EXPORT_KEYWORDS = ("dynamo", "optimize", "dynamic_shapes")
+
+
+def has_dynamo_export() -> bool:
+    """Whether this torch's ``torch.onnx.export`` takes :data:`EXPORT_KEYWORDS`."""
+    import torch
+
+    params = inspect.signature(torch.onnx.export).parameters
+    return all(k in params for k in EXPORT_KEYWORDS)
+
+
 def _exported(model: torch.nn.Module, example: torch.Tensor) -> Any:
     """torch's ONNX export with a dynamic batch dimension (BatchNorm folded)."""
     import torch
 
+    if not has_dynamo_export():
+        raise InvalidArgumentError(
+            f"rp.onnx.export needs torch >= 2.6 (torch.onnx.export with {EXPORT_KEYWORDS}); "
+            f"this is torch {torch.__version__}"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

@@ -53,8 +53,8 @@ __all__ = ["OnnxReport", "apply", "remove", "check_fits", "FOLDING_HINT", "data_
 #: How to export a model whose BatchNorm layers keep their own initializers.
 FOLDING_HINT = (
     "was a BatchNorm folded into a convolution at export? export without folding: "
-    "torch.onnx.export(model, args, path, optimize=False), and apply the signature to "
-    "that file (rp.onnx.export patches in torch and folds afterwards)"
+    "torch.onnx.export(model, args, path, optimize=False) (torch >= 2.6), and apply the "
+    "signature to that file (rp.onnx.export patches in torch and folds afterwards)"
 )
 
 
