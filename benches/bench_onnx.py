@@ -23,7 +23,8 @@ onnxruntime on CPU, file size (and base model + signature file), latency per ima
 (batch 1, one thread, median) and the max abs logit error against torch on the clean
 test set. Last, switching signatures on a device: ``rp.onnx.session`` against
 ``rp.onnx.apply`` + a session on the written file (and a plain session of the base
-model as the floor), median of ``--repeat``.
+model as the floor), median of ``--repeat``, on the demo's models and on a wider
+untrained SmallCNN with a synthetic signature (``--large-widths``: how it scales).
 
 Output: benches/results/onnx.json and benches/results/onnx.md (a Markdown table).
 Run:  python benches/bench_onnx.py [--quick] [--threads 1]
@@ -259,11 +260,11 @@ def variants(
     return rows
 
 
-def switching(base: Path, arms: dict[str, Any], work: Path, repeat: int) -> list[dict[str, Any]]:
-    """Seconds to get a patched session: at load time vs rewriting the file first."""
+def switching(cases: list[tuple[str, Path, Any]], work: Path, repeat: int) -> list[dict]:
+    """Seconds to get a patched session of each (label, base model, signatures): at load
+    time vs rewriting the file first, and a plain session of the base model."""
     rows = []
-    for name, arm in arms.items():
-        sig = arm["sigs"]
+    for label, base, sig in cases:
         times: dict[str, list[float]] = {
             "plain session": [],
             "rp.onnx.session": [],
@@ -280,8 +281,26 @@ def switching(base: Path, arms: dict[str, Any], work: Path, repeat: int) -> list
             out = ro.apply(base, sig, [1.0], out=work / f"switch{k}.onnx").out
             ort_session(out)
             times["apply + session"].append(time.perf_counter() - t)
-        rows.append({"signature": name} | {k: statistics.median(v) for k, v in times.items()})
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"signature": label, "model_bytes": files_size(base)} | medians)
     return rows
+
+
+def large_case(work: Path, widths: tuple[int, ...]) -> tuple[str, Path, Any]:
+    """A wider SmallCNN (untrained) and a synthetic 4-bit signature over its first stage:
+    how switching scales with the model's size."""
+    model = models.SmallCNN(num_classes=10, widths=widths, seed=0).eval()
+    base = export_unfolded(model, work / "large.onnx")
+    state = X.state_arrays(model)
+    rng = np.random.default_rng(0)
+    first = ("features.0.", "features.1.", "features.3.", "features.4.")
+    deltas = {
+        k: rng.normal(0, 1e-3, v.shape).astype(np.float32)
+        for k, v in state.items()
+        if k.startswith(first) and v.dtype == np.float32 and "running" not in k
+    }
+    sig = rp.Signature.from_deltas(deltas, name="synthetic").quantize(bits=4)
+    return f"synthetic (widths {'/'.join(map(str, widths))})", base, [sig]
 
 
 # ---------------------------------------------------------------------------- report
@@ -311,14 +330,15 @@ def markdown(result: dict[str, Any]) -> str:
     )
     lines += [
         "",
-        "| signature | plain session | rp.onnx.session | apply + session |",
-        "|---|---|---|---|",
+        "| signature | model files | plain session | rp.onnx.session | apply + session |",
+        "|---|---|---|---|---|",
     ]
     for s in result["switching"]:
         cells = [
             f"{1e3 * s[k]:.1f} ms" for k in ("plain session", "rp.onnx.session", "apply + session")
         ]
-        lines.append(f"| {s['signature']} | " + " | ".join(cells) + " |")
+        size = f"{s['model_bytes'] / 2**20:.2f} MiB"
+        lines.append(f"| {s['signature']} | {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -328,6 +348,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for training")
     ap.add_argument("--latency-runs", type=int, default=None, help="timed single-image runs")
     ap.add_argument("--repeat", type=int, default=5, help="switching timings: runs per signature")
+    ap.add_argument(
+        "--large-widths",
+        type=int,
+        nargs=3,
+        default=[128, 256, 512],
+        help="stage widths of the larger (untrained) SmallCNN of the switching timings",
+    )
     ap.add_argument("--out", default=str(RESULTS / "onnx.json"))
     args = ap.parse_args()
     args.latency_runs = args.latency_runs or (30 if args.quick else 200)
@@ -342,7 +369,9 @@ def main() -> None:
         rows = variants("clean", None, data, work, base, args)
         for name, arm in data["arms"].items():
             rows += variants(name, arm, data, work, base, args)
-        switch = switching(base, data["arms"], work, args.repeat)
+        cases = [(name, base, arm["sigs"]) for name, arm in data["arms"].items()]
+        cases.append(large_case(work, tuple(args.large_widths)))
+        switch = switching(cases, work, args.repeat)
     result = {
         "note": "noisy, shared machine" if os.cpu_count() and os.cpu_count() <= 2 else "",
         "size": "quick" if args.quick else "demo quick config",
