@@ -213,36 +213,48 @@ def _cli(*argv: object) -> subprocess.Popen:
     )
 
 
-def _journal_window(model: Path, sig: Path) -> tuple[float, float]:
-    """(seconds until the journal appears, seconds to finish) of one in-place apply."""
-    t0, first = time.perf_counter(), None
-    proc = _cli("apply", model, sig, "--inplace")
+def _journal_lifetime(model: Path, sig: Path) -> float:
+    """Seconds the journal of one in-place apply exists."""
+    proc, seen = _cli("apply", model, sig, "--inplace"), None
     while proc.poll() is None:
-        if first is None and journal_path_for(model).exists():
-            first = time.perf_counter() - t0
+        if seen is None and journal_path_for(model).exists():
+            seen = time.perf_counter()
         time.sleep(0.001)
     assert proc.returncode == 0, proc.stderr.read()
-    return first if first is not None else 0.0, time.perf_counter() - t0
+    return time.perf_counter() - seen if seen is not None else 0.05
+
+
+def _kill_at_random(model: Path, sig: Path, rng: random.Random, lifetime: float) -> None:
+    """Start an in-place apply and SIGKILL it: one time in five at a random moment
+    before its journal appears, else at a random moment of the journal's lifetime
+    (measured from its appearance, so a loaded machine's start-up drift cannot move
+    every kill out of the window)."""
+    proc = _cli("apply", model, sig, "--inplace")
+    if rng.random() < 0.2:
+        time.sleep(rng.uniform(0, 0.3))
+    else:
+        while proc.poll() is None and not journal_path_for(model).exists():
+            time.sleep(0.0005)
+        time.sleep(rng.uniform(0, lifetime))
+    proc.kill()
+    proc.wait()
 
 
 def test_sigkill_at_random_moments_leaves_the_original_or_the_patched_model(tmp_path):
-    """Kills land uniformly over the in-place run (seeded) until 5 have hit it while its
-    journal existed (up to 60 trials): recovery must give the original model (and no
-    record) or the patched one with a record that removes it exactly."""
+    """Kills land at random moments of in-place runs (seeded) until 5 have hit one while
+    its journal existed (up to 60 trials): recovery must give the original model (and
+    no record) or the patched one with a record that removes it exactly."""
     model, sig = tmp_path / "m.safetensors", tmp_path / "s.rws"
     write_signature(sig, write_model(model, 24, shape=(512, 512)), every=2, bits=None)
     original = sha(model)
     apply_file(model, sig, 1.0, tmp_path / "ref.safetensors")
     patched = data(tmp_path / "ref.safetensors")
-    start, duration = _journal_window(model, sig)
+    lifetime = _journal_lifetime(model, sig)
     remove_file(model, inplace=True)
     assert sha(model) == original
     rng, mid, outcomes = random.Random(19), 0, set()
     for _ in range(60):
-        proc = _cli("apply", model, sig, "--inplace")
-        time.sleep(rng.uniform(start * 0.9, duration))
-        proc.kill()
-        proc.wait()
+        _kill_at_random(model, sig, rng, lifetime)
         mid += journal_path_for(model).exists()
         outcomes.add(recover(model))
         if undo_path_for(model).exists():

@@ -205,3 +205,24 @@ def test_a_full_model_task_vector_is_applied_and_removed_near_one_tensor(tmp_pat
     assert sig_mib > 127
     for what, p in (("apply", grew), ("remove", back)):
         assert p - base < 0.4 * sig_mib, (what, p, base)  # loaded whole: over sig_mib
+
+
+def test_a_record_with_sha256_digests_from_before_still_restores_exactly(pair):
+    """Records written before BLAKE3 hold sha256 digests: each is checked with its own."""
+    from robustpatch._format.safetensors import read_tensors, write_tensors
+    from robustpatch._format.undo import UNDO_KEY, digest, record_digest
+
+    src, out = pair / "m.safetensors", pair / "p.safetensors"
+    apply_file(src, pair / "tv.rws", 1.0, out, embed_signature=True)
+    header, tensors = read_tensors(undo_path_for(out))
+    meta = json.loads(header.metadata[UNDO_KEY])
+    originals = read_tensors(src)[1]
+    for e in meta["tensors"]:
+        e["digest"] = digest(originals[e["name"]], "sha256")
+    meta["source_header_digest"] = digest(tensors["header"].tobytes(), "sha256")
+    meta["record_digest"] = record_digest(meta, tensors)
+    labels = {k: "U16" for k, a in tensors.items() if a.dtype == np.uint16}
+    write_tensors(undo_path_for(out), tensors, {UNDO_KEY: json.dumps(meta)}, labels)
+    assert read_record(undo_path_for(out)).tensors[0].digest.startswith("sha256:")
+    remove_file(out, pair / "r.safetensors")
+    assert sha(pair / "r.safetensors") == sha(src)

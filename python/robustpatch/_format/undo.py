@@ -13,11 +13,11 @@ Three checks then run, in this order. The record's own digest (``record_digest``
 over its tensors and its metadata without that field) is verified before anything is
 used, so a damaged or edited record is a FormatError. The CRC-32 ``checksum`` of each
 patched tensor is verified as the patched file is read (it changed since: MismatchError).
-The sha256 ``digest`` of each original tensor (and ``source_header_digest`` of the
-original header) is verified on the restored bytes before they are written, so a
-record that does not restore the source is a MismatchError naming the tensor, and
-nothing is renamed into place. A digest detects damage and edits; it is not a
-signature: whoever rewrites a record can recompute it.
+The ``digest`` of each original tensor (and ``source_header_digest`` of the original
+header; BLAKE3, or sha256 in records written before) is verified on the restored bytes
+before they are written, so a record that does not restore the source is a
+MismatchError naming the tensor, and nothing is renamed into place. A digest detects
+damage and edits; it is not a signature: whoever rewrites a record can recompute it.
 
 Records of format version 1 (before these digests) are still read and removed: they
 carry no digest, so only their CRCs are verified (the patched tensors), not the
@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .. import validate
+from .. import _core, validate
 from .._io.atomic import AtomicFile
 from .._io.inputs import open_input
 from .._io.ranged import pwrite_all, start_writeback
@@ -81,7 +81,7 @@ KINDS = ("delta", "bn")
 _MAX_SIZE = (1 << 63) - 1
 _CHECKSUM = re.compile(r"crc32:[0-9a-f]{8}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_DIGEST = re.compile(r"(sha256|blake3):[0-9a-f]{64}")
 _SUM_WIDTH = "crc32:00000000"  # a checksum's width, for the header bound
 _DIGEST_WIDTH = "sha256:" + "0" * 64
 #: Bytes of a record hashed per read when its digest is verified.
@@ -99,11 +99,15 @@ def checksum(arr: np.ndarray) -> str:
     return f"crc32:{zlib.crc32(data):08x}"
 
 
-def digest(data: np.ndarray | bytes) -> str:
-    """sha256 of a tensor's (or a header's) bytes: what a restore must reproduce."""
-    if isinstance(data, np.ndarray):
-        data = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def digest(data: np.ndarray | bytes, algorithm: str = "blake3") -> str:
+    """Hash of a tensor's (or a header's) bytes: what a restore must reproduce. New
+    records use BLAKE3 (the engine's, parallel); records written before hold sha256."""
+    raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if algorithm == "sha256":
+        return "sha256:" + hashlib.sha256(memoryview(raw)).hexdigest()
+    h = _core.Blake3()
+    h.update(np.frombuffer(raw, np.uint8) if isinstance(raw, bytes) else raw)
+    return "blake3:" + h.hexdigest()
 
 
 class _RecordHasher:
@@ -483,7 +487,7 @@ class UndoSidecar:
 
     def check_restored(self, what: str, expected: str | None, data: np.ndarray | bytes) -> None:
         """Restored bytes match the original's digest (a version 1 record has none)."""
-        if expected is not None and digest(data) != expected:
+        if expected is not None and digest(data, expected.split(":", 1)[0]) != expected:
             raise MismatchError(
                 f"{self.path}: {what} differs from the original's digest after restoring: "
                 "the record does not restore this file"
