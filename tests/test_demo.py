@@ -26,9 +26,7 @@ def tiny_run(tmp_path_factory):
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors: one thread is faster on a shared machine
     try:
-        # The tiny robustifier comparison too: the demo report carries its table.
-        config = dataclasses.replace(demo.DemoConfig.tiny(), robustifiers="tiny")
-        results = demo.run(out, log=lambda _m: None, config=config)
+        results = demo.run(out, log=lambda _m: None, config=demo.DemoConfig.tiny())
     finally:
         torch.set_num_threads(old)
     return out, results
@@ -60,9 +58,6 @@ def test_report_files_are_written(tiny_run):
     assert "### Claim 2 across fine-tune seeds [0, 1]" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
     assert "## 1. Claims" in report and "BN-only" in report
-    rows = saved["robustifiers"]["rows"]
-    assert len(rows) == 5 and ". Robustifiers compared (lab.robustifiers)" in report
-    assert (out / "robustifiers" / "comparison.json").stat().st_size > 0
     for c in saved["claims"]:
         assert f"- **{c['id']}** ({c['verdict']}): " in report
     # The BN-only baseline is always there, per corruption and severity.
@@ -74,6 +69,45 @@ def test_report_files_are_written(tiny_run):
     # The CLI's summary lines read these keys.
     s = results["summary"][0]
     assert {"clean", "bn_reestimation_only", "robust"} <= set(s["mean"]) and s["recovered"]
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_report_carries_the_robustifier_comparison(tiny_run, tmp_path):
+    """A tiny comparison (``ComparisonConfig.tiny()``, recorded once) in the results: the
+    report gets its table as the last numbered section."""
+    from robustpatch.lab import demo
+
+    comparison = json.loads((FIXTURES / "robustifiers_comparison_tiny.json").read_text())
+    results = dict(tiny_run[1], robustifiers=comparison)
+    demo.write_report(tmp_path, results)
+    report = (tmp_path / "report.md").read_text()
+    last = re.findall(r"^## (\d+)\. (.*)$", report, flags=re.M)[-1]
+    assert last[1] == "Robustifiers compared (lab.robustifiers)"
+    section = report.split(f"## {last[0]}. {last[1]}")[1]
+    for row in comparison["rows"].values():
+        assert f"| {row['method']} | " in section
+
+
+def test_demo_runs_the_comparison_at_its_configured_size(tmp_path, monkeypatch):
+    from robustpatch.lab import robustifiers as R
+    from robustpatch.lab.demo import config as demo_config
+    from robustpatch.lab.demo import runner
+
+    seen = []
+    monkeypatch.setattr(R, "compare_methods", lambda cfg, **kw: seen.append((cfg, kw)) or {})
+
+    def ctx(size):
+        cfg = dataclasses.replace(demo_config.DemoConfig.tiny(), robustifiers=size)
+        return runner._Run(cfg, torch.device("cpu"), tmp_path, runner._Progress(1, False, print))
+
+    runner._compare_robustifiers(ctx("tiny"))
+    runner._compare_robustifiers(ctx("default"))
+    assert seen[0][0] == R.ComparisonConfig.tiny() and seen[1][0] == R.ComparisonConfig()
+    assert seen[0][1]["out"] == tmp_path / "robustifiers"
+    with pytest.raises(ValueError, match="'tiny', 'default' or None"):
+        runner._compare_robustifiers(ctx("huge"))
 
 
 def test_weak_claim_2_shallow_patch_helps(tiny_run):
