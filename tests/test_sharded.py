@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +325,43 @@ def test_cli_reports_a_hostile_index_in_one_line_and_writes_nothing(ckpt, capsys
         == f"robustpatch: error: {index}: shard name '../fog.rws' is not a file name in its folder"
     )
     assert sorted(p.name for p in d.iterdir()) == before
+
+
+MEMORY_CHILD = r"""
+import json, sys
+from pathlib import Path
+from robustpatch.files import apply_file
+def peak_mib():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+d = Path(sys.argv[1])
+baseline = peak_mib()
+apply_file(d / "ckpt", [d / "tv.rws"], 1.0, d / "out")
+print(json.dumps({"baseline": baseline, "peak": peak_mib()}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_a_dense_task_vector_is_streamed_shard_by_shard(tmp_path):
+    """A full-model dense signature file (64 MiB over 8 shards) is never held whole: the
+    patch's peak memory stays under half of it (loaded, it would take all of it)."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "ckpt").mkdir()
+    weight_map, deltas = {}, {}
+    for k in range(8):
+        shard = shard_name(k, 8)
+        tensors = {
+            f"l{k}.{i}.weight": rng.normal(size=(512, 1024)).astype(np.float32) for i in range(4)
+        }
+        write_tensors(tmp_path / "ckpt" / shard, tensors)
+        weight_map.update(dict.fromkeys(tensors, shard))
+        deltas.update({n: rng.normal(0, 0.01, (512, 1024)).astype(np.float32) for n in tensors})
+    (tmp_path / "ckpt" / INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    rp.Signature.from_deltas(deltas, name="tv").save(tmp_path / "tv.rws")
+    sig_mib = sum(a.nbytes for a in deltas.values()) / (1 << 20)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["peak"] - got["baseline"] < sig_mib / 2, (got, sig_mib)

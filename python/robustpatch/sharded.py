@@ -15,6 +15,12 @@ or (linked shards) its size and header sha256. :func:`remove_sharded` restores e
 shard bit for bit from it. Other files of the source folder (config, tokenizer) are
 not carried over.
 
+Signature files are opened for streaming (:mod:`robustpatch.signature.streamed`): a
+dense task vector stays in its file, memory-mapped, and each shard reads only its
+tensors' part, whose pages are dropped once the shard is written; memory stays near one
+shard's part of the signatures, not all of them. Each patched shard's undo record embeds
+the part of the signatures it used.
+
 A linked shard shares its bytes with the source: modifying one in place modifies both.
 """
 
@@ -40,6 +46,7 @@ from ._io.atomic import _STARTED, _fsync_dir, _pid_alive
 from .errors import FormatError, InvalidArgumentError, MismatchError
 from .signature import Signature, SignatureLike
 from .signature.algebra import terms
+from .signature.streamed import StreamedSignature, open_signature
 from .targets import Alphas, check_plan, make_plan
 
 if TYPE_CHECKING:
@@ -91,7 +98,7 @@ def apply_sharded(
 
     index = load_index(validate.path(src, "src"))
     out = _out_folder(out, "apply_file")
-    pairs = terms(sigs, alphas)
+    pairs = terms(_opened(sigs), alphas)
     plan = make_plan([s for s, _ in pairs], [a for _, a in pairs])
     check_plan(plan, _spec_across(index), force, allow_dtype_change=allow_dtype_change)
     _check_out_folder(out, [index.folder, *_sig_paths(sigs)])
@@ -118,6 +125,7 @@ def apply_sharded(
                 progress=progress,
                 allow_nonfinite=allow_nonfinite,
             )
+            _release(pairs, index.tensors_of(shard))
             shards[shard] = {"undo": undo_path_for(shard).name}
             written += rep.bytes_written
             elements += rep.record_elements
@@ -151,6 +159,21 @@ def _part_for(pairs: list[tuple[Signature, float]], names: set[str]):
         if mine:
             part.append((sig.select(mine), a))
     return part
+
+
+def _opened(sigs: Any) -> list[Any]:
+    """The signatures, files opened for streaming: a dense task vector stays in its file
+    (memory-mapped, verified in one streamed pass) and is read shard by shard."""
+    many = sigs if isinstance(sigs, Sequence) and not isinstance(sigs, str) else [sigs]
+    return [open_signature(s) if isinstance(s, (str, os.PathLike)) else s for s in many]
+
+
+def _release(pairs: list[tuple[Signature, float]], names: set[str]) -> None:
+    """Drop the pages of the streamed entries a shard has used."""
+    for sig, _ in pairs:
+        if isinstance(sig, StreamedSignature):
+            for name in names & sig.entries.keys():
+                sig.release(name)
 
 
 def _sig_paths(sigs: Any) -> list[Path]:
