@@ -309,3 +309,11 @@ def test_a_failing_ray_task_is_reported_and_the_others_finish(tmp_path, ray_loca
     lines = pipeline.run(pipeline.load_manifest(write_manifest(tmp_path, doc)), executor="ray")
     assert [ln["status"] for ln in lines].count("failed") == 2
     assert [ln["status"] for ln in lines].count("done") == 4
+
+
+def test_the_ray_executor_without_ray_says_which_extra_to_install(tmp_path, monkeypatch):
+    jobs = pipeline.load_manifest(write_manifest(tmp_path, make_fleet(tmp_path)))
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(InvalidArgumentError, match=r"pip install 'robustpatch\[ray\]'"):
+        pipeline.run(jobs, executor="ray")
+    assert not (tmp_path / "out").exists()
