@@ -28,7 +28,8 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
     if not inplace:
         cli_args.check_outputs(args, [args.model, *args.signatures], outputs)
     alphas = [sign * a for a in cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")]
-    total = checkpoint_bytes(args.model)  # a file, or a sharded checkpoint's shards
+    # a file, a sharded checkpoint's shards; in place: the touched bytes (not known yet)
+    total = None if inplace else checkpoint_bytes(args.model)
     with progress_bar(args, desc, total) as tick:
         rep = apply_file(
             args.model,
@@ -172,7 +173,8 @@ def run_remove(args: Any) -> None:
     if not args.inplace:
         inputs = [args.patched, undo, *(args.signature or ())]
         cli_args.check_outputs(args, inputs, [args.output])
-    total = checkpoint_bytes(args.patched)  # a file, or a sharded checkpoint's shards
+    # a file, a sharded checkpoint's shards; in place: the touched bytes (not known yet)
+    total = None if args.inplace else checkpoint_bytes(args.patched)
     with progress_bar(args, "remove", total) as tick:
         rep = remove_file(
             args.patched,
