@@ -14,7 +14,8 @@ own venv (``--mergekit``, default /tmp/mk-venv/bin/mergekit-yaml). Our outputs c
 an undo record each; mergekit's none.
 
 Part 2 (sharded). A bf16 checkpoint of ``--shards`` shards (``--shard-gib`` GiB in all)
-and a 4-bit signature touching tensors of the first and the last shard only; in fresh
+and a 4-bit signature on its leading ``--touch`` share of tensors (0.12, the paper's
+shallow patch: only the first shard is touched); in fresh
 subprocesses: ``apply_file`` of its index into a folder, then ``remove_file`` back.
 Checked: the sha256 of every restored shard equals the original's, the untouched
 shards of the output are hard links of the source's; measured: time and peak RSS of
@@ -264,22 +265,25 @@ def build_sharded(folder: Path, gib: float, shards: int, side: int) -> dict[str,
     return names
 
 
-def sharded_signature(path: Path, names: dict[str, list[str]], side: int) -> list[str]:
-    """4-bit group-128 deltas for half the tensors of the first and the last shard."""
+def sharded_signature(
+    path: Path, names: dict[str, list[str]], side: int, touch: float
+) -> list[str]:
+    """4-bit group-128 deltas for the leading ``touch`` share of the tensors (a shallow
+    patch, as the paper's ~12%); the shards it touches."""
     rng = np.random.default_rng(2)
-    shards = list(names)
-    chosen = [n for s in (shards[0], shards[-1]) for n in names[s][: max(1, len(names[s]) // 2)]]
-    deltas = {n: rng.normal(0, 1e-3, (side, side)).astype(np.float32) for n in chosen}
-    sig = Signature.from_deltas(deltas, dtypes=dict.fromkeys(chosen, "BF16"), name="shallow")
+    ordered = [(shard, n) for shard, ns in names.items() for n in ns]
+    chosen = ordered[: max(1, round(touch * len(ordered)))]
+    deltas = {n: rng.normal(0, 1e-3, (side, side)).astype(np.float32) for _, n in chosen}
+    sig = Signature.from_deltas(deltas, dtypes=dict.fromkeys(deltas, "BF16"), name="shallow")
     sig.quantize(4, "affine", "group", 128).save(path)
-    return [shards[0], shards[-1]]
+    return sorted({shard for shard, _ in chosen})
 
 
-def run_sharded(work: Path, gib: float, shards: int, side: int) -> dict:
+def run_sharded(work: Path, gib: float, shards: int, side: int, touch: float) -> dict:
     src = work / "ckpt"
     note(f"sharded: {gib} GiB in {shards} shards")
     names = build_sharded(src, gib, shards, side)
-    touched = sharded_signature(work / "shallow.rws", names, side)
+    touched = sharded_signature(work / "shallow.rws", names, side, touch)
     total = sum((src / s).stat().st_size for s in names)
     copy_s = []
     for _ in range(2):
@@ -308,6 +312,7 @@ def run_sharded(work: Path, gib: float, shards: int, side: int) -> dict:
     )
     return {
         "shards": shards,
+        "touch": touch,
         "bytes": total,
         "touched_shards": touched,
         "copytree_s": min(copy_s),
@@ -350,7 +355,8 @@ def sharded_table(result: dict) -> str:
     sh = result["sharded"]
     gib = sh["bytes"] / (1 << 30)
     rows = [
-        f"| sharded: {gib:.2f} GiB bf16, {sh['shards']} shards, 2 touched | time (s) | "
+        f"| sharded: {gib:.2f} GiB bf16, {sh['shards']} shards, {len(sh['touched_shards'])} "
+        f"touched ({sh['touch']:.0%} of the tensors) | time (s) | "
         "× copytree | peak RSS (MB) |",
         "|---|---|---|---|",
         f"| shutil.copytree | {sh['copytree_s']:.2f} | 1.00 | |",
@@ -410,6 +416,12 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--shard-gib", type=float, help="sharded checkpoint size (default by size)")
     ap.add_argument(
+        "--touch",
+        type=float,
+        default=0.12,
+        help="share of the sharded checkpoint's tensors patched",
+    )
+    ap.add_argument(
         "--mergekit",
         default="/tmp/mk-venv/bin/mergekit-yaml",
         help="mergekit-yaml to run ('' skips)",
@@ -441,7 +453,7 @@ def main() -> None:
             result.update(run_fleet(work, cfg["llama"], args))
         if args.only != "fleet":
             gib = args.shard_gib or cfg["shard_gib"]
-            result["sharded"] = run_sharded(work, gib, args.shards, cfg["side"])
+            result["sharded"] = run_sharded(work, gib, args.shards, cfg["side"], args.touch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
