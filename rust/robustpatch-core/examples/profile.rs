@@ -42,7 +42,7 @@ fn report(name: &str, t: f64, copy: f64) {
 
 /// Whether the kernel called `name` was selected on the command line.
 fn selected(name: &str) -> bool {
-    std::env::args().nth(2).map_or(true, |f| name.contains(&f))
+    std::env::args().nth(2).is_none_or(|f| name.contains(&f))
 }
 
 fn main() {

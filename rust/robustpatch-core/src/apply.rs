@@ -261,16 +261,32 @@ fn apply_chunk<T: Element>(
 ) -> (Undo<T::Bits>, usize) {
     let mut undo = Undo::default();
     let mut overflowed = 0;
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd.has(Path::Avx512) && arch::avx512::fused_applies(deltas) {
+        // SAFETY: `simd` was checked to run AVX-512 on this CPU, the deltas
+        // were just checked, and `check_target` checked they cover the tensor.
+        let fused =
+            unsafe { arch::avx512::apply_fused(chunk, base, deltas, record.then_some(&mut undo)) };
+        (done, overflowed) = fused.unwrap_or((0, 0));
+    }
     let (mut acc, mut scratch) = ([0f32; TILE], [0u8; TILE]);
-    for (ti, tile) in chunk.chunks_mut(TILE).enumerate() {
-        let start = base + ti * TILE;
+    for (ti, tile) in chunk[done..].chunks_mut(TILE).enumerate() {
+        let start = base + done + ti * TILE;
         let n = tile.len();
         sum_deltas(deltas, start, &mut acc[..n], &mut scratch);
         let acc = &acc[..n];
         #[cfg(target_arch = "x86_64")]
         if simd.has(Path::Avx2) {
-            // SAFETY: `simd` was checked to run AVX2 + F16C on this CPU.
-            let done = unsafe { avx2::add_tile(tile, acc, start, record.then_some(&mut undo)) };
+            let u = record.then_some(&mut undo);
+            // SAFETY: `simd` was checked to run these paths' features on this CPU.
+            let done = unsafe {
+                if simd.has(Path::Avx512) {
+                    arch::avx512::add_tile(tile, acc, start, u)
+                } else {
+                    avx2::add_tile(tile, acc, start, u)
+                }
+            };
             if let Some(n) = done {
                 overflowed += n;
                 continue;
@@ -287,7 +303,7 @@ fn apply_chunk<T: Element>(
 
 /// w = round(w + d), element by element; returns the overflow count.
 #[inline(always)]
-fn add_in_place<T: Element>(tile: &mut [T], acc: &[f32]) -> usize {
+pub(crate) fn add_in_place<T: Element>(tile: &mut [T], acc: &[f32]) -> usize {
     let mut overflowed = 0;
     for (w, &d) in tile.iter_mut().zip(acc) {
         let new = T::from_f32(w.to_f32() + d);
@@ -300,7 +316,7 @@ fn add_in_place<T: Element>(tile: &mut [T], acc: &[f32]) -> usize {
 /// w = round(w + d), recording (position, w) where round(new − d) is not w;
 /// returns the overflow count.
 #[inline(always)]
-fn add_and_record<T: Element>(
+pub(crate) fn add_and_record<T: Element>(
     tile: &mut [T],
     acc: &[f32],
     start: usize,

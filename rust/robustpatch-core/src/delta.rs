@@ -113,14 +113,14 @@ mod nibbles {
     pub fn applies(q: &QuantView) -> bool {
         q.spec.bits == 4
             && matches!(q.spec.scheme, Scheme::Affine | Scheme::Symmetric)
-            && q.spec.group_len % 8 == 0
+            && q.spec.group_len.is_multiple_of(8)
     }
 
     /// `start` is a multiple of 8 and [start, start + acc.len()) lies in `q`.
     #[target_feature(enable = "avx2")]
     pub unsafe fn accumulate(q: &QuantView, alpha: f32, start: usize, acc: &mut [f32]) {
         let end = start + acc.len();
-        assert!(start % 8 == 0 && end <= q.numel && q.codes.len() * 2 >= q.numel);
+        assert!(start.is_multiple_of(8) && end <= q.numel && q.codes.len() * 2 >= q.numel);
         let gl = q.spec.group_len;
         let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
         let low4 = _mm256_set1_epi32(0xF);

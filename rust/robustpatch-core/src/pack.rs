@@ -170,7 +170,7 @@ pub fn unpack_scalar(packed: &[u8], bits: u8, start: usize, out: &mut [u8]) -> R
 
 fn check_unpack_args(packed: &[u8], bits: u8, start: usize, n: usize) -> Result<()> {
     check_bits(bits)?;
-    if start % 8 != 0 {
+    if !start.is_multiple_of(8) {
         return Err(Error::Value(format!(
             "unpack start {start} is not a multiple of 8"
         )));
@@ -194,7 +194,7 @@ fn check_unpack_args(packed: &[u8], bits: u8, start: usize, n: usize) -> Result<
 #[inline(always)]
 pub(crate) fn unpack_unchecked(packed: &[u8], bits: u8, start: usize, out: &mut [u8]) {
     debug_assert!(
-        start % 8 == 0,
+        start.is_multiple_of(8),
         "unpack start {start} is not a multiple of 8"
     );
     let src = &packed[start / 8 * bits as usize..];

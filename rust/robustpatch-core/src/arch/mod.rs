@@ -12,6 +12,9 @@
 use crate::error::{Error, Result};
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
+
 /// Environment variable that forces a path.
 pub const ENV: &str = "ROBUSTPATCH_SIMD";
 

@@ -100,7 +100,7 @@ impl QuantSpec {
                 self.bits
             )));
         }
-        if self.group_len == 0 || numel % self.group_len != 0 {
+        if self.group_len == 0 || !numel.is_multiple_of(self.group_len) {
             return Err(Error::Shape(format!(
                 "group length {} does not divide a tensor of {numel} elements",
                 self.group_len

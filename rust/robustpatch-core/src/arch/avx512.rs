@@ -1,0 +1,409 @@
+//! AVX-512 apply kernels: sixteen lanes per step, the "would remove fail"
+//! flags of a step as one mask register, so a step without a flagged lane
+//! writes no record and takes one predictable branch.
+//!
+//! Two entry points: [`add_tile`] applies a precomputed f32 sum (any deltas),
+//! [`apply_fused`] decodes 4-bit linear codes of up to [`MAX_FUSED`]
+//! signatures in registers and applies them without a sum buffer. Both
+//! compute, lane by lane, exactly what the scalar twins compute: the sum
+//! starts at −0.0 and adds `code·(α·scale) + α·offset` per signature
+//! (unfused), then `new = round(w + sum)` and the record test
+//! `round(new − sum) ≠ w`.
+
+use crate::apply::{add_and_record, add_in_place, Undo};
+use crate::delta::Delta;
+use crate::dtype::Element;
+use crate::quant::Scheme;
+use half::{bf16, f16};
+use std::any::TypeId;
+use std::arch::x86_64::*;
+
+/// Most signatures [`apply_fused`] keeps in registers at once.
+pub const MAX_FUSED: usize = 8;
+
+/// Sixteen elements of one type in a register, and their conversions. Each
+/// method computes exactly what the scalar `Element` methods do.
+trait Lanes: Element {
+    type Raw: Copy;
+    unsafe fn load(p: *const Self) -> Self::Raw;
+    unsafe fn store(p: *mut Self, x: Self::Raw);
+    unsafe fn widen16(x: Self::Raw) -> __m512;
+    /// Round to nearest even, as `Element::from_f32`.
+    unsafe fn narrow16(x: __m512) -> Self::Raw;
+    /// Bit i set where lane i of `a` and `b` differ bitwise.
+    unsafe fn differ(a: Self::Raw, b: Self::Raw) -> u16;
+    /// Bit i set where lane i is Inf or NaN (exponent bits all ones).
+    unsafe fn special(x: Self::Raw) -> u16;
+}
+
+impl Lanes for f32 {
+    type Raw = __m512i;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512i {
+        _mm512_loadu_epi32(p as *const i32)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, x: __m512i) {
+        _mm512_storeu_epi32(p as *mut i32, x)
+    }
+    #[inline(always)]
+    unsafe fn widen16(x: __m512i) -> __m512 {
+        _mm512_castsi512_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn narrow16(x: __m512) -> __m512i {
+        _mm512_castps_si512(x)
+    }
+    #[inline(always)]
+    unsafe fn differ(a: __m512i, b: __m512i) -> u16 {
+        _mm512_cmpneq_epi32_mask(a, b)
+    }
+    #[inline(always)]
+    unsafe fn special(x: __m512i) -> u16 {
+        let exp = _mm512_set1_epi32(0x7F80_0000);
+        _mm512_cmpeq_epi32_mask(_mm512_and_si512(x, exp), exp)
+    }
+}
+
+impl Lanes for f16 {
+    type Raw = __m256i;
+    #[inline(always)]
+    unsafe fn load(p: *const f16) -> __m256i {
+        _mm256_loadu_si256(p as *const __m256i)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f16, x: __m256i) {
+        _mm256_storeu_si256(p as *mut __m256i, x)
+    }
+    #[inline(always)]
+    unsafe fn widen16(x: __m256i) -> __m512 {
+        _mm512_cvtph_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn narrow16(x: __m512) -> __m256i {
+        _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x)
+    }
+    #[inline(always)]
+    unsafe fn differ(a: __m256i, b: __m256i) -> u16 {
+        _mm256_cmpneq_epi16_mask(a, b)
+    }
+    #[inline(always)]
+    unsafe fn special(x: __m256i) -> u16 {
+        special16::<0x7C00>(x)
+    }
+}
+
+impl Lanes for bf16 {
+    type Raw = __m256i;
+    #[inline(always)]
+    unsafe fn load(p: *const bf16) -> __m256i {
+        _mm256_loadu_si256(p as *const __m256i)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut bf16, x: __m256i) {
+        _mm256_storeu_si256(p as *mut __m256i, x)
+    }
+    #[inline(always)]
+    unsafe fn widen16(x: __m256i) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)))
+    }
+    #[inline(always)]
+    unsafe fn narrow16(x: __m512) -> __m256i {
+        // As `f32_to_bf16_bits`: add 0x7FFF plus the lowest kept bit, keep the
+        // top half; NaN keeps its top half with the quiet bit set.
+        let b = _mm512_castps_si512(x);
+        let top = _mm512_srli_epi32::<16>(b);
+        let bias = _mm512_add_epi32(
+            _mm512_and_si512(top, _mm512_set1_epi32(1)),
+            _mm512_set1_epi32(0x7FFF),
+        );
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+        let nan = _mm512_or_si512(top, _mm512_set1_epi32(0x40));
+        let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        // Lanes hold values below 2^16: the truncating narrow is exact.
+        _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, nan))
+    }
+    #[inline(always)]
+    unsafe fn differ(a: __m256i, b: __m256i) -> u16 {
+        _mm256_cmpneq_epi16_mask(a, b)
+    }
+    #[inline(always)]
+    unsafe fn special(x: __m256i) -> u16 {
+        special16::<0x7F80>(x)
+    }
+}
+
+#[inline(always)]
+unsafe fn special16<const EXP: i16>(x: __m256i) -> u16 {
+    let exp = _mm256_set1_epi16(EXP);
+    _mm256_cmpeq_epi16_mask(_mm256_and_si256(x, exp), exp)
+}
+
+/// One step: `t[0..16] = round(t + d)`, recording the lanes that subtraction
+/// would not restore (when `RECORD`); returns the lanes that overflowed.
+#[inline(always)]
+unsafe fn step<T: Lanes, const RECORD: bool>(
+    t: *mut T,
+    d: __m512,
+    first: usize,
+    undo: &mut Undo<T::Bits>,
+) -> u32 {
+    let w = T::load(t);
+    let new = T::narrow16(_mm512_add_ps(T::widen16(w), d));
+    if RECORD {
+        let bad = T::differ(T::narrow16(_mm512_sub_ps(T::widen16(new), d)), w);
+        if bad != 0 {
+            record_lanes(bad, t, first, undo);
+        }
+    }
+    T::store(t, new);
+    (T::special(new) & !T::special(w)).count_ones()
+}
+
+/// Record (position, original bits) of `t[l]` for each bit l of `bits`.
+#[cold]
+#[inline(never)]
+unsafe fn record_lanes<T: Element>(
+    mut bits: u16,
+    t: *const T,
+    first: usize,
+    undo: &mut Undo<T::Bits>,
+) {
+    while bits != 0 {
+        let l = bits.trailing_zeros() as usize;
+        undo.positions.push((first + l) as u32);
+        undo.values.push((*t.add(l)).to_bits());
+        bits &= bits - 1;
+    }
+}
+
+/// `tile = round(tile + acc)` with the record when `undo` is given; returns
+/// the overflow count, or None (nothing done) for a type without lanes.
+/// Safety: the CPU must run [`crate::arch::Path::Avx512`].
+#[inline(always)]
+pub unsafe fn add_tile<T: Element>(
+    tile: &mut [T],
+    acc: &[f32],
+    start: usize,
+    undo: Option<&mut Undo<T::Bits>>,
+) -> Option<usize> {
+    let ty = TypeId::of::<T>();
+    // Each branch reinterprets T as the very type it was just found to be.
+    if ty == TypeId::of::<f32>() {
+        Some(add_tile_as::<f32>(
+            cast(tile),
+            acc,
+            start,
+            undo.map(|u| cast_undo::<T, f32>(u)),
+        ))
+    } else if ty == TypeId::of::<f16>() {
+        Some(add_tile_as::<f16>(
+            cast(tile),
+            acc,
+            start,
+            undo.map(|u| cast_undo::<T, f16>(u)),
+        ))
+    } else if ty == TypeId::of::<bf16>() {
+        Some(add_tile_as::<bf16>(
+            cast(tile),
+            acc,
+            start,
+            undo.map(|u| cast_undo::<T, bf16>(u)),
+        ))
+    } else {
+        None
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+unsafe fn add_tile_as<T: Lanes>(
+    tile: &mut [T],
+    acc: &[f32],
+    start: usize,
+    undo: Option<&mut Undo<T::Bits>>,
+) -> usize {
+    let n = tile.len().min(acc.len());
+    let full = n / 16 * 16;
+    let (t, a) = (tile.as_mut_ptr(), acc.as_ptr());
+    let mut over = 0u32;
+    match undo {
+        None => {
+            let mut none = Undo::default();
+            for i in (0..full).step_by(16) {
+                over += step::<T, false>(t.add(i), _mm512_loadu_ps(a.add(i)), start + i, &mut none);
+            }
+            over as usize + add_in_place(&mut tile[full..n], &acc[full..n])
+        }
+        Some(undo) => {
+            for i in (0..full).step_by(16) {
+                over += step::<T, true>(t.add(i), _mm512_loadu_ps(a.add(i)), start + i, undo);
+            }
+            over as usize + add_and_record(&mut tile[full..n], &acc[full..n], start + full, undo)
+        }
+    }
+}
+
+/// True when every delta is 4-bit integer-level codes in groups of whole
+/// sixteens (a step never spans two groups) and there are at most
+/// [`MAX_FUSED`] of them: what [`apply_fused`] handles.
+pub fn fused_applies(deltas: &[(Delta, f32)]) -> bool {
+    deltas.len() <= MAX_FUSED
+        && deltas.iter().all(|(d, _)| match d {
+            Delta::Quant(q) => {
+                q.spec.bits == 4
+                    && matches!(q.spec.scheme, Scheme::Affine | Scheme::Symmetric)
+                    && q.spec.group_len.is_multiple_of(16)
+            }
+            Delta::Dense(_) => false,
+        })
+}
+
+/// Apply the 4-bit deltas to `chunk` (elements [base, base + chunk.len()) of
+/// the tensor, `base` a multiple of 16) in whole steps of sixteen, decoding
+/// the codes in registers. Returns (elements done, overflow count), or None
+/// (nothing done) for a type without lanes; the caller finishes the tail.
+/// Safety: the CPU must run [`crate::arch::Path::Avx512`] and
+/// [`fused_applies`] must hold for `deltas`, which cover the tensor.
+#[inline(always)]
+pub unsafe fn apply_fused<T: Element>(
+    chunk: &mut [T],
+    base: usize,
+    deltas: &[(Delta, f32)],
+    undo: Option<&mut Undo<T::Bits>>,
+) -> Option<(usize, usize)> {
+    let ty = TypeId::of::<T>();
+    if ty == TypeId::of::<f32>() {
+        Some(fused_as::<f32>(
+            cast(chunk),
+            base,
+            deltas,
+            undo.map(|u| cast_undo::<T, f32>(u)),
+        ))
+    } else if ty == TypeId::of::<f16>() {
+        Some(fused_as::<f16>(
+            cast(chunk),
+            base,
+            deltas,
+            undo.map(|u| cast_undo::<T, f16>(u)),
+        ))
+    } else if ty == TypeId::of::<bf16>() {
+        Some(fused_as::<bf16>(
+            cast(chunk),
+            base,
+            deltas,
+            undo.map(|u| cast_undo::<T, bf16>(u)),
+        ))
+    } else {
+        None
+    }
+}
+
+/// One signature's decoding state: its packed codes, group length, the
+/// current group's α·scale and α·offset, and where that group ends.
+#[derive(Clone, Copy)]
+struct Sig<'a> {
+    codes: &'a [u8],
+    scale: &'a [f32],
+    offset: &'a [f32],
+    alpha: f32,
+    group_len: usize,
+    end: usize,
+    a: __m512,
+    b: __m512,
+}
+
+impl Sig<'_> {
+    /// Load the parameters of the group holding element `e`.
+    #[inline(always)]
+    unsafe fn enter(&mut self, e: usize) {
+        let g = e / self.group_len;
+        self.end = (g + 1) * self.group_len;
+        self.a = _mm512_set1_ps(self.alpha * self.scale[g]);
+        self.b = _mm512_set1_ps(self.alpha * self.offset[g]);
+    }
+
+    /// `code·(α·scale) + α·offset` of elements e..e+16 (e even, inside the
+    /// tensor, in the current group).
+    #[inline(always)]
+    unsafe fn decode(&self, e: usize) -> __m512 {
+        // Eight bytes hold the sixteen codes, low nibble first; spread them to
+        // one byte each (byte 2i = low nibble of byte i), then to i32 lanes.
+        let bytes = _mm_loadl_epi64(self.codes.as_ptr().add(e / 2) as *const __m128i);
+        let x = _mm_cvtepu8_epi16(bytes);
+        let lo = _mm_and_si128(x, _mm_set1_epi16(0x000F));
+        let hi = _mm_and_si128(_mm_slli_epi16::<4>(x), _mm_set1_epi16(0x0F00));
+        let c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_or_si128(lo, hi)));
+        _mm512_add_ps(_mm512_mul_ps(c, self.a), self.b)
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+unsafe fn fused_as<T: Lanes>(
+    chunk: &mut [T],
+    base: usize,
+    deltas: &[(Delta, f32)],
+    undo: Option<&mut Undo<T::Bits>>,
+) -> (usize, usize) {
+    let full = chunk.len() / 16 * 16;
+    let zero = _mm512_setzero_ps();
+    let mut sigs = [None; MAX_FUSED];
+    for (s, (d, alpha)) in sigs.iter_mut().zip(deltas) {
+        let Delta::Quant(q) = d else {
+            unreachable!("fused_applies admits quantized deltas only")
+        };
+        // Every step reads 8 code bytes at e/2 with e + 16 <= numel.
+        assert!(q.codes.len() * 2 >= q.numel && base + full <= q.numel);
+        let mut sig = Sig {
+            codes: q.codes,
+            scale: q.scale,
+            offset: q.offset,
+            alpha: *alpha,
+            group_len: q.spec.group_len,
+            end: 0,
+            a: zero,
+            b: zero,
+        };
+        sig.enter(base);
+        *s = Some(sig);
+    }
+    let sigs = &mut sigs[..deltas.len()];
+    let t = chunk.as_mut_ptr();
+    let mut over = 0u32;
+    let mut sum = |e: usize| {
+        // −0.0 is the additive identity (+0.0 would turn −0.0 weights into +0.0).
+        let mut acc = _mm512_set1_ps(-0.0);
+        for s in sigs.iter_mut().flatten() {
+            if e >= s.end {
+                s.enter(e);
+            }
+            acc = _mm512_add_ps(acc, s.decode(e));
+        }
+        acc
+    };
+    match undo {
+        None => {
+            let mut none = Undo::default();
+            for i in (0..full).step_by(16) {
+                over += step::<T, false>(t.add(i), sum(base + i), base + i, &mut none);
+            }
+        }
+        Some(undo) => {
+            for i in (0..full).step_by(16) {
+                over += step::<T, true>(t.add(i), sum(base + i), base + i, undo);
+            }
+        }
+    }
+    (full, over as usize)
+}
+
+/// Safety: `T` and `U` must be the same type.
+#[inline(always)]
+unsafe fn cast<T, U>(x: &mut [T]) -> &mut [U] {
+    std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut U, x.len())
+}
+
+/// Safety: `T` and `U` must be the same type (so their `Bits` are too).
+#[inline(always)]
+unsafe fn cast_undo<T: Element, U: Element>(u: &mut Undo<T::Bits>) -> &mut Undo<U::Bits> {
+    &mut *(u as *mut Undo<T::Bits> as *mut Undo<U::Bits>)
+}
