@@ -188,15 +188,14 @@ def tensors_equal(a: Path, b_files: list[Path]) -> tuple[int, int]:
 # ---------------------------------------------------------------------------- the steps
 
 
-def run_mergekit(mk: str, base: Path, ft: Path, out: Path) -> dict:
+def run_mergekit(mk: str, base: Path, ft: Path, out: Path, repeats: int) -> dict:
     cfg = out.parent / "task_arithmetic.yml"
     cfg.write_text(
         f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
         f"  - model: {ft}\n    parameters:\n      weight: 1.0\ndtype: bfloat16\n"
     )
-    shutil.rmtree(out, ignore_errors=True)
-    settle()
-    r = timed([mk, cfg, out, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"])
+    argv = [mk, cfg, out, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+    r = repeat(repeats, argv, lambda: shutil.rmtree(out, ignore_errors=True))
     files = sorted(out.glob("*.safetensors"))
     r["equal_tensors"], r["tensors"] = tensors_equal(ft / "model.safetensors", files)
     return r
@@ -392,7 +391,7 @@ def main() -> None:
     }
     res["cp"] = repeat(args.repeat, ["cp", base / "model.safetensors", work / "copy.safetensors"])
     (work / "copy.safetensors").unlink()
-    res["mergekit"] = run_mergekit(args.mergekit, base, ft, work / "mk_out")
+    res["mergekit"] = run_mergekit(args.mergekit, base, ft, work / "mk_out", args.repeat)
     shutil.rmtree(work / "mk_out")
     res["ours"] = run_ours(work, base, ft, args.repeat)
     res["quantized"] = run_quantized(work, base, args.repeat)
