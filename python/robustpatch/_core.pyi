@@ -66,7 +66,10 @@ def dequantize(q: QuantTensor, start: int = 0, stop: int | None = None) -> npt.N
 def pack(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]: ...
 def unpack(packed: npt.NDArray[np.uint8], bits: int, n: int) -> npt.NDArray[np.uint8]: ...
 def project(
-    pretrained: FloatArray, clean: FloatArray, robust: FloatArray
+    pretrained: FloatArray,
+    clean: FloatArray,
+    robust: FloatArray,
+    out: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.float32], dict[str, float]]: ...
 def apply(
     target: FloatArray,

@@ -10,7 +10,9 @@ mod quant_tensor;
 
 use arrays::{slice_of, DenseMut, FloatIn, FloatInOut};
 use errors::BindResult;
-use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
+use numpy::{
+    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::marker::Ungil;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -118,12 +120,16 @@ fn unpack<'py>(
 }
 
 /// Signature of one tensor: returns (signature float32 with the input's shape, stats dict).
+/// With `out` (a writeable float32 array of that shape, not sharing memory with
+/// an input) the signature is written there and `out` is returned.
 #[pyfunction]
+#[pyo3(signature = (pretrained, clean, robust, out = None))]
 fn project<'py>(
     py: Python<'py>,
     pretrained: &Bound<'py, PyAny>,
     clean: &Bound<'py, PyAny>,
     robust: &Bound<'py, PyAny>,
+    out: Option<Bound<'py, PyArrayDyn<f32>>>,
 ) -> BindResult<Bound<'py, PyTuple>> {
     let (p, c, r) = (
         FloatIn::extract(pretrained, "pretrained")?,
@@ -154,8 +160,22 @@ fn project<'py>(
         c.dense("clean")?,
         r.dense("robust")?,
     );
-    let arr = zeros::<f32>(py, pd.len());
-    let mut rw = arr.readwrite();
+    let sig = match out {
+        Some(o) if o.shape() != shape => {
+            return Err(Error::Shape(format!(
+                "out has shape {:?}, the inputs {:?}",
+                o.shape(),
+                shape
+            ))
+            .into())
+        }
+        Some(o) => o,
+        None => zeros::<f32>(py, pd.len()).reshape(shape)?,
+    };
+    // The inputs are borrowed read-only, so an `out` sharing their memory is refused here.
+    let mut rw = sig.try_readwrite().map_err(|_| {
+        Error::Value("out must be writeable and not share memory with an input".into())
+    })?;
     let out = rw.as_slice_mut()?;
     let stats = nogil(py, || match (pd, cd, rd) {
         (Dense::F32(a), Dense::F32(b), Dense::F32(c)) => core_project::project(a, b, c, out),
@@ -164,7 +184,6 @@ fn project<'py>(
         _ => unreachable!("dtypes checked above"),
     })?;
     drop(rw);
-    let sig = arr.reshape(shape)?;
     let d = PyDict::new(py);
     d.set_item("dot_rd", stats.dot_rd)?;
     d.set_item("norm2_d", stats.norm2_d)?;
