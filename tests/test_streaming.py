@@ -226,3 +226,21 @@ def test_a_record_with_sha256_digests_from_before_still_restores_exactly(pair):
     assert read_record(undo_path_for(out)).tensors[0].digest.startswith("sha256:")
     remove_file(out, pair / "r.safetensors")
     assert sha(pair / "r.safetensors") == sha(src)
+
+
+def test_remove_refuses_a_referenced_signature_whose_bytes_changed(pair):
+    """Its metadata still names the right hash: the bytes fail their verification (run
+    beside the removal) and nothing is written, in place or not."""
+    src, out, inplace = pair / "m.safetensors", pair / "p.safetensors", pair / "c.safetensors"
+    apply_file(src, pair / "tv.rws", 1.0, out)
+    shutil.copyfile(src, inplace)
+    apply_file(inplace, pair / "tv.rws", 1.0, inplace=True)
+    data = bytearray((pair / "tv.rws").read_bytes())
+    data[-5] ^= 0x40
+    (pair / "tv.rws").write_bytes(bytes(data))
+    before = listing(pair)
+    with pytest.raises(FormatError, match="content hash mismatch"):
+        remove_file(out, pair / "r.safetensors")
+    with pytest.raises(FormatError, match="content hash mismatch"):
+        remove_file(inplace, inplace=True)
+    assert listing(pair) == before

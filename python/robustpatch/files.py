@@ -653,14 +653,15 @@ def remove_file(
             f"no undo record at {side_path} (was {patched} written with undo=False?)"
         )
     with open_input(side_path) as fside, open_input(patched) as fsrc:
-        side = UndoSidecar.load(side_path, fside, signatures)
+        side = UndoSidecar.load(side_path, fside, signatures, background=True)
         header = read_header_from(fsrc, str(patched))
         plan = make_plan(side.signatures, side.record.alphas)
         _verify_patched(fsrc, header, side, plan)
         with AtomicFile(out, durable) as fout:
             target = FileTarget(fsrc, header, fout, side.source_header, progress, _Verify(side))
             target.release = releaser(plan)
-            restore_target(target, plan, _FileRecords(side, header))
+            with verifying(plan):
+                restore_target(target, plan, _FileRecords(side, header))
             fout.commit()
     return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
 

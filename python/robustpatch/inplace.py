@@ -152,7 +152,10 @@ def _mapped(f: Any) -> Iterator[mmap.mmap]:
         yield mm
         mm.flush()
     finally:
-        mm.close()
+        try:
+            mm.close()
+        except BufferError:  # an error's traceback still holds a view: closed when it goes
+            pass
 
 
 def apply_inplace(
@@ -290,7 +293,7 @@ def remove_inplace(
     _check_model(patched)
     recover(patched)
     with open_input(side_path) as fside, open(patched, "r+b") as f:
-        side = UndoSidecar.load(side_path, fside, signatures)
+        side = UndoSidecar.load(side_path, fside, signatures, background=True)
         header = read_header_from(f, str(patched))
         plan = make_plan(side.signatures, side.record.alphas)
         _verify_patched(f, header, side, plan)
@@ -304,7 +307,8 @@ def remove_inplace(
         try:
             with _mapped(f) as mm:
                 target = MappedTarget(mm, header, _Verify(side), _locked(progress), plan)
-                restore_target(target, plan, _FileRecords(side, header))
+                with verifying(plan):
+                    restore_target(target, plan, _FileRecords(side, header))
             _finish_model(f, side.source_header)
             journal.commit()
         except BaseException:

@@ -464,16 +464,22 @@ class UndoSidecar:
 
     @classmethod
     def load(
-        cls, path: Path, f: BinaryIO, signature_files: Sequence[str | os.PathLike[str]] = ()
+        cls,
+        path: Path,
+        f: BinaryIO,
+        signature_files: Sequence[str | os.PathLike[str]] = (),
+        background: bool = False,
     ) -> UndoSidecar:
         """Validate and load the record in ``f`` (the open file at ``path``); signatures
-        it refers to are found among ``signature_files``, else where the record says."""
+        it refers to are found among ``signature_files``, else where the record says
+        (``background``: verified in a second thread, see
+        :func:`robustpatch.signature.streamed.open_signature`)."""
         where = str(path)
         header, record = _read_record(path, f)
         sig_tensors = [t for t in header.tensors if t.name.startswith("sig")]
         loaded = {t.name: read_tensor(f, header, t) for t in sig_tensors}
         refs = {r["index"]: r["file"] for r in record.signature_refs}
-        finder = _SignatureFinder(path, signature_files)
+        finder = _SignatureFinder(path, signature_files, background)
         sigs = [
             finder.find(meta, refs[k])
             if k in refs
@@ -546,11 +552,14 @@ class _SignatureFinder:
     """Finds a signature a record refers to by content hash: among the files the user
     gave, else at the path the record holds (relative to the record's folder)."""
 
-    def __init__(self, record: Path, given: Sequence[str | os.PathLike[str]]) -> None:
+    def __init__(
+        self, record: Path, given: Sequence[str | os.PathLike[str]], background: bool
+    ) -> None:
         from ..signature.streamed import open_signature
 
-        self.record, self.open = record, open_signature
-        self.given = [open_signature(p) for p in given]
+        self.record = record
+        self.open = lambda p: open_signature(p, background=background)
+        self.given = [self.open(p) for p in given]
 
     def find(self, meta: dict[str, Any], file: str) -> Signature:
         want, name = meta.get("content_hash"), shown(meta.get("name"))
