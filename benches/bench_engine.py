@@ -1,9 +1,13 @@
-"""Engine benchmark: our kernels vs the best numpy and torch expressions and a plain
-memory copy, all in one run, on one 64M-element target and on 10,000 small tensors.
+"""Engine benchmark, per SIMD path: our kernels vs numpy, torch and a plain copy.
 
-Run (release build installed):  python benches/bench_engine.py [--elements N] [--repeat R]
-Writes benches/results/engine.json and prints a Markdown table. Ratios are what
-matter (they are measured in the same run); absolute times depend on the machine.
+All in one run, on one 64M-element target and on 10,000 small tensors.
+
+Run (release build installed):  python benches/bench_engine.py [--simd all] [--quick]
+Each SIMD path (--simd scalar|avx2|avx512|all) runs in its own process with
+ROBUSTPATCH_SIMD set, since the engine picks its path once per process; a path this
+CPU lacks is reported as unavailable. Writes benches/results/engine.json and prints a
+Markdown table of each path's ratio to a copy of the same tensor (measured in the same
+process), beside the goal. Ratios are what matter; absolute times depend on the machine.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -117,6 +123,7 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
 
     # Fused apply, 1 and 4 signatures, into f32 (with the exact-undo record).
     ours1 = best_time(lambda: _core.apply(target, quants[:1], [1.0]), repeat)
+    ours1_norec = best_time(lambda: _core.apply(target, quants[:1], [1.0], record=False), repeat)
     ours4 = best_time(lambda: _core.apply(target, quants, [1.0, 0.5, -0.5, 0.25]), repeat)
     np_q = [np_quantize_4bit(d) for d in deltas]
 
@@ -139,6 +146,7 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
         t4 = best_time(lambda: torch_apply(4), max(1, repeat // 2))
     add_row("apply 1×4-bit g128 → f32 (+undo record)", ours1, copy_f32, np1, t1)
     add_row("apply 4×4-bit g128 → f32 (+undo record)", ours4, copy_f32, np4, t4)
+    add_row("apply 1×4-bit g128 → f32 (no record)", ours1_norec, copy_f32)
 
     # Into half-precision targets: compared with a copy of the same (smaller) tensor.
     for name, half in (("f16", base.astype(np.float16)), ("bf16", bf16_bits(base))):
@@ -167,6 +175,8 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
     # Projection: three inputs, one output.
     pre, clean, robust = base, base + deltas[0], base + deltas[1]
     ours_p = best_time(lambda: _core.project(pre, clean, robust), repeat)
+    sig_out = np.empty_like(pre)
+    ours_po = best_time(lambda: _core.project(pre, clean, robust, out=sig_out), repeat)
 
     def numpy_project():
         dr = robust - pre
@@ -185,6 +195,7 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
 
         t_p = best_time(torch_project, repeat)
     add_row("projection (3 in, 1 out)", ours_p, copy_f32, np_p, t_p)
+    add_row("projection, out= buffer", ours_po, copy_f32)
 
     # Many small tensors: per-call overhead of the bindings.
     smalls = [
@@ -226,21 +237,58 @@ def fmt(x, unit="ms"):
     return f"{x * 1e3:.1f} ms" if unit == "ms" else f"{x:.2f}×"
 
 
+# Must-show goals (issue 15): ratio to a copy of the same tensor on the AVX-512 path.
+GOALS = {
+    "apply 1×4-bit g128 → f32 (+undo record)": 0.75,
+    "apply 4×4-bit g128 → f32 (+undo record)": 1.2,
+    "apply 1×4-bit g128 → f16 (+undo record)": 1.0,
+    "apply 1×4-bit g128 → bf16 (+undo record)": 1.0,
+    "quantize+pack 4-bit g128 (f32 in)": 1.0,
+    "projection, out= buffer": 3.0,
+}
+PATHS = ("scalar", "avx2", "avx512")
+
+
 def table(result: dict) -> str:
+    """One row per kernel: each path's ratio to a copy, the goal, numpy/torch vs ours."""
+    paths = [p for p in result["paths"] if "rows" in result["paths"][p]]
+    head = " | ".join(f"{p} ours/copy" for p in paths)
     lines = [
-        "| kernel | ours | copy | ours/copy | numpy/ours | torch/ours |",
-        "|---|---|---|---|---|---|",
+        f"| kernel | {head} | goal (avx512) | numpy/ours | torch/ours |",
+        "|---|" + "---|" * (len(paths) + 3),
     ]
-    for r in result["rows"]:
-        if "per_tensor_us" in r:
-            lines.append(f"| {r['kernel']} | {r['per_tensor_us']:.2f} µs/tensor | – | – | – | – |")
-            continue
+    widest = result["paths"][paths[-1]]["rows"] if paths else []
+    for i, r in enumerate(widest):
+        cells = []
+        for p in paths:
+            row = result["paths"][p]["rows"][i]
+            if "per_tensor_us" in row:
+                cells.append(f"{row['per_tensor_us']:.2f} µs/tensor")
+            else:
+                cells.append(fmt(row["ours_over_copy"], "x"))
+        goal = GOALS.get(r["kernel"])
+        goal_s = "≤ 2 µs" if "per_tensor_us" in r else ("–" if goal is None else f"≤ {goal}×")
         lines.append(
-            f"| {r['kernel']} | {fmt(r['ours_s'])} | {fmt(r['copy_s'])} | "
-            f"{fmt(r['ours_over_copy'], 'x')} | {fmt(r['numpy_over_ours'], 'x')} | "
-            f"{fmt(r['torch_over_ours'], 'x')} |"
+            f"| {r['kernel']} | {' | '.join(cells)} | {goal_s} | "
+            f"{fmt(r.get('numpy_over_ours'), 'x')} | {fmt(r.get('torch_over_ours'), 'x')} |"
         )
+    for p, res in result["paths"].items():
+        if "error" in res:
+            lines.append(f"\n{p}: not run ({res['error']})")
     return "\n".join(lines)
+
+
+def run_path(path: str, args: argparse.Namespace) -> dict:
+    """Measure one forced path in a fresh process (the engine picks its path once)."""
+    env = dict(os.environ, ROBUSTPATCH_SIMD=path)
+    cmd = [sys.executable, __file__, "--child"]
+    cmd += ["--elements", str(args.elements), "--repeat", str(args.repeat)]
+    cmd += ["--small-count", str(args.small_count), "--small-size", str(args.small_size)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
+    return json.loads(proc.stdout)
 
 
 def main() -> None:
@@ -249,13 +297,32 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--small-count", type=int, default=10_000)
     ap.add_argument("--small-size", type=int, default=256)
+    ap.add_argument(
+        "--simd", choices=(*PATHS, "all"), default="all", help="SIMD path(s) to force, in turn"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="4M elements, 3 repeats, 1,000 small tensors"
+    )
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "engine.json")
     args = ap.parse_args()
-    if torch is not None:
-        torch.set_num_threads(os.cpu_count() or 1)
-    result = run(args.elements, args.repeat, args.small_count, args.small_size)
+    if args.quick:
+        args.elements, args.repeat, args.small_count = 4 * 2**20, 3, 1000
+    if args.child:
+        if torch is not None:
+            torch.set_num_threads(os.cpu_count() or 1)
+        print(json.dumps(run(args.elements, args.repeat, args.small_count, args.small_size)))
+        return
+    paths = PATHS if args.simd == "all" else (args.simd,)
+    result = {
+        "elements": args.elements,
+        "repeat": args.repeat,
+        "threads": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "paths": {p: run_path(p, args) for p in paths},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     print(table(result))
     print(f"\nwritten {args.out}")
 

@@ -34,6 +34,9 @@ trait Lanes: Element {
     unsafe fn differ(a: Self::Raw, b: Self::Raw) -> u16;
     /// Bit i set where lane i is Inf or NaN (exponent bits all ones).
     unsafe fn special(x: Self::Raw) -> u16;
+    /// Store the lanes of `x` selected by `keep`, packed to the front of `p`;
+    /// writes 16 elements (those past the kept ones are scratch).
+    unsafe fn store_kept(p: *mut Self::Bits, keep: u16, x: Self::Raw);
 }
 
 impl Lanes for f32 {
@@ -63,6 +66,10 @@ impl Lanes for f32 {
         let exp = _mm512_set1_epi32(0x7F80_0000);
         _mm512_cmpeq_epi32_mask(_mm512_and_si512(x, exp), exp)
     }
+    #[inline(always)]
+    unsafe fn store_kept(p: *mut u32, keep: u16, x: __m512i) {
+        _mm512_storeu_epi32(p as *mut i32, _mm512_maskz_compress_epi32(keep, x))
+    }
 }
 
 impl Lanes for f16 {
@@ -90,6 +97,10 @@ impl Lanes for f16 {
     #[inline(always)]
     unsafe fn special(x: __m256i) -> u16 {
         special16::<0x7C00>(x)
+    }
+    #[inline(always)]
+    unsafe fn store_kept(p: *mut u16, keep: u16, x: __m256i) {
+        store_kept16(p, keep, x)
     }
 }
 
@@ -131,12 +142,24 @@ impl Lanes for bf16 {
     unsafe fn special(x: __m256i) -> u16 {
         special16::<0x7F80>(x)
     }
+    #[inline(always)]
+    unsafe fn store_kept(p: *mut u16, keep: u16, x: __m256i) {
+        store_kept16(p, keep, x)
+    }
 }
 
 #[inline(always)]
 unsafe fn special16<const EXP: i16>(x: __m256i) -> u16 {
     let exp = _mm256_set1_epi16(EXP);
     _mm256_cmpeq_epi16_mask(_mm256_and_si256(x, exp), exp)
+}
+
+/// [`Lanes::store_kept`] for sixteen 16-bit lanes, through 32-bit lanes
+/// (compressing 16-bit lanes directly needs AVX-512 VBMI2).
+#[inline(always)]
+unsafe fn store_kept16(p: *mut u16, keep: u16, x: __m256i) {
+    let kept = _mm512_maskz_compress_epi32(keep, _mm512_cvtepu16_epi32(x));
+    _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(kept))
 }
 
 /// One step: `t[0..16] = round(t + d)`, recording the lanes that subtraction
@@ -152,29 +175,43 @@ unsafe fn step<T: Lanes, const RECORD: bool>(
     let new = T::narrow16(_mm512_add_ps(T::widen16(w), d));
     if RECORD {
         let bad = T::differ(T::narrow16(_mm512_sub_ps(T::widen16(new), d)), w);
-        if bad != 0 {
-            record_lanes(bad, t, first, undo);
-        }
+        record::<T>(bad, w, first, undo);
     }
     T::store(t, new);
     (T::special(new) & !T::special(w)).count_ones()
 }
 
-/// Record (position, original bits) of `t[l]` for each bit l of `bits`.
-#[cold]
-#[inline(never)]
-unsafe fn record_lanes<T: Element>(
-    mut bits: u16,
-    t: *const T,
-    first: usize,
-    undo: &mut Undo<T::Bits>,
-) {
-    while bits != 0 {
-        let l = bits.trailing_zeros() as usize;
-        undo.positions.push((first + l) as u32);
-        undo.values.push((*t.add(l)).to_bits());
-        bits &= bits - 1;
+/// Append (position, original bits) of the lanes of `w` flagged in `bad`,
+/// without a branch on `bad`: at 1–10% flagged elements most steps of sixteen
+/// hold one, so a branch per step would mispredict often. The kept lanes are
+/// compressed to the front of a register and sixteen slots written past the
+/// record's end; its length then grows by the number kept.
+#[inline(always)]
+unsafe fn record<T: Lanes>(bad: u16, w: T::Raw, first: usize, undo: &mut Undo<T::Bits>) {
+    let len = undo.positions.len();
+    debug_assert_eq!(len, undo.values.len());
+    if undo.positions.capacity() - len < 16 || undo.values.capacity() - len < 16 {
+        grow(undo);
     }
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // Positions are below 2^32 (checked by the caller), so i32 lanes wrap as u32.
+    let pos = _mm512_add_epi32(_mm512_set1_epi32(first as u32 as i32), lanes);
+    let kept = _mm512_maskz_compress_epi32(bad, pos);
+    _mm512_storeu_epi32(undo.positions.as_mut_ptr().add(len) as *mut i32, kept);
+    T::store_kept(undo.values.as_mut_ptr().add(len), bad, w);
+    // SAFETY: the capacity check above left room for sixteen; the first
+    // `count` slots of both vectors were just written.
+    let count = bad.count_ones() as usize;
+    undo.positions.set_len(len + count);
+    undo.values.set_len(len + count);
+}
+
+/// Make room for at least sixteen more records (doubling, so it is rare).
+#[cold]
+fn grow<B>(undo: &mut Undo<B>) {
+    let more = undo.positions.len().max(1024);
+    undo.positions.reserve(more);
+    undo.values.reserve(more);
 }
 
 /// `tile = round(tile + acc)` with the record when `undo` is given; returns
