@@ -158,11 +158,13 @@ def test_remove_in_place_refuses_a_record_whose_header_had_another_length(small)
     assert listing(small) == before
 
 
-def test_a_model_with_an_interrupted_patch_is_refused_until_recovered(small):
+def test_a_model_with_an_interrupted_patch_is_refused_until_recovered(small, capsys):
     model, sig = small / "m.safetensors", small / "s.rws"
     journal_path_for(model).write_bytes(b"RPJRNL1\nP")  # never completed
     with pytest.raises(FormatError, match="robustpatch recover"):
         apply_file(model, sig, 1.0, small / "out.safetensors")
+    assert main(["inspect", str(model)]) == 1
+    assert "was interrupted" in capsys.readouterr().err
     assert recover(model) == "discarded" and not journal_path_for(model).exists()
 
 

@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any
 
+from ..errors import FormatError
 from .output import fmt_bytes, print_table
 
 
@@ -68,8 +69,15 @@ def signature_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 def model_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``inspect`` shows about a model file: size, tensors, applied signatures."""
     from .._format.safetensors import read_header
+    from .._io.journal import journal_path_for
     from ..files import APPLIED_KEY, applied_signatures, undo_path_for
 
+    journal = journal_path_for(path)
+    if journal.exists():  # its bytes may be half patched: say so before reading them
+        raise FormatError(
+            f"{path}: an in-place patch of it was interrupted ({journal}); run "
+            f"'robustpatch recover {path}' first"
+        )
     h = read_header(path)
     dtypes: dict[str, int] = {}
     for t in h.tensors:
