@@ -42,7 +42,7 @@ from . import validate
 from ._format.safetensors import Header
 from ._format.shards import INDEX_SUFFIX, ShardedIndex, is_sharded, load_index
 from ._format.undo import undo_path_for
-from ._io.atomic import _STARTED, _fsync_dir, _pid_alive
+from ._io.atomic import _fsync_dir, remove_stale
 from .errors import FormatError, InvalidArgumentError, MismatchError
 from .signature import Signature, SignatureLike
 from .signature.algebra import terms
@@ -368,9 +368,6 @@ def _check_out_folder(out: Path, inputs: list[Path]) -> None:
         )
 
 
-_TEMP = re.compile(r"\.(.+)\.rp(\d+)\.[A-Za-z0-9_]+\.(tmp|old)")
-
-
 class _TempFolder:
     """A temporary folder beside ``out`` that becomes ``out`` on :meth:`commit` (an
     existing ``out`` is swapped out atomically where the kernel can, then deleted)."""
@@ -427,20 +424,6 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def remove_stale_folders(out: Path) -> list[Path]:
     """Delete the temporary folders that killed writers of ``out`` left beside it (named
-    ``.<name>.rp<pid>.<random>.tmp`` or ``.old``, their process gone, older than this one)."""
-    removed = []
-    try:
-        entries = list(os.scandir(out.parent))
-    except OSError:
-        return []
-    for entry in entries:
-        m = _TEMP.fullmatch(entry.name)
-        if m is None or m.group(1) != out.name or _pid_alive(int(m.group(2))):
-            continue
-        try:
-            if entry.is_dir(follow_symlinks=False) and entry.stat().st_mtime < _STARTED:
-                shutil.rmtree(entry.path)
-                removed.append(Path(entry.path))
-        except OSError:
-            pass
-    return removed
+    ``.<name>.rp<pid>.<random>.tmp`` or ``.old``; see :func:`._io.atomic.remove_stale`)."""
+    pattern = re.compile(re.escape(f".{out.name}.rp") + r"(\d+)\.[A-Za-z0-9_]+\.(?:tmp|old)")
+    return remove_stale(out.parent, pattern, folders=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -193,36 +194,52 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(path: PathLike) -> list[Path]:
-    """Delete the temporary files that killed writers of ``path`` left in its folder.
+    """Delete the temporary files that killed writers of ``path`` left in its folder
+    (named ``.<name>.rp<pid>.<random>.tmp``: see :func:`remove_stale`)."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.rp") + r"(\d+)\.[A-Za-z0-9_]+\.tmp")
+    return remove_stale(path.parent, pattern, folders=False)
 
-    A file is removed only if its name is ``.<name>.rp<pid>.<random>.tmp`` for this
-    ``path``, the process ``<pid>`` no longer exists on this machine, and it was last
-    modified before the current process imported robustpatch; so a concurrent writer's
-    file is never touched. POSIX only (elsewhere nothing is removed). Returns what was
-    removed; errors (a racing cleaner, permissions) are ignored.
+
+def remove_stale(folder: Path, pattern: re.Pattern[str], folders: bool) -> list[Path]:
+    """Delete the entries of ``folder`` that killed writers left: files (or, with
+    ``folders``, folders) whose whole name ``pattern`` matches, its first group the
+    writer's pid.
+
+    An entry is removed only if the process ``<pid>`` no longer exists on this machine
+    and the entry was last modified before the current process imported robustpatch;
+    so a concurrent writer's is never touched. POSIX only (elsewhere a pid cannot be
+    probed without signalling it: nothing is removed). Returns what was removed; errors
+    (a racing cleaner, permissions) are ignored.
     """
     if os.name != "posix":
         return []
-    path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.rp") + r"(\d+)\.[A-Za-z0-9_]+\.tmp")
-    removed = []
     try:
-        entries = list(os.scandir(path.parent))
+        entries = list(os.scandir(folder))
     except OSError:
         return []
+    removed = []
     for entry in entries:
         m = pattern.fullmatch(entry.name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if m is None or _pid_alive(int(m.group(1))):
             continue
         try:
-            st = entry.stat(follow_symlinks=False)
-            if not entry.is_file(follow_symlinks=False) or st.st_mtime >= _STARTED:
+            if not _is_stale(entry, folders):
                 continue
-            os.unlink(entry.path)
+            if folders:
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
             removed.append(Path(entry.path))
         except OSError:
             pass
     return removed
+
+
+def _is_stale(entry: os.DirEntry[str], folders: bool) -> bool:
+    """The entry is of the kind looked for (never through a link) and older than us."""
+    kind = entry.is_dir if folders else entry.is_file
+    return kind(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < _STARTED
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,0 +1,55 @@
+"""Leftovers of killed writers: only a dead process's old entries of the right kind go."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from robustpatch._io.atomic import remove_stale_temps
+from robustpatch.sharded import remove_stale_folders
+
+DEAD = 999999999  # no such process
+
+
+def _old(path):
+    os.utime(path, (1, 1))
+    return path
+
+
+@pytest.mark.skipif(os.name != "posix", reason="pids are probed on POSIX only")
+def test_a_dead_writers_old_temporary_file_goes_and_nothing_else(tmp_path):
+    out = tmp_path / "m.safetensors"
+    stale = tmp_path / f".m.safetensors.rp{DEAD}.abc.tmp"
+    stale.write_bytes(b"x")
+    _old(stale)
+    live = tmp_path / f".m.safetensors.rp{os.getpid()}.abc.tmp"  # a concurrent writer's
+    live.write_bytes(b"x")
+    _old(live)
+    other = tmp_path / f".n.safetensors.rp{DEAD}.abc.tmp"  # another destination's
+    other.write_bytes(b"x")
+    _old(other)
+    folder = tmp_path / f".m.safetensors.rp{DEAD}.def.tmp"  # a file is looked for
+    folder.mkdir()
+    _old(folder)
+    fresh = tmp_path / f".m.safetensors.rp{DEAD}.ghi.tmp"  # newer than this process
+    fresh.write_bytes(b"x")
+    assert remove_stale_temps(out) == [stale]
+    assert all(p.exists() for p in (live, other, folder, fresh))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="pids are probed on POSIX only")
+def test_a_dead_writers_old_folders_go_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    tmp, old = tmp_path / f".out.rp{DEAD}.a.tmp", tmp_path / f".out.rp{DEAD}.b.old"
+    for d in (tmp, old):
+        d.mkdir()
+        (d / "part").write_bytes(b"x")
+        _old(d)
+    file = tmp_path / f".out.rp{DEAD}.c.tmp"  # a folder is looked for
+    file.write_bytes(b"x")
+    _old(file)
+    link = tmp_path / f".out.rp{DEAD}.d.tmp"  # never followed
+    link.symlink_to(tmp, target_is_directory=True)
+    assert sorted(remove_stale_folders(out)) == sorted([tmp, old])
+    assert file.exists() and link.is_symlink()
