@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import _core
-from ..errors import FormatError, MismatchError
+from ..errors import MismatchError
 from .atomic import PathLike, _fsync_dir, _pid_alive
-from .ranged import pwrite_all
+from .ranged import pread_blocks, pwrite_all
 
 __all__ = ["JOURNAL_SUFFIX", "Journal", "journal_path_for", "recover"]
 
@@ -92,7 +92,7 @@ class Journal:
         with open(path, "wb") as f:
             f.write(_MAGIC + _PENDING + bytes(7) + len(meta).to_bytes(8, "little") + meta)
             for offset, length in plan.ranges:
-                for block in _blocks(fd, offset, length):
+                for block in pread_blocks(fd, offset, offset + length, _CHUNK, "the model"):
                     h.update(np.frombuffer(block, np.uint8))
                     f.write(block)
             f.write(bytes.fromhex(h.hexdigest()))
@@ -157,17 +157,6 @@ def _remove_writer_temps(path: Path, pid: int) -> None:
     for entry in path.parent.iterdir():
         if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
             entry.unlink(missing_ok=True)
-
-
-def _blocks(fd: int, offset: int, length: int):
-    """The bytes of a range of ``fd``, in blocks of at most ``_CHUNK``."""
-    end = offset + length
-    while offset < end:
-        block = os.pread(fd, min(_CHUNK, end - offset), offset)
-        if not block:
-            raise FormatError(f"the model ended at byte {offset}, inside a range to patch")
-        yield block
-        offset += len(block)
 
 
 def _meta_length(f) -> int:

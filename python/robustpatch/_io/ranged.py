@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -68,6 +69,17 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
             break
         total += n
     return total
+
+
+def pread_blocks(fd: int, offset: int, end: int, step: int, where: str) -> Iterator[bytes]:
+    """The bytes of ``fd`` from ``offset`` to ``end``, in blocks of at most ``step``; a
+    file that ends sooner is a FormatError naming ``where``."""
+    while offset < end:
+        block = os.pread(fd, min(step, end - offset), offset)
+        if not block:
+            raise FormatError(f"{where}: the file ends at byte {offset}, before byte {end}")
+        yield block
+        offset += len(block)
 
 
 def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:

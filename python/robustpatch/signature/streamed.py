@@ -25,6 +25,7 @@ import numpy as np
 from .. import validate
 from .._format.safetensors import Header, TensorInfo, read_header_from, read_tensor
 from .._io.inputs import open_input
+from .._io.ranged import pread_blocks
 from ..dtypes import NUMPY_OF_LABEL, widen
 from ..errors import FormatError, NonFiniteError, shown
 from .codec import (
@@ -174,14 +175,8 @@ def _verify(fd: int, header: Header, meta: dict, dense: dict[str, TensorInfo], w
 def _blocks(fd: int, header: Header, t: TensorInfo):
     """A tensor's bytes in blocks of whole elements."""
     itemsize = np.dtype(NUMPY_OF_LABEL.get(t.dtype, np.uint8)).itemsize
-    step = _BLOCK - _BLOCK % itemsize
     at, end = header.data_start + t.begin, header.data_start + t.end
-    while at < end:
-        block = os.pread(fd, min(step, end - at), at)
-        if not block:
-            raise FormatError(f"tensor {t.name!r}: the file ends early")
-        yield block
-        at += len(block)
+    return pread_blocks(fd, at, end, _BLOCK - _BLOCK % itemsize, f"tensor {t.name!r}")
 
 
 def _build(path, header, meta, dense, small, mm, expected) -> StreamedSignature:
