@@ -421,7 +421,7 @@ def test_detect_ranks_the_signature_a_model_change_matches_first(d, capsys):
 def test_param_budget_reaches_extract(d, capsys, monkeypatch):
     ex = sys.modules["robustpatch.extract"]  # the package exports a function of that name
     seen = {}
-    real = ex.extract
+    real = ex.extract_to  # the CLI streams the signature into its file
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
@@ -429,7 +429,7 @@ def test_param_budget_reaches_extract(d, capsys, monkeypatch):
             kwargs.pop("param_budget")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ex, "extract", spy)
+    monkeypatch.setattr(ex, "extract_to", spy)
     models = [d / f"{n}.safetensors" for n in ("pre", "clean", "robust")]
     assert run(capsys, "extract", *models, "-o", d / "b.rws", "--param-budget", "0.25")[0] == 0
     assert seen["param_budget"] == 0.25 and seen["layers"] == "auto"

@@ -26,15 +26,16 @@ import math
 import mmap
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _core, validate
 from ._format.safetensors import read_header
+from ._format.shards import load_index
 from .dtypes import NUMPY_OF_LABEL, PATCHABLE, label_of, widen
 from .errors import (
     FormatError,
@@ -51,8 +52,18 @@ from .selection import (
     layer_units,
 )
 from .signature import Entry, Signature, bn_entry, dense_entry, is_bn_stat
+from .signature.entry import quantize_entry
+from .signature.writer import SignatureWriter
 
-__all__ = ["extract", "open_source", "Source", "DictSource", "FileSource"]
+__all__ = [
+    "extract",
+    "extract_to",
+    "Extracted",
+    "open_source",
+    "Source",
+    "DictSource",
+    "FileSource",
+]
 
 #: A signature whose norm is at most this share of its reference norm (‖Δr‖ for the
 #: projection, ‖robust‖ for the difference) counts as zero: extract warns.
@@ -86,6 +97,9 @@ class Source:
 
     def get(self, name: str) -> np.ndarray:
         raise NotImplementedError
+
+    def release(self, name: str) -> None:
+        """Forget tensor ``name``'s memory (it has been read); a file's pages go back."""
 
     def is_float(self, name: str) -> bool:
         spec = self.spec(name)
@@ -173,14 +187,24 @@ class FileSource(Source):
         arr = np.frombuffer(self._maps[i], dtype, count=t.nbytes // dtype.itemsize, offset=start)
         return arr.reshape(t.shape)
 
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of tensor ``name``: reading a whole model through the
+        maps then keeps about one tensor resident, not every page touched."""
+        i, t = self._where[name]
+        mm = self._maps[i]
+        if not hasattr(mm, "madvise") or not t.nbytes:
+            return
+        at = self._headers[i].data_start + t.begin
+        start = at - at % mmap.PAGESIZE
+        end = min(-(-(at + t.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE, len(mm))
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
 
 def _index_files(path: Path) -> list[Path]:
-    try:
-        index = json.loads(path.read_text())
-        files = sorted(set(index["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise FormatError(f"{path}: not a safetensors index (weight_map missing): {e}") from None
-    return [path.parent / f for f in files]
+    """The shards of a sharded checkpoint, validated by :func:`load_index` (plain file
+    names in the index's folder, each header agreeing with the index)."""
+    index = load_index(path)
+    return [index.shard_path(s) for s in index.shards]
 
 
 def open_source(obj: Any) -> Source:
@@ -229,6 +253,11 @@ class _Trio:
 
     def params(self, unit: Sequence[str]) -> int:
         return sum(math.prod(self.clean.spec(n)[1]) for n in unit if not self.is_buffer(n))
+
+    def release(self, name: str) -> None:
+        for src in (self.pre, self.clean, self.robust):
+            if src is not None and src.spec(name) is not None:
+                src.release(name)
 
 
 @dataclass
@@ -287,6 +316,7 @@ def _unit_energies(trio: _Trio, units: list[list[str]], bn: set[str], progress) 
             if n not in bn:
                 got = _signature_values(trio, n, "projection")
                 e += got.stats["energy"] if got else 0.0
+                trio.release(n)
             progress(1)
         energies.append(e)
     return energies
@@ -302,6 +332,7 @@ def _fingerprint(src: Source | None, names: Iterable[str]) -> str | None:
             continue
         h.update(json.dumps([n, list(spec[1]), spec[0]]).encode())
         h.update(np.ascontiguousarray(src.get(n)).reshape(-1).view(np.uint8))
+        src.release(n)
     return "blake3:" + h.hexdigest()
 
 
@@ -311,6 +342,52 @@ def _share(what: str, value: Any) -> float:
     if not ok or not 0 < value <= 1:
         raise SelectionError(f"{what} must be a number in (0, 1], got {value!r}")
     return float(value)
+
+
+@dataclass
+class _Plan:
+    """What extract reads and takes: the checkpoints, their float tensors in depth order
+    (``names``), the selected ones (``chosen``) and the layer info recorded for them."""
+
+    trio: _Trio
+    method: str
+    names: list[str]
+    chosen: list[str]
+    bn: set[str]
+    layer_info: dict[str, Any]
+    tick: Callable[[int], object]
+
+
+def _plan(pretrained, clean, robust, layers, method, energy, param_budget, order, progress):
+    """Check the arguments, open the checkpoints and choose the tensors."""
+    if method not in ("projection", "difference"):
+        raise InvalidArgumentError(
+            f"unknown method {method!r}; expected 'projection' or 'difference'"
+        )
+    share = _share("energy share", energy)
+    budget = None if param_budget is None else _share("param_budget", param_budget)
+    if pretrained is None and method == "projection":
+        raise InvalidArgumentError("method 'projection' needs the pretrained checkpoint")
+    trio = _Trio(
+        open_source(pretrained) if pretrained is not None else None,
+        open_source(clean),
+        open_source(robust),
+    )
+    tick = progress or (lambda n: None)
+    names = _candidates(trio, order)
+    bn = trio.clean.bn | trio.robust.bn
+    units = layer_units(names, trio.clean.spec, trio.is_buffer)
+    chosen, layer_info = choose_layers(
+        names,
+        units,
+        [trio.params(u) for u in units],
+        layers,
+        method=method,
+        share=share,
+        param_budget=budget,
+        energies=lambda: _unit_energies(trio, units, bn, tick),
+    )
+    return _Plan(trio, method, names, chosen, bn, layer_info, tick)
 
 
 def extract(
@@ -359,84 +436,149 @@ def extract(
     :class:`~robustpatch.errors.ZeroSignatureWarning`; one with no entry left is an
     error. The choice, per-tensor stats, fingerprints and ``provenance`` are recorded in
     the metadata. ``progress`` is called with the number of tensors done.
+
+    To write the signature to a file without holding it in memory, use
+    :func:`extract_to`.
     """
-    if method not in ("projection", "difference"):
-        raise InvalidArgumentError(
-            f"unknown method {method!r}; expected 'projection' or 'difference'"
-        )
-    share = _share("energy share", energy)
-    budget = None if param_budget is None else _share("param_budget", param_budget)
-    if pretrained is None and method == "projection":
-        raise InvalidArgumentError("method 'projection' needs the pretrained checkpoint")
-    trio = _Trio(
-        open_source(pretrained) if pretrained is not None else None,
-        open_source(clean),
-        open_source(robust),
-    )
-    tick = progress or (lambda n: None)
-    names = _candidates(trio, order)
-    bn = trio.clean.bn | trio.robust.bn
-    units = layer_units(names, trio.clean.spec, trio.is_buffer)
-    chosen, layer_info = choose_layers(
-        names,
-        units,
-        [trio.params(u) for u in units],
-        layers,
-        method=method,
-        share=share,
-        param_budget=budget,
-        energies=lambda: _unit_energies(trio, units, bn, tick),
-    )
-    tally = _entries(trio, chosen, bn, method, tick)
-    if not tally.entries:
-        raise SelectionError(
-            f"nothing to extract: the {len(chosen)} selected tensors are unchanged "
-            "(robust equals clean) or have no pretrained counterpart"
-        )
-    meta = {
-        "method": method,
-        "layers": layer_info,
-        "skipped": tally.skipped,
-        "fingerprints": {"base": _fingerprint(trio.pre, [e.name for e in tally.entries])},
-        "source": {
-            "model_nbytes": trio.robust.float_nbytes(),
-            "model_tensors": len(names),
-        },
-        "provenance": dict(provenance or {}),
-    }
-    if method == "difference":
-        meta["dropped"] = _dropped(trio, names, set(chosen), tick)
-    if effect:
-        meta["effect"] = dict(effect)
+    plan = _plan(pretrained, clean, robust, layers, method, energy, param_budget, order, progress)
+    tally = _Tally()
+    entries = list(_entries(plan, tally))
+    meta = _meta(plan, tally, provenance, effect)
     _warn_if_zero(name, tally, method)
-    return Signature(tally.entries, name=name, meta=meta)
+    return Signature(entries, name=name, meta=meta)
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """What :func:`extract_to` wrote: the file, the signature's name, its number of
+    entries, the bytes of tensor data it stores, and its metadata (as
+    ``Signature.meta``)."""
+
+    path: Path
+    name: str
+    entries: int
+    nbytes: int
+    meta: dict[str, Any]
+
+
+def extract_to(
+    path: str | os.PathLike[str],
+    pretrained: Any,
+    clean: Any,
+    robust: Any,
+    layers: Layers = "auto",
+    *,
+    bits: int | None = None,
+    scheme: str = "affine",
+    granularity: str = "group",
+    group: int = 128,
+    method: str = "projection",
+    energy: float = 0.9,
+    param_budget: float | None = None,
+    name: str = "signature",
+    provenance: Mapping[str, Any] | None = None,
+    effect: Mapping[str, Any] | None = None,
+    order: Sequence[str] | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> Extracted:
+    """:func:`extract` straight into the signature file ``path``, each entry written as
+    it is produced (quantized first when ``bits`` is given, as
+    :meth:`~robustpatch.signature.Signature.quantize` takes it): memory stays near a
+    few tensors, not the signature. The file is byte for byte what
+    ``extract(...).save(path)`` (or ``extract(...).quantize(bits, ...).save(path)``)
+    writes; it appears whole or not at all (an error leaves ``path`` as it was)."""
+    path = validate.path(path, "signature path")
+    quant = None if bits is None else _quant_args(bits, scheme, granularity, group)
+    plan = _plan(pretrained, clean, robust, layers, method, energy, param_budget, order, progress)
+    tally = _Tally()
+    with SignatureWriter(path) as out:
+        for e in _entries(plan, tally):
+            out.add(e if quant is None else quantize_entry(e, *quant))
+        meta = _meta(plan, tally, provenance, effect)
+        if quant is not None:
+            meta["quantization"] = dict(zip(("bits", "scheme", "granularity", "group"), quant))
+        _warn_if_zero(name, tally, method)
+        out.commit(name, meta)
+        return Extracted(path, name, len(out), out.nbytes, meta)
+
+
+def _quant_args(bits: Any, scheme: Any, granularity: Any, group: Any) -> tuple[int, str, str, int]:
+    """The quantization arguments, checked as :meth:`Signature.quantize` checks them."""
+    return (
+        validate.bits(bits),
+        validate.scheme(scheme),
+        validate.granularity(granularity),
+        validate.group(group),
+    )
 
 
 @dataclass
 class _Tally:
-    entries: list[Entry]
-    skipped: list[str]
+    names: list[str] = field(default_factory=list)  # the entries produced
+    skipped: list[str] = field(default_factory=list)
     energy: float = 0.0  # ‖signature‖² over the stored deltas
     reference: float = 0.0  # the matching ‖Δr‖² or ‖robust‖² over the selected deltas
 
 
-def _entries(trio: _Trio, chosen: list[str], bn: set[str], method: str, tick) -> _Tally:
-    tally = _Tally([], [])
-    for n in chosen:
+def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
+    """Each selected tensor's entry in depth order, as it is computed (the sources'
+    pages released behind it); unchanged tensors are tallied as skipped."""
+    trio = plan.trio
+    for n in plan.chosen:
         label = trio.clean.spec(n)[0]
-        if n in bn:
-            tally.entries.append(bn_entry(n, widen(trio.robust.get(n)), label))
+        entry = None
+        if n in plan.bn:
+            entry = bn_entry(n, widen(trio.robust.get(n)), label)
         else:
-            got = _signature_values(trio, n, method)
+            got = _signature_values(trio, n, plan.method)
             if got is not None:
                 tally.reference += got.reference
             if got is None or not np.any(got.sig):
                 tally.skipped.append(n)
             else:
-                tally.entries.append(dense_entry(n, got.sig, label, got.stats))
+                entry = _delta_entry(n, got, label, plan.method)
                 tally.energy += got.stats["energy"]
-        tick(1)
-    return tally
+        trio.release(n)
+        if entry is not None:
+            tally.names.append(n)
+            yield entry
+        plan.tick(1)
+
+
+def _delta_entry(name: str, got: _Values, label: str, method: str) -> Entry:
+    """The dense entry of a tensor's signature. A difference's energy is ‖δ‖² summed
+    over the very values stored, so a NaN or Inf among them makes it non-finite: a
+    finite energy spares the pass that looks for one."""
+    if method == "difference" and math.isfinite(got.stats["energy"]):
+        values = got.sig
+        return Entry(name, "delta", tuple(values.shape), label, values=values, stats=got.stats)
+    return dense_entry(name, got.sig, label, got.stats)
+
+
+def _meta(plan: _Plan, tally: _Tally, provenance, effect) -> dict[str, Any]:
+    """The signature's metadata (SelectionError if no entry was produced)."""
+    trio = plan.trio
+    if not tally.names:
+        raise SelectionError(
+            f"nothing to extract: the {len(plan.chosen)} selected tensors are unchanged "
+            "(robust equals clean) or have no pretrained counterpart"
+        )
+    meta = {
+        "method": plan.method,
+        "layers": plan.layer_info,
+        "skipped": tally.skipped,
+        "fingerprints": {"base": _fingerprint(trio.pre, tally.names)},
+        "source": {
+            "model_nbytes": trio.robust.float_nbytes(),
+            "model_tensors": len(plan.names),
+        },
+        "provenance": dict(provenance or {}),
+    }
+    if plan.method == "difference":
+        meta["dropped"] = _dropped(trio, plan.names, set(plan.chosen), plan.tick)
+    if effect:
+        meta["effect"] = dict(effect)
+    return meta
 
 
 def _dropped(trio: _Trio, names: list[str], chosen: set[str], tick) -> list[str]:
@@ -446,6 +588,7 @@ def _dropped(trio: _Trio, names: list[str], chosen: set[str], tick) -> list[str]
         if n not in chosen:
             if np.any(widen(trio.robust.get(n)) != widen(trio.clean.get(n))):
                 out.append(n)
+            trio.release(n)
             tick(1)
     return out
 

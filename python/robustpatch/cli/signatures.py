@@ -76,38 +76,38 @@ def run_extract(args: Any) -> None:
     robustpatch extract pre.safetensors clean.safetensors fog.safetensors -o fog.rws \
         --bits 4 --provenance corruption=fog
     """
-    from ..extract import extract
+    from ..extract import extract_to
 
     models = [m for m in (args.pretrained, args.clean, args.robust) if m != "-"]
     cli_args.check_outputs(args, [f for m in models for f in _input_files(m)], [args.output])
+    quant = {"bits": args.bits, "scheme": args.scheme, "granularity": args.granularity}
     with progress_bar(args, "extract", unit="tensor") as tick:
-        sig = extract(
+        sig = extract_to(  # streamed: each entry written as it is computed
+            args.output,
             None if args.pretrained == "-" else args.pretrained,
             args.clean,
             args.robust,
             **_layer_kwargs(args),
+            **(dict(quant, group=args.group) if args.bits else {}),
             method=args.method,
             energy=args.energy,
             name=args.name or Path(args.output).stem,
             provenance=_kv(args.provenance),
             progress=tick,
         )
-    if args.bits:
-        sig = sig.quantize(args.bits, args.scheme, args.granularity, args.group)
-    sig.save(args.output)
     layers = sig.meta["layers"]
     left_out = {k: sig.meta.get(k) or [] for k in ("skipped", "dropped")}
     rep = {
         "file": args.output,
         "name": sig.name,
-        "entries": len(sig),
+        "entries": sig.entries,
         "bytes": sig.nbytes,
         "layers": layers,
         **left_out,
         "quantization": sig.meta.get("quantization"),
     }
     text = (
-        f"wrote {args.output}: {len(sig)} entries, {sig.nbytes} bytes "
+        f"wrote {args.output}: {sig.entries} entries, {sig.nbytes} bytes "
         f"({layers.get('units', '?')} of {layers.get('of', '?')} layers)"
     )
     why = {"skipped": "unchanged", "dropped": "changed but outside the selected layers"}

@@ -318,17 +318,32 @@ def from_parts(
 
 def header_meta(sig: Signature) -> dict[str, Any]:
     """The JSON object stored under ``__metadata__["robustpatch"]``."""
-    meta = copy.deepcopy(sig.meta)
+    return header_object(sig.name, sig.meta, [e.spec() for e in sig], sig.content_hash)
+
+
+def header_object(
+    name: str, meta: Mapping[str, Any], specs: list[dict[str, Any]], content_hash: str
+) -> dict[str, Any]:
+    """:func:`header_meta` from its parts (a streamed writer has no Signature)."""
+    meta = copy.deepcopy(dict(meta))
     fps = dict(meta.pop("fingerprints", {}) or {})
-    fps["architecture"] = sig.architecture_fingerprint
+    fps["architecture"] = architecture_fingerprint(specs)
     fps.setdefault("base", None)
     out: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": "signature"}
-    out["name"] = sig.name
+    out["name"] = name
     out.update((k, v) for k, v in meta.items() if k not in HEADER_KEYS)
     out["fingerprints"] = fps
-    out["entries"] = [e.spec() for e in sig]
-    out["content_hash"] = sig.content_hash
+    out["entries"] = specs
+    out["content_hash"] = content_hash
     return out
+
+
+def architecture_fingerprint(specs: list[dict[str, Any]]) -> str:
+    """sha256 over the names, shapes and dtypes of the tensors the entries touch."""
+    h = hashlib.sha256()
+    for s in sorted(specs, key=lambda s: s["name"]):
+        h.update(json.dumps([s["name"], list(s["shape"]), s["dtype"]]).encode())
+    return "sha256:" + h.hexdigest()
 
 
 def save(sig: Signature, path: Path) -> Path:

@@ -19,8 +19,6 @@ saving a scaled signature or a sum is refused with a pointer to ``materialize()`
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import numbers
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -212,11 +210,7 @@ class Signature(_Linear):
     @property
     def architecture_fingerprint(self) -> str:
         """sha256 over the names, shapes and dtypes of the tensors the signature touches."""
-        h = hashlib.sha256()
-        for k in sorted(self.entries):
-            e = self.entries[k]
-            h.update(json.dumps([k, list(e.shape), e.dtype]).encode())
-        return "sha256:" + h.hexdigest()
+        return codec.architecture_fingerprint([e.spec() for e in self])
 
     @property
     def base_fingerprint(self) -> str | None:

@@ -1,0 +1,142 @@
+"""A signature file written entry by entry, never held whole in memory.
+
+:class:`SignatureWriter` takes each :class:`~robustpatch.signature.entry.Entry` as it is
+produced and writes its file tensors (dense deltas in their compact dtype, as
+:func:`~robustpatch.signature.codec.save` stores them) to a temporary data file in the
+output's folder, so memory stays near one entry. The header cannot come first: it holds
+every entry's stats and the content hash, which covers the entry specs before any tensor
+and the tensors in name order, not in the order they were produced. :meth:`commit`
+therefore reads the data back once in name order, hashing it (compact values widened to
+the float32 the hash is defined over) while copying it behind the header into the final
+temporary file, which is then renamed into place. The file is byte for byte what
+``codec.save`` writes for the same signature.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._format.safetensors import TensorInfo, check_header_size, encode_header
+from .._io.atomic import AtomicFile
+from .._io.ranged import pread_into, pwrite_all
+from ..dtypes import label_of, widen
+from .codec import (
+    HASH_ALGORITHMS,
+    META_KEY,
+    ContentHasher,
+    compact,
+    header_object,
+    json_default,
+)
+from .entry import Entry
+
+__all__ = ["SignatureWriter"]
+
+#: Bytes moved per read while the data is hashed and copied behind the header.
+_BLOCK = 8 << 20
+
+#: A content hash as long as the real one (the algorithm's name and 64 hex digits): the
+#: header is laid out with it before the hash is known, then overwritten in place.
+_HASH_PLACEHOLDER = f"{HASH_ALGORITHMS[0]}:" + "0" * 64
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One file tensor in the data file: where it is, and how the hash sees it (the
+    float32 values of a compact dense delta: ``widen_from`` names its stored label)."""
+
+    info: TensorInfo
+    hashed_dtype: np.dtype
+    hashed_shape: tuple[int, ...]
+    widen_from: str | None
+
+
+class SignatureWriter:
+    """Write a signature to ``path`` one entry at a time (see the module docstring).
+
+    Use as a context manager: leaving it without :meth:`commit` (an error) deletes the
+    temporary files and leaves ``path`` as it was."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._data = AtomicFile(self.path, durable=False)
+        self._specs: list[dict[str, Any]] = []
+        self._stored: list[_Stored] = []
+        self._offset = 0
+
+    def __enter__(self) -> SignatureWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._data.discard()
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data written so far."""
+        return self._offset
+
+    def add(self, entry: Entry) -> None:
+        """Append ``entry`` (weight 1) to the file."""
+        compact_dense = entry.kind == "delta" and entry.quant is None
+        for name, arr in entry.file_tensors().items():
+            arr = np.ascontiguousarray(arr)
+            stored = compact(arr) if compact_dense else arr
+            label = "U8" if stored.dtype == np.uint8 else label_of(stored)
+            widen_from = label if compact_dense and label != "F32" else None
+            end = self._offset + stored.nbytes
+            info = TensorInfo(name, label, tuple(stored.shape), self._offset, end)
+            self._data.file.write(memoryview(stored.reshape(-1).view(np.uint8)))
+            self._stored.append(_Stored(info, arr.dtype, tuple(arr.shape), widen_from))
+            self._offset = end
+        self._specs.append(entry.spec())
+
+    def commit(self, name: str, meta: Mapping[str, Any]) -> None:
+        """Write the header (``name`` and ``meta`` as ``Signature(name=, meta=)`` would
+        give them) and the data, hashed, then rename the file into place."""
+        self._data.file.flush()
+        header = self._header(name, meta, _HASH_PLACEHOLDER)
+        with AtomicFile(self.path) as out:
+            digest = self._copy_hashed(out.file.fileno(), len(header))
+            final = self._header(name, meta, digest)
+            assert len(final) == len(header), "the placeholder has the hash's length"
+            pwrite_all(out.file.fileno(), final, 0)
+            out.commit()
+
+    def _header(self, name: str, meta: Mapping[str, Any], content_hash: str) -> bytes:
+        obj = header_object(name, meta, self._specs, content_hash)
+        raw = json.dumps(obj, default=json_default)
+        header = encode_header([s.info for s in self._stored], {META_KEY: raw})
+        check_header_size(len(header), str(self.path))
+        return header
+
+    def _copy_hashed(self, out_fd: int, data_start: int) -> str:
+        """Copy every tensor from the data file to ``out_fd`` at ``data_start`` + its
+        offset, in name order, hashing it on the way; returns the content hash."""
+        hasher = ContentHasher(self._specs)
+        buf = np.empty(_BLOCK, np.uint8)
+        src = self._data.file.fileno()
+        for s in sorted(self._stored, key=lambda s: s.info.name):
+            hasher.tensor(s.info.name, s.hashed_dtype, s.hashed_shape)
+            at, end = s.info.begin, s.info.end
+            while at < end:  # blocks hold whole elements: _BLOCK is a multiple of 8
+                view = memoryview(buf[: min(_BLOCK, end - at)])
+                if pread_into(src, view, at) != len(view):
+                    raise OSError(f"{self._data.tmp}: the temporary data file ended early")
+                pwrite_all(out_fd, view, data_start + at)
+                block = buf[: len(view)]
+                if s.widen_from is not None:
+                    dtype = np.uint16 if s.widen_from == "BF16" else np.float16
+                    block = widen(block.view(dtype), s.widen_from).view(np.uint8)
+                hasher.update(block)
+                at += len(view)
+        return hasher.hexdigest()

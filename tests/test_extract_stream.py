@@ -1,0 +1,200 @@
+"""Streamed extraction: ``extract_to`` writes each entry as it is computed, the file byte
+for byte what ``extract(...).save()`` writes, with memory near a few tensors; sharded
+sources are read through their validated index."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robustpatch._format.safetensors import TensorInfo, encode_header, write_tensors
+from robustpatch.cli import main
+from robustpatch.errors import FormatError, NonFiniteError, SelectionError
+from robustpatch.extract import extract, extract_to
+from robustpatch.signature import Signature
+from rp_testutil import bf16_from_f32, listing, trio
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+MIB = 1 << 20
+
+
+def write_trio(folder: Path, fc_dtype="bf16") -> list[Path]:
+    """pretrained, clean and robust checkpoints (F32, BF16, BatchNorm statistics, an
+    unchanged tensor) as safetensors files."""
+    paths = []
+    for name, model in zip(("pre", "clean", "robust"), trio(3, fc_dtype)):
+        model = {k: v for k, v in model.items() if v.dtype.kind != "i"}
+        paths.append(folder / f"{name}.safetensors")
+        write_tensors(paths[-1], model, {"format": "pt"})
+    return paths
+
+
+@pytest.mark.parametrize("method", ["projection", "difference"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_the_streamed_file_is_byte_for_byte_the_saved_signature(tmp_path, method, bits):
+    pre, clean, robust = write_trio(tmp_path)
+    kw = {"method": method, "layers": "all", "name": "fog", "provenance": {"c": "fog"}}
+    sig = extract(pre, clean, robust, **kw)
+    if bits:
+        sig = sig.quantize(bits, "affine", "group", 64)
+    sig.save(tmp_path / "eager.rws")
+    quant = {"bits": bits, "group": 64} if bits else {}
+    got = extract_to(tmp_path / "streamed.rws", pre, clean, robust, **kw, **quant)
+    assert (tmp_path / "streamed.rws").read_bytes() == (tmp_path / "eager.rws").read_bytes()
+    loaded = Signature.load(tmp_path / "streamed.rws")
+    assert loaded.content_hash == sig.content_hash
+    assert (got.entries, got.meta) == (len(sig), sig.meta)
+    assert got.nbytes == sum(e.nbytes for e in loaded)  # the stored bytes (compact)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["pre.safetensors", "clean.safetensors", "robust.safetensors", "eager.rws", "streamed.rws"]
+    )
+
+
+def test_compact_and_skipped_entries_stream_as_they_save(tmp_path):
+    """A BF16 delta exact in bf16 is stored BF16, an unchanged tensor is skipped."""
+    rng = np.random.default_rng(0)
+    clean = {
+        "a.weight": bf16_from_f32(rng.uniform(1, 2, (8, 16)).astype(np.float32)),
+        "b.weight": rng.standard_normal((8, 16)).astype(np.float32),
+        "c.weight": rng.standard_normal((4, 4)).astype(np.float32),
+    }
+    robust = dict(clean, **{"a.weight": clean["a.weight"] + np.uint16(1)})
+    robust["b.weight"] = clean["b.weight"] + np.float32(1e-3)
+    for name, model in (("c", clean), ("r", robust)):
+        write_tensors(tmp_path / f"{name}.safetensors", model)
+    args = (None, tmp_path / "c.safetensors", tmp_path / "r.safetensors")
+    kw = {"method": "difference", "layers": "all"}
+    extract(*args, **kw).save(tmp_path / "eager.rws")
+    got = extract_to(tmp_path / "s.rws", *args, **kw)
+    assert (tmp_path / "s.rws").read_bytes() == (tmp_path / "eager.rws").read_bytes()
+    assert got.meta["skipped"] == ["c.weight"] and got.entries == 2
+    assert got.nbytes == 8 * 16 * 2 + 8 * 16 * 4  # a.weight as BF16, b.weight as F32
+
+
+def test_nothing_to_extract_leaves_the_folder_as_it_was(tmp_path):
+    write_tensors(tmp_path / "m.safetensors", {"w": np.ones((4, 4), np.float32)})
+    (tmp_path / "out.rws").write_bytes(b"before")
+    before = listing(tmp_path)
+    same = tmp_path / "m.safetensors"
+    with pytest.raises(SelectionError, match="nothing to extract"):
+        extract_to(tmp_path / "out.rws", None, same, same, method="difference")
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_difference_is_refused_with_its_index(tmp_path, bad):
+    clean = {"w": np.zeros((4, 4), np.float32)}
+    robust = {"w": np.zeros((4, 4), np.float32)}
+    robust["w"][2, 1] = bad
+    with pytest.raises(NonFiniteError, match="flat index 9"):
+        extract_to(tmp_path / "o.rws", None, clean, robust, method="difference")
+    assert os.listdir(tmp_path) == []
+
+
+def write_sharded(folder: Path, model: dict[str, np.ndarray], weight_map: dict[str, str]):
+    folder.mkdir(exist_ok=True)
+    for shard in sorted(set(weight_map.values())):
+        part = {k: v for k, v in model.items() if weight_map[k] == shard}
+        write_tensors(folder / shard, part, {"format": "pt"})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder / "model.safetensors.index.json"
+
+
+def test_a_sharded_source_extracts_what_the_single_file_does(tmp_path):
+    pre, clean, robust = trio(4)
+    models = [{k: v for k, v in m.items() if v.dtype.kind != "i"} for m in (pre, clean, robust)]
+    names = sorted(models[0])
+    wmap = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}
+    indexes = [write_sharded(tmp_path / k, m, wmap) for k, m in zip("pcr", models)]
+    files = []
+    for k, m in zip("pcr", models):
+        files.append(tmp_path / f"{k}.safetensors")
+        write_tensors(files[-1], m)
+    extract_to(tmp_path / "sharded.rws", *indexes, layers="all")
+    extract_to(tmp_path / "single.rws", *files, layers="all")
+    assert (tmp_path / "sharded.rws").read_bytes() == (tmp_path / "single.rws").read_bytes()
+
+
+def test_a_hostile_index_naming_a_file_outside_its_folder_is_refused(tmp_path, capsys):
+    """A shard name with ``..`` is refused, though the file it names exists and would
+    be read otherwise."""
+    model = {"w": np.ones((4, 4), np.float32)}
+    write_tensors(tmp_path / "outside.safetensors", model)
+    (tmp_path / "ckpt").mkdir()
+    index = {"weight_map": {"w": "../outside.safetensors"}}
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_tensors(tmp_path / "robust.safetensors", {"w": np.full((4, 4), 2, np.float32)})
+    before = listing(tmp_path)
+    hostile = tmp_path / "ckpt" / "model.safetensors.index.json"
+    with pytest.raises(FormatError, match="is not a file name in its folder"):
+        extract_to(
+            tmp_path / "o.rws", None, hostile, tmp_path / "robust.safetensors", method="difference"
+        )
+    argv = ["extract", "-", str(hostile), str(tmp_path / "robust.safetensors")]
+    assert main([*argv, "-o", str(tmp_path / "o.rws"), "--method", "difference"]) != 0
+    assert "robustpatch: error:" in capsys.readouterr().err
+    assert listing(tmp_path) == before
+
+
+CHILD = r"""
+import json, sys
+op, args = sys.argv[1], json.loads(sys.argv[2])
+from robustpatch.extract import extract_to
+
+def peak_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+if op == "extract":
+    extract_to(args["out"], None, args["clean"], args["robust"], method="difference",
+               layers="all")
+print(json.dumps({"peak_mib": peak_mib()}))
+"""
+
+
+def peak(op: str, **args) -> float:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, op, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def write_bf16_model(path: Path, n: int, shape: tuple[int, int], seed: int) -> None:
+    """``n`` BF16 tensors of ``shape``, written a tensor at a time."""
+    rng = np.random.default_rng(seed)
+    size = 2 * shape[0] * shape[1]
+    infos = [TensorInfo(f"l{i}.weight", "BF16", shape, i * size, (i + 1) * size) for i in range(n)]
+    with open(path, "wb") as f:
+        f.write(encode_header(infos, {}))
+        for _ in infos:
+            f.write(bf16_from_f32(rng.standard_normal(shape, dtype=np.float32)).tobytes())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_a_full_task_vector_is_extracted_near_a_few_tensors(tmp_path):
+    """32 BF16 tensors of 2 MiB each side: the float32 task vector is 128 MiB (random
+    differences are not exact in bf16). Held whole, with the pages of both inputs, the
+    process grows by more than the signature; streamed, by far less."""
+    shape, n = (1024, 1024), 32
+    write_bf16_model(tmp_path / "c.safetensors", n, shape, 0)
+    write_bf16_model(tmp_path / "r.safetensors", n, shape, 1)
+    base = peak("baseline")
+    out = tmp_path / "tv.rws"
+    grew = peak("extract", clean=str(tmp_path / "c.safetensors"),
+                robust=str(tmp_path / "r.safetensors"), out=str(out))  # fmt: skip
+    sig_mib = out.stat().st_size / MIB
+    assert sig_mib > 127
+    assert grew - base < 0.5 * sig_mib, (grew, base)
