@@ -69,6 +69,7 @@ from ._io.inputs import open_input
 from ._io.ranged import TensorReader, copy_range, pwrite_all, start_writeback
 from .dtypes import kernel_view
 from .errors import FormatError, InvalidArgumentError, MismatchError
+from .options import FILE_OPTIONS, PatchOptions
 from .signature import SignatureLike, parse_meta_json
 from .signature.streamed import StreamedSignature, open_signature
 from .targets import (
@@ -378,21 +379,19 @@ def apply_file(
     alphas: Alphas = 1.0,
     out: str | os.PathLike[str] | None = None,
     *,
-    force: bool = False,
-    allow_dtype_change: bool = False,
-    undo: bool = True,
-    durable: bool = False,
     progress: Progress | None = None,
-    allow_nonfinite: bool = False,
     inplace: bool = False,
     embed_signature: bool = False,
+    **options: bool,
 ) -> FileReport:
     """Write ``src`` patched with ``Σ α_k·sig_k`` to ``out`` (atomically).
 
     ``inplace=True`` patches ``src`` itself instead (``out`` left out), touching only the
     patched tensors' bytes, crash-safe through a journal (:mod:`robustpatch.inplace`).
 
-    With ``undo`` (default) an undo record is written to ``<out>.rpundo`` so that
+    ``options`` are those of :class:`~robustpatch.options.PatchOptions`: ``force``,
+    ``allow_dtype_change``, ``undo`` (default True), ``durable``, ``allow_nonfinite``.
+    With ``undo`` an undo record is written to ``<out>.rpundo`` so that
     :func:`remove_file` restores ``src`` bit for bit. Refuses an output (or its record)
     that is one of the inputs (``src`` or a signature file, also through links), and a
     model whose names/shapes/dtypes do not match the signatures; ``allow_dtype_change``
@@ -410,6 +409,7 @@ def apply_file(
     then stays near one of its tensors too, and the undo record refers to the file by
     content hash instead of embedding it (``embed_signature=True`` embeds it).
     """
+    opts = PatchOptions.of(options, "apply_file", FILE_OPTIONS)
     if is_sharded(validate.path(src, "src")):  # an *.index.json or its folder: into a folder
         from .sharded import apply_sharded
 
@@ -418,53 +418,45 @@ def apply_file(
                 f"{os.fspath(src)}: inplace=True patches one safetensors file; a sharded "
                 "checkpoint is written to a new folder (out=...)"
             )
-        return apply_sharded(
-            src,
-            sigs,
-            alphas,
-            out,
-            force=force,
-            allow_dtype_change=allow_dtype_change,
-            undo=undo,
-            durable=durable,
-            progress=progress,
-            allow_nonfinite=allow_nonfinite,
-        )
+        return apply_sharded(src, sigs, alphas, out, opts, progress)
     if inplace:
         from .inplace import apply_inplace
 
         _no_output(src, out)
-        return apply_inplace(
-            src,
-            sigs,
-            alphas,
-            force=force,
-            allow_dtype_change=allow_dtype_change,
-            undo=undo,
-            progress=progress,
-            allow_nonfinite=allow_nonfinite,
-            embed_signature=embed_signature,
-        )
+        return apply_inplace(src, sigs, alphas, opts, progress, embed_signature)
+    return apply_one(src, sigs, alphas, out, opts, progress, embed_signature)
+
+
+def apply_one(
+    src: str | os.PathLike[str],
+    sigs: SignatureLike | Sequence[SignatureLike],
+    alphas: Alphas,
+    out: str | os.PathLike[str] | None,
+    opts: PatchOptions,
+    progress: Progress | None = None,
+    embed_signature: bool = False,
+) -> FileReport:
+    """:func:`apply_file` of one safetensors file into a new one."""
     src, out = validate.path(src, "src"), _output(out, "apply_file")
     _check_no_journal(src)
-    outputs = [out, undo_path_for(out)] if undo else [out]
+    outputs = [out, undo_path_for(out)] if opts.undo else [out]
     check_destinations([src, *_paths(sigs)], outputs)
     plan = streamed_plan(sigs, alphas)
     with open_input(src) as fsrc:
         header = read_header_from(fsrc, str(src))
-        check_plan(plan, _spec_of(header), force, allow_dtype_change=allow_dtype_change)
+        check_plan(plan, _spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
         new_header = _patched_header(header, plan, out)
-        if not undo:
-            with AtomicFile(out, durable) as fout:
+        if not opts.undo:
+            with AtomicFile(out, opts.durable) as fout:
                 target = FileTarget(fsrc, header, fout, new_header, progress)
                 target.release = releaser(plan)
                 with verifying(plan):
-                    patch_target(target, plan, None, allow_nonfinite)
+                    patch_target(target, plan, None, opts.allow_nonfinite)
                 fout.commit()
             return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
         refs = signature_refs(plan, embed_signature)
         return _apply_with_undo(
-            fsrc, header, new_header, plan, out, durable, progress, allow_nonfinite, refs
+            fsrc, header, new_header, plan, out, opts.durable, progress, opts.allow_nonfinite, refs
         )
 
 

@@ -55,6 +55,7 @@ from .files import (
     streamed_plan,
     verifying,
 )
+from .options import PatchOptions
 from .signature import SignatureLike
 from .targets import (
     Alphas,
@@ -161,25 +162,21 @@ def _mapped(f: Any) -> Iterator[mmap.mmap]:
 def apply_inplace(
     model: str | os.PathLike[str],
     sigs: SignatureLike | Sequence[SignatureLike],
-    alphas: Alphas = 1.0,
-    *,
-    force: bool = False,
-    allow_dtype_change: bool = False,
-    undo: bool = True,
+    alphas: Alphas,
+    opts: PatchOptions,
     progress: Progress | None = None,
-    allow_nonfinite: bool = False,
     embed_signature: bool = False,
 ) -> FileReport:
     """Patch ``model`` in place with ``Σ α_k·sig_k`` (see the module docstring).
 
-    The undo record goes to ``<model>.rpundo`` (unless ``undo=False``); checks and errors
+    The undo record goes to ``<model>.rpundo`` (unless ``opts.undo`` is off); checks and errors
     are those of :func:`~robustpatch.files.apply_file`. On any error the model is
     restored from the journal before the error propagates.
     """
     model = validate.path(model, "model")
     record = undo_path_for(model)
     check_destinations(_paths(sigs), [model])
-    if undo:
+    if opts.undo:
         check_destinations([model, *_paths(sigs)], [record])
         if record.exists():
             raise FileExistsError(
@@ -191,7 +188,7 @@ def apply_inplace(
     plan = streamed_plan(sigs, alphas)
     with open_input(model) as probe:
         header = read_header_from(probe, str(model))
-    check_plan(plan, _spec_of(header), force, allow_dtype_change=allow_dtype_change)
+    check_plan(plan, _spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
     fitted = _fitted_header(_patched_header(header, plan, model), header.data_start)
     ranges = _tensor_ranges(header, set(plan.names))
     if fitted is not None:
@@ -200,7 +197,7 @@ def apply_inplace(
     with open(model, "r+b") as f:
         src_header = os.pread(f.fileno(), header.data_start, 0)
         journal = Journal.begin(
-            model, f.fileno(), ranges, commit_rename=(pending, record) if undo else None
+            model, f.fileno(), ranges, commit_rename=(pending, record) if opts.undo else None
         )
         try:
             elements = _patch(
@@ -209,9 +206,9 @@ def apply_inplace(
                 plan,
                 fitted,
                 src_header,
-                pending if undo else None,
+                pending if opts.undo else None,
                 progress,
-                allow_nonfinite,
+                opts.allow_nonfinite,
                 signature_refs(plan, embed_signature),
             )
             journal.commit()
@@ -221,7 +218,7 @@ def apply_inplace(
     touched = sum(n for _, n in ranges)
     return FileReport(
         model,
-        record if undo else None,
+        record if opts.undo else None,
         len(plan.deltas),
         len(plan.bn),
         touched,

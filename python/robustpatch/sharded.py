@@ -51,6 +51,7 @@ from .targets import Alphas, check_plan, make_plan
 
 if TYPE_CHECKING:
     from .files import FileReport
+    from .options import PatchOptions
 
 __all__ = [
     "RECORD_NAME",
@@ -81,60 +82,44 @@ def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
 def apply_sharded(
     src: str | os.PathLike[str],
     sigs: SignatureLike | Sequence[SignatureLike],
-    alphas: Alphas = 1.0,
-    out: str | os.PathLike[str] | None = None,
-    *,
-    force: bool = False,
-    allow_dtype_change: bool = False,
-    undo: bool = True,
-    durable: bool = False,
+    alphas: Alphas,
+    out: str | os.PathLike[str] | None,
+    opts: PatchOptions,
     progress: Any = None,
-    allow_nonfinite: bool = False,
 ) -> FileReport:
     """:func:`robustpatch.files.apply_file` for a sharded checkpoint (its index or its
     folder): ``out`` is the folder to write. Everything is checked (index, shards,
     signatures against the tensors) before anything is written."""
-    from .files import FileReport, apply_file
+    from .files import FileReport, apply_one
 
     index = load_index(validate.path(src, "src"))
     out = _out_folder(out, "apply_file")
     pairs = terms(_opened(sigs), alphas)
-    plan = make_plan([s for s, _ in pairs], [a for _, a in pairs])
-    check_plan(plan, _spec_across(index), force, allow_dtype_change=allow_dtype_change)
+    plan = make_plan(*_split(pairs))
+    check_plan(plan, _spec_across(index), opts.force, allow_dtype_change=opts.allow_dtype_change)
     _check_out_folder(out, [index.folder, *_sig_paths(sigs)])
     shards: dict[str, dict[str, Any]] = {}
     written = elements = 0
-    with _TempFolder(out, durable) as tmp:
+    with _TempFolder(out, opts.durable) as tmp:
         for shard in index.shards:
             part = _part_for(pairs, index.tensors_of(shard))
             dst = tmp.path / shard
             if not part:
                 header = index.headers[shard]
-                shards[shard] = _link_or_copy(index.shard_path(shard), dst, header, durable)
+                shards[shard] = _link_or_copy(index.shard_path(shard), dst, header, opts.durable)
                 _tick(progress, index.headers[shard].file_size)
                 continue
-            rep = apply_file(
-                index.shard_path(shard),
-                [s for s, _ in part],
-                [a for _, a in part],
-                dst,
-                force=force,
-                allow_dtype_change=allow_dtype_change,
-                undo=undo,
-                durable=durable,
-                progress=progress,
-                allow_nonfinite=allow_nonfinite,
-            )
+            rep = apply_one(index.shard_path(shard), *_split(part), dst, opts, progress)
             _release(pairs, index.tensors_of(shard))
             shards[shard] = {"undo": undo_path_for(shard).name}
             written += rep.bytes_written
             elements += rep.record_elements
         new_index = _patched_index(index, pairs)
-        _write(tmp.path / index.path.name, new_index, durable)
-        if undo:
-            _write(tmp.path / RECORD_NAME, _record(index, new_index, shards), durable)
+        _write(tmp.path / index.path.name, new_index, opts.durable)
+        if opts.undo:
+            _write(tmp.path / RECORD_NAME, _record(index, new_index, shards), opts.durable)
         tmp.commit()
-    record = out / RECORD_NAME if undo else None
+    record = out / RECORD_NAME if opts.undo else None
     return FileReport(out, record, len(plan.deltas), len(plan.bn), written, elements)
 
 
@@ -149,6 +134,11 @@ def _spec_across(index: ShardedIndex):
         return None if t is None else (t.dtype, t.shape)
 
     return spec
+
+
+def _split(pairs: list[tuple[Signature, float]]) -> tuple[list[Signature], list[float]]:
+    """Signatures and their α as two lists."""
+    return [s for s, _ in pairs], [a for _, a in pairs]
 
 
 def _part_for(pairs: list[tuple[Signature, float]], names: set[str]):

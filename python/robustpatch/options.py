@@ -1,0 +1,52 @@
+"""The keyword options of a patch, declared once.
+
+``apply_file``, ``onnx.apply``, ``apply``/``subtract`` and a pipeline ``Job`` take
+them as keywords (``force=True``...); each entry point names the ones it takes, and
+the writers behind it (sharded, in place, one file) receive them as one
+:class:`PatchOptions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, fields
+
+from .errors import InvalidArgumentError
+
+__all__ = ["PatchOptions", "FILE_OPTIONS", "MEMORY_OPTIONS"]
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """How a patch is checked and written.
+
+    ``force``: accept a dtype or a shape (of the same element count) other than the
+    signature's. ``allow_dtype_change``: accept a float tensor of another dtype than the
+    signature was made for. ``undo``: write an undo record. ``durable``: fsync the
+    outputs before they are renamed into place. ``allow_nonfinite``: write a result that
+    overflows the tensor's dtype (±Inf) instead of refusing it (NonFiniteError).
+    """
+
+    force: bool = False
+    allow_dtype_change: bool = False
+    undo: bool = True
+    durable: bool = False
+    allow_nonfinite: bool = False
+
+    @classmethod
+    def of(cls, options: Mapping[str, object], fn: str, allowed: Collection[str]) -> PatchOptions:
+        """The options a call to ``fn`` passed as keywords, each one of ``allowed``: another
+        name is a TypeError (as Python gives for any function), a value other than True or
+        False an InvalidArgumentError naming it."""
+        for name, value in options.items():
+            if name not in allowed:
+                raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}")
+            if not isinstance(value, bool):
+                raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
+        return cls(**options)  # type: ignore[arg-type]
+
+
+#: What a model file on disk takes (``apply_file``, ``onnx.apply``).
+FILE_OPTIONS = frozenset(f.name for f in fields(PatchOptions))
+#: What a model in memory takes (``apply``, ``subtract``): nothing is written.
+MEMORY_OPTIONS = frozenset({"force", "allow_nonfinite"})
