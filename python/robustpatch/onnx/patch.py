@@ -35,6 +35,7 @@ from .._io.inputs import open_input
 from ..dtypes import NUMPY_OF_LABEL
 from ..errors import FormatError, InvalidArgumentError, MismatchError
 from ..files import FileTarget, _FileRecords, _paths, _RecordToFile, _Verify
+from ..options import FILE_OPTIONS, PatchOptions
 from ..signature import SignatureLike
 from ..targets import (
     Alphas,
@@ -214,35 +215,32 @@ def apply(
     signatures: SignatureLike | Sequence[SignatureLike],
     alphas: Alphas = 1.0,
     out: str | os.PathLike[str] | None = None,
-    *,
-    force: bool = False,
-    allow_dtype_change: bool = False,
-    undo: bool = True,
-    durable: bool = False,
-    allow_nonfinite: bool = False,
+    **options: bool,
 ) -> OnnxReport:
     """Write the ONNX ``model`` with ``Σ α_k·sig_k`` added to its initializers to ``out``.
 
-    The same fused engine as :func:`robustpatch.apply_file`; names are the state-dict
-    names the signatures were extracted with (torch's exporter keeps them as initializer
-    names). An external data file is written as ``<out>.data`` beside ``out``. With
-    ``undo`` (default) ``<out>.rpundo`` lets :func:`remove` restore the source bit for
-    bit. Refuses a signature tensor with no initializer of its shape (a BatchNorm folded
-    at export: see :data:`FOLDING_HINT`), an output that is one of the inputs, and any
-    malformed or hostile model (:func:`robustpatch.onnx.model.load`); on any error
-    nothing is written. Never imports torch.
+    The same fused engine and ``options`` (``force``, ``allow_dtype_change``, ``undo``,
+    ``durable``, ``allow_nonfinite``) as :func:`robustpatch.apply_file`; names are the
+    state-dict names the signatures were extracted with (torch's exporter keeps them as
+    initializer names). An external data file is written as ``<out>.data`` beside
+    ``out``. With ``undo`` (default) ``<out>.rpundo`` lets :func:`remove` restore the
+    source bit for bit. Refuses a signature tensor with no initializer of its shape (a
+    BatchNorm folded at export: see :data:`FOLDING_HINT`), an output that is one of the
+    inputs, and any malformed or hostile model (:func:`robustpatch.onnx.model.load`); on
+    any error nothing is written. Never imports torch.
     """
+    opts = PatchOptions.of(options, "onnx.apply", FILE_OPTIONS)
     src, out = validate.path(model, "model"), _output(out)
     m = load(src)
     data_out = out.parent / data_name(out) if m.location is not None else None
-    outputs = [p for p in (out, data_out, undo_path_for(out) if undo else None) if p]
+    outputs = [p for p in (out, data_out, undo_path_for(out) if opts.undo else None) if p]
     check_destinations([src, *([m.data_path] if m.data_path else []), *_paths(signatures)], outputs)
     plan = plan_for(signatures, alphas)
-    check_fits(m, plan, force, allow_dtype_change)
+    check_fits(m, plan, opts.force, opts.allow_dtype_change)
     new_bytes = bytearray(m.data if data_out is None else relocated(m.data, data_out.name))
     touched = [(_info(m, n), "delta" if n in plan.deltas else "bn") for n in _file_order(m, plan)]
-    undo_path = undo_path_for(out) if undo else None
-    with _Outputs(out, data_out, undo_path, durable) as files, _data_source(m) as fsrc:
+    undo_path = undo_path_for(out) if opts.undo else None
+    with _Outputs(out, data_out, undo_path, opts.durable) as files, _data_source(m) as fsrc:
         writer = None
         if files.undo is not None:
             src_header = m.data if data_out is not None else b""
@@ -250,7 +248,7 @@ def apply(
             writer = UndoWriter(files.undo, plan.sigs, plan.alphas, touched, src_header, sizes, b"")
         sink = None if writer is None else _RecordToFile(writer)
         target = _target(m, new_bytes, fsrc, files.data, sink)
-        patch_target(target, plan, sink, allow_nonfinite)
+        patch_target(target, plan, sink, opts.allow_nonfinite)
         files.model.file.write(new_bytes)
         if writer is not None:
             patched_sha = hashlib.sha256(new_bytes).hexdigest()
