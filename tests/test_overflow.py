@@ -132,9 +132,11 @@ def test_in_memory_subtract_counts_inconsistent_elements_exactly():
 def test_torch_ops_path_refuses_and_rolls_back():
     torch = pytest.importorskip("torch")
     model, sig = f16_case()
+    from robustpatch.torch_bridge import TorchTarget
+
     state = {k: torch.from_numpy(v.copy()) for k, v in model.items()}
     with pytest.raises(NonFiniteError, match=rf"^{N} elements overflow"):
-        apply(state, sig, 1e30, torch_ops=True)
+        apply(TorchTarget(state, torch_ops=True), sig, 1e30)
     assert bits({k: v.numpy() for k, v in state.items()}) == bits(model)
 
 

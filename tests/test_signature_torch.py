@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 from robustpatch.extract import extract  # noqa: E402
 from robustpatch.targets import apply, remove  # noqa: E402
+from robustpatch.torch_bridge import TorchTarget  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -143,11 +144,11 @@ def test_the_on_device_torch_path_matches_the_engine_and_removes_exactly(nets, s
     torch_path.load_state_dict(clean.state_dict())
     before = state_bits(torch_path)
     apply(engine, a, 0.7)
-    undo = apply(torch_path, a, 0.7, torch_ops=True)
+    undo = apply(TorchTarget(torch_path, torch_ops=True), a, 0.7)
     assert_bit_identical(state_bits(engine), state_bits(torch_path))
     remove(torch_path, undo)
     assert_bit_identical(state_bits(torch_path), before)
-    undo = apply(torch_path, [a, b], [1.0, -0.5], torch_ops=True)
+    undo = apply(TorchTarget(torch_path, torch_ops=True), [a, b], [1.0, -0.5])
     remove(torch_path, undo)
     assert_bit_identical(state_bits(torch_path), before)
 
@@ -162,7 +163,7 @@ def test_cuda_module_is_patched_on_the_device_and_restored(nets, sigs):
     assert all(v.device.type == "cuda" for v in model.state_dict().values())
     cpu = Net().eval()
     cpu.load_state_dict(nets[1].state_dict())
-    apply(cpu, sigs[0], 1.0, torch_ops=True)
+    apply(TorchTarget(cpu, torch_ops=True), sigs[0], 1.0)
     remove(model, undo)
     assert_bit_identical(state_bits(model), before)
 

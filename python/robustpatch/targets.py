@@ -37,6 +37,7 @@ import numpy as np
 from . import _core
 from .dtypes import PATCHABLE, kernel_view, label_of, narrow
 from .errors import InvalidArgumentError, MismatchError, NonFiniteError
+from .options import MEMORY_OPTIONS, PatchOptions
 from .signature import Signature, SignatureLike, blend_bn, terms
 
 __all__ = [
@@ -156,12 +157,15 @@ class NumpyTarget:
         a[...] = narrow(x.astype(np.float32), label) if label == "BF16" else x.astype(a.dtype)
 
 
-def as_target(obj: Any, torch_ops: bool = False) -> Target:
-    """Wrap a model (dict of arrays, torch module or state dict) as a patch target."""
+def as_target(obj: Any) -> Target:
+    """Wrap a model (dict of arrays, torch module or state dict) as a patch target; a
+    target already built is taken as it is (``TorchTarget(obj, torch_ops=True)``)."""
     from .torch_bridge import TorchTarget, is_torch_object
 
+    if isinstance(obj, (NumpyTarget, TorchTarget)):
+        return obj
     if is_torch_object(obj):
-        return TorchTarget(obj, torch_ops=torch_ops)
+        return TorchTarget(obj)
     if isinstance(obj, Mapping):
         return NumpyTarget(obj)
     if isinstance(obj, (str, os.PathLike)):
@@ -380,13 +384,7 @@ def plan_for(sigs: SignatureLike | Sequence[SignatureLike], alphas: Any) -> Plan
 
 
 def apply(
-    target: Any,
-    sigs: SignatureLike | Sequence[SignatureLike],
-    alphas: Alphas = 1.0,
-    *,
-    force: bool = False,
-    torch_ops: bool = False,
-    allow_nonfinite: bool = False,
+    target: Any, sigs: SignatureLike | Sequence[SignatureLike], alphas: Alphas = 1.0, **checks: bool
 ) -> Undo:
     """Add ``Σ α_k · sig_k`` to ``target`` in place; returns the :class:`Undo` record.
 
@@ -396,20 +394,19 @@ def apply(
     Refuses (MismatchError) a model whose names/shapes/dtypes do not match unless
     ``force=True``. Nothing is modified when a check fails. A result that overflows
     the tensor's dtype (a finite weight becoming ±Inf) is refused (NonFiniteError, the
-    model rolled back) unless ``allow_nonfinite=True``.
+    model rolled back) unless ``allow_nonfinite=True``. ``checks``: those two keywords.
     """
-    plan, tgt = _checked(target, sigs, alphas, force, torch_ops)
+    opts = PatchOptions.of(checks, "apply", MEMORY_OPTIONS)
+    plan, tgt = _checked(target, sigs, alphas, opts.force)
     undo = Undo(plan, specs={n: tgt.spec(n) for n in plan.names})
-    _patch_or_roll_back(tgt, undo, allow_nonfinite)
+    _patch_or_roll_back(tgt, undo, opts.allow_nonfinite)
     return undo
 
 
-def _checked(
-    target: Any, sigs: Any, alphas: Alphas, force: bool, torch_ops: bool = False
-) -> tuple[Plan, Target]:
+def _checked(target: Any, sigs: Any, alphas: Alphas, force: bool) -> tuple[Plan, Target]:
     """The plan of a public call and its target, checked before anything changes."""
     plan = plan_for(sigs, alphas)
-    tgt = as_target(target, torch_ops=torch_ops)
+    tgt = as_target(target)
     check_plan(plan, tgt.spec, force, tgt.check_writable)
     _check_aliases(tgt, plan.names)
     return plan, tgt
@@ -466,12 +463,7 @@ def remove(target: Any, undo: Undo) -> dict[str, int]:
 
 
 def subtract(
-    target: Any,
-    sigs: SignatureLike | Sequence[SignatureLike],
-    alphas: Alphas = 1.0,
-    *,
-    force: bool = False,
-    allow_nonfinite: bool = False,
+    target: Any, sigs: SignatureLike | Sequence[SignatureLike], alphas: Alphas = 1.0, **checks: bool
 ) -> dict[str, int]:
     """Approximate removal without an undo record: ``w − Σ α·δ`` rounded once.
 
@@ -481,14 +473,16 @@ def subtract(
     BatchNorm buffers cannot be restored this way and are left as they are
     (``bn_left``). Prefer :func:`remove` with the record :func:`apply` returned. A result
     that overflows the tensor's dtype is refused (NonFiniteError, the model rolled back)
-    unless ``allow_nonfinite=True``.
+    unless ``allow_nonfinite=True``. ``checks``: ``force`` and ``allow_nonfinite``, as
+    for :func:`apply`.
     """
-    plan, tgt = _checked(target, sigs, alphas, force)
+    opts = PatchOptions.of(checks, "subtract", MEMORY_OPTIONS)
+    plan, tgt = _checked(target, sigs, alphas, opts.force)
     # Adding −α·δ is the same rounding as subtracting α·δ (negation is exact), and the
     # add kernel counts overflow; its record (where re-adding α·δ misses w) is the set
     # of inconsistent elements, and lets a refusal roll back exactly.
     undo = Undo(_negated(plan))
-    _patch_or_roll_back(tgt, undo, allow_nonfinite)
+    _patch_or_roll_back(tgt, undo, opts.allow_nonfinite)
     return {
         "tensors": len(plan.deltas),
         "inconsistent": undo.record_elements,

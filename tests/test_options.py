@@ -1,0 +1,88 @@
+"""The keyword options of a patch (robustpatch.options.PatchOptions): declared once,
+checked where a call enters, and carried whole to the writer that does the work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import robustpatch as rp
+import robustpatch.onnx as ro
+from robustpatch._format.safetensors import read_tensors, write_tensors
+from robustpatch.errors import InvalidArgumentError, NonFiniteError
+from robustpatch.sharded import RECORD_NAME
+from robustpatch.targets import apply, subtract
+
+SHARD = "model-00001-of-00001.safetensors"
+
+
+@pytest.fixture
+def case(tmp_path):
+    """An f16 model as one file and as a one-shard checkpoint, and a signature that
+    overflows it at α = 1e30."""
+    model = {"w": np.linspace(-1, 1, 64).astype(np.float16)}
+    write_tensors(tmp_path / "m.safetensors", model)
+    (tmp_path / "ckpt").mkdir()
+    write_tensors(tmp_path / "ckpt" / SHARD, model)
+    index = {"metadata": {}, "weight_map": {"w": SHARD}}
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps(index))
+    sig = rp.Signature.from_deltas({"w": np.full(64, 0.01, np.float16)}, name="fog")
+    sig.save(tmp_path / "fog.rws")
+    return tmp_path
+
+
+def _run(d, layout: str, **options):
+    """Apply to ``layout``; (the patched tensor, the undo record's path)."""
+    if layout == "file":
+        rp.apply_file(d / "m.safetensors", d / "fog.rws", 1e30, d / "p.safetensors", **options)
+        return read_tensors(d / "p.safetensors")[1]["w"], d / "p.safetensors.rpundo"
+    if layout == "sharded":
+        rp.apply_file(d / "ckpt", d / "fog.rws", 1e30, d / "out", **options)
+        return read_tensors(d / "out" / SHARD)[1]["w"], d / "out" / RECORD_NAME
+    rp.apply_file(d / "m.safetensors", d / "fog.rws", 1e30, inplace=True, **options)
+    return read_tensors(d / "m.safetensors")[1]["w"], d / "m.safetensors.rpundo"
+
+
+@pytest.mark.parametrize("layout", ["file", "sharded", "inplace"])
+def test_every_writer_gets_the_options_it_was_called_with(case, layout):
+    with pytest.raises(NonFiniteError, match="overflow"):
+        _run(case, layout)
+    w, record = _run(case, layout, allow_nonfinite=True, undo=False)
+    assert np.isinf(w).all()
+    assert not record.exists()
+
+
+CALLS = {
+    "apply_file": lambda d, **o: rp.apply_file(
+        d / "m.safetensors", d / "fog.rws", 1.0, d / "p", **o
+    ),
+    "onnx.apply": lambda d, **o: ro.apply(d / "m.onnx", d / "fog.rws", 1.0, d / "p", **o),
+    "apply": lambda d, **o: apply({"w": np.zeros(64, np.float16)}, d / "fog.rws", 1.0, **o),
+    "subtract": lambda d, **o: subtract({"w": np.zeros(64, np.float16)}, d / "fog.rws", **o),
+}
+
+
+@pytest.mark.parametrize("fn", CALLS)
+def test_a_misspelt_option_is_a_type_error_naming_the_call(case, fn):
+    msg = rf"^{fn}\(\) got an unexpected keyword argument 'forse'$"
+    with pytest.raises(TypeError, match=msg):
+        CALLS[fn](case, forse=True)
+    assert not (case / "p").exists()
+
+
+@pytest.mark.parametrize("fn", CALLS)
+def test_an_option_that_is_not_true_or_false_is_refused(case, fn):
+    with pytest.raises(InvalidArgumentError, match=r"^force must be true or false, got 'no'$"):
+        CALLS[fn](case, force="no")
+    assert not (case / "p").exists()
+
+
+@pytest.mark.parametrize("fn", ["apply", "subtract"])
+@pytest.mark.parametrize("option", ["undo", "durable", "allow_dtype_change"])
+def test_a_model_in_memory_takes_no_file_option(case, fn, option):
+    with pytest.raises(
+        TypeError, match=rf"^{fn}\(\) got an unexpected keyword argument '{option}'$"
+    ):
+        CALLS[fn](case, **{option: True})
