@@ -88,11 +88,22 @@ def test_nothing_to_extract_leaves_the_folder_as_it_was(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_a_non_finite_difference_is_refused_with_its_index(tmp_path, bad):
+def test_a_non_finite_weight_is_refused_naming_its_tensor(tmp_path, bad):
+    clean = {"v": np.ones(3, np.float32), "w": np.zeros((4, 4), np.float32)}
+    robust = {"v": np.ones(3, np.float32), "w": np.zeros((4, 4), np.float32)}
+    robust["w"][2, 1] = bad
+    with pytest.raises(NonFiniteError, match=r"^w: .*NaN or Inf"):
+        extract_to(tmp_path / "o.rws", None, clean, robust, method="difference")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_difference_that_overflows_is_refused_with_its_index(tmp_path):
+    """Finite weights whose float32 difference is Inf are refused, naming the tensor
+    (the finite-energy shortcut never lets an Inf through)."""
     clean = {"w": np.zeros((4, 4), np.float32)}
     robust = {"w": np.zeros((4, 4), np.float32)}
-    robust["w"][2, 1] = bad
-    with pytest.raises(NonFiniteError, match="flat index 9"):
+    clean["w"][2, 1], robust["w"][2, 1] = -3e38, 3e38
+    with pytest.raises(NonFiniteError, match=r"^w: .*NaN or Inf"):
         extract_to(tmp_path / "o.rws", None, clean, robust, method="difference")
     assert os.listdir(tmp_path) == []
 

@@ -41,6 +41,7 @@ from .errors import (
     FormatError,
     InvalidArgumentError,
     MismatchError,
+    NonFiniteError,
     SelectionError,
     ZeroSignatureWarning,
 )
@@ -272,18 +273,24 @@ class _Values:
 
 def _signature_values(trio: _Trio, name: str, method: str) -> _Values | None:
     """The signature of one tensor, or None when it has no pretrained counterpart."""
+    try:
+        return _values_of(trio, name, method)
+    except NonFiniteError as e:  # the engine's message cannot name the tensor
+        raise NonFiniteError(f"{name}: {e}") from None
+
+
+def _values_of(trio: _Trio, name: str, method: str) -> _Values | None:
     c, r = trio.clean.get(name), trio.robust.get(name)
+    if c.dtype == np.float64:
+        c, r = c.astype(np.float32), r.astype(np.float32)
     if method == "difference":
-        wr = widen(r)
-        d = wr - widen(c)
-        flat, rflat = d.reshape(-1), wr.reshape(-1)
-        return _Values(d, {"energy": float(_core.dot(flat, flat))}, float(_core.dot(rflat, rflat)))
+        return _difference(c, r)
     pspec = trio.pre.spec(name) if trio.pre is not None else None
     if pspec is None or pspec != trio.clean.spec(name):
         return None
     p = trio.pre.get(name)
     if p.dtype == np.float64:
-        p, c, r = (x.astype(np.float32) for x in (p, c, r))
+        p = p.astype(np.float32)
     sig, stats = _core.project(p, c, r)
     stats = {
         "energy": float(stats["norm2_sig"]),
@@ -292,6 +299,23 @@ def _signature_values(trio: _Trio, name: str, method: str) -> _Values | None:
         "clean_energy": float(stats["norm2_d"]),
     }
     return _Values(sig, stats, stats["robust_energy"])
+
+
+def _difference(c: np.ndarray, r: np.ndarray) -> _Values:
+    """``robust − clean`` in float32 by the engine's fused projection with the clean
+    tensor as the base: its clean delta is then zero, so is the coefficient, and the
+    kernel returns ``Δr = r − c`` exactly as numpy's float32 subtraction rounds it, in
+    one pass over the stored dtype (no widened copies)."""
+    d, stats = _core.project(c, c, r)
+    return _Values(d, {"energy": float(stats["norm2_sig"])}, _norm2(r))
+
+
+def _norm2(x: np.ndarray) -> float:
+    """‖x‖², for the near-zero warning only: a float32 BLAS dot of the widened values (a
+    tenth of the engine's float64 dot's time), the engine's where that overflows."""
+    flat = widen(x).reshape(-1) if x.dtype != np.float32 else x.reshape(-1)
+    fast = float(np.dot(flat, flat))
+    return fast if math.isfinite(fast) else float(_core.dot(x.reshape(-1), x.reshape(-1)))
 
 
 def _candidates(trio: _Trio, order: Sequence[str] | None) -> list[str]:
@@ -536,7 +560,7 @@ def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
             if got is None or not np.any(got.sig):
                 tally.skipped.append(n)
             else:
-                entry = _delta_entry(n, got, label, plan.method)
+                entry = _delta_entry(n, got, label)
                 tally.energy += got.stats["energy"]
         trio.release(n)
         if entry is not None:
@@ -545,11 +569,12 @@ def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
         plan.tick(1)
 
 
-def _delta_entry(name: str, got: _Values, label: str, method: str) -> Entry:
-    """The dense entry of a tensor's signature. A difference's energy is ‖δ‖² summed
-    over the very values stored, so a NaN or Inf among them makes it non-finite: a
-    finite energy spares the pass that looks for one."""
-    if method == "difference" and math.isfinite(got.stats["energy"]):
+def _delta_entry(name: str, got: _Values, label: str) -> Entry:
+    """The dense entry of a tensor's signature. The engine refuses a non-finite
+    signature, and the energy it reports is ‖δ‖² over the very values stored (a NaN or
+    Inf among them would make it non-finite): a finite energy spares the pass that
+    :func:`dense_entry` makes to look for one."""
+    if math.isfinite(got.stats["energy"]):
         values = got.sig
         return Entry(name, "delta", tuple(values.shape), label, values=values, stats=got.stats)
     return dense_entry(name, got.sig, label, got.stats)

@@ -26,7 +26,7 @@ import numpy as np
 from .._format.safetensors import TensorInfo, check_header_size, encode_header
 from .._io.atomic import AtomicFile
 from .._io.ranged import pread_into, pwrite_all
-from ..dtypes import label_of, widen
+from ..dtypes import label_of
 from .codec import (
     HASH_ALGORITHMS,
     META_KEY,
@@ -124,6 +124,7 @@ class SignatureWriter:
         offset, in name order, hashing it on the way; returns the content hash."""
         hasher = ContentHasher(self._specs)
         buf = np.empty(_BLOCK, np.uint8)
+        wide = np.empty(_BLOCK // 2, np.uint32)  # a block of BF16 or F16 as float32
         src = self._data.file.fileno()
         for s in sorted(self._stored, key=lambda s: s.info.name):
             hasher.tensor(s.info.name, s.hashed_dtype, s.hashed_shape)
@@ -135,8 +136,17 @@ class SignatureWriter:
                 pwrite_all(out_fd, view, data_start + at)
                 block = buf[: len(view)]
                 if s.widen_from is not None:
-                    dtype = np.uint16 if s.widen_from == "BF16" else np.float16
-                    block = widen(block.view(dtype), s.widen_from).view(np.uint8)
+                    block = _widened(block, s.widen_from, wide[: len(view) // 2])
                 hasher.update(block)
                 at += len(view)
         return hasher.hexdigest()
+
+
+def _widened(block: np.ndarray, label: str, out: np.ndarray) -> np.ndarray:
+    """A block of BF16 or F16 values (raw bytes) as float32 bytes, written into ``out``
+    (uint32, one per value): exact, and without temporaries."""
+    if label == "BF16":
+        np.left_shift(block.view(np.uint16), 16, out=out, dtype=np.uint32)
+    else:
+        out.view(np.float32)[:] = block.view(np.float16)
+    return out.view(np.uint8)
