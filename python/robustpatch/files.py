@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -166,7 +167,6 @@ class FileTarget(NumpyTarget):
         self.tick = _locked(progress)
         self.watch = watch
         self.release: Callable[[str], object] = lambda name: None  # after each tensor
-        self._reader = TensorReader(src.fileno(), header)
         self._index = {t.name: k for k, t in enumerate(header.tensors)}
         self._spec = _spec_of(header)
 
@@ -183,21 +183,17 @@ class FileTarget(NumpyTarget):
         wanted = set(names)
         touched = [t for t in self.header.tensors if t.name in wanted]
         stream = self._open_stream(touched)
+        pipe = _Pipeline(self, touched, stream)
         try:
-            for t in touched:
-                stream.before(t)
-                arr = kernel_view(self._reader.load(t))
-                if self.watch is not None:
-                    self.watch.loaded(t, arr)
+            for t, arr in pipe.loaded():
                 self.arrays = {t.name: arr}
                 yield t.name
-                if self.watch is not None:
-                    self.watch.finished(t, arr)
-                stream.write(t, self.arrays.pop(t.name))
+                pipe.write(t, self.arrays.pop(t.name))
                 self.release(t.name)
-                self.tick(t.nbytes)
+            pipe.finish()
             stream.finish()
         except BaseException:
+            pipe.abort()
             stream.abort()
             raise
         got = os.fstat(self.out.file.fileno()).st_size
@@ -315,6 +311,107 @@ class _ThreadedStream:
         self.pool.shutdown()
 
 
+#: Tensor buffers of a :class:`_Pipeline`: one being read, one patched, one written.
+PIPELINE_BUFFERS = 3
+
+
+class _Pipeline:
+    """The touched tensors of a :class:`FileTarget`, read one ahead and written one
+    behind: a reader thread loads the next tensor (and shows it to the watch) while the
+    caller patches the current one, and a writer thread checks (the watch) and writes
+    the previous one. Reads, hashing, the engine and writes release the GIL, so the
+    three stages run on separate cores. Tensors stay in file order in every stage; an
+    error in a thread is raised to the caller at its next step.
+    """
+
+    def __init__(self, tgt: FileTarget, touched: list[TensorInfo], stream: _Stream) -> None:
+        self.tgt, self.touched, self.stream = tgt, touched, stream
+        self.free: queue.SimpleQueue[TensorReader | None] = queue.SimpleQueue()
+        for _ in range(min(PIPELINE_BUFFERS, len(touched))):
+            self.free.put(TensorReader(tgt.src.fileno(), tgt.header))
+        self.ready: queue.SimpleQueue[tuple[TensorInfo, np.ndarray, TensorReader] | None]
+        self.ready = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[tuple[TensorInfo, np.ndarray, TensorReader] | None]
+        self.done = queue.SimpleQueue()
+        self.current: TensorReader | None = None  # the buffer of the tensor being patched
+        self.error: BaseException | None = None
+        self.threads = [
+            threading.Thread(target=self._guard, args=(fn,), name=f"robustpatch-{stage}")
+            for fn, stage in ((self._read_all, "reader"), (self._write_all, "writer"))
+        ]
+        for th in self.threads:
+            th.daemon = True
+            th.start()
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as e:  # raised to the caller by _check()
+            self.error = self.error or e
+            self.ready.put(None)  # wakes a caller waiting for a tensor
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _read_all(self) -> None:
+        watch = self.tgt.watch
+        for t in self.touched:
+            reader = self.free.get()
+            if reader is None or self.error is not None:
+                return
+            arr = kernel_view(reader.load(t))
+            if watch is not None:
+                watch.loaded(t, arr)
+            self.ready.put((t, arr, reader))
+
+    def _write_all(self) -> None:
+        watch, stream = self.tgt.watch, self.stream
+        while (item := self.done.get()) is not None and self.error is None:
+            t, arr, reader = item
+            stream.before(t)
+            if watch is not None:
+                watch.finished(t, arr)
+            stream.write(t, arr)
+            self.tgt.tick(t.nbytes)
+            self.free.put(reader)
+
+    def loaded(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+        """Each touched tensor, loaded, in file order."""
+        for _ in self.touched:
+            item = self.ready.get()
+            self._check()
+            assert item is not None
+            t, arr, self.current = item
+            yield t, arr
+
+    def write(self, t: TensorInfo, arr: np.ndarray) -> None:
+        """Hand the patched tensor to the writer thread."""
+        self._check()
+        assert self.current is not None
+        self.done.put((t, arr, self.current))
+
+    def finish(self) -> None:
+        """Wait for the writer; raises what a thread raised."""
+        self._stop()
+        self._check()
+
+    def abort(self) -> None:
+        """Stop both threads (after an error); the caller discards the output."""
+        self.error = self.error or _Abandoned()
+        self._stop()
+
+    def _stop(self) -> None:
+        self.done.put(None)
+        self.free.put(None)  # wakes a reader waiting for a buffer
+        for th in self.threads:
+            th.join()
+
+
+class _Abandoned(Exception):
+    """Set as a :class:`_Pipeline`'s error when its caller stops early."""
+
+
 def _locked(progress: Progress | None) -> Progress:
     if progress is None:
         return lambda n: None
@@ -330,28 +427,30 @@ def _locked(progress: Progress | None) -> Progress:
 class _RecordToFile:
     """The undo sink of a file patch, and the watch of its :class:`FileTarget`: each
     tensor's record goes to the :class:`UndoWriter` once the tensor is patched, with the
-    digest of its original bytes (taken as loaded) and the checksum of its patched ones."""
+    digest of its original bytes (taken as loaded) and the checksum of its patched ones.
+    Its state is kept per tensor: a :class:`_Pipeline` loads the next tensor, patches
+    this one and finishes the previous one at the same time."""
 
     def __init__(self, writer: UndoWriter) -> None:
         self.writer = writer
-        self.original = ""  # digest of the tensor being patched
-        self.kept: EngineRecord | np.ndarray | None = None
+        self.original: dict[str, str] = {}  # digests of the tensors loaded, not finished
+        self.kept: dict[str, EngineRecord | np.ndarray] = {}  # their records
 
     def loaded(self, t: TensorInfo, arr: np.ndarray) -> None:
-        self.original = digest(arr)
+        self.original[t.name] = digest(arr)
 
     def keep_delta(self, name: str, record: EngineRecord) -> None:
-        self.kept = record
+        self.kept[name] = record
 
     def keep_bn(self, name: str, original: np.ndarray) -> None:
-        self.kept = original
+        self.kept[name] = original
 
     def finished(self, t: TensorInfo, arr: np.ndarray) -> None:
-        kept, sum_ = self.kept, checksum(arr)
+        kept, sum_, orig = self.kept.pop(t.name), checksum(arr), self.original.pop(t.name)
         if isinstance(kept, EngineRecord):
-            self.writer.delta(t, kept.positions, kept.values, sum_, self.original)
+            self.writer.delta(t, kept.positions, kept.values, sum_, orig)
         else:
-            self.writer.bn(t, kept, sum_, self.original)
+            self.writer.bn(t, kept, sum_, orig)
 
 
 class _Verify:

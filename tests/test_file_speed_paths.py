@@ -1,0 +1,124 @@
+"""The file path's pipeline: apply_file / remove_file read the next tensor in one
+thread and write the previous one in another while the engine patches the current one.
+Each stage keeps file order, the output is the same on every stream (direct I/O or a
+kernel copy), and an error in any stage reaches the caller with nothing written and no
+thread left running."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from robustpatch import files
+from robustpatch._format.safetensors import read_header, write_tensors
+from robustpatch._io import direct
+from robustpatch.errors import MismatchError
+from robustpatch.files import apply_file, remove_file
+from robustpatch.signature import Signature
+from rp_testutil import listing, sha
+
+N_TENSORS = 10
+
+
+@pytest.fixture()
+def model(tmp_path):
+    """A 10-tensor model and a 4-bit signature touching every other tensor."""
+    rng = np.random.default_rng(15)
+    arrays = {
+        f"layers.{k}.weight": rng.normal(0, 0.02, (64, 96)).astype(np.float32)
+        for k in range(N_TENSORS)
+    }
+    write_tensors(tmp_path / "model.safetensors", arrays, {"format": "pt"})
+    deltas = {
+        n: rng.normal(0, 1e-3, a.shape).astype(np.float32)
+        for k, (n, a) in enumerate(arrays.items())
+        if k % 2 == 0
+    }
+    Signature.from_deltas(deltas, name="speed").quantize(4).save(tmp_path / "sig.rws")
+    out = tmp_path / "out"
+    out.mkdir()
+    return tmp_path / "model.safetensors", tmp_path / "sig.rws", out, sorted(deltas, key=_order)
+
+
+def _order(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+def _pipeline_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("robustpatch-")]
+
+
+def _spy(monkeypatch, events: list, fail: tuple[str, str] | None = None) -> None:
+    """Record (stage, tensor, thread) of the undo sink's watch; raise at ``fail``."""
+    for stage in ("loaded", "finished"):
+        real = getattr(files._RecordToFile, stage)
+
+        def spied(self, t, arr, real=real, stage=stage):
+            events.append((stage, t.name, threading.current_thread().name))
+            if fail == (stage, t.name):
+                raise MismatchError(f"{stage} {t.name}: injected")
+            return real(self, t, arr)
+
+        monkeypatch.setattr(files._RecordToFile, stage, spied)
+
+
+@pytest.mark.parametrize("stream", ["direct", "kernel-copy"])
+def test_stages_run_in_their_own_threads_in_file_order(model, monkeypatch, stream):
+    src, sig, out, touched = model
+    if stream == "direct":  # durable and over the threshold: the DirectWriter stream
+        monkeypatch.setattr(direct, "DIRECT_MIN_BYTES", 0)
+    events: list = []
+    _spy(monkeypatch, events)
+    apply_file(src, sig, 1.0, out / "p.safetensors", durable=stream == "direct")
+    for stage, thread in (("loaded", "robustpatch-reader"), ("finished", "robustpatch-writer")):
+        seen = [(name, th) for st, name, th in events if st == stage]
+        assert seen == [(name, thread) for name in touched]
+    remove_file(out / "p.safetensors", out / "r.safetensors", durable=stream == "direct")
+    assert sha(out / "r.safetensors") == sha(src)
+    assert _pipeline_threads() == []
+
+
+@pytest.mark.parametrize("stage", ["loaded", "finished"])
+def test_an_error_in_a_stage_thread_reaches_the_caller(model, monkeypatch, stage):
+    src, sig, out, touched = model
+    before = listing(src.parent)
+    _spy(monkeypatch, [], fail=(stage, touched[2]))
+    with pytest.raises(MismatchError, match=f"{stage} {touched[2]}: injected"):
+        apply_file(src, sig, 1.0, out / "p.safetensors")
+    assert listing(src.parent) == before  # no output, no record, no temporary file
+    assert _pipeline_threads() == []
+
+
+def test_an_engine_error_mid_file_stops_both_threads(model, monkeypatch):
+    src, sig, out, touched = model
+    before = listing(src.parent)
+    real = files.FileTarget.add
+
+    def add(self, name, *args, **kw):
+        if name == touched[3]:
+            raise RuntimeError("engine failed")
+        return real(self, name, *args, **kw)
+
+    monkeypatch.setattr(files.FileTarget, "add", add)
+    with pytest.raises(RuntimeError, match="engine failed"):
+        apply_file(src, sig, 1.0, out / "p.safetensors")
+    assert listing(src.parent) == before
+    assert _pipeline_threads() == []
+
+
+def test_a_tampered_tensor_found_by_the_reader_thread_fails_removal(model):
+    src, sig, out, touched = model
+    patched = out / "p.safetensors"
+    apply_file(src, sig, 1.0, patched)
+    before = listing(out)
+    header = read_header(patched)
+    last = header.by_name()[touched[-1]]
+    data = bytearray(patched.read_bytes())
+    data[header.data_start + last.end - 5] ^= 0x40  # the last touched tensor (its CRC)
+    patched.write_bytes(bytes(data))
+    with pytest.raises(MismatchError, match="changed since it was patched"):
+        remove_file(patched, out / "r.safetensors")
+    assert sorted(listing(out)) == sorted(before)
+    assert _pipeline_threads() == []
