@@ -4,6 +4,7 @@ checked where a call enters, and carried whole to the writer that does the work.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import robustpatch as rp
 import robustpatch.onnx as ro
 from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.errors import InvalidArgumentError, NonFiniteError
+from robustpatch.options import PatchOptions
 from robustpatch.sharded import RECORD_NAME
 from robustpatch.targets import apply, subtract
 
@@ -86,3 +88,46 @@ def test_a_model_in_memory_takes_no_file_option(case, fn, option):
         TypeError, match=rf"^{fn}\(\) got an unexpected keyword argument '{option}'$"
     ):
         CALLS[fn](case, **{option: True})
+
+
+# ---------------------------------------------------------------------------- the CLI's flags
+
+NONE = asdict(PatchOptions())  # the defaults
+ALL_FLAGS = ["--force", "--allow-dtype-change", "--no-undo", "--durable", "--allow-nonfinite"]
+ALL = {
+    "force": True,
+    "allow_dtype_change": True,
+    "undo": False,
+    "durable": True,
+    "allow_nonfinite": True,
+}
+
+
+@pytest.mark.parametrize("command", [["apply"], ["subtract"], ["onnx", "apply"]])
+@pytest.mark.parametrize(
+    "flags, options",
+    [([], NONE), (ALL_FLAGS, ALL)],
+)
+def test_each_patching_command_turns_its_flags_into_the_options(
+    case, monkeypatch, command, flags, options
+):
+    import robustpatch.files
+    from robustpatch.cli import main
+    from robustpatch.files import FileReport
+    from robustpatch.onnx.patch import OnnxReport
+
+    seen = {}
+
+    def file_stand_in(src, sigs, alphas, out, *, progress, inplace, embed_signature, **o):
+        seen.update(o)
+        return FileReport(case / "p", None, 0, 0, 0, 0)
+
+    def onnx_stand_in(model, sigs, alphas, out, **o):
+        seen.update(o)
+        return OnnxReport(case / "p", None, None, 0, 0, 0)
+
+    monkeypatch.setattr(robustpatch.files, "apply_file", file_stand_in)
+    monkeypatch.setattr(ro, "apply", onnx_stand_in)
+    argv = [*command, str(case / "m.safetensors"), str(case / "fog.rws"), "-o", str(case / "p")]
+    assert main([*argv, *flags]) == 0
+    assert seen == options

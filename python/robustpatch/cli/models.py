@@ -7,6 +7,7 @@ from typing import Any
 
 from . import parser as cli_args
 from .output import progress_bar, report
+from .patch_flags import add_patch_arguments, patch_options
 
 
 def _inplace_or_output(args: Any, target: str) -> None:
@@ -24,7 +25,7 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
 
     _inplace_or_output(args, args.model)
     inplace = getattr(args, "inplace", False)
-    outputs = [args.output] if args.no_undo else [args.output, undo_path_for(args.output)]
+    outputs = [args.output, undo_path_for(args.output)] if args.undo else [args.output]
     if not inplace:
         cli_args.check_outputs(args, [args.model, *args.signatures], outputs)
     alphas = [sign * a for a in cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")]
@@ -36,14 +37,10 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
             args.signatures,
             alphas,
             None if inplace else args.output,
-            force=args.force,
-            allow_dtype_change=args.allow_dtype_change,
-            undo=not args.no_undo,
-            durable=args.durable,
             progress=tick,
-            allow_nonfinite=args.allow_nonfinite,
             inplace=inplace,
             embed_signature=args.embed_signature,
+            **patch_options(args),
         )
     return {
         "file": str(rep.out),
@@ -100,37 +97,16 @@ def run_subtract(args: Any) -> None:
 
 
 def _add_patch_args(p: Any, model_help: str, alpha_what: str, inplace: bool = False) -> None:
-    p.add_argument("model", help=model_help)
-    p.add_argument("signatures", nargs="+", help="signature files")
-    cli_args.add_output(p, "patched model to write", required=not inplace)
+    add_patch_arguments(p, model_help, "patched model to write", alpha_what, not inplace)
     if inplace:
         _add_inplace_flag(p, "patch MODEL itself")
     p.set_defaults(parser=p)
-    cli_args.add_per_signature(p, "--alpha", cli_args.alpha_arg, alpha_what)
-    p.add_argument(
-        "--allow-dtype-change",
-        action="store_true",
-        help="apply to float tensors of another dtype than the signature was made for "
-        "(e.g. a float32 signature on a float16 or bfloat16 model); shapes are still checked",
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="apply despite dtype and shape mismatches (same element count)",
-    )
-    p.add_argument(
-        "--allow-nonfinite",
-        action="store_true",
-        help="write elements that overflow the tensor's dtype (become Inf) instead of refusing",
-    )
-    p.add_argument("--no-undo", action="store_true", help="do not write the .rpundo record")
     p.add_argument(
         "--embed-signature",
         action="store_true",
         help="copy dense signatures into the undo record (by default it refers to their "
         "files by content hash, and 'remove' finds them beside the record or by --signature)",
     )
-    cli_args.add_durable_flag(p)
 
 
 def apply_arguments(p: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from ..errors import MismatchError
 from . import parser as cli_args
 from .output import report
+from .patch_flags import add_patch_arguments, patch_options
 
 
 def run_onnx(args: Any) -> None:
@@ -56,17 +57,7 @@ def run_apply(args: Any) -> None:
 
     alphas = cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")
     _check_overwrite(args, [args.output])
-    rep = apply(
-        args.model,
-        args.signatures,
-        alphas,
-        args.output,
-        force=args.force,
-        allow_dtype_change=args.allow_dtype_change,
-        undo=not args.no_undo,
-        durable=args.durable,
-        allow_nonfinite=args.allow_nonfinite,
-    )
+    rep = apply(args.model, args.signatures, alphas, args.output, **patch_options(args))
     out = _files(rep) | {"signatures": args.signatures, "alphas": alphas}
     undo = f"; undo record {rep.undo}" if rep.undo else ""
     text = (
@@ -77,23 +68,8 @@ def run_apply(args: Any) -> None:
 
 
 def apply_arguments(p: Any) -> None:
-    p.add_argument("model", help="ONNX model (left untouched, with its external data)")
-    p.add_argument("signatures", nargs="+", help="signature files")
-    cli_args.add_output(p, "patched ONNX model to write")
-    cli_args.add_per_signature(p, "--alpha", cli_args.alpha_arg, "strength")
-    p.add_argument(
-        "--allow-dtype-change",
-        action="store_true",
-        help="apply to float initializers of another dtype than the signature was made for",
-    )
-    p.add_argument("--force", action="store_true", help="apply despite dtype and shape mismatches")
-    p.add_argument(
-        "--allow-nonfinite",
-        action="store_true",
-        help="write elements that overflow the initializer's dtype instead of refusing",
-    )
-    p.add_argument("--no-undo", action="store_true", help="do not write the .rpundo record")
-    cli_args.add_durable_flag(p)
+    model = "ONNX model (left untouched, with its external data)"
+    add_patch_arguments(p, model, "patched ONNX model to write", "strength")
 
 
 def run_remove(args: Any) -> None:
