@@ -131,3 +131,12 @@ def test_each_patching_command_turns_its_flags_into_the_options(
     argv = [*command, str(case / "m.safetensors"), str(case / "fog.rws"), "-o", str(case / "p")]
     assert main([*argv, *flags]) == 0
     assert seen == options
+
+
+def test_no_flag_shows_a_default_in_the_help(capsys):
+    from robustpatch.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["apply", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--no-undo do not write the .rpundo record --durable" in out

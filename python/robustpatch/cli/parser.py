@@ -22,8 +22,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     (not for on/off flags or options that are off unless given)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, argparse.SUPPRESS):
-            return action.help
+        if action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+            return action.help  # nargs 0: an on/off flag (store_false's default is True)
         return super()._get_help_string(action)
 
 
