@@ -136,6 +136,13 @@ def sgd_step_decay(params: list[nn.Parameter], config: TrainConfig, _batches: in
     return opt, sched, False
 
 
+def adam(params: list[nn.Parameter], config: TrainConfig, _batches: int) -> Optimization:
+    """Adam at the constant learning rate ``config.lr``, weight decay
+    ``config.weight_decay``."""
+    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _epoch: 1.0), False
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import corruptions as C
-from .. import evaluate
+from .. import evaluate, training
 from ..models import SmallCNN, default_device
 from ..training import DeviceArg, LossFn, TrainConfig, as_float, eval_mode
 from .common import (
@@ -178,35 +178,34 @@ def adversarial_head(
         p.requires_grad_(False)
     for p in head.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     dgen = _device_generator(gen, dev)
-    y = torch.as_tensor(y, dtype=torch.int64)
-    feats = _features(net, x, dev) if cfg.space == "feature" else None
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for start in range(0, len(y), cfg.batch_size):
-            idx = perm[start : start + cfg.batch_size]
-            yb = y[idx].to(dev)
-            if feats is not None:
-                fb = feats[idx.to(dev)]
-                logits = head(fb)
-                delta = _feature_pgd_l2(head, fb, logits.detach(), cfg.eps, cfg.steps, dgen)
-                logits_adv = head(fb + delta)
-            else:
-                xb = as_float(x[idx].to(dev))
-                with torch.no_grad():
-                    fb, logits0 = features_and_logits(net, xb, head)
-                adv = pgd_maximize(
-                    lambda a, ref=logits0: _kl(ref, net(a)), xb, cfg.eps, cfg.steps, generator=dgen
-                )
-                with torch.no_grad():
-                    fa, _ = features_and_logits(net, adv, head)
-                logits, logits_adv = head(fb), head(fa)
-            loss = F.cross_entropy(logits, yb) + cfg.beta * _kl(logits, logits_adv)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    feature_space = cfg.space == "feature"
+
+    def loss_fn(model, xb, yb, _gen, _idx):
+        if feature_space:  # xb: a batch of the backbone's features
+            logits = head(xb)
+            delta = _feature_pgd_l2(head, xb, logits.detach(), cfg.eps, cfg.steps, dgen)
+            logits_adv = head(xb + delta)
+        else:
+            with torch.no_grad():
+                fb, logits0 = features_and_logits(net, xb, head)
+            adv = pgd_maximize(
+                lambda a, ref=logits0: _kl(ref, net(a)), xb, cfg.eps, cfg.steps, generator=dgen
+            )
+            with torch.no_grad():
+                fa, _ = features_and_logits(net, adv, head)
+            logits, logits_adv = head(fb), head(fa)
+        return F.cross_entropy(logits, yb) + cfg.beta * _kl(logits, logits_adv)
+
+    data = _features(net, x, dev).cpu() if feature_space else x
+    run = TrainConfig(
+        epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=0.0, seed=cfg.seed
+    )
+    # One generator draws the batch order and the perturbations, in the order they are needed.
+    training.train(
+        head, data, y, run, loss_fn, device=dev, optimizer=training.adam, generators=(gen, gen)
+    )
     for p in net.parameters():
         p.requires_grad_(True)
     return net.eval()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import corruptions as C
-from .. import datasets, evaluate
+from .. import datasets, evaluate, training
 from ..models import SmallCNN, default_device, fit, parameters_by_depth
 from ..training import DeviceArg, LossFn, TrainConfig, as_float, eval_mode
 from .common import (
@@ -257,20 +257,15 @@ def linear_probe_accuracy(
     ftr, fte = _features(model, x_train, dev), _features(model, x_test, dev)
     mean, std = ftr.mean(0), ftr.std(0).clamp(min=1e-6)
     ftr, fte = (ftr - mean) / std, (fte - mean) / std
-    ytr = torch.as_tensor(y_train).to(dev)
+    ytr = torch.as_tensor(y_train)
     classes = int(max(int(ytr.max()), int(torch.as_tensor(y_test).max()))) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        probe = nn.Linear(ftr.shape[1], classes).to(dev)
-    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(epochs):
-        loss = F.cross_entropy(probe(ftr), ytr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        pred = probe(fte).argmax(1).cpu()
-    return 100 * float((pred == torch.as_tensor(y_test)).float().mean())
+        probe = nn.Linear(ftr.shape[1], classes)
+    # Full batch: every epoch is one Adam step on all the training features.
+    run = TrainConfig(epochs=epochs, lr=lr, batch_size=len(ftr), weight_decay=1e-4, seed=seed)
+    training.train(probe, ftr.cpu(), ytr, run, device=dev, optimizer=training.adam)
+    return 100 * training.accuracy(probe, fte, y_test, device=dev)
 
 
 @dataclass
