@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,14 @@ def test_a_full_task_vector_is_extracted_near_a_few_tensors(tmp_path):
     sig_mib = out.stat().st_size / MIB
     assert sig_mib > 127
     assert grew - base < 0.5 * sig_mib, (grew, base)
+
+
+def test_huge_weights_do_not_make_a_changed_signature_look_zero(tmp_path):
+    """‖robust‖² of weights near 1e25 overflows a float32 dot; the reference the
+    near-zero warning compares against must stay finite (else every signature warns)."""
+    clean = {"w": np.zeros((64, 64), np.float32)}
+    robust = {"w": np.full((64, 64), 1e25, np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = extract_to(tmp_path / "o.rws", None, clean, robust, method="difference")
+    assert got.entries == 1

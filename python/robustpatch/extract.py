@@ -314,7 +314,8 @@ def _norm2(x: np.ndarray) -> float:
     """‖x‖², for the near-zero warning only: a float32 BLAS dot of the widened values (a
     tenth of the engine's float64 dot's time), the engine's where that overflows."""
     flat = widen(x).reshape(-1) if x.dtype != np.float32 else x.reshape(-1)
-    fast = float(np.dot(flat, flat))
+    with np.errstate(over="ignore"):  # an overflow falls back below
+        fast = float(np.dot(flat, flat))
     return fast if math.isfinite(fast) else float(_core.dot(x.reshape(-1), x.reshape(-1)))
 
 
