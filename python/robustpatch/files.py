@@ -509,6 +509,7 @@ def apply_file(
     content hash instead of embedding it (``embed_signature=True`` embeds it).
     """
     opts = PatchOptions.of(options, "apply_file", FILE_OPTIONS)
+    call = PatchCall(sigs, alphas, opts, progress, embed_signature)
     if is_sharded(validate.path(src, "src")):  # an *.index.json or its folder: into a folder
         from .sharded import apply_sharded
 
@@ -517,30 +518,37 @@ def apply_file(
                 f"{os.fspath(src)}: inplace=True patches one safetensors file; a sharded "
                 "checkpoint is written to a new folder (out=...)"
             )
-        return apply_sharded(src, sigs, alphas, out, opts, progress)
+        return apply_sharded(src, out, call)
     if inplace:
         from .inplace import apply_inplace
 
         _no_output(src, out)
-        return apply_inplace(src, sigs, alphas, opts, progress, embed_signature)
-    return apply_one(src, sigs, alphas, out, opts, progress, embed_signature)
+        return apply_inplace(src, call)
+    return apply_one(src, out, call)
+
+
+@dataclass(frozen=True)
+class PatchCall:
+    """What an :func:`apply_file` call asks of the writer that carries it out (one
+    file, a sharded checkpoint, in place)."""
+
+    sigs: SignatureLike | Sequence[SignatureLike]
+    alphas: Alphas
+    opts: PatchOptions
+    progress: Progress | None = None
+    embed_signature: bool = False
 
 
 def apply_one(
-    src: str | os.PathLike[str],
-    sigs: SignatureLike | Sequence[SignatureLike],
-    alphas: Alphas,
-    out: str | os.PathLike[str] | None,
-    opts: PatchOptions,
-    progress: Progress | None = None,
-    embed_signature: bool = False,
+    src: str | os.PathLike[str], out: str | os.PathLike[str] | None, call: PatchCall
 ) -> FileReport:
     """:func:`apply_file` of one safetensors file into a new one."""
+    opts, progress = call.opts, call.progress
     src, out = validate.path(src, "src"), _output(out, "apply_file")
     _check_no_journal(src)
     outputs = [out, undo_path_for(out)] if opts.undo else [out]
-    check_destinations([src, *_paths(sigs)], outputs)
-    plan = streamed_plan(sigs, alphas)
+    check_destinations([src, *_paths(call.sigs)], outputs)
+    plan = streamed_plan(call.sigs, call.alphas)
     with open_input(src) as fsrc:
         header = read_header_from(fsrc, str(src))
         check_plan(plan, _spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
@@ -553,7 +561,7 @@ def apply_one(
                     patch_target(target, plan, None, opts.allow_nonfinite)
                 fout.commit()
             return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
-        refs = signature_refs(plan, embed_signature)
+        refs = signature_refs(plan, call.embed_signature)
         return _apply_with_undo(
             fsrc, header, new_header, plan, out, opts.durable, progress, opts.allow_nonfinite, refs
         )

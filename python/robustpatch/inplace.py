@@ -40,6 +40,7 @@ from .dtypes import NUMPY_OF_LABEL, kernel_view
 from .errors import InvalidArgumentError
 from .files import (
     FileReport,
+    PatchCall,
     Progress,
     _FileRecords,
     _locked,
@@ -55,10 +56,7 @@ from .files import (
     streamed_plan,
     verifying,
 )
-from .options import PatchOptions
-from .signature import SignatureLike
 from .targets import (
-    Alphas,
     NumpyTarget,
     Plan,
     check_plan,
@@ -159,20 +157,14 @@ def _mapped(f: Any) -> Iterator[mmap.mmap]:
             pass
 
 
-def apply_inplace(
-    model: str | os.PathLike[str],
-    sigs: SignatureLike | Sequence[SignatureLike],
-    alphas: Alphas,
-    opts: PatchOptions,
-    progress: Progress | None = None,
-    embed_signature: bool = False,
-) -> FileReport:
+def apply_inplace(model: str | os.PathLike[str], call: PatchCall) -> FileReport:
     """Patch ``model`` in place with ``Σ α_k·sig_k`` (see the module docstring).
 
-    The undo record goes to ``<model>.rpundo`` (unless ``opts.undo`` is off); checks and errors
+    The undo record goes to ``<model>.rpundo`` (unless ``undo`` is off); checks and errors
     are those of :func:`~robustpatch.files.apply_file`. On any error the model is
     restored from the journal before the error propagates.
     """
+    sigs, opts = call.sigs, call.opts
     model = validate.path(model, "model")
     record = undo_path_for(model)
     check_destinations(_paths(sigs), [model])
@@ -185,7 +177,7 @@ def apply_inplace(
             )
     _check_model(model)
     recover(model)
-    plan = streamed_plan(sigs, alphas)
+    plan = streamed_plan(sigs, call.alphas)
     with open_input(model) as probe:
         header = read_header_from(probe, str(model))
     check_plan(plan, _spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
@@ -207,9 +199,9 @@ def apply_inplace(
                 fitted,
                 src_header,
                 pending if opts.undo else None,
-                progress,
+                call.progress,
                 opts.allow_nonfinite,
-                signature_refs(plan, embed_signature),
+                signature_refs(plan, call.embed_signature),
             )
             journal.commit()
         except BaseException:

@@ -35,6 +35,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,14 +45,13 @@ from ._format.shards import INDEX_SUFFIX, ShardedIndex, is_sharded, load_index
 from ._format.undo import undo_path_for
 from ._io.atomic import _fsync_dir, remove_stale
 from .errors import FormatError, InvalidArgumentError, MismatchError
-from .signature import Signature, SignatureLike
+from .signature import Signature
 from .signature.algebra import terms
 from .signature.streamed import StreamedSignature, open_signature
-from .targets import Alphas, check_plan, make_plan
+from .targets import check_plan, make_plan
 
 if TYPE_CHECKING:
-    from .files import FileReport
-    from .options import PatchOptions
+    from .files import FileReport, PatchCall
 
 __all__ = [
     "RECORD_NAME",
@@ -80,21 +80,17 @@ def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
 
 
 def apply_sharded(
-    src: str | os.PathLike[str],
-    sigs: SignatureLike | Sequence[SignatureLike],
-    alphas: Alphas,
-    out: str | os.PathLike[str] | None,
-    opts: PatchOptions,
-    progress: Any = None,
+    src: str | os.PathLike[str], out: str | os.PathLike[str] | None, call: PatchCall
 ) -> FileReport:
     """:func:`robustpatch.files.apply_file` for a sharded checkpoint (its index or its
     folder): ``out`` is the folder to write. Everything is checked (index, shards,
     signatures against the tensors) before anything is written."""
     from .files import FileReport, apply_one
 
+    opts, progress, sigs = call.opts, call.progress, call.sigs
     index = load_index(validate.path(src, "src"))
     out = _out_folder(out, "apply_file")
-    pairs = terms(_opened(sigs), alphas)
+    pairs = terms(_opened(sigs), call.alphas)
     plan = make_plan(*_split(pairs))
     check_plan(plan, _spec_across(index), opts.force, allow_dtype_change=opts.allow_dtype_change)
     _check_out_folder(out, [index.folder, *_sig_paths(sigs)])
@@ -109,7 +105,9 @@ def apply_sharded(
                 shards[shard] = _link_or_copy(index.shard_path(shard), dst, header, opts.durable)
                 _tick(progress, index.headers[shard].file_size)
                 continue
-            rep = apply_one(index.shard_path(shard), *_split(part), dst, opts, progress)
+            sigs_of_shard, alphas_of_shard = _split(part)
+            shard_call = replace(call, sigs=sigs_of_shard, alphas=alphas_of_shard)
+            rep = apply_one(index.shard_path(shard), dst, shard_call)
             _release(pairs, index.tensors_of(shard))
             shards[shard] = {"undo": undo_path_for(shard).name}
             written += rep.bytes_written
