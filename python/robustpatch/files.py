@@ -754,7 +754,7 @@ def remove_file(
     with open_input(side_path) as fside, open_input(patched) as fsrc:
         side = UndoSidecar.load(side_path, fside, signatures, background=True)
         header = read_header_from(fsrc, str(patched))
-        plan = make_plan(side.signatures, side.record.alphas)
+        plan = record_plan(side)
         _verify_patched(fsrc, header, side, plan)
         with AtomicFile(out, durable) as fout:
             target = FileTarget(fsrc, header, fout, side.source_header, progress, _Verify(side))
@@ -763,6 +763,11 @@ def remove_file(
                 restore_target(target, plan, _FileRecords(side, header))
             fout.commit()
     return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
+
+
+def record_plan(side: UndoSidecar) -> Plan:
+    """The plan an undo record restores: its signatures at its α."""
+    return make_plan(side.signatures, side.record.alphas)
 
 
 class _FileRecords:

@@ -51,6 +51,7 @@ from .files import (
     _Verify,
     _verify_patched,
     _Watch,
+    record_plan,
     releaser,
     signature_refs,
     streamed_plan,
@@ -60,7 +61,6 @@ from .targets import (
     NumpyTarget,
     Plan,
     check_plan,
-    make_plan,
     patch_target,
     restore_target,
 )
@@ -284,7 +284,7 @@ def remove_inplace(
     with open_input(side_path) as fside, open(patched, "r+b") as f:
         side = UndoSidecar.load(side_path, fside, signatures, background=True)
         header = read_header_from(f, str(patched))
-        plan = make_plan(side.signatures, side.record.alphas)
+        plan = record_plan(side)
         _verify_patched(f, header, side, plan)
         if len(side.source_header) != header.data_start:
             raise InvalidArgumentError(

@@ -34,7 +34,7 @@ from .._io.atomic import AtomicFile, check_destinations, commit_all
 from .._io.inputs import open_input
 from ..dtypes import NUMPY_OF_LABEL
 from ..errors import FormatError, InvalidArgumentError, MismatchError
-from ..files import FileTarget, _FileRecords, _paths, _RecordToFile, _Verify
+from ..files import FileTarget, _FileRecords, _paths, _RecordToFile, _Verify, record_plan
 from ..options import FILE_OPTIONS, PatchOptions
 from ..signature import SignatureLike
 from ..targets import (
@@ -42,7 +42,6 @@ from ..targets import (
     NumpyTarget,
     Plan,
     check_plan,
-    make_plan,
     patch_target,
     plan_for,
     restore_target,
@@ -359,7 +358,7 @@ def remove(
         )
     with open_input(side_path) as fside:
         side = UndoSidecar.load(side_path, fside)
-        plan = make_plan(side.signatures, side.record.alphas)
+        plan = record_plan(side)
         _verify_patched(m, side, plan)
         restored = _restored_bytes(m, side, data_out)
         # With external data the embedded tensors come back with the source's bytes.
