@@ -51,7 +51,9 @@ mod tests {
 
     #[test]
     fn the_parallel_path_gives_the_same_digest_however_the_input_is_split() {
-        let data: Vec<u8> = (0..3 * PARALLEL_MIN + 17).map(|i| (i * 31 % 251) as u8).collect();
+        let data: Vec<u8> = (0..3 * PARALLEL_MIN + 17)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
         let mut whole = Hasher::new();
         whole.update(&data);
         let mut pieces = Hasher::new();
