@@ -140,3 +140,24 @@ def test_no_flag_shows_a_default_in_the_help(capsys):
         main(["apply", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--no-undo do not write the .rpundo record --durable" in out
+
+
+# ---------------------------------------------------------------------------- a pipeline job
+
+
+def test_a_jobs_options_reach_the_writer(case):
+    from robustpatch.pipeline.jobs import Job, run_job
+
+    job = Job.make(
+        case / "m.safetensors", case / "fog.rws", 1.0, case / "j.safetensors", undo=False
+    )
+    assert run_job(job)["status"] == "done"
+    assert (case / "j.safetensors").exists() and not (case / "j.safetensors.rpundo").exists()
+
+
+def test_a_job_takes_no_option_a_manifest_cannot_give(case):
+    from robustpatch.pipeline.jobs import Job
+
+    msg = r"^Job\.make\(\) got an unexpected keyword argument 'allow_nonfinite'$"
+    with pytest.raises(TypeError, match=msg):
+        Job.make(case / "m.safetensors", case / "fog.rws", 1.0, case / "j", allow_nonfinite=True)

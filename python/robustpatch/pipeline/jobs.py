@@ -25,6 +25,7 @@ from .._format.shards import find_index, is_sharded
 from .._format.undo import undo_path_for
 from .._io.atomic import AtomicFile
 from ..errors import EXPECTED_ERRORS, InvalidArgumentError
+from ..options import PatchOptions
 
 __all__ = [
     "DONE_SUFFIX",
@@ -41,6 +42,8 @@ DONE_SUFFIX = ".rpdone"
 DONE_FORMAT = "robustpatch-done"
 DONE_VERSION = 1
 _HASH_CHUNK = 16 << 20
+#: The patch options a job takes (a manifest's option keys).
+OPTIONS = ("allow_dtype_change", "force", "undo", "durable")
 
 
 @dataclass(frozen=True)
@@ -60,38 +63,31 @@ class Job:
 
     @classmethod
     def make(
-        cls,
-        base: Any,
-        signatures: Any,
-        alphas: Any = 1.0,
-        output: Any = None,
-        *,
-        allow_dtype_change: bool = False,
-        force: bool = False,
-        undo: bool = True,
-        durable: bool = False,
+        cls, base: Any, signatures: Any, alphas: Any = 1.0, output: Any = None, **options: bool
     ) -> Job:
-        """A job from user values, each checked (InvalidArgumentError naming it)."""
+        """A job from user values, each checked (InvalidArgumentError naming it);
+        ``options``: those of :data:`OPTIONS`, as :func:`robustpatch.apply_file` takes them."""
         if isinstance(signatures, (str, os.PathLike)):
             signatures = [signatures]
         if not isinstance(signatures, (list, tuple)) or not signatures:
             raise InvalidArgumentError("a job needs a list of one or more signature files")
         if output is None:
             raise InvalidArgumentError("a job needs an output path")
-        for flag, value in (("allow_dtype_change", allow_dtype_change), ("force", force),
-                            ("undo", undo), ("durable", durable)):  # fmt: skip
-            if not isinstance(value, bool):
-                raise InvalidArgumentError(f"{flag} must be true or false, got {value!r}")
+        opts = PatchOptions.of(options, "Job.make", OPTIONS)
         return cls(
             _absolute(base, "base"),
             tuple(_absolute(s, "signature") for s in signatures),
             tuple(validate.alphas(len(signatures), alphas)),
             _absolute(output, "output"),
-            allow_dtype_change,
-            force,
-            undo,
-            durable,
+            opts.allow_dtype_change,
+            opts.force,
+            opts.undo,
+            opts.durable,
         )
+
+    def options(self) -> dict[str, bool]:
+        """The job's :data:`OPTIONS` as keywords."""
+        return {name: getattr(self, name) for name in OPTIONS}
 
     @property
     def inputs(self) -> list[str]:
@@ -206,10 +202,7 @@ def _build(job: Job) -> None:
         list(job.signatures),
         list(job.alphas),
         job.output,
-        force=job.force,
-        allow_dtype_change=job.allow_dtype_change,
-        undo=job.undo,
-        durable=job.durable,
+        **job.options(),
     )
 
 

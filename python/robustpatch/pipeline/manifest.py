@@ -32,12 +32,12 @@ from typing import Any
 
 from .._io.inputs import open_input
 from ..errors import FormatError, InvalidArgumentError, shown
-from .jobs import Job
+from .jobs import OPTIONS, Job
 
 __all__ = ["load_manifest", "jobs_from", "check_jobs"]
 
 JOB_KEYS = ("base", "signatures", "alphas", "output")
-OPTION_KEYS = ("allow_dtype_change", "force", "undo", "durable")
+OPTION_KEYS = OPTIONS
 GRID_KEYS = ("bases", "signatures", "alphas", "output")
 TOP_KEYS = ("version", "defaults", "jobs", "grid")
 PLACEHOLDERS = {"base", "signatures", "alpha"}
