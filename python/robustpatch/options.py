@@ -1,9 +1,10 @@
 """The keyword options of a patch, declared once.
 
 ``apply_file``, ``onnx.apply``, ``apply``/``subtract`` and a pipeline ``Job`` take
-them as keywords (``force=True``...); each entry point names the ones it takes, and
-the writers behind it (sharded, in place, one file) receive them as one
-:class:`PatchOptions`.
+them as keywords (``force=True``...), each entry point naming the ones it takes; the
+command line sets them with the flags of :mod:`robustpatch.cli.patch_flags`, and the
+writers behind ``apply_file`` (one file, sharded, in place) receive them as one
+:class:`PatchOptions` inside a :class:`robustpatch.files.PatchCall`.
 """
 
 from __future__ import annotations
