@@ -6,16 +6,18 @@ thread left running."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
 import pytest
 
 from robustpatch import files
-from robustpatch._format.safetensors import read_header, write_tensors
+from robustpatch._format.safetensors import read_header, read_tensors, write_tensors
+from robustpatch._format.undo import UNDO_KEY, record_digest
 from robustpatch._io import direct
-from robustpatch.errors import MismatchError
-from robustpatch.files import apply_file, remove_file
+from robustpatch.errors import FormatError, MismatchError
+from robustpatch.files import apply_file, remove_file, undo_path_for
 from robustpatch.signature import Signature
 from rp_testutil import listing, sha
 
@@ -122,3 +124,39 @@ def test_a_tampered_tensor_found_by_the_reader_thread_fails_removal(model):
         remove_file(patched, out / "r.safetensors")
     assert sorted(listing(out)) == sorted(before)
     assert _pipeline_threads() == []
+
+
+def _rewrite(undo, edit) -> str:
+    """Rewrite a record with ``edit(meta, tensors)`` applied; returns its record digest."""
+    header, tensors = read_tensors(undo)
+    meta = json.loads(header.metadata[UNDO_KEY])
+    edit(meta, tensors)
+    labels = {k: "U16" for k, a in tensors.items() if a.dtype == np.uint16}
+    write_tensors(undo, tensors, {UNDO_KEY: json.dumps(meta)}, labels)
+    return meta["record_digest"]
+
+
+def _seal_with_sha256(meta, tensors) -> None:
+    """As records written before the switch to BLAKE3 were sealed."""
+    meta["record_digest"] = "sha256:" + "0" * 64
+    meta["record_digest"] = record_digest(meta, tensors)
+
+
+def _claim_blake3(meta, tensors) -> None:
+    meta["record_digest"] = "blake3:" + meta["record_digest"].split(":")[1]
+
+
+def test_records_are_sealed_with_blake3_and_sha256_records_still_verify(model):
+    src, sig, out, touched = model
+    patched = out / "p.safetensors"
+    apply_file(src, sig, 1.0, patched)
+    undo = undo_path_for(patched)
+    assert json.loads(read_header(undo).metadata[UNDO_KEY])["record_digest"].startswith("blake3:")
+    assert _rewrite(undo, _seal_with_sha256).startswith("sha256:")
+    remove_file(patched, out / "r.safetensors")
+    assert sha(out / "r.safetensors") == sha(src)
+    # The same digest claimed as BLAKE3 is checked as BLAKE3: refused.
+    _rewrite(undo, _claim_blake3)
+    with pytest.raises(FormatError, match="record digest does not match"):
+        remove_file(patched, out / "r2.safetensors")
+    assert not (out / "r2.safetensors").exists()

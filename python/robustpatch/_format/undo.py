@@ -9,10 +9,11 @@ themselves). ``__metadata__["robustpatch.undo"]`` is the JSON of :class:`UndoRec
 lengths that must agree) as strictly as a signature file's metadata is validated, so a
 crafted record is refused with one line naming the file and the problem.
 
-Three checks then run, in this order. The record's own digest (``record_digest``: sha256
-over its tensors and its metadata without that field) is verified before anything is
-used, so a damaged or edited record is a FormatError. The CRC-32 ``checksum`` of each
-patched tensor is verified as the patched file is read (it changed since: MismatchError).
+Three checks then run, in this order. The record's own digest (``record_digest``: BLAKE3,
+or sha256 in records written before, over its tensors and its metadata without that
+field) is verified before anything is used, so a damaged or edited record is a
+FormatError. The CRC-32 ``checksum`` of each patched tensor is verified as the patched
+file is read (it changed since: MismatchError).
 The ``digest`` of each original tensor (and ``source_header_digest`` of the original
 header; BLAKE3, or sha256 in records written before) is verified on the restored bytes
 before they are written, so a record that does not restore the source is a
@@ -115,27 +116,36 @@ class _RecordHasher:
 
     Each tensor counts as the JSON line ``[name, dtype, shape]`` followed by its bytes
     (their length follows from a validated header), the metadata as sorted-key JSON
-    without ``record_digest``: so it covers every byte the record's reader uses.
+    without ``record_digest``: so it covers every byte the record's reader uses. New
+    records use BLAKE3 (the engine's: a large record hashes at memory speed); records
+    written before hold sha256, verified with it.
     """
 
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
+    def __init__(self, algorithm: str = "blake3") -> None:
+        self.algorithm = algorithm
+        self.h = _core.Blake3() if algorithm == "blake3" else hashlib.sha256()
 
     def tensor(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         self.h.update(json.dumps([name, dtype, list(shape)]).encode() + b"\n")
 
     def update(self, data: memoryview | bytes) -> None:
-        self.h.update(data)
+        self.h.update(np.frombuffer(data, np.uint8) if isinstance(data, memoryview) else data)
 
     def finish(self, meta: dict[str, Any]) -> str:
         rest = {k: v for k, v in meta.items() if k != "record_digest"}
         self.h.update(json.dumps(rest, sort_keys=True).encode())
-        return "sha256:" + self.h.hexdigest()
+        return f"{self.algorithm}:{self.h.hexdigest()}"
+
+
+def _algorithm_of(record_digest: object) -> str:
+    """The hash a record digest was made with (BLAKE3 unless it says sha256)."""
+    return "sha256" if str(record_digest).startswith("sha256:") else "blake3"
 
 
 def record_digest(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> str:
-    """The record digest of a record's metadata and tensors (in file order)."""
-    hasher = _RecordHasher()
+    """The record digest of a record's metadata and tensors (in file order), with the
+    algorithm of the digest ``meta`` holds (BLAKE3 if none)."""
+    hasher = _RecordHasher(_algorithm_of(meta.get("record_digest")))
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr)
         hasher.tensor(name, _label(arr), tuple(arr.shape))
@@ -590,7 +600,7 @@ def _check_record_digest(
     f: BinaryIO, header: Header, meta: dict[str, Any], expected: str, where: str
 ) -> None:
     """The record's own digest, over every tensor's bytes as stored and its metadata."""
-    hasher = _RecordHasher()
+    hasher = _RecordHasher(_algorithm_of(expected))
     for t in header.tensors:
         hasher.tensor(t.name, t.dtype, t.shape)
         at, end = header.data_start + t.begin, header.data_start + t.end
