@@ -16,7 +16,7 @@ import pytest
 
 from robustpatch._format.safetensors import TensorInfo, encode_header, write_tensors
 from robustpatch.cli import main
-from robustpatch.errors import FormatError, NonFiniteError, SelectionError
+from robustpatch.errors import FormatError, InvalidArgumentError, NonFiniteError, SelectionError
 from robustpatch.extract import extract, extract_to
 from robustpatch.signature import Signature
 from rp_testutil import bf16_from_f32, listing, trio
@@ -221,3 +221,18 @@ def test_huge_weights_do_not_make_a_changed_signature_look_zero(tmp_path):
         warnings.simplefilter("error")
         got = extract_to(tmp_path / "o.rws", None, clean, robust, method="difference")
     assert got.entries == 1
+
+
+def test_a_file_tensor_two_entries_need_is_refused_as_the_signature_refuses_it(tmp_path):
+    """BatchNorm statistics ``bn.running_mean`` are stored as ``bn.running_mean.replace``,
+    a name the model also uses for a weight: refused, nothing written."""
+    clean = {
+        "bn.running_mean": np.zeros(4, np.float32),
+        "bn.running_mean.replace": np.zeros(4, np.float32),
+    }
+    robust = {k: v + np.float32(1) for k, v in clean.items()}
+    with pytest.raises(InvalidArgumentError, match="both need the file tensor"):
+        extract(None, clean, robust, method="difference")
+    with pytest.raises(InvalidArgumentError, match="both need the file tensor"):
+        extract_to(tmp_path / "o.rws", None, clean, robust, method="difference")
+    assert os.listdir(tmp_path) == []

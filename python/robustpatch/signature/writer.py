@@ -27,6 +27,7 @@ from .._format.safetensors import TensorInfo, check_header_size, encode_header
 from .._io.atomic import AtomicFile
 from .._io.ranged import pread_into, pwrite_all
 from ..dtypes import label_of
+from ..errors import InvalidArgumentError
 from .codec import (
     HASH_ALGORITHMS,
     META_KEY,
@@ -69,6 +70,8 @@ class SignatureWriter:
         self._data = AtomicFile(self.path, durable=False)
         self._specs: list[dict[str, Any]] = []
         self._stored: list[_Stored] = []
+        self._entries: set[str] = set()
+        self._owner: dict[str, str] = {}  # file tensor -> the entry that stores it
         self._offset = 0
 
     def __enter__(self) -> SignatureWriter:
@@ -86,9 +89,12 @@ class SignatureWriter:
         return self._offset
 
     def add(self, entry: Entry) -> None:
-        """Append ``entry`` (weight 1) to the file."""
+        """Append ``entry`` (weight 1) to the file (InvalidArgumentError if its name or
+        a file tensor it needs is taken, as :class:`Signature` refuses it)."""
         compact_dense = entry.kind == "delta" and entry.quant is None
-        for name, arr in entry.file_tensors().items():
+        tensors = entry.file_tensors()
+        self._claim(entry.name, list(tensors))
+        for name, arr in tensors.items():
             arr = np.ascontiguousarray(arr)
             stored = compact(arr) if compact_dense else arr
             label = "U8" if stored.dtype == np.uint8 else label_of(stored)
@@ -99,6 +105,17 @@ class SignatureWriter:
             self._stored.append(_Stored(info, arr.dtype, tuple(arr.shape), widen_from))
             self._offset = end
         self._specs.append(entry.spec())
+
+    def _claim(self, entry: str, names: list[str]) -> None:
+        if entry in self._entries:
+            raise InvalidArgumentError(f"duplicate entry {entry!r}")
+        for t in names:
+            if t in self._owner:
+                raise InvalidArgumentError(
+                    f"entries {self._owner[t]!r} and {entry!r} both need the file tensor {t!r}"
+                )
+        self._owner.update(dict.fromkeys(names, entry))
+        self._entries.add(entry)
 
     def commit(self, name: str, meta: Mapping[str, Any]) -> None:
         """Write the header (``name`` and ``meta`` as ``Signature(name=, meta=)`` would
