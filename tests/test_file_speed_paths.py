@@ -7,7 +7,9 @@ thread left running."""
 from __future__ import annotations
 
 import json
+import mmap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from robustpatch import files
 from robustpatch._format.safetensors import read_header, read_tensors, write_tensors
 from robustpatch._format.undo import UNDO_KEY, record_digest
 from robustpatch._io import direct
+from robustpatch._io.ranged import populate_writable
 from robustpatch.errors import FormatError, MismatchError
 from robustpatch.files import apply_file, remove_file, undo_path_for
 from robustpatch.signature import Signature
@@ -160,3 +163,35 @@ def test_records_are_sealed_with_blake3_and_sha256_records_still_verify(model):
     with pytest.raises(FormatError, match="record digest does not match"):
         remove_file(patched, out / "r2.safetensors")
     assert not (out / "r2.safetensors").exists()
+
+
+def _resident_kib(mm: mmap.mmap) -> int:
+    """The mapping's resident size (``Rss`` of its area in /proc/self/smaps)."""
+    view = np.frombuffer(mm, np.uint8, 1)
+    start = f"{view.__array_interface__['data'][0]:x}-"
+    del view
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    at = next(k for k, line in enumerate(lines) if line.startswith(start))
+    rss = next(line for line in lines[at + 1 :] if line.startswith("Rss:"))
+    return int(rss.split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc")
+def test_populate_writable_maps_exactly_the_range_in(tmp_path):
+    path = tmp_path / "f.bin"
+    data = np.random.default_rng(0).integers(0, 256, 32 << 20, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+        untouched = _resident_kib(mm)
+        if not populate_writable(mm, (8 << 20) + 100, 8 << 20):
+            pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14+")
+        populated = _resident_kib(mm)
+        assert not populate_writable(mm, 0, 0)  # nothing to map in
+        mm[(8 << 20) + 100] ^= 0xFF
+        mm.close()
+    assert untouched == 0
+    # The range, from its first page to its end, mapped in (and not the whole file).
+    assert (8 << 10) + 4 <= populated < 16 << 10, populated
+    data[(8 << 20) + 100] ^= 0xFF
+    assert path.read_bytes() == data.tobytes()  # the mapped pages hold the file's bytes

@@ -35,7 +35,7 @@ from ._format.undo import UndoSidecar, UndoWriter, undo_path_for
 from ._io.atomic import AtomicFile, check_destinations
 from ._io.inputs import open_input
 from ._io.journal import Journal, journal_path_for, recover
-from ._io.ranged import pwrite_all
+from ._io.ranged import populate_writable, pwrite_all
 from .dtypes import NUMPY_OF_LABEL, kernel_view
 from .errors import InvalidArgumentError
 from .files import (
@@ -116,6 +116,7 @@ class MappedTarget(NumpyTarget):
             self.tick(t.nbytes)
 
     def _view(self, t: TensorInfo) -> np.ndarray:
+        populate_writable(self.mm, self.header.data_start + t.begin, t.nbytes)
         raw = np.frombuffer(self.mm, np.uint8, t.nbytes, self.header.data_start + t.begin)
         return kernel_view(raw.view(NUMPY_OF_LABEL[t.dtype]).reshape(t.shape))
 

@@ -142,6 +142,25 @@ def copy_range(
             progress(done)
 
 
+#: ``madvise`` advice (Linux 5.14+): fault a range in, writable, in one call.
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def populate_writable(mm: mmap.mmap, offset: int, length: int) -> bool:
+    """Map ``length`` bytes of ``mm`` at ``offset`` in, writable, with one system call,
+    instead of one page fault per page as they are first read and then written (about
+    half the time of patching a range of a file mapped shared). Returns False where
+    the kernel or platform lacks it; the pages then fault in as used."""
+    if length <= 0 or not hasattr(mm, "madvise") or not sys.platform.startswith("linux"):
+        return False
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        mm.madvise(MADV_POPULATE_WRITE, start, min(offset + length, len(mm)) - start)
+    except OSError:  # EINVAL: a kernel before 5.14
+        return False
+    return True
+
+
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
 _sync_file_range: Callable[[int, int, int, int], int] | None | bool = False  # False: unresolved
 
