@@ -64,8 +64,8 @@ def cpu_flags() -> set[str]:
 def runs(path: str) -> bool:
     need = {
         "scalar": set(),
-        "avx2": {"avx2", "fma", "f16c"},
-        "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"},
+        "avx2": {"avx2", "fma", "f16c", "popcnt"},
+        "avx512": {"avx2", "fma", "f16c", "popcnt", "avx512f", "avx512bw", "avx512vl"},
     }[path]
     return need <= cpu_flags()
 

@@ -561,7 +561,7 @@ mod avx2 {
         &mut *(u as *mut Undo<T::Bits> as *mut Undo<U::Bits>)
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
     unsafe fn add_tile_avx2<T: Lanes>(
         tile: &mut [T],
         acc: &[f32],

@@ -169,49 +169,87 @@ unsafe fn step<T: Lanes, const RECORD: bool>(
     t: *mut T,
     d: __m512,
     first: usize,
-    undo: &mut Undo<T::Bits>,
+    rec: &mut Appender<T::Bits>,
 ) -> u32 {
     let w = T::load(t);
     let new = T::narrow16(_mm512_add_ps(T::widen16(w), d));
     if RECORD {
         let bad = T::differ(T::narrow16(_mm512_sub_ps(T::widen16(new), d)), w);
-        record::<T>(bad, w, first, undo);
+        rec.push::<T>(bad, w, first);
     }
     T::store(t, new);
     (T::special(new) & !T::special(w)).count_ones()
 }
 
-/// Append (position, original bits) of the lanes of `w` flagged in `bad`,
-/// without a branch on `bad`: at 1–10% flagged elements most steps of sixteen
-/// hold one, so a branch per step would mispredict often. The kept lanes are
-/// compressed to the front of a register and sixteen slots written past the
-/// record's end; its length then grows by the number kept.
-#[inline(always)]
-unsafe fn record<T: Lanes>(bad: u16, w: T::Raw, first: usize, undo: &mut Undo<T::Bits>) {
-    let len = undo.positions.len();
-    debug_assert_eq!(len, undo.values.len());
-    if undo.positions.capacity() - len < 16 || undo.values.capacity() - len < 16 {
-        grow(undo);
-    }
-    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    // Positions are below 2^32 (checked by the caller), so i32 lanes wrap as u32.
-    let pos = _mm512_add_epi32(_mm512_set1_epi32(first as u32 as i32), lanes);
-    let kept = _mm512_maskz_compress_epi32(bad, pos);
-    _mm512_storeu_epi32(undo.positions.as_mut_ptr().add(len) as *mut i32, kept);
-    T::store_kept(undo.values.as_mut_ptr().add(len), bad, w);
-    // SAFETY: the capacity check above left room for sixteen; the first
-    // `count` slots of both vectors were just written.
-    let count = bad.count_ones() as usize;
-    undo.positions.set_len(len + count);
-    undo.values.set_len(len + count);
+/// The undo record opened for appending sixteen lanes at a time. Its length
+/// lives in a register here (through `Undo` it would be reloaded after every
+/// record store, which the compiler must assume may alias it) and is written
+/// back when the appender is dropped.
+struct Appender<'a, B> {
+    undo: &'a mut Undo<B>,
+    len: usize,
+    /// Records that fit before the vectors must grow.
+    cap: usize,
 }
 
-/// Make room for at least sixteen more records (doubling, so it is rare).
-#[cold]
-fn grow<B>(undo: &mut Undo<B>) {
-    let more = undo.positions.len().max(1024);
-    undo.positions.reserve(more);
-    undo.values.reserve(more);
+impl<'a, B> Appender<'a, B> {
+    fn new(undo: &'a mut Undo<B>) -> Self {
+        let len = undo.positions.len();
+        debug_assert_eq!(len, undo.values.len());
+        let cap = undo.positions.capacity().min(undo.values.capacity());
+        Appender { undo, len, cap }
+    }
+
+    /// Append (position, original bits) of the lanes of `w` flagged in `bad`,
+    /// all at once: the kept lanes are compressed to the front of a register
+    /// and sixteen slots written past the record's end; the length then grows
+    /// by the number kept (no loop over lanes, whose count varies per step).
+    #[inline(always)]
+    unsafe fn push<T: Lanes<Bits = B>>(&mut self, bad: u16, w: T::Raw, first: usize) {
+        if bad == 0 {
+            return;
+        }
+        if self.cap - self.len < 16 {
+            self.grow();
+        }
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        // Positions are below 2^32 (checked by the caller), so i32 lanes wrap as u32.
+        let pos = _mm512_add_epi32(_mm512_set1_epi32(first as u32 as i32), lanes);
+        let kept = _mm512_maskz_compress_epi32(bad, pos);
+        let at = self.len;
+        _mm512_storeu_epi32(self.undo.positions.as_mut_ptr().add(at) as *mut i32, kept);
+        T::store_kept(self.undo.values.as_mut_ptr().add(at), bad, w);
+        self.len += bad.count_ones() as usize;
+    }
+
+    /// Make room for at least sixteen more records (doubling, so it is rare).
+    #[cold]
+    fn grow(&mut self) {
+        self.sync();
+        let more = self.len.max(1024);
+        self.undo.positions.reserve(more);
+        self.undo.values.reserve(more);
+        self.cap = self
+            .undo
+            .positions
+            .capacity()
+            .min(self.undo.values.capacity());
+    }
+
+    fn sync(&mut self) {
+        // SAFETY: the first `len` slots of both vectors were written by `push`
+        // (or were there before), and `len` never exceeds the capacity.
+        unsafe {
+            self.undo.positions.set_len(self.len);
+            self.undo.values.set_len(self.len);
+        }
+    }
+}
+
+impl<B> Drop for Appender<'_, B> {
+    fn drop(&mut self) {
+        self.sync();
+    }
 }
 
 /// `tile = round(tile + acc)` with the record when `undo` is given; returns
@@ -252,7 +290,7 @@ pub unsafe fn add_tile<T: Element>(
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl")]
 unsafe fn add_tile_as<T: Lanes>(
     tile: &mut [T],
     acc: &[f32],
@@ -266,15 +304,20 @@ unsafe fn add_tile_as<T: Lanes>(
     match undo {
         None => {
             let mut none = Undo::default();
+            let mut rec = Appender::new(&mut none);
             for i in (0..full).step_by(16) {
-                over += step::<T, false>(t.add(i), _mm512_loadu_ps(a.add(i)), start + i, &mut none);
+                let d = _mm512_loadu_ps(a.add(i));
+                over += step::<T, false>(t.add(i), d, start + i, &mut rec);
             }
             over as usize + add_in_place(&mut tile[full..n], &acc[full..n])
         }
         Some(undo) => {
+            let mut rec = Appender::new(undo);
             for i in (0..full).step_by(16) {
-                over += step::<T, true>(t.add(i), _mm512_loadu_ps(a.add(i)), start + i, undo);
+                let d = _mm512_loadu_ps(a.add(i));
+                over += step::<T, true>(t.add(i), d, start + i, &mut rec);
             }
+            drop(rec);
             over as usize + add_and_record(&mut tile[full..n], &acc[full..n], start + full, undo)
         }
     }
@@ -374,7 +417,7 @@ impl Sig<'_> {
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl")]
 unsafe fn fused_as<T: Lanes>(
     chunk: &mut [T],
     base: usize,
@@ -420,13 +463,15 @@ unsafe fn fused_as<T: Lanes>(
     match undo {
         None => {
             let mut none = Undo::default();
+            let mut rec = Appender::new(&mut none);
             for i in (0..full).step_by(16) {
-                over += step::<T, false>(t.add(i), sum(base + i), base + i, &mut none);
+                over += step::<T, false>(t.add(i), sum(base + i), base + i, &mut rec);
             }
         }
         Some(undo) => {
+            let mut rec = Appender::new(undo);
             for i in (0..full).step_by(16) {
-                over += step::<T, true>(t.add(i), sum(base + i), base + i, undo);
+                over += step::<T, true>(t.add(i), sum(base + i), base + i, &mut rec);
             }
         }
     }

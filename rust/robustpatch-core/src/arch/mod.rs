@@ -23,7 +23,7 @@ pub const ENV: &str = "ROBUSTPATCH_SIMD";
 pub enum Path {
     /// Baseline target only (SSE2 on x86-64): the compiler's own vectorization.
     Scalar,
-    /// AVX2 + FMA + F16C (FMA is enabled but never contracted into).
+    /// AVX2 + FMA + F16C + POPCNT (FMA is enabled but never contracted into).
     Avx2,
     /// AVX-512 F/BW/VL on top of AVX2 + FMA + F16C.
     Avx512,
@@ -53,8 +53,10 @@ impl Path {
     pub fn missing_features(self) -> Vec<&'static str> {
         let needed: &[&'static str] = match self {
             Path::Scalar => &[],
-            Path::Avx2 => &["avx2", "fma", "f16c"],
-            Path::Avx512 => &["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"],
+            Path::Avx2 => &["avx2", "fma", "f16c", "popcnt"],
+            Path::Avx512 => &[
+                "avx2", "fma", "f16c", "popcnt", "avx512f", "avx512bw", "avx512vl",
+            ],
         };
         needed.iter().copied().filter(|f| !cpu_has(f)).collect()
     }
@@ -66,6 +68,7 @@ fn cpu_has(feature: &str) -> bool {
         "avx2" => std::arch::is_x86_feature_detected!("avx2"),
         "fma" => std::arch::is_x86_feature_detected!("fma"),
         "f16c" => std::arch::is_x86_feature_detected!("f16c"),
+        "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
         "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
         "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
         "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
@@ -137,11 +140,11 @@ impl Simd {
     pub fn run<R, F: FnOnce() -> R>(self, f: F) -> R {
         #[cfg(target_arch = "x86_64")]
         {
-            #[target_feature(enable = "avx2,fma,f16c")]
+            #[target_feature(enable = "avx2,fma,f16c,popcnt")]
             unsafe fn avx2<R, F: FnOnce() -> R>(f: F) -> R {
                 f()
             }
-            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+            #[target_feature(enable = "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl")]
             unsafe fn avx512<R, F: FnOnce() -> R>(f: F) -> R {
                 f()
             }
