@@ -8,6 +8,8 @@ Builds a model file of ``--size-gib`` GiB (float32 tensors; a few float16/bf16),
   RSS (``VmHWM``);
 - ``remove_file`` likewise, and (with ``--verify``) that the restored file's sha256
   equals the original's;
+- ``apply_file`` of a second 4-bit signature touching every tensor (``--full``; the
+  pipelined path: read, engine and write on their own threads);
 - the copy followed by fsync, and ``apply_file(durable=True)`` (fsynced: both are bound
   by the disk's write bandwidth).
 
@@ -15,9 +17,11 @@ Every timed run starts after ``os.sync()`` with the model in the page cache; run
 interleaved and the best of ``--repeat`` is kept. Ratios are what matter. A durable
 ``apply_file`` of a large model writes with direct I/O (the disk's write bandwidth is
 its floor, as it is for copyfile + fsync). Output:
-benches/results/apply_file.json and a Markdown table.
+benches/results/apply_file.json and a Markdown table beside it (apply_file.md).
+Timings on a shared machine are noisy: compare ratios within one run.
 
 Run:  python benches/bench_apply_file.py [--size-gib 2] [--tensors 200] [--touch 0.1]
+      [--full] [--quick]
 """
 
 from __future__ import annotations
@@ -153,16 +157,24 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", help="work folder (default: a temp folder next to the results)")
     ap.add_argument("--verify", action="store_true", help="sha256 of original vs restored")
+    ap.add_argument("--full", action="store_true", help="also a signature on every tensor")
+    ap.add_argument("--quick", action="store_true", help="a 0.25 GiB model, one run")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "apply_file.json"))
     args = ap.parse_args()
+    if args.quick:
+        args.size_gib, args.tensors, args.repeat = 0.25, 50, 1
 
     work = Path(tempfile.mkdtemp(prefix="rp-bench-", dir=args.dir))
     try:
         model, sig = work / "model.safetensors", work / "sig.rws"
         infos = build_model(model, int(args.size_gib * (1 << 30)), args.tensors, 0)
         touched = build_signature(sig, infos, args.touch, 0)
+        full_sig = work / "full.rws"
+        if args.full:
+            build_signature(full_sig, infos, 1.0, 1)
         size = model.stat().st_size
         copy_s, copy_sync_s, apply_runs, remove_runs, durable_runs = [], [], [], [], []
+        full_runs = []
         shutil.copyfile(model, work / "warm.bin")  # warm the page cache
         os.remove(work / "warm.bin")
         patched, restored = work / "patched.safetensors", work / "restored.safetensors"
@@ -186,6 +198,12 @@ def main() -> None:
             durable_runs.append(
                 child("apply", src=str(model), sigs=[str(sig)], out=str(patched), durable=True)
             )
+            if args.full:
+                clean_outputs(work)
+                settle()
+                full_runs.append(
+                    child("apply", src=str(model), sigs=[str(full_sig)], out=str(patched))
+                )
         best_apply = min(apply_runs, key=lambda r: r["work_s"])
         best_remove = min(remove_runs, key=lambda r: r["work_s"])
         result = {
@@ -210,8 +228,12 @@ def main() -> None:
             "apply_durable_s": min(r["work_s"] for r in durable_runs),
             "apply_durable_vs_copy_fsync": min(r["work_s"] for r in durable_runs)
             / min(copy_sync_s),
+            "apply_full_s": min((r["work_s"] for r in full_runs), default=None),
+            "full_signature_bytes": full_sig.stat().st_size if args.full else None,
             "restored_sha256_equal": verified,
+            "note": "noisy, shared machine: compare ratios within this run",
             "runs": {
+                "apply_full": full_runs,
                 "copyfile_s": copy_s,
                 "copyfile_fsync_s": copy_sync_s,
                 "apply": apply_runs,
@@ -221,29 +243,39 @@ def main() -> None:
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    gib = result["file_bytes"] / (1 << 30)
-    print(
-        f"| {gib:.2f} GiB, {result['tensors']} tensors, {touched} touched | time (s) | "
-        "× copyfile | peak RSS (MB) |"
-    )
-    print("|---|---|---|---|")
-    print(f"| shutil.copyfile | {result['copyfile_s']:.2f} | 1.00 | |")
-    print(
-        f"| apply_file | {result['apply_s']:.2f} | {result['apply_vs_copy']:.2f} | "
-        f"{result['apply_peak_rss_mb']:.0f} |"
-    )
-    print(
-        f"| remove_file | {result['remove_s']:.2f} | {result['remove_vs_copy']:.2f} | "
-        f"{result['remove_peak_rss_mb']:.0f} |"
-    )
-    ratio = result["copyfile_fsync_s"] / result["copyfile_s"]
-    print(f"| shutil.copyfile + fsync | {result['copyfile_fsync_s']:.2f} | {ratio:.2f} | |")
-    ratio = result["apply_durable_s"] / result["copyfile_s"]
-    print(f"| apply_file(durable=True) | {result['apply_durable_s']:.2f} | {ratio:.2f} | |")
-    if verified is not None:
-        print(f"restored sha256 equals original: {verified}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    md = table(result)
+    out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+
+
+def table(result: dict) -> str:
+    """The run as a Markdown table: each step's best time and its ratio to copyfile."""
+    gib, copy = result["file_bytes"] / (1 << 30), result["copyfile_s"]
+    rows = [
+        ("shutil.copyfile", copy, None),
+        ("apply_file", result["apply_s"], result["apply_peak_rss_mb"]),
+        ("remove_file", result["remove_s"], result["remove_peak_rss_mb"]),
+        ("shutil.copyfile + fsync", result["copyfile_fsync_s"], None),
+        ("apply_file(durable=True)", result["apply_durable_s"], None),
+    ]
+    if result["apply_full_s"] is not None:
+        rows.append(("apply_file, 4-bit signature on every tensor", result["apply_full_s"], None))
+    lines = [
+        f"| {gib:.2f} GiB, {result['tensors']} tensors, {result['touched_tensors']} touched "
+        "| time (s) | × copyfile | peak RSS (MB) |",
+        "|---|---|---|---|",
+    ]
+    for name, secs, rss in rows:
+        lines.append(
+            f"| {name} | {secs:.2f} | {secs / copy:.2f} | {'' if rss is None else f'{rss:.0f}'} |"
+        )
+    if result["restored_sha256_equal"] is not None:
+        lines.append(f"\nrestored sha256 equals original: {result['restored_sha256_equal']}")
+    lines.append(f"\n{result['note']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
