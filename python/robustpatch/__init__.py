@@ -23,7 +23,7 @@ The lab (`robustpatch.lab`) needs the ``torch`` extra; nothing here imports torc
 
 from ._core import __version__
 from .errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError
-from .extract import extract
+from .extract import extract, extract_to
 from .files import apply_file, remove_file
 from .signature import (
     Entry,
@@ -52,6 +52,7 @@ __all__ = [
     "combine",
     "detect",
     "extract",
+    "extract_to",
     "remove",
     "remove_file",
     "similarity",
