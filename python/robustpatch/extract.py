@@ -2,8 +2,10 @@
 
 Sources may be dicts of numpy arrays, torch state dicts or modules, ``.safetensors``
 files, sharded checkpoints (their ``*.index.json``), or ``.pt``/``.pth`` state dicts.
-Tensors are read one at a time (files through mmap), so memory stays near one tensor
-plus the signature.
+Tensors are read one at a time (files through mmap, each tensor's pages dropped once
+read), so :func:`extract` holds about one tensor plus the signature, and
+:func:`extract_to`, which writes each entry to the file as it is computed, about a few
+tensors.
 
 Per tensor the signature is, with ``method="projection"`` (the paper's),
 ``Δr − (⟨Δr, d⟩/‖d‖²)·d`` where ``Δr = robust − pretrained`` and ``d = clean −
