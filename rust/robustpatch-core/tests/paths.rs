@@ -73,7 +73,10 @@ fn convert<T: Element>(v: &[f32]) -> Vec<T> {
 /// Group lengths that divide `n`, favouring the fused path's multiples of 16.
 fn group_for(n: usize, pick: usize) -> usize {
     let cands = [128, 16, 32, 64, 8, 24, 3, n];
-    let fits: Vec<usize> = cands.into_iter().filter(|&g| g > 0 && n.is_multiple_of(g)).collect();
+    let fits: Vec<usize> = cands
+        .into_iter()
+        .filter(|&g| g > 0 && n.is_multiple_of(g))
+        .collect();
     fits[pick % fits.len()]
 }
 

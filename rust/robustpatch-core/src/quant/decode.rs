@@ -18,7 +18,10 @@ impl QuantView<'_> {
     /// [`QuantView::accumulate_range_scalar`] bit for bit.
     #[inline(always)]
     pub fn accumulate_range(&self, alpha: f32, start: usize, acc: &mut [f32], scratch: &mut [u8]) {
-        debug_assert!(start.is_multiple_of(8), "start {start} is not a multiple of 8");
+        debug_assert!(
+            start.is_multiple_of(8),
+            "start {start} is not a multiple of 8"
+        );
         debug_assert!(scratch.len() >= acc.len());
         debug_assert!(start + acc.len() <= self.numel);
         let codes = &mut scratch[..acc.len()];
