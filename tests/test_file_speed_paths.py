@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import threading
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 
 from robustpatch import files
 from robustpatch._format.safetensors import read_header, read_tensors, write_tensors
-from robustpatch._format.undo import UNDO_KEY, record_digest
+from robustpatch._format.undo import UNDO_KEY, UndoRecord, record_digest
 from robustpatch._io import direct
 from robustpatch._io.ranged import populate_writable
 from robustpatch.errors import FormatError, MismatchError
@@ -196,3 +197,20 @@ def test_populate_writable_maps_exactly_the_range_in(tmp_path):
     assert (8 << 10) + 4 <= populated < 16 << 10, populated
     data[(8 << 20) + 100] ^= 0xFF
     assert path.read_bytes() == data.tobytes()  # the mapped pages hold the file's bytes
+
+
+def test_a_record_renders_as_its_dataclass_does(model):
+    """UndoRecord.to_json, built from its fields without deep copies, says what
+    ``dataclasses.asdict`` says (both versions: with and without signature refs)."""
+    src, sig, out, touched = model
+    apply_file(src, sig, 1.0, out / "p.safetensors")
+    raw = read_header(undo_path_for(out / "p.safetensors")).metadata[UNDO_KEY]
+    record = UndoRecord.parse(raw, "record")
+    assert record.signatures and record.tensors
+    for rec in (record, replace(record, signature_refs=[{"index": 0, "file": "sig.rws"}])):
+        meta = asdict(rec)
+        if not rec.signature_refs:
+            del meta["signature_refs"]
+        version = 3 if rec.signature_refs else 2
+        assert rec.to_json() == json.dumps({"format_version": version, "kind": "undo", **meta})
+    assert record.to_json() == raw

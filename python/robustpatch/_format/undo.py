@@ -35,7 +35,7 @@ import os
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -181,8 +181,14 @@ class UndoRecord:
     signature_refs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
-        """The record's JSON: version 2 (as before) unless it refers to signatures."""
-        meta = asdict(self)
+        """The record's JSON: version 2 (as before) unless it refers to signatures.
+
+        Built from the fields as they are (their values are JSON already), not through
+        ``asdict``, which deep-copies every signature's metadata: a writer renders the
+        record four times, and for a full-model signature the copies cost more than the
+        rest of the record's bookkeeping."""
+        meta = {f.name: getattr(self, f.name) for f in fields(self)}
+        meta["tensors"] = [asdict(e) for e in self.tensors]
         if not self.signature_refs:
             del meta["signature_refs"]
         version = UNDO_VERSION if self.signature_refs else 2
