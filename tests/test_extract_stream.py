@@ -78,6 +78,19 @@ def test_compact_and_skipped_entries_stream_as_they_save(tmp_path):
     assert got.nbytes == 8 * 16 * 2 + 8 * 16 * 4  # a.weight as BF16, b.weight as F32
 
 
+def test_extract_to_takes_extracts_options_and_refuses_others(tmp_path):
+    """extract_to's options are extract's: the defaults match, a misspelt one is a
+    TypeError naming it, and nothing is written."""
+    pre, clean, robust = write_trio(tmp_path)
+    extract(pre, clean, robust).save(tmp_path / "eager.rws")
+    extract_to(tmp_path / "streamed.rws", pre, clean, robust)
+    assert (tmp_path / "streamed.rws").read_bytes() == (tmp_path / "eager.rws").read_bytes()
+    before = listing(tmp_path)
+    with pytest.raises(TypeError, match="'methd'"):
+        extract_to(tmp_path / "out.rws", pre, clean, robust, methd="difference")
+    assert listing(tmp_path) == before
+
+
 def test_nothing_to_extract_leaves_the_folder_as_it_was(tmp_path):
     write_tensors(tmp_path / "m.safetensors", {"w": np.ones((4, 4), np.float32)})
     (tmp_path / "out.rws").write_bytes(b"before")

@@ -23,6 +23,7 @@ torch module's or state dict's own order, else a natural sort of module paths
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import mmap
@@ -521,34 +522,44 @@ def extract_to(
     scheme: str = "affine",
     granularity: str = "group",
     group: int = 128,
-    method: str = "projection",
-    energy: float = 0.9,
-    param_budget: float | None = None,
-    name: str = "signature",
-    provenance: Mapping[str, Any] | None = None,
-    effect: Mapping[str, Any] | None = None,
-    order: Sequence[str] | None = None,
-    progress: Callable[[int], object] | None = None,
+    **options: Any,
 ) -> Extracted:
     """:func:`extract` straight into the signature file ``path``, each entry written as
     it is produced (quantized first when ``bits`` is given, as
     :meth:`~robustpatch.signature.Signature.quantize` takes it): memory stays near a
-    few tensors, not the signature. The file is byte for byte what
+    few tensors, not the signature. ``options`` are the keyword options of
+    :func:`extract` (``method``, ``energy``, ``param_budget``, ``name``, ``provenance``,
+    ``effect``, ``order``, ``progress``). The file is byte for byte what
     ``extract(...).save(path)`` (or ``extract(...).quantize(bits, ...).save(path)``)
     writes; it appears whole or not at all (an error leaves ``path`` as it was)."""
     path = validate.path(path, "signature path")
     quant = None if bits is None else _quant_args(bits, scheme, granularity, group)
-    plan = _plan(pretrained, clean, robust, layers, method, energy, param_budget, order, progress)
+    # extract's own signature checks the options (an unknown one is a TypeError) and
+    # fills in their defaults: they are declared once, there.
+    call = inspect.signature(extract).bind(pretrained, clean, robust, layers, **options)
+    call.apply_defaults()
+    a = call.arguments
+    plan = _plan(
+        pretrained,
+        clean,
+        robust,
+        layers,
+        a["method"],
+        a["energy"],
+        a["param_budget"],
+        a["order"],
+        a["progress"],
+    )
     tally = _Tally()
     with SignatureWriter(path) as out:
         for e in _entries(plan, tally):
             out.add(e if quant is None else quantize_entry(e, *quant))
-        meta = _meta(plan, tally, provenance, effect)
+        meta = _meta(plan, tally, a["provenance"], a["effect"])
         if quant is not None:
             meta["quantization"] = dict(zip(("bits", "scheme", "granularity", "group"), quant))
-        _warn_if_zero(name, tally, method)
-        out.commit(name, meta)
-        return Extracted(path, name, len(out), out.nbytes, meta)
+        _warn_if_zero(a["name"], tally, a["method"])
+        out.commit(a["name"], meta)
+        return Extracted(path, a["name"], len(out), out.nbytes, meta)
 
 
 def _quant_args(bits: Any, scheme: Any, granularity: Any, group: Any) -> tuple[int, str, str, int]:
