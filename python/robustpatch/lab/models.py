@@ -45,7 +45,35 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class SmallCNN(nn.Module):
+class ConvClassifier(nn.Module):
+    """The layout the lab's CNNs share: ``normalize -> features -> global average pool ->
+    linear classifier``. Subclasses build the feature layers and ``reset_parameters``."""
+
+    normalize: nn.Module
+
+    def assemble(self, layers: Sequence[nn.Module], channels: int, num_classes: int) -> None:
+        """Set the feature stack and the head over its ``channels`` outputs."""
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def seeded_reset(self, seed: int | None) -> None:
+        """``reset_parameters`` drawn from ``seed`` (torch's global generator left as it
+        was), or from the global generator when ``seed`` is None."""
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.normalize(x))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+class SmallCNN(ConvClassifier):
     """A small VGG-style CNN with BatchNorm for 32x32 inputs.
 
     Three stages of two ``conv3x3 -> BatchNorm -> ReLU`` layers followed by 2x2 max pooling,
@@ -87,13 +115,9 @@ class SmallCNN(nn.Module):
                 ]
                 c = w
             layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(c, num_classes)
+        self.assemble(layers, c, num_classes)
         if seed is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                self.reset_parameters()
+            self.seeded_reset(seed)
 
     def reset_parameters(self) -> None:
         """Re-initialise every layer (Kaiming for convolutions, defaults elsewhere)."""
@@ -102,10 +126,6 @@ class SmallCNN(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.BatchNorm2d, nn.Linear)):
                 m.reset_parameters()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.normalize(x))
-        return self.classifier(torch.flatten(self.pool(x), 1))
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)

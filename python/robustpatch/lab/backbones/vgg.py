@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from ..models import Normalize
+from ..models import ConvClassifier, Normalize
 
 __all__ = ["VGG_CONFIG", "PAPER_LAYERS", "VGGNoBN", "conv_weight_names"]
 
@@ -25,7 +24,7 @@ VGG_CONFIG: tuple = (16, 16, "M", 32, 32, "M", 64, 64, "M")
 PAPER_LAYERS = 3
 
 
-class VGGNoBN(nn.Module):
+class VGGNoBN(ConvClassifier):
     """VGG without BatchNorm for ``(N, 3, 32, 32)`` images in [0, 1] (uint8 is scaled).
 
     Args:
@@ -47,13 +46,8 @@ class VGGNoBN(nn.Module):
             else:
                 layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.ReLU(inplace=True)]
                 c = int(v)
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(c, num_classes)
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.reset_parameters()
+        self.assemble(layers, c, num_classes)
+        self.seeded_reset(seed)
 
     def reset_parameters(self) -> None:
         """The official init: Kaiming fan-out convs, N(0, 0.01) classifier, zero biases."""
@@ -64,10 +58,6 @@ class VGGNoBN(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.normalize(x))
-        return self.classifier(torch.flatten(self.pool(x), 1))
 
 
 def conv_weight_names(model: nn.Module) -> list[str]:
