@@ -273,3 +273,20 @@ def test_sigkill_at_random_moments_leaves_the_original_or_the_patched_model(tmp_
             break
     assert mid >= 5, f"only {mid} of 60 kills landed while the journal existed"
     assert outcomes & {"rolled back", "discarded"}
+
+
+def test_a_patch_committed_before_a_kill_is_completed_before_the_record_check(small):
+    model, sig = small / "m.safetensors", small / "s.rws"
+    apply_file(model, sig, 1.0, inplace=True)
+    record = undo_path_for(model)
+    pending = Path(str(record) + PENDING_SUFFIX)
+    first_record, patched = record.read_bytes(), model.read_bytes()
+    record.rename(pending)  # committed (state D), killed before the rename
+    with open(model, "r+b") as f:
+        journal = Journal.begin(model, f.fileno(), [(100, 64)], commit_rename=(pending, record))
+    with open(journal.path, "r+b") as j:
+        os.pwrite(j.fileno(), b"D", 8)
+    with pytest.raises(FileExistsError, match="already carries a patch"):
+        apply_file(model, sig, 0.5, inplace=True)
+    assert record.read_bytes() == first_record and model.read_bytes() == patched
+    assert not pending.exists() and not journal_path_for(model).exists()

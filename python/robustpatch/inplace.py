@@ -169,6 +169,8 @@ def apply_inplace(model: str | os.PathLike[str], call: PatchCall) -> FileReport:
     model = validate.path(model, "model")
     record = undo_path_for(model)
     check_destinations(_paths(sigs), [model])
+    _check_model(model)
+    recover(model)  # first: a patch committed before a kill puts its record in place
     if opts.undo:
         check_destinations([model, *_paths(sigs)], [record])
         if record.exists():
@@ -176,8 +178,6 @@ def apply_inplace(model: str | os.PathLike[str], call: PatchCall) -> FileReport:
                 f"{record} exists: {model} already carries a patch; remove it first "
                 "(robustpatch remove --inplace) or move the record away"
             )
-    _check_model(model)
-    recover(model)
     plan = streamed_plan(sigs, call.alphas)
     with open_input(model) as probe:
         header = read_header_from(probe, str(model))
