@@ -18,7 +18,7 @@ interleaved and the best of ``--repeat`` is kept. Ratios are what matter. A dura
 ``apply_file`` of a large model writes with direct I/O (the disk's write bandwidth is
 its floor, as it is for copyfile + fsync). Output:
 benches/results/apply_file.json and a Markdown table beside it (apply_file.md).
-Timings on a shared machine are noisy: compare ratios within one run.
+Timings vary between runs (page cache, writeback): compare ratios within one run.
 
 Run:  python benches/bench_apply_file.py [--size-gib 2] [--tensors 200] [--touch 0.1]
       [--full] [--quick]
@@ -231,7 +231,7 @@ def main() -> None:
             "apply_full_s": min((r["work_s"] for r in full_runs), default=None),
             "full_signature_bytes": full_sig.stat().st_size if args.full else None,
             "restored_sha256_equal": verified,
-            "note": "noisy, shared machine: compare ratios within this run",
+            "note": "timings vary between runs: compare ratios within one run",
             "runs": {
                 "apply_full": full_runs,
                 "copyfile_s": copy_s,

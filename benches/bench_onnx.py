@@ -373,7 +373,7 @@ def main() -> None:
         cases.append(large_case(work, tuple(args.large_widths)))
         switch = switching(cases, work, args.repeat)
     result = {
-        "note": "noisy, shared machine" if os.cpu_count() and os.cpu_count() <= 2 else "",
+        "note": "timings vary between runs: compare within one run",
         "size": "quick" if args.quick else "demo quick config",
         "corruptions": list(data["arms"]),
         "rows": rows,

@@ -387,7 +387,7 @@ def main() -> None:
     res = {
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
         "model": {"bytes": size, "dims": dims, "dtype": "BF16"},
-        "note": "noisy, shared machine: compare ratios within this run",
+        "note": "timings vary between runs: compare ratios within one run",
     }
     res["cp"] = repeat(args.repeat, ["cp", base / "model.safetensors", work / "copy.safetensors"])
     (work / "copy.safetensors").unlink()

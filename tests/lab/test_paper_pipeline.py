@@ -20,8 +20,7 @@ MINI = replace(
     seeds=(0, 1),
     corruptions=("gaussian_noise", "contrast"),
     pair=("gaussian_noise", "contrast"),
-    pretrain_epochs=1,
-    finetune_epochs=1,
+    schedule=protocol.Schedule(pretrain_epochs=1, finetune_epochs=1),
 )
 
 

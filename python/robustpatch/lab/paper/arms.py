@@ -70,9 +70,8 @@ class _Ctx:
 
     def fit(self, x, y, val, seed: int) -> tuple[nn.Module, dict]:
         model = P.finetune_start(self.pre, 5, seed)
-        info = P.fit_best(
-            model, x, y, P.recipe(self.cfg.finetune_epochs, seed, self.cfg), val, self.device
-        )
+        recipe = P.recipe(self.cfg.schedule.finetune_epochs, seed, self.cfg)
+        info = P.fit_best(model, x, y, recipe, val, self.device)
         return model, info
 
 

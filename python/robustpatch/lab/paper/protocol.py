@@ -37,6 +37,7 @@ from ..training import TrainConfig, accuracy, train
 
 __all__ = [
     "ProtocolConfig",
+    "Schedule",
     "QUICK",
     "FULL",
     "recipe",
@@ -56,13 +57,10 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ProtocolConfig:
-    """Everything a run does, fixed before it starts (recorded in its JSON)."""
+class Schedule:
+    """How long and how fast each stage trains: the official SGD recipe's learning rate
+    and batch size, with epoch counts sized for 2 CPU cores (and our pretraining rate)."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    corruptions: tuple[str, ...] = ("gaussian_noise", "defocus_blur", "fog", "contrast")
-    severity: int = 5
-    layers: int = PAPER_LAYERS
     pretrain_epochs: int = 10
     finetune_epochs: int = 5
     lr: float = 0.01
@@ -70,6 +68,17 @@ class ProtocolConfig:
     # loss plateau for epochs at 0.01 (training loss 2.12 after 3 epochs, 1.41 at 0.05).
     pretrain_lr: float = 0.05
     batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Everything a run does, fixed before it starts (recorded in its JSON)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    corruptions: tuple[str, ...] = ("gaussian_noise", "defocus_blur", "fog", "contrast")
+    severity: int = 5
+    layers: int = PAPER_LAYERS
+    schedule: Schedule = Schedule()
     bits: int = 4
     transfer: str = "gaussian_noise"
     pair: tuple[str, str] = ("gaussian_noise", "fog")
@@ -82,8 +91,7 @@ QUICK = ProtocolConfig()
 #: The full run: 5 seeds, longer recipes, the BN CNN and EfficientNet-Lite0 arms too.
 FULL = ProtocolConfig(
     seeds=(0, 1, 2, 3, 4),
-    pretrain_epochs=20,
-    finetune_epochs=15,
+    schedule=Schedule(pretrain_epochs=20, finetune_epochs=15),
     backbones=("vgg", "bn_cnn", "efficientnet_lite0"),
 )
 
@@ -94,8 +102,8 @@ def recipe(epochs: int, seed: int, config: ProtocolConfig, lr: float | None = No
     milestones = sorted({max(1, round(0.4 * epochs)), max(1, round(0.8 * epochs))})
     return TrainConfig(
         epochs=epochs,
-        lr=config.lr if lr is None else lr,
-        batch_size=config.batch_size,
+        lr=config.schedule.lr if lr is None else lr,
+        batch_size=config.schedule.batch_size,
         momentum=0.9,
         weight_decay=5e-4,
         milestones=milestones,

@@ -34,15 +34,15 @@ def _where(obj, text: str | None = None) -> str:
 def fidelity_rows(cfg: protocol.ProtocolConfig, data_source: str) -> list[tuple[str, ...]]:
     """(point, official code, this run, where) for every row of the issue's comparison."""
     pre = (
-        f"{cfg.pretrain_epochs} epochs on the pretraining split (all 10 classes, "
-        f"lr {cfg.pretrain_lr}; ours); {data_source}"
+        f"{cfg.schedule.pretrain_epochs} epochs on the pretraining split (all 10 classes, "
+        f"lr {cfg.schedule.pretrain_lr}; ours); {data_source}"
     )
     return [
         (
             "pretrained start",
             "ImageNet-pretrained VGG-16 / ResNet-50",
             pre + "; EfficientNet-Lite0: its ImageNet weights",
-            _where(protocol.ProtocolConfig, "pretrain_lr: float"),
+            _where(protocol.Schedule, "pretrain_lr: float"),
         ),
         (
             "BatchNorm",
@@ -72,7 +72,7 @@ def fidelity_rows(cfg: protocol.ProtocolConfig, data_source: str) -> list[tuple[
         (
             "recipe",
             "SGD 0.01, momentum 0.9, wd 5e-4, batch 128, 50 epochs, x0.1 at 20/40, crop + flip",
-            f"same, {cfg.finetune_epochs} epochs, x0.1 at 40% / 80%",
+            f"same, {cfg.schedule.finetune_epochs} epochs, x0.1 at 40% / 80%",
             _where(protocol.recipe),
         ),
         (

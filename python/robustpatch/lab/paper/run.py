@@ -73,7 +73,7 @@ def _backbone(name: str, splits, sets, cfg: protocol.ProtocolConfig, device, log
     pre = bb.build().to(device)
     if bb.pretrain:
         x, y = splits["pretrain"]
-        recipe = protocol.recipe(cfg.pretrain_epochs, 0, cfg, cfg.pretrain_lr)
+        recipe = protocol.recipe(cfg.schedule.pretrain_epochs, 0, cfg, cfg.schedule.pretrain_lr)
         protocol.fit_best(pre, x, y, recipe, None, device)
         log(f"{name}: pretrained")
     layers = (bb.layers or cfg.layers, bb.full_layers)
