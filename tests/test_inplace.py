@@ -290,3 +290,18 @@ def test_a_patch_committed_before_a_kill_is_completed_before_the_record_check(sm
         apply_file(model, sig, 0.5, inplace=True)
     assert record.read_bytes() == first_record and model.read_bytes() == patched
     assert not pending.exists() and not journal_path_for(model).exists()
+
+
+def test_a_journal_that_cannot_be_written_is_deleted(small, monkeypatch):
+    import robustpatch._io.journal as journal_module
+
+    def failing_reads(*args):
+        yield b"\0" * 16
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_module, "pread_blocks", failing_reads)
+    model, sig = small / "m.safetensors", small / "s.rws"
+    before = listing(small)
+    with pytest.raises(OSError, match="No space left"):
+        apply_file(model, sig, 1.0, inplace=True)
+    assert listing(small) == before

@@ -87,17 +87,11 @@ class Journal:
             os.getpid(),
         )
         path = journal_path_for(model)
-        meta = json.dumps(asdict(plan)).encode()
-        h = _hasher(meta)
-        with open(path, "wb") as f:
-            f.write(_MAGIC + _PENDING + bytes(7) + len(meta).to_bytes(8, "little") + meta)
-            for offset, length in plan.ranges:
-                for block in pread_blocks(fd, offset, offset + length, _CHUNK, "the model"):
-                    h.update(np.frombuffer(block, np.uint8))
-                    f.write(block)
-            f.write(bytes.fromhex(h.hexdigest()))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            _write(path, plan, fd)
+        except BaseException:  # a half-written journal would block the model until recovered
+            path.unlink(missing_ok=True)
+            raise
         _fsync_dir(path.parent)
         return cls(path, plan)
 
@@ -139,6 +133,21 @@ class Journal:
     def _delete(self) -> None:
         self.path.unlink(missing_ok=True)
         _fsync_dir(self.path.parent)
+
+
+def _write(path: Path, plan: _Plan, fd: int) -> None:
+    """Write and fsync the journal of ``plan``, the original bytes read from ``fd``."""
+    meta = json.dumps(asdict(plan)).encode()
+    h = _hasher(meta)
+    with open(path, "wb") as f:
+        f.write(_MAGIC + _PENDING + bytes(7) + len(meta).to_bytes(8, "little") + meta)
+        for offset, length in plan.ranges:
+            for block in pread_blocks(fd, offset, offset + length, _CHUNK, "the model"):
+                h.update(np.frombuffer(block, np.uint8))
+                f.write(block)
+        f.write(bytes.fromhex(h.hexdigest()))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _hasher(meta: bytes) -> _core.Blake3:
