@@ -565,3 +565,15 @@ def test_cli_help(sub, capsys):
         main(["onnx", sub, "--help"])
     assert e.value.code == 0
     assert "example:" in capsys.readouterr().out
+
+
+def test_cli_refuses_an_existing_undo_record_without_overwrite(setup, capsys):
+    clean, sig, tmp = setup
+    src = save(model_proto(clean), tmp / "m.onnx")
+    sig.save(tmp / "fog.rws")
+    (tmp / "p.onnx.rpundo").write_bytes(b"the record of another patch")
+    args = ["onnx", "apply", str(src), str(tmp / "fog.rws"), "-o", str(tmp / "p.onnx")]
+    assert main(args) == 1
+    assert "already exists" in capsys.readouterr().err and not (tmp / "p.onnx").exists()
+    assert (tmp / "p.onnx.rpundo").read_bytes() == b"the record of another patch"
+    assert main([*args, "--no-undo"]) == 0

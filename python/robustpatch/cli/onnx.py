@@ -53,10 +53,11 @@ def run_apply(args: Any) -> None:
     example:
     robustpatch onnx apply model.onnx fog.rws noise.rws --alpha 1 --alpha 0.5 -o robust.onnx
     """
+    from ..files import undo_path_for
     from ..onnx import apply
 
     alphas = cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")
-    _check_overwrite(args, [args.output])
+    _check_overwrite(args, [args.output, *([undo_path_for(args.output)] if args.undo else [])])
     rep = apply(args.model, args.signatures, alphas, args.output, **patch_options(args))
     out = _files(rep) | {"signatures": args.signatures, "alphas": alphas}
     undo = f"; undo record {rep.undo}" if rep.undo else ""
