@@ -102,7 +102,7 @@ def apply_sharded(
             dst = tmp.path / shard
             if not part:
                 header = index.headers[shard]
-                shards[shard] = _link_or_copy(index.shard_path(shard), dst, header, opts.durable)
+                shards[shard] = _link_untouched(index.shard_path(shard), dst, header, opts.durable)
                 _tick(progress, index.headers[shard].file_size)
                 continue
             sigs_of_shard, alphas_of_shard = _split(part)
@@ -195,15 +195,20 @@ def _record(index: ShardedIndex, new_index: bytes, shards: dict[str, dict[str, A
     return (json.dumps(doc, indent=1) + "\n").encode()
 
 
-def _link_or_copy(src: Path, dst: Path, header: Header, durable: bool) -> dict[str, Any]:
-    """Hard-link ``src`` at ``dst`` (copy where links are refused); what a removal checks."""
+def _link_untouched(src: Path, dst: Path, header: Header, durable: bool) -> dict[str, Any]:
+    """Link (or copy) an untouched shard; what a removal checks it against."""
+    _link_or_copy(src, dst, durable)
+    return {"size": header.file_size, "header_sha256": _header_sha256(dst, header)}
+
+
+def _link_or_copy(src: Path, dst: Path, durable: bool) -> None:
+    """Hard-link ``src`` at ``dst`` (copy where links are refused)."""
     try:
         os.link(src, dst)
     except OSError:  # another filesystem, or one without hard links
         shutil.copyfile(src, dst)
         if durable:
             _fsync_file(dst)
-    return {"size": header.file_size, "header_sha256": _header_sha256(dst, header)}
 
 
 def _fsync_file(path: Path) -> None:
@@ -259,7 +264,7 @@ def remove_sharded(
             src, dst = index.shard_path(shard), tmp.path / shard
             if "undo" not in entry:
                 _check_untouched(src, index.headers[shard], entry)
-                _link_or_copy(src, dst, index.headers[shard], durable)
+                _link_or_copy(src, dst, durable)  # its header was just checked
                 _tick(progress, entry["size"])
                 continue
             rep = remove_file(
