@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +93,31 @@ def bf16_from_f32(x: np.ndarray) -> np.ndarray:
 def bf16_to_f32(b: np.ndarray) -> np.ndarray:
     """Widen bfloat16 bits (uint16) to float32, exactly."""
     return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+# A child process starts with ``op`` and ``args`` bound and ends by printing its VmHWM.
+_CHILD_PROLOGUE = """
+import json, sys
+op, args = sys.argv[1], json.loads(sys.argv[2])
+"""
+_CHILD_EPILOGUE = """
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print(json.dumps({"peak_mib": int(line.split()[1]) / 1024}))
+"""
+
+
+def child_peak_mib(body: str, op: str, **args) -> float:
+    """Peak resident set (MiB) of a fresh interpreter that runs ``body`` with ``op`` and
+    the JSON-able ``args`` bound: memory tests measure each operation on its own."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    script = _CHILD_PROLOGUE + body + _CHILD_EPILOGUE
+    proc = subprocess.run(
+        [sys.executable, "-c", script, op, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]

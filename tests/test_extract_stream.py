@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,9 +17,8 @@ from robustpatch.cli import main
 from robustpatch.errors import FormatError, InvalidArgumentError, NonFiniteError, SelectionError
 from robustpatch.extract import extract, extract_to
 from robustpatch.signature import Signature
-from rp_testutil import bf16_from_f32, listing, trio
+from rp_testutil import bf16_from_f32, child_peak_mib, listing, trio
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 MIB = 1 << 20
 
 
@@ -169,32 +166,12 @@ def test_a_hostile_index_naming_a_file_outside_its_folder_is_refused(tmp_path, c
 
 
 CHILD = r"""
-import json, sys
-op, args = sys.argv[1], json.loads(sys.argv[2])
 from robustpatch.extract import extract_to
-
-def peak_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
 
 if op == "extract":
     extract_to(args["out"], None, args["clean"], args["robust"], method="difference",
                layers="all")
-print(json.dumps({"peak_mib": peak_mib()}))
 """
-
-
-def peak(op: str, **args) -> float:
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, op, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def write_bf16_model(path: Path, n: int, shape: tuple[int, int], seed: int) -> None:
@@ -216,10 +193,10 @@ def test_a_full_task_vector_is_extracted_near_a_few_tensors(tmp_path):
     shape, n = (1024, 1024), 32
     write_bf16_model(tmp_path / "c.safetensors", n, shape, 0)
     write_bf16_model(tmp_path / "r.safetensors", n, shape, 1)
-    base = peak("baseline")
+    base = child_peak_mib(CHILD, "baseline")
     out = tmp_path / "tv.rws"
-    grew = peak("extract", clean=str(tmp_path / "c.safetensors"),
-                robust=str(tmp_path / "r.safetensors"), out=str(out))  # fmt: skip
+    clean, robust = str(tmp_path / "c.safetensors"), str(tmp_path / "r.safetensors")
+    grew = child_peak_mib(CHILD, "extract", clean=clean, robust=robust, out=str(out))
     sig_mib = out.stat().st_size / MIB
     assert sig_mib > 127
     assert grew - base < 0.5 * sig_mib, (grew, base)

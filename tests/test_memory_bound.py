@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,27 +19,18 @@ import pytest
 
 from robustpatch._format.safetensors import TensorInfo, encode_header
 from robustpatch.signature import Signature
-from rp_testutil import sha
+from rp_testutil import child_peak_mib, sha
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc"
 )
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 LARGEST = 16 << 20  # bytes of the largest tensor (F32 4096 x 1024)
 MIB = 1 << 20
 
 CHILD = r"""
-import json, os, sys
-op, args = sys.argv[1], json.loads(sys.argv[2])
 from robustpatch.files import apply_file, remove_file
 from robustpatch.signature import Signature
-from rp_testutil import sha
-
-def peak_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
 
 if op == "baseline":
     Signature.load(args["sig"])
@@ -49,20 +38,7 @@ elif op == "apply":
     apply_file(args["src"], [args["sig"]], 1.0, args["out"], durable=args["durable"])
 else:
     remove_file(args["src"], args["out"], durable=args["durable"])
-print(json.dumps({"peak_mib": peak_mib()}))
 """
-
-
-def peak(op: str, **args) -> float:
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, op, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def build(folder: Path, blocks: int) -> tuple[Path, Path]:
@@ -104,13 +80,17 @@ def test_peak_memory_follows_the_largest_tensor_not_the_file_size(tmp_path):
     for blocks in (3, 12):  # 96 MiB and 384 MiB, same largest tensor
         model, sig = build(tmp_path, blocks)
         out = tmp_path / f"p{blocks}.safetensors"
-        base = peak("baseline", sig=str(sig))
+        base = child_peak_mib(CHILD, "baseline", sig=str(sig))
         row = {"file_mib": model.stat().st_size / MIB, "baseline_mib": base}
         row["signature_mib"] = sig.stat().st_size / MIB
         for durable in (True, False):
             tag = "" if durable else "_no_fsync"
-            a = peak("apply", src=str(model), sig=str(sig), out=str(out), durable=durable)
-            r = peak("remove", src=str(out), out=str(tmp_path / "r"), durable=durable)
+            a = child_peak_mib(
+                CHILD, "apply", src=str(model), sig=str(sig), out=str(out), durable=durable
+            )
+            r = child_peak_mib(
+                CHILD, "remove", src=str(out), out=str(tmp_path / "r"), durable=durable
+            )
             assert sha(tmp_path / "r") == sha(model)
             row[f"apply{tag}_peak_mib"], row[f"remove{tag}_peak_mib"] = a, r
             row[f"apply{tag}_growth_mib"] = a - base

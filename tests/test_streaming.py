@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +20,8 @@ from robustpatch.errors import FormatError, MismatchError
 from robustpatch.files import apply_file, remove_file, undo_path_for
 from robustpatch.signature import Signature
 from robustpatch.signature.streamed import StreamedSignature, open_signature
-from rp_testutil import bf16_from_f32, listing, sha
+from rp_testutil import bf16_from_f32, child_peak_mib, listing, sha
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 MIB = 1 << 20
 
 
@@ -146,34 +143,14 @@ def test_in_place_records_refer_to_the_signature_too(pair):
 # ---------------------------------------------------------------------------- memory
 
 CHILD = r"""
-import json, sys
-op, args = sys.argv[1], json.loads(sys.argv[2])
 from robustpatch.files import apply_file, remove_file
 from robustpatch.signature import Signature
-
-def peak_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
 
 if op == "apply":
     apply_file(args["src"], [args["sig"]], 1.0, args["out"])
 elif op == "remove":
     remove_file(args["src"], args["out"])
-print(json.dumps({"peak_mib": peak_mib()}))
 """
-
-
-def peak(op: str, **args) -> float:
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, op, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
@@ -196,10 +173,12 @@ def test_a_full_model_task_vector_is_applied_and_removed_near_one_tensor(tmp_pat
     deltas = {t.name: rng.normal(0, 1e-3, shape).astype(np.float32) for t in infos}
     Signature.from_deltas(deltas, name="tv").save(sig_path)
     del deltas
-    base = peak("baseline")
+    base = child_peak_mib(CHILD, "baseline")
     out = tmp_path / "p.safetensors"
-    grew = peak("apply", src=str(tmp_path / "m.safetensors"), sig=str(sig_path), out=str(out))
-    back = peak("remove", src=str(out), out=str(tmp_path / "r.safetensors"))
+    grew = child_peak_mib(
+        CHILD, "apply", src=str(tmp_path / "m.safetensors"), sig=str(sig_path), out=str(out)
+    )
+    back = child_peak_mib(CHILD, "remove", src=str(out), out=str(tmp_path / "r.safetensors"))
     assert sha(tmp_path / "r.safetensors") == sha(tmp_path / "m.safetensors")
     sig_mib = sig_path.stat().st_size / MIB
     assert sig_mib > 127
