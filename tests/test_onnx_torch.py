@@ -153,3 +153,12 @@ def test_export_on_a_torch_without_the_dynamo_exporter_says_what_it_needs(
     with pytest.raises(InvalidArgumentError, match=r"torch >= 2\.6"):
         ro.export(model, x, tmp_path / "v.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_refuses_a_checkpoint_that_is_not_safetensors_in_one_line(tmp_path, capsys):
+    (tmp_path / "c.st").write_bytes(b"not a safetensors file at all")
+    args = ["onnx", "export", str(tmp_path / "c.st"), "-o", str(tmp_path / "q.onnx")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("robustpatch: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "q.onnx").exists()

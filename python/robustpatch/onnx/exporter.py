@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import validate
+from .._format.safetensors import read_header
 from .._io.atomic import AtomicFile
 from ..errors import InvalidArgumentError, MismatchError
 from ..targets import apply as apply_signatures
@@ -251,7 +252,9 @@ def export_checkpoint(
 
     from ..lab.models import SmallCNN
 
-    state = load_file(os.fspath(validate.path(checkpoint, "checkpoint")))
+    source = validate.path(checkpoint, "checkpoint")
+    read_header(source)  # a malformed file: our one-line FormatError, not safetensors' own
+    state = load_file(os.fspath(source))
     # safetensors lists tensors by name ("features.10" before "features.3"): by index.
     names = [k for k in state if re.fullmatch(r"features\.\d+\.weight", k) and state[k].ndim == 4]
     convs = [state[k] for k in sorted(names, key=lambda k: int(k.split(".")[1]))]
