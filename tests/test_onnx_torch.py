@@ -162,3 +162,11 @@ def test_cli_export_refuses_a_checkpoint_that_is_not_safetensors_in_one_line(tmp
     err = capsys.readouterr().err
     assert err.startswith("robustpatch: error: ") and err.count("\n") == 1
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("bad", [{"max_abs_error": float("nan")}, {"min_agreement": float("nan")}])
+def test_export_refuses_a_nan_tolerance_before_any_work(models, tmp_path, bad):
+    model, sig, x = models
+    with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
+        ro.export(model, x, tmp_path / "v.onnx", signatures=sig, **bad)
+    assert list(tmp_path.iterdir()) == []

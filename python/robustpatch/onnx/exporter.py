@@ -75,6 +75,7 @@ def export(
 
     path = validate.path(path, "path")
     variant = _variant(dtype, int8)
+    _check_limits(max_abs_error, min_agreement)
     if int8 == "static" and calibration is None:
         calibration = example
     batch = example if calibration is None else calibration
@@ -95,6 +96,14 @@ def export(
         af.file.write(data)
         af.commit()
     return {"file": str(path), "variant": variant, "bytes": len(data), **measured}
+
+
+def _check_limits(max_abs: float | None, min_agree: float | None) -> None:
+    """The tolerances are numbers a measurement can fail (NaN would pass every export)."""
+    if max_abs is not None and not max_abs >= 0:
+        raise InvalidArgumentError(f"max_abs_error must be a number >= 0, got {max_abs!r}")
+    if min_agree is not None and not 0 <= min_agree <= 1:
+        raise InvalidArgumentError(f"min_agreement must be between 0 and 1, got {min_agree!r}")
 
 
 def _variant(dtype: str, int8: Any) -> str:
