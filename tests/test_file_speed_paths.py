@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustpatch import files
+from robustpatch import files, records
 from robustpatch._format.safetensors import read_header, read_tensors, write_tensors
 from robustpatch._format.undo import UNDO_KEY, UndoRecord, record_digest
 from robustpatch._io import direct
@@ -60,7 +60,7 @@ def _pipeline_threads() -> list[str]:
 def _spy(monkeypatch, events: list, fail: tuple[str, str] | None = None) -> None:
     """Record (stage, tensor, thread) of the undo sink's watch; raise at ``fail``."""
     for stage in ("loaded", "finished"):
-        real = getattr(files._RecordToFile, stage)
+        real = getattr(records.RecordToFile, stage)
 
         def spied(self, t, arr, real=real, stage=stage):
             events.append((stage, t.name, threading.current_thread().name))
@@ -68,7 +68,7 @@ def _spy(monkeypatch, events: list, fail: tuple[str, str] | None = None) -> None
                 raise MismatchError(f"{stage} {t.name}: injected")
             return real(self, t, arr)
 
-        monkeypatch.setattr(files._RecordToFile, stage, spied)
+        monkeypatch.setattr(records.RecordToFile, stage, spied)
 
 
 @pytest.mark.parametrize("stream", ["direct", "kernel-copy"])

@@ -229,12 +229,12 @@ def test_output_path_equal_to_the_input(setup):
 
 
 def test_a_write_that_fails_midway_leaves_no_partial_output(setup, monkeypatch):
-    from robustpatch import files
+    from robustpatch._io import pipeline
 
     src, sigs, out = setup
     (out / "p.safetensors").write_bytes(b"previous contents")
     calls = []
-    real = files.copy_range
+    real = pipeline.copy_range
 
     def failing(*args, **kw):
         calls.append(1)
@@ -242,7 +242,7 @@ def test_a_write_that_fails_midway_leaves_no_partial_output(setup, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(*args, **kw)
 
-    monkeypatch.setattr(files, "copy_range", failing)
+    monkeypatch.setattr(pipeline, "copy_range", failing)
     _refused(src, sigs, out, OSError, "No space left")
     assert (out / "p.safetensors").read_bytes() == b"previous contents"
     assert len(calls) == 3

@@ -34,21 +34,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
-
-import numpy as np
+from typing import Any, BinaryIO
 
 from . import validate
 from ._format.safetensors import (
     Header,
-    TensorInfo,
     check_header_size,
     encode_header,
     parse_header,
@@ -59,31 +54,17 @@ from ._format.undo import (
     UNDO_KEY,
     UndoSidecar,
     UndoWriter,
-    checksum,
-    digest,
     undo_path_for,
 )
-from ._io import direct
 from ._io.atomic import AtomicFile, check_destinations, commit_all
-from ._io.direct import DirectWriter
 from ._io.inputs import open_input
-from ._io.ranged import TensorReader, copy_range, pwrite_all, start_writeback
-from .dtypes import kernel_view
+from ._io.pipeline import Pipeline, Watch, open_stream
 from .errors import FormatError, InvalidArgumentError, MismatchError
 from .options import FILE_OPTIONS, PatchOptions
+from .records import FileRecords, RecordToFile, VerifyRestore, record_plan, signature_paths
 from .signature import SignatureLike, parse_meta_json
 from .signature.streamed import StreamedSignature, open_signature
-from .targets import (
-    Alphas,
-    EngineRecord,
-    NumpyTarget,
-    Plan,
-    check_plan,
-    make_plan,
-    patch_target,
-    plan_for,
-    restore_target,
-)
+from .targets import Alphas, NumpyTarget, Plan, check_plan, patch_target, plan_for, restore_target
 
 __all__ = [
     "apply_file",
@@ -156,7 +137,7 @@ class FileTarget(NumpyTarget):
         out: AtomicFile,
         new_header: bytes,
         progress: Progress | None = None,
-        watch: _Watch | None = None,
+        watch: Watch | None = None,
     ) -> None:
         super().__init__({})
         self.header = header
@@ -182,8 +163,8 @@ class FileTarget(NumpyTarget):
     def visit(self, names: Sequence[str]) -> Iterator[str]:
         wanted = set(names)
         touched = [t for t in self.header.tensors if t.name in wanted]
-        stream = self._open_stream(touched)
-        pipe = _Pipeline(self, touched, stream)
+        stream = open_stream(self, touched)
+        pipe = Pipeline(self, touched, stream)
         try:
             for t, arr in pipe.loaded():
                 self.arrays = {t.name: arr}
@@ -200,217 +181,6 @@ class FileTarget(NumpyTarget):
         if got != self.size:
             raise OSError(f"wrote {got} bytes, expected {self.size}")  # AtomicFile names it
 
-    def _open_stream(self, touched: list[TensorInfo]) -> _Stream:
-        """Direct I/O for a large durable output, else a kernel copy in a second thread."""
-        self.out.file.flush()
-        writer = None
-        if self.out.durable and self.size >= direct.DIRECT_MIN_BYTES:
-            writer = DirectWriter.open(self.out.file.fileno())
-        ranges = _ranges(self.header, touched)
-        shift = len(self.new_header) - self.header.data_start
-        if writer is not None:
-            return _DirectStream(self.src.fileno(), writer, ranges, shift, self)
-        return _ThreadedStream(self.src.fileno(), self.out, ranges, shift, self)
-
-
-def _ranges(header: Header, touched: list[TensorInfo]) -> list[tuple[int, int]]:
-    """The (offset, length) source ranges between the touched tensors, in file order."""
-    ranges, pos = [], header.data_start
-    for t in touched:
-        ranges.append((pos, header.data_start + t.begin - pos))
-        pos = header.data_start + t.end
-    ranges.append((pos, header.file_size - pos))
-    return ranges
-
-
-class _Watch(Protocol):
-    """Sees each touched tensor of a :class:`FileTarget` when loaded and when done."""
-
-    def loaded(self, t: TensorInfo, arr: np.ndarray) -> None: ...
-    def finished(self, t: TensorInfo, arr: np.ndarray) -> None: ...
-
-
-class _Stream(Protocol):
-    """How a :class:`FileTarget` moves bytes: ``before(t)`` each touched tensor,
-    ``write(t, arr)`` it, then ``finish()`` (or ``abort()`` after an error)."""
-
-    def before(self, t: TensorInfo) -> None: ...
-    def write(self, t: TensorInfo, arr: np.ndarray) -> None: ...
-    def finish(self) -> None: ...
-    def abort(self) -> None: ...
-
-
-class _DirectStream:
-    """Front to back through a :class:`DirectWriter`: each untouched range is copied
-    just before the tensor that follows it."""
-
-    def __init__(self, sfd: int, w: DirectWriter, ranges, shift: int, tgt: FileTarget) -> None:
-        self.sfd, self.w, self.shift, self.tgt = sfd, w, shift, tgt
-        self.ranges = iter(ranges)
-        w.write(tgt.new_header)
-
-    def _copy_next(self) -> None:
-        offset, length = next(self.ranges)
-        copy_range(self.sfd, self.w, offset, length, offset + self.shift, self.tgt.tick)
-
-    def before(self, t: TensorInfo) -> None:
-        self._copy_next()
-
-    def write(self, t: TensorInfo, arr: np.ndarray) -> None:
-        self.w.write(arr.reshape(-1).view(np.uint8).data, len(self.tgt.new_header) + t.begin)
-
-    def finish(self) -> None:
-        self._copy_next()
-        self.w.finish()
-
-    def abort(self) -> None:
-        self.w.abort()
-
-
-class _ThreadedStream:
-    """Untouched ranges copied in the kernel by a second thread while this one patches;
-    a durable output has its writeback started as it is produced."""
-
-    def __init__(self, sfd: int, out: AtomicFile, ranges, shift: int, tgt: FileTarget) -> None:
-        self.dfd, self.wb, self.at = out.file.fileno(), out.durable, len(tgt.new_header)
-        pwrite_all(self.dfd, tgt.new_header, 0)
-        self.stop = threading.Event()
-        self.pool = ThreadPoolExecutor(1)
-
-        def copy_all() -> None:
-            for offset, length in ranges:
-                copy_range(
-                    sfd,
-                    self.dfd,
-                    offset,
-                    length,
-                    offset + shift,
-                    tgt.tick,
-                    self.stop.is_set,
-                    self.wb,
-                )
-
-        self.copying: Future[None] = self.pool.submit(copy_all)
-
-    def before(self, t: TensorInfo) -> None:
-        """Nothing to do: the copier thread fills the gaps."""
-
-    def write(self, t: TensorInfo, arr: np.ndarray) -> None:
-        pwrite_all(self.dfd, arr.reshape(-1).view(np.uint8).data, self.at + t.begin)
-        if self.wb:
-            start_writeback(self.dfd, self.at + t.begin, t.nbytes)
-
-    def finish(self) -> None:
-        self.pool.shutdown()
-        error = self.copying.exception()
-        if error is not None:
-            raise error
-
-    def abort(self) -> None:
-        self.stop.set()
-        self.pool.shutdown()
-
-
-#: Tensor buffers of a :class:`_Pipeline`: one being read, one patched, one written.
-PIPELINE_BUFFERS = 3
-
-
-class _Pipeline:
-    """The touched tensors of a :class:`FileTarget`, read one ahead and written one
-    behind: a reader thread loads the next tensor (and shows it to the watch) while the
-    caller patches the current one, and a writer thread checks (the watch) and writes
-    the previous one. Reads, hashing, the engine and writes release the GIL, so the
-    three stages run on separate cores. Tensors stay in file order in every stage; an
-    error in a thread is raised to the caller at its next step.
-    """
-
-    def __init__(self, tgt: FileTarget, touched: list[TensorInfo], stream: _Stream) -> None:
-        self.tgt, self.touched, self.stream = tgt, touched, stream
-        self.free: queue.SimpleQueue[TensorReader | None] = queue.SimpleQueue()
-        for _ in range(min(PIPELINE_BUFFERS, len(touched))):
-            self.free.put(TensorReader(tgt.src.fileno(), tgt.header))
-        self.ready: queue.SimpleQueue[tuple[TensorInfo, np.ndarray, TensorReader] | None]
-        self.ready = queue.SimpleQueue()
-        self.done: queue.SimpleQueue[tuple[TensorInfo, np.ndarray, TensorReader] | None]
-        self.done = queue.SimpleQueue()
-        self.current: TensorReader | None = None  # the buffer of the tensor being patched
-        self.error: BaseException | None = None
-        self.threads = [
-            threading.Thread(target=self._guard, args=(fn,), name=f"robustpatch-{stage}")
-            for fn, stage in ((self._read_all, "reader"), (self._write_all, "writer"))
-        ]
-        for th in self.threads:
-            th.daemon = True
-            th.start()
-
-    def _guard(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except BaseException as e:  # raised to the caller by _check()
-            self.error = self.error or e
-            self.ready.put(None)  # wakes a caller waiting for a tensor
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def _read_all(self) -> None:
-        watch = self.tgt.watch
-        for t in self.touched:
-            reader = self.free.get()
-            if reader is None or self.error is not None:
-                return
-            arr = kernel_view(reader.load(t))
-            if watch is not None:
-                watch.loaded(t, arr)
-            self.ready.put((t, arr, reader))
-
-    def _write_all(self) -> None:
-        watch, stream = self.tgt.watch, self.stream
-        while (item := self.done.get()) is not None and self.error is None:
-            t, arr, reader = item
-            stream.before(t)
-            if watch is not None:
-                watch.finished(t, arr)
-            stream.write(t, arr)
-            self.tgt.tick(t.nbytes)
-            self.free.put(reader)
-
-    def loaded(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
-        """Each touched tensor, loaded, in file order."""
-        for _ in self.touched:
-            item = self.ready.get()
-            self._check()
-            assert item is not None
-            t, arr, self.current = item
-            yield t, arr
-
-    def write(self, t: TensorInfo, arr: np.ndarray) -> None:
-        """Hand the patched tensor to the writer thread."""
-        self._check()
-        assert self.current is not None
-        self.done.put((t, arr, self.current))
-
-    def finish(self) -> None:
-        """Wait for the writer; raises what a thread raised."""
-        self._stop()
-        self._check()
-
-    def abort(self) -> None:
-        """Stop both threads (after an error); the caller discards the output."""
-        self.error = self.error or _Abandoned()
-        self._stop()
-
-    def _stop(self) -> None:
-        self.done.put(None)
-        self.free.put(None)  # wakes a reader waiting for a buffer
-        for th in self.threads:
-            th.join()
-
-
-class _Abandoned(Exception):
-    """Set as a :class:`_Pipeline`'s error when its caller stops early."""
-
 
 def _locked(progress: Progress | None) -> Progress:
     if progress is None:
@@ -422,51 +192,6 @@ def _locked(progress: Progress | None) -> Progress:
             progress(n)
 
     return tick
-
-
-class _RecordToFile:
-    """The undo sink of a file patch, and the watch of its :class:`FileTarget`: each
-    tensor's record goes to the :class:`UndoWriter` once the tensor is patched, with the
-    digest of its original bytes (taken as loaded) and the checksum of its patched ones.
-    Its state is kept per tensor: a :class:`_Pipeline` loads the next tensor, patches
-    this one and finishes the previous one at the same time."""
-
-    def __init__(self, writer: UndoWriter) -> None:
-        self.writer = writer
-        self.original: dict[str, str] = {}  # digests of the tensors loaded, not finished
-        self.kept: dict[str, EngineRecord | np.ndarray] = {}  # their records
-
-    def loaded(self, t: TensorInfo, arr: np.ndarray) -> None:
-        self.original[t.name] = digest(arr)
-
-    def keep_delta(self, name: str, record: EngineRecord) -> None:
-        self.kept[name] = record
-
-    def keep_bn(self, name: str, original: np.ndarray) -> None:
-        self.kept[name] = original
-
-    def finished(self, t: TensorInfo, arr: np.ndarray) -> None:
-        kept, sum_, orig = self.kept.pop(t.name), checksum(arr), self.original.pop(t.name)
-        if isinstance(kept, EngineRecord):
-            self.writer.delta(t, kept.positions, kept.values, sum_, orig)
-        else:
-            self.writer.bn(t, kept, sum_, orig)
-
-
-class _Verify:
-    """The watch of a removal: each patched tensor is the one the record was made for
-    (its CRC) when loaded, and restores the original (its digest) before it is written."""
-
-    def __init__(self, side: UndoSidecar) -> None:
-        self.side = side
-        self.entries = {e.name: e for e in side.record.tensors}
-
-    def loaded(self, t: TensorInfo, arr: np.ndarray) -> None:
-        if checksum(arr) != self.entries[t.name].checksum:
-            raise MismatchError(f"{t.name}: tensor changed since it was patched")
-
-    def finished(self, t: TensorInfo, arr: np.ndarray) -> None:
-        self.side.check_restored(f"tensor {t.name!r}", self.entries[t.name].digest, arr)
 
 
 # ---------------------------------------------------------------------------- apply
@@ -547,7 +272,7 @@ def apply_one(
     src, out = validate.path(src, "src"), _output(out, "apply_file")
     _check_no_journal(src)
     outputs = [out, undo_path_for(out)] if opts.undo else [out]
-    check_destinations([src, *_paths(call.sigs)], outputs)
+    check_destinations([src, *signature_paths(call.sigs)], outputs)
     plan = streamed_plan(call.sigs, call.alphas)
     with open_input(src) as fsrc:
         header = read_header_from(fsrc, str(src))
@@ -587,7 +312,7 @@ def _apply_with_undo(
     undo_path = undo_path_for(out)
     with AtomicFile(out, durable) as fout, AtomicFile(undo_path, durable) as uf:
         writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, sizes, new_header, refs)
-        sink = _RecordToFile(writer)
+        sink = RecordToFile(writer)
         target = FileTarget(fsrc, header, fout, new_header, progress, sink)
         target.release = releaser(plan)
         with verifying(plan):
@@ -682,12 +407,6 @@ def _patched_header(header: Header, plan: Plan, out: Path) -> bytes:
     return encoded
 
 
-def _paths(sigs: SignatureLike | Sequence[SignatureLike]) -> list[str | os.PathLike[str]]:
-    """The signature files among ``sigs`` (the others are in memory)."""
-    many = sigs if isinstance(sigs, Sequence) and not isinstance(sigs, str) else [sigs]
-    return [s for s in many if isinstance(s, (str, os.PathLike))]
-
-
 def _commit_pair(uf: AtomicFile, fout: AtomicFile) -> None:
     """Commit the undo record and the patched file as a pair, the record first.
 
@@ -757,30 +476,14 @@ def remove_file(
         plan = record_plan(side)
         _verify_patched(fsrc, header, side, plan)
         with AtomicFile(out, durable) as fout:
-            target = FileTarget(fsrc, header, fout, side.source_header, progress, _Verify(side))
+            target = FileTarget(
+                fsrc, header, fout, side.source_header, progress, VerifyRestore(side)
+            )
             target.release = releaser(plan)
             with verifying(plan):
-                restore_target(target, plan, _FileRecords(side, header))
+                restore_target(target, plan, FileRecords(side, header))
             fout.commit()
     return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
-
-
-def record_plan(side: UndoSidecar) -> Plan:
-    """The plan an undo record restores: its signatures at its α."""
-    return make_plan(side.signatures, side.record.alphas)
-
-
-class _FileRecords:
-    """The undo source of a file removal: records read from the sidecar when needed."""
-
-    def __init__(self, side: UndoSidecar, header: Header) -> None:
-        self.side, self.infos = side, header.by_name()
-
-    def delta_record(self, name: str) -> EngineRecord:
-        return EngineRecord(*self.side.delta_record(self.infos[name]))
-
-    def bn_original(self, name: str) -> np.ndarray:
-        return self.side.bn_original(self.infos[name])
 
 
 def _verify_patched(fsrc: BinaryIO, header: Header, side: UndoSidecar, plan: Plan) -> None:

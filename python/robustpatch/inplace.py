@@ -35,6 +35,7 @@ from ._format.undo import UndoSidecar, UndoWriter, undo_path_for
 from ._io.atomic import AtomicFile, check_destinations
 from ._io.inputs import open_input
 from ._io.journal import Journal, journal_path_for, recover
+from ._io.pipeline import Watch
 from ._io.ranged import populate_writable, pwrite_all
 from .dtypes import NUMPY_OF_LABEL, kernel_view
 from .errors import InvalidArgumentError
@@ -42,21 +43,16 @@ from .files import (
     FileReport,
     PatchCall,
     Progress,
-    _FileRecords,
     _locked,
     _patched_header,
-    _paths,
-    _RecordToFile,
     _spec_of,
-    _Verify,
     _verify_patched,
-    _Watch,
-    record_plan,
     releaser,
     signature_refs,
     streamed_plan,
     verifying,
 )
+from .records import FileRecords, RecordToFile, VerifyRestore, record_plan, signature_paths
 from .targets import (
     NumpyTarget,
     Plan,
@@ -80,7 +76,7 @@ class MappedTarget(NumpyTarget):
     """
 
     def __init__(
-        self, mm: mmap.mmap, header: Header, watch: _Watch, progress: Progress, plan: Plan
+        self, mm: mmap.mmap, header: Header, watch: Watch, progress: Progress, plan: Plan
     ) -> None:
         super().__init__({})
         self.mm, self.header, self.watch, self.tick = mm, header, watch, progress
@@ -168,11 +164,11 @@ def apply_inplace(model: str | os.PathLike[str], call: PatchCall) -> FileReport:
     sigs, opts = call.sigs, call.opts
     model = validate.path(model, "model")
     record = undo_path_for(model)
-    check_destinations(_paths(sigs), [model])
+    check_destinations(signature_paths(sigs), [model])
     _check_model(model)
     recover(model)  # first: a patch committed before a kill puts its record in place
     if opts.undo:
-        check_destinations([model, *_paths(sigs)], [record])
+        check_destinations([model, *signature_paths(sigs)], [record])
         if record.exists():
             raise FileExistsError(
                 f"{record} exists: {model} already carries a patch; remove it first "
@@ -238,7 +234,7 @@ def _patch(f, header, plan, fitted, src_header, pending, progress, allow_nonfini
     with AtomicFile(pending, durable=True) as uf:
         sizes = (size, size)
         writer = UndoWriter(uf, plan.sigs, plan.alphas, kinds, src_header, sizes, header_now, refs)
-        sink = _RecordToFile(writer)
+        sink = RecordToFile(writer)
         with _mapped(f) as mm:
             with verifying(plan):
                 target = MappedTarget(mm, header, sink, tick, plan)
@@ -296,9 +292,9 @@ def remove_inplace(
         journal = Journal.begin(patched, f.fileno(), ranges, commit_unlink=side_path)
         try:
             with _mapped(f) as mm:
-                target = MappedTarget(mm, header, _Verify(side), _locked(progress), plan)
+                target = MappedTarget(mm, header, VerifyRestore(side), _locked(progress), plan)
                 with verifying(plan):
-                    restore_target(target, plan, _FileRecords(side, header))
+                    restore_target(target, plan, FileRecords(side, header))
             _finish_model(f, side.source_header)
             journal.commit()
         except BaseException:

@@ -34,8 +34,9 @@ from .._io.atomic import AtomicFile, check_destinations, commit_all
 from .._io.inputs import open_input
 from ..dtypes import NUMPY_OF_LABEL
 from ..errors import FormatError, InvalidArgumentError, MismatchError
-from ..files import FileTarget, _FileRecords, _paths, _RecordToFile, _Verify, record_plan
+from ..files import FileTarget
 from ..options import FILE_OPTIONS, PatchOptions
+from ..records import FileRecords, RecordToFile, VerifyRestore, record_plan, signature_paths
 from ..signature import SignatureLike
 from ..targets import (
     Alphas,
@@ -233,7 +234,9 @@ def apply(
     m = load(src)
     data_out = out.parent / data_name(out) if m.location is not None else None
     outputs = [p for p in (out, data_out, undo_path_for(out) if opts.undo else None) if p]
-    check_destinations([src, *([m.data_path] if m.data_path else []), *_paths(signatures)], outputs)
+    check_destinations(
+        [src, *([m.data_path] if m.data_path else []), *signature_paths(signatures)], outputs
+    )
     plan = plan_for(signatures, alphas)
     check_fits(m, plan, opts.force, opts.allow_dtype_change)
     new_bytes = bytearray(m.data if data_out is None else relocated(m.data, data_out.name))
@@ -245,7 +248,7 @@ def apply(
             src_header = m.data if data_out is not None else b""
             sizes = (len(m.data), len(new_bytes))
             writer = UndoWriter(files.undo, plan.sigs, plan.alphas, touched, src_header, sizes, b"")
-        sink = None if writer is None else _RecordToFile(writer)
+        sink = None if writer is None else RecordToFile(writer)
         target = _target(m, new_bytes, fsrc, files.data, sink)
         patch_target(target, plan, sink, opts.allow_nonfinite)
         files.model.file.write(new_bytes)
@@ -364,8 +367,8 @@ def remove(
         # With external data the embedded tensors come back with the source's bytes.
         todo = plan if data_out is None else _external_only(m, plan)
         with _Outputs(out, data_out, None, durable) as files, _data_source(m) as fsrc:
-            target = _target(m, restored, fsrc, files.data, _Verify(side))
-            restore_target(target, todo, _FileRecords(side, _Infos(m)))  # type: ignore[arg-type]
+            target = _target(m, restored, fsrc, files.data, VerifyRestore(side))
+            restore_target(target, todo, FileRecords(side, _Infos(m)))  # type: ignore[arg-type]
             files.model.file.write(restored)
             files.commit()
     return OnnxReport(out, data_out, None, len(plan.deltas), len(plan.bn), 0)
