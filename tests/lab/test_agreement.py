@@ -23,6 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("cv2")
 pytest.importorskip("skimage")
+corruptions = pytest.importorskip("robustpatch.lab.corruptions")
 
 pytestmark = pytest.mark.torch
 
@@ -46,29 +47,8 @@ def test_at_least_12_of_15_standard_types_agree(report):
     assert report["standard_passed"] >= 12
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "gaussian_noise",
-        "shot_noise",
-        "impulse_noise",
-        "defocus_blur",
-        "glass_blur",
-        "motion_blur",
-        "zoom_blur",
-        "snow",
-        "frost",
-        "fog",
-        "brightness",
-        "contrast",
-        "pixelate",
-        "jpeg_compression",
-        "speckle_noise",
-        "gaussian_blur",
-        "spatter",
-        "saturate",
-    ],
-)
+# elastic_transform is not comparable (see the module docstring and the test below).
+@pytest.mark.parametrize("name", [c for c in corruptions.CORRUPTIONS if c != "elastic_transform"])
 def test_type_agrees_with_reference(report, name):
     entry = report["types"][name]
     failing = {s: m for s, m in entry["severities"].items() if not m["passed"]}
