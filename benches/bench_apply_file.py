@@ -27,7 +27,6 @@ Run:  python benches/bench_apply_file.py [--size-gib 2] [--tensors 200] [--touch
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import settle, sha256
 from robustpatch._format.safetensors import TensorInfo, encode_header
 from robustpatch.signature import Signature
 
@@ -120,12 +120,6 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def settle() -> None:
-    """Start every timed run from the same state: no dirty pages waiting for the disk."""
-    if hasattr(os, "sync"):
-        os.sync()
-
-
 def copy_and_fsync(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
     fd = os.open(dst, os.O_RDONLY)
@@ -139,14 +133,6 @@ def clean_outputs(work: Path) -> None:
     for name in ("patched.safetensors", "restored.safetensors", "copy.bin"):
         (work / name).unlink(missing_ok=True)
         (work / (name + ".rpundo")).unlink(missing_ok=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main() -> None:

@@ -32,7 +32,6 @@ Run:  python benches/bench_fleet.py --quick          # seconds
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import llama_config, llama_shapes, settle, sha256
 from robustpatch._format.safetensors import write_tensors
 from robustpatch.dtypes import narrow, widen
 from robustpatch.signature import Signature
@@ -97,53 +97,7 @@ def note(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def settle() -> None:
-    """Start every timed run with no dirty pages waiting for the disk."""
-    os.sync()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------- the fleet
-
-
-def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict[str, tuple]:
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q", "k", "v", "o"):
-            shapes[p + f"self_attn.{proj}_proj.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
-
-
-def llama_config(hidden: int, inter: int, layers: int, vocab: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": max(1, hidden // 64),
-        "num_key_value_heads": max(1, hidden // 64),
-        "vocab_size": vocab,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-    }
 
 
 def write_model(folder: Path, tensors: dict[str, np.ndarray], config: dict) -> Path:

@@ -27,7 +27,6 @@ Run:  python benches/bench_vs_mergekit.py [--quick] [--mergekit /tmp/mk-venv/bin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import llama_config, llama_shapes, sha256
 from robustpatch._format.safetensors import TensorInfo, encode_header, read_header
 from robustpatch.signature import Signature
 
@@ -51,46 +51,13 @@ CLI = [sys.executable, "-m", "robustpatch.cli", "-q"]
 # ---------------------------------------------------------------------------- the models
 
 
-def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> list[tuple[str, tuple]]:
-    """Tensor names and shapes of a Llama model, in Hugging Face's naming."""
-    out = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out.append((f"{p}.self_attn.{name}.weight", (hidden, hidden)))
-        out.append((f"{p}.mlp.gate_proj.weight", (inter, hidden)))
-        out.append((f"{p}.mlp.up_proj.weight", (inter, hidden)))
-        out.append((f"{p}.mlp.down_proj.weight", (hidden, inter)))
-        out.append((f"{p}.input_layernorm.weight", (hidden,)))
-        out.append((f"{p}.post_attention_layernorm.weight", (hidden,)))
-    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return out
-
-
-def config(hidden: int, inter: int, layers: int, vocab: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": hidden // 64,
-        "num_key_value_heads": hidden // 64,
-        "vocab_size": vocab,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "torch_dtype": "bfloat16",
-        "tie_word_embeddings": False,
-    }
-
-
 def write_pair(base: Path, ft: Path, dims: tuple[int, int, int, int], seed: int) -> int:
     """The base model and its fine-tune (every element moved by -2..2 bf16 steps, so
     each difference is exact in bf16); returns the model's size in bytes."""
     rng = np.random.default_rng(seed)
     shapes = llama_shapes(*dims)
     infos, offset = [], 0
-    for name, shape in shapes:
+    for name, shape in shapes.items():
         n = 2 * int(np.prod(shape))
         infos.append(TensorInfo(name, "BF16", shape, offset, offset + n))
         offset += n
@@ -100,7 +67,7 @@ def write_pair(base: Path, ft: Path, dims: tuple[int, int, int, int], seed: int)
     head = encode_header(infos, {"format": "pt"})
     for folder in (base, ft):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(config(*dims)))
+        (folder / "config.json").write_text(json.dumps(llama_config(*dims)))
     with open(base / "model.safetensors", "wb") as fb, open(ft / "model.safetensors", "wb") as ff:
         fb.write(head)
         ff.write(head)
@@ -154,14 +121,6 @@ def repeat(n: int, argv: list, before=None) -> dict:
         settle()
         runs.append(timed(argv))
     return best(runs)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tensors_equal(a: Path, b_files: list[Path]) -> tuple[int, int]:

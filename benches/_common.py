@@ -1,0 +1,56 @@
+"""Helpers shared by the file benchmarks (run as scripts, so ``benches/`` is on sys.path)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def settle() -> None:
+    """Start every timed run from the same state: no dirty pages waiting for the disk."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict[str, tuple]:
+    """Tensor names and shapes of a Llama model, in Hugging Face's naming and order."""
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q", "k", "v", "o"):
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def llama_config(hidden: int, inter: int, layers: int, vocab: int) -> dict:
+    """The ``config.json`` of that model, as mergekit and transformers read it."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 64),
+        "num_key_value_heads": max(1, hidden // 64),
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
