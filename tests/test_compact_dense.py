@@ -32,6 +32,21 @@ def bf16_pair(rng, n=4, shape=(32, 48)):
     return clean, robust
 
 
+def extract_saved(folder, clean, robust):
+    """Write both models to ``folder``, extract their difference and save it as d.rws."""
+    for name, m in (("clean", clean), ("robust", robust)):
+        write_tensors(folder / f"{name}.safetensors", m)
+    sig = extract(
+        None,
+        folder / "clean.safetensors",
+        folder / "robust.safetensors",
+        "all",
+        method="difference",
+    )
+    sig.save(folder / "d.rws")
+    return sig
+
+
 def test_compact_picks_the_narrowest_exact_dtype():
     assert compact(np.array([1.5, -0.0078125, 0.0], np.float32)).dtype == np.uint16
     assert compact(np.array([1.0 + 2**-10], np.float32)).dtype == np.float16  # not bf16
@@ -42,16 +57,7 @@ def test_compact_picks_the_narrowest_exact_dtype():
 
 def test_a_bf16_task_vector_is_stored_as_bf16_and_patches_the_same_bytes(tmp_path):
     clean, robust = bf16_pair(np.random.default_rng(0))
-    for name, m in (("clean", clean), ("robust", robust)):
-        write_tensors(tmp_path / f"{name}.safetensors", m)
-    sig = extract(
-        None,
-        tmp_path / "clean.safetensors",
-        tmp_path / "robust.safetensors",
-        "all",
-        method="difference",
-    )
-    sig.save(tmp_path / "d.rws")
+    sig = extract_saved(tmp_path, clean, robust)
     stored = {t.name: t.dtype for t in read_header(tmp_path / "d.rws").tensors}
     assert stored == {"l1.weight": "BF16", "l2.weight": "BF16", "l3.weight": "BF16"}
     back = Signature.load(tmp_path / "d.rws")
@@ -73,16 +79,7 @@ def test_a_bf16_task_vector_is_stored_as_bf16_and_patches_the_same_bytes(tmp_pat
 def test_inspect_says_how_dense_deltas_are_stored_and_what_was_skipped(tmp_path, capsys):
     clean, robust = bf16_pair(np.random.default_rng(1))
     robust["l3.weight"] = bf16_from_f32(np.full((32, 48), 0.1, np.float32))  # not exact
-    for name, m in (("clean", clean), ("robust", robust)):
-        write_tensors(tmp_path / f"{name}.safetensors", m)
-    sig = extract(
-        None,
-        tmp_path / "clean.safetensors",
-        tmp_path / "robust.safetensors",
-        "all",
-        method="difference",
-    )
-    sig.save(tmp_path / "d.rws")
+    extract_saved(tmp_path, clean, robust)
     assert main(["inspect", str(tmp_path / "d.rws"), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["dense_stored_as"] == {"BF16": 2, "F32": 1}
