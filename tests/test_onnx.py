@@ -301,6 +301,14 @@ def _write(proto: onnx.ModelProto, src: Path) -> None:
     src.write_bytes(proto.SerializeToString())
 
 
+def _new_source(tmp: Path, data: bytes) -> Path:
+    """``tmp/src/m.onnx`` holding ``data``: the source file of a hostile case."""
+    src = tmp / "src" / "m.onnx"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(data)
+    return src
+
+
 def h_truncated(tmp, clean):
     src = save(model_proto(clean), tmp / "src" / "m.onnx")
     src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
@@ -308,37 +316,25 @@ def h_truncated(tmp, clean):
 
 
 def h_not_protobuf(tmp, clean):
-    src = tmp / "src" / "m.onnx"
-    src.parent.mkdir(parents=True)
-    src.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
-    return src
+    return _new_source(tmp, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
 
 
 def h_raw_size(tmp, clean):
     proto = model_proto(clean)
     proto.graph.initializer[0].raw_data = proto.graph.initializer[0].raw_data[:-4]
-    src = tmp / "src" / "m.onnx"
-    src.parent.mkdir(parents=True)
-    _write(proto, src)
-    return src
+    return _new_source(tmp, proto.SerializeToString())
 
 
 def h_negative_dim(tmp, clean):
     proto = model_proto(clean)
     proto.graph.initializer[0].dims[0] = -16
-    src = tmp / "src" / "m.onnx"
-    src.parent.mkdir(parents=True)
-    _write(proto, src)
-    return src
+    return _new_source(tmp, proto.SerializeToString())
 
 
 def h_duplicate_name(tmp, clean):
     proto = model_proto(clean)
     proto.graph.initializer.append(proto.graph.initializer[0])
-    src = tmp / "src" / "m.onnx"
-    src.parent.mkdir(parents=True)
-    _write(proto, src)
-    return src
+    return _new_source(tmp, proto.SerializeToString())
 
 
 def h_two_graphs(tmp, clean):
