@@ -11,7 +11,6 @@ removed by the next run.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -30,19 +29,12 @@ from robustpatch._io.direct import DirectWriter
 from robustpatch.errors import MismatchError
 from robustpatch.files import apply_file, remove_file, undo_path_for
 from robustpatch.signature import Signature
+from rp_testutil import sha
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="SIGKILL and flock are POSIX")
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 N_TENSORS, ROWS, COLS = 32, 1024, 1024  # 32 tensors of 1 Mi elements: 120 MiB in all
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_model(path: Path, seed: int = 0) -> list[TensorInfo]:
