@@ -3,7 +3,6 @@ load-time sessions, hostile models, and the ``robustpatch onnx`` commands (no to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ import robustpatch as rp  # noqa: E402
 import robustpatch.onnx as ro  # noqa: E402
 from robustpatch.cli import main  # noqa: E402
 from robustpatch.errors import FormatError, InvalidArgumentError, MismatchError  # noqa: E402
-from rp_testutil import copy_model, trio  # noqa: E402
+from rp_testutil import copy_model, sha, trio  # noqa: E402
 
 ONNX_DTYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
@@ -77,10 +76,6 @@ def save(proto: onnx.ModelProto, path: Path, external: bool = False, location: s
     else:
         onnx.save_model(proto, path)
     return path
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def initializers(path: Path) -> dict[str, np.ndarray]:

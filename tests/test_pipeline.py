@@ -22,12 +22,9 @@ from robustpatch._format.safetensors import write_tensors
 from robustpatch.cli import main
 from robustpatch.errors import InvalidArgumentError
 from robustpatch.pipeline.jobs import job_key
+from rp_testutil import sha
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def make_fleet(d: Path, bases: int = 2, rows: int = 64) -> dict:

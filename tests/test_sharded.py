@@ -4,7 +4,6 @@ nothing written."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, InvalidArgumentError, MismatchError
 from robustpatch.sharded import RECORD_NAME, remove_stale_folders
+from rp_testutil import listing, sha
 
 INDEX = "model.safetensors.index.json"
 #: tensor -> shard it lives in (shard 1 is touched by no signature)
@@ -34,14 +34,6 @@ LAYOUT = {
 
 def shard_name(k: int, n: int = 3) -> str:
     return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def listing(folder: Path) -> dict[str, str]:
-    return {p.name: sha(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def write_sharded(folder: Path, seed: int = 0) -> dict[str, np.ndarray]:
