@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, InvalidArgumentError, MismatchError
 from robustpatch.sharded import RECORD_NAME, remove_stale_folders
-from rp_testutil import listing, sha
+from rp_testutil import child_peak_mib, listing, sha
 
 INDEX = "model.safetensors.index.json"
 #: tensor -> shard it lives in (shard 1 is touched by no signature)
@@ -320,15 +318,11 @@ def test_cli_reports_a_hostile_index_in_one_line_and_writes_nothing(ckpt, capsys
 
 
 MEMORY_CHILD = r"""
-import json, sys
 from pathlib import Path
 from robustpatch.files import apply_file
-def peak_mib():
-    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
-d = Path(sys.argv[1])
-baseline = peak_mib()
-apply_file(d / "ckpt", [d / "tv.rws"], 1.0, d / "out")
-print(json.dumps({"baseline": baseline, "peak": peak_mib()}))
+if op == "apply":
+    d = Path(args["dir"])
+    apply_file(d / "ckpt", [d / "tv.rws"], 1.0, d / "out")
 """
 
 
@@ -350,10 +344,6 @@ def test_a_dense_task_vector_is_streamed_shard_by_shard(tmp_path):
     (tmp_path / "ckpt" / INDEX).write_text(json.dumps({"weight_map": weight_map}))
     rp.Signature.from_deltas(deltas, name="tv").save(tmp_path / "tv.rws")
     sig_mib = sum(a.nbytes for a in deltas.values()) / (1 << 20)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        [sys.executable, "-c", MEMORY_CHILD, str(tmp_path)], env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
-    assert got["peak"] - got["baseline"] < sig_mib / 2, (got, sig_mib)
+    base = child_peak_mib(MEMORY_CHILD, "baseline")
+    peak = child_peak_mib(MEMORY_CHILD, "apply", dir=str(tmp_path))
+    assert peak - base < sig_mib / 2, (peak, base, sig_mib)
