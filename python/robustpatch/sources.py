@@ -1,0 +1,191 @@
+"""The checkpoints :func:`~robustpatch.extract.extract` reads, behind one
+:class:`Source` interface: dicts of numpy arrays, torch state dicts or modules
+(:class:`DictSource`), ``.safetensors`` files and sharded checkpoints read through mmap,
+one tensor at a time (:class:`FileSource`), and ``.pt``/``.pth`` state dicts.
+:func:`open_source` picks the one for an object or a path."""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._format.safetensors import read_header
+from ._format.shards import load_index
+from .dtypes import NUMPY_OF_LABEL, PATCHABLE, label_of
+from .errors import FormatError, InvalidArgumentError
+from .selection import depth_key, is_buffer_name
+from .signature import is_bn_stat
+
+__all__ = ["Source", "DictSource", "FileSource", "open_source"]
+
+
+class Source:
+    """A checkpoint read lazily: names in depth order, float tensors as numpy arrays.
+
+    ``buffers``: names known to be buffers (a torch module's), beside those
+    :func:`is_buffer` recognises by name.
+    """
+
+    def __init__(
+        self, names: list[str], bn: set[str], where: str, buffers: set[str] | None = None
+    ) -> None:
+        self.names = names
+        self.bn = bn
+        self.where = where
+        self.buffers = set(buffers or ()) | bn
+
+    def is_buffer(self, name: str) -> bool:
+        """True for state that is not a weight (never a layer, not a parameter)."""
+        return name in self.buffers or is_buffer_name(name)
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        raise NotImplementedError
+
+    def get(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def release(self, name: str) -> None:
+        """Forget tensor ``name``'s memory (it has been read); a file's pages go back."""
+
+    def is_float(self, name: str) -> bool:
+        spec = self.spec(name)
+        return spec is not None and spec[0] in PATCHABLE + ("F64",)
+
+    def float_nbytes(self) -> int:
+        """Bytes of all float tensors (the size of the model)."""
+        total = 0
+        for n in self.names:
+            spec = self.spec(n)
+            if spec and self.is_float(n):
+                total += math.prod(spec[1]) * NUMPY_OF_LABEL[spec[0]].itemsize
+        return total
+
+
+class DictSource(Source):
+    """A mapping name → numpy array (non-float arrays are ignored).
+
+    ``ordered``: the mapping's order is the model's (it came from a torch module or
+    state dict); otherwise names are put in :func:`depth_key` order.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        bn: set[str] | None = None,
+        where="",
+        *,
+        ordered: bool = False,
+        buffers: set[str] | None = None,
+    ):
+        self.arrays = {k: v for k, v in arrays.items() if _is_float_array(v)}
+        names = list(self.arrays) if ordered else sorted(self.arrays, key=depth_key)
+        bn_names = set(bn or ()) | {k for k in names if is_bn_stat(k)}
+        super().__init__(names, bn_names, where, buffers)
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        a = self.arrays.get(name)
+        return None if a is None else (label_of(a), tuple(a.shape))
+
+    def get(self, name: str) -> np.ndarray:
+        a = self.arrays[name]
+        if a.dtype.name == "bfloat16":
+            a = a.view(np.uint16)
+        return np.ascontiguousarray(a)
+
+
+def _is_float_array(a: Any) -> bool:
+    return isinstance(a, np.ndarray) and (
+        a.dtype.kind == "f" or a.dtype.name == "bfloat16" or a.dtype == np.uint16
+    )
+
+
+class FileSource(Source):
+    """One or several safetensors files (a sharded checkpoint), read through mmap."""
+
+    def __init__(self, files: Sequence[Path], where: str) -> None:
+        self._where: dict[str, tuple[int, Any]] = {}
+        self._maps: list[mmap.mmap] = []
+        self._headers = []
+        for i, f in enumerate(files):
+            h = read_header(f)
+            self._headers.append(h)
+            with open(f, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                self._maps.append(mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ))
+            for t in h.tensors:
+                if t.name in self._where:
+                    raise FormatError(f"{where}: tensor {t.name!r} appears in two shards")
+                self._where[t.name] = (i, t)
+        names = sorted(self._where, key=depth_key)
+        super().__init__(names, {n for n in names if is_bn_stat(n)}, where)
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        hit = self._where.get(name)
+        return None if hit is None else (hit[1].dtype, hit[1].shape)
+
+    def get(self, name: str) -> np.ndarray:
+        i, t = self._where[name]
+        dtype = NUMPY_OF_LABEL[t.dtype]
+        start = self._headers[i].data_start + t.begin
+        if start % dtype.itemsize:
+            buf = self._maps[i][start : start + t.nbytes]
+            return np.frombuffer(buf, dtype).reshape(t.shape)
+        arr = np.frombuffer(self._maps[i], dtype, count=t.nbytes // dtype.itemsize, offset=start)
+        return arr.reshape(t.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of tensor ``name``: reading a whole model through the
+        maps then keeps about one tensor resident, not every page touched."""
+        i, t = self._where[name]
+        mm = self._maps[i]
+        if not hasattr(mm, "madvise") or not t.nbytes:
+            return
+        at = self._headers[i].data_start + t.begin
+        start = at - at % mmap.PAGESIZE
+        end = min(-(-(at + t.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE, len(mm))
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _index_files(path: Path) -> list[Path]:
+    """The shards of a sharded checkpoint, validated by :func:`load_index` (plain file
+    names in the index's folder, each header agreeing with the index)."""
+    index = load_index(path)
+    return [index.shard_path(s) for s in index.shards]
+
+
+def open_source(obj: Any) -> Source:
+    """A :class:`Source` for a dict of arrays, a torch module/state dict, or a file path."""
+    if isinstance(obj, Source):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        path = Path(obj)
+        if path.suffix == ".json":
+            return FileSource(_index_files(path), str(path))
+        if path.suffix in (".pt", ".pth", ".bin"):
+            from .torch_bridge import load_torch_file, numpy_state
+
+            arrays, bn = numpy_state(load_torch_file(str(path)))
+            return DictSource(arrays, bn, str(path), ordered=True)
+        return FileSource([path], str(path))
+    from .torch_bridge import is_torch_object
+
+    if is_torch_object(obj):
+        from .torch_bridge import numpy_state
+
+        arrays, bn = numpy_state(obj)
+        return DictSource(arrays, bn, type(obj).__name__, ordered=True, buffers=_torch_buffers(obj))
+    if isinstance(obj, Mapping):
+        return DictSource(obj, where="dict")
+    raise InvalidArgumentError(f"cannot read a checkpoint from a {type(obj).__name__}")
+
+
+def _torch_buffers(obj: Any) -> set[str]:
+    """A torch module's registered buffer names (a state dict cannot tell them apart)."""
+    named = getattr(obj, "named_buffers", None)
+    return {n for n, _ in named()} if callable(named) else set()
