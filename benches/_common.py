@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 
@@ -54,3 +57,22 @@ def llama_config(hidden: int, inter: int, layers: int, vocab: int) -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
+
+
+def run_measured(argv: list) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, stdout) of a command. The RSS is GNU time's %M:
+    the largest of the command and the children it waited for (a pool's workers). A
+    child forked from this process directly would report this process's RSS at the fork
+    (Linux keeps the high-water mark over exec), hence the ``time`` in between."""
+    with tempfile.NamedTemporaryFile("r") as rss:
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", rss.name, *map(str, argv)],
+            capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv[:4]} exited {proc.returncode}: {proc.stderr[-2000:]!r}")
+        peak_kb = int(rss.read().split()[-1])
+    return wall, peak_kb / 1024, proc.stdout

@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import llama_config, llama_shapes, settle, sha256
+from _common import llama_config, llama_shapes, run_measured, settle, sha256
 from robustpatch._format.safetensors import write_tensors
 from robustpatch.dtypes import narrow, widen
 from robustpatch.signature import Signature
@@ -70,27 +69,6 @@ else:
     remove_file(a["src"], a["out"])
 print(json.dumps({"work_s": time.perf_counter() - t0}))
 """
-
-
-# ---------------------------------------------------------------------------- processes
-
-
-def run_reaped(argv: list[str], **kw) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB, stdout) of a command. The RSS is GNU time's %M:
-    the largest of the command and the children it waited for (a pool's workers). A
-    child forked from this process directly would report this process's RSS at the fork
-    (Linux keeps the high-water mark over exec), hence the ``time`` in between."""
-    settle()
-    with tempfile.NamedTemporaryFile("r") as rss:
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            ["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], capture_output=True, **kw
-        )
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"{argv[:4]} exited {proc.returncode}: {proc.stderr[-2000:]!r}")
-        peak_kb = int(rss.read().split()[-1])
-    return wall, peak_kb / 1024, proc.stdout.decode()
 
 
 def note(text: str) -> None:
@@ -150,7 +128,8 @@ def run_batch(work: Path, fleet: dict, name: str, extra: list[str]) -> dict:
     path = manifest(work, fleet, name)
     note(f"batch {' '.join(extra)}")
     argv = [sys.executable, "-m", "robustpatch.cli", "-q", "batch", str(path), *extra]
-    wall, rss, out = run_reaped(argv)
+    settle()
+    wall, rss, out = run_measured(argv)
     lines = [json.loads(ln) for ln in out.splitlines() if ln.strip()]
     assert len(lines) == N_MODELS * N_SIGS and all(ln["status"] == "done" for ln in lines)
     total = sum(ln["bytes"] for ln in lines)
@@ -182,7 +161,8 @@ def run_mergekit(work: Path, fleet: dict, mergekit: str, merges: int) -> dict:
         out = work / "mk-out"
         argv = [mergekit, str(cfg_path), str(out), "--no-copy-tokenizer", "--quiet",
                 "--no-write-model-card"]  # fmt: skip
-        wall, rss, _ = run_reaped(argv)
+        settle()
+        wall, rss, _ = run_measured(argv)
         note(f"mergekit {m}-{s}: {wall:.2f} s")
         walls.append(wall)
         rsss.append(rss)
@@ -247,7 +227,8 @@ def run_sharded(work: Path, gib: float, shards: int, side: int, touch: float) ->
         copy_s.append(time.perf_counter() - t0)
         shutil.rmtree(work / "copy")
     args = {"src": str(src), "sigs": [str(work / "shallow.rws")], "out": str(work / "patched")}
-    apply_wall, apply_rss, out = run_reaped(
+    settle()
+    apply_wall, apply_rss, out = run_measured(
         [sys.executable, "-c", CHILD, "apply", json.dumps(args)]
     )
     apply_s = json.loads(out)["work_s"]
@@ -256,7 +237,8 @@ def run_sharded(work: Path, gib: float, shards: int, side: int, touch: float) ->
         (work / "patched" / s).stat().st_ino == (src / s).stat().st_ino for s in linked
     )
     args = {"src": str(work / "patched"), "out": str(work / "restored")}
-    remove_wall, remove_rss, out = run_reaped(
+    settle()
+    remove_wall, remove_rss, out = run_measured(
         [sys.executable, "-c", CHILD, "remove", json.dumps(args)]
     )
     remove_s = json.loads(out)["work_s"]

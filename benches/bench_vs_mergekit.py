@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import llama_config, llama_shapes, sha256
+from _common import llama_config, llama_shapes, run_measured, sha256
 from robustpatch._format.safetensors import TensorInfo, encode_header, read_header
 from robustpatch.signature import Signature
 
@@ -86,22 +85,10 @@ def write_pair(base: Path, ft: Path, dims: tuple[int, int, int, int], seed: int)
 # ---------------------------------------------------------------------------- measuring
 
 
-def timed(argv: list, stdout=None) -> dict:
-    """Run ``argv`` under ``/usr/bin/time -v``: wall seconds and peak RSS (MB)."""
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            ["/usr/bin/time", "-v", "-o", tf.name, *map(str, argv)],
-            stdout=stdout or subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wall = time.perf_counter() - t0
-        report = Path(tf.name).read_text()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed: {proc.stderr[-2000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", report).group(1))
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(rss / 1024, 1)}
+def timed(argv: list) -> dict:
+    """Wall seconds and peak RSS (MB) of ``argv``, rounded for the table."""
+    wall, rss, _ = run_measured(argv)
+    return {"wall_s": round(wall, 3), "peak_rss_mb": round(rss, 1)}
 
 
 def settle() -> None:
@@ -253,10 +240,9 @@ def run_similarity(work: Path, n: int, numel: int, pairwise: int, seed: int) -> 
         s.save(lib / f"s{i:03d}.rws")
         sigs.append(s)
     settle()
-    with tempfile.TemporaryFile("w+") as out:
-        r = timed([*CLI, "similarity", lib, "--json"], stdout=out)
-        out.seek(0)
-        got = np.array(json.load(out)["cosine"])
+    wall, rss, out = run_measured([*CLI, "similarity", lib, "--json"])
+    r = {"wall_s": round(wall, 3), "peak_rss_mb": round(rss, 1)}
+    got = np.array(json.loads(out)["cosine"])
     deq = np.stack(
         [np.concatenate([s[f"t{k}"].dense().astype(np.float64) for k in range(8)]) for s in sigs]
     )
