@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def settle() -> None:
@@ -76,3 +77,15 @@ def run_measured(argv: list) -> tuple[float, float, str]:
             raise RuntimeError(f"{argv[:4]} exited {proc.returncode}: {proc.stderr[-2000:]!r}")
         peak_kb = int(rss.read().split()[-1])
     return wall, peak_kb / 1024, proc.stdout
+
+
+def best_time(fn: Callable[[], object], repeat: int, setup: Callable[[], object] | None = None):
+    """Minimum wall time over ``repeat`` runs (``setup`` before each, not timed)."""
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

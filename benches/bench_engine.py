@@ -18,12 +18,11 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from _common import best_time
 from robustpatch import _core
 
 try:
@@ -33,18 +32,6 @@ except ImportError:  # torch is an optional extra; its columns are then left emp
 
 GROUP = 128
 BITS = 4
-
-
-def best_time(fn: Callable[[], object], repeat: int, setup: Callable[[], object] | None = None):
-    """Minimum wall time over `repeat` runs (setup excluded)."""
-    times = []
-    for _ in range(repeat):
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:

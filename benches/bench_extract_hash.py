@@ -15,28 +15,17 @@ import importlib
 import json
 import os
 import platform
-import time
 from pathlib import Path
-from typing import Callable
 from unittest import mock
 
 import numpy as np
 
 import robustpatch as rp
+from _common import best_time
 from robustpatch import _core
 
 # The module (``rp.extract`` is the function of the same name).
 extract_module = importlib.import_module("robustpatch.extract")
-
-
-def best_time(fn: Callable[[], object], repeat: int) -> float:
-    """Minimum wall time over ``repeat`` runs."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def sha256_fingerprint(src, names) -> str | None:
