@@ -1,4 +1,4 @@
-"""Helpers shared by the signature, file and CLI tests (numpy only)."""
+"""Helpers shared by the signature, file, CLI and memory tests."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from robustpatch.cli import main
 from robustpatch.dtypes import narrow, widen
 
 
@@ -121,3 +123,14 @@ def child_peak_mib(body: str, op: str, **args) -> float:
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def usage_error(capsys, *argv) -> str:
+    """The one error line of a CLI call argparse refuses (exit 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1, err
+    return errors[0]

@@ -21,7 +21,7 @@ from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.cli import build_parser, main
 from robustpatch.files import apply_file
 from robustpatch.signature import Signature, combine
-from rp_testutil import listing, sha, trio
+from rp_testutil import listing, sha, trio, usage_error
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -30,15 +30,6 @@ def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def usage_error(capsys, *argv) -> str:
-    """Run a call argparse must refuse (exit 2); its stderr's last line."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 def one_line_error(capsys, *argv) -> str:

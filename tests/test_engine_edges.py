@@ -14,22 +14,10 @@ import pytest
 
 import robustpatch as rp
 from robustpatch import _core
-from robustpatch.cli import main
 from robustpatch.errors import InvalidArgumentError, MismatchError
-from rp_testutil import trio
+from rp_testutil import trio, usage_error
 
 X8 = np.arange(8, dtype=np.float32)
-
-
-def usage_error(capsys, *argv) -> str:
-    """The one error line of a call argparse refuses (exit 2, no traceback)."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err
-    errors = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 # ---------------------------------------------------------------------------- wide integers
