@@ -33,7 +33,6 @@ Run:  python benches/bench_onnx.py [--quick] [--threads 1]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -52,6 +51,7 @@ from onnx import numpy_helper
 
 import robustpatch as rp
 import robustpatch.onnx as ro
+from _common import sha256
 from robustpatch.lab import datasets, models, recipes
 from robustpatch.lab import experiments as X
 from robustpatch.lab.demo import DemoConfig
@@ -137,10 +137,6 @@ def export_unfolded(model: torch.nn.Module, path: Path) -> Path:
 def files_size(path: Path) -> int:
     data = path.parent / (path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def one_thread() -> Any:
@@ -246,7 +242,7 @@ def variants(
         exact = initializers(out) == initializers(torch_export)
         (work / "back").mkdir(exist_ok=True)
         ro.remove(out, work / "back" / base.name)
-        restored = sha(work / "back" / base.name) == sha(base)
+        restored = sha256(work / "back" / base.name) == sha256(base)
         checks = {"bit_exact": exact, "remove_sha256_ok": restored}
         row("ONNX f32 apply", Runner(ort_session(out)), files_size(out), **checks)
         row("ONNX session", Runner(rp_session(base, sig)), files_size(base))
