@@ -111,7 +111,8 @@ def test_peak_memory_follows_the_largest_tensor_not_the_file_size(tmp_path):
         assert large[key] < bound, (key, large[key], bound)
         # 4x the file (and 4x the undo record and touched bytes): peak barely moves.
         assert large[key] - small[key] < 0.1 * size_diff, (key, small[key], large[key])
-    # Raw peaks (no baseline subtracted): only the signature's growth shows.
-    sig_diff = large["signature_mib"] - small["signature_mib"]
+    # Raw peaks (no baseline subtracted): only the signature's growth shows, as much as
+    # loading the signature alone costs (the baselines, measured in the same run).
+    sig_cost = large["baseline_mib"] - small["baseline_mib"]
     for key in [k for k in large if k.endswith("_peak_mib")]:
-        assert large[key] - small[key] < 1.5 * sig_diff + 0.05 * size_diff, key
+        assert large[key] - small[key] < sig_cost + 0.05 * size_diff, key
