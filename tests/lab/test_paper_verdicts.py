@@ -71,20 +71,31 @@ def test_t_interval_of_one_seed_is_unbounded():
 
 
 def test_ratio_of_means_is_the_ratio_of_the_means_with_a_bootstrap_around_it():
-    num, den = [1.0, 2.0, 3.0, 6.0], [2.0, 4.0, 6.0, 12.0]  # every seed's ratio is 0.5
+    num, den = [2.5, 3.0, 3.5, 4.0], [5.0, 6.0, 7.0, 8.0]  # every seed's ratio is 0.5
     iv = stats.ratio_of_means(num, den)
     assert iv.mean == pytest.approx(0.5) and iv.lo == pytest.approx(0.5)
     assert iv.hi == pytest.approx(0.5)
-    spread = stats.ratio_of_means([1.0, 3.0, 2.0, 8.0], [2.0, 4.0, 6.0, 12.0])
-    assert spread.mean == pytest.approx(14.0 / 24.0)
+    spread = stats.ratio_of_means([1.0, 3.0, 2.0, 8.0], [5.0, 6.0, 7.0, 8.0])
+    assert spread.mean == pytest.approx(14.0 / 26.0)
     assert spread.lo < spread.mean < spread.hi
-    assert spread == stats.ratio_of_means([1.0, 3.0, 2.0, 8.0], [2.0, 4.0, 6.0, 12.0])
+    assert spread == stats.ratio_of_means([1.0, 3.0, 2.0, 8.0], [5.0, 6.0, 7.0, 8.0])
 
 
 def test_ratio_of_means_without_a_positive_denominator_is_undefined():
     iv = stats.ratio_of_means([1.0, 2.0], [-1.0, -2.0])
     assert math.isnan(iv.mean) and iv.lo == -math.inf and iv.hi == math.inf
     assert verdict(iv.lo, iv.hi, "≥", 0.7) == "inconclusive"
+
+
+def test_ratio_of_means_over_a_denominator_not_told_from_zero_is_unbounded():
+    # The quick run's Gaussian-noise case: the robust gain straddles 0, the patch's does not.
+    num, den = [0.3, 0.4, 0.3], [0.1, -0.2, 0.2]
+    iv = stats.ratio_of_means(num, den)
+    assert iv.mean == pytest.approx(1.0 / 0.1) and iv.lo == -math.inf and iv.hi == math.inf
+    assert verdict(iv.lo, iv.hi, "≥", 0.7) == "inconclusive"
+    # The same numerators over a clearly positive denominator keep a bounded interval.
+    bounded = stats.ratio_of_means(num, [1.0, 1.1, 0.9])
+    assert math.isfinite(bounded.lo) and math.isfinite(bounded.hi)
 
 
 def test_ratio_of_means_refuses_unpaired_inputs():

@@ -72,7 +72,8 @@ def fidelity_rows(cfg: protocol.ProtocolConfig, data_source: str) -> list[tuple[
         (
             "recipe",
             "SGD 0.01, momentum 0.9, wd 5e-4, batch 128, 50 epochs, x0.1 at 20/40, crop + flip",
-            f"same, {cfg.schedule.finetune_epochs} epochs, x0.1 at 40% / 80%",
+            f"same, {cfg.schedule.finetune_epochs} epochs (EfficientNet-Lite0: at most "
+            f"{protocol.EFFICIENTNET_EPOCHS}), x0.1 at 40% / 80%",
             _where(protocol.recipe),
         ),
         (

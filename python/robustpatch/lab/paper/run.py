@@ -41,6 +41,8 @@ class _Backbone:
     pretrain: bool  # False: the weights come pretrained (ImageNet)
     layers: int | None  # the paper's k; None: ProtocolConfig.layers
     full_layers: int  # every conv below the classifier
+    # Fine-tune epochs when they differ from the schedule's (None: the schedule's).
+    finetune_epochs: int | None = None
 
 
 _BACKBONES = {
@@ -51,6 +53,7 @@ _BACKBONES = {
         False,
         efficientnet_lite.PAPER_LAYERS,
         efficientnet_lite.CONV_LAYERS,
+        protocol.EFFICIENTNET_EPOCHS,
     ),
 }
 
@@ -70,6 +73,8 @@ def _json_safe(obj):
 
 def _backbone(name: str, splits, sets, cfg: protocol.ProtocolConfig, device, log) -> dict:
     bb = _BACKBONES[name]
+    epochs = min(cfg.schedule.finetune_epochs, bb.finetune_epochs or cfg.schedule.finetune_epochs)
+    cfg = replace(cfg, schedule=replace(cfg.schedule, finetune_epochs=epochs))
     pre = bb.build().to(device)
     if bb.pretrain:
         x, y = splits["pretrain"]
@@ -89,6 +94,7 @@ def _backbone(name: str, splits, sets, cfg: protocol.ProtocolConfig, device, log
         "severities": aggregate.severity_rows(seeds, cfg),
         "has_bn": controls.has_bn(pre),
         "layers": layers[0],
+        "finetune_epochs": epochs,
         "per_seed": seeds,
     }
 
