@@ -14,25 +14,34 @@ use robustpatch_core::Element;
 use std::time::Instant;
 
 fn best<F: FnMut()>(mut f: F) -> f64 {
-    (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
+    best_of(|| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    })
+}
+
+/// Best of five runs of `timed`, which returns the seconds it measured.
+fn best_of<F: FnMut() -> f64>(timed: F) -> f64 {
+    std::iter::repeat_with(timed)
+        .take(5)
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Deterministic pseudo-random values in [-scale, scale).
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+/// Deterministic pseudo-random values, roughly normal with standard deviation
+/// `sd` (a sum of four uniforms), as the Python benchmark's weights and deltas:
+/// weights near zero are what make the undo record non-empty.
+fn values(n: usize, seed: u64, sd: f32) -> Vec<f32> {
     let mut s = seed | 1;
+    let mut uniform = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32
+    };
+    // Four uniforms on [0, 1) sum to mean 2 and variance 1/3.
     (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
-        })
+        .map(|_| (uniform() + uniform() + uniform() + uniform() - 2.0) * 3f32.sqrt() * sd)
         .collect()
 }
 
@@ -56,7 +65,7 @@ fn main() {
         scheme: Scheme::Affine,
         group_len: 128,
     };
-    let sigs: Vec<Vec<f32>> = (0..4).map(|k| values(n, 10 + k, 5e-4)).collect();
+    let sigs: Vec<Vec<f32>> = (0..4).map(|k| values(n, 10 + k, 1e-3)).collect();
     let mut dst = w.clone();
     let copy = best(|| dst.copy_from_slice(&w));
     report("copy f32", copy, copy);
@@ -98,25 +107,27 @@ fn main() {
 }
 
 /// Apply with and without a record; half types are compared with a copy of
-/// the same half-size tensor. Applying repeatedly drifts the target slightly,
-/// which does not change the work done.
+/// the same half-size tensor. Each timed apply starts from the original
+/// weights (applied again and again, the target drifts and the record with it).
 fn run<T: Element>(w: &[f32], deltas: &[(Delta, f32)], copy: f64, name: &str) {
     if !selected(&format!("apply {name}")) {
         return;
     }
-    let mut t: Vec<T> = w.iter().map(|&x| T::from_f32(x)).collect();
+    let orig: Vec<T> = w.iter().map(|&x| T::from_f32(x)).collect();
+    let mut t = orig.clone();
     let mut flagged = 0;
-    let rec = best(|| {
-        flagged = apply(&mut t, deltas, true)
-            .unwrap()
-            .undo
-            .unwrap()
-            .positions
-            .len();
-    });
-    let norec = best(|| {
-        apply(&mut t, deltas, false).unwrap();
-    });
+    let mut time_apply = |record: bool| {
+        best_of(|| {
+            t.copy_from_slice(&orig);
+            let start = Instant::now();
+            let done = apply(&mut t, deltas, record).unwrap();
+            let secs = start.elapsed().as_secs_f64();
+            flagged = done.undo.map_or(flagged, |u| u.positions.len());
+            secs
+        })
+    };
+    let rec = time_apply(true);
+    let norec = time_apply(false);
     report(&format!("apply {name} record"), rec, copy);
     report(&format!("apply {name} no record"), norec, copy);
     println!(

@@ -14,6 +14,7 @@ use crate::arch::{self, Path, Simd};
 use crate::delta::{check_deltas, Delta};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+use crate::gather;
 use crate::par::{CHUNK, PARALLEL_MIN, TILE};
 use rayon::prelude::*;
 
@@ -76,16 +77,36 @@ pub fn apply_with<T: Element>(
     record: bool,
 ) -> Result<Applied<T::Bits>> {
     check_target(target.len(), deltas)?;
-    let run = |base: usize, chunk: &mut [T]| {
+    let run = |base: usize, chunk: &mut [T], undo: Option<&mut Undo<T::Bits>>| {
         simd.run(
             #[inline(always)]
-            || apply_chunk(simd, chunk, base, deltas, record),
+            || apply_chunk(simd, chunk, base, deltas, undo),
         )
     };
-    let (parts, counts): (Vec<_>, Vec<_>) = for_each_chunk(target, run).into_iter().unzip();
+    if !record {
+        let counts = for_each_chunk(target, |base, chunk| run(base, chunk, None));
+        return Ok(Applied {
+            undo: None,
+            overflowed: counts.into_iter().sum(),
+        });
+    }
+    let (undo, overflowed) = if target.len() < PARALLEL_MIN {
+        let mut undo = Undo::default();
+        let mut overflowed = 0;
+        for (c, chunk) in target.chunks_mut(CHUNK).enumerate() {
+            overflowed += run(c * CHUNK, chunk, Some(&mut undo));
+        }
+        (undo, overflowed)
+    } else {
+        // Room for a typical record (a few % of the elements) up front.
+        let expected = target.len() / 8;
+        gather::in_order(target, expected, |base, chunk, part| {
+            run(base, chunk, Some(part))
+        })
+    };
     Ok(Applied {
-        undo: record.then(|| concat_undo(parts)),
-        overflowed: counts.into_iter().sum(),
+        undo: Some(undo),
+        overflowed,
     })
 }
 
@@ -250,24 +271,23 @@ fn overflows<T: Element>(old: T, new: T) -> bool {
     old.to_f32().is_finite() && !new.to_f32().is_finite()
 }
 
-/// One chunk's undo record and overflow count.
+/// Apply to one chunk, appending its records to `undo` when given; returns
+/// the overflow count.
 #[inline(always)]
 fn apply_chunk<T: Element>(
     simd: Simd,
     chunk: &mut [T],
     base: usize,
     deltas: &[(Delta, f32)],
-    record: bool,
-) -> (Undo<T::Bits>, usize) {
-    let mut undo = Undo::default();
+    mut undo: Option<&mut Undo<T::Bits>>,
+) -> usize {
     let mut overflowed = 0;
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if simd.has(Path::Avx512) && arch::avx512::fused_applies(deltas) {
         // SAFETY: `simd` was checked to run AVX-512 on this CPU, the deltas
         // were just checked, and `check_target` checked they cover the tensor.
-        let fused =
-            unsafe { arch::avx512::apply_fused(chunk, base, deltas, record.then_some(&mut undo)) };
+        let fused = unsafe { arch::avx512::apply_fused(chunk, base, deltas, undo.as_deref_mut()) };
         (done, overflowed) = fused.unwrap_or((0, 0));
     }
     let (mut acc, mut scratch) = ([0f32; TILE], [0u8; TILE]);
@@ -278,7 +298,7 @@ fn apply_chunk<T: Element>(
         let acc = &acc[..n];
         #[cfg(target_arch = "x86_64")]
         if simd.has(Path::Avx2) {
-            let u = record.then_some(&mut undo);
+            let u = undo.as_deref_mut();
             // SAFETY: `simd` was checked to run these paths' features on this CPU.
             let done = unsafe {
                 if simd.has(Path::Avx512) {
@@ -292,13 +312,12 @@ fn apply_chunk<T: Element>(
                 continue;
             }
         }
-        overflowed += if record {
-            add_and_record(tile, acc, start, &mut undo)
-        } else {
-            add_in_place(tile, acc)
+        overflowed += match undo.as_deref_mut() {
+            Some(u) => add_and_record(tile, acc, start, u),
+            None => add_in_place(tile, acc),
         };
     }
-    (undo, overflowed)
+    overflowed
 }
 
 /// w = round(w + d), element by element; returns the overflow count.
@@ -676,51 +695,6 @@ fn subtract_chunk<T: Element>(chunk: &mut [T], base: usize, deltas: &[(Delta, f3
     inconsistent
 }
 
-/// Join the per-chunk records in order. Large records are copied in
-/// parallel: the copy, and the page faults of the fresh output, are
-/// otherwise a serial tail after the parallel apply.
-fn concat_undo<B: Copy + Send + Sync>(parts: Vec<Undo<B>>) -> Undo<B> {
-    let total = parts.iter().map(|p| p.positions.len()).sum();
-    let mut undo = Undo {
-        positions: Vec::with_capacity(total),
-        values: Vec::with_capacity(total),
-    };
-    if total < PARALLEL_MIN {
-        for p in &parts {
-            undo.positions.extend_from_slice(&p.positions);
-            undo.values.extend_from_slice(&p.values);
-        }
-        return undo;
-    }
-    let (mut pos, mut val) = (
-        &mut undo.positions.spare_capacity_mut()[..total],
-        &mut undo.values.spare_capacity_mut()[..total],
-    );
-    let mut jobs = Vec::with_capacity(parts.len());
-    for p in &parts {
-        let n = p.positions.len();
-        let (pd, pr) = std::mem::take(&mut pos).split_at_mut(n);
-        let (vd, vr) = std::mem::take(&mut val).split_at_mut(n);
-        (pos, val) = (pr, vr);
-        jobs.push((p, pd, vd));
-    }
-    jobs.into_par_iter().for_each(|(p, pd, vd)| {
-        for (d, &s) in pd.iter_mut().zip(&p.positions) {
-            d.write(s);
-        }
-        for (d, &s) in vd.iter_mut().zip(&p.values) {
-            d.write(s);
-        }
-    });
-    // SAFETY: the parts' lengths sum to `total`, so the jobs above wrote
-    // every one of the first `total` slots of both vectors.
-    unsafe {
-        undo.positions.set_len(total);
-        undo.values.set_len(total);
-    }
-    undo
-}
-
 fn write_back<T: Element>(target: &mut [T], undo: &Undo<T::Bits>) -> usize {
     for (&p, &v) in undo.positions.iter().zip(&undo.values) {
         target[p as usize] = T::from_bits(v);
@@ -776,26 +750,5 @@ mod tests {
         special_targets_match_scalar_twin::<f32>();
         special_targets_match_scalar_twin::<f16>();
         special_targets_match_scalar_twin::<bf16>();
-    }
-
-    /// The parallel join of large records keeps every record, in order.
-    #[test]
-    fn large_records_concatenate_in_order() {
-        let parts: Vec<Undo<u16>> = (0..300u32)
-            .map(|c| {
-                let n = (c as usize * 7919) % 1500;
-                Undo {
-                    positions: (0..n as u32).map(|i| c * 100_000 + i).collect(),
-                    values: (0..n).map(|i| (i as u16) ^ (c as u16)).collect(),
-                }
-            })
-            .collect();
-        let mut serial = Undo::default();
-        for p in &parts {
-            serial.positions.extend_from_slice(&p.positions);
-            serial.values.extend_from_slice(&p.values);
-        }
-        assert!(serial.positions.len() >= PARALLEL_MIN);
-        assert_eq!(concat_undo(parts), serial);
     }
 }

@@ -17,7 +17,9 @@ pub mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod gather;
 pub mod hash;
+mod mem;
 pub mod pack;
 pub mod par;
 pub mod project;

@@ -13,6 +13,7 @@
 use crate::apply::{add_and_record, add_in_place, Undo};
 use crate::delta::Delta;
 use crate::dtype::Element;
+use crate::par::TILE;
 use crate::quant::Scheme;
 use half::{bf16, f16};
 use std::any::TypeId;
@@ -181,54 +182,76 @@ unsafe fn step<T: Lanes, const RECORD: bool>(
     (T::special(new) & !T::special(w)).count_ones()
 }
 
-/// The undo record opened for appending sixteen lanes at a time. Its length
-/// lives in a register here (through `Undo` it would be reloaded after every
-/// record store, which the compiler must assume may alias it) and is written
-/// back when the appender is dropped.
+/// The undo record opened for appending sixteen lanes at a time. Its end
+/// pointers and length live in registers here (through `Undo` they would be
+/// reloaded after every record store, which the compiler must assume may
+/// alias them) and the length is written back when the appender is dropped.
+///
+/// Room is made per tile ([`Appender::room`]), so a step appends without a
+/// capacity check or a branch: it always writes sixteen slots past the end
+/// and advances by the number of flagged lanes (often zero). A branch on
+/// "any lane flagged" would be mispredicted on a quarter of the steps at a
+/// typical 8% of flagged elements.
 struct Appender<'a, B> {
     undo: &'a mut Undo<B>,
+    pos: *mut u32,
+    val: *mut B,
     len: usize,
-    /// Records that fit before the vectors must grow.
     cap: usize,
 }
 
 impl<'a, B> Appender<'a, B> {
     fn new(undo: &'a mut Undo<B>) -> Self {
-        let len = undo.positions.len();
-        debug_assert_eq!(len, undo.values.len());
-        let cap = undo.positions.capacity().min(undo.values.capacity());
-        Appender { undo, len, cap }
+        debug_assert_eq!(undo.positions.len(), undo.values.len());
+        let mut rec = Appender {
+            len: undo.positions.len(),
+            pos: std::ptr::null_mut(),
+            val: std::ptr::null_mut(),
+            cap: 0,
+            undo,
+        };
+        rec.refresh();
+        rec
     }
 
-    /// Append (position, original bits) of the lanes of `w` flagged in `bad`,
-    /// all at once: the kept lanes are compressed to the front of a register
-    /// and sixteen slots written past the record's end; the length then grows
-    /// by the number kept (no loop over lanes, whose count varies per step).
+    /// Make sure `elements` more lanes can be pushed (each step writes
+    /// sixteen slots, of which only the flagged ones are kept).
+    #[inline(always)]
+    fn room(&mut self, elements: usize) {
+        if self.cap - self.len < elements + 16 {
+            self.grow(elements + 16);
+        }
+    }
+
+    /// Append (position, original bits) of the lanes of `w` flagged in `bad`:
+    /// the kept lanes are compressed to the front of a register and sixteen
+    /// slots written past the record's end, which then grows by the number
+    /// kept. The caller made [`Appender::room`] for this step.
     #[inline(always)]
     unsafe fn push<T: Lanes<Bits = B>>(&mut self, bad: u16, w: T::Raw, first: usize) {
-        if bad == 0 {
-            return;
-        }
-        if self.cap - self.len < 16 {
-            self.grow();
-        }
+        debug_assert!(self.cap - self.len >= 16);
         let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         // Positions are below 2^32 (checked by the caller), so i32 lanes wrap as u32.
         let pos = _mm512_add_epi32(_mm512_set1_epi32(first as u32 as i32), lanes);
         let kept = _mm512_maskz_compress_epi32(bad, pos);
-        let at = self.len;
-        _mm512_storeu_epi32(self.undo.positions.as_mut_ptr().add(at) as *mut i32, kept);
-        T::store_kept(self.undo.values.as_mut_ptr().add(at), bad, w);
+        _mm512_storeu_epi32(self.pos.add(self.len) as *mut i32, kept);
+        T::store_kept(self.val.add(self.len), bad, w);
         self.len += bad.count_ones() as usize;
     }
 
-    /// Make room for at least sixteen more records (doubling, so it is rare).
+    /// Make room for at least `more` records (doubling, so it is rare).
     #[cold]
-    fn grow(&mut self) {
+    fn grow(&mut self, more: usize) {
         self.sync();
-        let more = self.len.max(1024);
+        let more = more.max(self.len);
         self.undo.positions.reserve(more);
         self.undo.values.reserve(more);
+        self.refresh();
+    }
+
+    fn refresh(&mut self) {
+        self.pos = self.undo.positions.as_mut_ptr();
+        self.val = self.undo.values.as_mut_ptr();
         self.cap = self
             .undo
             .positions
@@ -313,6 +336,7 @@ unsafe fn add_tile_as<T: Lanes>(
         }
         Some(undo) => {
             let mut rec = Appender::new(undo);
+            rec.room(full);
             for i in (0..full).step_by(16) {
                 let d = _mm512_loadu_ps(a.add(i));
                 over += step::<T, true>(t.add(i), d, start + i, &mut rec);
@@ -470,8 +494,12 @@ unsafe fn fused_as<T: Lanes>(
         }
         Some(undo) => {
             let mut rec = Appender::new(undo);
-            for i in (0..full).step_by(16) {
-                over += step::<T, true>(t.add(i), sum(base + i), base + i, &mut rec);
+            for tile in (0..full).step_by(TILE) {
+                let end = (tile + TILE).min(full);
+                rec.room(end - tile);
+                for i in (tile..end).step_by(16) {
+                    over += step::<T, true>(t.add(i), sum(base + i), base + i, &mut rec);
+                }
             }
         }
     }
