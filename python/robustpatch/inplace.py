@@ -6,7 +6,9 @@ original bytes in a durable journal (:mod:`robustpatch._io.journal`), patches th
 the mapped file, fsyncs, writes the undo record, and marks the journal done. Its time
 and I/O follow the touched bytes, not the file's size. A process killed at any moment
 leaves a journal that :func:`recover` (run by the next in-place call, or ``robustpatch
-recover``) turns back into the original model or forward into the patched one.
+recover``) turns back into the original model or forward into the patched one. One
+patch, removal or recovery of a model runs at a time: each holds the model's lock
+(:func:`~robustpatch._io.journal.model_lock`) throughout; a second is refused at once.
 
 The model's header gains the applied signatures' metadata when the new header fits in
 the old one's space (padded with spaces, as the format allows); otherwise the header
@@ -34,7 +36,7 @@ from ._format.safetensors import Header, TensorInfo, read_header_from
 from ._format.undo import UndoSidecar, UndoWriter, undo_path_for
 from ._io.atomic import AtomicFile, check_destinations
 from ._io.inputs import open_input
-from ._io.journal import Journal, journal_path_for, recover
+from ._io.journal import Journal, journal_path_for, model_lock, recover, recover_held
 from ._io.pipeline import Watch
 from ._io.ranged import populate_writable, pwrite_all
 from .dtypes import NUMPY_OF_LABEL, kernel_view
@@ -158,15 +160,22 @@ def apply_inplace(model: str | os.PathLike[str], call: PatchCall) -> FileReport:
     """Patch ``model`` in place with ``Σ α_k·sig_k`` (see the module docstring).
 
     The undo record goes to ``<model>.rpundo`` (unless ``undo`` is off); checks and errors
-    are those of :func:`~robustpatch.files.apply_file`. On any error the model is
-    restored from the journal before the error propagates.
+    are those of :func:`~robustpatch.files.apply_file`, and ``BlockingIOError`` while
+    another in-place call or recovery holds the model. On any error before the commit
+    the model is restored from the journal before the error propagates.
     """
-    sigs, opts = call.sigs, call.opts
     model = validate.path(model, "model")
+    with model_lock(model):
+        return _apply_held(model, call)
+
+
+def _apply_held(model: Path, call: PatchCall) -> FileReport:
+    """:func:`apply_inplace`, the model's lock held."""
+    sigs, opts = call.sigs, call.opts
     record = undo_path_for(model)
     check_destinations(signature_paths(sigs), [model])
     _check_model(model)
-    recover(model)  # first: a patch committed before a kill puts its record in place
+    recover_held(model)  # first: a patch committed before a kill puts its record in place
     if opts.undo:
         check_destinations([model, *signature_paths(sigs)], [record])
         if record.exists():
@@ -177,7 +186,11 @@ def apply_inplace(model: str | os.PathLike[str], call: PatchCall) -> FileReport:
     plan = streamed_plan(sigs, call.alphas)
     with open_input(model) as probe:
         header = read_header_from(probe, str(model))
-    check_plan(plan, _spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
+    try:
+        check_plan(plan, _spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
+    except BaseException:
+        with verifying(plan):  # a signature that fails its verification is the error
+            raise
     fitted = _fitted_header(_patched_header(header, plan, model), header.data_start)
     ranges = _tensor_ranges(header, set(plan.names))
     if fitted is not None:
@@ -202,7 +215,7 @@ def apply_inplace(model: str | os.PathLike[str], call: PatchCall) -> FileReport:
             )
             journal.commit()
         except BaseException:
-            journal.roll_back(f.fileno())
+            journal.abort(f.fileno())
             raise
     touched = sum(n for _, n in ranges)
     return FileReport(
@@ -270,14 +283,23 @@ def remove_inplace(
     """Restore, in place, the model a patch changed: bit for bit the original, through
     the same journal as :func:`apply_inplace`; the consumed record is deleted at the
     commit. Works for a record of an in-place patch, and for one of ``apply_file`` whose
-    header kept its length. Refuses what :func:`~robustpatch.files.remove_file` refuses."""
+    header kept its length. Refuses what :func:`~robustpatch.files.remove_file` refuses,
+    and (``BlockingIOError``) a model another in-place call or recovery holds."""
     patched = validate.path(patched, "patched")
     side_path = validate.path(undo, "undo") if undo else undo_path_for(patched)
+    with model_lock(patched):
+        return _remove_held(patched, side_path, progress, signatures)
+
+
+def _remove_held(
+    patched: Path, side_path: Path, progress: Progress | None, signatures: Sequence[Any]
+) -> FileReport:
+    """:func:`remove_inplace`, the model's lock held."""
     check_destinations([side_path], [patched])
     if not side_path.exists():
         raise FileNotFoundError(f"no undo record at {side_path}")
     _check_model(patched)
-    recover(patched)
+    recover_held(patched)
     with open_input(side_path) as fside, open(patched, "r+b") as f:
         side = UndoSidecar.load(side_path, fside, signatures, background=True)
         header = read_header_from(f, str(patched))
@@ -298,6 +320,6 @@ def remove_inplace(
             _finish_model(f, side.source_header)
             journal.commit()
         except BaseException:
-            journal.roll_back(f.fileno())
+            journal.abort(f.fileno())
             raise
     return FileReport(patched, None, len(plan.deltas), len(plan.bn), sum(n for _, n in ranges), 0)

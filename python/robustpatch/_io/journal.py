@@ -11,19 +11,27 @@ to overwrite, made durable before the first of them changes.
 The JSON names the model's size, the ranges, and what the commit and a rollback do to
 the files beside the model (rename a pending undo record into place, delete a consumed
 one). A patch runs :meth:`Journal.begin` (written and fsynced), changes the ranges,
-fsyncs the model, then :meth:`Journal.commit` (state D fsynced: the commit point; then
+fsyncs the model, then :meth:`Journal.commit` (state D written: the commit point; then
 the file actions; then the journal is deleted). :func:`recover` finishes whatever a
 killed process left: a journal without its digest was never followed (the model is
 untouched; it is deleted), a pending one is rolled back (the original bytes written
 back), a done one is completed (its file actions run). So after any crash the model is
-either the original or the patched one.
+either the original or the patched one, and its undo record says which. An error
+before the commit point rolls back at once (:meth:`Journal.abort`); one after it
+(finishing the file actions) never does: the journal stays, done, for :func:`recover`.
+
+One patch or recovery of a model runs at a time: each holds :func:`model_lock` (an
+exclusive ``flock`` on the model) from its first look at the journal to its last write,
+and a second one is refused at once with ``BlockingIOError`` naming the model.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,7 +42,14 @@ from ..errors import MismatchError
 from .atomic import PathLike, _fsync_dir, _pid_alive
 from .ranged import pread_blocks, pwrite_all
 
-__all__ = ["JOURNAL_SUFFIX", "Journal", "journal_path_for", "recover"]
+__all__ = [
+    "JOURNAL_SUFFIX",
+    "Journal",
+    "journal_path_for",
+    "model_lock",
+    "recover",
+    "recover_held",
+]
 
 JOURNAL_SUFFIX = ".rpjournal"
 _MAGIC = b"RPJRNL1\n"
@@ -66,6 +81,7 @@ class Journal:
 
     def __init__(self, path: Path, plan: _Plan) -> None:
         self.path, self.plan = path, plan
+        self.committed = False  # the done marker is written: never roll back from here
 
     @classmethod
     def begin(
@@ -97,22 +113,44 @@ class Journal:
 
     def commit(self) -> None:
         """The patch is whole and synced: mark the journal done, then finish."""
+        self._mark_done()
+        self._finish_commit()
+
+    def abort(self, fd: int) -> None:
+        """After an error: roll the model open at ``fd`` back, unless the commit point
+        was passed. Then the model is the patched one and the undo record may already be
+        in place, so the journal stays (done) for :func:`recover` to finish its file
+        actions: a rollback would leave a record that says patched beside the original."""
+        if not self.committed:
+            self.roll_back(fd)
+
+    def _mark_done(self) -> None:
+        """The commit point: state D. Once written (even if its fsync then fails, it is
+        what a reader sees until a crash), the patch counts as committed."""
         fd = os.open(self.path, os.O_WRONLY)
         try:
             pwrite_all(fd, _DONE, _STATE_AT)
+            self.committed = True
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._finish_commit()
 
     def _finish_commit(self) -> None:
+        self._rename_record()
+        self._unlink_consumed()
+        self._delete()
+
+    def _rename_record(self) -> None:
+        """Put the pending undo record of an apply in place (gone: done before a crash)."""
         if self.plan.commit_rename is not None:
             src, dst = self.plan.commit_rename
             if os.path.exists(src):
                 os.replace(src, dst)
+
+    def _unlink_consumed(self) -> None:
+        """Delete the undo record a removal consumed."""
         if self.plan.commit_unlink is not None:
             Path(self.plan.commit_unlink).unlink(missing_ok=True)
-        self._delete()
 
     def roll_back(self, fd: int) -> None:
         """Write the original bytes back into the model open at ``fd`` and sync it."""
@@ -201,8 +239,46 @@ def _load(path: Path) -> tuple[bytes, _Plan] | None:
     return head[_STATE_AT : _STATE_AT + 1], plan
 
 
+@contextmanager
+def model_lock(model: PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``model`` for one in-place patch or
+    recovery. Another holder makes this raise ``BlockingIOError`` naming the model at
+    once, never wait. A no-op where files cannot be locked (no ``fcntl``, or a file
+    system that refuses ``flock``), as :func:`~robustpatch._io.atomic.commit_all`'s lock."""
+    fd = os.open(model, os.O_RDONLY)
+    try:
+        _lock_or_refuse(fd, model)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_or_refuse(fd: int, model: PathLike) -> None:
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise BlockingIOError(
+                e.errno,
+                "busy: another in-place patch or recover of it is running; "
+                "try again once it has finished",
+                os.fspath(model),
+            ) from None
+
+
 def recover(model: PathLike) -> str | None:
-    """Finish an in-place patch of ``model`` that a crash interrupted.
+    """Finish an in-place patch of ``model`` that a crash interrupted, under
+    :func:`model_lock` (see :func:`recover_held`)."""
+    with model_lock(model):
+        return recover_held(model)
+
+
+def recover_held(model: PathLike) -> str | None:
+    """:func:`recover` for a caller that already holds :func:`model_lock` on ``model``.
 
     Returns None (no journal), ``"discarded"`` (the journal was never completed, so the
     model was never changed), ``"rolled back"`` (the original bytes written back) or

@@ -16,8 +16,9 @@
       output: out/{base}-{signatures}-{alpha}.safetensors
 
 Relative paths are relative to the manifest's folder. Unknown keys, a missing key, two
-jobs writing one output, or a job writing another job's input are refused with one line
-naming the manifest (:class:`~robustpatch.errors.InvalidArgumentError`).
+jobs writing one output, a job writing another job's input, or one writing inside a
+sharded base's folder (whose every ``*.safetensors`` is a shard the base reads) are
+refused with one line naming the manifest (:class:`~robustpatch.errors.InvalidArgumentError`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._format.shards import is_sharded
 from .._io.inputs import open_input
 from ..errors import FormatError, InvalidArgumentError, shown
 from .jobs import OPTIONS, Job
@@ -189,9 +191,11 @@ def _check_template(template: Any) -> None:
 
 
 def check_jobs(jobs: list[Job]) -> None:
-    """Refuse two jobs writing one output, and a job writing what a job reads."""
+    """Refuse two jobs writing one output, a job writing what a job reads, and a job
+    writing inside a sharded base's folder."""
     seen: dict[str, int] = {}
     inputs = {os.path.realpath(p) for j in jobs for p in j.inputs}
+    folders = _sharded_folders(jobs)
     for i, job in enumerate(jobs):
         out = os.path.realpath(job.output)
         if out in seen:
@@ -201,3 +205,34 @@ def check_jobs(jobs: list[Job]) -> None:
         seen[out] = i
         if out in inputs:
             raise InvalidArgumentError(f"job #{i + 1} writes {job.output}, an input of the run")
+        _check_outside(out, job, i, folders)
+
+
+def _sharded_folders(jobs: list[Job]) -> dict[str, int]:
+    """The folder of each sharded base -> the first job that reads it."""
+    folders: dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        folder = _sharded_folder(job)
+        if folder is not None:
+            folders.setdefault(folder, i)
+    return folders
+
+
+def _sharded_folder(job: Job) -> str | None:
+    """The real path of the folder of the job's base (the folder itself or an index's
+    folder), if the base is a sharded checkpoint."""
+    if not is_sharded(job.base):
+        return None
+    return os.path.realpath(job.base if os.path.isdir(job.base) else os.path.dirname(job.base))
+
+
+def _check_outside(out: str, job: Job, i: int, folders: dict[str, int]) -> None:
+    """Refuse an output (real path ``out``) inside a sharded base's folder: it would
+    change a base a job reads (a shard, the index, or files a sharded output adds)."""
+    for folder in map(str, Path(out).parents):
+        if folder in folders:
+            own = folder == _sharded_folder(job)
+            whose = "its own" if own else f"job #{folders[folder] + 1}'s"
+            raise InvalidArgumentError(
+                f"job #{i + 1} writes {job.output}, inside {whose} sharded base's folder {folder}"
+            )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,23 +91,40 @@ class SignatureWriter:
 
     def add(self, entry: Entry) -> None:
         """Append ``entry`` (weight 1) to the file (InvalidArgumentError if its name or
-        a file tensor it needs is taken, as :class:`Signature` refuses it)."""
-        compact_dense = entry.kind == "delta" and entry.quant is None
+        a file tensor it needs is taken, as :class:`Signature` refuses it). All or
+        nothing: if it fails part way (a dtype refused, a full disk), the writer is as
+        it was before the call, so the entry can be added again or left out."""
         tensors = entry.file_tensors()
-        self._claim(entry.name, list(tensors))
-        for name, arr in tensors.items():
-            arr = np.ascontiguousarray(arr)
-            stored = compact(arr) if compact_dense else arr
-            label = "U8" if stored.dtype == np.uint8 else label_of(stored)
-            widen_from = label if compact_dense and label != "F32" else None
-            end = self._offset + stored.nbytes
-            info = TensorInfo(name, label, tuple(stored.shape), self._offset, end)
-            self._data.file.write(memoryview(stored.reshape(-1).view(np.uint8)))
-            self._stored.append(_Stored(info, arr.dtype, tuple(arr.shape), widen_from))
-            self._offset = end
-        self._specs.append(entry.spec())
+        self._check_free(entry.name, list(tensors))
+        compact_dense = entry.kind == "delta" and entry.quant is None
+        stored, end = [], self._offset
+        try:
+            for name, arr in tensors.items():
+                s = self._write_tensor(name, np.ascontiguousarray(arr), compact_dense, end)
+                stored.append(s)
+                end = s.info.end
+            spec = entry.spec()
+        except BaseException:
+            with suppress(OSError):  # only frees the space: later tensors overwrite it
+                os.ftruncate(self._data.file.fileno(), self._offset)
+            raise
+        self._stored += stored
+        self._offset = end
+        self._specs.append(spec)
+        self._owner.update(dict.fromkeys(tensors, entry.name))
+        self._entries.add(entry.name)
 
-    def _claim(self, entry: str, names: list[str]) -> None:
+    def _write_tensor(self, name: str, arr: np.ndarray, compact_dense: bool, at: int) -> _Stored:
+        """Write one file tensor at offset ``at`` of the data file (compact dtype for a
+        dense delta); where it went."""
+        stored = compact(arr) if compact_dense else arr
+        label = "U8" if stored.dtype == np.uint8 else label_of(stored)
+        widen_from = label if compact_dense and label != "F32" else None
+        info = TensorInfo(name, label, tuple(stored.shape), at, at + stored.nbytes)
+        pwrite_all(self._data.file.fileno(), memoryview(stored.reshape(-1).view(np.uint8)), at)
+        return _Stored(info, arr.dtype, tuple(arr.shape), widen_from)
+
+    def _check_free(self, entry: str, names: list[str]) -> None:
         if entry in self._entries:
             raise InvalidArgumentError(f"duplicate entry {entry!r}")
         for t in names:
@@ -114,13 +132,10 @@ class SignatureWriter:
                 raise InvalidArgumentError(
                     f"entries {self._owner[t]!r} and {entry!r} both need the file tensor {t!r}"
                 )
-        self._owner.update(dict.fromkeys(names, entry))
-        self._entries.add(entry)
 
     def commit(self, name: str, meta: Mapping[str, Any]) -> None:
         """Write the header (``name`` and ``meta`` as ``Signature(name=, meta=)`` would
         give them) and the data, hashed, then rename the file into place."""
-        self._data.file.flush()
         header = self._header(name, meta, _HASH_PLACEHOLDER)
         with AtomicFile(self.path) as out:
             digest = self._copy_hashed(out.file.fileno(), len(header))

@@ -1,0 +1,283 @@
+"""Ways a user could lose or corrupt data, each shown refused or made safe: two in-place
+patches (or a patch and a recovery) of one model at once, a failure at each step of an
+in-place commit, a pipeline job writing into a sharded base's folder, and a signature
+writer whose ``add`` fails part way."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robustpatch import pipeline
+from robustpatch._io.journal import Journal, journal_path_for, recover
+from robustpatch.cli import main
+from robustpatch.errors import InvalidArgumentError
+from robustpatch.files import apply_file, remove_file, undo_path_for
+from robustpatch.signature import Signature, writer
+from robustpatch.signature.entry import Entry, dense_entry, quantize_entry
+from rp_testutil import listing, sha
+from test_inplace import write_model, write_signature
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="flock and mmap sharing are POSIX")
+
+
+@pytest.fixture
+def small(tmp_path):
+    infos = write_model(tmp_path / "m.safetensors", 9)
+    write_signature(tmp_path / "s.rws", infos, every=2)
+    return tmp_path
+
+
+@pytest.fixture
+def held(small):
+    """The model of ``small`` locked as another in-place patcher would hold it."""
+    import fcntl
+
+    fd = os.open(small / "m.safetensors", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield small
+    os.close(fd)
+
+
+def patched_copy(small: Path) -> bytes:
+    """The bytes of the model patched in place (at α 0.7), from a copy."""
+    copy = small / "copy" / "m.safetensors"
+    copy.parent.mkdir()
+    shutil.copy(small / "m.safetensors", copy)
+    apply_file(copy, small / "s.rws", 0.7, inplace=True)
+    patched = copy.read_bytes()
+    shutil.rmtree(copy.parent)
+    return patched
+
+
+# ---------------------------------------------------------------- 1: one patcher at a time
+
+
+@posix_only
+def test_a_held_model_is_refused_at_once_naming_it_and_left_as_it_was(held, capsys):
+    model, sig = held / "m.safetensors", held / "s.rws"
+    journal_path_for(model).write_bytes(b"RPJRNL1\nP")  # an unfinished patch's journal
+    before = listing(held)
+    busy = f"{model}: busy: another in-place patch or recover of it is running"
+    for call in (
+        lambda: apply_file(model, sig, 1.0, inplace=True),
+        lambda: remove_file(model, inplace=True),
+        lambda: recover(model),
+    ):
+        with pytest.raises(BlockingIOError) as e:
+            call()
+        assert f"{e.value.filename}: {e.value.strerror}".startswith(busy)
+    assert main(["recover", str(model)]) == 1
+    assert capsys.readouterr().err.startswith(f"robustpatch: error: {busy}")
+    assert listing(held) == before
+
+
+@posix_only
+def test_the_lock_covers_the_whole_patch_so_a_second_patcher_cannot_roll_it_back(small):
+    model, sig = small / "m.safetensors", small / "s.rws"
+    original = sha(model)
+    expected = patched_copy(small)
+    refused: list[str] = []
+
+    def meddle(_: int) -> None:  # runs mid-patch: the journal pending, tensors half patched
+        for call in (lambda: recover(model), lambda: apply_file(model, sig, 0.5, inplace=True)):
+            try:
+                call()
+            except BlockingIOError as e:
+                refused.append(e.strerror)
+
+    apply_file(model, sig, 0.7, inplace=True, progress=meddle)
+    assert refused and all(r.startswith("busy") for r in refused)
+    assert len(refused) % 2 == 0  # both refused at every tensor
+    assert model.read_bytes() == expected and not journal_path_for(model).exists()
+    remove_file(model, inplace=True)  # the lock went with the patch
+    assert sha(model) == original
+
+
+# ---------------------------------------------------------------- 2: a failing commit
+
+
+def inject(monkeypatch, step: str, when: str) -> None:
+    """The first call of the journal's commit ``step`` fails, ``before`` or ``after`` it
+    did its work (later calls, a recovery's, run as usual)."""
+    real = getattr(Journal, step)
+    failed: list[bool] = []
+
+    def failing(self: Journal) -> None:
+        if failed:
+            return real(self)
+        failed.append(True)
+        if when == "after":
+            real(self)
+        raise OSError(errno.EIO, "injected failure", f"{step} {when}")
+
+    monkeypatch.setattr(Journal, step, failing)
+
+
+APPLY_STEPS = [
+    ("_mark_done", "before"),
+    ("_mark_done", "after"),  # the marker written, its fsync failed
+    ("_rename_record", "before"),
+    ("_rename_record", "after"),
+    ("_delete", "before"),
+]
+REMOVE_STEPS = [
+    ("_mark_done", "before"),
+    ("_mark_done", "after"),
+    ("_unlink_consumed", "before"),
+    ("_unlink_consumed", "after"),
+    ("_delete", "before"),
+]
+
+
+@posix_only
+@pytest.mark.parametrize("step,when", APPLY_STEPS)
+def test_a_failure_at_each_step_of_an_apply_commit_keeps_model_and_record_a_pair(
+    small, monkeypatch, step, when
+):
+    model, sig = small / "m.safetensors", small / "s.rws"
+    record = undo_path_for(model)
+    original, before = sha(model), listing(small)
+    patched = patched_copy(small)
+    inject(monkeypatch, step, when)
+    with pytest.raises(OSError, match="injected failure"):
+        apply_file(model, sig, 0.7, inplace=True)
+    recover(model)  # what the next in-place call or 'robustpatch recover' does
+    if (step, when) == ("_mark_done", "before"):  # not committed: the original, no record
+        assert listing(small) == before
+        return
+    assert model.read_bytes() == patched and record.exists()
+    assert not journal_path_for(model).exists()
+    remove_file(model, inplace=True)  # the record in place is the patched model's
+    assert sha(model) == original and listing(small) == before
+
+
+@posix_only
+@pytest.mark.parametrize("step,when", REMOVE_STEPS)
+def test_a_failure_at_each_step_of_a_removal_commit_keeps_model_and_record_a_pair(
+    small, monkeypatch, step, when
+):
+    model, sig = small / "m.safetensors", small / "s.rws"
+    original = listing(small)
+    apply_file(model, sig, 0.7, inplace=True)
+    patched = listing(small)
+    inject(monkeypatch, step, when)
+    with pytest.raises(OSError, match="injected failure"):
+        remove_file(model, inplace=True)
+    recover(model)
+    if (step, when) == ("_mark_done", "before"):  # not committed: still patched, with its record
+        assert listing(small) == patched
+        return
+    assert listing(small) == original
+
+
+# ---------------------------------------------------------------- 4: pipeline outputs
+
+
+def sharded_fleet(tmp_path: Path) -> None:
+    from test_sharded import signature, write_sharded
+
+    write_sharded(tmp_path / "base")
+    write_sharded(tmp_path / "other")
+    signature().save(tmp_path / "fog.rws")
+
+
+def fog_job(root: Path, base: str, output: str) -> pipeline.Job:
+    return pipeline.Job.make(root / base, [root / "fog.rws"], 1.0, root / output)
+
+
+@pytest.mark.parametrize(
+    "base,output,whose",
+    [
+        ("base", "base/patched.safetensors", "its own"),
+        ("base/model.safetensors.index.json", "base/sub/p", "its own"),
+        ("other", "base/p", "job #1's"),
+    ],
+)
+def test_an_output_inside_a_sharded_base_folder_is_refused_before_any_job_runs(
+    tmp_path, base, output, whose
+):
+    sharded_fleet(tmp_path)
+    doc = {
+        "jobs": [
+            {"base": "base", "signatures": ["fog.rws"], "output": "out/a"},
+            {"base": base, "signatures": ["fog.rws"], "output": output},
+        ]
+    }
+    (tmp_path / "fleet.json").write_text(json.dumps(doc))
+    before = listing(tmp_path)
+    folder = os.path.realpath(tmp_path / "base")
+    with pytest.raises(InvalidArgumentError) as e:
+        pipeline.load_manifest(tmp_path / "fleet.json")
+    assert str(e.value) == (
+        f"{tmp_path / 'fleet.json'}: job #2 writes {tmp_path / output}, inside {whose} "
+        f"sharded base's folder {folder}"
+    )
+    with pytest.raises(InvalidArgumentError, match="sharded base's folder"):
+        pipeline.run([fog_job(tmp_path, j["base"], j["output"]) for j in doc["jobs"]], workers=1)
+    assert listing(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_an_output_beside_a_sharded_base_folder_is_accepted(tmp_path):
+    sharded_fleet(tmp_path)
+    jobs = [fog_job(tmp_path, "base", "base-p"), fog_job(tmp_path, "other", "x/p")]
+    lines = pipeline.run(jobs, workers=1)
+    assert [line["status"] for line in lines] == ["done", "done"]
+
+
+# ---------------------------------------------------------------- 5: SignatureWriter.add
+
+
+def good_entries() -> list[Entry]:
+    rng = np.random.default_rng(3)
+    a = dense_entry("a.weight", rng.normal(0, 1e-2, (8, 16)).astype(np.float32))
+    b = dense_entry("b.weight", rng.normal(0, 1e-2, (4, 32)).astype(np.float32))
+    q = dense_entry("q.weight", rng.normal(0, 1e-2, (16, 16)).astype(np.float32))
+    return [a, b, quantize_entry(q, 4, "affine", "group", 64)]
+
+
+def saved(entries: list[Entry], path: Path) -> bytes:
+    """The file ``Signature.save`` writes for these entries (what the writer must match)."""
+    Signature(entries, name="w", meta={"k": 1}).save(path)
+    return path.read_bytes()
+
+
+def test_an_add_refused_part_way_leaves_no_trace_and_can_be_retried(tmp_path):
+    a, b, q = good_entries()
+    bad = Entry("b.weight", "bn", b.shape, "F32", values=np.zeros(b.shape, np.complex64))
+    with writer.SignatureWriter(tmp_path / "w.rws") as w:
+        w.add(a)
+        with pytest.raises(InvalidArgumentError, match="unsupported dtype complex64"):
+            w.add(bad)
+        assert len(w) == 1
+        w.add(b)  # the name the failed add wanted is free
+        w.add(q)
+        w.commit("w", {"k": 1})
+    assert (tmp_path / "w.rws").read_bytes() == saved([a, b, q], tmp_path / "ref.rws")
+
+
+def test_an_add_whose_write_fails_part_way_lists_none_of_its_tensors(tmp_path, monkeypatch):
+    a, b, q = good_entries()  # q: three file tensors (codes, scale, offset)
+    real, calls = writer.pwrite_all, []
+
+    def disk_full_on_the_second_tensor(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 3:  # a, then q's codes, then q's scale
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer, "pwrite_all", disk_full_on_the_second_tensor)
+    with writer.SignatureWriter(tmp_path / "w.rws") as w:
+        w.add(a)
+        with pytest.raises(OSError, match="No space left"):
+            w.add(q)
+        assert len(w) == 1 and w.nbytes == a.values.nbytes
+        w.add(b)
+        w.commit("w", {"k": 1})
+    assert (tmp_path / "w.rws").read_bytes() == saved([a, b], tmp_path / "ref.rws")
