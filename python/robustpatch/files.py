@@ -106,7 +106,8 @@ def applied_signatures(header: Header) -> list[dict[str, Any]]:
     return value
 
 
-def _spec_of(header: Header) -> Callable[[str], tuple[str, tuple[int, ...]] | None]:
+def spec_of(header: Header) -> Callable[[str], tuple[str, tuple[int, ...]] | None]:
+    """A header's (dtype, shape) by tensor name, None if absent (what check_plan asks)."""
     tensors = header.by_name()
 
     def spec(name: str) -> tuple[str, tuple[int, ...]] | None:
@@ -145,11 +146,11 @@ class FileTarget(NumpyTarget):
         self.out = out
         self.new_header = new_header
         self.size = len(new_header) + header.file_size - header.data_start
-        self.tick = _locked(progress)
+        self.tick = locked_progress(progress)
         self.watch = watch
         self.release: Callable[[str], object] = lambda name: None  # after each tensor
         self._index = {t.name: k for k, t in enumerate(header.tensors)}
-        self._spec = _spec_of(header)
+        self._spec = spec_of(header)
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         return self._spec(name)
@@ -182,7 +183,8 @@ class FileTarget(NumpyTarget):
             raise OSError(f"wrote {got} bytes, expected {self.size}")  # AtomicFile names it
 
 
-def _locked(progress: Progress | None) -> Progress:
+def locked_progress(progress: Progress | None) -> Progress:
+    """``progress`` safe to call from several threads at once (a no-op for None)."""
     if progress is None:
         return lambda n: None
     lock = threading.Lock()
@@ -276,8 +278,8 @@ def apply_one(
     plan = streamed_plan(call.sigs, call.alphas)
     with open_input(src) as fsrc:
         header = read_header_from(fsrc, str(src))
-        check_plan(plan, _spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
-        new_header = _patched_header(header, plan, out)
+        check_plan(plan, spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
+        new_header = patched_header(header, plan, out)
         if not opts.undo:
             with AtomicFile(out, opts.durable) as fout:
                 target = FileTarget(fsrc, header, fout, new_header, progress)
@@ -394,7 +396,7 @@ def _output(out: str | os.PathLike[str] | None, fn: str) -> Path:
     return validate.path(out, "out")
 
 
-def _patched_header(header: Header, plan: Plan, out: Path) -> bytes:
+def patched_header(header: Header, plan: Plan, out: Path) -> bytes:
     """The source's header with the applied signatures added to its metadata; refused
     if readers (remove, inspect, safetensors) would refuse its length."""
     applied = applied_signatures(header) + [
@@ -474,7 +476,7 @@ def remove_file(
         side = UndoSidecar.load(side_path, fside, signatures, background=True)
         header = read_header_from(fsrc, str(patched))
         plan = record_plan(side)
-        _verify_patched(fsrc, header, side, plan)
+        verify_patched(fsrc, header, side, plan)
         with AtomicFile(out, durable) as fout:
             target = FileTarget(
                 fsrc, header, fout, side.source_header, progress, VerifyRestore(side)
@@ -486,7 +488,7 @@ def remove_file(
     return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
 
 
-def _verify_patched(fsrc: BinaryIO, header: Header, side: UndoSidecar, plan: Plan) -> None:
+def verify_patched(fsrc: BinaryIO, header: Header, side: UndoSidecar, plan: Plan) -> None:
     """The patched file is the one the record was made for, and the record's tensors are
     the ones its signatures touch (each of the kind and dtype the file has)."""
     record, where = side.record, f"{side.path}: bad undo record"

@@ -45,13 +45,13 @@ from .files import (
     FileReport,
     PatchCall,
     Progress,
-    _locked,
-    _patched_header,
-    _spec_of,
-    _verify_patched,
+    locked_progress,
+    patched_header,
     releaser,
     signature_refs,
+    spec_of,
     streamed_plan,
+    verify_patched,
     verifying,
 )
 from .records import FileRecords, RecordToFile, VerifyRestore, record_plan, signature_paths
@@ -84,7 +84,7 @@ class MappedTarget(NumpyTarget):
         self.mm, self.header, self.watch, self.tick = mm, header, watch, progress
         self.release = releaser(plan)
         self._index = {t.name: k for k, t in enumerate(header.tensors)}
-        self._spec = _spec_of(header)
+        self._spec = spec_of(header)
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         return self._spec(name)
@@ -187,11 +187,11 @@ def _apply_held(model: Path, call: PatchCall) -> FileReport:
     with open_input(model) as probe:
         header = read_header_from(probe, str(model))
     try:
-        check_plan(plan, _spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
+        check_plan(plan, spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
     except BaseException:
         with verifying(plan):  # a signature that fails its verification is the error
             raise
-    fitted = _fitted_header(_patched_header(header, plan, model), header.data_start)
+    fitted = _fitted_header(patched_header(header, plan, model), header.data_start)
     ranges = _tensor_ranges(header, set(plan.names))
     if fitted is not None:
         ranges.insert(0, (0, header.data_start))
@@ -232,7 +232,7 @@ def _apply_held(model: Path, call: PatchCall) -> FileReport:
 def _patch(f, header, plan, fitted, src_header, pending, progress, allow_nonfinite, refs) -> int:
     """Patch the mapped tensors (and header), writing the undo record to ``pending``
     (``refs``: the signatures it refers to); returns the record's element count."""
-    tick = _locked(progress)
+    tick = locked_progress(progress)
     header_now = fitted if fitted is not None else src_header
     if pending is None:
         with _mapped(f) as mm:
@@ -304,7 +304,7 @@ def _remove_held(
         side = UndoSidecar.load(side_path, fside, signatures, background=True)
         header = read_header_from(f, str(patched))
         plan = record_plan(side)
-        _verify_patched(f, header, side, plan)
+        verify_patched(f, header, side, plan)
         if len(side.source_header) != header.data_start:
             raise InvalidArgumentError(
                 f"{patched}: the original header has another length than the patched one; "
@@ -313,8 +313,9 @@ def _remove_held(
         ranges = [(0, header.data_start), *_tensor_ranges(header, set(plan.names))]
         journal = Journal.begin(patched, f.fileno(), ranges, commit_unlink=side_path)
         try:
+            tick = locked_progress(progress)
             with _mapped(f) as mm:
-                target = MappedTarget(mm, header, VerifyRestore(side), _locked(progress), plan)
+                target = MappedTarget(mm, header, VerifyRestore(side), tick, plan)
                 with verifying(plan):
                     restore_target(target, plan, FileRecords(side, header))
             _finish_model(f, side.source_header)
