@@ -193,15 +193,16 @@ def fog_job(root: Path, base: str, output: str) -> pipeline.Job:
 
 
 @pytest.mark.parametrize(
-    "base,output,whose",
+    "base,output,whose,folder",
     [
-        ("base", "base/patched.safetensors", "its own"),
-        ("base/model.safetensors.index.json", "base/sub/p", "its own"),
-        ("other", "base/p", "job #1's"),
+        ("base", "base/patched.safetensors", "its own", "base"),
+        ("base/model.safetensors.index.json", "base/sub/p", "its own", "base"),
+        ("other/model.safetensors.index.json", "other", "its own", "other"),  # the folder
+        ("other", "base/p", "job #1's", "base"),
     ],
 )
-def test_an_output_inside_a_sharded_base_folder_is_refused_before_any_job_runs(
-    tmp_path, base, output, whose
+def test_an_output_in_a_sharded_base_folder_is_refused_before_any_job_runs(
+    tmp_path, base, output, whose, folder
 ):
     sharded_fleet(tmp_path)
     doc = {
@@ -212,12 +213,11 @@ def test_an_output_inside_a_sharded_base_folder_is_refused_before_any_job_runs(
     }
     (tmp_path / "fleet.json").write_text(json.dumps(doc))
     before = listing(tmp_path)
-    folder = os.path.realpath(tmp_path / "base")
     with pytest.raises(InvalidArgumentError) as e:
         pipeline.load_manifest(tmp_path / "fleet.json")
     assert str(e.value) == (
-        f"{tmp_path / 'fleet.json'}: job #2 writes {tmp_path / output}, inside {whose} "
-        f"sharded base's folder {folder}"
+        f"{tmp_path / 'fleet.json'}: job #2 writes {tmp_path / output}, in {whose} "
+        f"sharded base's folder {os.path.realpath(tmp_path / folder)}"
     )
     with pytest.raises(InvalidArgumentError, match="sharded base's folder"):
         pipeline.run([fog_job(tmp_path, j["base"], j["output"]) for j in doc["jobs"]], workers=1)

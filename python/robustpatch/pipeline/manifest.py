@@ -227,12 +227,13 @@ def _sharded_folder(job: Job) -> str | None:
 
 
 def _check_outside(out: str, job: Job, i: int, folders: dict[str, int]) -> None:
-    """Refuse an output (real path ``out``) inside a sharded base's folder: it would
-    change a base a job reads (a shard, the index, or files a sharded output adds)."""
-    for folder in map(str, Path(out).parents):
+    """Refuse an output (real path ``out``) that is a sharded base's folder or lies in
+    it: it would change a base a job reads (its shards, its index, or files beside them
+    that a sharded reader would take for shards)."""
+    for folder in map(str, [Path(out), *Path(out).parents]):
         if folder in folders:
             own = folder == _sharded_folder(job)
             whose = "its own" if own else f"job #{folders[folder] + 1}'s"
             raise InvalidArgumentError(
-                f"job #{i + 1} writes {job.output}, inside {whose} sharded base's folder {folder}"
+                f"job #{i + 1} writes {job.output}, in {whose} sharded base's folder {folder}"
             )
