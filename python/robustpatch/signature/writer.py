@@ -97,7 +97,8 @@ class SignatureWriter:
         tensors = entry.file_tensors()
         self._check_free(entry.name, list(tensors))
         compact_dense = entry.kind == "delta" and entry.quant is None
-        stored, end = [], self._offset
+        stored: list[_Stored] = []
+        end = self._offset
         try:
             for name, arr in tensors.items():
                 s = self._write_tensor(name, np.ascontiguousarray(arr), compact_dense, end)
