@@ -10,7 +10,8 @@ resident set):
 - mergekit's task arithmetic (``mergekit-yaml``, base + 1.0 × (fine-tune − base));
 - ``robustpatch extract --method difference --layers all`` then ``apply``: end to
   end, and the dense apply alone (the task vector is streamed, the record refers to it);
-- a 4-bit group-128 quantization of the task vector applied to the whole model;
+- a 4-bit group-128 quantization of the task vector applied to the whole model (the
+  record refers to it by content hash; again with ``--embed-signature``), and removed;
 - an in-place shallow patch (embeddings + the first 2 layers, ≤ 10% of the bytes,
   ``apply --inplace``) and its in-place removal (sha256 checked);
 - ``robustpatch similarity DIR --json`` over ``--sigs`` 4-bit signatures, its
@@ -180,17 +181,32 @@ def run_ours(work: Path, base: Path, ft: Path, repeats: int) -> dict:
 
 
 def run_quantized(work: Path, base: Path, repeats: int) -> dict:
+    """The 4-bit signature of every tensor applied (its record refers to it by content
+    hash), the same with ``--embed-signature`` (the record holds a copy of it), and the
+    removal (sha256 checked)."""
     model, tv4 = base / "model.safetensors", work / "tv4.rws"
     subprocess.run([*CLI, "quantize", work / "tv.rws", "-o", tv4, "--bits", "4"], check=True)
-    out = work / "q.safetensors"
+    out, record = work / "q.safetensors", work / "q.safetensors.rpundo"
 
     def clean() -> None:
-        for p in (out, Path(str(out) + ".rpundo")):
+        for p in (out, record):
             p.unlink(missing_ok=True)
 
-    r = repeat(repeats, [*CLI, "apply", model, tv4, "-o", out], clean)
+    argv = [*CLI, "apply", model, tv4, "-o", out]
+    embedded = repeat(repeats, [*argv, "--embed-signature"], clean)
+    embedded["undo_record_bytes"] = record.stat().st_size
+    r = repeat(repeats, argv, clean)
+    r["undo_record_bytes"] = record.stat().st_size
+    restored = work / "q_restored.safetensors"
+    rm = repeat(repeats, [*CLI, "remove", out, "-o", restored, "--overwrite"])
+    rm["restored_sha256_equal"] = sha256(restored) == sha256(model)
+    restored.unlink()
     clean()
-    return r | {"signature_bytes": tv4.stat().st_size}
+    return r | {
+        "signature_bytes": tv4.stat().st_size,
+        "embedded": embedded,
+        "remove": rm,
+    }
 
 
 def run_inplace(work: Path, base: Path, ft: Path, repeats: int) -> dict:
@@ -281,6 +297,8 @@ def table(res: dict) -> str:
         ("robustpatch extract + apply", ours["end_to_end"]),
         ("robustpatch remove (dense)", ours["remove_dense"]),
         ("robustpatch apply (4-bit, every tensor)", res["quantized"]),
+        ("robustpatch apply (4-bit, --embed-signature)", res["quantized"]["embedded"]),
+        ("robustpatch remove (4-bit)", res["quantized"]["remove"]),
         (
             f"robustpatch apply --inplace ({100 * res['inplace']['touched_share']:.1f}% of bytes)",
             res["inplace"]["apply_inplace"],

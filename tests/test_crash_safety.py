@@ -6,6 +6,9 @@ moments (seeded): the source must never change, the destination must be absent, 
 previous file, or the complete result (bit-identical to an uninterrupted run) with an
 undo record that restores the source, and a killed writer's temporary files must be
 removed by the next run.
+
+Every record embeds the signature (``embed_signature``): one that refers to it holds its
+path relative to the record, so the bytes compared here would depend on the folder.
 """
 
 from __future__ import annotations
@@ -84,10 +87,10 @@ def big(tmp_path_factory) -> Big:
     build_signature(d / "sig.rws", infos, every=4)
     ref = d / "ref" / "p.safetensors"
     ref.parent.mkdir()
-    apply_file(d / "model.safetensors", [d / "sig.rws"], 1.0, ref)
+    apply_file(d / "model.safetensors", [d / "sig.rws"], 1.0, ref, embed_signature=True)
     old = d / "old" / "p.safetensors"
     old.parent.mkdir()
-    apply_file(d / "model.safetensors", [d / "sig.rws"], 0.5, old)
+    apply_file(d / "model.safetensors", [d / "sig.rws"], 0.5, old, embed_signature=True)
     return Big(
         d / "model.safetensors",
         d / "sig.rws",
@@ -101,6 +104,7 @@ def big(tmp_path_factory) -> Big:
 def cli_apply(big: Big, out: Path, durable: bool = False) -> subprocess.Popen:
     argv = [sys.executable, "-m", "robustpatch.cli", "-q", "apply", big.model, big.sig]
     argv += ["--overwrite"]  # the runs replace an earlier output pair on purpose
+    argv += ["--embed-signature"]
     argv += ["--durable"] if durable else []
     return subprocess.Popen(
         [str(a) for a in [*argv, "-o", out]],
@@ -231,7 +235,7 @@ from robustpatch.files import apply_file
 src, sig, out, alpha, start = sys.argv[1:6]
 time.sleep(max(0.0, float(start) - time.time()))
 t0 = time.time()
-apply_file(src, [sig], float(alpha), out)
+apply_file(src, [sig], float(alpha), out, embed_signature=True)
 print(json.dumps([t0, time.time()]))
 """
 
@@ -302,7 +306,7 @@ if mode == "commit-while-paused":
         time.sleep(0.01)
     files.commit_all = commit_all
 alpha = 0.5 if mode == "commit-while-paused" else 1.0
-files.apply_file(src, [sig], alpha, out)
+files.apply_file(src, [sig], alpha, out, embed_signature=True)
 """
 
 
@@ -374,7 +378,7 @@ def tick(n):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-files.apply_file(src, [sig], 1.0, out, progress=tick)
+files.apply_file(src, [sig], 1.0, out, progress=tick, embed_signature=True)
 """
 
 
@@ -413,12 +417,14 @@ def test_direct_and_buffered_writes_give_the_same_bytes(big, tmp_path, monkeypat
     buffered.parent.mkdir()
     monkeypatch.setattr(direct_io, "DIRECT_MIN_BYTES", 0)
     seen: list[int] = []
-    apply_file(big.model, [big.sig], 1.0, direct, durable=True, progress=seen.append)
+    apply_file(
+        big.model, [big.sig], 1.0, direct, durable=True, progress=seen.append, embed_signature=True
+    )
     h = read_header(big.model)
     assert sum(seen) == h.file_size - h.data_start  # progress counts every data byte
     remove_file(direct, tmp_path / "direct" / "r.safetensors", durable=True)
     monkeypatch.setattr(direct_io, "DIRECT_MIN_BYTES", 1 << 62)
-    apply_file(big.model, [big.sig], 1.0, buffered, durable=True)
+    apply_file(big.model, [big.sig], 1.0, buffered, durable=True, embed_signature=True)
     assert (sha(direct), sha(undo_path_for(direct))) == big.new
     assert (sha(buffered), sha(undo_path_for(buffered))) == big.new
     assert sha(tmp_path / "direct" / "r.safetensors") == big.model_sha

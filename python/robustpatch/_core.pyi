@@ -20,7 +20,8 @@ FloatArray = npt.NDArray[np.float32 | np.float16 | np.uint16]
 
 class QuantTensor:
     """Packed codes and one scale/offset per group, validated when built; frozen, and its
-    arrays are read-only views of its own memory."""
+    arrays are read-only views of its own memory (copied when built, or, where the arrays
+    given view an immutable buffer such as a read-only map of a file, those arrays)."""
 
     def __init__(
         self,
@@ -48,6 +49,8 @@ class QuantTensor:
     def numel(self) -> int: ...
     @property
     def nbytes(self) -> int: ...
+    @property
+    def is_view(self) -> bool: ...
 
 DeltaLike = FloatArray | QuantTensor
 

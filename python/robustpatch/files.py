@@ -278,7 +278,13 @@ def apply_one(
     plan = streamed_plan(call.sigs, call.alphas)
     with open_input(src) as fsrc:
         header = read_header_from(fsrc, str(src))
-        check_plan(plan, spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
+        try:
+            check_plan(
+                plan, spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change
+            )
+        except BaseException:
+            with verifying(plan):  # a signature that fails its verification is the error
+                raise
         new_header = patched_header(header, plan, out)
         if not opts.undo:
             with AtomicFile(out, opts.durable) as fout:

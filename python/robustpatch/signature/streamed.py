@@ -1,15 +1,17 @@
-"""Signature files read tensor by tensor: a dense task vector applied with memory near
-one tensor, not the whole signature.
+"""Signature files read tensor by tensor: a full-model task vector, dense or quantized,
+applied with memory near one tensor, not the whole signature.
 
-:func:`open_signature` opens a signature file whose dense delta entries stay in the
-file: each entry's values are a read-only view of a memory map, in the dtype the file
-stores (F32, or compact BF16/F16, which the engine adds directly), and
+:func:`open_signature` opens a signature file whose delta entries stay in the file, as
+read-only views of a memory map: a dense entry's values in the dtype the file stores
+(F32, or compact BF16/F16, which the engine adds directly), a quantized entry's codes,
+scales and offsets, which its :class:`~robustpatch._core.QuantTensor` holds without
+copying (validated once, as :meth:`Signature.load` validates them).
 :meth:`StreamedSignature.release` drops a tensor's pages once it has been applied. The
 file is still verified, in one streamed pass that reads it in blocks: the content hash
 and that every dense value is finite; before use, or (``background=True``) in a second
 thread while it is applied, the patch then committed only once it has passed.
-Quantized and BatchNorm entries are small and loaded as by :meth:`Signature.load`. A
-file without dense deltas is loaded as usual.
+BatchNorm entries are small and loaded as by :meth:`Signature.load`; a file of them
+alone is loaded as usual.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class StreamedSignature(Signature):
     path: Path
     _hash: str
     _mm: mmap.mmap
-    _ranges: dict[str, tuple[int, int]]
+    _ranges: dict[str, list[tuple[int, int]]]
     _check: Future[str]
 
     def verified(self) -> None:
@@ -66,17 +68,17 @@ class StreamedSignature(Signature):
 
     def release(self, name: str) -> None:
         """Drop the memory pages of entry ``name`` (it has been applied)."""
-        span = self._ranges.get(name)
-        if span is None or not hasattr(self._mm, "madvise"):
+        if not hasattr(self._mm, "madvise"):
             return
         page = mmap.PAGESIZE
-        start = span[0] - span[0] % page
-        end = -(-(span[0] + span[1]) // page) * page
-        self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
+        for at, size in self._ranges.get(name, ()):
+            start = at - at % page
+            end = -(-(at + size) // page) * page
+            self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
 
 
 def open_signature(path: str | os.PathLike[str], background: bool = False) -> Signature:
-    """The signature at ``path``: streamed if it holds dense deltas, else loaded.
+    """The signature at ``path``: streamed if it holds deltas, else loaded.
 
     ``background=True`` verifies a streamed file in a second thread while the caller
     applies it: the caller must call :meth:`StreamedSignature.verified` before it
@@ -89,15 +91,17 @@ def open_signature(path: str | os.PathLike[str], background: bool = False) -> Si
             raise FormatError(f"{path}: not a robustpatch signature (no {META_KEY!r} metadata)")
         meta = parse_meta(raw, str(path))
         dense = _dense_specs(meta, header, str(path))
-        if not dense:
+        quant = _quant_tensors(meta, header)
+        if not dense and not quant:
             return Signature.load(path)
-        small = {t.name: read_tensor(f, header, t) for t in header.tensors if t.name not in dense}
+        mapped = dense.keys() | quant
+        small = {t.name: read_tensor(f, header, t) for t in header.tensors if t.name not in mapped}
         expected = meta.get("content_hash")
         if not isinstance(expected, str):
             raise FormatError(f"{path}: content hash mismatch (file modified?)")
         check = _start_check(f.fileno(), header, meta, dense, str(path), background)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    sig = _build(path, header, meta, dense, small, mm, expected)
+    sig = _build(path, header, meta, dense, small | _views(mm, header, quant), mm, expected)
     sig._check = check
     return sig
 
@@ -148,6 +152,28 @@ def _dense_specs(meta: dict, header: Header, where: str) -> dict[str, TensorInfo
     return out
 
 
+def _quant_tensors(meta: dict, header: Header) -> set[str]:
+    """The file tensors of the quantized delta entries (checked when the entries are
+    built, as on load)."""
+    quantized = [
+        s for s in meta["entries"] if isinstance(s, dict) and s.get("encoding") == "quantized"
+    ]
+    names = {s["name"] for s in quantized if isinstance(s.get("name"), str)}
+    parts = {f"{n}.{p}" for n in names for p in ("codes", "scale", "offset")}
+    return parts & header.by_name().keys()
+
+
+def _views(mm: mmap.mmap, header: Header, names: set[str]) -> dict[str, np.ndarray]:
+    """Read-only views of tensors ``names`` in the map (a copy where one is misaligned)."""
+    out = {}
+    for t in header.tensors:
+        if t.name in names:
+            count = t.nbytes // NUMPY_OF_LABEL[t.dtype].itemsize
+            view = np.frombuffer(mm, NUMPY_OF_LABEL[t.dtype], count, header.data_start + t.begin)
+            out[t.name] = (view if view.flags.aligned else view.copy()).reshape(t.shape)
+    return out
+
+
 def _verify(fd: int, header: Header, meta: dict, dense: dict[str, TensorInfo], where: str) -> str:
     """Stream the dense tensors once: each value finite, and the content hash (with the
     small tensors, read the same way) equal to the one stored. Returns it."""
@@ -179,36 +205,42 @@ def _blocks(fd: int, header: Header, t: TensorInfo):
     return pread_blocks(fd, at, end, _BLOCK - _BLOCK % itemsize, f"tensor {t.name!r}")
 
 
-def _build(path, header, meta, dense, small, mm, expected) -> StreamedSignature:
-    """The signature: dense entries as views of ``mm``, the rest as loaded."""
+def _build(path, header, meta, dense, tensors, mm, expected) -> StreamedSignature:
+    """The signature: dense entries as views of ``mm``, the rest from ``tensors``
+    (quantized parts among them as views of ``mm`` too)."""
     rest = dict(meta, entries=[s for s in meta["entries"] if s.get("name") not in dense])
     rest["content_hash"] = None
-    loaded = from_parts(rest, small, str(path), check_hash=False)  # _verify checked it
+    loaded = from_parts(rest, tensors, str(path), check_hash=False)  # _verify checks it
     by_name = {e.name: e for e in loaded}
-    entries, ranges = [], {}
-    for s in meta["entries"]:
-        t = dense.get(s["name"])
-        if t is None:
-            entries.append(by_name[s["name"]])
-            continue
-        at = header.data_start + t.begin
-        view = np.frombuffer(mm, NUMPY_OF_LABEL[t.dtype], math.prod(t.shape), at)
-        values = (view if view.flags.aligned else view.copy()).reshape(tuple(s["shape"]))
-        entries.append(
-            Entry(
-                t.name,
-                "delta",
-                values.shape,
-                s["dtype"],
-                values=values,
-                stats=dict(s.get("stats") or {}),
-            )
+    values = _views(mm, header, dense.keys())
+    entries = [
+        by_name[s["name"]]
+        if s["name"] not in dense
+        else Entry(
+            s["name"],
+            "delta",
+            tuple(s["shape"]),
+            s["dtype"],
+            values=values[s["name"]].reshape(tuple(s["shape"])),
+            stats=dict(s.get("stats") or {}),
         )
-        ranges[t.name] = (at, t.nbytes)
+        for s in meta["entries"]
+    ]
     sig = StreamedSignature(
         entries,
         name=str(meta.get("name", "signature")),
         meta={k: v for k, v in meta.items() if k not in HEADER_KEYS},
     )
-    sig.path, sig._hash, sig._mm, sig._ranges = path, expected, mm, ranges
+    sig.path, sig._hash, sig._mm = path, expected, mm
+    sig._ranges = _spans(header, [e.name for e in entries if e.kind == "delta"])
     return sig
+
+
+def _spans(header: Header, names: list[str]) -> dict[str, list[tuple[int, int]]]:
+    """Each delta entry's byte ranges in the file: its values, or its quantized parts."""
+    tensors = header.by_name()
+    out = {}
+    for name in names:
+        parts = [tensors.get(n) for n in (name, f"{name}.codes", f"{name}.scale", f"{name}.offset")]
+        out[name] = [(header.data_start + t.begin, t.nbytes) for t in parts if t is not None]
+    return out

@@ -1,33 +1,55 @@
 //! `QuantTensor`: a quantized tensor validated once, when built (by `quantize`
 //! or from a file's arrays), then passed to apply, remove, dot and dequantize
-//! with no further checks. It owns its codes, scales and offsets and is frozen,
-//! so nothing can change them after validation: the arrays it hands out are
-//! read-only views of its own memory that numpy refuses to make writeable.
+//! with no further checks. It is frozen and its parts never change: it owns
+//! copies of them, or, when the arrays it is built from view an immutable buffer
+//! (a signature file's read-only `mmap.mmap`, or `bytes`), it holds those arrays
+//! instead of copying them. The arrays it hands out are read-only views of its
+//! parts that numpy refuses to make writeable.
 
 use crate::arrays::slice_of;
 use crate::errors::BindResult;
 use numpy::ndarray::ArrayView1;
-use numpy::{PyArray1, PyReadonlyArrayDyn};
+use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyBytes, PyMemoryView, PyTuple};
 use robustpatch_core::args;
 use robustpatch_core::quant::{QuantView, Quantized};
 use robustpatch_core::Error;
 
+/// Where a `QuantTensor`'s codes, scales and offsets live.
+enum Parts {
+    /// Its own copies (quantized here, or copied from arrays that could change).
+    Owned(Quantized),
+    /// A view validated when built, over the memory of `_arrays` (codes, scale,
+    /// offset), which view an immutable buffer: holding them keeps that memory
+    /// alive and unchanged, so `'static` stands for "as long as `_arrays`", and
+    /// the view is only lent out for as long as `&self`.
+    Held {
+        view: QuantView<'static>,
+        _arrays: [Py<PyAny>; 3],
+    },
+}
+
 /// Packed codes, one f32 scale and offset per group, and the spec that reads them.
 #[pyclass(frozen, module = "robustpatch._core")]
 pub struct QuantTensor {
-    q: Quantized,
+    parts: Parts,
 }
 
 impl QuantTensor {
     pub fn from_quantized(q: Quantized) -> Self {
-        QuantTensor { q }
+        QuantTensor {
+            parts: Parts::Owned(q),
+        }
     }
 
     /// The engine's view: already valid, so building it checks nothing.
     pub fn view(&self) -> QuantView<'_> {
-        self.q.view()
+        match &self.parts {
+            Parts::Owned(q) => q.view(),
+            Parts::Held { view, .. } => *view,
+        }
     }
 
     /// Elements `start..stop` as a view of their own (validated: a small scan of
@@ -35,11 +57,8 @@ impl QuantTensor {
     /// and end on a group boundary or at the end, so packed codes and groups align.
     pub fn range(&self, start: i64, stop: i64) -> BindResult<QuantView<'_>> {
         let (start, stop) = (args::count("start", start)?, args::count("stop", stop)?);
-        let (bits, glen, numel) = (
-            self.q.spec.bits as usize,
-            self.q.spec.group_len,
-            self.q.numel,
-        );
+        let q = self.view();
+        let (bits, glen, numel) = (q.spec.bits as usize, q.spec.group_len, q.numel);
         let aligned = start % glen == 0 && start * bits % 8 == 0;
         if start > stop || stop > numel || !aligned || (stop % glen != 0 && stop != numel) {
             return Err(Error::Value(format!(
@@ -48,11 +67,10 @@ impl QuantTensor {
             ))
             .into());
         }
-        let codes = &self.q.codes[start * bits / 8..(stop * bits).div_ceil(8)];
+        let codes = &q.codes[start * bits / 8..(stop * bits).div_ceil(8)];
         let groups = start / glen..stop.div_ceil(glen);
-        let (scale, offset) = (&self.q.scale[groups.clone()], &self.q.offset[groups]);
-        let spec = self.q.spec;
-        Ok(QuantView::new(codes, scale, offset, spec, stop - start)?)
+        let (scale, offset) = (&q.scale[groups.clone()], &q.offset[groups]);
+        Ok(QuantView::new(codes, scale, offset, q.spec, stop - start)?)
     }
 }
 
@@ -61,7 +79,7 @@ fn frozen_view<'py, T: numpy::Element>(
     owner: &Bound<'py, QuantTensor>,
     data: &[T],
 ) -> BindResult<Bound<'py, PyArray1<T>>> {
-    // SAFETY: `data` belongs to `owner`, a frozen pyclass whose vectors are never
+    // SAFETY: `data` belongs to `owner`, a frozen pyclass whose parts are never
     // changed or moved; the array holds `owner` as its base, so it outlives the view.
     let arr =
         unsafe { PyArray1::borrow_from_array(&ArrayView1::from(data), owner.clone().into_any()) };
@@ -69,11 +87,52 @@ fn frozen_view<'py, T: numpy::Element>(
     Ok(arr)
 }
 
+/// Whether nothing can change the memory `arr` views while it lives: it is
+/// not writeable and, through its chain of bases, views exactly `bytes` or
+/// exactly an `mmap.mmap` opened read-only (the memoryview numpy puts between
+/// may itself be read-only over a bytearray: the object below it is what counts).
+fn views_immutable(arr: &Bound<'_, PyUntypedArray>) -> PyResult<bool> {
+    // SAFETY: `arr` is a live array object; its flags are read, not changed.
+    if unsafe { (*arr.as_array_ptr()).flags } & NPY_ARRAY_WRITEABLE != 0 {
+        return Ok(false);
+    }
+    let mut obj = arr.clone().into_any();
+    while let Ok(a) = obj.downcast::<PyUntypedArray>() {
+        // The C-level base: a subclass's Python `base` property could lie.
+        // SAFETY: a borrowed reference owned by `a`, which is alive here.
+        let base = unsafe { Bound::from_borrowed_ptr_or_opt(a.py(), (*a.as_array_ptr()).base) };
+        match base {
+            Some(b) => obj = b,
+            None => return Ok(false), // owns its memory, which can be made writeable
+        }
+    }
+    if let Ok(view) = obj.downcast::<PyMemoryView>() {
+        obj = view.getattr("obj")?;
+    }
+    let mmap = obj.py().import("mmap")?.getattr("mmap")?;
+    if obj.is_exact_instance(&mmap) {
+        // A read-only map exports read-only buffers; a writeable one does not.
+        return PyMemoryView::from(&obj)?.getattr("readonly")?.is_truthy();
+    }
+    Ok(obj.is_exact_instance_of::<PyBytes>())
+}
+
+/// `slice` with the lifetime of whatever keeps its memory alive and unchanged.
+///
+/// # Safety
+/// The caller keeps the owner of that memory, which nothing may change, for as
+/// long as the result is used.
+unsafe fn unbounded<T>(slice: &[T]) -> &'static [T] {
+    std::slice::from_raw_parts(slice.as_ptr(), slice.len())
+}
+
 #[pymethods]
 impl QuantTensor {
-    /// Validate and copy the parts (as read from a file). Errors: bits, scheme,
-    /// group length or counts out of range (InvalidArgumentError), buffers whose
-    /// lengths do not fit (MismatchError), NaN/Inf scales or offsets (NonFiniteError).
+    /// Validate the parts (as read from a file) and copy them, unless all three
+    /// view an immutable buffer (a read-only map of the file): then hold them.
+    /// Errors: bits, scheme, group length or counts out of range
+    /// (InvalidArgumentError), buffers whose lengths do not fit (MismatchError),
+    /// NaN/Inf scales or offsets (NonFiniteError).
     #[new]
     #[pyo3(signature = (codes, scale, offset, bits, scheme, group_len, numel))]
     #[allow(clippy::too_many_arguments)]
@@ -93,6 +152,19 @@ impl QuantTensor {
             slice_of(&scale, "scale")?,
             slice_of(&offset, "offset")?,
         );
+        let arrays = [codes.as_untyped(), scale.as_untyped(), offset.as_untyped()];
+        if arrays
+            .iter()
+            .try_fold(true, |all, a| Ok::<_, PyErr>(all && views_immutable(a)?))?
+        {
+            // SAFETY: the arrays, kept beside the view, view memory nothing can change.
+            let (c, s, o) = unsafe { (unbounded(c), unbounded(s), unbounded(o)) };
+            let view = QuantView::new(c, s, o, spec, numel)?;
+            let _arrays = arrays.map(|a| a.clone().into_any().unbind());
+            return Ok(QuantTensor {
+                parts: Parts::Held { view, _arrays },
+            });
+        }
         QuantView::new(c, s, o, spec, numel)?;
         Ok(QuantTensor::from_quantized(Quantized {
             codes: c.to_vec(),
@@ -106,45 +178,53 @@ impl QuantTensor {
     /// Packed codes, `ceil(numel·bits/8)` bytes (read-only).
     #[getter]
     fn codes<'py>(slf: &Bound<'py, Self>) -> BindResult<Bound<'py, PyArray1<u8>>> {
-        frozen_view(slf, &slf.get().q.codes)
+        frozen_view(slf, slf.get().view().codes)
     }
 
     /// One scale per group (read-only).
     #[getter]
     fn scale<'py>(slf: &Bound<'py, Self>) -> BindResult<Bound<'py, PyArray1<f32>>> {
-        frozen_view(slf, &slf.get().q.scale)
+        frozen_view(slf, slf.get().view().scale)
     }
 
     /// One offset per group (read-only).
     #[getter]
     fn offset<'py>(slf: &Bound<'py, Self>) -> BindResult<Bound<'py, PyArray1<f32>>> {
-        frozen_view(slf, &slf.get().q.offset)
+        frozen_view(slf, slf.get().view().offset)
     }
 
     #[getter]
     fn bits(&self) -> u8 {
-        self.q.spec.bits
+        self.view().spec.bits
     }
 
     #[getter]
     fn scheme(&self) -> &'static str {
-        self.q.spec.scheme.name()
+        self.view().spec.scheme.name()
     }
 
     #[getter]
     fn group_len(&self) -> usize {
-        self.q.spec.group_len
+        self.view().spec.group_len
     }
 
     #[getter]
     fn numel(&self) -> usize {
-        self.q.numel
+        self.view().numel
+    }
+
+    /// Whether it holds the arrays it was built from (views of an immutable
+    /// buffer) rather than copies of them.
+    #[getter]
+    fn is_view(&self) -> bool {
+        matches!(self.parts, Parts::Held { .. })
     }
 
     /// Bytes of codes, scales and offsets.
     #[getter]
     fn nbytes(&self) -> usize {
-        self.q.codes.len() + 4 * (self.q.scale.len() + self.q.offset.len())
+        let q = self.view();
+        q.codes.len() + 4 * (q.scale.len() + q.offset.len())
     }
 
     /// Pickled as its parts and validated again when unpickled (the bytes may
@@ -153,7 +233,7 @@ impl QuantTensor {
     fn __reduce__<'py>(
         slf: &Bound<'py, Self>,
     ) -> BindResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
-        let q = &slf.get().q;
+        let q = slf.get().view();
         let parts = (
             Self::codes(slf)?,
             Self::scale(slf)?,
@@ -176,12 +256,13 @@ impl QuantTensor {
     }
 
     fn __repr__(&self) -> String {
+        let q = self.view();
         format!(
             "QuantTensor({} elements, {} bits, {}, group_len {})",
-            self.q.numel,
-            self.q.spec.bits,
-            self.q.spec.scheme.name(),
-            self.q.spec.group_len
+            q.numel,
+            q.spec.bits,
+            q.spec.scheme.name(),
+            q.spec.group_len
         )
     }
 }
