@@ -146,10 +146,14 @@ def test_a_failure_at_each_step_of_an_apply_commit_keeps_model_and_record_a_pair
     original, before = sha(model), listing(small)
     patched = patched_copy(small)
     inject(monkeypatch, step, when)
+    committed = (step, when) != ("_mark_done", "before")
     with pytest.raises(OSError, match="injected failure"):
         apply_file(model, sig, 0.7, inplace=True)
+    # committed: the model stays patched, the journal stays for recovery to finish
+    assert journal_path_for(model).exists() == committed
+    assert (model.read_bytes() == patched) == committed
     recover(model)  # what the next in-place call or 'robustpatch recover' does
-    if (step, when) == ("_mark_done", "before"):  # not committed: the original, no record
+    if not committed:  # the original, no record
         assert listing(small) == before
         return
     assert model.read_bytes() == patched and record.exists()
@@ -168,13 +172,13 @@ def test_a_failure_at_each_step_of_a_removal_commit_keeps_model_and_record_a_pai
     apply_file(model, sig, 0.7, inplace=True)
     patched = listing(small)
     inject(monkeypatch, step, when)
+    committed = (step, when) != ("_mark_done", "before")
     with pytest.raises(OSError, match="injected failure"):
         remove_file(model, inplace=True)
+    assert journal_path_for(model).exists() == committed
+    assert (sha(model) == original[model.name]) == committed
     recover(model)
-    if (step, when) == ("_mark_done", "before"):  # not committed: still patched, with its record
-        assert listing(small) == patched
-        return
-    assert listing(small) == original
+    assert listing(small) == (original if committed else patched)
 
 
 # ---------------------------------------------------------------- 4: pipeline outputs
