@@ -206,7 +206,7 @@ def fog_job(root: Path, base: str, output: str) -> pipeline.Job:
     ],
 )
 def test_an_output_in_a_sharded_base_folder_is_refused_before_any_job_runs(
-    tmp_path, base, output, whose, folder
+    tmp_path, capsys, base, output, whose, folder
 ):
     sharded_fleet(tmp_path)
     doc = {
@@ -223,6 +223,8 @@ def test_an_output_in_a_sharded_base_folder_is_refused_before_any_job_runs(
         f"{tmp_path / 'fleet.json'}: job #2 writes {tmp_path / output}, in {whose} "
         f"sharded base's folder {os.path.realpath(tmp_path / folder)}"
     )
+    assert main(["batch", str(tmp_path / "fleet.json")]) == 1
+    assert capsys.readouterr().err == f"robustpatch: error: {e.value}\n"
     with pytest.raises(InvalidArgumentError, match="sharded base's folder"):
         pipeline.run([fog_job(tmp_path, j["base"], j["output"]) for j in doc["jobs"]], workers=1)
     assert listing(tmp_path) == before and not (tmp_path / "out").exists()
