@@ -66,8 +66,9 @@ def runs(path: str) -> bool:
         "scalar": set(),
         "avx2": {"avx2", "fma", "f16c", "popcnt"},
         "avx512": {"avx2", "fma", "f16c", "popcnt", "avx512f", "avx512bw", "avx512vl"},
-    }[path]
-    return need <= cpu_flags()
+    }
+    need["avx512vbmi2"] = need["avx512"] | {"avx512vbmi", "avx512_vbmi2"}
+    return need[path] <= cpu_flags()
 
 
 def test_every_forced_path_gives_the_same_bytes_and_restores():
@@ -75,7 +76,7 @@ def test_every_forced_path_gives_the_same_bytes_and_restores():
     assert default.returncode == 0, default.stderr
     want = json.loads(default.stdout)
     assert all(restored for _, _, restored in want.values())
-    for path in ("scalar", "avx2", "avx512"):
+    for path in ("scalar", "avx2", "avx512", "avx512vbmi2"):
         if not runs(path):
             continue
         got = run_child(path)
@@ -87,8 +88,8 @@ def test_unknown_or_unavailable_path_is_a_clear_error():
     bad = run_child("avx1024")
     assert bad.returncode != 0
     last = bad.stderr.strip().splitlines()[-1]
-    assert "ROBUSTPATCH_SIMD=avx1024" in last and "scalar, avx2 or avx512" in last
-    for path in ("avx2", "avx512"):
+    assert "ROBUSTPATCH_SIMD=avx1024" in last and "avx2, avx512 or avx512vbmi2" in last
+    for path in ("avx2", "avx512", "avx512vbmi2"):
         if not runs(path):
             refused = run_child(path)
             assert refused.returncode != 0 and "lacks" in refused.stderr

@@ -1,8 +1,9 @@
 //! Times the core kernels on one large tensor, for profiling without Python:
-//! `cargo run --release --example profile -p robustpatch-core [elements] [filter]`,
+//! `cargo run --release --example profile -p robustpatch-core [elements] [filter] [runs]`,
 //! where `filter` keeps only the kernels whose name contains it (for `perf`).
-//! Every time is the best of five and is also given as a ratio to a plain
-//! copy of the target measured in the same run (the memory-bandwidth floor).
+//! Every time is the best of `runs` (default five) and is also given as a ratio to a plain
+//! copy of the target measured in the same run (the memory-bandwidth floor);
+//! an apply is compared with a copy of its own target (f16/bf16: half size).
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -21,10 +22,11 @@ fn best<F: FnMut()>(mut f: F) -> f64 {
     })
 }
 
-/// Best of five runs of `timed`, which returns the seconds it measured.
+/// Best of `runs` runs of `timed`, which returns the seconds it measured.
 fn best_of<F: FnMut() -> f64>(timed: F) -> f64 {
+    let runs = std::env::args().nth(3).and_then(|a| a.parse().ok());
     std::iter::repeat_with(timed)
-        .take(5)
+        .take(runs.unwrap_or(5))
         .fold(f64::INFINITY, f64::min)
 }
 
@@ -46,7 +48,7 @@ fn values(n: usize, seed: u64, sd: f32) -> Vec<f32> {
 }
 
 fn report(name: &str, t: f64, copy: f64) {
-    println!("{name:28} {:7.1} ms  {:5.2}x copy", t * 1e3, t / copy);
+    println!("{name:28} {:9.3} ms  {:5.2}x copy", t * 1e3, t / copy);
 }
 
 /// Whether the kernel called `name` was selected on the command line.
@@ -99,22 +101,24 @@ fn main() {
         .map(|q| (Delta::Quant(q.view()), 0.5f32))
         .collect();
     let dense = [(Delta::Dense(Dense::F32(&sigs[0])), 1.0f32)];
-    run::<f32>(&w, &one, copy, "1 sig f32");
-    run::<f32>(&w, &four, copy, "4 sigs f32");
-    run::<f16>(&w, &one, copy / 2.0, "1 sig f16");
-    run::<bf16>(&w, &one, copy / 2.0, "1 sig bf16");
-    run::<f32>(&w, &dense, copy, "dense f32");
+    run::<f32>(&w, &one, "1 sig f32");
+    run::<f32>(&w, &four, "4 sigs f32");
+    run::<f16>(&w, &one, "1 sig f16");
+    run::<bf16>(&w, &one, "1 sig bf16");
+    run::<f32>(&w, &dense, "dense f32");
 }
 
-/// Apply with and without a record; half types are compared with a copy of
-/// the same half-size tensor. Each timed apply starts from the original
-/// weights (applied again and again, the target drifts and the record with it).
-fn run<T: Element>(w: &[f32], deltas: &[(Delta, f32)], copy: f64, name: &str) {
+/// Apply with and without a record, against a copy of the same tensor (for
+/// f16/bf16 half the bytes of the f32 copy) timed just before. Each timed
+/// apply starts from the original weights (applied again and again, the
+/// target drifts and the record with it).
+fn run<T: Element>(w: &[f32], deltas: &[(Delta, f32)], name: &str) {
     if !selected(&format!("apply {name}")) {
         return;
     }
     let orig: Vec<T> = w.iter().map(|&x| T::from_f32(x)).collect();
     let mut t = orig.clone();
+    let copy = best(|| t.copy_from_slice(&orig));
     let mut flagged = 0;
     let mut time_apply = |record: bool| {
         best_of(|| {

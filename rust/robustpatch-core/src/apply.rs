@@ -287,7 +287,8 @@ fn apply_chunk<T: Element>(
     if simd.has(Path::Avx512) && arch::avx512::fused_applies(deltas) {
         // SAFETY: `simd` was checked to run AVX-512 on this CPU, the deltas
         // were just checked, and `check_target` checked they cover the tensor.
-        let fused = unsafe { arch::avx512::apply_fused(chunk, base, deltas, undo.as_deref_mut()) };
+        let fused =
+            unsafe { arch::avx512::apply_fused(simd, chunk, base, deltas, undo.as_deref_mut()) };
         (done, overflowed) = fused.unwrap_or((0, 0));
     }
     let (mut acc, mut scratch) = ([0f32; TILE], [0u8; TILE]);
@@ -302,7 +303,7 @@ fn apply_chunk<T: Element>(
             // SAFETY: `simd` was checked to run these paths' features on this CPU.
             let done = unsafe {
                 if simd.has(Path::Avx512) {
-                    arch::avx512::add_tile(tile, acc, start, u)
+                    arch::avx512::add_tile(simd, tile, acc, start, u)
                 } else {
                     avx2::add_tile(tile, acc, start, u)
                 }

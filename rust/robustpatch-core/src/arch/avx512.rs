@@ -11,6 +11,7 @@
 //! `round(new − sum) ≠ w`.
 
 use crate::apply::{add_and_record, add_in_place, Undo};
+use crate::arch::{Path, Simd};
 use crate::delta::Delta;
 use crate::dtype::Element;
 use crate::par::TILE;
@@ -35,9 +36,16 @@ trait Lanes: Element {
     unsafe fn differ(a: Self::Raw, b: Self::Raw) -> u16;
     /// Bit i set where lane i is Inf or NaN (exponent bits all ones).
     unsafe fn special(x: Self::Raw) -> u16;
+    /// Bit i set where subtracting `d` from `new` does not give back `w`:
+    /// the record test.
+    #[inline(always)]
+    unsafe fn unrestored(new: Self::Raw, d: __m512, w: Self::Raw) -> u16 {
+        Self::differ(Self::narrow16(_mm512_sub_ps(Self::widen16(new), d)), w)
+    }
     /// Store the lanes of `x` selected by `keep`, packed to the front of `p`;
-    /// writes 16 elements (those past the kept ones are scratch).
-    unsafe fn store_kept(p: *mut Self::Bits, keep: u16, x: Self::Raw);
+    /// writes 16 elements (those past the kept ones are scratch). `VBMI2`:
+    /// the CPU has AVX-512 VBMI2 (16-bit lanes compress directly).
+    unsafe fn store_kept<const VBMI2: bool>(p: *mut Self::Bits, keep: u16, x: Self::Raw);
 }
 
 impl Lanes for f32 {
@@ -68,7 +76,7 @@ impl Lanes for f32 {
         _mm512_cmpeq_epi32_mask(_mm512_and_si512(x, exp), exp)
     }
     #[inline(always)]
-    unsafe fn store_kept(p: *mut u32, keep: u16, x: __m512i) {
+    unsafe fn store_kept<const VBMI2: bool>(p: *mut u32, keep: u16, x: __m512i) {
         _mm512_storeu_epi32(p as *mut i32, _mm512_maskz_compress_epi32(keep, x))
     }
 }
@@ -100,8 +108,8 @@ impl Lanes for f16 {
         special16::<0x7C00>(x)
     }
     #[inline(always)]
-    unsafe fn store_kept(p: *mut u16, keep: u16, x: __m256i) {
-        store_kept16(p, keep, x)
+    unsafe fn store_kept<const VBMI2: bool>(p: *mut u16, keep: u16, x: __m256i) {
+        store_kept16::<VBMI2>(p, keep, x)
     }
 }
 
@@ -121,19 +129,8 @@ impl Lanes for bf16 {
     }
     #[inline(always)]
     unsafe fn narrow16(x: __m512) -> __m256i {
-        // As `f32_to_bf16_bits`: add 0x7FFF plus the lowest kept bit, keep the
-        // top half; NaN keeps its top half with the quiet bit set.
-        let b = _mm512_castps_si512(x);
-        let top = _mm512_srli_epi32::<16>(b);
-        let bias = _mm512_add_epi32(
-            _mm512_and_si512(top, _mm512_set1_epi32(1)),
-            _mm512_set1_epi32(0x7FFF),
-        );
-        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
-        let nan = _mm512_or_si512(top, _mm512_set1_epi32(0x40));
-        let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
         // Lanes hold values below 2^16: the truncating narrow is exact.
-        _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, nan))
+        _mm512_cvtepi32_epi16(bf16_bits32(x))
     }
     #[inline(always)]
     unsafe fn differ(a: __m256i, b: __m256i) -> u16 {
@@ -144,9 +141,32 @@ impl Lanes for bf16 {
         special16::<0x7F80>(x)
     }
     #[inline(always)]
-    unsafe fn store_kept(p: *mut u16, keep: u16, x: __m256i) {
-        store_kept16(p, keep, x)
+    unsafe fn unrestored(new: __m256i, d: __m512, w: __m256i) -> u16 {
+        // Compared in 32-bit lanes: no narrowing of the rounded lanes.
+        let back = bf16_bits32(_mm512_sub_ps(Self::widen16(new), d));
+        _mm512_cmpneq_epi32_mask(back, _mm512_cvtepu16_epi32(w))
     }
+    #[inline(always)]
+    unsafe fn store_kept<const VBMI2: bool>(p: *mut u16, keep: u16, x: __m256i) {
+        store_kept16::<VBMI2>(p, keep, x)
+    }
+}
+
+/// The bf16 bits of each lane of `x`, in the low half of 32-bit lanes, as
+/// `f32_to_bf16_bits`: add 0x7FFF plus the lowest kept bit and keep the top
+/// half; NaN keeps its top half with the quiet bit set.
+#[inline(always)]
+unsafe fn bf16_bits32(x: __m512) -> __m512i {
+    let b = _mm512_castps_si512(x);
+    let top = _mm512_srli_epi32::<16>(b);
+    let bias = _mm512_add_epi32(
+        _mm512_and_si512(top, _mm512_set1_epi32(1)),
+        _mm512_set1_epi32(0x7FFF),
+    );
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+    let nan = _mm512_or_si512(top, _mm512_set1_epi32(0x40));
+    let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    _mm512_mask_blend_epi32(is_nan, rounded, nan)
 }
 
 #[inline(always)]
@@ -155,18 +175,23 @@ unsafe fn special16<const EXP: i16>(x: __m256i) -> u16 {
     _mm256_cmpeq_epi16_mask(_mm256_and_si256(x, exp), exp)
 }
 
-/// [`Lanes::store_kept`] for sixteen 16-bit lanes, through 32-bit lanes
-/// (compressing 16-bit lanes directly needs AVX-512 VBMI2).
+/// [`Lanes::store_kept`] for sixteen 16-bit lanes: one compress with VBMI2,
+/// else through 32-bit lanes (widen, compress, narrow).
 #[inline(always)]
-unsafe fn store_kept16(p: *mut u16, keep: u16, x: __m256i) {
-    let kept = _mm512_maskz_compress_epi32(keep, _mm512_cvtepu16_epi32(x));
-    _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(kept))
+unsafe fn store_kept16<const VBMI2: bool>(p: *mut u16, keep: u16, x: __m256i) {
+    let kept = if VBMI2 {
+        _mm256_maskz_compress_epi16(keep, x)
+    } else {
+        let wide = _mm512_maskz_compress_epi32(keep, _mm512_cvtepu16_epi32(x));
+        _mm512_cvtepi32_epi16(wide)
+    };
+    _mm256_storeu_si256(p as *mut __m256i, kept)
 }
 
 /// One step: `t[0..16] = round(t + d)`, recording the lanes that subtraction
 /// would not restore (when `RECORD`); returns the lanes that overflowed.
 #[inline(always)]
-unsafe fn step<T: Lanes, const RECORD: bool>(
+unsafe fn step<T: Lanes, const RECORD: bool, const VBMI2: bool>(
     t: *mut T,
     d: __m512,
     first: usize,
@@ -175,8 +200,8 @@ unsafe fn step<T: Lanes, const RECORD: bool>(
     let w = T::load(t);
     let new = T::narrow16(_mm512_add_ps(T::widen16(w), d));
     if RECORD {
-        let bad = T::differ(T::narrow16(_mm512_sub_ps(T::widen16(new), d)), w);
-        rec.push::<T>(bad, w, first);
+        let bad = T::unrestored(new, d, w);
+        rec.push::<T, VBMI2>(bad, w, first);
     }
     T::store(t, new);
     (T::special(new) & !T::special(w)).count_ones()
@@ -228,14 +253,19 @@ impl<'a, B> Appender<'a, B> {
     /// slots written past the record's end, which then grows by the number
     /// kept. The caller made [`Appender::room`] for this step.
     #[inline(always)]
-    unsafe fn push<T: Lanes<Bits = B>>(&mut self, bad: u16, w: T::Raw, first: usize) {
+    unsafe fn push<T: Lanes<Bits = B>, const VBMI2: bool>(
+        &mut self,
+        bad: u16,
+        w: T::Raw,
+        first: usize,
+    ) {
         debug_assert!(self.cap - self.len >= 16);
         let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         // Positions are below 2^32 (checked by the caller), so i32 lanes wrap as u32.
         let pos = _mm512_add_epi32(_mm512_set1_epi32(first as u32 as i32), lanes);
         let kept = _mm512_maskz_compress_epi32(bad, pos);
         _mm512_storeu_epi32(self.pos.add(self.len) as *mut i32, kept);
-        T::store_kept(self.val.add(self.len), bad, w);
+        T::store_kept::<VBMI2>(self.val.add(self.len), bad, w);
         self.len += bad.count_ones() as usize;
     }
 
@@ -277,9 +307,10 @@ impl<B> Drop for Appender<'_, B> {
 
 /// `tile = round(tile + acc)` with the record when `undo` is given; returns
 /// the overflow count, or None (nothing done) for a type without lanes.
-/// Safety: the CPU must run [`crate::arch::Path::Avx512`].
+/// Safety: `simd` must have [`Path::Avx512`].
 #[inline(always)]
 pub unsafe fn add_tile<T: Element>(
+    simd: Simd,
     tile: &mut [T],
     acc: &[f32],
     start: usize,
@@ -288,21 +319,24 @@ pub unsafe fn add_tile<T: Element>(
     let ty = TypeId::of::<T>();
     // Each branch reinterprets T as the very type it was just found to be.
     if ty == TypeId::of::<f32>() {
-        Some(add_tile_as::<f32>(
+        Some(add_tile_on::<f32>(
+            simd,
             cast(tile),
             acc,
             start,
             undo.map(|u| cast_undo::<T, f32>(u)),
         ))
     } else if ty == TypeId::of::<f16>() {
-        Some(add_tile_as::<f16>(
+        Some(add_tile_on::<f16>(
+            simd,
             cast(tile),
             acc,
             start,
             undo.map(|u| cast_undo::<T, f16>(u)),
         ))
     } else if ty == TypeId::of::<bf16>() {
-        Some(add_tile_as::<bf16>(
+        Some(add_tile_on::<bf16>(
+            simd,
             cast(tile),
             acc,
             start,
@@ -313,8 +347,44 @@ pub unsafe fn add_tile<T: Element>(
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl")]
-unsafe fn add_tile_as<T: Lanes>(
+/// [`add_tile_as`] compiled for `simd`'s features.
+#[inline(always)]
+unsafe fn add_tile_on<T: Lanes>(
+    simd: Simd,
+    tile: &mut [T],
+    acc: &[f32],
+    start: usize,
+    undo: Option<&mut Undo<T::Bits>>,
+) -> usize {
+    #[target_feature(enable = "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl")]
+    unsafe fn plain<T: Lanes>(
+        t: &mut [T],
+        a: &[f32],
+        s: usize,
+        u: Option<&mut Undo<T::Bits>>,
+    ) -> usize {
+        add_tile_as::<T, false>(t, a, s, u)
+    }
+    #[target_feature(
+        enable = "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2"
+    )]
+    unsafe fn vbmi2<T: Lanes>(
+        t: &mut [T],
+        a: &[f32],
+        s: usize,
+        u: Option<&mut Undo<T::Bits>>,
+    ) -> usize {
+        add_tile_as::<T, true>(t, a, s, u)
+    }
+    if simd.has(Path::Avx512Vbmi2) {
+        vbmi2(tile, acc, start, undo)
+    } else {
+        plain(tile, acc, start, undo)
+    }
+}
+
+#[inline(always)]
+unsafe fn add_tile_as<T: Lanes, const VBMI2: bool>(
     tile: &mut [T],
     acc: &[f32],
     start: usize,
@@ -330,7 +400,7 @@ unsafe fn add_tile_as<T: Lanes>(
             let mut rec = Appender::new(&mut none);
             for i in (0..full).step_by(16) {
                 let d = _mm512_loadu_ps(a.add(i));
-                over += step::<T, false>(t.add(i), d, start + i, &mut rec);
+                over += step::<T, false, VBMI2>(t.add(i), d, start + i, &mut rec);
             }
             over as usize + add_in_place(&mut tile[full..n], &acc[full..n])
         }
@@ -339,7 +409,7 @@ unsafe fn add_tile_as<T: Lanes>(
             rec.room(full);
             for i in (0..full).step_by(16) {
                 let d = _mm512_loadu_ps(a.add(i));
-                over += step::<T, true>(t.add(i), d, start + i, &mut rec);
+                over += step::<T, true, VBMI2>(t.add(i), d, start + i, &mut rec);
             }
             drop(rec);
             over as usize + add_and_record(&mut tile[full..n], &acc[full..n], start + full, undo)
@@ -366,10 +436,11 @@ pub fn fused_applies(deltas: &[(Delta, f32)]) -> bool {
 /// the tensor, `base` a multiple of 16) in whole steps of sixteen, decoding
 /// the codes in registers. Returns (elements done, overflow count), or None
 /// (nothing done) for a type without lanes; the caller finishes the tail.
-/// Safety: the CPU must run [`crate::arch::Path::Avx512`] and
-/// [`fused_applies`] must hold for `deltas`, which cover the tensor.
+/// Safety: `simd` must have [`Path::Avx512`] and [`fused_applies`] must
+/// hold for `deltas`, which cover the tensor.
 #[inline(always)]
 pub unsafe fn apply_fused<T: Element>(
+    simd: Simd,
     chunk: &mut [T],
     base: usize,
     deltas: &[(Delta, f32)],
@@ -377,21 +448,24 @@ pub unsafe fn apply_fused<T: Element>(
 ) -> Option<(usize, usize)> {
     let ty = TypeId::of::<T>();
     if ty == TypeId::of::<f32>() {
-        Some(fused_as::<f32>(
+        Some(fused_on::<f32>(
+            simd,
             cast(chunk),
             base,
             deltas,
             undo.map(|u| cast_undo::<T, f32>(u)),
         ))
     } else if ty == TypeId::of::<f16>() {
-        Some(fused_as::<f16>(
+        Some(fused_on::<f16>(
+            simd,
             cast(chunk),
             base,
             deltas,
             undo.map(|u| cast_undo::<T, f16>(u)),
         ))
     } else if ty == TypeId::of::<bf16>() {
-        Some(fused_as::<bf16>(
+        Some(fused_on::<bf16>(
+            simd,
             cast(chunk),
             base,
             deltas,
@@ -441,42 +515,107 @@ impl Sig<'_> {
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl")]
-unsafe fn fused_as<T: Lanes>(
+/// [`fused_n`] compiled for `simd`'s features.
+#[inline(always)]
+unsafe fn fused_on<T: Lanes>(
+    simd: Simd,
+    chunk: &mut [T],
+    base: usize,
+    deltas: &[(Delta, f32)],
+    undo: Option<&mut Undo<T::Bits>>,
+) -> (usize, usize) {
+    type Done = (usize, usize);
+    #[target_feature(enable = "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl")]
+    unsafe fn plain<T: Lanes>(
+        c: &mut [T],
+        b: usize,
+        d: &[(Delta, f32)],
+        u: Option<&mut Undo<T::Bits>>,
+    ) -> Done {
+        fused_n::<T, false>(c, b, d, u)
+    }
+    #[target_feature(
+        enable = "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2"
+    )]
+    unsafe fn vbmi2<T: Lanes>(
+        c: &mut [T],
+        b: usize,
+        d: &[(Delta, f32)],
+        u: Option<&mut Undo<T::Bits>>,
+    ) -> Done {
+        fused_n::<T, true>(c, b, d, u)
+    }
+    if simd.has(Path::Avx512Vbmi2) {
+        vbmi2(chunk, base, deltas, undo)
+    } else {
+        plain(chunk, base, deltas, undo)
+    }
+}
+
+/// [`fused_as`] for the number of signatures given: a count known at
+/// compile time keeps every signature's state in registers and unrolls the
+/// loop over them (a run-time count kept them on the stack, with a branch
+/// per signature and step).
+#[inline(always)]
+unsafe fn fused_n<T: Lanes, const VBMI2: bool>(
+    chunk: &mut [T],
+    base: usize,
+    deltas: &[(Delta, f32)],
+    undo: Option<&mut Undo<T::Bits>>,
+) -> (usize, usize) {
+    let (c, b, d, u) = (chunk, base, deltas, undo);
+    match deltas.len() {
+        0 => fused_as::<T, VBMI2, 0>(c, b, d, u),
+        1 => fused_as::<T, VBMI2, 1>(c, b, d, u),
+        2 => fused_as::<T, VBMI2, 2>(c, b, d, u),
+        3 => fused_as::<T, VBMI2, 3>(c, b, d, u),
+        4 => fused_as::<T, VBMI2, 4>(c, b, d, u),
+        5 => fused_as::<T, VBMI2, 5>(c, b, d, u),
+        6 => fused_as::<T, VBMI2, 6>(c, b, d, u),
+        7 => fused_as::<T, VBMI2, 7>(c, b, d, u),
+        8 => fused_as::<T, VBMI2, 8>(c, b, d, u),
+        _ => unreachable!("fused_applies admits at most MAX_FUSED deltas"),
+    }
+}
+
+/// The decoding state of `delta` (scaled by `alpha`) at element `base`,
+/// checked to cover elements up to `base + full`.
+#[inline(always)]
+unsafe fn sig_at<'a>((delta, alpha): &(Delta<'a>, f32), base: usize, full: usize) -> Sig<'a> {
+    let Delta::Quant(q) = delta else {
+        unreachable!("fused_applies admits quantized deltas only")
+    };
+    // Every step reads 8 code bytes at e/2 with e + 16 <= numel.
+    assert!(q.codes.len() * 2 >= q.numel && base + full <= q.numel);
+    let mut sig = Sig {
+        codes: q.codes,
+        scale: q.scale,
+        offset: q.offset,
+        alpha: *alpha,
+        group_len: q.spec.group_len,
+        end: 0,
+        a: _mm512_setzero_ps(),
+        b: _mm512_setzero_ps(),
+    };
+    sig.enter(base);
+    sig
+}
+
+#[inline(always)]
+unsafe fn fused_as<T: Lanes, const VBMI2: bool, const N: usize>(
     chunk: &mut [T],
     base: usize,
     deltas: &[(Delta, f32)],
     undo: Option<&mut Undo<T::Bits>>,
 ) -> (usize, usize) {
     let full = chunk.len() / 16 * 16;
-    let zero = _mm512_setzero_ps();
-    let mut sigs = [None; MAX_FUSED];
-    for (s, (d, alpha)) in sigs.iter_mut().zip(deltas) {
-        let Delta::Quant(q) = d else {
-            unreachable!("fused_applies admits quantized deltas only")
-        };
-        // Every step reads 8 code bytes at e/2 with e + 16 <= numel.
-        assert!(q.codes.len() * 2 >= q.numel && base + full <= q.numel);
-        let mut sig = Sig {
-            codes: q.codes,
-            scale: q.scale,
-            offset: q.offset,
-            alpha: *alpha,
-            group_len: q.spec.group_len,
-            end: 0,
-            a: zero,
-            b: zero,
-        };
-        sig.enter(base);
-        *s = Some(sig);
-    }
-    let sigs = &mut sigs[..deltas.len()];
+    let mut sigs: [Sig; N] = std::array::from_fn(|k| sig_at(&deltas[k], base, full));
     let t = chunk.as_mut_ptr();
     let mut over = 0u32;
     let mut sum = |e: usize| {
         // −0.0 is the additive identity (+0.0 would turn −0.0 weights into +0.0).
         let mut acc = _mm512_set1_ps(-0.0);
-        for s in sigs.iter_mut().flatten() {
+        for s in sigs.iter_mut() {
             if e >= s.end {
                 s.enter(e);
             }
@@ -489,7 +628,7 @@ unsafe fn fused_as<T: Lanes>(
             let mut none = Undo::default();
             let mut rec = Appender::new(&mut none);
             for i in (0..full).step_by(16) {
-                over += step::<T, false>(t.add(i), sum(base + i), base + i, &mut rec);
+                over += step::<T, false, VBMI2>(t.add(i), sum(base + i), base + i, &mut rec);
             }
         }
         Some(undo) => {
@@ -498,7 +637,7 @@ unsafe fn fused_as<T: Lanes>(
                 let end = (tile + TILE).min(full);
                 rec.room(end - tile);
                 for i in (tile..end).step_by(16) {
-                    over += step::<T, true>(t.add(i), sum(base + i), base + i, &mut rec);
+                    over += step::<T, true, VBMI2>(t.add(i), sum(base + i), base + i, &mut rec);
                 }
             }
         }

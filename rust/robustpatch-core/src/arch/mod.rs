@@ -4,7 +4,7 @@
 //! intrinsic paths); [`Simd::run`] compiles them into a wrapper with the
 //! path's target features, so the same source becomes AVX-512, AVX2 or
 //! baseline (SSE2) code. The path is detected once per process and cached;
-//! `ROBUSTPATCH_SIMD=scalar|avx2|avx512` forces one (a path this CPU lacks is
+//! `ROBUSTPATCH_SIMD=scalar|avx2|avx512|avx512vbmi2` forces one (a path this CPU lacks is
 //! refused with an error, never run). Every path gives the bits of the
 //! kernels' scalar reference twins: Rust never contracts `a * b + c` into an
 //! FMA, and the explicit paths compute the same roundings lane by lane.
@@ -27,11 +27,14 @@ pub enum Path {
     Avx2,
     /// AVX-512 F/BW/VL on top of AVX2 + FMA + F16C.
     Avx512,
+    /// AVX-512 with VBMI and VBMI2: the apply kernels compress 16-bit lanes
+    /// directly instead of through 32-bit lanes.
+    Avx512Vbmi2,
 }
 
 impl Path {
     /// Every path, narrowest first.
-    pub const ALL: [Path; 3] = [Path::Scalar, Path::Avx2, Path::Avx512];
+    pub const ALL: [Path; 4] = [Path::Scalar, Path::Avx2, Path::Avx512, Path::Avx512Vbmi2];
 
     /// Name as accepted by [`ENV`].
     pub fn name(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Path {
             Path::Scalar => "scalar",
             Path::Avx2 => "avx2",
             Path::Avx512 => "avx512",
+            Path::Avx512Vbmi2 => "avx512vbmi2",
         }
     }
 
@@ -57,6 +61,17 @@ impl Path {
             Path::Avx512 => &[
                 "avx2", "fma", "f16c", "popcnt", "avx512f", "avx512bw", "avx512vl",
             ],
+            Path::Avx512Vbmi2 => &[
+                "avx2",
+                "fma",
+                "f16c",
+                "popcnt",
+                "avx512f",
+                "avx512bw",
+                "avx512vl",
+                "avx512vbmi",
+                "avx512vbmi2",
+            ],
         };
         needed.iter().copied().filter(|f| !cpu_has(f)).collect()
     }
@@ -72,6 +87,8 @@ fn cpu_has(feature: &str) -> bool {
         "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
         "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
         "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
+        "avx512vbmi" => std::arch::is_x86_feature_detected!("avx512vbmi"),
+        "avx512vbmi2" => std::arch::is_x86_feature_detected!("avx512vbmi2"),
         _ => false,
     }
 }
@@ -151,7 +168,7 @@ impl Simd {
             match self.0 {
                 // SAFETY: a `Simd` exists only for a path whose features were
                 // detected on this CPU (`Simd::force`).
-                Path::Avx512 => return unsafe { avx512(f) },
+                Path::Avx512 | Path::Avx512Vbmi2 => return unsafe { avx512(f) },
                 // SAFETY: as above.
                 Path::Avx2 => return unsafe { avx2(f) },
                 Path::Scalar => {}
@@ -188,7 +205,7 @@ fn from_env(value: Option<&str>) -> Result<Simd> {
                 other => other,
             }),
             None => Err(Error::Value(format!(
-                "{ENV}={v} is not a SIMD path (scalar, avx2 or avx512)"
+                "{ENV}={v} is not a SIMD path (scalar, avx2, avx512 or avx512vbmi2)"
             ))),
         },
     }
