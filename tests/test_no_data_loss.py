@@ -181,6 +181,38 @@ def test_a_failure_at_each_step_of_a_removal_commit_keeps_model_and_record_a_pai
     assert listing(small) == (original if committed else patched)
 
 
+@posix_only
+def test_a_done_marker_that_landed_before_its_write_failed_is_never_rolled_back(small, monkeypatch):
+    """The marker's byte reaches the file but its write reports an error, and the disk
+    then fails again part way through any rollback: no half-restored model may end up
+    beside the record the done journal puts in place."""
+    import robustpatch._io.journal as journal_module
+
+    real, writes_after_marker = journal_module.pwrite_all, []
+
+    def failing_disk(fd: int, data: bytes, offset: int) -> None:
+        if writes_after_marker:  # the first write after the marker lands, then none
+            writes_after_marker.append(offset)
+            if len(writes_after_marker) > 2:
+                raise OSError(errno.EIO, "injected failure")
+        real(fd, data, offset)
+        if bytes(data) == b"D":
+            writes_after_marker.append(offset)
+            raise OSError(errno.EIO, "injected failure")
+
+    model, sig = small / "m.safetensors", small / "s.rws"
+    original, before = sha(model), listing(small)
+    patched = patched_copy(small)
+    monkeypatch.setattr(journal_module, "pwrite_all", failing_disk)
+    with pytest.raises(OSError, match="injected failure"):
+        apply_file(model, sig, 0.7, inplace=True)
+    monkeypatch.undo()
+    assert recover(model) == "completed"
+    assert model.read_bytes() == patched and undo_path_for(model).exists()
+    remove_file(model, inplace=True)
+    assert sha(model) == original and listing(small) == before
+
+
 # ---------------------------------------------------------------- 4: pipeline outputs
 
 

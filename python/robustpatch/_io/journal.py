@@ -17,8 +17,9 @@ killed process left: a journal without its digest was never followed (the model 
 untouched; it is deleted), a pending one is rolled back (the original bytes written
 back), a done one is completed (its file actions run). So after any crash the model is
 either the original or the patched one, and its undo record says which. An error
-before the commit point rolls back at once (:meth:`Journal.abort`); one after it
-(finishing the file actions) never does: the journal stays, done, for :func:`recover`.
+before the commit point rolls back at once (:meth:`Journal.abort`); one from the
+moment the done marker is being written (its write or fsync, the file actions) never
+does: the journal stays for :func:`recover`, which goes the way the disk says.
 
 One patch or recovery of a model runs at a time: each holds :func:`model_lock` (an
 exclusive ``flock`` on the model) from its first look at the journal to its last write,
@@ -81,7 +82,7 @@ class Journal:
 
     def __init__(self, path: Path, plan: _Plan) -> None:
         self.path, self.plan = path, plan
-        self.committed = False  # the done marker is written: never roll back from here
+        self.may_be_done = False  # the done marker may be on disk: never roll back then
 
     @classmethod
     def begin(
@@ -117,20 +118,20 @@ class Journal:
         self._finish_commit()
 
     def abort(self, fd: int) -> None:
-        """After an error: roll the model open at ``fd`` back, unless the commit point
-        was passed. Then the model is the patched one and the undo record may already be
-        in place, so the journal stays (done) for :func:`recover` to finish its file
-        actions: a rollback would leave a record that says patched beside the original."""
-        if not self.committed:
+        """After an error: roll the model open at ``fd`` back, unless the done marker
+        may have been written. Then the model is the patched one and the undo record may
+        already be in place, so the journal stays for :func:`recover`, which reads the
+        state on disk: done, it finishes the file actions (a rollback here would leave a
+        record that says patched beside the original); pending, it rolls back."""
+        if not self.may_be_done:
             self.roll_back(fd)
 
     def _mark_done(self) -> None:
-        """The commit point: state D. Once written (even if its fsync then fails, it is
-        what a reader sees until a crash), the patch counts as committed."""
+        """The commit point: state D, fsynced."""
         fd = os.open(self.path, os.O_WRONLY)
         try:
+            self.may_be_done = True  # from the first byte written, only the disk decides
             pwrite_all(fd, _DONE, _STATE_AT)
-            self.committed = True
             os.fsync(fd)
         finally:
             os.close(fd)
