@@ -479,19 +479,35 @@ def remove_file(
             f"no undo record at {side_path} (was {patched} written with undo=False?)"
         )
     with open_input(side_path) as fside, open_input(patched) as fsrc:
-        side = UndoSidecar.load(side_path, fside, signatures, background=True)
-        header = read_header_from(fsrc, str(patched))
-        plan = record_plan(side)
-        verify_patched(fsrc, header, side, plan)
-        with AtomicFile(out, durable) as fout:
-            target = FileTarget(
-                fsrc, header, fout, side.source_header, progress, VerifyRestore(side)
-            )
-            target.release = releaser(plan)
-            with verifying(plan):
-                restore_target(target, plan, FileRecords(side, header))
-            fout.commit()
+        # The record digest (a pass over the whole record) is checked while the file is
+        # restored, not before: nothing is committed until it passes.
+        side = UndoSidecar.load(side_path, fside, signatures, background=True, defer_digest=True)
+        with record_errors_first(side):
+            header = read_header_from(fsrc, str(patched))
+            plan = record_plan(side)
+            verify_patched(fsrc, header, side, plan)
+            with AtomicFile(out, durable) as fout:
+                target = FileTarget(
+                    fsrc, header, fout, side.source_header, progress, VerifyRestore(side)
+                )
+                target.release = releaser(plan)
+                with verifying(plan):
+                    restore_target(target, plan, FileRecords(side, header))
+                side.sealed()
+                fout.commit()
     return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
+
+
+@contextmanager
+def record_errors_first(side: UndoSidecar) -> Iterator[None]:
+    """Around a removal whose record digest is checked in a thread: if the removal
+    fails, a record that fails its digest is the error reported (its damage may be
+    what made the removal fail)."""
+    try:
+        yield
+    except BaseException:
+        side.sealed()
+        raise
 
 
 def verify_patched(fsrc: BinaryIO, header: Header, side: UndoSidecar, plan: Plan) -> None:

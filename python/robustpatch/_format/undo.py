@@ -34,6 +34,7 @@ import json
 import os
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -296,6 +297,7 @@ class UndoSidecar:
     source_header: bytes
     header: Header
     file: BinaryIO
+    seal: Future[None] | None = None  # the record digest's check, when left to a thread
 
     @classmethod
     def load(
@@ -304,27 +306,43 @@ class UndoSidecar:
         f: BinaryIO,
         signature_files: Sequence[str | os.PathLike[str]] = (),
         background: bool = False,
+        defer_digest: bool = False,
     ) -> UndoSidecar:
         """Validate and load the record in ``f`` (the open file at ``path``); signatures
         it refers to are found among ``signature_files``, else where the record says
         (``background``: verified in a second thread, see
-        :func:`robustpatch.signature.streamed.open_signature`)."""
+        :func:`robustpatch.signature.streamed.open_signature`). ``defer_digest`` checks
+        the record digest in a second thread too: the caller must pass :meth:`sealed`
+        before it commits anything restored with this record. Either way a record that
+        fails its digest is the error reported, whatever else its damage broke."""
         where = str(path)
-        header, record = _read_record(path, f)
-        sig_tensors = [t for t in header.tensors if t.name.startswith("sig")]
-        loaded = {t.name: read_tensor(f, header, t) for t in sig_tensors}
-        refs = {r["index"]: r["file"] for r in record.signature_refs}
-        finder = _SignatureFinder(path, signature_files, background)
-        sigs = [
-            finder.find(meta, refs[k])
-            if k in refs
-            else _signature(meta, _prefixed(loaded, f"sig{k}/"), f"{where} (signature {k})")
-            for k, meta in enumerate(record.signatures)
-        ]
-        source = read_tensor(f, header, header.by_name()["header"]).tobytes()
-        side = cls(path, record, sigs, source, header, f)
-        side.check_restored("the original header", record.source_header_digest, source)
+        header, record = _read_record(path, f, check_digest=not defer_digest)
+        seal = _start_digest_check(f, header, record, where) if defer_digest else None
+        try:
+            sig_tensors = [t for t in header.tensors if t.name.startswith("sig")]
+            loaded = {t.name: read_tensor(f, header, t) for t in sig_tensors}
+            refs = {r["index"]: r["file"] for r in record.signature_refs}
+            finder = _SignatureFinder(path, signature_files, background)
+            sigs = [
+                finder.find(meta, refs[k])
+                if k in refs
+                else _signature(meta, _prefixed(loaded, f"sig{k}/"), f"{where} (signature {k})")
+                for k, meta in enumerate(record.signatures)
+            ]
+            source = read_tensor(f, header, header.by_name()["header"]).tobytes()
+            side = cls(path, record, sigs, source, header, f, seal)
+            side.check_restored("the original header", record.source_header_digest, source)
+        except BaseException:
+            if seal is not None:
+                seal.result()
+            raise
         return side
+
+    def sealed(self) -> None:
+        """Wait for the record digest's check (FormatError if the record's bytes
+        changed since it was written); at once if it was checked on loading."""
+        if self.seal is not None:
+            self.seal.result()
 
     def check_restored(self, what: str, expected: str | None, data: np.ndarray | bytes) -> None:
         """Restored bytes match the original's digest (a version 1 record has none)."""
@@ -363,16 +381,17 @@ class UndoSidecar:
         return np.frombuffer(raw, NUMPY_OF_LABEL[t.dtype]).reshape(t.shape)
 
 
-def _read_record(path: Path, f: BinaryIO) -> tuple[Header, UndoRecord]:
-    """The record's header and validated metadata, its digest and tensor names checked."""
+def _read_record(path: Path, f: BinaryIO, check_digest: bool = True) -> tuple[Header, UndoRecord]:
+    """The record's header and validated metadata, its tensor names and (with
+    ``check_digest``) its digest checked."""
     where = str(path)
     header = read_header_from(f, where)
     raw = header.metadata.get(UNDO_KEY)
     if raw is None:
         raise FormatError(f"{where}: not a robustpatch undo record")
     record = UndoRecord.parse(raw, where)
-    if record.record_digest is not None:
-        _check_record_digest(f, header, json.loads(raw), record.record_digest, where)
+    if check_digest and record.record_digest is not None:
+        _check_record_digest(f.fileno(), header, json.loads(raw), record.record_digest, where)
     _check_tensor_names(where, header, record)
     return header, record
 
@@ -421,17 +440,41 @@ class _SignatureFinder:
         return sig
 
 
+def _start_digest_check(
+    f: BinaryIO, header: Header, record: UndoRecord, where: str
+) -> Future[None]:
+    """:func:`_check_record_digest` in a thread, on a duplicate of ``f``'s descriptor
+    (the caller may close ``f`` first) and by position (``f``'s offset is left alone)."""
+    done: Future[None] = Future()
+    if record.record_digest is None:
+        done.set_result(None)
+        return done
+    meta, own = json.loads(header.metadata[UNDO_KEY]), os.dup(f.fileno())
+
+    def run() -> None:
+        try:
+            _check_record_digest(own, header, meta, str(record.record_digest), where)
+        finally:
+            os.close(own)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="rp-record")
+    try:
+        return pool.submit(run)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def _check_record_digest(
-    f: BinaryIO, header: Header, meta: dict[str, Any], expected: str, where: str
+    fd: int, header: Header, meta: dict[str, Any], expected: str, where: str
 ) -> None:
-    """The record's own digest, over every tensor's bytes as stored and its metadata."""
+    """The record's own digest, over every tensor's bytes as stored (read from ``fd``
+    by position) and its metadata."""
     hasher = _RecordHasher(_algorithm_of(expected))
     for t in header.tensors:
         hasher.tensor(t.name, t.dtype, t.shape)
         at, end = header.data_start + t.begin, header.data_start + t.end
         while at < end:
-            f.seek(at)
-            block = f.read(min(_HASH_CHUNK, end - at))
+            block = os.pread(fd, min(_HASH_CHUNK, end - at), at)
             if not block:
                 raise FormatError(f"{where}: tensor {shown(t.name)}: the file ends early")
             hasher.update(block)
