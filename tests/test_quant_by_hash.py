@@ -48,7 +48,7 @@ def test_an_opened_quantized_file_views_its_map_and_equals_the_loaded_one(qpair)
     sig, loaded = open_signature(qpair / "q4.rws"), Signature.load(qpair / "q4.rws")
     assert isinstance(sig, StreamedSignature) and sig.content_hash == loaded.content_hash
     for got, want in zip(_quant_tensors(sig), _quant_tensors(loaded)):
-        assert got.is_view and not want.is_view
+        assert got.is_view and want.is_view  # of the map; of the bytes load read
         for part in ("codes", "scale", "offset"):
             assert np.array_equal(getattr(got, part), getattr(want, part))
             with pytest.raises(ValueError, match="read-only"):
@@ -151,8 +151,9 @@ def test_a_missing_quantized_file_is_named_by_hash_and_place(qpair, capsys):
     assert err.startswith("robustpatch: error: ") and want in err and "\n" not in err
     other = Signature.load(qpair / "kept" / "q4.rws").scaled(2.0).materialize()
     other.save(qpair / "other.rws")
-    with pytest.raises(MismatchError, match=want):
+    with pytest.raises(MismatchError, match=want) as info:
         remove_file(out, qpair / "r.safetensors", signatures=[qpair / "other.rws"])
+    assert str(qpair / "other.rws") in str(info.value)  # the places looked
     os.unlink(qpair / "other.rws")
     assert listing(qpair) == before
     remove_file(out, qpair / "r.safetensors", signatures=[qpair / "kept" / "q4.rws"])

@@ -414,6 +414,7 @@ class _SignatureFinder:
         self.record = record
         self.open = lambda p: open_signature(p, background=background)
         self.given = [self.open(p) for p in given]
+        self.given_paths = ", ".join(os.fspath(p) for p in given)
 
     def find(self, meta: dict[str, Any], file: str) -> Signature:
         want, name = meta.get("content_hash"), shown(meta.get("name"))
@@ -422,8 +423,8 @@ class _SignatureFinder:
                 return sig
         if self.given:
             raise MismatchError(
-                f"{self.record}: none of the signatures given is {name} ({want}), which "
-                "the record was made with"
+                f"{self.record}: none of the signatures given ({self.given_paths}) is "
+                f"{name} ({want}), which the record was made with"
             )
         where = self.record.parent / file
         if not where.exists():

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _core
-from .._format.safetensors import read_tensors, write_tensors
-from ..dtypes import widen
+from .._format.safetensors import Header, TensorInfo, read_header_from, read_tensor, write_tensors
+from .._io.inputs import open_input
+from ..dtypes import NUMPY_OF_LABEL, widen
 from ..errors import FormatError, InvalidArgumentError, shown
 from ..validate import GRANULARITIES, SCHEMES
 from .entry import Entry, Quantized, bn_entry, check_finite, dense_entry
@@ -57,6 +58,7 @@ __all__ = [
     "parse_meta_json",
     "from_parts",
     "json_default",
+    "quantized_parts",
 ]
 
 FORMAT_VERSION = 1
@@ -367,9 +369,41 @@ def save(sig: Signature, path: Path) -> Path:
 
 
 def load(path: Path) -> Signature:
-    """Read and validate a signature file (FormatError / NonFiniteError if bad)."""
-    header, tensors = read_tensors(path)
-    raw = header.metadata.get(META_KEY)
-    if raw is None:
-        raise FormatError(f"{path}: not a robustpatch signature (no {META_KEY!r} metadata)")
-    return from_parts(parse_meta(raw, str(path)), tensors, where=str(path))
+    """Read and validate a signature file (FormatError / NonFiniteError if bad).
+
+    Quantized parts are read into immutable ``bytes``, so each QuantTensor holds views
+    of them instead of a second copy."""
+    with open_input(path) as f:
+        header = read_header_from(f, str(path))
+        raw = header.metadata.get(META_KEY)
+        if raw is None:
+            raise FormatError(f"{path}: not a robustpatch signature (no {META_KEY!r} metadata)")
+        meta = parse_meta(raw, str(path))
+        frozen = quantized_parts(meta, header)
+        tensors = {
+            t.name: (_read_frozen if t.name in frozen else read_tensor)(f, header, t)
+            for t in header.tensors
+        }
+    return from_parts(meta, tensors, where=str(path))
+
+
+def quantized_parts(meta: dict[str, Any], header: Header) -> set[str]:
+    """The file tensors of the quantized delta entries (their codes, scales and offsets;
+    checked when the entries are built)."""
+    quantized = [
+        s for s in meta["entries"] if isinstance(s, dict) and s.get("encoding") == "quantized"
+    ]
+    names = {s["name"] for s in quantized if isinstance(s.get("name"), str)}
+    parts = {f"{n}.{p}" for n in names for p in ("codes", "scale", "offset")}
+    return parts & header.by_name().keys()
+
+
+def _read_frozen(f, header: Header, t: TensorInfo) -> np.ndarray:
+    """Tensor ``t`` as a read-only view of immutable bytes read from ``f`` (copied only
+    where the bytes are misaligned for its dtype)."""
+    f.seek(header.data_start + t.begin)
+    data = f.read(t.nbytes)
+    if len(data) != t.nbytes:
+        raise FormatError(f"tensor {t.name!r}: file ended after {len(data)} of {t.nbytes} bytes")
+    arr = np.frombuffer(data, NUMPY_OF_LABEL[t.dtype]).reshape(t.shape)
+    return arr if arr.flags.aligned else arr.copy()

@@ -37,6 +37,7 @@ from .codec import (
     from_parts,
     hash_algorithm_of,
     parse_meta,
+    quantized_parts,
 )
 from .entry import Entry
 from .model import Signature
@@ -91,7 +92,7 @@ def open_signature(path: str | os.PathLike[str], background: bool = False) -> Si
             raise FormatError(f"{path}: not a robustpatch signature (no {META_KEY!r} metadata)")
         meta = parse_meta(raw, str(path))
         dense = _dense_specs(meta, header, str(path))
-        quant = _quant_tensors(meta, header)
+        quant = quantized_parts(meta, header)
         if not dense and not quant:
             return Signature.load(path)
         mapped = dense.keys() | quant
@@ -150,17 +151,6 @@ def _dense_specs(meta: dict, header: Header, where: str) -> dict[str, TensorInfo
             )
         out[name] = t
     return out
-
-
-def _quant_tensors(meta: dict, header: Header) -> set[str]:
-    """The file tensors of the quantized delta entries (checked when the entries are
-    built, as on load)."""
-    quantized = [
-        s for s in meta["entries"] if isinstance(s, dict) and s.get("encoding") == "quantized"
-    ]
-    names = {s["name"] for s in quantized if isinstance(s.get("name"), str)}
-    parts = {f"{n}.{p}" for n in names for p in ("codes", "scale", "offset")}
-    return parts & header.by_name().keys()
 
 
 def _views(mm: mmap.mmap, header: Header, names: set[str]) -> dict[str, np.ndarray]:
