@@ -501,17 +501,28 @@ impl Sig<'_> {
     }
 
     /// `code·(α·scale) + α·offset` of elements e..e+16 (e even, inside the
-    /// tensor, in the current group).
+    /// tensor, in the current group). `VBMI`: the CPU has AVX-512 VBMI.
     #[inline(always)]
-    unsafe fn decode(&self, e: usize) -> __m512 {
-        // Eight bytes hold the sixteen codes, low nibble first; spread them to
-        // one byte each (byte 2i = low nibble of byte i), then to i32 lanes.
-        let bytes = _mm_loadl_epi64(self.codes.as_ptr().add(e / 2) as *const __m128i);
-        let x = _mm_cvtepu8_epi16(bytes);
-        let lo = _mm_and_si128(x, _mm_set1_epi16(0x000F));
-        let hi = _mm_and_si128(_mm_slli_epi16::<4>(x), _mm_set1_epi16(0x0F00));
-        let c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_or_si128(lo, hi)));
-        _mm512_add_ps(_mm512_mul_ps(c, self.a), self.b)
+    unsafe fn decode<const VBMI: bool>(&self, e: usize) -> __m512 {
+        // Eight bytes hold the sixteen codes, low nibble first.
+        let p = self.codes.as_ptr().add(e / 2);
+        let c = if VBMI {
+            // Every 64-bit lane holds all eight bytes; lane i's low byte takes
+            // the eight bits from bit 4i of its half, of which 4 are kept.
+            let bytes = _mm512_set1_epi64((p as *const i64).read_unaligned());
+            let shifts =
+                _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
+            let nibbles = _mm512_multishift_epi64_epi8(shifts, bytes);
+            _mm512_and_si512(nibbles, _mm512_set1_epi32(0xF))
+        } else {
+            // Spread to one byte each (byte 2i = low nibble of byte i), then
+            // to i32 lanes.
+            let x = _mm_cvtepu8_epi16(_mm_loadl_epi64(p as *const __m128i));
+            let lo = _mm_and_si128(x, _mm_set1_epi16(0x000F));
+            let hi = _mm_and_si128(_mm_slli_epi16::<4>(x), _mm_set1_epi16(0x0F00));
+            _mm512_cvtepu8_epi32(_mm_or_si128(lo, hi))
+        };
+        _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(c), self.a), self.b)
     }
 }
 
@@ -601,6 +612,22 @@ unsafe fn sig_at<'a>((delta, alpha): &(Delta<'a>, f32), base: usize, full: usize
     sig
 }
 
+/// Σ of the signatures' decoded deltas of elements e..e+16. A function, not
+/// a closure: only `#[inline(always)]` makes sure it is compiled with the
+/// caller's target features (an out-of-line closure calls every intrinsic).
+#[inline(always)]
+unsafe fn sum_at<const VBMI2: bool, const N: usize>(sigs: &mut [Sig; N], e: usize) -> __m512 {
+    // −0.0 is the additive identity (+0.0 would turn −0.0 weights into +0.0).
+    let mut acc = _mm512_set1_ps(-0.0);
+    for s in sigs.iter_mut() {
+        if e >= s.end {
+            s.enter(e);
+        }
+        acc = _mm512_add_ps(acc, s.decode::<VBMI2>(e));
+    }
+    acc
+}
+
 #[inline(always)]
 unsafe fn fused_as<T: Lanes, const VBMI2: bool, const N: usize>(
     chunk: &mut [T],
@@ -612,17 +639,7 @@ unsafe fn fused_as<T: Lanes, const VBMI2: bool, const N: usize>(
     let mut sigs: [Sig; N] = std::array::from_fn(|k| sig_at(&deltas[k], base, full));
     let t = chunk.as_mut_ptr();
     let mut over = 0u32;
-    let mut sum = |e: usize| {
-        // −0.0 is the additive identity (+0.0 would turn −0.0 weights into +0.0).
-        let mut acc = _mm512_set1_ps(-0.0);
-        for s in sigs.iter_mut() {
-            if e >= s.end {
-                s.enter(e);
-            }
-            acc = _mm512_add_ps(acc, s.decode(e));
-        }
-        acc
-    };
+    let mut sum = |e: usize| sum_at::<VBMI2, N>(&mut sigs, e);
     match undo {
         None => {
             let mut none = Undo::default();
