@@ -29,7 +29,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -307,12 +307,17 @@ def from_parts(
     tensors: Mapping[str, np.ndarray],
     where: str = "signature",
     check_hash: bool = True,
+    built: Callable[[Entry], object] = lambda e: None,
 ) -> Signature:
     """Rebuild a signature from its parsed metadata and file tensors, verifying both
-    (``check_hash=False``: all but the content hash, which the caller has verified)."""
+    (``check_hash=False``: all but the content hash, which the caller has verified).
+    ``built`` sees each entry once it is built and validated."""
     from .model import Signature
 
-    entries = [_entry_from_spec(s, tensors, where) for s in meta["entries"]]
+    entries = []
+    for s in meta["entries"]:
+        entries.append(_entry_from_spec(s, tensors, where))
+        built(entries[-1])
     sig_meta = {k: v for k, v in meta.items() if k not in HEADER_KEYS}
     sig = Signature(entries, name=str(meta.get("name", "signature")), meta=sig_meta)
     extra = set(tensors) - set(sig.file_tensors())

@@ -69,13 +69,18 @@ class StreamedSignature(Signature):
 
     def release(self, name: str) -> None:
         """Drop the memory pages of entry ``name`` (it has been applied)."""
-        if not hasattr(self._mm, "madvise"):
-            return
-        page = mmap.PAGESIZE
-        for at, size in self._ranges.get(name, ()):
-            start = at - at % page
-            end = -(-(at + size) // page) * page
-            self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
+        _drop(self._mm, self._ranges.get(name, ()))
+
+
+def _drop(mm: mmap.mmap, spans: list[tuple[int, int]]) -> None:
+    """Drop the pages of byte ranges ``spans`` of the map (read again if used again)."""
+    if not hasattr(mm, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    for at, size in spans:
+        start = at - at % page
+        end = -(-(at + size) // page) * page
+        mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(mm)) - start)
 
 
 def open_signature(path: str | os.PathLike[str], background: bool = False) -> Signature:
@@ -200,7 +205,14 @@ def _build(path, header, meta, dense, tensors, mm, expected) -> StreamedSignatur
     (quantized parts among them as views of ``mm`` too)."""
     rest = dict(meta, entries=[s for s in meta["entries"] if s.get("name") not in dense])
     rest["content_hash"] = None
-    loaded = from_parts(rest, tensors, str(path), check_hash=False)  # _verify checks it
+    spans = _spans(header, [s.get("name") for s in meta["entries"] if isinstance(s, dict)])
+
+    def drop(e: Entry) -> None:
+        """Validating an entry touched its pages (its scales and offsets, and the
+        neighbours the kernel maps with them): dropped at once, not held for the file."""
+        _drop(mm, spans.get(e.name, []))
+
+    loaded = from_parts(rest, tensors, str(path), check_hash=False, built=drop)  # _verify: hash
     by_name = {e.name: e for e in loaded}
     values = _views(mm, header, dense.keys())
     entries = [
@@ -222,11 +234,11 @@ def _build(path, header, meta, dense, tensors, mm, expected) -> StreamedSignatur
         meta={k: v for k, v in meta.items() if k not in HEADER_KEYS},
     )
     sig.path, sig._hash, sig._mm = path, expected, mm
-    sig._ranges = _spans(header, [e.name for e in entries if e.kind == "delta"])
+    sig._ranges = {e.name: spans[e.name] for e in entries if e.kind == "delta"}
     return sig
 
 
-def _spans(header: Header, names: list[str]) -> dict[str, list[tuple[int, int]]]:
+def _spans(header: Header, names: list) -> dict[str, list[tuple[int, int]]]:
     """Each delta entry's byte ranges in the file: its values, or its quantized parts."""
     tensors = header.by_name()
     out = {}
