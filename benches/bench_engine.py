@@ -3,7 +3,7 @@
 All in one run, on one 64M-element target and on 10,000 small tensors.
 
 Run (release build installed):  python benches/bench_engine.py [--simd all] [--quick]
-Each SIMD path (--simd scalar|avx2|avx512|all) runs in its own process with
+Each SIMD path (--simd scalar|avx2|avx512|avx512vbmi2|all) runs in its own process with
 ROBUSTPATCH_SIMD set, since the engine picks its path once per process; a path this
 CPU lacks is reported as unavailable. Writes benches/results/engine.json and prints a
 Markdown table of each path's ratio to a copy of the same tensor (measured in the same
@@ -243,7 +243,7 @@ GOALS = {
     "quantize+pack 4-bit g128 (f32 in)": 1.0,
     "projection, out= buffer": 3.0,
 }
-PATHS = ("scalar", "avx2", "avx512")
+PATHS = ("scalar", "avx2", "avx512", "avx512vbmi2")
 
 
 def table(result: dict) -> str:
@@ -251,7 +251,7 @@ def table(result: dict) -> str:
     paths = [p for p in result["paths"] if "rows" in result["paths"][p]]
     head = " | ".join(f"{p} ours/copy" for p in paths)
     lines = [
-        f"| kernel | {head} | goal (avx512) | numpy/ours | torch/ours |",
+        f"| kernel | {head} | goal (AVX-512) | numpy/ours | torch/ours |",
         "|---|" + "---|" * (len(paths) + 3),
     ]
     widest = result["paths"][paths[-1]]["rows"] if paths else []
@@ -277,7 +277,9 @@ def table(result: dict) -> str:
 
 def run_path(path: str, args: argparse.Namespace) -> dict:
     """Measure one forced path in a fresh process (the engine picks its path once)."""
-    env = dict(os.environ, ROBUSTPATCH_SIMD=path)
+    # Passive OpenMP waits: torch's threads otherwise spin after each torch op and take
+    # the cores from whatever is timed next (ours included).
+    env = dict(os.environ, ROBUSTPATCH_SIMD=path, OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, __file__, "--child"]
     cmd += ["--elements", str(args.elements), "--repeat", str(args.repeat)]
     cmd += ["--small-count", str(args.small_count), "--small-size", str(args.small_size)]
