@@ -34,7 +34,7 @@ import json
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import _core
 from .._io.atomic import AtomicFile
-from .._io.inputs import open_input
+from .._io.inputs import in_thread_on_dup, open_input
 from .._io.ranged import pwrite_all, start_writeback
 from ..dtypes import NUMPY_OF_LABEL, label_of
 from ..errors import FormatError, InvalidArgumentError, MismatchError, shown
@@ -450,19 +450,12 @@ def _start_digest_check(
     if record.record_digest is None:
         done.set_result(None)
         return done
-    meta, own = json.loads(header.metadata[UNDO_KEY]), os.dup(f.fileno())
-
-    def run() -> None:
-        try:
-            _check_record_digest(own, header, meta, str(record.record_digest), where)
-        finally:
-            os.close(own)
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="rp-record")
-    try:
-        return pool.submit(run)
-    finally:
-        pool.shutdown(wait=False)
+    meta = json.loads(header.metadata[UNDO_KEY])
+    return in_thread_on_dup(
+        f.fileno(),
+        lambda own: _check_record_digest(own, header, meta, str(record.record_digest), where),
+        "rp-record",
+    )
 
 
 def _check_record_digest(

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import BinaryIO
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO, TypeVar
 
 from ..errors import InvalidArgumentError
 from .atomic import PathLike
+
+T = TypeVar("T")
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -46,3 +50,22 @@ def open_input(path: PathLike) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def in_thread_on_dup(fd: int, work: Callable[[int], T], name: str) -> Future[T]:
+    """``work(own)`` in a thread, ``own`` a duplicate of ``fd`` closed after it: the
+    caller may close ``fd`` meanwhile; ``work`` reads by position (pread), so the file's
+    offset is left alone. The result or the error comes back through the future."""
+    own = os.dup(fd)
+
+    def run() -> T:
+        try:
+            return work(own)
+        finally:
+            os.close(own)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    try:
+        return pool.submit(run)
+    finally:
+        pool.shutdown(wait=False)

@@ -31,7 +31,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -373,17 +373,23 @@ def save(sig: Signature, path: Path) -> Path:
     return path
 
 
+def read_signature_header(f: BinaryIO, where: str) -> tuple[Header, dict[str, Any]]:
+    """The safetensors header of an open signature file and its validated robustpatch
+    metadata (FormatError when the file is not a signature)."""
+    header = read_header_from(f, where)
+    raw = header.metadata.get(META_KEY)
+    if raw is None:
+        raise FormatError(f"{where}: not a robustpatch signature (no {META_KEY!r} metadata)")
+    return header, parse_meta(raw, where)
+
+
 def load(path: Path) -> Signature:
     """Read and validate a signature file (FormatError / NonFiniteError if bad).
 
     Quantized parts are read into immutable ``bytes``, so each QuantTensor holds views
     of them instead of a second copy."""
     with open_input(path) as f:
-        header = read_header_from(f, str(path))
-        raw = header.metadata.get(META_KEY)
-        if raw is None:
-            raise FormatError(f"{path}: not a robustpatch signature (no {META_KEY!r} metadata)")
-        meta = parse_meta(raw, str(path))
+        header, meta = read_signature_header(f, str(path))
         frozen = quantized_parts(meta, header)
         tensors = {
             t.name: (_read_frozen if t.name in frozen else read_tensor)(f, header, t)

@@ -19,25 +19,24 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 
 from .. import validate
-from .._format.safetensors import Header, TensorInfo, read_header_from, read_tensor
-from .._io.inputs import open_input
+from .._format.safetensors import Header, TensorInfo, read_tensor
+from .._io.inputs import in_thread_on_dup, open_input
 from .._io.ranged import pread_blocks
 from ..dtypes import NUMPY_OF_LABEL, widen
 from ..errors import FormatError, NonFiniteError, shown
 from .codec import (
     HEADER_KEYS,
-    META_KEY,
     ContentHasher,
     from_parts,
     hash_algorithm_of,
-    parse_meta,
     quantized_parts,
+    read_signature_header,
 )
 from .entry import Entry
 from .model import Signature
@@ -91,11 +90,7 @@ def open_signature(path: str | os.PathLike[str], background: bool = False) -> Si
     commits anything (a file that fails raises there)."""
     path = validate.path(path, "signature path")
     with open_input(path) as f:
-        header = read_header_from(f, str(path))
-        raw = header.metadata.get(META_KEY)
-        if raw is None:
-            raise FormatError(f"{path}: not a robustpatch signature (no {META_KEY!r} metadata)")
-        meta = parse_meta(raw, str(path))
+        header, meta = read_signature_header(f, str(path))
         dense = _dense_specs(meta, header, str(path))
         quant = quantized_parts(meta, header)
         if not dense and not quant:
@@ -118,19 +113,7 @@ def _start_check(fd: int, header, meta, dense, where: str, background: bool) -> 
         done: Future[str] = Future()
         done.set_result(_verify(fd, header, meta, dense, where))
         return done
-    own = os.dup(fd)
-
-    def run() -> str:
-        try:
-            return _verify(own, header, meta, dense, where)
-        finally:
-            os.close(own)
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="rp-verify")
-    try:
-        return pool.submit(run)
-    finally:
-        pool.shutdown(wait=False)
+    return in_thread_on_dup(fd, lambda own: _verify(own, header, meta, dense, where), "rp-verify")
 
 
 def _dense_specs(meta: dict, header: Header, where: str) -> dict[str, TensorInfo]:
