@@ -23,6 +23,27 @@ use std::arch::x86_64::*;
 /// Most signatures [`apply_fused`] keeps in registers at once.
 pub const MAX_FUSED: usize = 8;
 
+/// `Some($call)` with `$L` naming the concrete type that `$T` is (f32, f16 or
+/// bf16), or None for a type without lanes. `$call` may reinterpret `$T` as
+/// `$L`, the very type it was just found to be.
+macro_rules! with_lanes {
+    ($T:ty, $L:ident => $call:expr) => {{
+        let ty = TypeId::of::<$T>();
+        if ty == TypeId::of::<f32>() {
+            type $L = f32;
+            Some($call)
+        } else if ty == TypeId::of::<f16>() {
+            type $L = f16;
+            Some($call)
+        } else if ty == TypeId::of::<bf16>() {
+            type $L = bf16;
+            Some($call)
+        } else {
+            None
+        }
+    }};
+}
+
 /// Sixteen elements of one type in a register, and their conversions. Each
 /// method computes exactly what the scalar `Element` methods do.
 trait Lanes: Element {
@@ -316,35 +337,13 @@ pub unsafe fn add_tile<T: Element>(
     start: usize,
     undo: Option<&mut Undo<T::Bits>>,
 ) -> Option<usize> {
-    let ty = TypeId::of::<T>();
-    // Each branch reinterprets T as the very type it was just found to be.
-    if ty == TypeId::of::<f32>() {
-        Some(add_tile_on::<f32>(
-            simd,
-            cast(tile),
-            acc,
-            start,
-            undo.map(|u| cast_undo::<T, f32>(u)),
-        ))
-    } else if ty == TypeId::of::<f16>() {
-        Some(add_tile_on::<f16>(
-            simd,
-            cast(tile),
-            acc,
-            start,
-            undo.map(|u| cast_undo::<T, f16>(u)),
-        ))
-    } else if ty == TypeId::of::<bf16>() {
-        Some(add_tile_on::<bf16>(
-            simd,
-            cast(tile),
-            acc,
-            start,
-            undo.map(|u| cast_undo::<T, bf16>(u)),
-        ))
-    } else {
-        None
-    }
+    with_lanes!(T, L => add_tile_on::<L>(
+        simd,
+        cast(tile),
+        acc,
+        start,
+        undo.map(|u| cast_undo::<T, L>(u)),
+    ))
 }
 
 /// [`add_tile_as`] compiled for `simd`'s features.
@@ -446,34 +445,13 @@ pub unsafe fn apply_fused<T: Element>(
     deltas: &[(Delta, f32)],
     undo: Option<&mut Undo<T::Bits>>,
 ) -> Option<(usize, usize)> {
-    let ty = TypeId::of::<T>();
-    if ty == TypeId::of::<f32>() {
-        Some(fused_on::<f32>(
-            simd,
-            cast(chunk),
-            base,
-            deltas,
-            undo.map(|u| cast_undo::<T, f32>(u)),
-        ))
-    } else if ty == TypeId::of::<f16>() {
-        Some(fused_on::<f16>(
-            simd,
-            cast(chunk),
-            base,
-            deltas,
-            undo.map(|u| cast_undo::<T, f16>(u)),
-        ))
-    } else if ty == TypeId::of::<bf16>() {
-        Some(fused_on::<bf16>(
-            simd,
-            cast(chunk),
-            base,
-            deltas,
-            undo.map(|u| cast_undo::<T, bf16>(u)),
-        ))
-    } else {
-        None
-    }
+    with_lanes!(T, L => fused_on::<L>(
+        simd,
+        cast(chunk),
+        base,
+        deltas,
+        undo.map(|u| cast_undo::<T, L>(u)),
+    ))
 }
 
 /// One signature's decoding state: its packed codes, group length, the
