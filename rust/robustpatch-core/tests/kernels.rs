@@ -10,6 +10,8 @@ use robustpatch_core::project::{project, project_scalar};
 use robustpatch_core::quant::{quantize, QuantSpec, Scheme};
 use robustpatch_core::Element;
 
+mod common;
+
 /// Values that break naive add/subtract round trips.
 const SPECIAL: [f32; 10] = [
     0.0,
@@ -26,19 +28,7 @@ const SPECIAL: [f32; 10] = [
 
 /// A target mixing random weights with the special values.
 fn target_values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            if i % 17 == 0 {
-                SPECIAL[(s % SPECIAL.len() as u64) as usize]
-            } else {
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-            }
-        })
-        .collect()
+    common::mixed_values(seed, n, (17, 0), &SPECIAL, 0.1)
 }
 
 fn delta_values(seed: u64, n: usize, magnitude: f32) -> Vec<f32> {

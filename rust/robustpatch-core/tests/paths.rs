@@ -17,6 +17,8 @@ use robustpatch_core::quant::{
 };
 use robustpatch_core::Element;
 
+mod common;
+
 const CASES: u32 = 1000;
 
 /// Deterministic values: mostly small weights, some specials that stress
@@ -33,19 +35,7 @@ fn values(seed: u64, n: usize, mag: f32) -> Vec<f32> {
         f32::NEG_INFINITY,
         f32::from_bits(0x7FC0_1234),
     ];
-    let mut s = seed | 1;
-    (0..n)
-        .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            if i % 23 == 5 {
-                SPECIAL[(s % SPECIAL.len() as u64) as usize]
-            } else {
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * mag
-            }
-        })
-        .collect()
+    common::mixed_values(seed, n, (23, 5), &SPECIAL, mag)
 }
 
 /// Finite deltas (quantization refuses NaN/Inf).
