@@ -119,6 +119,18 @@ def test_a_difference_that_overflows_is_refused_with_its_index(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_projection_whose_difference_overflows_says_so(tmp_path):
+    """Finite weights whose float32 difference overflows: the error names the tensor and
+    says a difference overflowed, not only that the weights hold NaN or Inf (they do not)."""
+    pre = {"w": np.zeros((4, 4), np.float32)}
+    clean = {"w": np.ones((4, 4), np.float32)}
+    robust = {"w": np.ones((4, 4), np.float32)}
+    pre["w"][2, 1], robust["w"][2, 1] = -3e38, 3e38
+    with pytest.raises(NonFiniteError, match=r"^w: .*differences overflow float32"):
+        extract_to(tmp_path / "o.rws", pre, clean, robust, layers="all")
+    assert os.listdir(tmp_path) == []
+
+
 def write_sharded(folder: Path, model: dict[str, np.ndarray], weight_map: dict[str, str]):
     folder.mkdir(exist_ok=True)
     for shard in sorted(set(weight_map.values())):

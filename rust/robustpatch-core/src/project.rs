@@ -213,7 +213,8 @@ fn as_lanes<T>(x: &[T]) -> &[T; LANES] {
 }
 
 /// Add the block sums in order; NaN or Inf anywhere in the inputs shows up
-/// here, so non-finite data is refused without a pass of its own.
+/// here, so non-finite data is refused without a pass of its own. So does a
+/// difference of finite weights that overflows f32 (it is taken in f32).
 fn combine(sums: &[[f64; 3]]) -> Result<ProjectionStats> {
     let mut s = ProjectionStats::default();
     for b in sums {
@@ -223,7 +224,9 @@ fn combine(sums: &[[f64; 3]]) -> Result<ProjectionStats> {
     }
     if !(s.dot_rd.is_finite() && s.norm2_d.is_finite() && s.norm2_r.is_finite()) {
         return Err(Error::NonFinite(
-            "pretrained, clean or robust weights hold NaN or Inf".into(),
+            "pretrained, clean or robust weights hold NaN or Inf, or their differences \
+             overflow float32"
+                .into(),
         ));
     }
     s.coef = if s.norm2_d > 0.0 {
