@@ -104,7 +104,7 @@ def _add_patch_args(p: Any, model_help: str, alpha_what: str, inplace: bool = Fa
     p.add_argument(
         "--embed-signature",
         action="store_true",
-        help="copy dense signatures into the undo record (by default it refers to their "
+        help="copy the signatures into the undo record (by default it refers to their "
         "files by content hash, and 'remove' finds them beside the record or by --signature)",
     )
 
