@@ -89,3 +89,15 @@ def best_time(fn: Callable[[], object], repeat: int, setup: Callable[[], object]
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Minimum wall time of each function over ``repeat`` rounds, the functions taking
+    turns within a round, so that a slow phase of the machine hits every one alike."""
+    times = {k: float("inf") for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k] = min(times[k], time.perf_counter() - t0)
+    return times

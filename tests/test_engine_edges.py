@@ -260,10 +260,50 @@ def test_blake3_refuses_other_dtypes_and_strided_arrays():
         _core.Blake3().update(np.zeros(8, np.uint8)[::2])
 
 
-def test_new_signatures_and_fingerprints_use_blake3(tmp_path):
+def _fingerprint_by_definition(pre: dict, names) -> str:
+    """The base fingerprint as README defines it, by the reference XXH3 (PyPI xxhash)."""
+    import xxhash  # a test dependency: the reference implementation of XXH3
+
+    lines = []
+    for n in sorted(names):
+        t = np.ascontiguousarray(pre[n])
+        raw = t.reshape(-1).view(np.uint8).tobytes()
+        block = 4096 * t.itemsize
+        blocks = b"".join(
+            xxhash.xxh3_128_intdigest(raw[i : i + block]).to_bytes(16, "little")
+            for i in range(0, len(raw), block)
+        )
+        digest = xxhash.xxh3_128_intdigest(blocks).to_bytes(16, "little").hex()
+        dtype = {"float32": "F32", "float16": "F16", "float64": "F64"}[t.dtype.name]
+        lines.append(json.dumps([n, list(t.shape), dtype, digest]) + "\n")
+    whole = _core.Blake3()
+    whole.update("".join(lines).encode())
+    return "tensors-xxh3-128:" + whole.hexdigest()
+
+
+def test_the_base_fingerprint_follows_its_definition_and_sees_one_changed_weight():
+    pre, clean, robust = trio(0)
+    # Large enough for several hash blocks on the engine's parallel path, odd-sized so
+    # the last block is partial; a float16 tensor; a float64 one (projected in float32,
+    # fingerprinted as stored).
+    rng = np.random.default_rng(1)
+    pre["big.weight"] = rng.normal(0, 1, 300_007).astype(np.float32)
+    pre["half.weight"] = rng.normal(0, 1, 9_001).astype(np.float16)
+    pre["wide.weight"] = rng.normal(0, 1, 5_000).astype(np.float64)
+    for m, scale in ((clean, 0.01), (robust, 0.02)):
+        for k in ("big.weight", "half.weight", "wide.weight"):
+            m[k] = (pre[k] + rng.normal(0, scale, pre[k].shape)).astype(pre[k].dtype)
+    sig = rp.extract(pre, clean, robust, layers="all")
+    # BatchNorm statistics are replacements (not projected): hashed on their own.
+    assert {"big.weight", "half.weight", "wide.weight", "bn1.running_mean"} <= {e.name for e in sig}
+    assert sig.base_fingerprint == _fingerprint_by_definition(pre, [e.name for e in sig])
+    pre["big.weight"][300_000] = np.nextafter(pre["big.weight"][300_000], np.float32(9))
+    assert rp.extract(pre, clean, robust, layers="all").base_fingerprint != sig.base_fingerprint
+
+
+def test_new_signatures_use_blake3(tmp_path):
     sig = rp.extract(*trio(0), layers="all")
     assert sig.content_hash.startswith("blake3:") and len(sig.content_hash) == 7 + 64
-    assert sig.base_fingerprint.startswith("blake3:")
     sig.save(tmp_path / "s.rws")
     loaded = rp.Signature.load(tmp_path / "s.rws")
     assert loaded.content_hash == sig.content_hash

@@ -62,7 +62,7 @@ def test_projection_signature_matches_numpy_and_bn_is_replacement(models, sig):
     assert sig.meta["method"] == "projection"
     assert sig.meta["layers"]["mode"] == "all"
     assert sig.meta["provenance"] == {"corruption": "fog"}
-    assert sig.base_fingerprint.startswith("blake3:")
+    assert sig.base_fingerprint.startswith("tensors-xxh3-128:")
 
 
 def test_difference_method_is_robust_minus_clean(models):

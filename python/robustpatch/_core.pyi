@@ -73,7 +73,9 @@ def project(
     clean: FloatArray,
     robust: FloatArray,
     out: npt.NDArray[np.float32] | None = None,
-) -> tuple[npt.NDArray[np.float32], dict[str, float]]: ...
+    hash_pretrained: bool = False,
+) -> tuple[npt.NDArray[np.float32], dict[str, float | str]]: ...
+def tensor_digest(data: npt.NDArray[np.uint8], itemsize: int) -> str: ...
 def apply(
     target: FloatArray,
     deltas: list[DeltaLike],

@@ -94,6 +94,7 @@ class _Values:
     sig: np.ndarray
     stats: dict[str, float]
     reference: float
+    pretrained_digest: str | None = None  # the pretrained tensor's digest, when taken
 
 
 def _signature_values(trio: _Trio, name: str, method: str) -> _Values | None:
@@ -114,16 +115,19 @@ def _values_of(trio: _Trio, name: str, method: str) -> _Values | None:
     if pspec is None or pspec != trio.clean.spec(name):
         return None
     p = trio.pre.get(name)
-    if p.dtype == np.float64:
+    # The fingerprint hashes the stored bytes: not those of a float32 copy.
+    stored = p.dtype != np.float64
+    if not stored:
         p = p.astype(np.float32)
-    sig, stats = _core.project(p, c, r)
+    sig, stats = _core.project(p, c, r, hash_pretrained=stored)
+    digest = stats.get("pretrained_digest")
     stats = {
         "energy": float(stats["norm2_sig"]),
         "coef": float(stats["coef"]),
         "robust_energy": float(stats["norm2_r"]),
         "clean_energy": float(stats["norm2_d"]),
     }
-    return _Values(sig, stats, stats["robust_energy"])
+    return _Values(sig, stats, stats["robust_energy"], digest)
 
 
 def _difference(c: np.ndarray, r: np.ndarray) -> _Values:
@@ -194,18 +198,40 @@ def _unit_energies(trio: _Trio, units: list[list[str]], bn: set[str], progress) 
     return energies
 
 
-def _fingerprint(src: Source | None, names: Iterable[str]) -> str | None:
+#: The base-model fingerprint's label. The fingerprint is the BLAKE3 of one JSON line
+#: ``[name, shape, dtype, digest]`` per pretrained tensor the signature touches, in name
+#: order, where ``digest`` is the tensor's XXH3-128 digest (``_core.tensor_digest``:
+#: over the digests of its blocks of 4096 elements), which the projection takes in the
+#: pass that reads the tensor. Signatures written before carry ``blake3:`` or
+#: ``sha256:`` over names, shapes, dtypes and bytes in one stream; a fingerprint is
+#: compared only with one of its own label.
+FINGERPRINT_LABEL = "tensors-xxh3-128"
+
+
+def _fingerprint(
+    src: Source | None, names: Iterable[str], digests: Mapping[str, str]
+) -> str | None:
+    """The fingerprint of the pretrained tensors ``names`` (see :data:`FINGERPRINT_LABEL`);
+    ``digests`` holds those already hashed, the others are read and hashed here."""
     if src is None:
         return None
-    h = _core.Blake3()
+    lines = []
     for n in sorted(names):
         spec = src.spec(n)
         if spec is None:
             continue
-        h.update(json.dumps([n, list(spec[1]), spec[0]]).encode())
-        h.update(np.ascontiguousarray(src.get(n)).reshape(-1).view(np.uint8))
-        src.release(n)
-    return "blake3:" + h.hexdigest()
+        digest = digests.get(n) or _tensor_digest(src, n)
+        lines.append(json.dumps([n, list(spec[1]), spec[0], digest]) + "\n")
+    h = _core.Blake3()
+    h.update("".join(lines).encode())
+    return f"{FINGERPRINT_LABEL}:{h.hexdigest()}"
+
+
+def _tensor_digest(src: Source, name: str) -> str:
+    t = np.ascontiguousarray(src.get(name))
+    digest = _core.tensor_digest(t.reshape(-1).view(np.uint8), t.itemsize)
+    src.release(name)
+    return digest
 
 
 def _share(what: str, value: Any) -> float:
@@ -397,6 +423,7 @@ def _quant_args(bits: Any, scheme: Any, granularity: Any, group: Any) -> tuple[i
 @dataclass
 class _Tally:
     names: list[str] = field(default_factory=list)  # the entries produced
+    digests: dict[str, str] = field(default_factory=dict)  # pretrained digests taken
     skipped: list[str] = field(default_factory=list)
     energy: float = 0.0  # ‖signature‖² over the stored deltas
     reference: float = 0.0  # the matching ‖Δr‖² or ‖robust‖² over the selected deltas
@@ -415,7 +442,9 @@ def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
             got = _signature_values(trio, n, plan.method)
             if got is not None:
                 tally.reference += got.reference
-            if got is None or not np.any(got.sig):
+                if got.pretrained_digest is not None:
+                    tally.digests[n] = got.pretrained_digest
+            if got is None or not _any_nonzero(got):
                 tally.skipped.append(n)
             else:
                 entry = _delta_entry(n, got, label)
@@ -425,6 +454,14 @@ def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
             tally.names.append(n)
             yield entry
         plan.tick(1)
+
+
+def _any_nonzero(got: _Values) -> bool:
+    """Whether the signature has a nonzero element. Its energy ‖δ‖² is summed in float64,
+    where the square of every nonzero float32 is positive: a finite energy answers without
+    a pass over the values."""
+    energy = got.stats["energy"]
+    return energy > 0 if math.isfinite(energy) else bool(np.any(got.sig))
 
 
 def _delta_entry(name: str, got: _Values, label: str) -> Entry:
@@ -450,7 +487,7 @@ def _meta(plan: _Plan, tally: _Tally, provenance, effect) -> dict[str, Any]:
         "method": plan.method,
         "layers": plan.layer_info,
         "skipped": tally.skipped,
-        "fingerprints": {"base": _fingerprint(trio.pre, tally.names)},
+        "fingerprints": {"base": _fingerprint(trio.pre, tally.names, tally.digests)},
         "source": {
             "model_nbytes": trio.robust.float_nbytes(),
             "model_tensors": len(plan.names),

@@ -18,6 +18,20 @@ pub fn count(what: &str, n: i64) -> Result<usize> {
     usize::try_from(n).map_err(|_| Error::Value(format!("{what} must be ≥ 0, got {n}")))
 }
 
+/// The size of one element of a byte buffer of `len` bytes: 1, 2, 4 or 8, and
+/// a divisor of `len`.
+pub fn itemsize(size: i64, len: usize) -> Result<usize> {
+    match size {
+        1 | 2 | 4 | 8 if len.is_multiple_of(size as usize) => Ok(size as usize),
+        1 | 2 | 4 | 8 => Err(Error::Shape(format!(
+            "{len} bytes are not a whole number of {size}-byte elements"
+        ))),
+        _ => Err(Error::Value(format!(
+            "itemsize must be 1, 2, 4 or 8, got {size}"
+        ))),
+    }
+}
+
 /// A quantization spec from its wide parts: bits 1..=8, a known scheme, and a
 /// group length ≥ 1 (whether it divides the tensor is checked with the tensor).
 pub fn spec(bits_: i64, scheme: &str, group_len: i64) -> Result<QuantSpec> {
@@ -60,6 +74,15 @@ mod tests {
     fn negative_counts_are_refused() {
         assert!(matches!(count("numel", -1), Err(Error::Value(m)) if m.contains("numel")));
         assert_eq!(count("numel", 1 << 40).unwrap(), 1 << 40);
+    }
+
+    #[test]
+    fn an_itemsize_is_a_power_of_two_up_to_eight_that_divides_the_length() {
+        assert_eq!(itemsize(4, 12).unwrap(), 4);
+        assert!(matches!(itemsize(4, 10), Err(Error::Shape(_))));
+        for s in [0, 3, 16, -4] {
+            assert!(matches!(itemsize(s, 48), Err(Error::Value(m)) if m.contains("itemsize")));
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Content hashes: BLAKE3, over several cores for large inputs. Signature
-//! content hashes and base-model fingerprints hash whole tensors, where sha256
-//! in Python took most of `extract`'s time.
+//! Hashes: BLAKE3 content hashes, over several cores for large inputs (signature
+//! content hashes hash whole tensors, where sha256 in Python took most of
+//! `extract`'s time), and the XXH3 tensor digests of base-model fingerprints.
 
 /// Inputs at least this long are hashed with rayon: below it the thread
 /// hand-off costs more than it saves (BLAKE3's docs suggest ~128 KiB).
@@ -30,9 +30,72 @@ impl Hasher {
     }
 }
 
+/// Elements per block of a [`tensor_digest`] (the projection's reduction block,
+/// so it can hash each block in the pass that reads it).
+pub const DIGEST_BLOCK: usize = 4096;
+
+/// A tensor's digest for the base-model fingerprint: XXH3-128 over the XXH3-128
+/// digests (16 bytes each, little-endian) of its blocks of [`DIGEST_BLOCK`]
+/// elements in order, the last block possibly shorter. Blocks hash on any thread,
+/// and XXH3 is several times faster than BLAKE3: a fingerprint identifies a base
+/// model, it guards nothing against an adversary, so speed wins here (content
+/// hashes stay BLAKE3). `bytes` holds the elements of `elem_size` bytes each.
+pub fn tensor_digest(bytes: &[u8], elem_size: usize) -> [u8; 16] {
+    use rayon::prelude::*;
+    let block = DIGEST_BLOCK * elem_size;
+    let blocks: Vec<[u8; 16]> = if bytes.len() >= PARALLEL_MIN {
+        bytes.par_chunks(block).map(block_digest).collect()
+    } else {
+        bytes.chunks(block).map(block_digest).collect()
+    };
+    digest_of_blocks(&blocks)
+}
+
+/// The digest of one block of a [`tensor_digest`].
+pub fn block_digest(block: &[u8]) -> [u8; 16] {
+    xxhash_rust::xxh3::xxh3_128(block).to_le_bytes()
+}
+
+/// A [`tensor_digest`] from its blocks' digests, in order.
+pub fn digest_of_blocks(blocks: &[[u8; 16]]) -> [u8; 16] {
+    xxhash_rust::xxh3::xxh3_128(blocks.as_flattened()).to_le_bytes()
+}
+
+/// A digest as lowercase hex digits.
+pub fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tensor_digest_is_xxh3_over_its_blocks_digests() {
+        // XXH3-128 of the empty input, from the xxHash reference (XXH3_128bits).
+        assert_eq!(
+            hex(&tensor_digest(&[], 4)),
+            hex(&0x99aa06d3014798d86001c324468d497f_u128.to_le_bytes())
+        );
+        for (len, size) in [
+            (1, 4),
+            (DIGEST_BLOCK, 4),
+            (3 * DIGEST_BLOCK + 5, 2),
+            (40_000, 4),
+        ] {
+            let data: Vec<u8> = (0..len * size).map(|i| (i * 7 % 253) as u8).collect();
+            let mut concat = Vec::new();
+            for b in data.chunks(DIGEST_BLOCK * size) {
+                concat.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(b).to_le_bytes());
+            }
+            let want = xxhash_rust::xxh3::xxh3_128(&concat).to_le_bytes();
+            assert_eq!(
+                tensor_digest(&data, size),
+                want,
+                "{len} elements of {size} bytes"
+            );
+        }
+    }
 
     #[test]
     fn matches_the_blake3_reference_vectors() {

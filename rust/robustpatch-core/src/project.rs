@@ -9,11 +9,13 @@
 use crate::arch::{self, Simd};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+use crate::hash::{block_digest, digest_of_blocks, DIGEST_BLOCK};
 use crate::par::PARALLEL_MIN;
 use rayon::prelude::*;
 
-/// Elements per reduction block; fixed so results do not depend on threads.
-pub const BLOCK: usize = 4096;
+/// Elements per reduction block; fixed so results do not depend on threads. It
+/// is also the tensor digest's block, so the first pass can hash `pre`.
+pub const BLOCK: usize = DIGEST_BLOCK;
 
 /// Everything layer selection needs besides the signature itself.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -48,23 +50,55 @@ pub fn project_with<T: Element>(
     robust: &[T],
     out: &mut [f32],
 ) -> Result<ProjectionStats> {
+    Ok(run(simd, pre, clean, robust, out, false)?.0)
+}
+
+/// [`project`], also returning `pre`'s [`tensor_digest`](crate::hash::tensor_digest)
+/// (the base model's fingerprint needs it). Each block is hashed in the first
+/// pass, while it is in cache for the sums, so the hash costs no read of its own.
+pub fn project_hashing<T: Element>(
+    pre: &[T],
+    clean: &[T],
+    robust: &[T],
+    out: &mut [f32],
+) -> Result<(ProjectionStats, [u8; 16])> {
+    let (stats, digest) = run(arch::selected()?, pre, clean, robust, out, true)?;
+    Ok((stats, digest.expect("hashing was asked for")))
+}
+
+type Moments = ([f64; 3], Option<[u8; 16]>);
+
+fn run<T: Element>(
+    simd: Simd,
+    pre: &[T],
+    clean: &[T],
+    robust: &[T],
+    out: &mut [f32],
+    hash: bool,
+) -> Result<(ProjectionStats, Option<[u8; 16]>)> {
     check_lengths(pre.len(), clean.len(), robust.len(), out.len())?;
     let parallel = pre.len() >= PARALLEL_MIN;
-    let blocks = |b: usize| {
+    let nblocks = pre.len().div_ceil(BLOCK);
+    let blocks = |b: usize| -> Moments {
         let r = b * BLOCK..((b + 1) * BLOCK).min(pre.len());
         let (p, c, r) = (&pre[r.clone()], &clean[r.clone()], &robust[r]);
-        simd.run(
+        let sums = simd.run(
             #[inline(always)]
             || moments(p, c, r),
-        )
+        );
+        (sums, hash.then(|| block_digest(bytes_of(p))))
     };
-    let nblocks = pre.len().div_ceil(BLOCK);
-    let sums: Vec<[f64; 3]> = if parallel {
+    let firsts: Vec<Moments> = if parallel {
         (0..nblocks).into_par_iter().map(blocks).collect()
     } else {
         (0..nblocks).map(blocks).collect()
     };
+    let sums: Vec<[f64; 3]> = firsts.iter().map(|f| f.0).collect();
     let mut stats = combine(&sums)?;
+    let digest = hash.then(|| {
+        let blocks: Vec<[u8; 16]> = firsts.iter().filter_map(|f| f.1).collect();
+        digest_of_blocks(&blocks)
+    });
     let c = stats.coef as f32;
     let write = |(b, o): (usize, &mut [f32])| {
         let r = b * BLOCK..b * BLOCK + o.len();
@@ -80,7 +114,13 @@ pub fn project_with<T: Element>(
         out.chunks_mut(BLOCK).enumerate().map(write).collect()
     };
     stats.norm2_sig = norms.iter().sum();
-    Ok(stats)
+    Ok((stats, digest))
+}
+
+/// The raw bytes of a slice of elements (f32, f16 or bf16: no padding).
+fn bytes_of<T: Element>(x: &[T]) -> &[u8] {
+    // SAFETY: Element types are plain numbers without padding; u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
 
 /// Reference twin of [`project`]: single thread, plain element loops.
@@ -235,4 +275,35 @@ fn combine(sums: &[[f64; 3]]) -> Result<ProjectionStats> {
         0.0
     };
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    fn check_hashing<T: Element>(n: usize) {
+        let v = |k: usize, s: f32| T::from_f32(((k * 37 % 101) as f32 - 50.0) * s);
+        let pre: Vec<T> = (0..n).map(|k| v(k, 0.01)).collect();
+        let clean: Vec<T> = (0..n).map(|k| v(k + 3, 0.011)).collect();
+        let robust: Vec<T> = (0..n).map(|k| v(k + 7, 0.012)).collect();
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        let plain = project(&pre, &clean, &robust, &mut a).unwrap();
+        let (stats, digest) = project_hashing(&pre, &clean, &robust, &mut b).unwrap();
+        assert_eq!(plain, stats);
+        assert_eq!(a, b);
+        let want = crate::hash::tensor_digest(bytes_of(&pre), std::mem::size_of::<T>());
+        assert_eq!(digest, want, "{n} elements");
+    }
+
+    #[test]
+    fn the_fused_hash_is_the_tensor_digest_of_the_pretrained_bytes() {
+        // Empty, one partial block, exactly one, several with a partial last, and
+        // enough for the parallel path.
+        for n in [0, 5, BLOCK, BLOCK + 1, 3 * BLOCK + 17, PARALLEL_MIN + 9] {
+            check_hashing::<f32>(n);
+            check_hashing::<f16>(n);
+            check_hashing::<bf16>(n);
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! `Blake3`: the core's parallel content hash, fed from Python like hashlib's
-//! objects (bytes or uint8 arrays), the GIL released while it hashes.
+//! objects (bytes or uint8 arrays), the GIL released while it hashes; and
+//! `tensor_digest`, the per-tensor digest of base-model fingerprints.
 
 use crate::arrays::slice_of;
 use crate::errors::BindResult;
@@ -7,7 +8,8 @@ use crate::nogil;
 use numpy::PyReadonlyArrayDyn;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use robustpatch_core::hash::Hasher;
+use robustpatch_core::args;
+use robustpatch_core::hash::{self, Hasher};
 
 /// An incremental BLAKE3 hash (`update(data)`, then `hexdigest()`).
 #[pyclass(module = "robustpatch._core")]
@@ -38,4 +40,18 @@ impl Blake3 {
     fn hexdigest(&self) -> String {
         self.0.hex()
     }
+}
+
+/// The fingerprint digest (hex) of a tensor's bytes (`data`, C-contiguous uint8) as
+/// elements of `itemsize` bytes: XXH3-128 over the XXH3-128 of each block of 4096
+/// elements.
+#[pyfunction]
+pub fn tensor_digest(
+    py: Python<'_>,
+    data: PyReadonlyArrayDyn<'_, u8>,
+    itemsize: i64,
+) -> BindResult<String> {
+    let bytes = slice_of(&data, "data")?;
+    let size = args::itemsize(itemsize, bytes.len())?;
+    Ok(hash::hex(&nogil(py, || hash::tensor_digest(bytes, size))))
 }

@@ -121,15 +121,18 @@ fn unpack<'py>(
 
 /// Signature of one tensor: returns (signature float32 with the input's shape, stats dict).
 /// With `out` (a writeable float32 array of that shape, not sharing memory with
-/// an input) the signature is written there and `out` is returned.
+/// an input) the signature is written there and `out` is returned. With
+/// `hash_pretrained`, stats also holds `pretrained_digest`: the pretrained tensor's
+/// `tensor_digest` in hex, hashed in the same pass.
 #[pyfunction]
-#[pyo3(signature = (pretrained, clean, robust, out = None))]
+#[pyo3(signature = (pretrained, clean, robust, out = None, hash_pretrained = false))]
 fn project<'py>(
     py: Python<'py>,
     pretrained: &Bound<'py, PyAny>,
     clean: &Bound<'py, PyAny>,
     robust: &Bound<'py, PyAny>,
     out: Option<Bound<'py, PyArrayDyn<f32>>>,
+    hash_pretrained: bool,
 ) -> BindResult<Bound<'py, PyTuple>> {
     let (p, c, r) = (
         FloatIn::extract(pretrained, "pretrained")?,
@@ -177,20 +180,44 @@ fn project<'py>(
         Error::Value("out must be writeable and not share memory with an input".into())
     })?;
     let out = rw.as_slice_mut()?;
-    let stats = nogil(py, || match (pd, cd, rd) {
-        (Dense::F32(a), Dense::F32(b), Dense::F32(c)) => core_project::project(a, b, c, out),
-        (Dense::F16(a), Dense::F16(b), Dense::F16(c)) => core_project::project(a, b, c, out),
-        (Dense::BF16(a), Dense::BF16(b), Dense::BF16(c)) => core_project::project(a, b, c, out),
+    let (stats, digest) = nogil(py, || match (pd, cd, rd) {
+        (Dense::F32(a), Dense::F32(b), Dense::F32(c)) => {
+            project_dense(a, b, c, out, hash_pretrained)
+        }
+        (Dense::F16(a), Dense::F16(b), Dense::F16(c)) => {
+            project_dense(a, b, c, out, hash_pretrained)
+        }
+        (Dense::BF16(a), Dense::BF16(b), Dense::BF16(c)) => {
+            project_dense(a, b, c, out, hash_pretrained)
+        }
         _ => unreachable!("dtypes checked above"),
     })?;
     drop(rw);
     let d = PyDict::new(py);
+    if let Some(digest) = digest {
+        d.set_item("pretrained_digest", robustpatch_core::hash::hex(&digest))?;
+    }
     d.set_item("dot_rd", stats.dot_rd)?;
     d.set_item("norm2_d", stats.norm2_d)?;
     d.set_item("norm2_r", stats.norm2_r)?;
     d.set_item("norm2_sig", stats.norm2_sig)?;
     d.set_item("coef", stats.coef)?;
     Ok(PyTuple::new(py, [sig.into_any(), d.into_any()])?)
+}
+
+/// The projection, with the pretrained tensor's digest when asked for.
+fn project_dense<T: Element>(
+    pre: &[T],
+    clean: &[T],
+    robust: &[T],
+    out: &mut [f32],
+    hash: bool,
+) -> robustpatch_core::error::Result<(core_project::ProjectionStats, Option<[u8; 16]>)> {
+    if hash {
+        core_project::project_hashing(pre, clean, robust, out).map(|(s, d)| (s, Some(d)))
+    } else {
+        core_project::project(pre, clean, robust, out).map(|s| (s, None))
+    }
 }
 
 /// A delta as passed from Python: a float array or a `QuantTensor`.
@@ -479,6 +506,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add_class::<QuantTensor>()?;
     m.add_class::<hashing::Blake3>()?;
+    m.add_function(wrap_pyfunction!(hashing::tensor_digest, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
