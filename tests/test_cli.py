@@ -148,10 +148,9 @@ def test_apply_inspect_remove_round_trip(files, capsys):
 
 def test_durable_fsyncs_output_and_record_only_when_asked(files, capsys, monkeypatch):
     """Default writes are atomic but not fsynced (like shutil.copyfile); ``--durable``
-    fsyncs the patched model and its undo record, and ``remove --durable`` the restored
-    file, each before its rename."""
+    fsyncs the extracted signature, the patched model and its undo record, and
+    ``remove --durable`` the restored file, each before its rename."""
     d = files
-    extract_fog(capsys, d)
     synced: list[str] = []
     real = os.fsync
 
@@ -160,6 +159,10 @@ def test_durable_fsyncs_output_and_record_only_when_asked(files, capsys, monkeyp
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+    assert extract_fog(capsys, d)[0] == 0 and synced == []
+    assert extract_fog(capsys, d, "--durable", "--overwrite")[0] == 0
+    assert len([s for s in synced if s != str(d)]) == 1 and str(d) in synced
+    synced.clear()
     model = d / "clean.safetensors"
     assert run(capsys, "apply", model, d / "fog.rws", "-o", d / "a.safetensors")[0] == 0
     assert run(capsys, "remove", d / "a.safetensors", "-o", d / "ra.safetensors")[0] == 0

@@ -138,6 +138,8 @@ def test_projection_matches_numpy(n, seed):
     coef = dr @ d / (d @ d)
     np.testing.assert_allclose(stats["coef"], coef, rtol=1e-9)
     np.testing.assert_allclose(sig, dr - coef * d, rtol=1e-4, atol=1e-6)
+    wide = robust.astype(np.float64)
+    np.testing.assert_allclose(stats["norm2_robust"], wide @ wide, rtol=1e-12)
     # Orthogonal to the clean delta, up to f32 rounding of the residual.
     assert abs(sig.astype(np.float64) @ d) <= 1e-5 * np.linalg.norm(dr) * np.linalg.norm(d)
 

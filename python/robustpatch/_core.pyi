@@ -75,6 +75,9 @@ def project(
     out: npt.NDArray[np.float32] | None = None,
     hash_pretrained: bool = False,
 ) -> tuple[npt.NDArray[np.float32], dict[str, float | str]]: ...
+def compact(
+    values: npt.NDArray[np.float32],
+) -> tuple[str, npt.NDArray[np.uint16] | None]: ...
 def tensor_digest(data: npt.NDArray[np.uint8], itemsize: int) -> str: ...
 def apply(
     target: FloatArray,

@@ -134,40 +134,10 @@ def _difference(c: np.ndarray, r: np.ndarray) -> _Values:
     """``robust − clean`` in float32 by the engine's fused projection with the clean
     tensor as the base: its clean delta is then zero, so is the coefficient, and the
     kernel returns ``Δr = r − c`` exactly as numpy's float32 subtraction rounds it, in
-    one pass over the stored dtype (no widened copies)."""
+    one pass over the stored dtype (no widened copies), with ‖robust‖² (the near-zero
+    warning's reference) summed in the same pass."""
     d, stats = _core.project(c, c, r)
-    return _Values(d, {"energy": float(stats["norm2_sig"])}, _norm2(r))
-
-
-#: Elements widened at a time by :func:`_norm2` (1 MiB of float32: stays in cache).
-_NORM_BLOCK = 1 << 18
-
-
-def _norm2(x: np.ndarray) -> float:
-    """‖x‖², for the near-zero warning only: float32 BLAS dots over cache-sized blocks
-    widened into one buffer, summed in float64 (the engine's float64 dot takes several
-    times as long); the engine's dot for a block where float32 overflows."""
-    flat = x.reshape(-1)
-    buf = np.empty(min(flat.size, _NORM_BLOCK), np.float32)
-    total = 0.0
-    for at in range(0, flat.size, _NORM_BLOCK):
-        part = flat[at : at + _NORM_BLOCK]
-        w = _as_float32(part, buf[: part.size])
-        with np.errstate(over="ignore"):
-            square = float(np.dot(w, w))
-        total += square if math.isfinite(square) else float(_core.dot(part, part))
-    return total
-
-
-def _as_float32(part: np.ndarray, buf: np.ndarray) -> np.ndarray:
-    """``part`` (F32, F16 or BF16 bits) as float32, widened into ``buf`` if needed."""
-    if part.dtype == np.float32:
-        return part
-    if part.dtype == np.uint16:  # bfloat16 bits: the high half of a float32
-        np.left_shift(part, 16, out=buf.view(np.uint32), dtype=np.uint32)
-    else:
-        buf[:] = part
-    return buf
+    return _Values(d, {"energy": float(stats["norm2_sig"])}, float(stats["norm2_robust"]))
 
 
 def _candidates(trio: _Trio, order: Sequence[str] | None) -> list[str]:
@@ -370,6 +340,7 @@ def extract_to(
     scheme: str = "affine",
     granularity: str = "group",
     group: int = 128,
+    durable: bool = False,
     **options: Any,
 ) -> Extracted:
     """:func:`extract` straight into the signature file ``path``, each entry written as
@@ -379,7 +350,9 @@ def extract_to(
     :func:`extract` (``method``, ``energy``, ``param_budget``, ``name``, ``provenance``,
     ``effect``, ``order``, ``progress``). The file is byte for byte what
     ``extract(...).save(path)`` (or ``extract(...).quantize(bits, ...).save(path)``)
-    writes; it appears whole or not at all (an error leaves ``path`` as it was)."""
+    writes; it appears whole or not at all (an error leaves ``path`` as it was), by an
+    atomic rename, after an fsync with ``durable`` (like ``apply_file``, and like
+    ``safetensors`` and ``torch.save``, it does not fsync by default)."""
     path = validate.path(path, "signature path")
     quant = None if bits is None else _quant_args(bits, scheme, granularity, group)
     # extract's own signature checks the options (an unknown one is a TypeError) and
@@ -399,7 +372,7 @@ def extract_to(
         a["progress"],
     )
     tally = _Tally()
-    with SignatureWriter(path) as out:
+    with SignatureWriter(path, durable) as out:
         for e in _entries(plan, tally):
             out.add(e if quant is None else quantize_entry(e, *quant))
         meta = _meta(plan, tally, a["provenance"], a["effect"])

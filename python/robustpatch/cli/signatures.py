@@ -94,6 +94,7 @@ def run_extract(args: Any) -> None:
             name=args.name or Path(args.output).stem,
             provenance=_kv(args.provenance),
             progress=tick,
+            durable=args.durable,
         )
     layers = sig.meta["layers"]
     left_out = {k: sig.meta.get(k) or [] for k in ("skipped", "dropped")}
@@ -122,6 +123,7 @@ def extract_arguments(p: Any) -> None:
     p.add_argument("clean", help="clean fine-tune (.safetensors, *.index.json or .pt)")
     p.add_argument("robust", help="robust fine-tune, same architecture")
     cli_args.add_output(p, "signature file to write")
+    cli_args.add_durable_flag(p)
     p.add_argument(
         "--layers",
         type=cli_args.layer_arg,

@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -209,20 +208,12 @@ def compact(values: np.ndarray) -> np.ndarray:
     (dtype('uint16'), dtype('float32'))
     """
     flat = np.ascontiguousarray(values, np.float32)
-    # Each float32 seen as two 16-bit halves, read in place (no 32-bit temporaries): it
-    # is a bfloat16 when its low half is zero, and that bfloat16 is its high half.
-    halves = flat.reshape(-1).view(np.uint16)
-    if not flat.size or not halves[_LOW_HALF::2].max():
-        return np.ascontiguousarray(halves[1 - _LOW_HALF :: 2]).reshape(flat.shape)
-    with np.errstate(over="ignore"):  # an overflow to Inf just fails the round trip
-        half = flat.astype(np.float16)
-    if np.array_equal(half.astype(np.float32).view(np.uint32), flat.view(np.uint32)):
-        return half
+    label, bits = _core.compact(flat)  # one pass when bfloat16 holds every value
+    if label == "BF16":
+        return bits.reshape(flat.shape)
+    if label == "F16":
+        return bits.view(np.float16).reshape(flat.shape)
     return flat
-
-
-#: Index of a float32's low 16-bit half in its two halves (native byte order).
-_LOW_HALF = 0 if sys.byteorder == "little" else 1
 
 
 def _is_int(x: Any) -> bool:

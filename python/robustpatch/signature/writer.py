@@ -64,10 +64,12 @@ class SignatureWriter:
     """Write a signature to ``path`` one entry at a time (see the module docstring).
 
     Use as a context manager: leaving it without :meth:`commit` (an error) deletes the
-    temporary files and leaves ``path`` as it was."""
+    temporary files and leaves ``path`` as it was. The file appears by an atomic rename;
+    ``durable=True`` also fsyncs it first, so that it survives a power cut."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], durable: bool = False) -> None:
         self.path = Path(path)
+        self.durable = durable
         self._data = AtomicFile(self.path, durable=False)
         self._specs: list[dict[str, Any]] = []
         self._stored: list[_Stored] = []
@@ -138,7 +140,7 @@ class SignatureWriter:
         """Write the header (``name`` and ``meta`` as ``Signature(name=, meta=)`` would
         give them) and the data, hashed, then rename the file into place."""
         header = self._header(name, meta, _HASH_PLACEHOLDER)
-        with AtomicFile(self.path) as out:
+        with AtomicFile(self.path, self.durable) as out:
             digest = self._copy_hashed(out.file.fileno(), len(header))
             final = self._header(name, meta, digest)
             assert len(final) == len(header), "the placeholder has the hash's length"

@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod arch;
 pub mod args;
+pub mod compact;
 pub mod delta;
 pub mod dot;
 pub mod dtype;

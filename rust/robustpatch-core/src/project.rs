@@ -26,6 +26,8 @@ pub struct ProjectionStats {
     pub norm2_d: f64,
     /// ‖Δr‖²
     pub norm2_r: f64,
+    /// ‖robust‖² (the scale a difference `robust − clean` is judged against)
+    pub norm2_robust: f64,
     /// ‖sig‖²
     pub norm2_sig: f64,
     /// ⟨Δr,d⟩/‖d‖², or 0 when d = 0 (then sig = Δr).
@@ -66,7 +68,7 @@ pub fn project_hashing<T: Element>(
     Ok((stats, digest.expect("hashing was asked for")))
 }
 
-type Moments = ([f64; 3], Option<[u8; 16]>);
+type Moments = ([f64; 4], Option<[u8; 16]>);
 
 fn run<T: Element>(
     simd: Simd,
@@ -93,7 +95,7 @@ fn run<T: Element>(
     } else {
         (0..nblocks).map(blocks).collect()
     };
-    let sums: Vec<[f64; 3]> = firsts.iter().map(|f| f.0).collect();
+    let sums: Vec<[f64; 4]> = firsts.iter().map(|f| f.0).collect();
     let mut stats = combine(&sums)?;
     let digest = hash.then(|| {
         let blocks: Vec<[u8; 16]> = firsts.iter().filter_map(|f| f.1).collect();
@@ -134,7 +136,7 @@ pub fn project_scalar<T: Element>(
     let mut sums = Vec::new();
     for b in 0..pre.len().div_ceil(BLOCK) {
         let r = b * BLOCK..((b + 1) * BLOCK).min(pre.len());
-        let mut acc = [[0f64; 4]; 3];
+        let mut acc = [[0f64; 4]; 4];
         for (i, k) in r.enumerate() {
             let p = pre[k].to_f32();
             let dr = (robust[k].to_f32() - p) as f64;
@@ -142,6 +144,8 @@ pub fn project_scalar<T: Element>(
             acc[0][i % 4] += dr * d;
             acc[1][i % 4] += d * d;
             acc[2][i % 4] += dr * dr;
+            let rv = robust[k].to_f32() as f64;
+            acc[3][i % 4] += rv * rv;
         }
         sums.push(acc.map(lanes_sum));
     }
@@ -178,12 +182,12 @@ fn lanes_sum(a: [f64; 4]) -> f64 {
 /// The lanes every reduction uses: element i of a block goes to lane i % 4.
 const LANES: usize = 4;
 
-/// [⟨Δr,d⟩, ‖d‖², ‖Δr‖²] of one block, four lanes each. Written over
+/// [⟨Δr,d⟩, ‖d‖², ‖Δr‖², ‖robust‖²] of one block, four lanes each. Written over
 /// fixed-size lane arrays so that, under [`Simd::run`], each accumulator is one
 /// 256-bit register of f64 and the loop carries no bounds checks.
 #[inline(always)]
-fn moments<T: Element>(pre: &[T], clean: &[T], robust: &[T]) -> [f64; 3] {
-    let mut acc = [[0f64; LANES]; 3];
+fn moments<T: Element>(pre: &[T], clean: &[T], robust: &[T]) -> [f64; 4] {
+    let mut acc = [[0f64; LANES]; 4];
     let mut add = |p: &[T], c: &[T], r: &[T]| {
         for l in 0..p.len() {
             let pv = p[l].to_f32();
@@ -192,6 +196,8 @@ fn moments<T: Element>(pre: &[T], clean: &[T], robust: &[T]) -> [f64; 3] {
             acc[0][l] += dr * d;
             acc[1][l] += d * d;
             acc[2][l] += dr * dr;
+            let rv = r[l].to_f32() as f64;
+            acc[3][l] += rv * rv;
         }
     };
     let (p4, c4, r4) = (
@@ -255,12 +261,13 @@ fn as_lanes<T>(x: &[T]) -> &[T; LANES] {
 /// Add the block sums in order; NaN or Inf anywhere in the inputs shows up
 /// here, so non-finite data is refused without a pass of its own. So does a
 /// difference of finite weights that overflows f32 (it is taken in f32).
-fn combine(sums: &[[f64; 3]]) -> Result<ProjectionStats> {
+fn combine(sums: &[[f64; 4]]) -> Result<ProjectionStats> {
     let mut s = ProjectionStats::default();
     for b in sums {
         s.dot_rd += b[0];
         s.norm2_d += b[1];
         s.norm2_r += b[2];
+        s.norm2_robust += b[3];
     }
     if !(s.dot_rd.is_finite() && s.norm2_d.is_finite() && s.norm2_r.is_finite()) {
         return Err(Error::NonFinite(

@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use quant_tensor::QuantTensor;
 use robustpatch_core::apply::{self as core_apply, Applied, Undo};
+use robustpatch_core::compact::{self as core_compact, Narrowest};
 use robustpatch_core::delta::{Delta, Dense};
 use robustpatch_core::quant;
 use robustpatch_core::{args, dot as core_dot, pack as core_pack, project as core_project};
@@ -200,6 +201,7 @@ fn project<'py>(
     d.set_item("dot_rd", stats.dot_rd)?;
     d.set_item("norm2_d", stats.norm2_d)?;
     d.set_item("norm2_r", stats.norm2_r)?;
+    d.set_item("norm2_robust", stats.norm2_robust)?;
     d.set_item("norm2_sig", stats.norm2_sig)?;
     d.set_item("coef", stats.coef)?;
     Ok(PyTuple::new(py, [sig.into_any(), d.into_any()])?)
@@ -218,6 +220,26 @@ fn project_dense<T: Element>(
     } else {
         core_project::project(pre, clean, robust, out).map(|s| (s, None))
     }
+}
+
+/// The narrowest exact storage of a float32 array (C-contiguous): `("BF16", bits)` or
+/// `("F16", bits)` with the 16-bit patterns as a flat uint16 array, or `("F32", None)`.
+#[pyfunction]
+fn compact<'py>(
+    py: Python<'py>,
+    values: PyReadonlyArrayDyn<'py, f32>,
+) -> BindResult<(&'static str, Option<Bound<'py, PyArray1<u16>>>)> {
+    let values = slice_of(&values, "values")?;
+    let arr = zeros::<u16>(py, values.len());
+    let mut rw = arr.readwrite();
+    let out = rw.as_slice_mut()?;
+    let kind = nogil(py, || core_compact::compact(values, out));
+    drop(rw);
+    Ok(match kind {
+        Narrowest::BF16 => ("BF16", Some(arr)),
+        Narrowest::F16 => ("F16", Some(arr)),
+        Narrowest::F32 => ("F32", None),
+    })
 }
 
 /// A delta as passed from Python: a float array or a `QuantTensor`.
@@ -512,6 +534,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(unpack, m)?)?;
     m.add_function(wrap_pyfunction!(project, m)?)?;
+    m.add_function(wrap_pyfunction!(compact, m)?)?;
     m.add_function(wrap_pyfunction!(apply, m)?)?;
     m.add_function(wrap_pyfunction!(remove, m)?)?;
     m.add_function(wrap_pyfunction!(dot, m)?)?;
