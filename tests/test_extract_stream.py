@@ -54,6 +54,53 @@ def test_the_streamed_file_is_byte_for_byte_the_saved_signature(tmp_path, method
     )
 
 
+@pytest.mark.parametrize("method", ["projection", "difference"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_a_large_signature_is_written_once_behind_padded_header_room(
+    tmp_path, monkeypatch, method, bits
+):
+    """Above the size threshold the data is not copied behind the header: it stays where
+    it was written, behind room the header fills with spaces. The file holds the same
+    signature (header JSON, tensors, content hash) as the one ``save`` writes."""
+    from robustpatch.signature import writer
+
+    monkeypatch.setattr(writer, "IN_PLACE_MIN_BYTES", 0)
+    pre, clean, robust = write_trio(tmp_path)
+    kw = {"method": method, "layers": "all", "name": "fog"}
+    sig = extract(pre, clean, robust, **kw)
+    if bits:
+        sig = sig.quantize(bits, "affine", "group", 64)
+    sig.save(tmp_path / "eager.rws")
+    quant = {"bits": bits, "group": 64} if bits else {}
+    got = extract_to(tmp_path / "streamed.rws", pre, clean, robust, **kw, **quant)
+    raw = (tmp_path / "streamed.rws").read_bytes()
+    eager = (tmp_path / "eager.rws").read_bytes()
+    n, m = (int.from_bytes(b[:8], "little") for b in (raw, eager))
+    assert (n + 8) % 4096 == 0 and n > m  # the data starts on a page, behind the room
+    assert raw[8 : 8 + n].rstrip(b" ") == eager[8 : 8 + m].rstrip(b" ")
+    assert raw[8 + n :] == eager[8 + m :]  # same tensors, same offsets
+    loaded = Signature.load(tmp_path / "streamed.rws")
+    assert loaded.content_hash == sig.content_hash and got.nbytes == len(eager) - 8 - m
+    for e in sig:
+        np.testing.assert_array_equal(loaded[e.name].dense(), e.dense())
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["pre.safetensors", "clean.safetensors", "robust.safetensors", "eager.rws", "streamed.rws"]
+    )
+
+
+def test_a_header_larger_than_its_room_is_written_in_front_of_a_copy(tmp_path, monkeypatch):
+    from robustpatch.signature import writer
+
+    monkeypatch.setattr(writer, "IN_PLACE_MIN_BYTES", 0)
+    monkeypatch.setattr(writer, "_ROOM_BASE", 0)
+    monkeypatch.setattr(writer, "_ROOM_PER_ENTRY", 0)  # room: one page, too small
+    pre, clean, robust = write_trio(tmp_path)
+    kw = {"method": "projection", "layers": "all", "name": "fog", "provenance": {"k": "v" * 5000}}
+    extract(pre, clean, robust, **kw).save(tmp_path / "eager.rws")
+    extract_to(tmp_path / "streamed.rws", pre, clean, robust, **kw)
+    assert (tmp_path / "streamed.rws").read_bytes() == (tmp_path / "eager.rws").read_bytes()
+
+
 def test_compact_and_skipped_entries_stream_as_they_save(tmp_path):
     """A BF16 delta exact in bf16 is stored BF16, an unchanged tensor is skipped."""
     rng = np.random.default_rng(0)

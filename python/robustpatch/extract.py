@@ -348,11 +348,13 @@ def extract_to(
     :meth:`~robustpatch.signature.Signature.quantize` takes it): memory stays near a
     few tensors, not the signature. ``options`` are the keyword options of
     :func:`extract` (``method``, ``energy``, ``param_budget``, ``name``, ``provenance``,
-    ``effect``, ``order``, ``progress``). The file is byte for byte what
+    ``effect``, ``order``, ``progress``). The file holds the signature that
     ``extract(...).save(path)`` (or ``extract(...).quantize(bits, ...).save(path)``)
-    writes; it appears whole or not at all (an error leaves ``path`` as it was), by an
-    atomic rename, after an fsync with ``durable`` (like ``apply_file``, and like
-    ``safetensors`` and ``torch.save``, it does not fsync by default)."""
+    writes, byte for byte unless it is large (its data is then written once, behind
+    header room padded with spaces: see :mod:`~robustpatch.signature.writer`). It appears
+    whole or not at all (an error leaves ``path`` as it was), by an atomic rename, after an
+    fsync with ``durable`` (like ``apply_file``, and like ``safetensors`` and
+    ``torch.save``, it does not fsync by default)."""
     path = validate.path(path, "signature path")
     quant = None if bits is None else _quant_args(bits, scheme, granularity, group)
     # extract's own signature checks the options (an unknown one is a TypeError) and
@@ -372,7 +374,7 @@ def extract_to(
         a["progress"],
     )
     tally = _Tally()
-    with SignatureWriter(path, durable) as out:
+    with SignatureWriter(path, durable, expected_entries=len(plan.chosen)) as out:
         for e in _entries(plan, tally):
             out.add(e if quant is None else quantize_entry(e, *quant))
         meta = _meta(plan, tally, a["provenance"], a["effect"])

@@ -107,6 +107,17 @@ class ContentHasher:
             data = np.frombuffer(data, np.uint8)
         self.h.update(data)
 
+    def update_values(self, block: memoryview | np.ndarray, label: str) -> bool:
+        """Add the float32 form of ``block`` (raw bytes of ``label`` values: F32, F16
+        or BF16, whole elements), widened by the engine for BLAKE3; returns whether every
+        value is finite."""
+        raw = np.frombuffer(block, np.uint8)
+        if self.algorithm == "blake3":
+            return self.h.update_widened(raw, label)
+        values = widen(raw.view(NUMPY_OF_LABEL[label]), label)
+        self.h.update(values.view(np.uint8))
+        return bool(np.isfinite(values).all())
+
     def hexdigest(self) -> str:
         return f"{self.algorithm}:{self.h.hexdigest()}"
 

@@ -28,7 +28,7 @@ from .. import validate
 from .._format.safetensors import Header, TensorInfo, read_tensor
 from .._io.inputs import in_thread_on_dup, open_input
 from .._io.ranged import pread_blocks
-from ..dtypes import NUMPY_OF_LABEL, widen
+from ..dtypes import NUMPY_OF_LABEL
 from ..errors import FormatError, NonFiniteError, shown
 from .codec import (
     HEADER_KEYS,
@@ -164,12 +164,10 @@ def _verify(fd: int, header: Header, meta: dict, dense: dict[str, TensorInfo], w
         else:
             hasher.tensor(t.name, NUMPY_OF_LABEL.get(t.dtype, np.dtype(np.uint8)), t.shape)
         for block in _blocks(fd, header, t):
-            if label:
-                values = widen(np.frombuffer(block, NUMPY_OF_LABEL[label]), label)
-                if not np.isfinite(values).all():
-                    raise NonFiniteError(f"{t.name}: delta holds NaN or Inf")
-                block = memoryview(values.view(np.uint8))
-            hasher.update(block)
+            if not label:
+                hasher.update(block)
+            elif not hasher.update_values(block, label):
+                raise NonFiniteError(f"{t.name}: delta holds NaN or Inf")
     got, expected = hasher.hexdigest(), meta.get("content_hash")
     if got != expected:
         raise FormatError(f"{where}: content hash mismatch (file modified?)")

@@ -3,13 +3,19 @@
 :class:`SignatureWriter` takes each :class:`~robustpatch.signature.entry.Entry` as it is
 produced and writes its file tensors (dense deltas in their compact dtype, as
 :func:`~robustpatch.signature.codec.save` stores them) to a temporary data file in the
-output's folder, so memory stays near one entry. The header cannot come first: it holds
-every entry's stats and the content hash, which covers the entry specs before any tensor
-and the tensors in name order, not in the order they were produced. :meth:`commit`
-therefore reads the data back once in name order, hashing it (compact values widened to
-the float32 the hash is defined over) while copying it behind the header into the final
-temporary file, which is then renamed into place. The file is byte for byte what
-``codec.save`` writes for the same signature.
+output's folder, so memory stays near one entry. The header cannot be written first: it
+holds every entry's stats and the content hash, which covers the entry specs before any
+tensor and the tensors in name order, not in the order they were produced. So the data
+goes behind room reserved for the header, sized from the number of entries expected;
+:meth:`commit` reads it back once in name order to hash it (compact values widened to
+the float32 the hash is defined over), then
+
+- for a large signature whose header fits the room, writes the header into it, padded
+  with spaces (which safetensors allows) and renames the file into place: the data is
+  written once;
+- otherwise copies the data behind the header into a second temporary file while it
+  hashes, and renames that: the file is then byte for byte what ``codec.save`` writes
+  for the same signature (a small signature is not left with unused room).
 """
 
 from __future__ import annotations
@@ -44,6 +50,15 @@ __all__ = ["SignatureWriter"]
 #: Bytes moved per read while the data is hashed and copied behind the header.
 _BLOCK = 8 << 20
 
+#: Data at least this large is written once, behind reserved header room (below it, the
+#: copy behind an exact-size header is cheap and the file has no padding).
+IN_PLACE_MIN_BYTES = 64 << 20
+
+#: Header room reserved per expected entry, and in all (an entry's spec, stats and
+#: tensor infos take about 300 bytes; names may be long).
+_ROOM_PER_ENTRY = 2048
+_ROOM_BASE = 64 << 10
+
 #: A content hash as long as the real one (the algorithm's name and 64 hex digits): the
 #: header is laid out with it before the hash is known, then overwritten in place.
 _HASH_PLACEHOLDER = f"{HASH_ALGORITHMS[0]}:" + "0" * 64
@@ -67,10 +82,15 @@ class SignatureWriter:
     temporary files and leaves ``path`` as it was. The file appears by an atomic rename;
     ``durable=True`` also fsyncs it first, so that it survives a power cut."""
 
-    def __init__(self, path: str | os.PathLike[str], durable: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], durable: bool = False, expected_entries: int = 0
+    ) -> None:
         self.path = Path(path)
         self.durable = durable
-        self._data = AtomicFile(self.path, durable=False)
+        self._data = AtomicFile(self.path, durable)
+        # The data starts on a page boundary behind the room: 8 length bytes + the header.
+        room = _ROOM_BASE + _ROOM_PER_ENTRY * max(expected_entries, 0)
+        self._start = -(-(room + 8) // 4096) * 4096
         self._specs: list[dict[str, Any]] = []
         self._stored: list[_Stored] = []
         self._entries: set[str] = set()
@@ -109,7 +129,7 @@ class SignatureWriter:
             spec = entry.spec()
         except BaseException:
             with suppress(OSError):  # only frees the space: later tensors overwrite it
-                os.ftruncate(self._data.file.fileno(), self._offset)
+                os.ftruncate(self._data.file.fileno(), self._start + self._offset)
             raise
         self._stored += stored
         self._offset = end
@@ -124,7 +144,8 @@ class SignatureWriter:
         label = "U8" if stored.dtype == np.uint8 else label_of(stored)
         widen_from = label if compact_dense and label != "F32" else None
         info = TensorInfo(name, label, tuple(stored.shape), at, at + stored.nbytes)
-        pwrite_all(self._data.file.fileno(), memoryview(stored.reshape(-1).view(np.uint8)), at)
+        data = memoryview(stored.reshape(-1).view(np.uint8))
+        pwrite_all(self._data.file.fileno(), data, self._start + at)
         return _Stored(info, arr.dtype, tuple(arr.shape), widen_from)
 
     def _check_free(self, entry: str, names: list[str]) -> None:
@@ -140,8 +161,14 @@ class SignatureWriter:
         """Write the header (``name`` and ``meta`` as ``Signature(name=, meta=)`` would
         give them) and the data, hashed, then rename the file into place."""
         header = self._header(name, meta, _HASH_PLACEHOLDER)
+        if self._offset >= IN_PLACE_MIN_BYTES and len(header) <= self._start:
+            digest = self._hash_data()
+            final = _padded(self._header(name, meta, digest), self._start)
+            pwrite_all(self._data.file.fileno(), final, 0)
+            self._data.commit()
+            return
         with AtomicFile(self.path, self.durable) as out:
-            digest = self._copy_hashed(out.file.fileno(), len(header))
+            digest = self._hash_data(out.file.fileno(), len(header))
             final = self._header(name, meta, digest)
             assert len(final) == len(header), "the placeholder has the hash's length"
             pwrite_all(out.file.fileno(), final, 0)
@@ -154,34 +181,31 @@ class SignatureWriter:
         check_header_size(len(header), str(self.path))
         return header
 
-    def _copy_hashed(self, out_fd: int, data_start: int) -> str:
-        """Copy every tensor from the data file to ``out_fd`` at ``data_start`` + its
-        offset, in name order, hashing it on the way; returns the content hash."""
+    def _hash_data(self, copy_to: int | None = None, data_start: int = 0) -> str:
+        """Read every tensor back in name order and hash it; with ``copy_to``, also copy
+        it there at ``data_start`` + its offset. Returns the content hash."""
         hasher = ContentHasher(self._specs)
         buf = np.empty(_BLOCK, np.uint8)
-        wide = np.empty(_BLOCK // 2, np.uint32)  # a block of BF16 or F16 as float32
         src = self._data.file.fileno()
         for s in sorted(self._stored, key=lambda s: s.info.name):
             hasher.tensor(s.info.name, s.hashed_dtype, s.hashed_shape)
             at, end = s.info.begin, s.info.end
             while at < end:  # blocks hold whole elements: _BLOCK is a multiple of 8
                 view = memoryview(buf[: min(_BLOCK, end - at)])
-                if pread_into(src, view, at) != len(view):
+                if pread_into(src, view, self._start + at) != len(view):
                     raise OSError(f"{self._data.tmp}: the temporary data file ended early")
-                pwrite_all(out_fd, view, data_start + at)
-                block = buf[: len(view)]
+                if copy_to is not None:
+                    pwrite_all(copy_to, view, data_start + at)
                 if s.widen_from is not None:
-                    block = _widened(block, s.widen_from, wide[: len(view) // 2])
-                hasher.update(block)
+                    hasher.update_values(view, s.widen_from)
+                else:
+                    hasher.update(view)
                 at += len(view)
         return hasher.hexdigest()
 
 
-def _widened(block: np.ndarray, label: str, out: np.ndarray) -> np.ndarray:
-    """A block of BF16 or F16 values (raw bytes) as float32 bytes, written into ``out``
-    (uint32, one per value): exact, and without temporaries."""
-    if label == "BF16":
-        np.left_shift(block.view(np.uint16), 16, out=out, dtype=np.uint32)
-    else:
-        out.view(np.float32)[:] = block.view(np.float16)
-    return out.view(np.uint8)
+def _padded(header: bytes, size: int) -> bytes:
+    """A safetensors header (length prefix + JSON) grown to ``size`` bytes in all with
+    trailing spaces in the JSON, so that the data behind it starts at ``size``."""
+    json_len = size - 8
+    return json_len.to_bytes(8, "little") + header[8:].ljust(json_len, b" ")

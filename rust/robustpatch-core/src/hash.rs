@@ -2,6 +2,8 @@
 //! content hashes hash whole tensors, where sha256 in Python took most of
 //! `extract`'s time), and the XXH3 tensor digests of base-model fingerprints.
 
+use crate::dtype::DType;
+
 /// Inputs at least this long are hashed with rayon: below it the thread
 /// hand-off costs more than it saves (BLAKE3's docs suggest ~128 KiB).
 pub const PARALLEL_MIN: usize = 128 << 10;
@@ -24,10 +26,73 @@ impl Hasher {
         }
     }
 
+    /// Add the float32 form of `data`: raw little-endian elements of `dtype`
+    /// (F16 and BF16 widened exactly, in cache-sized blocks over every core).
+    /// Returns whether every value is finite. Signature content hashes are
+    /// defined over float32 values however a delta is stored.
+    pub fn update_widened(&mut self, data: &[u8], dtype: DType) -> bool {
+        use rayon::prelude::*;
+        let size = dtype.size();
+        let mut wide = vec![0u32; WIDEN_BLOCK.min(data.len() / size)];
+        let mut finite = true;
+        for block in data.chunks(WIDEN_BLOCK * size) {
+            let out = &mut wide[..block.len() / size];
+            let widen = |(src, dst): (&[u8], &mut [u32])| widen_bits(src, dtype, dst);
+            finite &= if block.len() >= PARALLEL_MIN {
+                let part = CHUNK_ELEMENTS * size;
+                let parts = block
+                    .par_chunks(part)
+                    .zip(out.par_chunks_mut(CHUNK_ELEMENTS));
+                parts.map(widen).reduce(|| true, |a, b| a & b)
+            } else {
+                widen((block, out))
+            };
+            self.update(bytes_of_u32(out));
+        }
+        finite
+    }
+
     /// The 32-byte digest as 64 lowercase hex digits.
     pub fn hex(&self) -> String {
         self.0.finalize().to_hex().to_string()
     }
+}
+
+/// Elements widened at a time by [`Hasher::update_widened`] (4 MiB of f32), and
+/// per parallel task.
+const WIDEN_BLOCK: usize = 1 << 20;
+const CHUNK_ELEMENTS: usize = 1 << 16;
+
+/// Widen raw elements of `dtype` to f32 bit patterns; true when all are finite.
+fn widen_bits(src: &[u8], dtype: DType, dst: &mut [u32]) -> bool {
+    let mut exp_all_ones = 0u32; // lanes whose exponent is all ones (Inf or NaN)
+    match dtype {
+        DType::F32 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                exp_all_ones |= u32::from(*d & 0x7f80_0000 == 0x7f80_0000);
+            }
+        }
+        DType::BF16 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = (u16::from_le_bytes([s[0], s[1]]) as u32) << 16;
+                exp_all_ones |= u32::from(*d & 0x7f80_0000 == 0x7f80_0000);
+            }
+        }
+        DType::F16 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                let h = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]]));
+                *d = h.to_f32().to_bits();
+                exp_all_ones |= u32::from(*d & 0x7f80_0000 == 0x7f80_0000);
+            }
+        }
+    }
+    exp_all_ones == 0
+}
+
+fn bytes_of_u32(x: &[u32]) -> &[u8] {
+    // SAFETY: u32 has no padding and u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
 
 /// Elements per block of a [`tensor_digest`] (the projection's reduction block,
@@ -94,6 +159,42 @@ mod tests {
                 want,
                 "{len} elements of {size} bytes"
             );
+        }
+    }
+
+    #[test]
+    fn widened_updates_hash_the_float32_values_and_find_non_finite_ones() {
+        use half::{bf16, f16};
+        let n = 3 * WIDEN_BLOCK / 2 + 5; // two blocks, the last partial; parallel path
+        let vals: Vec<f32> = (0..n).map(|i| ((i % 509) as f32 - 254.0) / 8.0).collect();
+        let f32_bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut want = Hasher::new();
+        want.update(&f32_bytes);
+        for (dtype, raw) in [
+            (DType::F32, f32_bytes.clone()),
+            (
+                DType::BF16,
+                vals.iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            (
+                DType::F16,
+                vals.iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        ] {
+            let mut got = Hasher::new();
+            assert!(got.update_widened(&raw, dtype), "{dtype:?}");
+            assert_eq!(got.hex(), want.hex(), "{dtype:?}");
+            let mut bad = raw.clone();
+            let at = bad.len() - dtype.size(); // the last value: +Inf or NaN
+            bad[at..].copy_from_slice(&[0x00, 0x00, 0x80, 0x7f][4 - dtype.size()..]);
+            if dtype == DType::F16 {
+                bad[at..].copy_from_slice(&[0x00, 0x7c]);
+            }
+            assert!(!Hasher::new().update_widened(&bad, dtype), "{dtype:?}");
         }
     }
 

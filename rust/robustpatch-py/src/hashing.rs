@@ -8,8 +8,8 @@ use crate::nogil;
 use numpy::PyReadonlyArrayDyn;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use robustpatch_core::args;
 use robustpatch_core::hash::{self, Hasher};
+use robustpatch_core::{args, DType, Error};
 
 /// An incremental BLAKE3 hash (`update(data)`, then `hexdigest()`).
 #[pyclass(module = "robustpatch._core")]
@@ -34,6 +34,23 @@ impl Blake3 {
         let bytes = slice_of(&arr, "data")?;
         nogil(py, || self.0.update(bytes));
         Ok(())
+    }
+
+    /// Add the float32 form of `data` (raw bytes, C-contiguous uint8, of elements
+    /// labelled `label`: "F32", "F16" or "BF16"), widened by the engine; returns whether
+    /// every value is finite.
+    fn update_widened(
+        &mut self,
+        py: Python<'_>,
+        data: PyReadonlyArrayDyn<'_, u8>,
+        label: &str,
+    ) -> BindResult<bool> {
+        let dtype = DType::parse(label).ok_or_else(|| {
+            Error::Value(format!("label must be F32, F16 or BF16, got {label:?}"))
+        })?;
+        let bytes = slice_of(&data, "data")?;
+        args::itemsize(dtype.size() as i64, bytes.len())?;
+        Ok(nogil(py, || self.0.update_widened(bytes, dtype)))
     }
 
     /// The digest as 64 hex digits.
