@@ -253,6 +253,14 @@ def test_blake3_matches_the_reference_vectors_however_fed():
     assert whole.hexdigest() == parts.hexdigest()
 
 
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 4095, 1 << 20])
+def test_the_engine_crc32_is_zlibs(n):
+    import zlib
+
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    assert _core.crc32(data) == zlib.crc32(data.tobytes()) == _core.crc32(data.tobytes())
+
+
 def test_blake3_refuses_other_dtypes_and_strided_arrays():
     with pytest.raises(TypeError):
         _core.Blake3().update(np.zeros(4, np.float32))

@@ -201,16 +201,23 @@ def test_populate_writable_maps_exactly_the_range_in(tmp_path):
 
 def test_a_record_renders_as_its_dataclass_does(model):
     """UndoRecord.to_json, built from its fields without deep copies, says what
-    ``dataclasses.asdict`` says (both versions: with and without signature refs)."""
+    ``dataclasses.asdict`` says, in each version: 2 (BLAKE3 tensor digests, no signature
+    refs), 3 (refs), 4 (XXH3-128 tensor digests, as written now)."""
     src, sig, out, touched = model
     apply_file(src, sig, 1.0, out / "p.safetensors")
     raw = read_header(undo_path_for(out / "p.safetensors")).metadata[UNDO_KEY]
     record = UndoRecord.parse(raw, "record")
     assert record.signatures and record.tensors
-    for rec in (record, replace(record, signature_refs=[{"index": 0, "file": "sig.rws"}])):
+    blake3 = [replace(e, digest="blake3:" + "0" * 64) for e in record.tensors]
+    refs = [{"index": 0, "file": "sig.rws"}]
+    for rec, version in (
+        (replace(record, tensors=blake3, signature_refs=[]), 2),
+        (replace(record, tensors=blake3, signature_refs=refs), 3),
+        (replace(record, signature_refs=[]), 4),
+        (replace(record, signature_refs=refs), 4),
+    ):
         meta = asdict(rec)
-        if not rec.signature_refs:
+        if version == 2:
             del meta["signature_refs"]
-        version = 3 if rec.signature_refs else 2
         assert rec.to_json() == json.dumps({"format_version": version, "kind": "undo", **meta})
     assert record.to_json() == raw

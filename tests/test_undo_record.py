@@ -263,6 +263,44 @@ def test_an_undo_record_round_trips_through_its_parser():
     assert UndoRecord.parse(record.to_json(), "r.rpundo") == record
 
 
+def test_xxh3_tensor_digests_make_a_version_4_record_and_need_it():
+    xxh3 = "xxh3-128:" + "5" * 32
+    record = UndoRecord(
+        source_size=100,
+        patched_size=164,
+        patched_header_sha256="ab" * 32,
+        alphas=[1.0],
+        signatures=[{"name": "a"}],
+        tensors=[TensorEntry("w", "delta", "BF16", "crc32:0badf00d", xxh3)],
+        source_header_digest="blake3:" + "3" * 64,
+        record_digest="blake3:" + "4" * 64,
+    )
+    raw = record.to_json()
+    assert json.loads(raw)["format_version"] == 4
+    assert UndoRecord.parse(raw, "r.rpundo") == record
+    for older in (2, 3):  # an older reader would not know the digest: never written so
+        meta = json.loads(raw)
+        meta["format_version"] = older
+        with pytest.raises(FormatError, match="digest of tensor 'w' is malformed"):
+            UndoRecord.parse(json.dumps(meta), "r.rpundo")
+
+
+def test_a_record_with_blake3_tensor_digests_still_removes_exactly(tmp_path):
+    """Records written before version 4 hold a BLAKE3 digest of each original tensor."""
+    from robustpatch._format import undo
+
+    model, patched = PREV / "model.safetensors", tmp_path / "p.safetensors"
+    real = undo.digest
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("robustpatch.records.digest", lambda data, _algorithm: real(data, "blake3"))
+        rp.apply_file(model, [PREV / "sig4.rws"], [0.75], patched)
+    meta = json.loads(read_tensors(str(patched) + ".rpundo")[0].metadata[UNDO_KEY])
+    assert meta["format_version"] < 4
+    assert all(e["digest"].startswith("blake3:") for e in meta["tensors"])
+    rp.remove_file(patched, tmp_path / "r.safetensors")
+    assert sha(tmp_path / "r.safetensors") == sha(model)
+
+
 def test_a_version_2_record_without_its_digests_is_refused():
     meta = {
         "format_version": 2,

@@ -31,7 +31,7 @@ class RecordToFile:
         self.kept: dict[str, EngineRecord | np.ndarray] = {}  # their records
 
     def loaded(self, t: TensorInfo, arr: np.ndarray) -> None:
-        self.original[t.name] = digest(arr)
+        self.original[t.name] = digest(arr, "xxh3-128")
 
     def keep_delta(self, name: str, record: EngineRecord) -> None:
         self.kept[name] = record

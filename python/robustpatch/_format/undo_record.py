@@ -16,7 +16,9 @@ from ..dtypes import NUMPY_OF_LABEL
 from ..errors import FormatError, InvalidArgumentError, NonFiniteError, shown
 from ..signature import parse_meta_json
 
-UNDO_VERSION = 3  # 2: digests (version 1 records have none); 3: signatures by reference
+# 2: digests (version 1 records have none); 3: signatures by reference; 4: tensor digests
+# may be XXH3-128 (``xxh3-128:``, see ``undo.digest``)
+UNDO_VERSION = 4
 KINDS = ("delta", "bn")
 
 #: Largest size a record may claim for a file (the format's offsets are 64-bit).
@@ -24,6 +26,7 @@ _MAX_SIZE = (1 << 63) - 1
 _CHECKSUM = re.compile(r"crc32:[0-9a-f]{8}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"(sha256|blake3):[0-9a-f]{64}")
+_TENSOR_DIGEST = re.compile(r"(sha256|blake3):[0-9a-f]{64}|xxh3-128:[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class UndoRecord:
     signature_refs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
-        """The record's JSON: version 2 (as before) unless it refers to signatures.
+        """The record's JSON, in the oldest version that holds it: 2 (as before), 3 if it
+        refers to signatures, 4 if its tensor digests are XXH3-128.
 
         Built from the fields as they are (their values are JSON already), not through
         ``asdict``, which deep-copies every signature's metadata: a writer renders the
@@ -62,10 +66,15 @@ class UndoRecord:
         rest of the record's bookkeeping."""
         meta = {f.name: getattr(self, f.name) for f in fields(self)}
         meta["tensors"] = [asdict(e) for e in self.tensors]
-        if not self.signature_refs:
+        version = self._version()
+        if version == 2:
             del meta["signature_refs"]
-        version = UNDO_VERSION if self.signature_refs else 2
         return json.dumps({"format_version": version, "kind": "undo", **meta})
+
+    def _version(self) -> int:
+        if any(str(e.digest).startswith("xxh3-128:") for e in self.tensors):
+            return 4
+        return 3 if self.signature_refs else 2
 
     @classmethod
     def parse(cls, raw: str, where: str) -> UndoRecord:
@@ -96,7 +105,7 @@ class UndoRecord:
             alphas=[float(a) for a in alphas],
             signatures=signatures,
             tensors=_tensor_entries(
-                check, check.list_of(meta, "tensors", dict, "objects"), digests
+                check, check.list_of(meta, "tensors", dict, "objects"), version
             ),
             source_header_digest=check.digest(meta, "source_header_digest", digests),
             record_digest=check.digest(meta, "record_digest", digests),
@@ -181,8 +190,9 @@ def _check_version(check: _Checker, meta: dict[str, Any]) -> int:
     return version
 
 
-def _tensor_entries(check: _Checker, raw: list[dict[str, Any]], digests: bool) -> list[TensorEntry]:
+def _tensor_entries(check: _Checker, raw: list[dict[str, Any]], version: int) -> list[TensorEntry]:
     out, seen = [], set()
+    pattern = _TENSOR_DIGEST if version >= 4 else _DIGEST
     for e in raw:
         name = check.get(e, "name", " in a tensors entry")
         if not isinstance(name, str) or name in seen:
@@ -195,5 +205,6 @@ def _tensor_entries(check: _Checker, raw: list[dict[str, Any]], digests: bool) -
         if not isinstance(dtype, str) or dtype not in NUMPY_OF_LABEL:
             raise check.fail(f"dtype{at} is {shown(dtype)}, not a safetensors float dtype")
         sum_ = check.text(e, "checksum", _CHECKSUM, at)
-        out.append(TensorEntry(name, kind, dtype, sum_, check.digest(e, "digest", digests, at)))
+        digest = check.text(e, "digest", pattern, at) if version >= 2 else None
+        out.append(TensorEntry(name, kind, dtype, sum_, digest))
     return out

@@ -35,18 +35,27 @@ impl Dense<'_> {
         }
     }
 
-    /// Index of the first NaN or Inf, if any.
+    /// Index of the first NaN or Inf, if any: those whose exponent bits are all
+    /// ones. Blocks are tested without a branch per element (so the test
+    /// vectorizes); only a block that holds one is searched.
     pub fn first_non_finite(&self) -> Option<usize> {
-        fn find<T: Element>(x: &[T]) -> Option<usize> {
-            x.iter().position(|v| !v.to_f32().is_finite())
+        fn find<T: Element>(x: &[T], exponent: u32, bits: impl Fn(T) -> u32) -> Option<usize> {
+            let hit = |v: &T| bits(*v) & exponent == exponent;
+            x.chunks(FINITE_BLOCK).enumerate().find_map(|(b, block)| {
+                let any = block.iter().fold(false, |any, v| any | hit(v));
+                any.then(|| b * FINITE_BLOCK + block.iter().position(hit).expect("found"))
+            })
         }
         match self {
-            Dense::F32(x) => find(x),
-            Dense::F16(x) => find(x),
-            Dense::BF16(x) => find(x),
+            Dense::F32(x) => find(x, 0x7f80_0000, |v| v.to_bits()),
+            Dense::F16(x) => find(x, 0x7c00, |v| v.to_bits() as u32),
+            Dense::BF16(x) => find(x, 0x7f80, |v| v.to_bits() as u32),
         }
     }
 }
+
+/// Elements per block of [`Dense::first_non_finite`].
+const FINITE_BLOCK: usize = 4096;
 
 /// One signature entry: what gets scaled by α and added to a target tensor.
 #[derive(Clone, Copy, Debug)]
@@ -181,6 +190,31 @@ pub fn check_deltas(deltas: &[(Delta, f32)], numel: usize) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn first_non_finite_finds_the_first_nan_or_inf_of_each_dtype() {
+        use half::{bf16, f16};
+        let n = 3 * FINITE_BLOCK + 5;
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, FINITE_BLOCK - 1, FINITE_BLOCK, n - 1] {
+                let mut v = vec![-1.0e30f32; n];
+                v[at] = bad;
+                v[n - 1] = bad; // a later one never hides the first
+                let mut h: Vec<f16> = v.iter().map(|x| f16::from_f32(x.max(-65504.0))).collect();
+                h[at] = f16::from_f32(bad);
+                h[n - 1] = f16::from_f32(bad);
+                let b: Vec<bf16> = v.iter().map(|x| bf16::from_f32(*x)).collect();
+                assert_eq!(Dense::F32(&v).first_non_finite(), Some(at));
+                assert_eq!(Dense::F16(&h).first_non_finite(), Some(at));
+                assert_eq!(Dense::BF16(&b).first_non_finite(), Some(at));
+            }
+        }
+        let finite = [f32::MAX, f32::MIN, 0.0, -0.0, f32::MIN_POSITIVE / 2.0];
+        assert_eq!(Dense::F32(&finite).first_non_finite(), None);
+        let h = [f16::MAX, f16::MIN, f16::from_bits(1)];
+        assert_eq!(Dense::F16(&h).first_non_finite(), None);
+    }
+
     use super::*;
     use crate::quant::{quantize, QuantSpec, Scheme};
 

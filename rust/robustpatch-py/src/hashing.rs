@@ -72,3 +72,16 @@ pub fn tensor_digest(
     let size = args::itemsize(itemsize, bytes.len())?;
     Ok(hash::hex(&nogil(py, || hash::tensor_digest(bytes, size))))
 }
+
+/// CRC-32 of `data` (bytes, or a C-contiguous uint8 array), zlib's: `zlib.crc32(data)`,
+/// with the CPU's carry-less multiply and the GIL released.
+#[pyfunction]
+pub fn crc32(py: Python<'_>, data: &Bound<'_, PyAny>) -> BindResult<u32> {
+    if let Ok(b) = data.downcast::<PyBytes>() {
+        let bytes = b.as_bytes();
+        return Ok(nogil(py, || hash::crc32(bytes)));
+    }
+    let arr: PyReadonlyArrayDyn<u8> = data.extract()?;
+    let bytes = slice_of(&arr, "data")?;
+    Ok(nogil(py, || hash::crc32(bytes)))
+}

@@ -529,6 +529,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<QuantTensor>()?;
     m.add_class::<hashing::Blake3>()?;
     m.add_function(wrap_pyfunction!(hashing::tensor_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(hashing::crc32, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
