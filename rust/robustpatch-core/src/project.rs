@@ -79,6 +79,9 @@ fn run<T: Element>(
     hash: bool,
 ) -> Result<(ProjectionStats, Option<[u8; 16]>)> {
     check_lengths(pre.len(), clean.len(), robust.len(), out.len())?;
+    if !hash && std::ptr::eq(pre, clean) {
+        return Ok((difference(simd, clean, robust, out)?, None));
+    }
     let parallel = pre.len() >= PARALLEL_MIN;
     let nblocks = pre.len().div_ceil(BLOCK);
     let blocks = |b: usize| -> Moments {
@@ -117,6 +120,66 @@ fn run<T: Element>(
     };
     stats.norm2_sig = norms.iter().sum();
     Ok((stats, digest))
+}
+
+/// The projection when the pretrained tensor is the clean one (the difference
+/// method): d = 0, so the coefficient is 0 and the signature is `robust − clean`.
+/// One pass, where the general case needs a first one for its sums; the same
+/// bits, and the same statistics, as that case gives.
+fn difference<T: Element>(
+    simd: Simd,
+    clean: &[T],
+    robust: &[T],
+    out: &mut [f32],
+) -> Result<ProjectionStats> {
+    let write = |(b, o): (usize, &mut [f32])| {
+        let r = b * BLOCK..b * BLOCK + o.len();
+        let (cl, rb) = (&clean[r.clone()], &robust[r]);
+        simd.run(
+            #[inline(always)]
+            || difference_block(cl, rb, o),
+        )
+    };
+    let sums: Vec<[f64; 2]> = if clean.len() >= PARALLEL_MIN {
+        out.par_chunks_mut(BLOCK).enumerate().map(write).collect()
+    } else {
+        out.chunks_mut(BLOCK).enumerate().map(write).collect()
+    };
+    let (sig, rob) = sums
+        .iter()
+        .fold((0.0, 0.0), |(s, r), b| (s + b[0], r + b[1]));
+    // A NaN or Inf in either input, or an overflowing difference, shows up in ‖out‖².
+    combine(&[[0.0, 0.0, sig, rob]])?;
+    Ok(ProjectionStats {
+        norm2_r: sig,
+        norm2_sig: sig,
+        norm2_robust: rob,
+        ..ProjectionStats::default()
+    })
+}
+
+/// `out = robust − clean` for one block; returns [‖out‖², ‖robust‖²], four lanes
+/// each, as [`residual`] and [`moments`] sum them.
+#[inline(always)]
+fn difference_block<T: Element>(clean: &[T], robust: &[T], out: &mut [f32]) -> [f64; 2] {
+    let mut acc = [[0f64; LANES]; 2];
+    let mut add = |c: &[T], r: &[T], o: &mut [f32]| {
+        for l in 0..o.len() {
+            let rv = r[l].to_f32();
+            let s = rv - c[l].to_f32();
+            o[l] = s;
+            acc[0][l] += (s as f64) * (s as f64);
+            acc[1][l] += (rv as f64) * (rv as f64);
+        }
+    };
+    let (c4, r4) = (clean.chunks_exact(LANES), robust.chunks_exact(LANES));
+    let (ct, rt) = (c4.remainder(), r4.remainder());
+    let mut o4 = out.chunks_exact_mut(LANES);
+    for ((c, r), o) in c4.zip(r4).zip(&mut o4) {
+        add(as_lanes(c), as_lanes(r), o);
+    }
+    add(ct, rt, o4.into_remainder());
+    acc.map(lanes_sum)
 }
 
 /// The raw bytes of a slice of elements (f32, f16 or bf16: no padding).
@@ -301,6 +364,31 @@ mod tests {
         assert_eq!(a, b);
         let want = crate::hash::tensor_digest(bytes_of(&pre), std::mem::size_of::<T>());
         assert_eq!(digest, want, "{n} elements");
+    }
+
+    #[test]
+    fn the_difference_pass_gives_the_general_projections_bits() {
+        // The scalar twin runs the general two passes even when pre is clean.
+        for n in [0, 3, BLOCK + 5, PARALLEL_MIN + 9] {
+            let clean: Vec<f32> = (0..n)
+                .map(|k| ((k * 37 % 101) as f32 - 50.0) * 0.01)
+                .collect();
+            let robust: Vec<f32> = (0..n)
+                .map(|k| ((k * 53 % 97) as f32 - 48.0) * 0.012)
+                .collect();
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            let fast = project(&clean, &clean, &robust, &mut a).unwrap();
+            let twin = project_scalar(&clean, &clean, &robust, &mut b).unwrap();
+            assert_eq!(
+                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            assert_eq!(fast, twin, "{n} elements");
+        }
+        let (c, mut r) = (vec![1f32; 8], vec![2f32; 8]);
+        r[5] = f32::NAN;
+        let err = project(&c, &c, &r, &mut [0f32; 8]).unwrap_err();
+        assert!(matches!(err, Error::NonFinite(_)));
     }
 
     #[test]
