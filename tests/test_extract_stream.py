@@ -285,3 +285,56 @@ def test_a_file_tensor_two_entries_need_is_refused_as_the_signature_refuses_it(t
     with pytest.raises(InvalidArgumentError, match="both need the file tensor"):
         extract_to(tmp_path / "o.rws", None, clean, robust, method="difference")
     assert os.listdir(tmp_path) == []
+
+
+def test_prefetched_items_come_in_order_and_an_error_drawing_one_reaches_the_caller():
+    from robustpatch._io.prefetch import prefetched
+
+    def items():
+        yield from range(3)
+        raise NonFiniteError("item 3")
+
+    got = []
+    with pytest.raises(NonFiniteError, match="item 3"):
+        with prefetched(items(), "t") as it:
+            got.extend(it)
+    assert got == [0, 1, 2]
+
+
+def test_leaving_prefetched_early_stops_its_thread_within_the_items_ahead():
+    import threading
+
+    from robustpatch._io.prefetch import prefetched
+
+    drawn = []
+
+    def items():
+        for i in range(1000):
+            drawn.append(i)
+            yield i
+
+    with pytest.raises(RuntimeError):
+        with prefetched(items(), "rp-test-prefetch", ahead=2) as it:
+            for i in it:
+                if i == 5:
+                    raise RuntimeError("the caller fails")
+    # Items 0-5 taken, at most 2 waiting and 1 being drawn: the thread did not run on.
+    assert len(drawn) <= 6 + 2 + 1
+    assert not any(t.name == "rp-test-prefetch" for t in threading.enumerate())
+
+
+def test_an_error_while_writing_stops_the_computation_and_leaves_no_file(tmp_path, monkeypatch):
+    from robustpatch.signature import writer
+
+    pre, clean, robust = write_trio(tmp_path)
+    before = listing(tmp_path)
+    calls = []
+
+    def full_disk(self, *a, **k):
+        calls.append(1)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer.SignatureWriter, "_write_tensor", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        extract_to(tmp_path / "s.rws", pre, clean, robust, layers="all", method="difference")
+    assert calls == [1] and listing(tmp_path) == before

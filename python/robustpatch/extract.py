@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _core, validate
+from ._io.prefetch import prefetched
 from .dtypes import widen
 from .errors import (
     InvalidArgumentError,
@@ -374,9 +375,13 @@ def extract_to(
         a["progress"],
     )
     tally = _Tally()
+    entries = _entries(plan, tally)
+    if quant is not None:
+        entries = (quantize_entry(e, *quant) for e in entries)
     with SignatureWriter(path, durable, expected_entries=len(plan.chosen)) as out:
-        for e in _entries(plan, tally):
-            out.add(e if quant is None else quantize_entry(e, *quant))
+        with prefetched(entries, "robustpatch-extract") as computed:
+            for e in computed:  # the next entry is computed while this one is written
+                out.add(e)
         meta = _meta(plan, tally, a["provenance"], a["effect"])
         if quant is not None:
             meta["quantization"] = dict(zip(("bits", "scheme", "granularity", "group"), quant))

@@ -24,11 +24,15 @@ use robustpatch_core::quant;
 use robustpatch_core::{args, dot as core_dot, pack as core_pack, project as core_project};
 use robustpatch_core::{Element, Error};
 
-/// A zeroed 1-D numpy array for a kernel to fill. numpy's allocator backs large
-/// arrays with huge pages; a Rust `Vec` of 256 MiB page-faults every 4 KiB on
-/// first write, which measured more than the whole projection kernel.
-fn zeros<'py, T: numpy::Element>(py: Python<'py>, n: usize) -> Bound<'py, PyArray1<T>> {
-    PyArray1::zeros(py, n, false)
+/// A 1-D numpy array for a kernel to fill, not zeroed: numpy's allocator backs
+/// large arrays with huge pages (a Rust `Vec` of 256 MiB page-faults every 4 KiB
+/// on first write, which measured more than the whole projection kernel), and
+/// zeroing memory the kernel overwrites cost 7% of `extract`.
+fn for_kernel<'py, T: numpy::Element>(py: Python<'py>, n: usize) -> Bound<'py, PyArray1<T>> {
+    // SAFETY: every caller passes a plain number type (each bit pattern is a
+    // value) and its kernel writes all `n` elements before Python can see the
+    // array; on an error the array is dropped unseen.
+    unsafe { PyArray1::new(py, n, false) }
 }
 
 /// Run heavy work with the GIL released: the one helper every kernel call uses.
@@ -72,7 +76,7 @@ fn dequantize<'py>(
         None if start == 0 => q.view(),
         _ => q.range(start, stop.unwrap_or(numel as i64))?,
     };
-    let arr = zeros::<f32>(py, view.numel);
+    let arr = for_kernel::<f32>(py, view.numel);
     let mut rw = arr.readwrite();
     let out = rw.as_slice_mut()?;
     nogil(py, || quant::dequantize(&view, out))?;
@@ -112,7 +116,7 @@ fn unpack<'py>(
         ))
         .into());
     }
-    let arr = zeros::<u8>(py, n);
+    let arr = for_kernel::<u8>(py, n);
     let mut rw = arr.readwrite();
     let out = rw.as_slice_mut()?;
     nogil(py, || core_pack::unpack(packed, bits, 0, out))?;
@@ -174,7 +178,7 @@ fn project<'py>(
             .into())
         }
         Some(o) => o,
-        None => zeros::<f32>(py, pd.len()).reshape(shape)?,
+        None => for_kernel::<f32>(py, pd.len()).reshape(shape)?,
     };
     // The inputs are borrowed read-only, so an `out` sharing their memory is refused here.
     let mut rw = sig.try_readwrite().map_err(|_| {
@@ -230,7 +234,7 @@ fn compact<'py>(
     values: PyReadonlyArrayDyn<'py, f32>,
 ) -> BindResult<(&'static str, Option<Bound<'py, PyArray1<u16>>>)> {
     let values = slice_of(&values, "values")?;
-    let arr = zeros::<u16>(py, values.len());
+    let arr = for_kernel::<u16>(py, values.len());
     let mut rw = arr.readwrite();
     let out = rw.as_slice_mut()?;
     let kind = nogil(py, || core_compact::compact(values, out));
