@@ -474,6 +474,17 @@ def test_extract_says_what_it_left_out_and_warns_in_one_line(d, capsys):
         "conv1",
     )
     assert code == 0 and f"dropped {len(rep['dropped'])} tensors (changed but outside" in out
+    # Five names at most on the line: a model's hundreds stay in --json.
+    line = next(ln for ln in out.splitlines() if ln.startswith("dropped"))
+    shown = [n for n in rep["dropped"] if n in line]
+    assert shown == rep["dropped"][: min(5, len(rep["dropped"]))]
+    if len(rep["dropped"]) > 5:
+        assert f"and {len(rep['dropped']) - 5} more" in line
+    from robustpatch.cli.signatures import _some
+
+    many = [f"layers.{i}.weight" for i in range(227)]
+    assert _some(many) == ", ".join(many[:5]) + " and 222 more (--json lists them)"
+    assert _some(many[:5]) == ", ".join(many[:5])
     _, clean, _ = trio(0)
     twin = {k: v.copy() for k, v in clean.items()}
     twin["conv1.weight"][0, 0, 0, 0] = np.nextafter(twin["conv1.weight"][0, 0, 0, 0], np.inf)

@@ -1,7 +1,8 @@
 """Compact dense signatures: a dense delta is stored in the narrowest dtype that holds
 it exactly (BF16, F16, else F32), reads back to the same float32 values and content
 hash, patches a model to the same bytes, and ``inspect`` says how each was stored and
-how many unchanged tensors extraction skipped. Files with F32 deltas stay readable."""
+how many unchanged tensors extraction skipped. Files an earlier release wrote, with F32
+deltas and a hash over their float32 values, stay readable."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from robustpatch.cli import main
 from robustpatch.errors import NonFiniteError
 from robustpatch.files import apply_file
 from robustpatch.signature import Signature
-from robustpatch.signature.codec import META_KEY, compact
+from robustpatch.signature.codec import META_KEY, compact, content_hash
 from rp_testutil import bf16_from_f32, bf16_to_f32
 
 
@@ -64,14 +65,19 @@ def test_a_bf16_task_vector_is_stored_as_bf16_and_patches_the_same_bytes(tmp_pat
     assert back.content_hash == sig.content_hash
     for e in sig:
         assert np.array_equal(back[e.name].values.view(np.uint32), e.values.view(np.uint32))
-    # the same signature stored the old way (all F32) patches to the same bytes
+    # the same signature as an earlier release stored it (all F32, its blake3 hash over
+    # the float32 values) loads with that hash and patches to the same bytes
     header, tensors = read_tensors(tmp_path / "d.rws")
     f32 = {k: bf16_to_f32(v) for k, v in tensors.items()}
-    write_tensors(tmp_path / "old.rws", f32, {META_KEY: header.metadata[META_KEY]})
-    assert Signature.load(tmp_path / "old.rws").content_hash == sig.content_hash
+    meta = json.loads(header.metadata[META_KEY])
+    meta["content_hash"] = content_hash(meta["entries"], f32, "blake3")
+    write_tensors(tmp_path / "old.rws", f32, {META_KEY: json.dumps(meta)})
+    assert Signature.load(tmp_path / "old.rws").content_hash == meta["content_hash"]
     a = apply_file(tmp_path / "clean.safetensors", tmp_path / "d.rws", 1.0, tmp_path / "a.st")
     b = apply_file(tmp_path / "clean.safetensors", tmp_path / "old.rws", 1.0, tmp_path / "b.st")
-    assert a.out.read_bytes() == b.out.read_bytes()
+    patched_a, patched_b = read_tensors(a.out)[1], read_tensors(b.out)[1]
+    assert patched_a.keys() == patched_b.keys()
+    assert all(patched_a[k].tobytes() == patched_b[k].tobytes() for k in patched_a)
     assert read_tensors(a.out)[1]["l2.weight"].tobytes() == robust["l2.weight"].tobytes()
     assert (tmp_path / "d.rws").stat().st_size < 0.6 * (tmp_path / "old.rws").stat().st_size
 

@@ -309,12 +309,89 @@ def test_the_base_fingerprint_follows_its_definition_and_sees_one_changed_weight
     assert rp.extract(pre, clean, robust, layers="all").base_fingerprint != sig.base_fingerprint
 
 
-def test_new_signatures_use_blake3(tmp_path):
-    sig = rp.extract(*trio(0), layers="all")
-    assert sig.content_hash.startswith("blake3:") and len(sig.content_hash) == 7 + 64
+def _compactable_signature() -> rp.Signature:
+    """Dense deltas of each stored form (BF16- and F16-exact, and F32) and a quantized one."""
+    rng = np.random.default_rng(3)
+    deltas = {
+        "bf.weight": (rng.integers(-64, 64, (300, 70)) / 8).astype(np.float32),
+        "h.weight": (rng.integers(-999, 999, 5000) / 1024).astype(np.float32),
+        "f.weight": rng.normal(0, 1e-3, (40, 50)).astype(np.float32),
+    }
+    dense = rp.Signature.from_deltas(deltas)
+    quant = rp.Signature.from_deltas({"q.weight": rng.normal(0, 1, 4096).astype(np.float32)})
+    return rp.Signature([*dense, *quant.quantize(4)], name="mixed")
+
+
+def _tensors_hash_by_definition(path) -> str:
+    """The ``tensors-blake3`` definition, from the file's raw bytes: BLAKE3 over the
+    sorted-key JSON of the entry specs, then per tensor in name order the JSON line
+    [name, safetensors label, shape, BLAKE3 hex of its stored bytes]."""
+    from robustpatch._format.safetensors import read_header
+
+    header = read_header(path)
+    raw = open(path, "rb").read()
+    meta = json.loads(header.metadata["robustpatch"])
+    h = _core.Blake3()
+    h.update(json.dumps(meta["entries"], sort_keys=True).encode())
+    for t in sorted(header.tensors, key=lambda t: t.name):
+        one = _core.Blake3()
+        one.update(raw[header.data_start + t.begin : header.data_start + t.end])
+        h.update(json.dumps([t.name, t.dtype, list(t.shape), one.hexdigest()]).encode())
+    return "tensors-blake3:" + h.hexdigest()
+
+
+def test_new_signatures_hash_their_tensors_as_stored(tmp_path):
+    from robustpatch._format.safetensors import read_header
+    from robustpatch.signature.streamed import open_signature
+    from robustpatch.signature.writer import SignatureWriter
+
+    sig = _compactable_signature()
     sig.save(tmp_path / "s.rws")
-    loaded = rp.Signature.load(tmp_path / "s.rws")
-    assert loaded.content_hash == sig.content_hash
+    stored = {t.name: t.dtype for t in read_header(tmp_path / "s.rws").tensors}
+    assert stored["bf.weight"] == "BF16" and stored["h.weight"] == "F16"
+    assert stored["f.weight"] == "F32" and stored["q.weight.codes"] == "U8"
+    want = _tensors_hash_by_definition(tmp_path / "s.rws")
+    assert sig.content_hash == want
+    assert rp.Signature.load(tmp_path / "s.rws").content_hash == want
+    streamed = open_signature(tmp_path / "s.rws")
+    assert streamed.content_hash == want
+    # Its values are the file's narrow views: hashed and saved again as the same file.
+    assert rp.Signature.content_hash.fget(streamed) == want
+    streamed.save(tmp_path / "again.rws")
+    assert (tmp_path / "again.rws").read_bytes() == (tmp_path / "s.rws").read_bytes()
+    # The entry-by-entry writer (digests taken as it writes) stores the same hash.
+    with SignatureWriter(tmp_path / "w.rws", expected_entries=4) as w:
+        for e in sig:
+            w.add(e)
+        w.commit(sig.name, sig.meta)
+    assert _tensors_hash_by_definition(tmp_path / "w.rws") == want
+    assert rp.Signature.load(tmp_path / "w.rws").content_hash == want
+
+
+def test_a_blake3_v1_signature_still_verifies_loaded_and_streamed(tmp_path):
+    """Files written before carry ``blake3:`` over one stream of the tensors with dense
+    deltas as float32 values (here BF16 and F16 stored): they load, stream and keep it."""
+    from robustpatch._format.safetensors import read_tensors, write_tensors
+    from robustpatch.signature import content_hash
+    from robustpatch.signature.streamed import open_signature
+
+    sig = _compactable_signature()
+    sig.save(tmp_path / "s.rws")
+    header, tensors = read_tensors(tmp_path / "s.rws")
+    meta = json.loads(header.metadata["robustpatch"])
+    meta["content_hash"] = content_hash(meta["entries"], sig.file_tensors(), "blake3")
+    write_tensors(tmp_path / "old.rws", tensors, {"robustpatch": json.dumps(meta)})
+    old = rp.Signature.load(tmp_path / "old.rws")
+    assert old.content_hash == meta["content_hash"] and old.content_hash.startswith("blake3:")
+    streamed = open_signature(tmp_path / "old.rws")
+    assert streamed.content_hash == meta["content_hash"]
+    tensors["bf.weight"] = tensors["bf.weight"].copy()
+    tensors["bf.weight"].reshape(-1)[7] ^= 1
+    write_tensors(tmp_path / "bad.rws", tensors, {"robustpatch": json.dumps(meta)})
+    with pytest.raises(rp.errors.FormatError, match="content hash mismatch"):
+        rp.Signature.load(tmp_path / "bad.rws")
+    with pytest.raises(rp.errors.FormatError, match="content hash mismatch"):
+        open_signature(tmp_path / "bad.rws")
 
 
 def test_a_sha256_signature_still_verifies_and_keeps_its_hash(tmp_path):

@@ -114,8 +114,14 @@ def run_extract(args: Any) -> None:
     why = {"skipped": "unchanged", "dropped": "changed but outside the selected layers"}
     for key, names in left_out.items():
         if names:
-            text += f"\n{key} {len(names)} tensors ({why[key]}): {', '.join(names)}"
+            text += f"\n{key} {len(names)} tensors ({why[key]}): {_some(names)}"
     report(args, rep, text)
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names and how many more (``--json`` lists them all)."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more (--json lists them)" if more > 0 else "")
 
 
 def extract_arguments(p: Any) -> None:

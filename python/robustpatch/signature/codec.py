@@ -11,12 +11,17 @@ see :func:`compact`) or ``P.codes`` (U8, bit-packed little-endian),
                   "bits", "scheme", "granularity", "group", "group_len", "weight",
                   "stats"}, ...],
      "fingerprints": {"architecture": ..., "base": ...}, "layers": ..., "source": ...,
-     "provenance": ..., "effect": ..., "content_hash": "blake3:..."}
+     "provenance": ..., "effect": ..., "content_hash": "tensors-blake3:..."}
 
 The content hash covers the entry specs and every tensor's name, dtype, shape and bytes
 (not provenance/effect, which may be filled in later); it is verified on load with the
-algorithm its prefix names: ``blake3`` (the engine's, parallel) for files written now,
-``sha256`` for files written before, which keep their hash. Every
+algorithm its prefix names. Files written now carry ``tensors-blake3``: BLAKE3 over the
+specs and one line per tensor holding the BLAKE3 of its stored bytes
+(:class:`TensorDigests`), so a writer hashes each tensor as it writes it; dense deltas
+are always stored compact, so :meth:`Signature.content_hash` of the values is the
+file's. Files written
+before keep ``blake3`` or ``sha256`` over one stream of the tensors, dense deltas as
+float32 values (:class:`ContentHasher`). Every
 key, type, length and scale is checked before a tensor is trusted (:func:`parse_meta`,
 :func:`from_parts`).
 """
@@ -37,7 +42,7 @@ import numpy as np
 from .. import _core
 from .._format.safetensors import Header, TensorInfo, read_header_from, read_tensor, write_tensors
 from .._io.inputs import open_input
-from ..dtypes import NUMPY_OF_LABEL, widen
+from ..dtypes import NUMPY_OF_LABEL, label_of, widen
 from ..errors import FormatError, InvalidArgumentError, shown
 from ..validate import GRANULARITIES, SCHEMES
 from .entry import Entry, Quantized, bn_entry, check_finite, dense_entry
@@ -79,7 +84,8 @@ def json_default(x: Any) -> Any:
 
 
 #: Content hash algorithms: new hashes use the first; a stored hash names its own.
-HASH_ALGORITHMS = ("blake3", "sha256")
+HASH_ALGORITHMS = ("tensors-blake3", "blake3", "sha256")
+TENSORS_HASH = HASH_ALGORITHMS[0]
 
 
 def hash_algorithm_of(stored: Any) -> str:
@@ -89,12 +95,48 @@ def hash_algorithm_of(stored: Any) -> str:
     return name if name in HASH_ALGORITHMS else HASH_ALGORITHMS[0]
 
 
-class ContentHasher:
-    """The content hash fed piece by piece: the entry specs, then each tensor (in name
-    order) as its name, dtype and shape followed by its bytes, which may come in blocks
-    (a streamed signature is hashed without being held in memory)."""
+def stored_label(arr: np.ndarray) -> str:
+    """The safetensors label a file tensor is stored under (uint8 codes: ``U8``)."""
+    return "U8" if arr.dtype == np.uint8 else label_of(arr)
 
-    def __init__(self, specs: list[dict[str, Any]], algorithm: str = HASH_ALGORITHMS[0]) -> None:
+
+def tensor_digest(arr: np.ndarray) -> str:
+    """BLAKE3 (hex) of a file tensor's bytes as stored: one line of a ``tensors-blake3``
+    content hash."""
+    h = _core.Blake3()
+    h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+class TensorDigests:
+    """A ``tensors-blake3`` content hash from its parts: BLAKE3 over the entry specs
+    (sorted-key JSON), then, per file tensor in name order, the JSON line
+    ``[name, label, shape, digest]`` (its safetensors label and shape as stored, and
+    :func:`tensor_digest` of its bytes). Tensors may be digested in any order and on any
+    thread, so a writer hashes each as it writes it and never reads the file back."""
+
+    def __init__(self, specs: list[dict[str, Any]]) -> None:
+        self.specs = specs
+        self.lines: dict[str, str] = {}
+
+    def add(self, name: str, label: str, shape: tuple[int, ...] | list[int], digest: str) -> None:
+        self.lines[name] = json.dumps([name, label, list(shape), digest])
+
+    def hexdigest(self) -> str:
+        h = _core.Blake3()
+        h.update(json.dumps(self.specs, sort_keys=True).encode())
+        for name in sorted(self.lines):
+            h.update(self.lines[name].encode())
+        return f"{TENSORS_HASH}:{h.hexdigest()}"
+
+
+class ContentHasher:
+    """An older (``blake3`` or ``sha256``) content hash, fed piece by piece: the entry
+    specs, then each tensor (in name order) as its name, dtype and shape followed by its
+    bytes (dense deltas as float32 values), which may come in blocks (a streamed
+    signature is verified without being held in memory)."""
+
+    def __init__(self, specs: list[dict[str, Any]], algorithm: str) -> None:
         self.algorithm = algorithm
         self.h = _core.Blake3() if algorithm == "blake3" else hashlib.sha256()
         self.h.update(json.dumps(specs, sort_keys=True).encode())
@@ -125,14 +167,41 @@ class ContentHasher:
 def content_hash(
     specs: list[dict[str, Any]],
     tensors: Mapping[str, np.ndarray],
-    algorithm: str = HASH_ALGORITHMS[0],
+    algorithm: str = TENSORS_HASH,
 ) -> str:
+    """The content hash of a signature's entry specs and file tensors: for
+    ``tensors-blake3`` the tensors as the file stores them (:func:`stored_tensors`),
+    for the older algorithms as :meth:`Signature.file_tensors` gives them."""
+    if algorithm == TENSORS_HASH:
+        digests = TensorDigests(specs)
+        for name, arr in tensors.items():
+            digests.add(name, stored_label(arr), arr.shape, tensor_digest(arr))
+        return digests.hexdigest()
     hasher = ContentHasher(specs, algorithm)
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         hasher.tensor(name, arr.dtype, arr.shape)
         hasher.update(arr.reshape(-1).view(np.uint8))
     return hasher.hexdigest()
+
+
+def stored_tensors(sig: Signature) -> dict[str, np.ndarray]:
+    """The tensors the file of ``sig`` holds, as it holds them: each dense delta in the
+    narrowest dtype that keeps it exact (:func:`compact`)."""
+    tensors = sig.file_tensors()
+    for e in sig:
+        if e.kind == "delta" and e.quant is None:
+            tensors[e.name] = compact(e.values)
+    return tensors
+
+
+def signature_hash(sig: Signature, stored: Mapping[str, np.ndarray] | None = None) -> str:
+    """The content hash of ``sig`` with its own algorithm (``stored``: its
+    :func:`stored_tensors`, when the caller has them)."""
+    specs = [e.spec() for e in sig]
+    if sig.hash_algorithm != TENSORS_HASH:
+        return content_hash(specs, sig.file_tensors(), sig.hash_algorithm)
+    return content_hash(specs, stored if stored is not None else stored_tensors(sig))
 
 
 #: Deepest nesting accepted in robustpatch metadata JSON (ours is 4 levels deep): deeper
@@ -212,13 +281,15 @@ def _dense_values(tensors: Mapping[str, np.ndarray], name: str, numel: int, wher
 
 
 def compact(values: np.ndarray) -> np.ndarray:
-    """``values`` (float32) in the narrowest dtype that holds every one exactly:
+    """``values`` (float32; or bfloat16 bits as uint16, or float16, as a streamed
+    signature's views hold them) in the narrowest dtype that holds every one exactly:
     bfloat16 bits (uint16) or float16 if either round-trips bit for bit, else float32.
 
     >>> compact(np.array([0.5, -2.0], np.float32)).dtype, compact(np.array([0.1], np.float32)).dtype
     (dtype('uint16'), dtype('float32'))
     """
-    flat = np.ascontiguousarray(values, np.float32)
+    narrow = values.dtype in (np.uint16, np.float16)
+    flat = widen(values) if narrow else np.ascontiguousarray(values, np.float32)
     label, bits = _core.compact(flat)  # one pass when bfloat16 holds every value
     if label == "BF16":
         return bits.reshape(flat.shape)
@@ -364,14 +435,12 @@ def architecture_fingerprint(specs: list[dict[str, Any]]) -> str:
 
 def save(sig: Signature, path: Path) -> Path:
     """Write ``sig`` (weight 1) to ``path`` atomically; each dense delta is stored in the
-    narrowest dtype that holds it exactly (:func:`compact`). The content hash is over
-    the float32 values either way, so it does not depend on how they are stored."""
-    meta = json.dumps(header_meta(sig), default=json_default)
-    tensors = sig.file_tensors()
-    for e in sig:
-        if e.kind == "delta" and e.quant is None:
-            tensors[e.name] = compact(e.values)
-    write_tensors(path, tensors, {META_KEY: meta})
+    narrowest dtype that holds it exactly (:func:`compact`), and the content hash is
+    over the tensors as stored."""
+    tensors = stored_tensors(sig)
+    specs = [e.spec() for e in sig]
+    obj = header_object(sig.name, sig.meta, specs, signature_hash(sig, tensors))
+    write_tensors(path, tensors, {META_KEY: json.dumps(obj, default=json_default)})
     return path
 
 

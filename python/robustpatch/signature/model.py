@@ -296,11 +296,11 @@ class Signature(_Linear):
 
     @property
     def content_hash(self) -> str:
-        """BLAKE3 (or, loaded from an older file, that file's sha256) over entry specs and
-        tensor names, dtypes, shapes and bytes (not the weight: a scaled signature names
-        the stored one it scales)."""
-        specs = [e.spec() for e in self]
-        return codec.content_hash(specs, self.file_tensors(), self.hash_algorithm)
+        """``tensors-blake3`` (or, loaded from an older file, that file's algorithm) over
+        the entry specs and the tensors as a file stores them: names, dtypes, shapes and
+        bytes (not the weight: a scaled signature names the stored one it scales). See
+        :mod:`robustpatch.signature.codec`."""
+        return codec.signature_hash(self)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the signature file atomically (format: :mod:`robustpatch.signature.codec`).

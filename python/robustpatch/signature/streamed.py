@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import validate
+from .. import _core, validate
 from .._format.safetensors import Header, TensorInfo, read_tensor
 from .._io.inputs import in_thread_on_dup, open_input
 from .._io.ranged import pread_blocks
@@ -32,7 +32,9 @@ from ..dtypes import NUMPY_OF_LABEL
 from ..errors import FormatError, NonFiniteError, shown
 from .codec import (
     HEADER_KEYS,
+    TENSORS_HASH,
     ContentHasher,
+    TensorDigests,
     from_parts,
     hash_algorithm_of,
     quantized_parts,
@@ -153,9 +155,38 @@ def _views(mm: mmap.mmap, header: Header, names: set[str]) -> dict[str, np.ndarr
 
 
 def _verify(fd: int, header: Header, meta: dict, dense: dict[str, TensorInfo], where: str) -> str:
-    """Stream the dense tensors once: each value finite, and the content hash (with the
-    small tensors, read the same way) equal to the one stored. Returns it."""
-    hasher = ContentHasher(meta["entries"], hash_algorithm_of(meta.get("content_hash")))
+    """Stream every tensor once: each dense value finite, and the content hash equal to
+    the one stored. Returns it."""
+    expected = meta.get("content_hash")
+    algorithm = hash_algorithm_of(expected)
+    if algorithm == TENSORS_HASH:
+        got = _tensors_hash(fd, header, meta, dense)
+    else:
+        got = _stream_hash(fd, header, meta, dense, algorithm)
+    if got != expected:
+        raise FormatError(f"{where}: content hash mismatch (file modified?)")
+    return got
+
+
+def _tensors_hash(fd: int, header: Header, meta: dict, dense: dict[str, TensorInfo]) -> str:
+    """The ``tensors-blake3`` hash of the file's tensors as stored."""
+    digests = TensorDigests(meta["entries"])
+    for t in header.tensors:
+        h = _core.Blake3()
+        for block in _blocks(fd, header, t):
+            raw = np.frombuffer(block, np.uint8)
+            if t.name not in dense:
+                h.update(raw)
+            elif not h.update_finite(raw, t.dtype):
+                raise NonFiniteError(f"{t.name}: delta holds NaN or Inf")
+        digests.add(t.name, t.dtype, t.shape, h.hexdigest())
+    return digests.hexdigest()
+
+
+def _stream_hash(fd, header: Header, meta: dict, dense: dict[str, TensorInfo], algorithm) -> str:
+    """An older file's hash: one stream over the tensors in name order, dense deltas
+    widened to the float32 values it was defined over."""
+    hasher = ContentHasher(meta["entries"], algorithm)
     shapes = {s["name"]: tuple(s["shape"]) for s in meta["entries"] if s.get("name") in dense}
     for t in sorted(header.tensors, key=lambda t: t.name):
         label = t.dtype if t.name in dense else None
@@ -168,10 +199,7 @@ def _verify(fd: int, header: Header, meta: dict, dense: dict[str, TensorInfo], w
                 hasher.update(block)
             elif not hasher.update_values(block, label):
                 raise NonFiniteError(f"{t.name}: delta holds NaN or Inf")
-    got, expected = hasher.hexdigest(), meta.get("content_hash")
-    if got != expected:
-        raise FormatError(f"{where}: content hash mismatch (file modified?)")
-    return got
+    return hasher.hexdigest()
 
 
 def _blocks(fd: int, header: Header, t: TensorInfo):

@@ -3,19 +3,18 @@
 :class:`SignatureWriter` takes each :class:`~robustpatch.signature.entry.Entry` as it is
 produced and writes its file tensors (dense deltas in their compact dtype, as
 :func:`~robustpatch.signature.codec.save` stores them) to a temporary data file in the
-output's folder, so memory stays near one entry. The header cannot be written first: it
-holds every entry's stats and the content hash, which covers the entry specs before any
-tensor and the tensors in name order, not in the order they were produced. So the data
-goes behind room reserved for the header, sized from the number of entries expected;
-:meth:`commit` reads it back once in name order to hash it (compact values widened to
-the float32 the hash is defined over), then
+output's folder, so memory stays near one entry, and hashes each as it writes it (the
+``tensors-blake3`` content hash is over per-tensor digests, so the order they are
+produced in does not matter and nothing is read back). The header cannot be written
+first: it holds every entry's stats and the content hash. So the data goes behind room
+reserved for the header, sized from the number of entries expected; :meth:`commit`
 
 - for a large signature whose header fits the room, writes the header into it, padded
   with spaces (which safetensors allows) and renames the file into place: the data is
   written once;
-- otherwise copies the data behind the header into a second temporary file while it
-  hashes, and renames that: the file is then byte for byte what ``codec.save`` writes
-  for the same signature (a small signature is not left with unused room).
+- otherwise copies the data behind the exact-size header into a second temporary file
+  and renames that: the file is then byte for byte what ``codec.save`` writes for the
+  same signature (a small signature is not left with unused room).
 """
 
 from __future__ import annotations
@@ -33,21 +32,21 @@ import numpy as np
 from .._format.safetensors import TensorInfo, check_header_size, encode_header
 from .._io.atomic import AtomicFile
 from .._io.ranged import pread_into, pwrite_all
-from ..dtypes import label_of
 from ..errors import InvalidArgumentError
 from .codec import (
-    HASH_ALGORITHMS,
     META_KEY,
-    ContentHasher,
+    TensorDigests,
     compact,
     header_object,
     json_default,
+    stored_label,
+    tensor_digest,
 )
 from .entry import Entry
 
 __all__ = ["SignatureWriter"]
 
-#: Bytes moved per read while the data is hashed and copied behind the header.
+#: Bytes moved per read while the data is copied behind the header.
 _BLOCK = 8 << 20
 
 #: Data at least this large is written once, behind reserved header room (below it, the
@@ -59,20 +58,13 @@ IN_PLACE_MIN_BYTES = 64 << 20
 _ROOM_PER_ENTRY = 2048
 _ROOM_BASE = 64 << 10
 
-#: A content hash as long as the real one (the algorithm's name and 64 hex digits): the
-#: header is laid out with it before the hash is known, then overwritten in place.
-_HASH_PLACEHOLDER = f"{HASH_ALGORITHMS[0]}:" + "0" * 64
-
 
 @dataclass(frozen=True)
 class _Stored:
-    """One file tensor in the data file: where it is, and how the hash sees it (the
-    float32 values of a compact dense delta: ``widen_from`` names its stored label)."""
+    """One file tensor in the data file: where it is, and the digest of its bytes."""
 
     info: TensorInfo
-    hashed_dtype: np.dtype
-    hashed_shape: tuple[int, ...]
-    widen_from: str | None
+    digest: str
 
 
 class SignatureWriter:
@@ -139,14 +131,12 @@ class SignatureWriter:
 
     def _write_tensor(self, name: str, arr: np.ndarray, compact_dense: bool, at: int) -> _Stored:
         """Write one file tensor at offset ``at`` of the data file (compact dtype for a
-        dense delta); where it went."""
+        dense delta) and digest it; where it went."""
         stored = compact(arr) if compact_dense else arr
-        label = "U8" if stored.dtype == np.uint8 else label_of(stored)
-        widen_from = label if compact_dense and label != "F32" else None
-        info = TensorInfo(name, label, tuple(stored.shape), at, at + stored.nbytes)
+        info = TensorInfo(name, stored_label(stored), tuple(stored.shape), at, at + stored.nbytes)
         data = memoryview(stored.reshape(-1).view(np.uint8))
         pwrite_all(self._data.file.fileno(), data, self._start + at)
-        return _Stored(info, arr.dtype, tuple(arr.shape), widen_from)
+        return _Stored(info, tensor_digest(stored))
 
     def _check_free(self, entry: str, names: list[str]) -> None:
         if entry in self._entries:
@@ -159,19 +149,18 @@ class SignatureWriter:
 
     def commit(self, name: str, meta: Mapping[str, Any]) -> None:
         """Write the header (``name`` and ``meta`` as ``Signature(name=, meta=)`` would
-        give them) and the data, hashed, then rename the file into place."""
-        header = self._header(name, meta, _HASH_PLACEHOLDER)
+        give them, and the content hash) and rename the file into place."""
+        digests = TensorDigests(self._specs)
+        for s in self._stored:
+            digests.add(s.info.name, s.info.dtype, s.info.shape, s.digest)
+        header = self._header(name, meta, digests.hexdigest())
         if self._offset >= IN_PLACE_MIN_BYTES and len(header) <= self._start:
-            digest = self._hash_data()
-            final = _padded(self._header(name, meta, digest), self._start)
-            pwrite_all(self._data.file.fileno(), final, 0)
+            pwrite_all(self._data.file.fileno(), _padded(header, self._start), 0)
             self._data.commit()
             return
         with AtomicFile(self.path, self.durable) as out:
-            digest = self._hash_data(out.file.fileno(), len(header))
-            final = self._header(name, meta, digest)
-            assert len(final) == len(header), "the placeholder has the hash's length"
-            pwrite_all(out.file.fileno(), final, 0)
+            self._copy_data(out.file.fileno(), len(header))
+            pwrite_all(out.file.fileno(), header, 0)
             out.commit()
 
     def _header(self, name: str, meta: Mapping[str, Any], content_hash: str) -> bytes:
@@ -181,27 +170,15 @@ class SignatureWriter:
         check_header_size(len(header), str(self.path))
         return header
 
-    def _hash_data(self, copy_to: int | None = None, data_start: int = 0) -> str:
-        """Read every tensor back in name order and hash it; with ``copy_to``, also copy
-        it there at ``data_start`` + its offset. Returns the content hash."""
-        hasher = ContentHasher(self._specs)
+    def _copy_data(self, dst: int, data_start: int) -> None:
+        """Copy the tensor data to ``dst``, starting at ``data_start``."""
         buf = np.empty(_BLOCK, np.uint8)
         src = self._data.file.fileno()
-        for s in sorted(self._stored, key=lambda s: s.info.name):
-            hasher.tensor(s.info.name, s.hashed_dtype, s.hashed_shape)
-            at, end = s.info.begin, s.info.end
-            while at < end:  # blocks hold whole elements: _BLOCK is a multiple of 8
-                view = memoryview(buf[: min(_BLOCK, end - at)])
-                if pread_into(src, view, self._start + at) != len(view):
-                    raise OSError(f"{self._data.tmp}: the temporary data file ended early")
-                if copy_to is not None:
-                    pwrite_all(copy_to, view, data_start + at)
-                if s.widen_from is not None:
-                    hasher.update_values(view, s.widen_from)
-                else:
-                    hasher.update(view)
-                at += len(view)
-        return hasher.hexdigest()
+        for at in range(0, self._offset, _BLOCK):
+            view = memoryview(buf[: min(_BLOCK, self._offset - at)])
+            if pread_into(src, view, self._start + at) != len(view):
+                raise OSError(f"{self._data.tmp}: the temporary data file ended early")
+            pwrite_all(dst, view, data_start + at)
 
 
 def _padded(header: bytes, size: int) -> bytes:

@@ -58,6 +58,31 @@ impl Hasher {
         finite
     }
 
+    /// Add `data` as stored (raw little-endian elements of `dtype`) and return
+    /// whether every value is finite: the check a streamed signature's dense
+    /// deltas need, in the pass that hashes them (content hashes of the
+    /// `tensors-blake3` form are over stored bytes, not widened values).
+    pub fn update_finite(&mut self, data: &[u8], dtype: DType) -> bool {
+        use rayon::prelude::*;
+        let simd = crate::arch::selected_or_scalar();
+        let check = |part: &[u8]| {
+            simd.run(
+                #[inline(always)]
+                || all_finite(part, dtype),
+            )
+        };
+        let finite = if data.len() >= PARALLEL_MIN {
+            let part = CHUNK_ELEMENTS * dtype.size();
+            data.par_chunks(part)
+                .map(check)
+                .reduce(|| true, |a, b| a & b)
+        } else {
+            check(data)
+        };
+        self.update(data);
+        finite
+    }
+
     /// The 32-byte digest as 64 lowercase hex digits.
     pub fn hex(&self) -> String {
         self.0.finalize().to_hex().to_string()
@@ -97,6 +122,25 @@ fn widen_bits(src: &[u8], dtype: DType, dst: &mut [u32]) -> bool {
             }
         }
     }
+    bad == 0
+}
+
+/// Whether no element of `src` (raw little-endian elements of `dtype`) has an
+/// all-ones exponent (NaN or Inf); a branch-free fold, so that it vectorizes.
+#[inline(always)]
+fn all_finite(src: &[u8], dtype: DType) -> bool {
+    let bad = match dtype {
+        DType::F32 => src.chunks_exact(4).fold(0u32, |b, s| {
+            let v = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            b | u32::from(v & 0x7f80_0000 == 0x7f80_0000)
+        }),
+        DType::BF16 | DType::F16 => {
+            let exp = if dtype == DType::BF16 { 0x7f80 } else { 0x7c00 };
+            src.chunks_exact(2).fold(0u32, |b, s| {
+                b | u32::from(u16::from_le_bytes([s[0], s[1]]) & exp == exp)
+            })
+        }
+    };
     bad == 0
 }
 
@@ -211,6 +255,64 @@ mod tests {
                 bad[at..].copy_from_slice(&[0x00, 0x7c]);
             }
             assert!(!Hasher::new().update_widened(&bad, dtype), "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn finite_updates_hash_the_stored_bytes_and_find_non_finite_ones() {
+        use half::{bf16, f16};
+        let n = 3 * CHUNK_ELEMENTS + 5; // several parallel parts, the last partial
+        let vals: Vec<f32> = (0..n).map(|i| ((i % 509) as f32 - 254.0) / 8.0).collect();
+        for (dtype, raw) in [
+            (
+                DType::F32,
+                vals.iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+            (
+                DType::BF16,
+                vals.iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            (
+                DType::F16,
+                vals.iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        ] {
+            let mut want = Hasher::new();
+            want.update(&raw);
+            let mut got = Hasher::new();
+            assert!(got.update_finite(&raw, dtype), "{dtype:?}");
+            assert_eq!(got.hex(), want.hex(), "{dtype:?}");
+            // A NaN or Inf anywhere, in the parallel path and the short one.
+            let inf: &[u8] = match dtype {
+                DType::F32 => &[0x00, 0x00, 0x80, 0x7f],
+                DType::BF16 => &[0x80, 0x7f],
+                DType::F16 => &[0x00, 0x7c],
+            };
+            let nan: &[u8] = match dtype {
+                DType::F32 => &[0x01, 0x00, 0xc0, 0xff],
+                DType::BF16 => &[0xc1, 0xff],
+                DType::F16 => &[0x01, 0xfe],
+            };
+            for (at, bad_value) in [(0, inf), (n / 2, nan), (n - 1, inf)] {
+                let mut bad = raw.clone();
+                let byte = at * dtype.size();
+                bad[byte..byte + dtype.size()].copy_from_slice(bad_value);
+                assert!(
+                    !Hasher::new().update_finite(&bad, dtype),
+                    "{dtype:?} at {at}"
+                );
+                let short = &bad[byte - byte % 64..(byte + 64).min(bad.len())];
+                assert!(
+                    !Hasher::new().update_finite(short, dtype),
+                    "{dtype:?} short"
+                );
+            }
         }
     }
 

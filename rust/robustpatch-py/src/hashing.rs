@@ -45,18 +45,38 @@ impl Blake3 {
         data: PyReadonlyArrayDyn<'_, u8>,
         label: &str,
     ) -> BindResult<bool> {
-        let dtype = DType::parse(label).ok_or_else(|| {
-            Error::Value(format!("label must be F32, F16 or BF16, got {label:?}"))
-        })?;
-        let bytes = slice_of(&data, "data")?;
-        args::itemsize(dtype.size() as i64, bytes.len())?;
+        let (bytes, dtype) = float_bytes(&data, label)?;
         Ok(nogil(py, || self.0.update_widened(bytes, dtype)))
+    }
+
+    /// Add `data` as stored (raw bytes, C-contiguous uint8, of elements labelled
+    /// `label`: "F32", "F16" or "BF16"); returns whether every value is finite.
+    fn update_finite(
+        &mut self,
+        py: Python<'_>,
+        data: PyReadonlyArrayDyn<'_, u8>,
+        label: &str,
+    ) -> BindResult<bool> {
+        let (bytes, dtype) = float_bytes(&data, label)?;
+        Ok(nogil(py, || self.0.update_finite(bytes, dtype)))
     }
 
     /// The digest as 64 hex digits.
     fn hexdigest(&self) -> String {
         self.0.hex()
     }
+}
+
+/// The bytes of `data`, whole elements of the float dtype `label` names.
+fn float_bytes<'a>(
+    data: &'a PyReadonlyArrayDyn<'_, u8>,
+    label: &str,
+) -> BindResult<(&'a [u8], DType)> {
+    let dtype = DType::parse(label)
+        .ok_or_else(|| Error::Value(format!("label must be F32, F16 or BF16, got {label:?}")))?;
+    let bytes = slice_of(data, "data")?;
+    args::itemsize(dtype.size() as i64, bytes.len())?;
+    Ok((bytes, dtype))
 }
 
 /// The fingerprint digest (hex) of a tensor's bytes (`data`, C-contiguous uint8) as
