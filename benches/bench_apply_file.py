@@ -7,7 +7,13 @@ Builds a model file of ``--size-gib`` GiB (float32 tensors; a few float16/bf16),
 - ``apply_file`` (atomic, no fsync, like the copy) in a fresh subprocess: time and peak
   RSS (``VmHWM``);
 - ``remove_file`` likewise, and (with ``--verify``) that the restored file's sha256
-  equals the original's;
+  equals the original's. Just before it, a control: ``shutil.copyfile`` of a twin of
+  remove's input (written by a second ``apply_file``), at the point of the round where
+  remove ran before. On the 2-core development VM, whatever copied there (the kernel's
+  own ``copy_file_range`` too) took 2.5-4x as long as the first copyfile of the round,
+  and remove timed there read 3.5x; timed after the control it reads 1.3-1.5x. The cost
+  follows the page cache's state at that moment (it varied with how full it was), not
+  the code: compare each contender with the copy timed next to it;
 - ``apply_file`` of a second 4-bit signature touching every tensor (``--full``; the
   pipelined path: read, engine and write on their own threads);
 - the copy followed by fsync, and ``apply_file(durable=True)`` (fsynced: both are bound
@@ -130,7 +136,7 @@ def copy_and_fsync(src: Path, dst: Path) -> None:
 
 
 def clean_outputs(work: Path) -> None:
-    for name in ("patched.safetensors", "restored.safetensors", "copy.bin"):
+    for name in ("patched.safetensors", "twin.safetensors", "restored.safetensors", "copy.bin"):
         (work / name).unlink(missing_ok=True)
         (work / (name + ".rpundo")).unlink(missing_ok=True)
 
@@ -160,10 +166,12 @@ def main() -> None:
             build_signature(full_sig, infos, 1.0, 1)
         size = model.stat().st_size
         copy_s, copy_sync_s, apply_runs, remove_runs, durable_runs = [], [], [], [], []
+        copy_fresh_s = []
         full_runs = []
         shutil.copyfile(model, work / "warm.bin")  # warm the page cache
         os.remove(work / "warm.bin")
         patched, restored = work / "patched.safetensors", work / "restored.safetensors"
+        twin = work / "twin.safetensors"
         verified = None
         for _ in range(args.repeat):  # interleaved, so drifts hit every contender alike
             clean_outputs(work)
@@ -175,6 +183,11 @@ def main() -> None:
             os.remove(work / "copy.bin")
             settle()
             apply_runs.append(child("apply", src=str(model), sigs=[str(sig)], out=str(patched)))
+            # the control: a copy of a just-written twin of remove's input (docstring)
+            child("apply", src=str(model), sigs=[str(sig)], out=str(twin))
+            settle()
+            copy_fresh_s.append(timed(lambda: shutil.copyfile(twin, work / "copy.bin")))
+            os.remove(work / "copy.bin")
             settle()
             remove_runs.append(child("remove", src=str(patched), out=str(restored)))
             if args.verify and verified is None:
@@ -211,6 +224,8 @@ def main() -> None:
             "remove_peak_rss_mb": max(r["peak_rss_mb"] for r in remove_runs),
             "apply_vs_copy": best_apply["work_s"] / min(copy_s),
             "remove_vs_copy": best_remove["work_s"] / min(copy_s),
+            "copyfile_fresh_s": min(copy_fresh_s),
+            "remove_vs_copy_fresh": best_remove["work_s"] / min(copy_fresh_s),
             "apply_durable_s": min(r["work_s"] for r in durable_runs),
             "apply_durable_vs_copy_fsync": min(r["work_s"] for r in durable_runs)
             / min(copy_sync_s),
@@ -222,6 +237,7 @@ def main() -> None:
                 "apply_full": full_runs,
                 "copyfile_s": copy_s,
                 "copyfile_fsync_s": copy_sync_s,
+                "copyfile_fresh_s": copy_fresh_s,
                 "apply": apply_runs,
                 "remove": remove_runs,
                 "apply_durable": durable_runs,
@@ -244,6 +260,11 @@ def table(result: dict) -> str:
         ("shutil.copyfile", copy, None),
         ("apply_file", result["apply_s"], result["apply_peak_rss_mb"]),
         ("remove_file", result["remove_s"], result["remove_peak_rss_mb"]),
+        (
+            "shutil.copyfile of a just-written twin of remove's input (control)",
+            result["copyfile_fresh_s"],
+            None,
+        ),
         ("shutil.copyfile + fsync", result["copyfile_fsync_s"], None),
         ("apply_file(durable=True)", result["apply_durable_s"], None),
     ]
