@@ -222,29 +222,24 @@ mod tests {
         }
     }
 
+    /// `n` exact test values (multiples of 1/8 in ±32) as raw little-endian `dtype`.
+    fn stored_values(n: usize, dtype: DType) -> Vec<u8> {
+        use half::{bf16, f16};
+        let vals = (0..n).map(|i| ((i % 509) as f32 - 254.0) / 8.0);
+        match dtype {
+            DType::F32 => vals.flat_map(f32::to_le_bytes).collect(),
+            DType::BF16 => vals.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
+            DType::F16 => vals.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
+        }
+    }
+
     #[test]
     fn widened_updates_hash_the_float32_values_and_find_non_finite_ones() {
-        use half::{bf16, f16};
         let n = 3 * WIDEN_BLOCK / 2 + 5; // two blocks, the last partial; parallel path
-        let vals: Vec<f32> = (0..n).map(|i| ((i % 509) as f32 - 254.0) / 8.0).collect();
-        let f32_bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut want = Hasher::new();
-        want.update(&f32_bytes);
-        for (dtype, raw) in [
-            (DType::F32, f32_bytes.clone()),
-            (
-                DType::BF16,
-                vals.iter()
-                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                DType::F16,
-                vals.iter()
-                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            ),
-        ] {
+        want.update(&stored_values(n, DType::F32));
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let raw = stored_values(n, dtype);
             let mut got = Hasher::new();
             assert!(got.update_widened(&raw, dtype), "{dtype:?}");
             assert_eq!(got.hex(), want.hex(), "{dtype:?}");
@@ -260,29 +255,9 @@ mod tests {
 
     #[test]
     fn finite_updates_hash_the_stored_bytes_and_find_non_finite_ones() {
-        use half::{bf16, f16};
         let n = 3 * CHUNK_ELEMENTS + 5; // several parallel parts, the last partial
-        let vals: Vec<f32> = (0..n).map(|i| ((i % 509) as f32 - 254.0) / 8.0).collect();
-        for (dtype, raw) in [
-            (
-                DType::F32,
-                vals.iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            ),
-            (
-                DType::BF16,
-                vals.iter()
-                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                DType::F16,
-                vals.iter()
-                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            ),
-        ] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let raw = stored_values(n, dtype);
             let mut want = Hasher::new();
             want.update(&raw);
             let mut got = Hasher::new();
