@@ -267,6 +267,18 @@ def test_a_regex_matches_whole_components_anywhere_in_the_name():
         extract(pre, clean, robust, "layer")  # half a component
 
 
+def test_a_pattern_selection_records_how_many_layer_units_it_touched():
+    pre = llama_like(np.random.default_rng(0))
+    clean = perturb(pre, np.random.default_rng(1), 0.01)
+    robust = perturb(clean, np.random.default_rng(2), 0.01)
+    units = layer_units(list(pre), lambda n: (pre[n].dtype, pre[n].shape))
+    s = extract(pre, clean, robust, [r"model\.layers\.[01]", "q_proj"])
+    touched = [u for u in units if set(u) & set(s.entries)]
+    info = s.meta["layers"]
+    assert info["mode"] == "names" and info["of"] == len(units)
+    assert info["units"] == len(touched) < len(units)
+
+
 @pytest.mark.parametrize("bad", [r"model\.layers\.[", ["fc", "(unclosed"], [3]])
 def test_an_invalid_regex_is_our_error_naming_the_pattern(bad):
     with pytest.raises(SelectionError) as caught:

@@ -221,4 +221,6 @@ def choose_layers(
         return _leading(units, params, min(int(layers), len(units)), mode="count")
     patterns = [layers] if isinstance(layers, str) else list(layers)
     chosen = _select_pattern(names, patterns)
-    return [n for n in names if n in chosen], {"mode": "names", "patterns": patterns}
+    touched = sum(any(n in chosen for n in u) for u in units)
+    info = {"mode": "names", "patterns": patterns, "units": touched, "of": len(units)}
+    return [n for n in names if n in chosen], info
