@@ -26,7 +26,7 @@ from _common import best_times
 from robustpatch import _core
 
 # The module (``rp.extract`` is the function of the same name).
-extract_module = importlib.import_module("robustpatch.extract")
+extract_module = importlib.import_module("robustpatch.extraction")
 
 
 def stream_fingerprint(new_hash, label: str):

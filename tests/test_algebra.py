@@ -10,7 +10,7 @@ import pytest
 from robustpatch import apply, apply_file, combine, detect, remove, remove_file, similarity
 from robustpatch._format.safetensors import write_tensors
 from robustpatch.errors import InvalidArgumentError, MismatchError
-from robustpatch.extract import extract
+from robustpatch.extraction import extract
 from robustpatch.signature import Signature, SignatureSum, terms
 from rp_testutil import copy_model, same_bits, trio
 

@@ -410,7 +410,7 @@ def test_detect_ranks_the_signature_a_model_change_matches_first(d, capsys):
 
 
 def test_param_budget_reaches_extract(d, capsys, monkeypatch):
-    ex = sys.modules["robustpatch.extract"]  # the package exports a function of that name
+    ex = sys.modules["robustpatch.extraction"]  # the package exports a function of that name
     seen = {}
     real = ex.extract_to  # the CLI streams the signature into its file
 
@@ -431,7 +431,7 @@ def test_param_budget_reaches_extract(d, capsys, monkeypatch):
 
 
 def test_param_budget_end_to_end(d, capsys):
-    from robustpatch.extract import extract
+    from robustpatch.extraction import extract
 
     if "param_budget" not in inspect.signature(extract).parameters:
         pytest.skip("extract has no param_budget yet")

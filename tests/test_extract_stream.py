@@ -15,7 +15,7 @@ import pytest
 from robustpatch._format.safetensors import TensorInfo, encode_header, write_tensors
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, InvalidArgumentError, NonFiniteError, SelectionError
-from robustpatch.extract import extract, extract_to
+from robustpatch.extraction import extract, extract_to
 from robustpatch.signature import Signature
 from rp_testutil import bf16_from_f32, child_peak_mib, listing, trio
 
@@ -225,7 +225,7 @@ def test_a_hostile_index_naming_a_file_outside_its_folder_is_refused(tmp_path, c
 
 
 CHILD = r"""
-from robustpatch.extract import extract_to
+from robustpatch.extraction import extract_to
 
 if op == "extract":
     extract_to(args["out"], None, args["clean"], args["robust"], method="difference",

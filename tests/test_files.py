@@ -12,7 +12,7 @@ import pytest
 
 from robustpatch._format.safetensors import read_header, read_tensors, write_tensors
 from robustpatch.errors import FormatError, MismatchError, NonFiniteError
-from robustpatch.extract import extract
+from robustpatch.extraction import extract
 from robustpatch.files import applied_signatures, apply_file, remove_file, undo_path_for
 from robustpatch.signature import Signature, content_hash
 from robustpatch.targets import apply

@@ -33,7 +33,7 @@ from robustpatch._format.safetensors import read_header, read_tensors, write_ten
 from robustpatch._format.undo import UNDO_VERSION, record_digest
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, NonFiniteError
-from robustpatch.extract import extract
+from robustpatch.extraction import extract
 from robustpatch.files import APPLIED_KEY, UNDO_KEY, apply_file, remove_file
 from robustpatch.signature import Signature, content_hash
 from robustpatch.targets import apply

@@ -21,7 +21,7 @@ from robustpatch._format.safetensors import read_header, read_tensors, write_ten
 from robustpatch._format.undo import UNDO_KEY, record_digest, undo_path_for
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, InvalidArgumentError, MismatchError
-from robustpatch.extract import extract
+from robustpatch.extraction import extract
 from rp_testutil import listing, sha, trio
 
 

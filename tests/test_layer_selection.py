@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from robustpatch.errors import SelectionError, ZeroSignatureWarning
-from robustpatch.extract import extract, open_source
+from robustpatch.extraction import extract, open_source
 from robustpatch.selection import layer_units
 from rp_testutil import copy_model, perturb, trio
 

@@ -18,7 +18,7 @@ from robustpatch._format import undo as undo_module
 from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch._format.undo import UNDO_KEY, undo_path_for
 from robustpatch.errors import FormatError
-from robustpatch.extract import extract
+from robustpatch.extraction import extract
 from rp_testutil import listing, sha, trio
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.dtypes import narrow, widen
 from robustpatch.errors import FormatError, MismatchError, NonFiniteError
-from robustpatch.extract import extract
+from robustpatch.extraction import extract
 from robustpatch.signature import (
     Signature,
     content_hash,
@@ -111,7 +111,7 @@ def test_layer_count_and_patterns(models):
 def test_files_give_depth_order_whatever_their_byte_order(models, tmp_path):
     from safetensors.numpy import save_file
 
-    from robustpatch.extract import open_source
+    from robustpatch.extraction import open_source
 
     resnet = {
         k: np.zeros(4 if "bn" in k else (2, 2), np.float32)

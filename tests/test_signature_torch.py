@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from robustpatch.extract import extract  # noqa: E402
+from robustpatch.extraction import extract  # noqa: E402
 from robustpatch.targets import apply, remove  # noqa: E402
 from robustpatch.torch_bridge import TorchTarget  # noqa: E402
 

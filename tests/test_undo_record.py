@@ -36,7 +36,7 @@ from robustpatch._format.undo import (
 )
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, MismatchError
-from robustpatch.extract import extract
+from robustpatch.extraction import extract
 from rp_testutil import listing, sha, trio
 
 PREV = Path(__file__).parent / "fixtures" / "prev_release"

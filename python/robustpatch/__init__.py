@@ -21,20 +21,41 @@ True
 The lab (`robustpatch.lab`) needs the ``torch`` extra; nothing here imports torch.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from ._core import __version__
 from .errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError
-from .extract import extract, extract_to
-from .files import apply_file, remove_file
-from .signature import (
-    Entry,
-    Quantized,
-    Signature,
-    SignatureSum,
-    combine,
-    detect,
-    similarity,
-)
-from .targets import Undo, apply, remove, subtract
+
+if TYPE_CHECKING:  # the names below are imported on first use (see __getattr__)
+    from . import onnx as onnx
+    from .extraction import extract, extract_to
+    from .files import apply_file, remove_file
+    from .signature import (
+        Entry,
+        Quantized,
+        Signature,
+        SignatureSum,
+        combine,
+        detect,
+        similarity,
+    )
+    from .targets import Undo, apply, remove, subtract
+
+#: Where each public name lives. ``import robustpatch`` loads none of these modules (nor
+#: numpy), so that the command line starts fast and can choose numpy's BLAS threads
+#: before numpy loads; a name's module is imported when the name is first used.
+_LAZY = {
+    **dict.fromkeys(["extract", "extract_to"], ".extraction"),
+    **dict.fromkeys(["apply_file", "remove_file"], ".files"),
+    **dict.fromkeys(
+        ["Entry", "Quantized", "Signature", "SignatureSum", "combine", "detect", "similarity"],
+        ".signature",
+    ),
+    **dict.fromkeys(["Undo", "apply", "remove", "subtract"], ".targets"),
+}
 
 __all__ = [
     "Entry",
@@ -61,9 +82,16 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """``rp.onnx`` on first use: ONNX support is an extra, kept out of ``import robustpatch``."""
+    """A public name on first use (PEP 562), then cached in the module; ``rp.onnx`` too
+    (ONNX support is an extra)."""
     if name == "onnx":
-        import importlib
-
         return importlib.import_module(".onnx", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

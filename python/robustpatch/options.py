@@ -14,7 +14,11 @@ from dataclasses import dataclass, fields
 
 from .errors import InvalidArgumentError
 
-__all__ = ["PatchOptions", "FILE_OPTIONS", "MEMORY_OPTIONS"]
+__all__ = ["PatchOptions", "FILE_OPTIONS", "MEMORY_OPTIONS", "EXECUTORS"]
+
+#: Where a pipeline runs its jobs (:func:`robustpatch.pipeline.run`, ``robustpatch batch
+#: --executor``): a local process pool or Ray tasks.
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)

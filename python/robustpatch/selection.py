@@ -1,4 +1,4 @@
-"""Which tensors :func:`~robustpatch.extract.extract` takes: depth order, leading-layer
+"""Which tensors :func:`~robustpatch.extraction.extract` takes: depth order, leading-layer
 units, and the layer rules (``"auto"``, ``"all"``, a count, regexes, a parameter budget).
 
 Pure functions of tensor names and shapes; the signature energies that ``"auto"`` weighs

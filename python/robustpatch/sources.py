@@ -1,4 +1,4 @@
-"""The checkpoints :func:`~robustpatch.extract.extract` reads, behind one
+"""The checkpoints :func:`~robustpatch.extraction.extract` reads, behind one
 :class:`Source` interface: dicts of numpy arrays, torch state dicts or modules
 (:class:`DictSource`), ``.safetensors`` files and sharded checkpoints read through mmap,
 one tensor at a time (:class:`FileSource`), and ``.pt``/``.pth`` state dicts.

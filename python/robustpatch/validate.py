@@ -20,10 +20,9 @@ import math
 import numbers
 import operator
 import os
+import sys
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .errors import InvalidArgumentError, NonFiniteError
 
@@ -42,11 +41,24 @@ __all__ = [
 SCHEMES = ("affine", "symmetric", "log", "tanh")
 GRANULARITIES = ("tensor", "channel", "group")
 
-#: Largest magnitude an α may have: the engine multiplies in float32.
-F32_MAX = float(np.finfo(np.float32).max)
+#: Largest magnitude an α may have: the engine multiplies in float32 (its largest finite
+#: value, ``np.finfo(np.float32).max``).
+F32_MAX = 3.4028234663852886e38
 
 #: Longest rendering of a bad value inside a message.
 _SHOWN = 60
+
+
+def _numpy() -> Any:
+    """numpy if it is loaded, else None: a numpy bool or array cannot exist before numpy is
+    imported, and this module is imported by the command line before it chooses numpy's
+    BLAS threads."""
+    return sys.modules.get("numpy")
+
+
+def _is_bool(value: Any) -> bool:
+    np = _numpy()
+    return isinstance(value, bool) or (np is not None and isinstance(value, np.bool_))
 
 
 def _show(value: Any) -> str:
@@ -56,7 +68,7 @@ def _show(value: Any) -> str:
 
 def alpha(value: Any, what: str = "alpha") -> float:
     """One real number, finite and within float32 range (the engine narrows α to f32)."""
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    is_number = isinstance(value, numbers.Real) and not _is_bool(value)
     if not is_number:
         raise InvalidArgumentError(f"{what} must be a real number, got {_show(value)}")
     out = float(value)
@@ -90,14 +102,15 @@ def alphas(n: int, values: Any, what: str = "alpha") -> list[float]:
 
 
 def _is_sequence(values: Any) -> bool:
-    if isinstance(values, np.ndarray):
+    np = _numpy()
+    if np is not None and isinstance(values, np.ndarray):
         return values.ndim > 0
     return hasattr(values, "__iter__") and hasattr(values, "__len__")
 
 
 def _integer(value: Any, lo: int, hi: int | None) -> int | None:
     """``value`` as an int in ``lo..hi``, or None (bool and float are not integers)."""
-    if isinstance(value, (bool, np.bool_)):
+    if _is_bool(value):
         return None
     try:
         out = operator.index(value)

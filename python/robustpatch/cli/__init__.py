@@ -40,6 +40,10 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 #: Exit code after a closed stdout (128 + SIGPIPE).
 EXIT_BROKEN_PIPE = 141
 
+#: Commands whose work runs in numpy's BLAS (similarity's Gram matrix) or the torch lab;
+#: the others compute in the engine's own threads.
+BLAS_COMMANDS = frozenset({"similarity", "demo"})
+
 #: Library keywords that error messages name, and the CLI flags that set them.
 FLAG_OF_KEYWORD = {
     "allow_dtype_change=True": "--allow-dtype-change",
@@ -114,8 +118,19 @@ def _quiet_broken_pipe() -> int:
     return EXIT_BROKEN_PIPE
 
 
+def _single_thread_blas(argv: Sequence[str]) -> None:
+    """One OpenBLAS thread for a command that does not use BLAS, unless the user chose a
+    number: a pool of them would take tens of milliseconds to start and then spin on the
+    cores the engine's threads work on. Only possible before numpy is imported."""
+    command = next((str(a) for a in argv if not str(a).startswith("-")), None)
+    if "numpy" not in sys.modules and command not in BLAS_COMMANDS:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage, 141 closed stdout)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _single_thread_blas(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.json and not args.json_output:

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import InvalidArgumentError
-from ..pipeline.runner import EXECUTORS
+from ..options import EXECUTORS
 from . import parser as cli_args
 from .parser import PROG
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError
 from . import parser as cli_args
 from .output import print_table, progress_bar, report
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # ---------------------------------------------------------------------------- extract
 
@@ -76,7 +77,7 @@ def run_extract(args: Any) -> None:
     robustpatch extract pre.safetensors clean.safetensors fog.safetensors -o fog.rws \
         --bits 4 --provenance corruption=fog
     """
-    from ..extract import extract_to
+    from ..extraction import extract_to
 
     models = [m for m in (args.pretrained, args.clean, args.robust) if m != "-"]
     cli_args.check_outputs(args, [f for m in models for f in _input_files(m)], [args.output])
@@ -221,7 +222,7 @@ def run_similarity(args: Any) -> None:
 
     files = _signature_files(args.signatures)
     sigs = [Signature.load(p) for p in files]
-    m = np.asarray(similarity(sigs))
+    m = similarity(sigs)
     labels = cli_args.file_labels(files)
     if args.json:
         rep = {
@@ -282,7 +283,7 @@ def _model_delta(model: str, base: str, names: set[str]) -> dict[str, np.ndarray
     """``model − base`` (float32) for the tensors in ``names`` both checkpoints hold."""
     from ..dtypes import widen
     from ..errors import MismatchError
-    from ..extract import open_source
+    from ..extraction import open_source
 
     m, b = open_source(model), open_source(base)
     out = {}

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustpatch.extract import extract
+from robustpatch.extraction import extract
 from robustpatch.signature import Signature, SignatureSum, detect, similarity, terms
 from robustpatch.targets import apply, remove
 

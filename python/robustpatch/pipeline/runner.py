@@ -12,12 +12,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from ..errors import InvalidArgumentError
+from ..options import EXECUTORS
 from .jobs import Job, run_job
 from .manifest import check_jobs, jobs_from
 
 __all__ = ["EXECUTORS", "run"]
 
-EXECUTORS = ("local", "ray")
 
 Line = dict[str, Any]
 

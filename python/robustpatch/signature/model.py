@@ -93,7 +93,7 @@ class _Linear:
 class Signature(_Linear):
     """A robust weight signature: named delta/BN entries plus metadata.
 
-    Build one with :func:`robustpatch.extract.extract`, :meth:`from_deltas` or
+    Build one with :func:`robustpatch.extract`, :meth:`from_deltas` or
     :meth:`load`; compress with :meth:`quantize`; combine with ``+``, ``-`` and ``*``.
     """
 

@@ -187,7 +187,7 @@ def _signature_arm(
 ) -> dict[str, Any]:
     """Extract (``method``), quantize, save, reload and apply a signature to the clean twin;
     evaluate the patched model."""
-    from robustpatch.extract import extract
+    from robustpatch.extraction import extract
     from robustpatch.signature import Signature, is_bn_stat
     from robustpatch.targets import apply
 
