@@ -69,6 +69,15 @@ def test_by_name_and_unsorted_input(tmp_path):
     assert [t.name for t in h.tensors] == ["b", "a"]
 
 
+def test_by_name_is_built_once_and_read_only(header):
+    # built once per header: a record looks up two tensors for each one it restores, and
+    # a table rebuilt per lookup made removing a full-model patch quadratic
+    table = header.by_name()
+    assert table is header.by_name() and set(table) == {t.name for t in INFOS}
+    with pytest.raises(TypeError):
+        table["x"] = INFOS[0]  # type: ignore[index]
+
+
 def tiny_tensors_file(path, n: int) -> int:
     """A file of ``n`` one-byte tensors with short names; returns the header's size."""
     body = ",".join(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from types import MappingProxyType
 from typing import BinaryIO, overload
 
 import numpy as np
@@ -94,8 +96,15 @@ class Header:
     data_start: int
     file_size: int
 
-    def by_name(self) -> dict[str, TensorInfo]:
-        return {t.name: t for t in self.tensors}
+    def by_name(self) -> Mapping[str, TensorInfo]:
+        """The tensors by name, built once per header: an undo record is looked up twice
+        for every tensor it restores, and rebuilding it each time made removing a
+        full-model patch quadratic in the tensor count."""
+        return self._by_name
+
+    @cached_property
+    def _by_name(self) -> Mapping[str, TensorInfo]:
+        return MappingProxyType({t.name: t for t in self.tensors})
 
 
 def read_header(path: PathLike) -> Header:
