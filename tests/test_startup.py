@@ -94,3 +94,10 @@ def test_similarity_keeps_blas_threads_and_a_users_choice_is_kept(model_and_sign
     _, sig = model_and_signature
     assert _cli_child("similarity", sig, sig)[0] is None
     assert _cli_child("inspect", sig, OPENBLAS_NUM_THREADS="3")[0] == "3"
+
+
+def test_python_dash_m_robustpatch_is_the_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "robustpatch", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"robustpatch {rp.__version__}"
