@@ -4,6 +4,7 @@ header's size."""
 
 from __future__ import annotations
 
+import pickle
 import struct
 import subprocess
 import sys
@@ -73,9 +74,12 @@ def test_by_name_is_built_once_and_read_only(header):
     # built once per header: a record looks up two tensors for each one it restores, and
     # a table rebuilt per lookup made removing a full-model patch quadratic
     table = header.by_name()
-    assert table is header.by_name() and set(table) == {t.name for t in INFOS}
+    assert set(table) == {t.name for t in INFOS}
+    # the table makes a new TensorInfo on each access: the same object means built once
+    assert all(table[t.name] is header.by_name()[t.name] for t in INFOS)
     with pytest.raises(TypeError):
         table["x"] = INFOS[0]  # type: ignore[index]
+    assert pickle.loads(pickle.dumps(header)) == header  # the cache does not stop pickling
 
 
 def tiny_tensors_file(path, n: int) -> int:

@@ -38,9 +38,17 @@ def test_importing_the_package_loads_neither_numpy_nor_its_modules():
 
 
 @pytest.mark.parametrize("name", rp.__all__)
-def test_every_public_name_resolves_and_is_listed(name):
+def test_every_public_name_resolves(name):
     assert getattr(rp, name) is not None
-    assert name in dir(rp)
+
+
+def test_names_are_listed_before_use_and_submodules_load_when_named():
+    got = _child(
+        "import json, robustpatch as rp\n"
+        "listed = 'extract' in dir(rp) and 'Signature' in dir(rp)\n"
+        "print(json.dumps([listed, rp.files.__name__, rp.signature.Signature is rp.Signature]))"
+    )
+    assert got == [True, "robustpatch.files", True]
 
 
 def test_extract_stays_the_function_after_its_module_is_imported():
@@ -59,8 +67,9 @@ def test_an_unknown_name_is_an_attribute_error():
 BLAS_PROBE = (
     "import json, os, sys\n"
     "from robustpatch.cli import main\n"
+    "sys.argv[1:] = ARGV\n"
     "try:\n"
-    "    main(sys.argv[1:])\n"
+    "    main()\n"
     "except SystemExit:\n"
     "    pass\n"
     "print(json.dumps([os.environ.get('OPENBLAS_NUM_THREADS'), 'tqdm' in sys.modules]))"
@@ -78,7 +87,7 @@ def model_and_signature(tmp_path):
 
 
 def _cli_child(*argv, **env) -> list:
-    code = BLAS_PROBE.replace("sys.argv[1:]", repr([str(a) for a in argv]))
+    code = BLAS_PROBE.replace("ARGV", repr([str(a) for a in argv]))
     return _child(code, **env)
 
 
@@ -94,6 +103,14 @@ def test_similarity_keeps_blas_threads_and_a_users_choice_is_kept(model_and_sign
     _, sig = model_and_signature
     assert _cli_child("similarity", sig, sig)[0] is None
     assert _cli_child("inspect", sig, OPENBLAS_NUM_THREADS="3")[0] == "3"
+
+
+def test_main_called_with_arguments_leaves_the_callers_environment(model_and_signature):
+    _, sig = model_and_signature
+    code = BLAS_PROBE.replace("sys.argv[1:] = ARGV\n", "").replace(
+        "main()", f"main(['inspect', {str(sig)!r}])"
+    )
+    assert _child(code)[0] is None
 
 
 def test_python_dash_m_robustpatch_is_the_command():

@@ -82,15 +82,18 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """A public name on first use (PEP 562), then cached in the module; ``rp.onnx`` too
-    (ONNX support is an extra)."""
-    if name == "onnx":
-        return importlib.import_module(".onnx", __name__)
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+    """A public name on first use (PEP 562), then cached in the module; a submodule
+    (``rp.files``, ``rp.onnx``: ONNX support is an extra) is imported when first named."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    try:
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise  # the submodule exists; something it imports is missing
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 def __dir__() -> list[str]:

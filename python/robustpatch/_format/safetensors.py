@@ -100,11 +100,11 @@ class Header:
         """The tensors by name, built once per header: an undo record is looked up twice
         for every tensor it restores, and rebuilding it each time made removing a
         full-model patch quadratic in the tensor count."""
-        return self._by_name
+        return MappingProxyType(self._by_name)
 
     @cached_property
-    def _by_name(self) -> Mapping[str, TensorInfo]:
-        return MappingProxyType({t.name: t for t in self.tensors})
+    def _by_name(self) -> dict[str, TensorInfo]:  # a plain dict: the header still pickles
+        return {t.name: t for t in self.tensors}
 
 
 def read_header(path: PathLike) -> Header:

@@ -121,16 +121,19 @@ def _quiet_broken_pipe() -> int:
 def _single_thread_blas(argv: Sequence[str]) -> None:
     """One OpenBLAS thread for a command that does not use BLAS, unless the user chose a
     number: a pool of them would take tens of milliseconds to start and then spin on the
-    cores the engine's threads work on. Only possible before numpy is imported."""
-    command = next((str(a) for a in argv if not str(a).startswith("-")), None)
+    cores the engine's threads work on. Only possible before numpy is imported, and only
+    for the command's own process (the caller of ``main(argv)`` keeps its environment)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
     if "numpy" not in sys.modules and command not in BLAS_COMMANDS:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage, 141 closed stdout)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    _single_thread_blas(argv)
+    """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage, 141 closed stdout).
+    Without ``argv`` (the ``robustpatch`` command) it reads ``sys.argv``."""
+    if argv is None:
+        argv = sys.argv[1:]
+        _single_thread_blas(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.json and not args.json_output:

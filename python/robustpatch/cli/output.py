@@ -13,7 +13,8 @@ from typing import Any
 def progress_bar(args: Any, desc: str, total: int | None = None, unit: str = "B"):
     """A tqdm bar on stderr (hidden with --quiet or when stderr is not a terminal);
     yields a callable taking increments. A hidden bar does not import tqdm (~50 ms)."""
-    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+    on_terminal = getattr(sys.stderr, "isatty", lambda: False)()  # stderr may be None
+    if getattr(args, "quiet", False) or not on_terminal:
         yield lambda n=1: None
         return
     from tqdm import tqdm
