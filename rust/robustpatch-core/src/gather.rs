@@ -7,9 +7,10 @@
 //! small reorder buffer. The record is thus written once, with no per-chunk
 //! allocation and no gathering pass after the apply: both used to cost as
 //! much as the apply itself on a fresh process (page faults of fresh memory).
+//! What the output record costs on first touch depends on the allocator: the
+//! Python module uses one that reuses freed memory (see its `lib.rs`).
 
 use crate::apply::Undo;
-use crate::mem;
 use crate::par::CHUNK;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,8 +78,8 @@ pub(crate) fn in_order<T: Send, B: Copy + Send>(
     let chunks = target.len().div_ceil(CHUNK);
     let output = Mutex::new(Output {
         undo: Undo {
-            positions: mem::with_capacity(expected),
-            values: mem::with_capacity(expected),
+            positions: Vec::with_capacity(expected),
+            values: Vec::with_capacity(expected),
         },
         next: 0,
         early: BTreeMap::new(),

@@ -20,7 +20,6 @@ pub mod error;
 pub mod fuzzing;
 mod gather;
 pub mod hash;
-mod mem;
 pub mod pack;
 pub mod par;
 pub mod project;

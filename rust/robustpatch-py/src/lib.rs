@@ -24,6 +24,15 @@ use robustpatch_core::quant;
 use robustpatch_core::{args, dot as core_dot, pack as core_pack, project as core_project};
 use robustpatch_core::{Element, Error};
 
+/// Undo records and other kernel outputs are large, short-lived buffers handed
+/// to numpy. With the system allocator each one is a fresh mapping: page faults
+/// on first write and an unmap (a TLB shootdown across the worker threads) on
+/// free cost as much as the kernel itself. mimalloc keeps freed segments for
+/// reuse, as polars does with its own allocator; only this module's Rust
+/// allocations use it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A 1-D numpy array for a kernel to fill, not zeroed: numpy's allocator backs
 /// large arrays with huge pages (a Rust `Vec` of 256 MiB page-faults every 4 KiB
 /// on first write, which measured more than the whole projection kernel), and

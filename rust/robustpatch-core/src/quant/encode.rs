@@ -439,45 +439,10 @@ pub(super) fn empty(spec: QuantSpec, numel: usize, groups: usize) -> Quantized {
     }
 }
 
-/// A zeroed vector for an output about to be written once. Large ones are
-/// advised to use transparent huge pages on Linux: first-touch page faults of a
-/// fresh 32 MB code buffer were measured at 10 ms (serialised across threads,
-/// in a VM), as long as quantizing the 256 MB it encodes; with huge pages 2 ms.
+/// A zeroed vector for an output about to be written once.
 pub(super) fn zeroed<T: Copy + Default>(n: usize) -> Vec<T> {
-    let mut v = vec![T::default(); n];
-    advise_huge_pages(&mut v);
-    v
+    vec![T::default(); n]
 }
-
-#[cfg(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
-pub(super) fn advise_huge_pages<T>(v: &mut [T]) {
-    use std::ffi::{c_int, c_void};
-    extern "C" {
-        fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
-    }
-    const MADV_HUGEPAGE: c_int = 14;
-    const HUGE: usize = 2 << 20;
-    let start = v.as_mut_ptr() as usize;
-    let end = start + std::mem::size_of_val(v);
-    // Only whole 2 MB extents inside the buffer: nothing outside it is touched.
-    let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
-    if b > a {
-        // SAFETY: [a, b) lies inside memory this vector owns; MADV_HUGEPAGE is
-        // advisory and never changes contents. A failure (THP disabled) is harmless.
-        unsafe {
-            madvise(a as *mut c_void, b - a, MADV_HUGEPAGE);
-        }
-    }
-}
-
-#[cfg(not(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-)))]
-pub(super) fn advise_huge_pages<T>(_v: &mut [T]) {}
 
 pub(super) fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
