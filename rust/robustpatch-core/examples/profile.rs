@@ -14,6 +14,10 @@ use robustpatch_core::quant::{dequantize, quantize, QuantSpec, Scheme};
 use robustpatch_core::Element;
 use std::time::Instant;
 
+/// The Python module's allocator: records and outputs reuse freed memory as they do there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn best<F: FnMut()>(mut f: F) -> f64 {
     best_of(|| {
         let t = Instant::now();
