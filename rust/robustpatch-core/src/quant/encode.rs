@@ -431,17 +431,12 @@ pub(super) fn encode_span<T: Element>(
 
 pub(super) fn empty(spec: QuantSpec, numel: usize, groups: usize) -> Quantized {
     Quantized {
-        codes: zeroed(packed_len(numel, spec.bits)),
-        scale: zeroed(groups),
-        offset: zeroed(groups),
+        codes: vec![0; packed_len(numel, spec.bits)],
+        scale: vec![0.0; groups],
+        offset: vec![0.0; groups],
         spec,
         numel,
     }
-}
-
-/// A zeroed vector for an output about to be written once.
-pub(super) fn zeroed<T: Copy + Default>(n: usize) -> Vec<T> {
-    vec![T::default(); n]
 }
 
 pub(super) fn gcd(a: usize, b: usize) -> usize {
