@@ -294,14 +294,43 @@ def test_a_patch_committed_before_a_kill_is_completed_before_the_record_check(sm
 
 def test_a_journal_that_cannot_be_written_is_deleted(small, monkeypatch):
     import robustpatch._io.journal as journal_module
+    from robustpatch._io.direct import DirectWriter
 
-    def failing_reads(*args):
-        yield b"\0" * 16
-        raise OSError(28, "No space left on device")
+    class FullDisk(DirectWriter):
+        def copy_from(self, *args, **kwargs):
+            self.write(b"\0" * 16)
+            raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(journal_module, "pread_blocks", failing_reads)
+    monkeypatch.setattr(journal_module, "DirectWriter", FullDisk)
     model, sig = small / "m.safetensors", small / "s.rws"
     before = listing(small)
     with pytest.raises(OSError, match="No space left"):
         apply_file(model, sig, 1.0, inplace=True)
     assert listing(small) == before
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_a_journal_spanning_many_write_blocks_rolls_the_model_back(
+    tmp_path, monkeypatch, direct_io
+):
+    """The journal's bytes go through small write blocks (direct I/O, or buffered where
+    the filesystem refuses it): unaligned ranges that cross block edges are saved whole
+    and hashed whole, so recovery trusts the journal and restores every byte."""
+    import robustpatch._io.direct as direct_module
+    from robustpatch._io.direct import DirectWriter
+
+    monkeypatch.setattr(direct_module, "DIRECT_BLOCK", 8192)
+    if not direct_io:
+        monkeypatch.setattr(DirectWriter, "open", classmethod(lambda cls, fd: None))
+    model = tmp_path / "m.bin"
+    original = np.random.default_rng(5).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    model.write_bytes(original)
+    ranges = [(3, 20_001), (30_000, 4096), (40_123, 50_000)]
+    with open(model, "r+b") as f:
+        Journal.begin(model, f.fileno(), ranges)
+        for offset, length in ranges:
+            os.pwrite(f.fileno(), b"\xff" * length, offset)
+    assert model.read_bytes() != original
+    assert recover(model) == "rolled back"  # the journal's digest checked out
+    assert model.read_bytes() == original
+    assert not journal_path_for(model).exists()

@@ -38,7 +38,7 @@ from ._io.atomic import AtomicFile, check_destinations
 from ._io.inputs import open_input
 from ._io.journal import Journal, journal_path_for, model_lock, recover, recover_held
 from ._io.pipeline import Watch
-from ._io.ranged import populate_writable, pwrite_all
+from ._io.ranged import populate_writable, pwrite_all, start_writeback
 from .dtypes import NUMPY_OF_LABEL, kernel_view
 from .errors import InvalidArgumentError
 from .files import (
@@ -74,14 +74,22 @@ class MappedTarget(NumpyTarget):
 
     :meth:`visit` walks them in file order; each is a view of the mapping (a copy,
     written back when done, where the file puts it at an unaligned offset). ``watch``
-    sees each as loaded and when done, as for a streamed file.
+    sees each as loaded and when done, as for a streamed file. Each patched tensor's
+    pages start for the disk (of the file open at ``fd``) at once, so the final sync
+    waits for the last of them only.
     """
 
     def __init__(
-        self, mm: mmap.mmap, header: Header, watch: Watch, progress: Progress, plan: Plan
+        self,
+        mm: mmap.mmap,
+        fd: int,
+        header: Header,
+        watch: Watch,
+        progress: Progress,
+        plan: Plan,
     ) -> None:
         super().__init__({})
-        self.mm, self.header, self.watch, self.tick = mm, header, watch, progress
+        self.mm, self.fd, self.header, self.watch, self.tick = mm, fd, header, watch, progress
         self.release = releaser(plan)
         self._index = {t.name: k for k, t in enumerate(header.tensors)}
         self._spec = spec_of(header)
@@ -110,6 +118,7 @@ class MappedTarget(NumpyTarget):
             finally:
                 self.arrays = {}  # no view may outlive the mapping
             del mapped, arr
+            start_writeback(self.fd, self.header.data_start + t.begin, t.nbytes)
             self.release(t.name)
             self.tick(t.nbytes)
 
@@ -236,7 +245,7 @@ def _patch(f, header, plan, fitted, src_header, pending, progress, allow_nonfini
     header_now = fitted if fitted is not None else src_header
     if pending is None:
         with _mapped(f) as mm:
-            target = MappedTarget(mm, header, _NoWatch(), tick, plan)
+            target = MappedTarget(mm, f.fileno(), header, _NoWatch(), tick, plan)
             with verifying(plan):
                 patch_target(target, plan, None, allow_nonfinite)
         _finish_model(f, fitted)
@@ -250,7 +259,7 @@ def _patch(f, header, plan, fitted, src_header, pending, progress, allow_nonfini
         sink = RecordToFile(writer)
         with _mapped(f) as mm:
             with verifying(plan):
-                target = MappedTarget(mm, header, sink, tick, plan)
+                target = MappedTarget(mm, f.fileno(), header, sink, tick, plan)
                 patch_target(target, plan, sink, allow_nonfinite)
         _finish_model(f, fitted)
         writer.finish()
@@ -315,7 +324,7 @@ def _remove_held(
         try:
             tick = locked_progress(progress)
             with _mapped(f) as mm:
-                target = MappedTarget(mm, header, VerifyRestore(side), tick, plan)
+                target = MappedTarget(mm, f.fileno(), header, VerifyRestore(side), tick, plan)
                 with verifying(plan):
                     restore_target(target, plan, FileRecords(side, header))
             _finish_model(f, side.source_header)

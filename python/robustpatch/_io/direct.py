@@ -7,6 +7,9 @@ import mmap
 import os
 import queue
 import threading
+from typing import Any
+
+import numpy as np
 
 from .ranged import pread_into, start_writeback
 
@@ -35,16 +38,18 @@ class DirectWriter:
     of ``DIRECT_BLOCK`` bytes.
     """
 
-    def __init__(self, fd: int, offset: int = 0) -> None:
-        import fcntl
-
+    def __init__(self, fd: int, offset: int = 0, direct: bool = True) -> None:
         if offset % _DIRECT_ALIGN:
             raise ValueError("a DirectWriter starts at an aligned offset")
         self.fd = fd
         self.pos = offset  # bytes appended so far (end of the file being written)
-        self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, self._flags | os.O_DIRECT)  # OSError: unsupported
-        self.direct = True
+        self.direct, self._flags = False, 0
+        if direct:
+            import fcntl
+
+            self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, self._flags | os.O_DIRECT)  # OSError: unsupported
+            self.direct = True
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(DIRECT_BUFFERS):
             self._free.put(mmap.mmap(-1, DIRECT_BLOCK))  # page-aligned anonymous memory
@@ -66,6 +71,13 @@ class DirectWriter:
             return cls(fd)
         except OSError:  # EINVAL: the filesystem does not do O_DIRECT (e.g. some FUSE)
             return None
+
+    @classmethod
+    def for_fd(cls, fd: int) -> DirectWriter:
+        """A writer for ``fd`` (at offset 0): direct where the platform and filesystem
+        allow, else buffered writes with early writeback (the same bytes either way)."""
+        writer = cls.open(fd)
+        return writer if writer is not None else cls(fd, direct=False)
 
     # -- producer side
     def _current(self) -> memoryview:
@@ -101,16 +113,24 @@ class DirectWriter:
             self._submit()
 
     def copy_from(
-        self, src_fd: int, offset: int, length: int, dst_offset: int | None = None
+        self,
+        src_fd: int,
+        offset: int,
+        length: int,
+        dst_offset: int | None = None,
+        hasher: Any = None,
     ) -> int:
         """Append ``length`` bytes of ``src_fd`` at ``offset``; returns the bytes copied
-        (fewer only where the source ends)."""
+        (fewer only where the source ends). ``hasher`` (``update(uint8 array)``), if
+        given, is fed the bytes as they pass: read once, hashed while the disk writes."""
         self._at(dst_offset)
         done = 0
         while done < length:
             buf = self._current()
             n = min(length - done, DIRECT_BLOCK - self._used)
             got = pread_into(src_fd, buf[self._used : self._used + n], offset + done)
+            if hasher is not None:
+                hasher.update(np.frombuffer(buf, np.uint8, got, self._used))
             self._used += got
             self.pos += got
             done += got
