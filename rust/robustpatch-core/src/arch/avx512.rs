@@ -505,7 +505,7 @@ pub unsafe fn apply_fused<T: Element>(
 }
 
 /// One signature's decoding state: its packed codes, group length, the
-/// current group's α·scale and α·offset, and where that group ends.
+/// current group's sixteen decoded levels, and where that group ends.
 #[derive(Clone, Copy)]
 struct Sig<'a> {
     codes: &'a [u8],
@@ -514,43 +514,50 @@ struct Sig<'a> {
     alpha: f32,
     group_len: usize,
     end: usize,
-    a: __m512,
-    b: __m512,
+    levels: __m512,
 }
 
 impl Sig<'_> {
-    /// Load the parameters of the group holding element `e`.
+    /// Load the group holding element `e`: its level of code c (lane c) is
+    /// `c·(α·scale) + α·offset`, rounded after the product and after the sum
+    /// exactly as the scalar decode rounds it per element.
     #[inline(always)]
     unsafe fn enter(&mut self, e: usize) {
         let g = e / self.group_len;
         self.end = (g + 1) * self.group_len;
-        self.a = _mm512_set1_ps(self.alpha * self.scale[g]);
-        self.b = _mm512_set1_ps(self.alpha * self.offset[g]);
+        let codes = _mm512_setr_ps(
+            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+        );
+        let a = _mm512_set1_ps(self.alpha * self.scale[g]);
+        let b = _mm512_set1_ps(self.alpha * self.offset[g]);
+        self.levels = _mm512_add_ps(_mm512_mul_ps(codes, a), b);
     }
 
-    /// `code·(α·scale) + α·offset` of elements e..e+16 (e even, inside the
-    /// tensor, in the current group). `MULTISHIFT`: decode with AVX-512 VBMI.
+    /// The levels of elements e..e+16 (e even, inside the tensor, in the
+    /// current group): one permute of the group's levels by the codes, in
+    /// place of a convert, a multiply and an add per step. The permute reads
+    /// the low four bits of each 32-bit index, so the nibbles need no mask.
+    /// `MULTISHIFT`: spread the codes with AVX-512 VBMI.
     #[inline(always)]
     unsafe fn decode<const MULTISHIFT: bool>(&self, e: usize) -> __m512 {
         // Eight bytes hold the sixteen codes, low nibble first.
         let p = self.codes.as_ptr().add(e / 2);
         let c = if MULTISHIFT {
             // Every 64-bit lane holds all eight bytes; lane i's low byte takes
-            // the eight bits from bit 4i of its half, of which 4 are kept.
+            // the eight bits from bit 4i of its half.
             let bytes = _mm512_set1_epi64((p as *const i64).read_unaligned());
             let shifts =
                 _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
-            let nibbles = _mm512_multishift_epi64_epi8(shifts, bytes);
-            _mm512_and_si512(nibbles, _mm512_set1_epi32(0xF))
+            _mm512_multishift_epi64_epi8(shifts, bytes)
         } else {
-            // Spread to one byte each (byte 2i = low nibble of byte i), then
-            // to i32 lanes.
-            let x = _mm_cvtepu8_epi16(_mm_loadl_epi64(p as *const __m128i));
-            let lo = _mm_and_si128(x, _mm_set1_epi16(0x000F));
-            let hi = _mm_and_si128(_mm_slli_epi16::<4>(x), _mm_set1_epi16(0x0F00));
-            _mm512_cvtepu8_epi32(_mm_or_si128(lo, hi))
+            // Each byte twice, widened to i32 lanes; odd lanes shifted down
+            // to their high nibble.
+            let x = _mm_loadl_epi64(p as *const __m128i);
+            let twice = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(x, x));
+            let shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+            _mm512_srlv_epi32(twice, shifts)
         };
-        _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(c), self.a), self.b)
+        _mm512_permutexvar_ps(c, self.levels)
     }
 }
 
@@ -646,8 +653,7 @@ unsafe fn sig_at<'a>((delta, alpha): &(Delta<'a>, f32), base: usize, full: usize
         alpha: *alpha,
         group_len: q.spec.group_len,
         end: 0,
-        a: _mm512_setzero_ps(),
-        b: _mm512_setzero_ps(),
+        levels: _mm512_setzero_ps(),
     };
     sig.enter(base);
     sig
@@ -696,10 +702,7 @@ unsafe fn fused_as<T: Lanes, const VBMI2: bool, const NE: bool, const N: usize>(
                 let end = (tile + TILE).min(full);
                 rec.room(end - tile);
                 for i in (tile..end).step_by(16) {
-                    // The multishift decode is faster without the record but
-                    // slower with it (16M f32 elements, one signature: 5.1 ->
-                    // 7.9 ms on a Zen core): the byte spread here.
-                    let d = sum_at::<false, N>(&mut sigs, base + i);
+                    let d = sum_at::<VBMI2, N>(&mut sigs, base + i);
                     over += step::<T, true, VBMI2, NE>(t.add(i), d, base + i, &mut rec);
                 }
             }
