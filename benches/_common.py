@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import subprocess
@@ -101,3 +102,19 @@ def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, f
             fn()
             times[k] = min(times[k], time.perf_counter() - t0)
     return times
+
+
+def size_arguments(
+    description: str, elements: int, repeat: int, quick: tuple[int, int], out: Path
+) -> argparse.Namespace:
+    """The options of a single-tensor benchmark: ``--elements``, ``--repeat``, ``--quick``
+    (a smoke run of ``quick`` = (elements, rounds)) and ``--out``; the run's size lands
+    in ``n`` and ``rounds``."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--elements", type=int, default=elements, help="tensor size")
+    ap.add_argument("--repeat", type=int, default=repeat, help="rounds (best kept)")
+    ap.add_argument("--quick", action="store_true", help=f"a smoke run: {quick[0]} elements")
+    ap.add_argument("--out", type=Path, default=out)
+    args = ap.parse_args()
+    args.n, args.rounds = quick if args.quick else (args.elements, args.repeat)
+    return args

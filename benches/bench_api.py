@@ -10,7 +10,6 @@ alike; each timed apply starts from the original weights (reset untimed before i
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -20,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 import robustpatch as rp
+from _common import size_arguments
 from robustpatch import _core
 
 BITS, SCHEME, GROUP = 4, "affine", 128
@@ -107,14 +107,9 @@ def table(res: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--elements", type=int, default=1 << 24)
-    ap.add_argument("--repeat", type=int, default=9)
-    ap.add_argument("--quick", action="store_true", help="1M elements, 3 rounds")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "api.json")
-    args = ap.parse_args()
-    n, repeat = (1 << 20, 3) if args.quick else (args.elements, args.repeat)
-    res = run(n, repeat)
+    out = Path(__file__).parent / "results" / "api.json"
+    args = size_arguments(__doc__.split("\n\n")[0], 1 << 24, 9, (1 << 20, 3), out)
+    res = run(args.n, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     md = table(res)

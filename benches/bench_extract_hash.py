@@ -10,7 +10,6 @@ what matter (measured in the same run); absolute times depend on the machine.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import json
@@ -22,7 +21,7 @@ from unittest import mock
 import numpy as np
 
 import robustpatch as rp
-from _common import best_times
+from _common import best_times, size_arguments
 from robustpatch import _core
 
 # The module (``rp.extract`` is the function of the same name).
@@ -118,14 +117,9 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--elements", type=int, default=64 * 2**20, help="tensor size (64M = 256 MiB)")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="1M elements, 2 repeats (a smoke run)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "extract_hash")
-    args = ap.parse_args()
-    n, repeat = (1 << 20, 2) if args.quick else (args.elements, args.repeat)
-    result = run(n, repeat)
+    out = Path(__file__).parent / "results" / "extract_hash"
+    args = size_arguments(__doc__.splitlines()[0], 64 * 2**20, 3, (1 << 20, 2), out)
+    result = run(args.n, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(table(result))
