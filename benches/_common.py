@@ -92,12 +92,20 @@ def best_time(fn: Callable[[], object], repeat: int, setup: Callable[[], object]
     return min(times)
 
 
-def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+def best_times(
+    fns: dict[str, Callable[[], object]],
+    repeat: int,
+    setups: dict[str, Callable[[], object]] | None = None,
+) -> dict[str, float]:
     """Minimum wall time of each function over ``repeat`` rounds, the functions taking
-    turns within a round, so that a slow phase of the machine hits every one alike."""
+    turns within a round, so that a slow phase of the machine hits every one alike
+    (``setups[k]``, when given, runs untimed before each run of ``fns[k]``)."""
     times = {k: float("inf") for k in fns}
+    setups = setups or {}
     for _ in range(repeat):
         for k, fn in fns.items():
+            if k in setups:
+                setups[k]()
             t0 = time.perf_counter()
             fn()
             times[k] = min(times[k], time.perf_counter() - t0)

@@ -6,8 +6,11 @@ Run (release build installed):  python benches/bench_engine.py [--simd all] [--q
 Each SIMD path (--simd scalar|avx2|avx512|avx512vbmi2|all) runs in its own process with
 ROBUSTPATCH_SIMD set, since the engine picks its path once per process; a path this
 CPU lacks is reported as unavailable. Writes benches/results/engine.json and prints a
-Markdown table of each path's ratio to a copy of the same tensor (measured in the same
-process), beside the goal. Ratios are what matter; absolute times depend on the machine.
+Markdown table of each path's ratio to a copy of the same tensor, beside the goal. Each
+kernel and its copy take turns, run after run, and the best of each is kept: on a VM
+whose memory bandwidth drifts by tens of percent within a minute, a copy timed once at
+the start made every later ratio depend on when it ran. Ratios are what matter;
+absolute times depend on the machine.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import best_time
+from _common import best_time, best_times
 from robustpatch import _core
 
 try:
@@ -106,17 +109,28 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
             }
         )
 
-    copy_f32 = best_time(lambda: np.copyto(scratch, target), repeat)
+    def against_copy(ours, src, dst, setup=None) -> tuple[float, float]:
+        """Best times of ``ours`` and of copying ``src`` into ``dst``, taking turns."""
+        t = best_times(
+            {"ours": ours, "copy": lambda: np.copyto(dst, src)},
+            repeat,
+            setups=None if setup is None else {"ours": setup},
+        )
+        return t["ours"], t["copy"]
 
     # Fused apply, 1 and 4 signatures, into f32 (with the exact-undo record).
     # Each timed apply starts from the original weights (the setup, untimed):
     # applied again and again the target drifts and the record grows.
     fresh = lambda: np.copyto(target, base)  # noqa: E731
-    ours1 = best_time(lambda: _core.apply(target, quants[:1], [1.0]), repeat, fresh)
-    ours1_norec = best_time(
-        lambda: _core.apply(target, quants[:1], [1.0], record=False), repeat, fresh
+    ours1, copy1 = against_copy(
+        lambda: _core.apply(target, quants[:1], [1.0]), base, scratch, fresh
     )
-    ours4 = best_time(lambda: _core.apply(target, quants, [1.0, 0.5, -0.5, 0.25]), repeat, fresh)
+    ours1_norec, copy1_norec = against_copy(
+        lambda: _core.apply(target, quants[:1], [1.0], record=False), base, scratch, fresh
+    )
+    ours4, copy4 = against_copy(
+        lambda: _core.apply(target, quants, [1.0, 0.5, -0.5, 0.25]), base, scratch, fresh
+    )
     np_q = [np_quantize_4bit(d) for d in deltas]
 
     def numpy_apply(k):
@@ -136,18 +150,17 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
 
         t1 = best_time(lambda: torch_apply(1), repeat)
         t4 = best_time(lambda: torch_apply(4), max(1, repeat // 2))
-    add_row("apply 1×4-bit g128 → f32 (+undo record)", ours1, copy_f32, np1, t1)
-    add_row("apply 4×4-bit g128 → f32 (+undo record)", ours4, copy_f32, np4, t4)
-    add_row("apply 1×4-bit g128 → f32 (no record)", ours1_norec, copy_f32)
+    add_row("apply 1×4-bit g128 → f32 (+undo record)", ours1, copy1, np1, t1)
+    add_row("apply 4×4-bit g128 → f32 (+undo record)", ours4, copy4, np4, t4)
+    add_row("apply 1×4-bit g128 → f32 (no record)", ours1_norec, copy1_norec)
 
     # Into half-precision targets: compared with a copy of the same (smaller) tensor.
     for name, half in (("f16", base.astype(np.float16)), ("bf16", bf16_bits(base))):
-        hscratch = np.empty_like(half)
-        copy_h = best_time(lambda h=half, s=hscratch: np.copyto(s, h), repeat)
         work = half.copy()
-        ours_h = best_time(
+        ours_h, copy_h = against_copy(
             lambda w=work: _core.apply(w, quants[:1], [1.0]),
-            repeat,
+            half,
+            np.empty_like(half),
             lambda w=work, h=half: np.copyto(w, h),
         )
         th = None
@@ -161,19 +174,23 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
         add_row(f"apply 1×4-bit g128 → {name} (+undo record)", ours_h, copy_h, None, th)
 
     # Quantize + pack.
-    ours_q = best_time(lambda: _core.quantize(deltas[0], BITS, "affine", GROUP), repeat)
+    ours_q, copy_q = against_copy(
+        lambda: _core.quantize(deltas[0], BITS, "affine", GROUP), base, scratch
+    )
     np_qt = best_time(lambda: np_quantize_4bit(deltas[0]), max(1, repeat // 2))
     t_qt = None
     if torch is not None:
         td = torch.from_numpy(deltas[0])
         t_qt = best_time(lambda: torch_quantize_4bit(td), repeat)
-    add_row("quantize+pack 4-bit g128 (f32 in)", ours_q, copy_f32, np_qt, t_qt)
+    add_row("quantize+pack 4-bit g128 (f32 in)", ours_q, copy_q, np_qt, t_qt)
 
     # Projection: three inputs, one output.
     pre, clean, robust = base, base + deltas[0], base + deltas[1]
-    ours_p = best_time(lambda: _core.project(pre, clean, robust), repeat)
+    ours_p, copy_p = against_copy(lambda: _core.project(pre, clean, robust), base, scratch)
     sig_out = np.empty_like(pre)
-    ours_po = best_time(lambda: _core.project(pre, clean, robust, out=sig_out), repeat)
+    ours_po, copy_po = against_copy(
+        lambda: _core.project(pre, clean, robust, out=sig_out), base, scratch
+    )
 
     def numpy_project():
         dr = robust - pre
@@ -191,8 +208,8 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
             return dr.sub_(d, alpha=float(torch.dot(dr, d) / torch.dot(d, d)))
 
         t_p = best_time(torch_project, repeat)
-    add_row("projection (3 in, 1 out)", ours_p, copy_f32, np_p, t_p)
-    add_row("projection, out= buffer", ours_po, copy_f32)
+    add_row("projection (3 in, 1 out)", ours_p, copy_p, np_p, t_p)
+    add_row("projection, out= buffer", ours_po, copy_po)
 
     # Many small tensors: per-call overhead of the bindings.
     smalls = [
