@@ -104,6 +104,30 @@ def test_an_existing_output_is_replaced_only_with_overwrite(d, capsys):
     assert "new.rpundo: already exists" in line and listing(d) == before
 
 
+def test_an_output_that_is_a_fifo_or_a_symlink_to_nothing_is_never_replaced(d, capsys):
+    fifo, dangling = d / "fifo", d / "dangling"
+    os.mkfifo(fifo)
+    dangling.symlink_to(d / "nowhere")
+    before = listing(d)
+    line = one_line_error(
+        capsys, "apply", d / "clean.safetensors", d / "fog.rws", "-o", fifo, "--overwrite"
+    )
+    assert "exists and is not a regular file" in line
+    line = one_line_error(capsys, "apply", d / "clean.safetensors", d / "fog.rws", "-o", dangling)
+    assert f"{dangling}: already exists" in line
+    assert listing(d) == before and fifo.is_fifo() and dangling.is_symlink()
+
+
+def test_remove_never_writes_over_the_signature_its_record_refers_to(d, capsys):
+    # p's record refers to the dense fog.rws by content hash; remove reads it from there
+    before = listing(d)
+    line = one_line_error(capsys, "remove", d / "p", "-o", d / "fog.rws", "--overwrite")
+    assert f"output {d / 'fog.rws'} is the input" in line
+    assert listing(d) == before
+    assert run(capsys, "remove", d / "p", "-o", d / "restored", "--json")[0] == 0
+    assert sha(d / "restored") == sha(d / "clean.safetensors")
+
+
 # ---------------------------------------------------------------------------- findings 2, 3
 
 

@@ -483,6 +483,7 @@ def remove_file(
         # restored, not before: nothing is committed until it passes.
         side = UndoSidecar.load(side_path, fside, signatures, background=True, defer_digest=True)
         with record_errors_first(side):
+            check_destinations(side.found_files, [out])
             header = read_header_from(fsrc, str(patched))
             plan = record_plan(side)
             verify_patched(fsrc, header, side, plan)

@@ -303,6 +303,8 @@ class UndoSidecar:
     header: Header
     file: BinaryIO
     seal: Future[None] | None = None  # the record digest's check, when left to a thread
+    # the signature files found where the record says (read while restoring: never outputs)
+    found_files: tuple[Path, ...] = ()
 
     @classmethod
     def load(
@@ -335,7 +337,7 @@ class UndoSidecar:
                 for k, meta in enumerate(record.signatures)
             ]
             source = read_tensor(f, header, header.by_name()["header"]).tobytes()
-            side = cls(path, record, sigs, source, header, f, seal)
+            side = cls(path, record, sigs, source, header, f, seal, tuple(finder.found))
             side.check_restored("the original header", record.source_header_digest, source)
         except BaseException:
             if seal is not None:
@@ -420,6 +422,7 @@ class _SignatureFinder:
         self.open = lambda p: open_signature(p, background=background)
         self.given = [self.open(p) for p in given]
         self.given_paths = ", ".join(os.fspath(p) for p in given)
+        self.found: list[Path] = []
 
     def find(self, meta: dict[str, Any], file: str) -> Signature:
         want, name = meta.get("content_hash"), shown(meta.get("name"))
@@ -443,6 +446,7 @@ class _SignatureFinder:
                 f"{where} is not the signature {self.record} was made with: content hash "
                 f"{sig.content_hash}, expected {want} (give the right one with --signature)"
             )
+        self.found.append(where)
         return sig
 
 

@@ -17,9 +17,10 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -257,11 +258,26 @@ def _fsync_dir(folder: Path) -> None:
 
 def _file_id(path: PathLike) -> tuple[int, int] | None:
     """(device, inode) of the file at ``path``, through symlinks; None if there is none."""
+    st = _stat(path, os.stat)
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
+def _stat(path: PathLike, how: Callable[[PathLike], os.stat_result]) -> os.stat_result | None:
     try:
-        st = os.stat(path)
+        return how(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return st.st_dev, st.st_ino
+
+
+def _check_replaceable(out: PathLike) -> None:
+    """An existing output must be a file or a folder (whose own checks follow): a device,
+    a FIFO or a socket would be swapped for a regular file by the final rename."""
+    st = _stat(out, os.stat)
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise InvalidArgumentError(
+            f"output {os.fspath(out)} exists and is not a regular file (a device, FIFO or "
+            "socket); write to a file"
+        )
 
 
 def check_destinations(
@@ -269,24 +285,25 @@ def check_destinations(
 ) -> None:
     """Refuse, before anything is written, an output that is one of the inputs (the same
     file by device and inode, so also through a symlink or a hard link:
-    InvalidArgumentError), or,
-    unless ``overwrite``, one that exists (FileExistsError). Even ``overwrite`` never
-    lets an output replace an input."""
+    InvalidArgumentError) or a device, FIFO or socket (InvalidArgumentError), or, unless
+    ``overwrite``, one that exists, a symlink to nothing included (FileExistsError).
+    Even ``overwrite`` never lets an output replace an input."""
     seen: dict[tuple[int, int], PathLike] = {}
     for p in inputs:
         fid = _file_id(p)
         if fid is not None:
             seen.setdefault(fid, p)
     for out in outputs:
-        fid = _file_id(out)
-        if fid is None:
+        if _stat(out, os.lstat) is None:
             continue
-        if fid in seen:
+        fid = _file_id(out)  # None for a symlink to nothing, which still exists
+        if fid is not None and fid in seen:
             src = os.fspath(seen[fid])
             also = "" if src == os.fspath(out) else f" {src} (the same file)"
             raise InvalidArgumentError(
                 f"output {os.fspath(out)} is the input{also}; write to another file"
             )
+        _check_replaceable(out)
         if not overwrite:
             raise FileExistsError(
                 errno.EEXIST, "already exists (overwrite=True replaces it)", os.fspath(out)
