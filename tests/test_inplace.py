@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustpatch._format.safetensors import TensorInfo, encode_header, read_header
+from robustpatch._format.safetensors import TensorInfo, encode_header, read_header, write_tensors
+from robustpatch._format.undo import UNDO_KEY
 from robustpatch._io.journal import Journal, journal_path_for, recover
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, InvalidArgumentError, NonFiniteError
@@ -179,17 +180,90 @@ def test_recovery_rolls_a_pending_journal_back_and_a_done_one_forward(small):
     assert recover(model) == "rolled back"
     assert model.read_bytes() == original and not journal_path_for(model).exists()
 
-    pending, record = small / ("r" + PENDING_SUFFIX), small / "r.rpundo"
+    record = small / "r.rpundo"
+    pending = Path(str(record) + PENDING_SUFFIX)
     with open(model, "r+b") as f:
         journal = Journal.begin(model, f.fileno(), ranges, commit_rename=(pending, record))
         os.pwrite(f.fileno(), b"\x01" * 64, 100)
-    pending.write_bytes(b"record")
+    _fake_undo_record(pending)
+    written = pending.read_bytes()
     with open(journal.path, "r+b") as j:
         os.pwrite(j.fileno(), b"D", 8)  # committed, killed before the rename
     assert recover(model) == "completed"
-    assert record.read_bytes() == b"record" and not pending.exists()
+    assert record.read_bytes() == written and not pending.exists()
     assert model.read_bytes()[100:164] == b"\x01" * 64
     assert recover(model) is None
+
+
+def _fake_undo_record(path: Path) -> None:
+    """A file that reads as an undo record (its key in the header's metadata)."""
+    write_tensors(path, {"x": np.zeros(1, np.float32)}, {UNDO_KEY: "{}"})
+
+
+def _forge(model: Path, plan: dict, state: bytes = b"D") -> Path:
+    """A journal of ``plan`` for ``model``, whole and with a valid digest (anyone can
+    compute one): only its contents can say it is not robustpatch's."""
+    import json
+
+    from robustpatch import _core
+
+    meta = json.dumps({"model_size": model.stat().st_size, "ranges": [], **plan}).encode()
+    h = _core.Blake3()
+    h.update(np.frombuffer(meta, np.uint8))
+    path = journal_path_for(model)
+    head = b"RPJRNL1\n" + state + bytes(7) + len(meta).to_bytes(8, "little")
+    path.write_bytes(head + meta + bytes.fromhex(h.hexdigest()))
+    return path
+
+
+_NOT_TOUCHING, _DAMAGED = "not an undo record; not touching it", "damaged journal"
+
+
+@pytest.mark.parametrize(
+    ("state", "plan", "refusal"),
+    [
+        (b"D", {"commit_unlink": "{victim}"}, _NOT_TOUCHING),
+        (b"D", {"commit_rename": ["{victim}.pending", "{victim}"]}, _NOT_TOUCHING),
+        (b"D", {"commit_rename": ["{victim}", "{other}"]}, _DAMAGED),
+        (b"P", {"rollback_unlink": ["{victim}.pending"]}, _NOT_TOUCHING),
+        (b"P", {"rollback_unlink": ["{victim}"]}, _DAMAGED),
+    ],
+    ids=["unlink", "rename-pending", "rename-any", "rollback-pending", "rollback-any"],
+)
+def test_a_forged_journal_never_deletes_or_moves_a_file_that_is_not_an_undo_record(
+    small, state, plan, refusal
+):
+    model, victim, other = small / "m.safetensors", small / "victim.txt", small / "other.txt"
+    victim.write_text("mine")
+    Path(f"{victim}.pending").write_text("also mine")
+    other.write_text("mine too")
+    fill = {"victim": victim, "other": other}
+    forged = {
+        k: v.format(**fill) if isinstance(v, str) else [x.format(**fill) for x in v]
+        for k, v in plan.items()
+    }
+    before = listing(small)
+    path = _forge(model, forged, state)
+    with pytest.raises(FormatError, match=refusal):
+        recover(model)
+    assert path.exists()  # left for the user to look at
+    path.unlink()
+    assert listing(small) == before
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [[[1]], 5, None, [[0, 1, 2]], [["a", 1]], [[-1, 4]], [[True, 1]], [[0, 10**12]]],
+)
+def test_a_journal_with_malformed_ranges_is_refused_with_a_clear_error(small, ranges):
+    model = small / "m.safetensors"
+    before = listing(small)
+    path = _forge(model, {"ranges": ranges}, b"P")
+    with pytest.raises(FormatError, match="damaged journal"):
+        recover(model)
+    assert path.exists()  # left for the user to look at
+    path.unlink()
+    assert listing(small) == before
 
 
 def test_cli_needs_exactly_one_of_output_and_inplace(small, capsys):

@@ -36,7 +36,14 @@ from ._format.safetensors import Header, TensorInfo, read_header_from
 from ._format.undo import UndoSidecar, UndoWriter, undo_path_for
 from ._io.atomic import AtomicFile, check_destinations
 from ._io.inputs import open_input
-from ._io.journal import Journal, journal_path_for, model_lock, recover, recover_held
+from ._io.journal import (
+    PENDING_SUFFIX,
+    Journal,
+    journal_path_for,
+    model_lock,
+    recover,
+    recover_held,
+)
 from ._io.pipeline import Watch
 from ._io.ranged import populate_writable, pwrite_all, start_writeback
 from .dtypes import NUMPY_OF_LABEL, kernel_view
@@ -64,9 +71,6 @@ from .targets import (
 )
 
 __all__ = ["apply_inplace", "remove_inplace", "recover", "journal_path_for", "PENDING_SUFFIX"]
-
-#: The undo record is written here, then renamed to ``<model>.rpundo`` at the commit.
-PENDING_SUFFIX = ".pending"
 
 
 class MappedTarget(NumpyTarget):

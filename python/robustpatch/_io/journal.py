@@ -46,6 +46,7 @@ from .ranged import pwrite_all
 
 __all__ = [
     "JOURNAL_SUFFIX",
+    "PENDING_SUFFIX",
     "Journal",
     "journal_path_for",
     "model_lock",
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 JOURNAL_SUFFIX = ".rpjournal"
+PENDING_SUFFIX = ".pending"  # an apply's undo record, until the commit renames it
 _MAGIC = b"RPJRNL1\n"
 _STATE_AT = len(_MAGIC)
 _PREFIX = len(_MAGIC) + 8  # magic, state byte, padding
@@ -76,6 +78,77 @@ class _Plan:
     commit_unlink: str | None = None  # the record a removal consumed
     rollback_unlink: list[str] = field(default_factory=list)
     pid: int = 0  # the patching process (its temporary files name it)
+
+    @classmethod
+    def parse(cls, obj: object, where: str) -> _Plan:
+        """The plan of a journal's JSON, every field checked: a journal is read back
+        after a crash, and what it says is written into the model and done to files.
+        Its digest proves it whole, not that robustpatch wrote it, so the file actions
+        it may name are only those an in-place patch takes (see :func:`_undo_record_or_none`)."""
+
+        def bad(what: str) -> FormatError:
+            return FormatError(f"{where}: damaged journal: {what}; not recovering from it")
+
+        if not isinstance(obj, dict) or not set(obj) <= set(cls.__dataclass_fields__):
+            raise bad("not a journal's description")
+        size, ranges, pid = obj.get("model_size"), obj.get("ranges"), obj.get("pid", 0)
+        if not _is_count(size) or not _is_count(pid) or not isinstance(ranges, list):
+            raise bad("model_size, pid or ranges is not a count")
+        for r in ranges:
+            if not (isinstance(r, list) and len(r) == 2 and all(_is_count(x) for x in r)):
+                raise bad(f"range {r!r} is not an (offset, length) pair")
+            if r[0] + r[1] > size:
+                raise bad(f"range {r!r} ends past the model's {size} bytes")
+        rename, unlink = obj.get("commit_rename"), obj.get("commit_unlink")
+        rollback = obj.get("rollback_unlink", [])
+        if rename is not None and not (
+            isinstance(rename, list)
+            and len(rename) == 2
+            and all(isinstance(x, str) for x in rename)
+            and rename[0] == rename[1] + PENDING_SUFFIX
+        ):
+            raise bad("commit_rename is not (a pending undo record, its place)")
+        if not (unlink is None or isinstance(unlink, str)):
+            raise bad("commit_unlink is not a path")
+        if not (
+            isinstance(rollback, list)
+            and all(isinstance(x, str) and x.endswith(PENDING_SUFFIX) for x in rollback)
+        ):
+            raise bad("rollback_unlink is not a list of pending undo records")
+        return cls(
+            size,
+            [(o, n) for o, n in ranges],
+            None if rename is None else (rename[0], rename[1]),
+            unlink,
+            rollback,
+            pid,
+        )
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _undo_record_or_none(path: str, journal: Path) -> Path | None:
+    """``path`` if it is an undo record, None if there is no file there; FormatError if
+    it is anything else: a journal's file actions only ever move or delete the undo
+    record of its patch, never another file it names."""
+    from .._format.safetensors import read_header_from
+    from .._format.undo import UNDO_KEY
+
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            if UNDO_KEY in read_header_from(f, path).metadata:
+                return p
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, FormatError):
+        pass
+    raise FormatError(
+        f"{journal}: the journal names {path}, which is not an undo record; not touching it "
+        "(delete the journal if you know the model is whole)"
+    )
 
 
 class Journal:
@@ -146,13 +219,15 @@ class Journal:
         """Put the pending undo record of an apply in place (gone: done before a crash)."""
         if self.plan.commit_rename is not None:
             src, dst = self.plan.commit_rename
-            if os.path.exists(src):
+            if _undo_record_or_none(src, self.path) is not None:
                 os.replace(src, dst)
 
     def _unlink_consumed(self) -> None:
         """Delete the undo record a removal consumed."""
         if self.plan.commit_unlink is not None:
-            Path(self.plan.commit_unlink).unlink(missing_ok=True)
+            consumed = _undo_record_or_none(self.plan.commit_unlink, self.path)
+            if consumed is not None:
+                consumed.unlink()
 
     def roll_back(self, fd: int) -> None:
         """Write the original bytes back into the model open at ``fd`` and sync it."""
@@ -166,7 +241,9 @@ class Journal:
                 at += length
         os.fsync(fd)
         for name in self.plan.rollback_unlink:
-            Path(name).unlink(missing_ok=True)
+            pending = _undo_record_or_none(name, self.path)
+            if pending is not None:
+                pending.unlink()
             _remove_writer_temps(Path(name), self.plan.pid)
         self._delete()
 
@@ -240,9 +317,10 @@ def _load(path: Path) -> tuple[bytes, _Plan] | None:
         if len(meta) != n:
             return None
         try:
-            plan = _Plan(**json.loads(meta))
-        except (ValueError, TypeError):
+            obj = json.loads(meta)
+        except ValueError:  # torn by a crash while it was written
             return None
+        plan = _Plan.parse(obj, str(path))
         body = sum(length for _, length in plan.ranges)
         if size != _PREFIX + 8 + n + body + 32:
             return None
