@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import robustpatch as rp
 from robustpatch import pipeline
 from robustpatch._format.safetensors import write_tensors
 from robustpatch.cli import main
-from robustpatch.errors import InvalidArgumentError
+from robustpatch.errors import FormatError, InvalidArgumentError
 from robustpatch.pipeline.jobs import job_key
 from rp_testutil import sha
 
@@ -111,6 +112,25 @@ def test_yaml_and_json_manifests_give_the_same_jobs(tmp_path):
             "writes .*m1.safetensors, an input of the run",
         ),
         (lambda m: m["grid"].update(alphas=[0.5, 0.50]), "both write"),
+        (
+            lambda m: m.update(
+                jobs=[{"base": "m0.safetensors", "signatures": "fog.rws", "output": "fleet.json"}]
+            ),
+            "writes .*fleet.json, an input of the run",  # the manifest itself
+        ),
+        (
+            lambda m: m.update(
+                jobs=[
+                    {"base": "m0.safetensors", "signatures": "fog.rws", "output": "a"},
+                    {"base": "m1.safetensors", "signatures": "fog.rws", "output": "a.rpundo"},
+                ]
+            ),
+            "jobs #1 and #2 both write .*a.rpundo",  # the first job's undo record
+        ),
+        (
+            lambda m: m["grid"].update(output="o/{base}-{signatures}-{alpha:d}"),
+            "field {alpha} takes no format spec",
+        ),
         (lambda m: m.update(defaults={"undo": "yes"}), "undo must be true or false"),
     ],
 )
@@ -121,6 +141,16 @@ def test_bad_manifests_are_refused_with_one_line_naming_the_manifest(tmp_path, e
     with pytest.raises(InvalidArgumentError, match=match) as info:
         pipeline.load_manifest(path)
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["fleet.json", "fleet.yaml"])
+def test_a_manifest_nested_too_deeply_is_a_one_line_error(tmp_path, name):
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    path = tmp_path / name
+    path.write_text("[" * 100_000)
+    with pytest.raises(FormatError, match="nested too deeply|not valid"):
+        pipeline.load_manifest(path)
 
 
 # ---------------------------------------------------------------------------- running
@@ -167,14 +197,18 @@ def test_a_rerun_skips_verified_outputs_and_rebuilds_the_rest(tmp_path):
         last = f.read(1)
         f.seek(-1, os.SEEK_END)
         f.write(bytes([last[0] ^ 1]))
-    pipeline.done_path_for(unmarked.output).unlink()
+    pipeline.done_path_for(unmarked.output).unlink()  # as if no batch run wrote it
     changed = pipeline.Job.make(changed.base, changed.signatures, 0.75, changed.output)
     again = pipeline.run([corrupt, unmarked, changed, jobs[3]], workers=1)
-    assert [ln["status"] for ln in again] == ["done", "done", "done", "skipped"]
+    assert [ln["status"] for ln in again] == ["done", "failed", "done", "skipped"]
     assert again[0]["sha256"] == first[0]["sha256"]  # the corrupt output rebuilt
+    assert "no batch run wrote it" in again[1]["error"]  # refused, left as it was
+    assert os.stat(unmarked.output).st_mtime_ns == stamps[unmarked.output]
     assert again[2]["sha256"] != first[2]["sha256"]  # the new alpha applied
     assert os.stat(jobs[3].output).st_mtime_ns == stamps[jobs[3].output]
     assert again[3]["sha256"] == first[3]["sha256"]
+    forced = pipeline.run([replace(unmarked, overwrite=True)], workers=1)
+    assert forced[0]["status"] == "done" and forced[0]["sha256"] == first[1]["sha256"]
 
 
 def test_a_sharded_base_is_a_job_like_any_other(tmp_path):

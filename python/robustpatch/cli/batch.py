@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 from ..errors import InvalidArgumentError
@@ -28,6 +29,8 @@ def run_batch(args: Any) -> int:
     if args.ray_address is not None and args.executor != "ray":
         raise InvalidArgumentError("--ray-address needs --executor ray")
     jobs = load_manifest(args.manifest)
+    if args.overwrite:
+        jobs = [replace(job, overwrite=True) for job in jobs]
     lines = run(
         jobs,
         executor=args.executor,
@@ -60,6 +63,11 @@ def batch_arguments(p: Any) -> None:
         type=cli_args.positive_int,
         help="local processes (default: one per CPU; 1 runs in this process); with Ray, "
         "the CPUs of a local instance it starts",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs that no batch run wrote (never an input)",
     )
     p.add_argument(
         "--ray-address",

@@ -5,12 +5,15 @@ A job's output is *complete and verified* when its done-marker ``<output>.rpdone
 exists, names this job (the :func:`job_key` of its inputs and options), and the
 output's sha256 (and its undo record's) still equal the ones the marker holds. The
 marker is written atomically (and durably) only after the output is committed and
-hashed, and deleted before a job rebuilds its output, so a run killed at any moment
-leaves each output either verified or rebuilt by the next run.
+hashed, and replaced by a "building" marker before a job rebuilds its output, so a run
+killed at any moment leaves each output either verified or rebuilt by the next run. An
+existing output without any marker was not written by a batch run: it is refused unless
+the job has ``overwrite``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -60,13 +63,23 @@ class Job:
     force: bool = False
     undo: bool = True
     durable: bool = False
+    overwrite: bool = False  # replace an output no batch run wrote (not in the job key)
 
     @classmethod
     def make(
-        cls, base: Any, signatures: Any, alphas: Any = 1.0, output: Any = None, **options: bool
+        cls,
+        base: Any,
+        signatures: Any,
+        alphas: Any = 1.0,
+        output: Any = None,
+        overwrite: bool = False,
+        **options: bool,
     ) -> Job:
         """A job from user values, each checked (InvalidArgumentError naming it);
-        ``options``: those of :data:`OPTIONS`, as :func:`robustpatch.apply_file` takes them."""
+        ``options``: those of :data:`OPTIONS`, as :func:`robustpatch.apply_file` takes them;
+        ``overwrite``: an existing output that no batch run wrote is replaced, not refused."""
+        if not isinstance(overwrite, bool):
+            raise InvalidArgumentError(f"overwrite must be true or false, got {overwrite!r}")
         if isinstance(signatures, (str, os.PathLike)):
             signatures = [signatures]
         if not isinstance(signatures, (list, tuple)) or not signatures:
@@ -83,6 +96,7 @@ class Job:
             opts.force,
             opts.undo,
             opts.durable,
+            overwrite,
         )
 
     def options(self) -> dict[str, bool]:
@@ -92,6 +106,12 @@ class Job:
     @property
     def inputs(self) -> list[str]:
         return [self.base, *self.signatures]
+
+    @property
+    def outputs(self) -> list[str]:
+        """Every path the job writes: the output, its done-marker, its undo record."""
+        side = [os.fspath(undo_path_for(self.output))] if self.undo else []
+        return [self.output, os.fspath(done_path_for(self.output)), *side]
 
 
 def _absolute(value: Any, what: str) -> str:
@@ -121,7 +141,7 @@ def _input_files(job: Job) -> list[str]:
 def job_key(job: Job) -> str:
     """sha256 of the job's options and its inputs' identities: a marker made by another
     job, or before an input changed, does not count."""
-    spec = {k: v for k, v in asdict(job).items() if k != "durable"}
+    spec = {k: v for k, v in asdict(job).items() if k not in ("durable", "overwrite")}
     spec["inputs"] = [_identity(p) for p in _input_files(job)]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -193,10 +213,30 @@ def _write_marker(job: Job, key: str, sha: str, size: int) -> None:
         f.commit()
 
 
+def _claim(job: Job, key: str) -> None:
+    """Before a job (re)builds its output: refuse an existing output that no batch run
+    wrote (no done-marker beside it) unless the job may overwrite, then mark the output
+    as being built. That marker, not a missing one, is what a run killed mid-build
+    leaves, so the next run rebuilds it rather than refuse it."""
+    marker = done_path_for(job.output)
+    if os.path.lexists(job.output) and not marker.exists() and not job.overwrite:
+        raise FileExistsError(
+            errno.EEXIST,
+            "already exists and no batch run wrote it (no "
+            f"{DONE_SUFFIX} beside it); overwrite: true in the manifest (or --overwrite) "
+            "replaces it",
+            job.output,
+        )
+    doc = {"format": DONE_FORMAT, "version": DONE_VERSION, "job": key, "state": "building"}
+    Path(job.output).parent.mkdir(parents=True, exist_ok=True)
+    with AtomicFile(marker, durable=True) as f:
+        f.file.write((json.dumps(doc) + "\n").encode())
+        f.commit()
+
+
 def _build(job: Job) -> None:
     from ..files import apply_file
 
-    Path(job.output).parent.mkdir(parents=True, exist_ok=True)
     apply_file(
         job.base,
         list(job.signatures),
@@ -219,7 +259,7 @@ def run_job(job: Job, index: int = 0) -> dict[str, Any]:
         key = job_key(job)
         marker = verified(job, key)
         if marker is None:
-            done_path_for(job.output).unlink(missing_ok=True)
+            _claim(job, key)
             _build(job)
             sha, size = output_digest(job.output)
             _write_marker(job, key, sha, size)

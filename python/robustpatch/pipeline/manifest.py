@@ -27,7 +27,7 @@ import itertools
 import json
 import os
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = ["load_manifest", "jobs_from", "check_jobs"]
 
 JOB_KEYS = ("base", "signatures", "alphas", "output")
 OPTION_KEYS = OPTIONS
+JOB_OPTION_KEYS = (*OPTIONS, "overwrite")
 GRID_KEYS = ("bases", "signatures", "alphas", "output")
 TOP_KEYS = ("version", "defaults", "jobs", "grid")
 PLACEHOLDERS = {"base", "signatures", "alpha"}
@@ -52,7 +53,7 @@ def load_manifest(path: str | os.PathLike[str]) -> list[Job]:
         text = f.read().decode("utf-8", errors="replace")
     doc = _parse(text, path)
     try:
-        return jobs_from(doc, path.parent)
+        return jobs_from(doc, path.parent, inputs=[path])
     except InvalidArgumentError as e:
         raise InvalidArgumentError(f"{path}: {e}") from None
 
@@ -67,20 +68,27 @@ def _parse(text: str, path: Path) -> Any:
             ) from None
         try:
             return yaml.safe_load(text)
+        except RecursionError:
+            raise FormatError(f"{path}: nested too deeply to be a manifest") from None
         except yaml.YAMLError as e:
             raise FormatError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: nested too deeply to be a manifest") from None
 
 
-def jobs_from(doc: Any, root: str | os.PathLike[str] = ".") -> list[Job]:
-    """The jobs a manifest document describes, paths resolved against ``root``."""
+def jobs_from(
+    doc: Any, root: str | os.PathLike[str] = ".", inputs: Sequence[str | os.PathLike[str]] = ()
+) -> list[Job]:
+    """The jobs a manifest document describes, paths resolved against ``root``;
+    ``inputs``: files the run reads besides the jobs' own (the manifest)."""
     top = _mapping(doc, "the manifest", TOP_KEYS)
     if top.get("version", 1) != 1:
         raise InvalidArgumentError(f"unknown manifest version {shown(top['version'])}")
-    defaults = _mapping(top.get("defaults", {}), "defaults", ("alphas", *OPTION_KEYS))
+    defaults = _mapping(top.get("defaults", {}), "defaults", ("alphas", *JOB_OPTION_KEYS))
     if "jobs" not in top and "grid" not in top:
         raise InvalidArgumentError("no 'jobs' and no 'grid': nothing to run")
     raw = top.get("jobs", [])
@@ -89,7 +97,7 @@ def jobs_from(doc: Any, root: str | os.PathLike[str] = ".") -> list[Job]:
     jobs = [_listed_job(spec, f"job #{i + 1}", defaults, root) for i, spec in enumerate(raw)]
     if "grid" in top:
         jobs += _grid(_mapping(top["grid"], "grid", GRID_KEYS), defaults, root)
-    check_jobs(jobs)
+    check_jobs(jobs, inputs)
     return jobs
 
 
@@ -106,7 +114,7 @@ def _mapping(value: Any, what: str, allowed: tuple[str, ...]) -> Mapping[str, An
 
 def _listed_job(spec: Any, what: str, defaults: Mapping[str, Any], root: Any) -> Job:
     """A job of the ``jobs`` list: its keys over the defaults."""
-    return _job({**defaults, **_mapping(spec, what, JOB_KEYS + OPTION_KEYS)}, root, what)
+    return _job({**defaults, **_mapping(spec, what, JOB_KEYS + JOB_OPTION_KEYS)}, root, what)
 
 
 def _job(spec: Mapping[str, Any], root: Any, what: str) -> Job:
@@ -120,7 +128,7 @@ def _job(spec: Mapping[str, Any], root: Any, what: str) -> Job:
     for key in ("base", "output"):
         if not isinstance(spec[key], str):
             raise InvalidArgumentError(f"{what}: {key!r} must be a path, got {shown(spec[key])}")
-    options = {k: spec[k] for k in OPTION_KEYS if k in spec}
+    options = {k: spec[k] for k in JOB_OPTION_KEYS if k in spec}
     try:
         return Job.make(
             _under(root, spec["base"]),
@@ -149,7 +157,7 @@ def _grid(grid: Mapping[str, Any], defaults: Mapping[str, Any], root: Any) -> li
         raise InvalidArgumentError("grid: 'alphas' must be a non-empty list")
     template = grid["output"]
     _check_template(template)
-    options = {k: defaults[k] for k in OPTION_KEYS if k in defaults}
+    options = {k: defaults[k] for k in JOB_OPTION_KEYS if k in defaults}
     jobs = []
     for (bname, base), (sname, sigs), alpha in itertools.product(bases, sets, alphas):
         label = _alpha_label(alpha)
@@ -177,9 +185,15 @@ def _check_template(template: Any) -> None:
     if not isinstance(template, str):
         raise InvalidArgumentError(f"grid: 'output' must be a path template, got {shown(template)}")
     try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)]
     except ValueError as e:
         raise InvalidArgumentError(f"grid: bad output template {template!r}: {e}") from None
+    fields = {f for f, _, _ in parsed if f is not None}
+    for f, spec, conv in parsed:
+        if spec or conv:  # the values are names: a format spec such as {alpha:d} fails
+            raise InvalidArgumentError(
+                f"grid: output template field {{{f}}} takes no format spec or conversion"
+            )
     unknown = fields - PLACEHOLDERS
     if unknown:
         raise InvalidArgumentError(
@@ -190,22 +204,27 @@ def _check_template(template: Any) -> None:
         raise InvalidArgumentError("grid: the output template needs {base} and {signatures}")
 
 
-def check_jobs(jobs: list[Job]) -> None:
-    """Refuse two jobs writing one output, a job writing what a job reads, and a job
+def check_jobs(jobs: list[Job], inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Refuse two jobs writing one file (an output, its undo record or its done-marker),
+    a job writing what the run reads (a job's input, or one of ``inputs``), and a job
     writing inside a sharded base's folder."""
     seen: dict[str, int] = {}
-    inputs = {os.path.realpath(p) for j in jobs for p in j.inputs}
+    read = {os.path.realpath(p) for j in jobs for p in j.inputs}
+    read |= {os.path.realpath(p) for p in inputs}
     folders = _sharded_folders(jobs)
     for i, job in enumerate(jobs):
-        out = os.path.realpath(job.output)
-        if out in seen:
-            raise InvalidArgumentError(
-                f"jobs #{seen[out] + 1} and #{i + 1} both write {job.output}"
-            )
-        seen[out] = i
-        if out in inputs:
-            raise InvalidArgumentError(f"job #{i + 1} writes {job.output}, an input of the run")
-        _check_outside(out, job, i, folders)
+        for path in job.outputs:
+            out = os.path.realpath(path)
+            if out in seen:
+                raise InvalidArgumentError(
+                    f"jobs #{seen[out] + 1} and #{i + 1} both write {path}"
+                    if seen[out] != i
+                    else f"job #{i + 1} writes {path} twice"
+                )
+            seen[out] = i
+            if out in read:
+                raise InvalidArgumentError(f"job #{i + 1} writes {path}, an input of the run")
+        _check_outside(os.path.realpath(job.output), job, i, folders)
 
 
 def _sharded_folders(jobs: list[Job]) -> dict[str, int]:
