@@ -265,6 +265,17 @@ def hostile(d: Path, edit) -> Path:
         ),
         (lambda i: i.pop("weight_map"), FormatError, "weight_map"),
         (lambda i: i["weight_map"].update({"embed.weight": 3}), FormatError, "not a file"),
+        # names of robustpatch's own files: a patched copy would write records over them
+        (
+            lambda i: i["weight_map"].update({"embed.weight": "robustpatch.rpundo.json"}),
+            FormatError,
+            "one robustpatch gives its own files",
+        ),
+        (
+            lambda i: i["weight_map"].update({"embed.weight": f"{shard_name(0)}.rpundo"}),
+            FormatError,
+            "one robustpatch gives its own files",
+        ),
     ],
 )
 def test_hostile_indexes_are_refused_and_nothing_is_written(ckpt, edit, error, match):

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import validate
 from ._format.safetensors import Header
-from ._format.shards import INDEX_SUFFIX, ShardedIndex, is_sharded, load_index
+from ._format.shards import INDEX_SUFFIX, RECORD_NAME, ShardedIndex, is_sharded, load_index
 from ._format.undo import undo_path_for
 from ._io.atomic import _fsync_dir, remove_stale
 from .errors import FormatError, InvalidArgumentError, MismatchError
@@ -61,8 +61,6 @@ __all__ = [
     "remove_stale_folders",
 ]
 
-#: The folder-level undo record of a patched sharded checkpoint.
-RECORD_NAME = "robustpatch.rpundo.json"
 RECORD_FORMAT = "robustpatch-sharded-undo"
 RECORD_VERSION = 1
 APPLIED_KEY = "robustpatch.applied"

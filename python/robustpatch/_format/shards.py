@@ -29,6 +29,10 @@ from .safetensors import Header, read_header_from
 __all__ = ["INDEX_SUFFIX", "ShardedIndex", "find_index", "is_sharded", "load_index"]
 
 INDEX_SUFFIX = ".index.json"
+#: The undo record of a patched sharded checkpoint, in its folder.
+RECORD_NAME = "robustpatch.rpundo.json"
+#: Endings of the files robustpatch writes beside a shard (undo record, in-place journal).
+_OWN_SUFFIXES = (".rpundo", ".rpundo.pending", ".rpjournal", ".rpdone")
 
 #: Largest index read: a real one is about 100 bytes a tensor (a 1 M-tensor model: 100 MB).
 MAX_INDEX_BYTES = 256 << 20
@@ -133,7 +137,9 @@ def _weight_map(doc: dict[str, Any], index: Path) -> dict[str, str]:
 
 
 def check_shard_name(shard: str, index: Path) -> None:
-    """A shard is a plain file name beside the index: never a path out of its folder."""
+    """A shard is a plain file name beside the index: never a path out of its folder,
+    nor a name robustpatch gives its own files there (a patched copy would write its
+    undo records over such a shard)."""
     bad = (
         not shard
         or shard in (".", "..")
@@ -145,6 +151,11 @@ def check_shard_name(shard: str, index: Path) -> None:
     )
     if bad:
         raise FormatError(f"{index}: shard name {shown(shard)} is not a file name in its folder")
+    if shard == RECORD_NAME or shard.endswith(_OWN_SUFFIXES):
+        raise FormatError(
+            f"{index}: shard name {shown(shard)} is one robustpatch gives its own files "
+            f"({RECORD_NAME}, *{', *'.join(_OWN_SUFFIXES)}); rename the shard"
+        )
 
 
 def _shard_headers(index: Path, weight_map: dict[str, str]) -> dict[str, Header]:
