@@ -939,6 +939,47 @@ def test_the_grep_would_catch_a_torch_load_without_weights_only():
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("truncated", "not a readable torch checkpoint"),
+        ("garbage", "not a readable torch checkpoint"),
+        ("sparse", "is a torch.sparse_coo tensor"),
+        ("nested", "'nested' holds a dict, not a tensor"),
+        ("complex", "is a complex tensor"),
+    ],
+)
+def test_a_damaged_or_odd_pt_checkpoint_is_a_one_line_error(tmp_path, capsys, case, message):
+    torch = pytest.importorskip("torch")
+    pre, clean, robust = trio(0)
+    paths = {}
+    for name, m in (("pre", pre), ("clean", clean), ("robust", robust)):
+        paths[name] = tmp_path / f"{name}.pt"
+        torch.save({k: torch.from_numpy(v.copy()) for k, v in m.items()}, paths[name])
+    odd = tmp_path / "odd.pt"
+    state = {k: torch.from_numpy(v.copy()) for k, v in robust.items()}
+    if case == "truncated":
+        odd.write_bytes(paths["robust"].read_bytes()[:-300])
+    elif case == "garbage":
+        odd.write_bytes(bytes(range(256)) * 8)
+    else:
+        extra = {
+            "sparse": torch.eye(3).to_sparse(),
+            "nested": {"a": torch.zeros(2)},
+            "complex": torch.zeros(2, dtype=torch.complex64),
+        }[case]
+        torch.save({**state, case: extra}, odd)
+    out = tmp_path / "sig.rws"
+    before = listing(tmp_path)
+    code = main(["extract", str(paths["pre"]), str(paths["clean"]), str(odd), "-o", str(out)])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if not ln.startswith("robustpatch: warning: ")]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1, err
+    assert re.search(message, errors[0]) and str(odd) in errors[0], err
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.torch
 def test_a_pt_checkpoint_is_read_with_weights_only(tmp_path, capsys):
     """A .pt file whose pickle would run code is refused (and the code never runs); a
     plain state dict loads."""

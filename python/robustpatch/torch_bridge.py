@@ -99,14 +99,48 @@ def numpy_state(obj: Any) -> tuple[dict[str, np.ndarray], set[str]]:
 
 
 def load_torch_file(path: str) -> dict[str, Any]:
-    """A state dict from a ``.pt``/``.pth`` file (``weights_only``: no code is run)."""
+    """A state dict from a ``.pt``/``.pth`` file (``weights_only``: no code is run): a
+    mapping of names to dense real tensors (FormatError naming what else it holds)."""
     torch = _torch()
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch reports a damaged file many ways
+        if _refused_global(e) or (isinstance(e, OSError) and e.filename is not None):
+            raise  # the CLI words a refused global; a named I/O error is already clear
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{path}: not a readable torch checkpoint ({first})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise FormatError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    for name, t in obj.items():
+        _check_state_tensor(path, name, t, torch)
     return dict(obj)
+
+
+def _refused_global(e: Exception) -> bool:
+    """``weights_only`` refused a pickled object that is not a tensor (it would run
+    code), as opposed to bytes that are no checkpoint at all."""
+    import pickle
+    import re
+
+    return isinstance(e, pickle.UnpicklingError) and bool(
+        re.search("Unsupported (global|class)", str(e))
+    )
+
+
+def _check_state_tensor(path: str, name: Any, t: Any, torch: Any) -> None:
+    """A state dict entry is a dense, real tensor: a nested dict, a sparse or a complex
+    tensor would otherwise fail deep inside, or be dropped as if it were a counter."""
+    if not isinstance(t, torch.Tensor):
+        raise FormatError(
+            f"{path}: {name!r} holds a {type(t).__name__}, not a tensor (expected a state "
+            "dict: names to tensors)"
+        )
+    if t.layout != torch.strided:
+        raise FormatError(f"{path}: {name!r} is a {t.layout} tensor; only dense ones are read")
+    if t.is_complex():
+        raise FormatError(f"{path}: {name!r} is a complex tensor ({t.dtype}); not supported")
 
 
 _LABELS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
