@@ -155,6 +155,18 @@ def test_extract_refuses_mismatched_checkpoints(models):
         extract(pre, clean, {k: v for k, v in robust.items() if k != "fc.bias"})
 
 
+def test_extract_refuses_a_pretrained_tensor_of_another_dtype_or_shape(models):
+    pre, clean, robust = models
+    for bad in ({"fc.weight": pre["fc.weight"].astype(np.float16)}, {"fc.bias": np.zeros(3)}):
+        with pytest.raises(MismatchError, match="pretrained .* and clean .* differ"):
+            extract(dict(pre, **bad), clean, robust, layers="all")
+    # one it lacks (a new head) is skipped and listed; a layer left out is not checked
+    head = extract({k: v for k, v in pre.items() if k != "fc.weight"}, clean, robust, layers="all")
+    assert "fc.weight" in head.meta["skipped"] and "fc.weight" not in head.entries
+    half = {k: v.astype(np.float16) if k == "fc.weight" else v for k, v in pre.items()}
+    assert "fc.weight" not in extract(half, clean, robust, layers="conv1").entries
+
+
 # ---------------------------------------------------------------------------- quantization
 
 

@@ -256,7 +256,22 @@ def _plan(pretrained, clean, robust, layers, method, energy, param_budget, order
         param_budget=budget,
         energies=lambda: _unit_energies(trio, units, bn, tick),
     )
+    if method == "projection":
+        _check_pretrained(trio, [n for n in chosen if n not in bn])
     return _Plan(trio, method, names, chosen, bn, layer_info, tick)
+
+
+def _check_pretrained(trio: _Trio, names: list[str]) -> None:
+    """A chosen tensor that the pretrained checkpoint holds in another dtype or shape is
+    refused, as a clean/robust mismatch is: the projection needs the very tensor both
+    fine-tunes started from (one the pretrained lacks, e.g. a new head, is skipped)."""
+    for n in names:
+        ps, cs = trio.pre.spec(n), trio.clean.spec(n)
+        if ps is not None and ps != cs:
+            raise MismatchError(
+                f"{n}: pretrained {ps} and clean {cs} differ in dtype or shape; give the "
+                "checkpoint the fine-tunes started from (or method 'difference')"
+            )
 
 
 def extract(
