@@ -128,6 +128,17 @@ def test_remove_never_writes_over_the_signature_its_record_refers_to(d, capsys):
     assert sha(d / "restored") == sha(d / "clean.safetensors")
 
 
+@pytest.mark.parametrize("applied", ["[1, 2]", '["fog"]', '{"name": "fog"}', "[[]]"])
+def test_a_model_whose_applied_list_is_not_objects_is_a_one_line_error(d, capsys, applied):
+    m = d / "odd.safetensors"
+    write_tensors(m, read_tensors(d / "clean.safetensors")[1], {"robustpatch.applied": applied})
+    before = listing(d)
+    for argv in (["inspect", m], ["apply", m, d / "fog.rws", "-o", d / "x.safetensors"]):
+        line = one_line_error(capsys, *argv)
+        assert "robustpatch.applied metadata is not a list of {name, hash, alpha}" in line
+    assert listing(d) == before
+
+
 # ---------------------------------------------------------------------------- findings 2, 3
 
 

@@ -255,6 +255,13 @@ def _cases() -> list[Case]:
             "overflows",
         ),
         C(
+            "more_dimensions_than_numpy_has",
+            "container",
+            _bytes(lambda b: raw({"a": t("F32", [1] * 65, 0, 4)}, bytes(4))),
+            F,
+            "65 dimensions",
+        ),
+        C(
             "negative_dimension",
             "container",
             _bytes(lambda b: raw({"a": t("F32", [-2], 0, 8)}, bytes(8))),

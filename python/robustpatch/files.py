@@ -101,8 +101,8 @@ def applied_signatures(header: Header) -> list[dict[str, Any]]:
     if raw is None:
         return []
     value = parse_meta_json(raw, "model", f"{APPLIED_KEY} metadata")
-    if not isinstance(value, list):
-        raise FormatError(f"{APPLIED_KEY} metadata is not a list")
+    if not isinstance(value, list) or not all(isinstance(a, dict) for a in value):
+        raise FormatError(f"{APPLIED_KEY} metadata is not a list of {{name, hash, alpha}}")
     return value
 
 

@@ -172,8 +172,10 @@ def _patched_index(index: ShardedIndex, pairs: list[tuple[Signature, float]]) ->
     doc = json.loads(index.raw)
     meta = dict(doc.get("metadata") or {})
     applied = meta.get(APPLIED_KEY, [])
-    if not isinstance(applied, list):
-        raise FormatError(f"{index.path}: metadata {APPLIED_KEY} is not a list")
+    if not isinstance(applied, list) or not all(isinstance(a, dict) for a in applied):
+        raise FormatError(
+            f"{index.path}: metadata {APPLIED_KEY} is not a list of {{name, hash, alpha}}"
+        )
     meta[APPLIED_KEY] = applied + [
         {"name": s.name, "hash": s.content_hash, "alpha": a} for s, a in pairs
     ]

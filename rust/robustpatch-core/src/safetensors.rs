@@ -19,6 +19,9 @@ use std::path::Path;
 
 /// Largest header accepted (as in the safetensors reference: 100 MB).
 pub const MAX_HEADER: u64 = 100_000_000;
+/// Most dimensions a tensor may have: numpy's limit, which every tool that reads the
+/// tensor as an array meets (more would parse here and fail there).
+pub const MAX_DIMS: usize = 64;
 
 /// One tensor's place in the data buffer, owned (what [`encode`] writes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -561,6 +564,12 @@ fn parse_tensor(name: &str, raw: RawTensor, data_len: u64, out: &mut Header) -> 
         .iter()
         .map(|d| d.as_u64().ok_or_else(|| bad("shape holds a non-integer")))
         .collect::<Result<Vec<u64>>>()?;
+    if shape.len() > MAX_DIMS {
+        return Err(bad(&format!(
+            "shape has {} dimensions; at most {MAX_DIMS} are supported",
+            shape.len()
+        )));
+    }
     let offsets = f
         .data_offsets
         .as_ref()
@@ -677,6 +686,13 @@ mod tests {
             ),
             (r#"[1,2]"#, "not a JSON object"),
             (r#"{"__metadata__":{"k":1}}"#, "not a string"),
+            (
+                &format!(
+                    r#"{{"a":{{"dtype":"F32","shape":[{}],"data_offsets":[0,4]}}}}"#,
+                    vec!["1"; MAX_DIMS + 1].join(",")
+                ),
+                "65 dimensions",
+            ),
         ];
         for (h, want) in cases {
             let err = parse_file(&file(h, 12)).unwrap_err().to_string();
