@@ -16,6 +16,7 @@ from robustpatch.errors import FormatError, MismatchError, NonFiniteError
 from robustpatch.extraction import extract
 from robustpatch.signature import (
     Signature,
+    combine,
     content_hash,
     detect,
     group_len_for,
@@ -448,6 +449,17 @@ def test_similarity_counts_a_tensor_one_signature_lacks_as_zero():
     b = Signature.from_deltas({"x": x, "y": y}, name="b")
     # ⟨a, b⟩ = 9 over the union {x, y}; ‖a‖ = 3, ‖b‖ = 5.
     np.testing.assert_allclose(similarity([a, b]), [[1, 0.6], [0.6, 1]], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("other", [(4, 64), (16, 8)], ids=["same-count", "other-count"])
+def test_similarity_refuses_one_tensor_in_two_shapes_as_combine_does(other):
+    rng = np.random.default_rng(0)
+    a = Signature.from_deltas({"w": rng.normal(size=(16, 16)).astype(np.float32)}, name="a")
+    b = Signature.from_deltas({"w": rng.normal(size=other).astype(np.float32)}, name="b")
+    with pytest.raises(MismatchError, match="w: shapes differ"):
+        similarity([a, b])
+    with pytest.raises(MismatchError, match="w: shapes differ"):
+        combine([a, b], [1.0, 1.0])
 
 
 def test_similarity_over_the_union_holds_for_packed_codes():

@@ -214,7 +214,8 @@ def similarity(sigs: Sequence[SignatureLike]) -> np.ndarray:
     """Cosine similarity matrix of signatures over the union of their delta entries.
 
     A tensor one signature lacks counts as zero in it, so two signatures that agree on
-    the tensors they share but differ in coverage score below 1. Scaled signatures and
+    the tensors they share but differ in coverage score below 1; one tensor in two shapes
+    is a :class:`~robustpatch.errors.MismatchError`, as in :func:`combine`. Scaled signatures and
     sums count with their coefficients. Computed as one Gram matrix: per tensor, the
     signatures' stored (possibly packed) values are decoded a tile of
     :data:`SIMILARITY_TILE` elements at a time (never a whole tensor), and each tile
@@ -222,6 +223,7 @@ def similarity(sigs: Sequence[SignatureLike]) -> np.ndarray:
     once, not once per pair, and a library of hundreds compares in seconds.
     """
     forms = [_tensor_terms(s) for s in as_signatures(sigs)]
+    _check_shapes(forms)
     n = len(forms)
     gram = np.zeros((n, n))
     for key in dict.fromkeys(k for f in forms for k in f):
@@ -246,13 +248,25 @@ SIMILARITY_TILE = 1 << 14
 
 def _tensor_terms(x: Any) -> dict[tuple[str, int], list[tuple[float, Entry]]]:
     """A signature-like's delta entries as (coefficient, entry) terms per (tensor name,
-    element count): only entries of the same size are compared."""
+    element count)."""
     out: dict[tuple[str, int], list[tuple[float, Entry]]] = {}
     for sig, c in x.terms():
         for k, e in sig.deltas.items():
             if e.numel:
                 out.setdefault((k, e.numel), []).append((c, e))
     return out
+
+
+def _check_shapes(forms: list[dict[tuple[str, int], list[tuple[float, Entry]]]]) -> None:
+    """One tensor name, one shape across the signatures, as :func:`combine` requires: two
+    shapes of one name are two different tensors, not one to compare."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for form in forms:
+        for (name, _), terms in form.items():
+            for _, e in terms:
+                seen = shapes.setdefault(name, tuple(e.shape))
+                if seen != tuple(e.shape):
+                    raise MismatchError(f"{name}: shapes differ ({seen} vs {tuple(e.shape)})")
 
 
 def _tiles(numel: int, entries: Sequence[Entry]) -> Iterator[tuple[int, int]]:
