@@ -4,6 +4,7 @@
 
     defaults:                 # optional: options every job gets unless it sets them
       allow_dtype_change: true
+      overwrite: false        # true: replace an existing output no batch run wrote
     jobs:                     # explicit jobs
       - base: models/llama-a.safetensors
         signatures: [fog.rws, noise.rws]
@@ -16,8 +17,8 @@
       output: out/{base}-{signatures}-{alpha}.safetensors
 
 Relative paths are relative to the manifest's folder. Unknown keys, a missing key, two
-jobs writing one output, a job writing another job's input, or one writing inside a
-sharded base's folder (whose every ``*.safetensors`` is a shard the base reads) are
+jobs writing one file (an output, its undo record or its done-marker), a job writing an
+input of the run (the manifest included), or one writing inside a sharded base's folder (whose every ``*.safetensors`` is a shard the base reads) are
 refused with one line naming the manifest (:class:`~robustpatch.errors.InvalidArgumentError`).
 """
 
