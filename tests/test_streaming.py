@@ -75,6 +75,28 @@ def test_a_modified_streamed_signature_is_refused(pair):
     assert listing(pair) == before
 
 
+@pytest.mark.parametrize("field", [("weight", float("nan")), ("weight", 0.5), ("note", "x")])
+def test_an_entry_with_a_field_robustpatch_does_not_write_is_refused_streamed_or_not(pair, field):
+    """Its hash recomputed over the stored description: a full load refuses it (it hashes
+    the description it rebuilds), and so must the stream (which hashes the stored one)."""
+    from robustpatch._format.safetensors import read_tensors, write_tensors
+    from robustpatch.signature.codec import content_hash
+
+    header, tensors = read_tensors(pair / "tv.rws")
+    meta = json.loads(header.metadata["robustpatch"])
+    meta["entries"][0][field[0]] = field[1]
+    algorithm = meta["content_hash"].split(":", 1)[0]
+    meta["content_hash"] = content_hash(meta["entries"], tensors, algorithm)
+    labels = {t.name: t.dtype for t in header.tensors}
+    write_tensors(pair / "odd.rws", tensors, {"robustpatch": json.dumps(meta)}, labels=labels)
+    before = listing(pair)
+    with pytest.raises(FormatError, match="content hash mismatch"):
+        Signature.load(pair / "odd.rws")
+    with pytest.raises(FormatError, match="content hash mismatch"):
+        apply_file(pair / "m.safetensors", pair / "odd.rws", 1.0, pair / "o.safetensors")
+    assert listing(pair) == before
+
+
 def test_the_record_refers_to_the_signature_and_remove_finds_it(pair, capsys):
     src, out = pair / "m.safetensors", pair / "p.safetensors"
     apply_file(src, pair / "tv.rws", 0.5, out)

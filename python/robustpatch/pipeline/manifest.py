@@ -18,8 +18,9 @@
 
 Relative paths are relative to the manifest's folder. Unknown keys, a missing key, two
 jobs writing one file (an output, its undo record or its done-marker), a job writing an
-input of the run (the manifest included), or one writing inside a sharded base's folder (whose every ``*.safetensors`` is a shard the base reads) are
-refused with one line naming the manifest (:class:`~robustpatch.errors.InvalidArgumentError`).
+input of the run (the manifest included), or one writing inside a sharded base's folder
+(whose every ``*.safetensors`` is a shard the base reads) are refused with one line
+naming the manifest (:class:`~robustpatch.errors.InvalidArgumentError`).
 """
 
 from __future__ import annotations

@@ -237,6 +237,7 @@ def _build(path, header, meta, dense, tensors, mm, expected) -> StreamedSignatur
         )
         for s in meta["entries"]
     ]
+    _check_canonical(entries, meta["entries"], str(path))
     sig = StreamedSignature(
         entries,
         name=str(meta.get("name", "signature")),
@@ -245,6 +246,22 @@ def _build(path, header, meta, dense, tensors, mm, expected) -> StreamedSignatur
     sig.path, sig._hash, sig._mm = path, expected, mm
     sig._ranges = {e.name: spans[e.name] for e in entries if e.kind == "delta"}
     return sig
+
+
+def _check_canonical(entries: list[Entry], specs: list[dict], where: str) -> None:
+    """Each entry is described in the file exactly as robustpatch writes it. The stream
+    hashes the descriptions as stored, a full load (:meth:`Signature.load`) the ones it
+    rebuilds: a field added to a description (its hash recomputed) would pass one and
+    fail the other, so it fails both."""
+    for e, stored in zip(entries, specs):
+        if e.spec() != stored:
+            extra = sorted(set(stored) ^ set(e.spec())) or sorted(
+                k for k in stored if stored[k] != e.spec().get(k)
+            )
+            raise FormatError(
+                f"{where}: entry {shown(e.name)} is not described as robustpatch writes it "
+                f"(field {', '.join(map(str, extra))}); content hash mismatch (file modified?)"
+            )
 
 
 def _spans(header: Header, names: list) -> dict[str, list[tuple[int, int]]]:
