@@ -30,6 +30,8 @@ DELIBERATE = {
     r"unknown dtype": "dtypes the engine has no element size for (F4, F6_*, F8_E8M0, C64...)",
     r"does not start with '\{'": "leading whitespace before the JSON object: no writer "
     "emits it, and it is how a non-safetensors file is recognised",
+    r"dimensions; at most 64": "numpy's limit: such a tensor opens here but no array of it "
+    "can be made, so extract failed deep inside",
 }
 
 
