@@ -172,6 +172,14 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
                 lambda t=tt_h, p=p, s=s, o=o: t.add_(torch_dequantize_4bit(p, s, o)), repeat
             )
         add_row(f"apply 1×4-bit g128 → {name} (+undo record)", ours_h, copy_h, None, th)
+        # Without the record: the conversions alone, the floor the record's test sits on.
+        ours_hn, copy_hn = against_copy(
+            lambda w=work: _core.apply(w, quants[:1], [1.0], record=False),
+            half,
+            np.empty_like(half),
+            lambda w=work, h=half: np.copyto(w, h),
+        )
+        add_row(f"apply 1×4-bit g128 → {name} (no record)", ours_hn, copy_hn)
 
     # Quantize + pack.
     ours_q, copy_q = against_copy(

@@ -110,6 +110,10 @@ fn main() {
     run::<f16>(&w, &one, "1 sig f16");
     run::<bf16>(&w, &one, "1 sig bf16");
     run::<f32>(&w, &dense, "dense f32");
+    // A task vector between bf16 checkpoints, stored as bf16, into a bf16 model.
+    let delta16: Vec<bf16> = sigs[0].iter().map(|&x| bf16::from_f32(x)).collect();
+    let dense16 = [(Delta::Dense(Dense::BF16(&delta16)), 1.0f32)];
+    run::<bf16>(&w, &dense16, "dense bf16");
 }
 
 /// Apply with and without a record, against a copy of the same tensor (for
