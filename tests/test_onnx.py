@@ -568,3 +568,30 @@ def test_cli_refuses_an_existing_undo_record_without_overwrite(setup, capsys):
     assert "already exists" in capsys.readouterr().err and not (tmp / "p.onnx").exists()
     assert (tmp / "p.onnx.rpundo").read_bytes() == b"the record of another patch"
     assert main([*args, "--no-undo"]) == 0
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_cli_refuses_an_existing_data_file_without_overwrite(setup, capsys, external):
+    """``<out>.data`` is an output of a model with external data (apply and remove
+    alike): an existing one is refused, not replaced; a model whose tensors are all
+    embedded writes none, so the file is no output of it."""
+    clean, sig, tmp = setup
+    src = save(model_proto(clean), tmp / "m.onnx", external=external)
+    sig.save(tmp / "fog.rws")
+    assert main(["onnx", "apply", str(src), str(tmp / "fog.rws"), "-o", str(tmp / "p.onnx")]) == 0
+    for out in ("q.onnx", "r.onnx"):
+        (tmp / (out + ".data")).write_bytes(b"someone else's bytes")
+    runs = (
+        ["onnx", "apply", str(src), str(tmp / "fog.rws"), "-o", str(tmp / "q.onnx")],
+        ["onnx", "remove", str(tmp / "p.onnx"), "-o", str(tmp / "r.onnx")],
+    )
+    for args in runs:
+        capsys.readouterr()
+        assert main(args) == (1 if external else 0)
+        if external:
+            assert "already exists" in capsys.readouterr().err
+            assert not Path(args[-1]).exists()
+        assert Path(args[-1] + ".data").read_bytes() == b"someone else's bytes"
+        if external:
+            assert main([*args, "--overwrite"]) == 0
+            assert Path(args[-1] + ".data").read_bytes() != b"someone else's bytes"

@@ -595,6 +595,25 @@ def test_tied_weights_are_refused_rather_than_patched_twice():
     assert np.all(model["head.weight"] == 1)
 
 
+def test_views_that_overlap_are_refused_as_tied_weights():
+    """Two names whose arrays share some bytes: the second patch would add to the first
+    and no record restores the overlap, so both are refused; views side by side are not."""
+    buf = np.random.default_rng(1).normal(size=8).astype(np.float32)
+    orig = buf.copy()
+    s = Signature.from_deltas(
+        {"a": np.full(6, 1000.0, np.float32), "b": np.full(6, 1e-3, np.float32)}
+    )
+    with pytest.raises(MismatchError, match="share memory"):
+        apply({"a": buf[0:6], "b": buf[2:8]}, s)
+    with pytest.raises(MismatchError, match="share memory"):
+        apply({"b": buf[2:8], "a": buf[0:6]}, s)
+    assert np.array_equal(buf, orig)
+    side = {"a": buf[0:4], "b": buf[4:8]}
+    undo = apply(side, Signature.from_deltas({k: np.ones(4, np.float32) for k in side}))
+    remove(side, undo)
+    assert np.array_equal(buf, orig)
+
+
 def test_numpy_values_in_provenance_are_saved_as_json(sig, tmp_path):
     s = sig.select(["fc.bias"])
     s.meta["effect"] = {"accuracy": np.float32(0.75), "per_class": np.arange(3)}

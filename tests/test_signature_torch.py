@@ -168,6 +168,25 @@ def test_cuda_module_is_patched_on_the_device_and_restored(nets, sigs):
     assert_bit_identical(state_bits(model), before)
 
 
+def test_overlapping_torch_views_are_refused():
+    """Views of one storage that share elements (a strided one included) are refused
+    before anything is patched."""
+    from robustpatch.errors import MismatchError
+    from robustpatch.signature import Signature
+
+    buf = torch.arange(12, dtype=torch.float32)
+    before = buf.clone()
+    cases = (
+        {"a": buf[0:8].view(2, 4), "b": buf[4:12].view(2, 4)},
+        {"a": buf[0:8].view(2, 4), "c": buf[1:12:3].view(2, 2)},  # strided: 1, 4, 7, 10
+    )
+    for sd in cases:
+        s = Signature.from_deltas({k: np.ones(tuple(t.shape), np.float32) for k, t in sd.items()})
+        with pytest.raises(MismatchError, match="share memory"):
+            apply(sd, s)
+        assert torch.equal(buf, before)
+
+
 def test_tied_torch_weights_are_refused():
     from robustpatch.errors import MismatchError
     from robustpatch.signature import Signature

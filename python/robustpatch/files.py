@@ -155,8 +155,9 @@ class FileTarget(NumpyTarget):
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         return self._spec(name)
 
-    def address(self, name: str) -> int:
-        return self._index[name]  # tensors of one file never share bytes
+    def span(self, name: str) -> tuple[int, int]:
+        k = self._index[name]  # tensors of one file never share bytes
+        return k, k + 1
 
     def check_writable(self, name: str) -> None:
         """The output is a new file: always writable."""

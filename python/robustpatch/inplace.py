@@ -101,8 +101,9 @@ class MappedTarget(NumpyTarget):
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         return self._spec(name)
 
-    def address(self, name: str) -> int:
-        return self._index[name]
+    def span(self, name: str) -> tuple[int, int]:
+        k = self._index[name]  # tensors of one file never share bytes
+        return k, k + 1
 
     def check_writable(self, name: str) -> None:
         """Mapped read-write: always writable."""

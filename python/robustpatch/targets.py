@@ -80,7 +80,7 @@ class Target(Protocol):
     """
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None: ...
-    def address(self, name: str) -> int: ...
+    def span(self, name: str) -> tuple[int, int]: ...
     def check_writable(self, name: str) -> None: ...
     def visit(self, names: Sequence[str]) -> Iterator[str]: ...
     def add(
@@ -112,8 +112,15 @@ class NumpyTarget:
             raise InvalidArgumentError(f"{name}: expected a numpy array, got {type(a).__name__}")
         return label_of(a), tuple(a.shape)
 
-    def address(self, name: str) -> int:
-        return int(self.arrays[name].__array_interface__["data"][0])
+    def span(self, name: str) -> tuple[int, int]:
+        """The bytes the array's elements occupy, from the lowest to past the highest
+        (strides may be negative); empty for an empty array."""
+        a = self.arrays[name]
+        ptr = int(a.__array_interface__["data"][0])
+        if not a.size:
+            return ptr, ptr
+        reach = [(n - 1) * s for n, s in zip(a.shape, a.strides)]
+        return ptr + sum(min(r, 0) for r in reach), ptr + sum(max(r, 0) for r in reach) + a.itemsize
 
     def check_writable(self, name: str) -> None:
         a = self.arrays[name]
@@ -422,16 +429,15 @@ def _patch_or_roll_back(tgt: Target, undo: Undo, allow_nonfinite: bool) -> None:
 
 
 def _check_aliases(tgt: Target, names: Sequence[str]) -> None:
-    """Refuse to patch one storage twice (tied weights listed under two names)."""
-    seen: dict[int, str] = {}
-    for name in names:
-        addr = tgt.address(name)
-        if addr in seen:
+    """Refuse to patch any byte twice: tied weights listed under two names, or two views
+    that overlap (the second patch would add to the first, and no record restores it)."""
+    spans = sorted((lo, hi, n) for n in names for lo, hi in [tgt.span(n)] if hi > lo)
+    for (_, hi, first), (lo2, _, second) in zip(spans, spans[1:]):
+        if lo2 < hi:
             raise MismatchError(
-                f"{seen[addr]!r} and {name!r} share memory (tied weights): keep one of them "
-                "in the signature (Signature.select)"
+                f"{first!r} and {second!r} share memory (tied weights, or views that "
+                "overlap): keep one of them in the signature (Signature.select)"
             )
-        seen[addr] = name
 
 
 def _rollback(tgt: Target, undo: Undo) -> None:

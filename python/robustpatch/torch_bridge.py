@@ -208,9 +208,15 @@ class TorchTarget:
             return None
         return _label(t), tuple(t.shape)
 
-    def address(self, name: str) -> int:
+    def span(self, name: str) -> tuple[int, int]:
+        """The bytes from the tensor's first element to past its last (strides are
+        never negative in torch); empty for an empty tensor."""
         t = self.tensors[name]
-        return int(t.data_ptr()) if t.numel() else -1 - id(t)
+        lo = int(t.data_ptr())
+        if not t.numel():
+            return lo, lo
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return lo, lo + (last + 1) * t.element_size()
 
     def check_writable(self, name: str) -> None:
         t = self.tensors[name]

@@ -4,6 +4,7 @@ f32 / f16 / int8 variants, and checked as untrusted files."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..errors import MismatchError
@@ -57,7 +58,8 @@ def run_apply(args: Any) -> None:
     from ..onnx import apply
 
     alphas = cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")
-    _check_overwrite(args, [args.output, *([undo_path_for(args.output)] if args.undo else [])])
+    undo = [undo_path_for(args.output)] if args.undo else []
+    _check_overwrite(args, [args.output, *undo, *_data_output(args.model, args.output)])
     rep = apply(args.model, args.signatures, alphas, args.output, **patch_options(args))
     out = _files(rep) | {"signatures": args.signatures, "alphas": alphas}
     undo = f"; undo record {rep.undo}" if rep.undo else ""
@@ -81,7 +83,7 @@ def run_remove(args: Any) -> None:
     """
     from ..onnx import remove
 
-    _check_overwrite(args, [args.output])
+    _check_overwrite(args, [args.output, *_data_output(args.patched, args.output)])
     rep = remove(args.patched, args.output, undo=args.undo, durable=args.durable)
     text = (
         f"wrote {rep.out}: {rep.tensors} initializers and {rep.bn_buffers} BatchNorm "
@@ -107,7 +109,19 @@ def _files(rep: Any) -> dict[str, Any]:
     }
 
 
-def _check_overwrite(args: Any, outputs: list[str]) -> None:
+def _data_output(model: str, out: str) -> list[Path]:
+    """``<out>.data`` where writing ``model`` to ``out`` writes it: if that file exists
+    (only then is the model read here) and the model keeps its tensors outside."""
+    from ..onnx.model import load
+    from ..onnx.patch import data_name
+
+    data = Path(out).parent / data_name(Path(out))
+    if not (data.exists() or data.is_symlink()):
+        return []
+    return [data] if load(model).location is not None else []
+
+
+def _check_overwrite(args: Any, outputs: list[Any]) -> None:
     """Without --overwrite, refuse an existing output (the API refuses inputs itself)."""
     if not args.overwrite:
         cli_args.check_outputs(args, [], outputs)

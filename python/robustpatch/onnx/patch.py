@@ -144,8 +144,9 @@ class OnnxTarget:
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         return self.model.spec(name)
 
-    def address(self, name: str) -> int:
-        return self._index[name]  # initializers never share bytes
+    def span(self, name: str) -> tuple[int, int]:
+        k = self._index[name]  # initializers never share bytes
+        return k, k + 1
 
     def check_writable(self, name: str) -> None:
         """The outputs are new files: always writable."""
