@@ -112,6 +112,16 @@ def sig_variant(
     return build
 
 
+def _set_path(meta: dict, path: str, value: object) -> None:
+    """Set ``meta[a][b]...`` for ``path`` "a.b...", a digit indexing a list; a missing
+    object on the way is made."""
+    *parents, last = path.split(".")
+    node = meta
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+    node[int(last) if last.isdigit() else last] = value
+
+
 def entry(meta: dict, name: str) -> dict:
     return next(e for e in meta["entries"] if e["name"] == name)
 
@@ -332,6 +342,38 @@ def _cases() -> list[Case]:
             )(p),
             FormatError,
             "group 1 .* decodes past the float32 range",
+        ),
+        C(
+            "codes_two_dimensional",
+            "signature",
+            lambda b, p: sig_variant(
+                b,
+                tensors_fn=lambda ts: ts.update(
+                    {"fc.weight.codes": ts["fc.weight.codes"].reshape(2, -1)}
+                ),
+            )(p),
+            FormatError,
+            r"'fc.weight.codes' has shape \[2, 320\], not 1-D",
+        ),
+        *(
+            C(
+                f"metadata_{key}_{kind}",
+                "signature",
+                lambda b, p, key=key, value=value: sig_variant(
+                    b, meta_fn=lambda m: _set_path(m, key, value)
+                )(p),
+                F,
+                match,
+            )
+            for key, kind, value, match in (
+                ("entries.1", "int", 5, "malformed entry 5"),
+                ("entries.0.stats", "list", [1], "has stats that are not a JSON object"),
+                ("fingerprints", "str", "x", "'fingerprints' in the metadata is not a JSON"),
+                ("fingerprints.base", "list", [1], "fingerprint 'base' is not a string"),
+                ("source", "list", [1], "'source' in the metadata is not a JSON object"),
+                ("source.model_nbytes", "str", "abc", "model_nbytes 'abc' is not a byte count"),
+                ("skipped", "int", 7, "'skipped' in the metadata is not a list"),
+            )
         ),
         C(
             "codes_wrong_length",

@@ -249,10 +249,46 @@ def parse_meta(raw: str, where: str) -> dict[str, Any]:
         raise FormatError(f"{where}: invalid format_version {version}")
     if meta.get("kind", "signature") != "signature" or not isinstance(meta.get("entries"), list):
         raise FormatError(f"{where}: not a signature (no entries list)")
+    for s in meta["entries"]:
+        check_spec(s, where)
+    _check_described(meta, where)
     return meta
 
 
-def _want(tensors: Mapping[str, np.ndarray], name: str, dtype, numel: int, where: str):
+def _check_described(meta: dict[str, Any], where: str) -> None:
+    """The optional keys robustpatch reads back have the types it writes: the content
+    hash covers the entries and tensors, not these."""
+    for key in ("fingerprints", "source"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise FormatError(f"{where}: {key!r} in the metadata is not a JSON object")
+    for key in ("architecture", "base"):
+        fp = meta.get("fingerprints", {}).get(key)
+        if fp is not None and not isinstance(fp, str):
+            raise FormatError(f"{where}: fingerprint {key!r} is not a string")
+    nbytes = meta.get("source", {}).get("model_nbytes")
+    if nbytes is not None and not (_is_int(nbytes) and nbytes >= 0):
+        raise FormatError(f"{where}: source model_nbytes {shown(nbytes)} is not a byte count")
+    for key in ("skipped", "dropped"):
+        if key in meta and not isinstance(meta[key], list):
+            raise FormatError(f"{where}: {key!r} in the metadata is not a list")
+
+
+def check_spec(s: Any, where: str) -> None:
+    """An entry's description has the fields every reader relies on, of their types
+    (a full load and a streamed one alike)."""
+    if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+        raise FormatError(f"{where}: malformed entry {shown(s)}")
+    shape = s.get("shape")
+    ok_shape = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+    if s.get("kind") not in ("delta", "bn") or not ok_shape or not isinstance(s.get("dtype"), str):
+        raise FormatError(f"{where}: entry {shown(s['name'])} has a bad kind, shape or dtype")
+    if not isinstance(s.get("stats", {}), dict):
+        raise FormatError(f"{where}: entry {shown(s['name'])} has stats that are not a JSON object")
+
+
+def _want(tensors: Mapping[str, np.ndarray], name: str, dtype, numel: int, where: str, flat=False):
+    """File tensor ``name``, checked: its dtype, its element count and (``flat``, as
+    the quantized parts are written) one dimension."""
     arr = tensors.get(name)
     if arr is None:
         raise FormatError(f"{where}: tensor {shown(name)} is missing")
@@ -263,6 +299,8 @@ def _want(tensors: Mapping[str, np.ndarray], name: str, dtype, numel: int, where
         raise FormatError(
             f"{where}: tensor {shown(name)} has {arr.size} elements, expected {numel}"
         )
+    if flat and arr.ndim != 1:
+        raise FormatError(f"{where}: tensor {shown(name)} has shape {list(arr.shape)}, not 1-D")
     return arr
 
 
@@ -303,17 +341,10 @@ def _is_int(x: Any) -> bool:
 
 
 def _entry_from_spec(s: Any, tensors: Mapping[str, np.ndarray], where: str) -> Entry:
-    if not isinstance(s, dict) or not isinstance(s.get("name"), str):
-        raise FormatError(f"{where}: malformed entry {shown(s)}")
-    name, kind, dtype = s["name"], s.get("kind"), s.get("dtype")
-    shape = s.get("shape")
-    ok_shape = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
-    if kind not in ("delta", "bn") or not ok_shape or not isinstance(dtype, str):
-        raise FormatError(f"{where}: entry {shown(name)} has a bad kind, shape or dtype")
+    check_spec(s, where)
+    name, kind, dtype, shape = s["name"], s["kind"], s["dtype"], s["shape"]
     shape_t, numel = tuple(shape), math.prod(shape)
     stats = s.get("stats", {})
-    if not isinstance(stats, dict):
-        raise FormatError(f"{where}: entry {shown(name)} has stats that are not a JSON object")
     if kind == "bn":
         arr = _want(tensors, f"{name}.replace", np.float32, numel, where).reshape(shape_t)
         weight = s.get("weight", 1.0)
@@ -342,9 +373,9 @@ def _quant_entry_from_spec(s, shape, numel, stats, tensors, where) -> Entry:
         raise FormatError(f"{where}: entry {shown(name)} has a bad group length {shown(glen)}")
     if not _is_int(group) or group < 0:
         raise FormatError(f"{where}: entry {shown(name)} has a bad group size {shown(group)}")
-    codes = _want(tensors, f"{name}.codes", np.uint8, (numel * bits + 7) // 8, where)
-    scale = _want(tensors, f"{name}.scale", np.float32, numel // glen, where)
-    offset = _want(tensors, f"{name}.offset", np.float32, numel // glen, where)
+    codes = _want(tensors, f"{name}.codes", np.uint8, (numel * bits + 7) // 8, where, flat=True)
+    scale = _want(tensors, f"{name}.scale", np.float32, numel // glen, where, flat=True)
+    offset = _want(tensors, f"{name}.offset", np.float32, numel // glen, where, flat=True)
     check_finite(name, scale, "scale")
     check_finite(name, offset, "offset")
     _check_decodable(name, scale.reshape(-1), offset.reshape(-1), bits, scheme, where)
