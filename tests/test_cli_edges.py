@@ -128,14 +128,15 @@ def test_remove_never_writes_over_the_signature_its_record_refers_to(d, capsys):
     assert sha(d / "restored") == sha(d / "clean.safetensors")
 
 
-@pytest.mark.parametrize("applied", ["[1, 2]", '["fog"]', '{"name": "fog"}', "[[]]"])
+@pytest.mark.parametrize("applied", ["[1, 2]", '["fog"]', '{"name": "fog"}', "[[]]", "[{"])
 def test_a_model_whose_applied_list_is_not_objects_is_a_one_line_error(d, capsys, applied):
     m = d / "odd.safetensors"
     write_tensors(m, read_tensors(d / "clean.safetensors")[1], {"robustpatch.applied": applied})
     before = listing(d)
     for argv in (["inspect", m], ["apply", m, d / "fog.rws", "-o", d / "x.safetensors"]):
         line = one_line_error(capsys, *argv)
-        assert "robustpatch.applied metadata is not a list of {name, hash, alpha}" in line
+        what = "is not valid JSON" if applied == "[{" else "is not a list of {name, hash, alpha}"
+        assert f"{m}: robustpatch.applied metadata {what}" in line
     assert listing(d) == before
 
 
@@ -537,3 +538,13 @@ def test_extract_says_what_it_left_out_and_warns_in_one_line(d, capsys):
     )
     lines = err.strip().splitlines()
     assert code == 0 and len(lines) == 1 and lines[0].startswith("robustpatch: warning: ")
+
+
+@pytest.mark.parametrize("value", ["-2e-1", "-.5E+0", "-1.e-3", "-3"])
+def test_a_negative_number_in_any_float_form_is_a_value_not_an_option(d, capsys, value):
+    """argparse alone reads ``-2e-1`` as an unknown option (``-0.2`` works)."""
+    argv = ["combine", d / "fog.rws", "--coef", value, "-o", d / "c.rws", "--json"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out)["components"][0]["coef"] == float(value)
+    assert "--coef" in usage_error(capsys, "combine", d / "fog.rws", "--coef", "-2e-1x", "-o", d)

@@ -60,14 +60,14 @@ def test_the_patched_file_records_what_was_applied_and_keeps_metadata(setup):
     apply_file(src, sigs, [1.0, 0.5], out / "p.safetensors")
     h = read_header(out / "p.safetensors")
     assert h.metadata["note"] == "keep me" and h.metadata["format"] == "pt"
-    applied = applied_signatures(h)
+    applied = applied_signatures(h, out / "p.safetensors")
     assert [(a["name"], a["alpha"]) for a in applied] == [("fog", 1.0), ("noise", 0.5)]
     assert applied[0]["hash"] == Signature.load(sigs[0]).content_hash
     with safe_open(out / "p.safetensors", "np") as f, safe_open(src, "np") as g:
         assert sorted(f.keys()) == sorted(g.keys())  # readable by the reference reader
     # Patching a patched file appends to the record; removing gives the first back.
     apply_file(out / "p.safetensors", sigs[1], -1.0, out / "pp.safetensors")
-    assert len(applied_signatures(read_header(out / "pp.safetensors"))) == 3
+    assert len(applied_signatures(read_header(out / "pp.safetensors"), "pp")) == 3
     remove_file(out / "pp.safetensors", out / "back.safetensors")
     assert sha(out / "back.safetensors") == sha(out / "p.safetensors")
 

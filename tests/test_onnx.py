@@ -217,6 +217,22 @@ def test_shape_mismatch_is_refused(setup):
     ro.apply(src, sig, 1.0, out=tmp / "p.onnx", force=True)  # same element count
 
 
+def test_an_initializer_of_sub_byte_dtype_is_named_as_such(setup):
+    """An INT4 initializer exists but has no fixed bytes per element: refused as such,
+    not as missing (which pointed at BatchNorm folding)."""
+    clean, sig, tmp = setup
+    proto = model_proto(clean)
+    init = proto.graph.initializer[0]
+    numel = int(np.prod(init.dims))
+    init.data_type = TensorProto.INT4
+    init.raw_data = bytes((numel + 1) // 2)
+    src = tmp / "m.onnx"
+    src.write_bytes(proto.SerializeToString())
+    with pytest.raises(MismatchError, match=f"{init.name}.*INT4 or STRING"):
+        ro.apply(src, sig, 1.0, out=tmp / "p.onnx")
+    assert not (tmp / "p.onnx").exists()
+
+
 def test_initializer_in_typed_fields_is_refused(setup):
     clean, sig, tmp = setup
     proto = model_proto(clean)
@@ -326,6 +342,11 @@ def h_negative_dim(tmp, clean):
     return _new_source(tmp, proto.SerializeToString())
 
 
+def h_name_not_utf8(tmp, clean):
+    data = model_proto(clean).SerializeToString()
+    return _new_source(tmp, data.replace(b"Relu", b"\xffelu", 1))
+
+
 def h_duplicate_name(tmp, clean):
     proto = model_proto(clean)
     proto.graph.initializer.append(proto.graph.initializer[0])
@@ -409,6 +430,7 @@ HOSTILE = [
     h_not_protobuf,
     h_raw_size,
     h_negative_dim,
+    h_name_not_utf8,
     h_duplicate_name,
     h_two_graphs,
     h_dotdot,

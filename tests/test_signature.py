@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import robustpatch as rp
 from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.dtypes import narrow, widen
-from robustpatch.errors import FormatError, MismatchError, NonFiniteError
+from robustpatch.errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError
 from robustpatch.extraction import extract
 from robustpatch.signature import (
     Signature,
@@ -593,6 +594,39 @@ def test_tied_weights_are_refused_rather_than_patched_twice():
     assert not w.any()
     apply(model, s.select(["embed.weight"]))
     assert np.all(model["head.weight"] == 1)
+
+
+def test_a_zero_dimensional_tensor_keeps_its_shape_through_file_and_patch(tmp_path):
+    """A 0-d parameter (CLIP's logit_scale) stays 0-d in the signature, its file, a
+    quantized copy and a patched model file, and is restored bit for bit."""
+    s = Signature.from_deltas(
+        {"logit_scale": np.array(0.5, np.float32), "w": np.full(3, 0.25, np.float32)}
+    )
+    assert s["logit_scale"].shape == () and s.quantize(4)["logit_scale"].shape == ()
+    model = {"logit_scale": np.array(2.0, np.float32), "w": np.ones(3, np.float32)}
+    undo = apply(model, s)
+    assert model["logit_scale"].shape == () and model["logit_scale"] == np.float32(2.5)
+    remove(model, undo)
+    assert model["logit_scale"] == np.float32(2.0)
+    s.save(tmp_path / "s.rws")
+    assert Signature.load(tmp_path / "s.rws")["logit_scale"].shape == ()
+    write_tensors(tmp_path / "m.safetensors", model)
+    assert read_tensors(tmp_path / "m.safetensors")[1]["logit_scale"].shape == ()
+    rp.apply_file(tmp_path / "m.safetensors", [tmp_path / "s.rws"], 1.0, tmp_path / "p.safetensors")
+    rp.remove_file(tmp_path / "p.safetensors", tmp_path / "r.safetensors")
+    assert (tmp_path / "r.safetensors").read_bytes() == (tmp_path / "m.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"deltas": {"w": np.ones(4, np.float32)}, "dtypes": {"w": 5}}, "target dtype"),
+        ({"deltas": {5: np.ones(4, np.float32)}}, "tensor name must be a string"),
+    ],
+)
+def test_a_signature_that_no_file_could_hold_is_refused_when_built(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        Signature.from_deltas(**kwargs)
 
 
 def test_views_that_overlap_are_refused_as_tied_weights():

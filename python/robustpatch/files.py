@@ -95,14 +95,17 @@ class FileReport:
     header_updated: bool = True  # False: an in-place patch kept the header (no room)
 
 
-def applied_signatures(header: Header) -> list[dict[str, Any]]:
-    """The signatures recorded in a patched file's metadata (empty if none)."""
+def applied_signatures(header: Header, where: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The signatures recorded in the metadata of the patched file ``where`` (empty if
+    none)."""
     raw = header.metadata.get(APPLIED_KEY)
     if raw is None:
         return []
-    value = parse_meta_json(raw, "model", f"{APPLIED_KEY} metadata")
+    value = parse_meta_json(raw, os.fspath(where), f"{APPLIED_KEY} metadata")
     if not isinstance(value, list) or not all(isinstance(a, dict) for a in value):
-        raise FormatError(f"{APPLIED_KEY} metadata is not a list of {{name, hash, alpha}}")
+        raise FormatError(
+            f"{os.fspath(where)}: {APPLIED_KEY} metadata is not a list of {{name, hash, alpha}}"
+        )
     return value
 
 
@@ -286,7 +289,7 @@ def apply_one(
         except BaseException:
             with verifying(plan):  # a signature that fails its verification is the error
                 raise
-        new_header = patched_header(header, plan, out)
+        new_header = patched_header(header, plan, src, out)
         if not opts.undo:
             with AtomicFile(out, opts.durable) as fout:
                 target = FileTarget(fsrc, header, fout, new_header, progress)
@@ -403,10 +406,10 @@ def _output(out: str | os.PathLike[str] | None, fn: str) -> Path:
     return validate.path(out, "out")
 
 
-def patched_header(header: Header, plan: Plan, out: Path) -> bytes:
-    """The source's header with the applied signatures added to its metadata; refused
+def patched_header(header: Header, plan: Plan, src: Path, out: Path) -> bytes:
+    """The header of ``src`` with the applied signatures added to its metadata; refused
     if readers (remove, inspect, safetensors) would refuse its length."""
-    applied = applied_signatures(header) + [
+    applied = applied_signatures(header, src) + [
         {"name": s.name, "hash": s.content_hash, "alpha": a} for s, a in zip(plan.sigs, plan.alphas)
     ]
     meta = dict(header.metadata)

@@ -205,7 +205,7 @@ def _apply_held(model: Path, call: PatchCall) -> FileReport:
     except BaseException:
         with verifying(plan):  # a signature that fails its verification is the error
             raise
-    fitted = _fitted_header(patched_header(header, plan, model), header.data_start)
+    fitted = _fitted_header(patched_header(header, plan, model, model), header.data_start)
     ranges = _tensor_ranges(header, set(plan.names))
     if fitted is not None:
         ranges.insert(0, (0, header.data_start))

@@ -96,7 +96,7 @@ class DictSource(Source):
         a = self.arrays[name]
         if a.dtype.name == "bfloat16":
             a = a.view(np.uint16)
-        return np.ascontiguousarray(a)
+        return np.asarray(a, order="C")  # 0-d stays 0-d
 
 
 def _is_float_array(a: Any) -> bool:

@@ -196,7 +196,7 @@ def write_tensors(
 
     uint16 arrays are labelled ``BF16`` unless ``labels`` says otherwise (e.g. ``U16``).
     """
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
     infos = [_dtype_override(labels, i) for i in _layout(arrays)]
     with atomic_file(path) as f:
         f.write(encode_header(infos, metadata))

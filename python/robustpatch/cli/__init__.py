@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from .._core import __version__
 from ..errors import EXPECTED_ERRORS
 from . import batch, demo, inspect, models, onnx, signatures
-from .parser import PROG, Command, HelpFormatter, add_command, global_options
+from .parser import PROG, Command, HelpFormatter, Parser, add_command, global_options
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -73,7 +73,7 @@ COMMANDS: list[Command] = [
 
 def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="Robust weight signatures: extract, compress, apply and remove robustness.",
         epilog="example:\n  robustpatch apply model.safetensors fog.rws -o robust.safetensors",

@@ -89,7 +89,7 @@ def model_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         "bytes": h.file_size,
         "tensors": len(h.tensors),
         "dtypes": dtypes,
-        "applied": applied_signatures(h),
+        "applied": applied_signatures(h, path),
         "undo": str(undo) if undo.exists() else None,
         "metadata": {k: v for k, v in h.metadata.items() if k != APPLIED_KEY},
     }

@@ -27,6 +27,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, reading ``-1e-3`` as the negative number it is (argparse
+    reads a negative number in exponent form as an unknown option: ``--alpha -1e-3``
+    failed while ``--alpha -0.001`` worked). Its subcommands' parsers are of this
+    class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
 def global_options(json_output: bool, top: bool = False) -> argparse.ArgumentParser:
     """``-q`` (and ``--json``) as a parent parser. A subcommand's copy defaults to
     SUPPRESS, so that it sets the option when given after the subcommand and leaves

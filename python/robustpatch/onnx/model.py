@@ -187,7 +187,7 @@ def _check_graph(onnx: Any, path: Path) -> None:
     model's folder, which :func:`_check_external` has checked first)."""
     try:
         onnx.checker.check_model(os.fspath(path))
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, UnicodeDecodeError) as e:  # a name not UTF-8
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FormatError(f"{path}: not a valid ONNX model: {first}") from None
 

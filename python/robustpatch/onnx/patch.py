@@ -83,6 +83,12 @@ def check_fits(
     stored as bytes, naming the first such tensor and how to export without folding."""
     for name in plan.names:
         spec = model.spec(name)
+        init = model.initializers.get(name)
+        if init is not None and init.label is None:
+            raise MismatchError(
+                f"{model.path}: initializer {name!r} has an ONNX data type whose elements "
+                "are not whole bytes of one size (such as INT4 or STRING): it cannot be patched"
+            )
         if spec is None:
             raise MismatchError(
                 f"{model.path} has no initializer {name!r} that a signature touches "

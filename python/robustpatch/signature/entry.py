@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import _core
 from ..dtypes import PATCHABLE, label_of, widen
-from ..errors import NonFiniteError
+from ..errors import InvalidArgumentError, NonFiniteError
 
 __all__ = [
     "Quantized",
@@ -86,6 +86,15 @@ class Entry:
     quant: Quantized | None = None
     weight: float = 1.0  # BN blend weight (a combined replacement carries Σ e_k)
     stats: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # What a file stores and a load requires: a name and a dtype label, as strings.
+        if not isinstance(self.name, str):
+            raise InvalidArgumentError(f"a tensor name must be a string, got {self.name!r}")
+        if not isinstance(self.dtype, str):
+            raise InvalidArgumentError(
+                f"{self.name}: the target dtype must be a label such as 'F32', got {self.dtype!r}"
+            )
 
     @property
     def numel(self) -> int:
@@ -177,7 +186,7 @@ def dense_entry(
     """A dense delta entry (``values`` converted to float32, checked finite)."""
     arr = np.asarray(values)
     label = dtype or _default_target(arr)
-    f32 = np.ascontiguousarray(widen(arr) if arr.dtype != np.float32 else arr)
+    f32 = _contiguous_f32(arr)
     check_finite(name, f32, "delta")
     return Entry(name, "delta", tuple(f32.shape), label, values=f32, stats=dict(stats or {}))
 
@@ -186,9 +195,15 @@ def bn_entry(name: str, replace_with: np.ndarray, dtype: str | None = None, weig
     """A BatchNorm replacement entry (``replace_with`` = the robust model's values)."""
     arr = np.asarray(replace_with)
     label = dtype or _default_target(arr)
-    f32 = np.ascontiguousarray(widen(arr) if arr.dtype != np.float32 else arr)
+    f32 = _contiguous_f32(arr)
     check_finite(name, f32, "BatchNorm replacement")
     return Entry(name, "bn", tuple(f32.shape), label, values=f32, weight=float(weight))
+
+
+def _contiguous_f32(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as C-contiguous float32, its shape kept (0-d included, which
+    ``np.ascontiguousarray`` would make 1-d)."""
+    return np.asarray(widen(arr) if arr.dtype != np.float32 else arr, order="C")
 
 
 def group_len_for(shape: Sequence[int], granularity: str, group: int) -> int:

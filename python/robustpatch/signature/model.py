@@ -233,7 +233,7 @@ class Signature(_Linear):
     def dequantize(self) -> Signature:
         """An unquantized copy (dense float32 deltas), same weight."""
         entries = [
-            replace(e, values=np.ascontiguousarray(e.dense()), quant=None) if e.quant else e
+            replace(e, values=np.asarray(e.dense(), order="C"), quant=None) if e.quant else e
             for e in self
         ]
         meta = copy.deepcopy(self.meta)
