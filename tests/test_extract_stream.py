@@ -203,6 +203,33 @@ def test_a_sharded_source_extracts_what_the_single_file_does(tmp_path):
     assert (tmp_path / "sharded.rws").read_bytes() == (tmp_path / "single.rws").read_bytes()
 
 
+def test_extract_to_never_writes_over_a_checkpoint_it_reads(tmp_path, capsys, monkeypatch):
+    """The library refuses by itself (not only its CLI): any of the three checkpoints,
+    a shard of a sharded one, a FIFO; the CLI's '-' means no pretrained checkpoint only
+    in that place (a checkpoint file named '-' is an input like any other)."""
+    pre, clean, robust = trio(4)
+    models = [{k: v for k, v in m.items() if v.dtype.kind != "i"} for m in (pre, clean, robust)]
+    files = write_trio(tmp_path)
+    wmap = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(models[1])}
+    index = write_sharded(tmp_path / "c", models[1], wmap)
+    os.mkfifo(tmp_path / "fifo")
+    before = listing(tmp_path)
+    for out, trio_files in (
+        (files[0], files),
+        (files[2], files),
+        (tmp_path / "c" / "model-00002-of-00002.safetensors", [files[0], index, files[2]]),
+        (tmp_path / "fifo", files),
+    ):
+        with pytest.raises(InvalidArgumentError):
+            extract_to(out, *trio_files, layers="all")
+    assert listing(tmp_path) == before
+    os.link(files[1], tmp_path / "-")
+    monkeypatch.chdir(tmp_path)
+    argv = ["extract", "pre.safetensors", "-", "robust.safetensors", "-o", "-", "--overwrite"]
+    assert main(argv) == 1 and "is the input" in capsys.readouterr().err
+    assert (tmp_path / "-").read_bytes() == files[1].read_bytes()
+
+
 def test_a_hostile_index_naming_a_file_outside_its_folder_is_refused(tmp_path, capsys):
     """A shard name with ``..`` is refused, though the file it names exists and would
     be read otherwise."""

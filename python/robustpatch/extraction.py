@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 
 from . import _core, validate
+from ._format.shards import is_sharded, load_index
+from ._io.atomic import check_destinations
 from ._io.prefetch import prefetched
 from .dtypes import widen
 from .errors import (
@@ -372,6 +374,7 @@ def extract_to(
     fsync with ``durable`` (like ``apply_file``, and like ``safetensors`` and
     ``torch.save``, it does not fsync by default)."""
     path = validate.path(path, "signature path")
+    check_destinations(checkpoint_files(pretrained, clean, robust), [path])
     quant = None if bits is None else _quant_args(bits, scheme, granularity, group)
     # extract's own signature checks the options (an unknown one is a TypeError) and
     # fills in their defaults: they are declared once, there.
@@ -403,6 +406,24 @@ def extract_to(
         _warn_if_zero(a["name"], tally, a["method"])
         out.commit(a["name"], meta)
         return Extracted(path, a["name"], len(out), out.nbytes, meta)
+
+
+def checkpoint_files(*checkpoints: Any) -> list[Path]:
+    """The files the checkpoints given as paths read: each file, and a sharded
+    checkpoint's index and shards (an index that cannot be read names only itself:
+    reading it is left to the extraction, which reports why)."""
+    files: list[Path] = []
+    for c in checkpoints:
+        if not isinstance(c, (str, os.PathLike)):
+            continue  # a state dict or module in memory
+        files.append(Path(c))
+        if is_sharded(c):
+            try:
+                index = load_index(c)
+            except (OSError, ValueError):  # FormatError, InvalidArgumentError among them
+                continue
+            files += [index.path, *(index.shard_path(s) for s in index.shards)]
+    return files
 
 
 def _quant_args(bits: Any, scheme: Any, granularity: Any, group: Any) -> tuple[int, str, str, int]:

@@ -44,20 +44,6 @@ def _kv(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _input_files(path: str) -> list[str]:
-    """The files a checkpoint argument reads: the file, and a sharded checkpoint's
-    shards (from its index; an unreadable index is left for extract to report)."""
-    if not path.endswith(".json"):
-        return [path]
-    try:
-        with open(path) as f:
-            shards = set(json.load(f)["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return [path]
-    folder = os.path.dirname(path)
-    return [path, *(os.path.join(folder, s) for s in sorted(shards) if isinstance(s, str))]
-
-
 def _layer_kwargs(args: Any) -> dict[str, Any]:
     """``layers`` (and ``param_budget``) for extract; a budget replaces the layer rule."""
     layers = _layers_arg(args.layers)
@@ -77,15 +63,16 @@ def run_extract(args: Any) -> None:
     robustpatch extract pre.safetensors clean.safetensors fog.safetensors -o fog.rws \
         --bits 4 --provenance corruption=fog
     """
-    from ..extraction import extract_to
+    from ..extraction import checkpoint_files, extract_to
 
-    models = [m for m in (args.pretrained, args.clean, args.robust) if m != "-"]
-    cli_args.check_outputs(args, [f for m in models for f in _input_files(m)], [args.output])
+    pretrained = None if args.pretrained == "-" else args.pretrained  # '-': none given
+    inputs = checkpoint_files(pretrained, args.clean, args.robust)
+    cli_args.check_outputs(args, inputs, [args.output])
     quant = {"bits": args.bits, "scheme": args.scheme, "granularity": args.granularity}
     with progress_bar(args, "extract", unit="tensor") as tick:
         sig = extract_to(  # streamed: each entry written as it is computed
             args.output,
-            None if args.pretrained == "-" else args.pretrained,
+            pretrained,
             args.clean,
             args.robust,
             **_layer_kwargs(args),
