@@ -187,6 +187,55 @@ def test_a_failing_job_is_reported_and_the_others_finish(tmp_path, capsys):
     assert err.strip() == "robustpatch: batch: 6 jobs: 4 done, 0 skipped, 2 failed"
 
 
+def test_a_job_that_fails_before_writing_leaves_no_marker_and_no_folder(tmp_path):
+    """A failed build undoes its claim: no done-marker (one left behind would later
+    stand in for overwrite), no folder made for it; an output that was there stays,
+    still refused without overwrite."""
+    make_fleet(tmp_path)
+    (tmp_path / "bad.rws").write_bytes(b"not a signature")
+    (tmp_path / "taken.safetensors").write_bytes(b"someone else's file")
+    before = {p.name for p in tmp_path.iterdir()}
+    jobs = [
+        pipeline.Job.make(tmp_path / "m0.safetensors", [tmp_path / "bad.rws"], 1.0, out)
+        for out in (tmp_path / "new" / "deeper" / "p.safetensors", tmp_path / "q.safetensors")
+    ]
+    jobs.append(
+        pipeline.Job.make(
+            tmp_path / "m0.safetensors",
+            [tmp_path / "bad.rws"],
+            1.0,
+            tmp_path / "taken.safetensors",
+            overwrite=True,
+        )
+    )
+    assert [ln["status"] for ln in pipeline.run(jobs, workers=1)] == ["failed"] * 3
+    assert {p.name for p in tmp_path.iterdir()} == before
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"someone else's file"
+    good = pipeline.Job.make(
+        tmp_path / "m0.safetensors", [tmp_path / "fog.rws"], 1.0, tmp_path / "taken.safetensors"
+    )
+    (line,) = pipeline.run([good], workers=1)
+    assert line["status"] == "failed" and "no batch run wrote it" in line["error"]
+
+
+def test_an_output_inside_a_sharded_jobs_output_folder_is_refused(tmp_path):
+    from test_sharded import write_sharded
+
+    make_fleet(tmp_path)
+    write_sharded(tmp_path / "base")
+    doc = {
+        "jobs": [
+            {"base": "base", "signatures": ["fog.rws"], "output": "O"},
+            {"base": "m0.safetensors", "signatures": ["fog.rws"], "output": "O/x.safetensors"},
+        ]
+    }
+    with pytest.raises(InvalidArgumentError, match="inside job #1's output folder"):
+        pipeline.load_manifest(write_manifest(tmp_path, doc))
+    doc["jobs"] = [{"base": "m0.safetensors", "signatures": ["fog.rws"], "output": " "}]
+    with pytest.raises(InvalidArgumentError, match="'output' must be a path"):
+        pipeline.load_manifest(write_manifest(tmp_path, doc))
+
+
 def test_a_rerun_skips_verified_outputs_and_rebuilds_the_rest(tmp_path):
     jobs = pipeline.load_manifest(write_manifest(tmp_path, make_fleet(tmp_path)))
     first = pipeline.run(jobs, workers=1)

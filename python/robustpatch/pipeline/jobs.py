@@ -19,6 +19,7 @@ import json
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -213,11 +214,13 @@ def _write_marker(job: Job, key: str, sha: str, size: int) -> None:
         f.commit()
 
 
-def _claim(job: Job, key: str) -> None:
+def _claim(job: Job, key: str) -> Callable[[], None]:
     """Before a job (re)builds its output: refuse an existing output that no batch run
     wrote (no done-marker beside it) unless the job may overwrite, then mark the output
     as being built. That marker, not a missing one, is what a run killed mid-build
-    leaves, so the next run rebuilds it rather than refuse it."""
+    leaves, so the next run rebuilds it rather than refuse it. Returns what undoes the
+    claim after a build that failed cleanly (nothing written): a marker that was not
+    there goes, with the folders made for it, so it never stands in for ``overwrite``."""
     marker = done_path_for(job.output)
     if os.path.lexists(job.output) and not marker.exists() and not job.overwrite:
         raise FileExistsError(
@@ -228,10 +231,24 @@ def _claim(job: Job, key: str) -> None:
             job.output,
         )
     doc = {"format": DONE_FORMAT, "version": DONE_VERSION, "job": key, "state": "building"}
+    had_marker = marker.exists()
+    made = [p for p in Path(job.output).parents if not p.exists()]
     Path(job.output).parent.mkdir(parents=True, exist_ok=True)
     with AtomicFile(marker, durable=True) as f:
         f.file.write((json.dumps(doc) + "\n").encode())
         f.commit()
+
+    def release() -> None:
+        if had_marker:
+            return  # the output was a batch's: rebuilding it stays allowed
+        marker.unlink(missing_ok=True)
+        for folder in made:  # deepest first; one holding anything else stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    return release
 
 
 def _build(job: Job) -> None:
@@ -259,8 +276,12 @@ def run_job(job: Job, index: int = 0) -> dict[str, Any]:
         key = job_key(job)
         marker = verified(job, key)
         if marker is None:
-            _claim(job, key)
-            _build(job)
+            release = _claim(job, key)
+            try:
+                _build(job)
+            except Exception:
+                release()
+                raise
             sha, size = output_digest(job.output)
             _write_marker(job, key, sha, size)
             line.update(status="done", bytes=size, sha256=sha)

@@ -128,7 +128,7 @@ def _job(spec: Mapping[str, Any], root: Any, what: str) -> Job:
     if not isinstance(sigs, list) or not all(isinstance(s, str) for s in sigs):
         raise InvalidArgumentError(f"{what}: 'signatures' must be a list of paths")
     for key in ("base", "output"):
-        if not isinstance(spec[key], str):
+        if not isinstance(spec[key], str) or not spec[key].strip():
             raise InvalidArgumentError(f"{what}: {key!r} must be a path, got {shown(spec[key])}")
     options = {k: spec[k] for k in JOB_OPTION_KEYS if k in spec}
     try:
@@ -214,6 +214,7 @@ def check_jobs(jobs: list[Job], inputs: Sequence[str | os.PathLike[str]] = ()) -
     read = {os.path.realpath(p) for j in jobs for p in j.inputs}
     read |= {os.path.realpath(p) for p in inputs}
     folders = _sharded_folders(jobs)
+    written = _sharded_outputs(jobs)
     for i, job in enumerate(jobs):
         for path in job.outputs:
             out = os.path.realpath(path)
@@ -227,6 +228,23 @@ def check_jobs(jobs: list[Job], inputs: Sequence[str | os.PathLike[str]] = ()) -
             if out in read:
                 raise InvalidArgumentError(f"job #{i + 1} writes {path}, an input of the run")
         _check_outside(os.path.realpath(job.output), job, i, folders)
+        _check_not_in_output(os.path.realpath(job.output), job, i, written)
+
+
+def _sharded_outputs(jobs: list[Job]) -> dict[str, int]:
+    """The real path of each sharded job's output folder -> its job."""
+    return {os.path.realpath(j.output): i for i, j in enumerate(jobs) if _sharded_folder(j)}
+
+
+def _check_not_in_output(out: str, job: Job, i: int, written: dict[str, int]) -> None:
+    """Refuse an output inside another job's output folder: that job replaces its folder
+    whole, and its digest would count this job's files."""
+    for folder in map(str, Path(out).parents):
+        if folder in written:
+            raise InvalidArgumentError(
+                f"job #{i + 1} writes {job.output}, inside job #{written[folder] + 1}'s "
+                f"output folder {folder}"
+            )
 
 
 def _sharded_folders(jobs: list[Job]) -> dict[str, int]:
