@@ -168,6 +168,26 @@ def test_cuda_module_is_patched_on_the_device_and_restored(nets, sigs):
     assert_bit_identical(state_bits(model), before)
 
 
+@pytest.mark.parametrize("torch_ops", [False, True])
+def test_a_patch_is_an_in_place_change_autograd_sees(torch_ops):
+    """A graph that saved the weight refuses backward after apply and after remove,
+    on the engine's path as on torch's own ops (it silently used the new values)."""
+    from robustpatch.signature import Signature
+
+    m = torch.nn.Linear(4, 3)
+    sig = Signature.from_deltas({"weight": np.ones((3, 4), np.float32)})
+    for step in ("apply", "remove"):
+        x = torch.randn(2, 4, requires_grad=True)
+        y = (m(x) ** 2).sum()
+        target = TorchTarget(m, torch_ops=torch_ops)
+        if step == "apply":
+            undo = apply(target, sig)
+        else:
+            remove(target, undo)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(y, x)
+
+
 def test_overlapping_torch_views_are_refused():
     """Views of one storage that share elements (a strided one included) are refused
     before anything is patched."""

@@ -164,6 +164,14 @@ def _dense(d: Any) -> np.ndarray:
     return np.ascontiguousarray(kernel_view(d).reshape(-1))
 
 
+def _written(t: Any) -> None:
+    """Tell autograd that ``t`` changed in place, as torch's own in-place ops do: the
+    engine wrote it through a numpy view, which autograd does not see, so a backward
+    pass through a graph that saved ``t`` would silently use the new values. With its
+    version moved on, that backward refuses, as after ``t.add_``."""
+    _torch().autograd.graph.increment_version(t)
+
+
 def _acc(deltas: Sequence[Any], alphas: Sequence[float], device: Any, numel: int) -> Any:
     """Σ α·δ in float32 on ``device``, in the engine's order (starting from −0.0)."""
     torch = _torch()
@@ -240,6 +248,7 @@ class TorchTarget:
         t = self.tensors[name]
         if self._kernel_ok(t):
             rec, overflowed = _core.apply(to_numpy(t), list(deltas), list(alphas), record)
+            _written(t)
             return (None if rec is None else EngineRecord(*rec)), overflowed
         torch = _torch()
         with torch.no_grad():
@@ -271,7 +280,9 @@ class TorchTarget:
                     f"{name}: patched on CPU but now on {t.device} or non-contiguous"
                 )
             arrays = (record.positions, record.values)
-            return _core.remove(to_numpy(t), list(deltas), list(alphas), *arrays)
+            counts = _core.remove(to_numpy(t), list(deltas), list(alphas), *arrays)
+            _written(t)
+            return counts
         torch = _torch()
         with torch.no_grad():
             acc = _acc(deltas, alphas, t.device, t.numel())
