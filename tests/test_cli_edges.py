@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -159,6 +160,10 @@ def test_a_model_whose_applied_list_is_not_objects_is_a_one_line_error(d, capsys
         (
             ["extract", "{m}", "{m}", "{m}", "-o", "{d}/x.rws", "--layers", "(["],
             "invalid regex '(['",
+        ),
+        (
+            ["extract", "{m}", "{m}", "{m}", "-o", "{d}/x.rws", "--layers", "a{{99999999999}}"],
+            "repetition number is too large",
         ),
         (["extract", "{m}", "{m}", "{m}", "-o", "{d}/x.rws", "--param-budget", "0"], "(0, 1]"),
         (["extract", "{m}", "{m}", "{m}", "-o", "{d}/x.rws", "--param-budget", "1.5"], "(0, 1]"),
@@ -548,3 +553,49 @@ def test_a_negative_number_in_any_float_form_is_a_value_not_an_option(d, capsys,
     assert code == 0, err
     assert json.loads(out)["components"][0]["coef"] == float(value)
     assert "--coef" in usage_error(capsys, "combine", d / "fog.rws", "--coef", "-2e-1x", "-o", d)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["recover", "{f}"],
+        ["apply", "{f}", "{d}/fog.rws", "--inplace"],
+        ["remove", "{f}", "--inplace"],
+        ["extract", "{d}/pre.safetensors", "{d}/clean.safetensors", "{d}/f.pt", "-o", "{d}/x.rws"],
+        [
+            "extract",
+            "{d}/pre.safetensors",
+            "{f}.index.json",
+            "{d}/robust.safetensors",
+            "-o",
+            "{d}/x",
+        ],
+    ],
+)
+def test_a_fifo_given_as_a_model_is_refused_at_once(d, capsys, argv):
+    """Opening a FIFO to read blocks until a writer comes: each command must refuse it
+    from its file type, not open it. A writer waits on each FIFO, so that a regression
+    reads an empty file and fails here rather than hang."""
+    fifos = [d / name for name in ("fifo", "fifo.index.json", "f.pt")]
+    writers = []
+    for fifo in fifos:
+        os.mkfifo(fifo)
+        writers.append(threading.Thread(target=lambda f=fifo: open(f, "wb").close(), daemon=True))
+        writers[-1].start()
+    try:
+        line = one_line_error(capsys, *(a.format(d=d, f=d / "fifo") for a in argv))
+        assert "is a FIFO, not a regular file" in line
+    finally:
+        for fifo in fifos:  # a reader that gives up at once lets a waiting writer go
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        for w in writers:
+            w.join(5)
+
+
+def test_layer_regex_flags_apply_to_the_whole_name(d, capsys):
+    """``(?i)`` stays in front of the pattern robustpatch wraps around a --layers value."""
+    models = [d / f"{n}.safetensors" for n in ("pre", "clean", "robust")]
+    upper = run(capsys, "extract", *models, "-o", d / "u.rws", "--layers", "(?i)CONV1", "--json")
+    lower = run(capsys, "extract", *models, "-o", d / "l.rws", "--layers", "conv1", "--json")
+    assert upper[0] == 0 and lower[0] == 0, upper[2]
+    assert json.loads(upper[1])["entries"] == json.loads(lower[1])["entries"] > 0

@@ -220,3 +220,29 @@ def test_tied_torch_weights_are_refused():
     with pytest.raises(MismatchError, match="share memory"):
         apply(sd, s)
     assert torch.equal(m["a"].weight.detach(), before)
+
+
+def test_tensors_without_dense_values_are_refused_by_name(tmp_path):
+    """Meta-device and sparse tensors, and keys that are not names, are clear errors
+    (were torch's own RuntimeError / NotImplementedError, or an AttributeError)."""
+    import robustpatch as rp
+    from robustpatch.errors import FormatError, InvalidArgumentError
+    from robustpatch.signature import Signature
+
+    sig = Signature.from_deltas({"weight": np.ones((4, 4), np.float32)})
+    meta = torch.nn.Linear(4, 4, device="meta")
+    with pytest.raises(InvalidArgumentError, match="weight: a tensor on the meta device"):
+        apply(meta, sig)
+    with pytest.raises(InvalidArgumentError, match="a tensor on the meta device"):
+        extract(meta, meta, meta, layers="all")
+    with pytest.raises(InvalidArgumentError, match="weight: a torch.sparse_coo tensor"):
+        apply({"weight": torch.eye(4).to_sparse()}, sig)
+    real = {"a.weight": torch.randn(4, 4)}
+    torch.save(real, tmp_path / "pre.pt")
+    for name, bad, match in (
+        ("keys.pt", {0: torch.randn(2)}, "key 0 is not a name"),
+        ("meta.pt", {"a.weight": torch.empty(4, 4, device="meta")}, "on the meta device"),
+    ):
+        torch.save(bad, tmp_path / name)
+        with pytest.raises(FormatError, match=f"{name}: .*{match}"):
+            rp.extract(tmp_path / "pre.pt", tmp_path / "pre.pt", tmp_path / name, layers="all")

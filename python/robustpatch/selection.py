@@ -133,19 +133,22 @@ def _units_for_energy(energies: Sequence[float], share: float) -> int:
     return len(energies)
 
 
-def _compile_pattern(pattern: Any) -> re.Pattern[str]:
-    """A layer regex searched on whole dot-separated name components (see :func:`extract`)."""
+def compile_layer_pattern(pattern: Any) -> re.Pattern[str]:
+    """A layer regex searched on whole dot-separated name components (see :func:`extract`);
+    its leading global flags (``(?i)``) stay in front of the wrapping."""
     if not isinstance(pattern, str):
         raise SelectionError(f"layers: expected a regex string, got {pattern!r}")
+    flags = re.match(r"\(\?[aiLmsux]+\)", pattern)
+    lead, body = (flags.group(0), pattern[flags.end() :]) if flags else ("", pattern)
     try:
         re.compile(pattern)
-        return re.compile(rf"(?:^|(?<=\.))(?:{pattern})(?=\.|$)")
-    except re.error as e:
+        return re.compile(rf"{lead}(?:^|(?<=\.))(?:{body})(?=\.|$)")
+    except (re.error, OverflowError) as e:  # OverflowError: a repeat count too large
         raise SelectionError(f"layers: invalid regex {pattern!r}: {e}") from None
 
 
 def _select_pattern(names: Sequence[str], patterns: Sequence[Any]) -> set[str]:
-    regs = [_compile_pattern(p) for p in patterns]
+    regs = [compile_layer_pattern(p) for p in patterns]
     chosen = {n for n in names if any(r.search(n) or r.search(_module(n)) for r in regs)}
     if not chosen:
         raise SelectionError(

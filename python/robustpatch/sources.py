@@ -83,6 +83,9 @@ class DictSource(Source):
         ordered: bool = False,
         buffers: set[str] | None = None,
     ):
+        bad = next((k for k in arrays if not isinstance(k, str)), None)
+        if bad is not None:
+            raise InvalidArgumentError(f"{where or 'checkpoint'}: key {bad!r} is not a name")
         self.arrays = {k: v for k, v in arrays.items() if _is_float_array(v)}
         names = list(self.arrays) if ordered else sorted(self.arrays, key=depth_key)
         bn_names = set(bn or ()) | {k for k in names if is_bn_stat(k)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -78,6 +78,9 @@ def to_numpy(t: Any) -> np.ndarray | None:
     torch = _torch()
     if not t.is_floating_point():
         return None
+    kind = _without_values(t)
+    if kind:
+        raise InvalidArgumentError(f"{kind} cannot be read as weights")
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -88,11 +91,26 @@ def to_numpy(t: Any) -> np.ndarray | None:
     return t.numpy()
 
 
+def _without_values(t: Any) -> str | None:
+    """What ``t`` is when its values are not dense memory the engine can use: a tensor
+    on the meta device (no values at all) or a sparse one; None for a dense tensor."""
+    if t.is_meta:
+        return "a tensor on the meta device (it holds no values)"
+    if t.layout != _torch().strided:
+        return f"a {t.layout} tensor"
+    return None
+
+
 def numpy_state(obj: Any) -> tuple[dict[str, np.ndarray], set[str]]:
     """Float tensors of a module or state dict as numpy arrays, plus its BN buffer names."""
     out = {}
     for k, t in state_tensors(obj).items():
-        arr = to_numpy(t)
+        if not isinstance(k, str):
+            raise InvalidArgumentError(f"state dict key {k!r} is not a name")
+        try:
+            arr = to_numpy(t)
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"{k}: {e}") from None
         if arr is not None:
             out[k] = arr
     return out, bn_buffer_names(obj)
@@ -101,14 +119,14 @@ def numpy_state(obj: Any) -> tuple[dict[str, np.ndarray], set[str]]:
 def load_torch_file(path: str) -> dict[str, Any]:
     """A state dict from a ``.pt``/``.pth`` file (``weights_only``: no code is run): a
     mapping of names to dense real tensors (FormatError naming what else it holds)."""
+    from ._io.inputs import open_input
+
     torch = _torch()
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch reports a damaged file many ways
-        if _refused_global(e) or (isinstance(e, OSError) and e.filename is not None):
-            raise  # the CLI words a refused global; a named I/O error is already clear
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FormatError(f"{path}: not a readable torch checkpoint ({first})") from None
+    with open_input(path) as f:  # a FIFO or device is refused, not read until it ends
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch reports a damaged file many ways
+            _reraise_load_error(path, e)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -116,6 +134,15 @@ def load_torch_file(path: str) -> dict[str, Any]:
     for name, t in obj.items():
         _check_state_tensor(path, name, t, torch)
     return dict(obj)
+
+
+def _reraise_load_error(path: str, e: Exception) -> NoReturn:
+    """A refused global and a named I/O error as they are (the CLI words the first, the
+    second is clear); anything else as a FormatError naming the file."""
+    if _refused_global(e) or (isinstance(e, OSError) and e.filename is not None):
+        raise e
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise FormatError(f"{path}: not a readable torch checkpoint ({first})") from None
 
 
 def _refused_global(e: Exception) -> bool:
@@ -132,11 +159,15 @@ def _refused_global(e: Exception) -> bool:
 def _check_state_tensor(path: str, name: Any, t: Any, torch: Any) -> None:
     """A state dict entry is a dense, real tensor: a nested dict, a sparse or a complex
     tensor would otherwise fail deep inside, or be dropped as if it were a counter."""
+    if not isinstance(name, str):
+        raise FormatError(f"{path}: key {name!r} is not a name (expected a state dict)")
     if not isinstance(t, torch.Tensor):
         raise FormatError(
             f"{path}: {name!r} holds a {type(t).__name__}, not a tensor (expected a state "
             "dict: names to tensors)"
         )
+    if t.is_meta:
+        raise FormatError(f"{path}: {name!r} is on the meta device: it holds no values")
     if t.layout != torch.strided:
         raise FormatError(f"{path}: {name!r} is a {t.layout} tensor; only dense ones are read")
     if t.is_complex():
@@ -214,6 +245,9 @@ class TorchTarget:
         t = self.tensors.get(name)
         if t is None:
             return None
+        kind = _without_values(t)
+        if kind:
+            raise InvalidArgumentError(f"{name}: {kind} cannot be patched")
         return _label(t), tuple(t.shape)
 
     def span(self, name: str) -> tuple[int, int]:

@@ -42,6 +42,7 @@ from .. import _core
 from ..errors import FormatError, MismatchError
 from .atomic import PathLike, _fsync_dir, _pid_alive
 from .direct import DirectWriter
+from .inputs import open_input
 from .ranged import pwrite_all
 
 __all__ = [
@@ -340,12 +341,9 @@ def model_lock(model: PathLike) -> Iterator[None]:
     recovery. Another holder makes this raise ``BlockingIOError`` naming the model at
     once, never wait. A no-op where files cannot be locked (no ``fcntl``, or a file
     system that refuses ``flock``), as :func:`~robustpatch._io.atomic.commit_all`'s lock."""
-    fd = os.open(model, os.O_RDONLY)
-    try:
-        _lock_or_refuse(fd, model)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    with open_input(model) as f:  # a FIFO or device is refused (opening one could block)
+        _lock_or_refuse(f.fileno(), model)
+        yield  # closing the file releases the lock
 
 
 def _lock_or_refuse(fd: int, model: PathLike) -> None:

@@ -141,12 +141,15 @@ def fraction_arg(text: str) -> float:
 
 def layer_arg(text: str) -> str:
     """A ``--layers`` value: a keyword, a count, or a regex that compiles."""
+    from ..errors import SelectionError
+    from ..selection import compile_layer_pattern
+
     if text in ("auto", "all") or text.isdigit():
         return text
     try:
-        re.compile(text)
-    except re.error as e:
-        raise argparse.ArgumentTypeError(f"invalid regex {text!r}: {e}") from None
+        compile_layer_pattern(text)
+    except SelectionError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("layers: ")) from None
     return text
 
 
