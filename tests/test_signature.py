@@ -155,6 +155,8 @@ def test_extract_refuses_mismatched_checkpoints(models):
         extract(pre, clean, bad)
     with pytest.raises(ValueError, match="not in the robust"):
         extract(pre, clean, {k: v for k, v in robust.items() if k != "fc.bias"})
+    with pytest.raises(MismatchError, match="'fc.bias' is in the robust model but not in the"):
+        extract(pre, {k: v for k, v in clean.items() if k != "fc.bias"}, robust)
 
 
 def test_extract_refuses_a_pretrained_tensor_of_another_dtype_or_shape(models):

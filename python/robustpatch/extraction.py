@@ -154,7 +154,19 @@ def _candidates(trio: _Trio, order: Sequence[str] | None) -> list[str]:
             raise MismatchError(f"tensor {n!r} is in the clean model but not in the robust one")
         if rs != cs:
             raise MismatchError(f"{n}: clean {cs} and robust {rs} differ in dtype or shape")
+    _check_robust_only(trio, set(names))
     return names
+
+
+def _check_robust_only(trio: _Trio, clean_floats: set[str]) -> None:
+    """A float tensor of the robust model that the clean one lacks (or holds as another
+    kind) is refused, as the reverse is: it was left out of the signature silently."""
+    for n in trio.robust.names:
+        if trio.robust.is_float(n) and n not in clean_floats:
+            cs, rs = trio.clean.spec(n), trio.robust.spec(n)
+            if cs is None:
+                raise MismatchError(f"tensor {n!r} is in the robust model but not in the clean one")
+            raise MismatchError(f"{n}: clean {cs} and robust {rs} differ in dtype or shape")
 
 
 def _unit_energies(trio: _Trio, units: list[list[str]], bn: set[str], progress) -> list[float]:
