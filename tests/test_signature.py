@@ -631,6 +631,19 @@ def test_a_signature_that_no_file_could_hold_is_refused_when_built(kwargs, match
         Signature.from_deltas(**kwargs)
 
 
+def test_remove_refuses_a_tensor_changed_since_the_patch_and_changes_nothing():
+    """Restoring a tensor reloaded after the patch would mix the record's originals
+    into its new values (remove reported success)."""
+    rng = np.random.default_rng(3)
+    model = {"w": rng.normal(size=(32, 32)).astype(np.float32)}
+    undo = apply(model, Signature.from_deltas({"w": np.full((32, 32), 0.01, np.float32)}))
+    model["w"][...] = rng.normal(size=(32, 32)).astype(np.float32)  # reloaded in place
+    reloaded = model["w"].copy()
+    with pytest.raises(MismatchError, match="w: changed since the patch"):
+        remove(model, undo)
+    assert np.array_equal(model["w"], reloaded) and not undo.removed
+
+
 def test_views_that_overlap_are_refused_as_tied_weights():
     """Two names whose arrays share some bytes: the second patch would add to the first
     and no record restores the overlap, so both are refused; views side by side are not."""

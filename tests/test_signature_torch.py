@@ -246,3 +246,17 @@ def test_tensors_without_dense_values_are_refused_by_name(tmp_path):
         torch.save(bad, tmp_path / name)
         with pytest.raises(FormatError, match=f"{name}: .*{match}"):
             rp.extract(tmp_path / "pre.pt", tmp_path / "pre.pt", tmp_path / name, layers="all")
+
+
+def test_remove_refuses_a_module_reloaded_since_the_patch():
+    from robustpatch.errors import MismatchError
+    from robustpatch.signature import Signature
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(64, 64)
+    undo = apply(m, Signature.from_deltas({"weight": np.full((64, 64), 0.01, np.float32)}))
+    m.load_state_dict(torch.nn.Linear(64, 64).state_dict())
+    reloaded = m.weight.detach().clone()
+    with pytest.raises(MismatchError, match="weight: changed since the patch"):
+        remove(m, undo)
+    assert torch.equal(m.weight.detach(), reloaded)

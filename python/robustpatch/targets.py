@@ -152,6 +152,10 @@ class NumpyTarget:
         a = self.arrays[name]
         a[...] = snap.reshape(a.shape)
 
+    def sample(self, name: str, positions: np.ndarray) -> bytes:
+        """The bytes of the elements at ``positions`` (flat indices)."""
+        return self.arrays[name].reshape(-1)[positions].tobytes()
+
     def read_values(self, name: str) -> np.ndarray:
         a = self._array(name)
         if label_of(a) == "BF16":
@@ -356,6 +360,8 @@ class Undo:
     bn: dict[str, Any] = field(default_factory=dict)
     specs: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     removed: bool = False
+    # per patched tensor: a spread of element positions and their bytes once patched
+    witness: dict[str, tuple[np.ndarray, bytes]] = field(default_factory=dict)
 
     def keep_delta(self, name: str, record: Any) -> None:
         self.records[name] = record
@@ -407,7 +413,31 @@ def apply(
     plan, tgt = _checked(target, sigs, alphas, opts.force)
     undo = Undo(plan, specs={n: tgt.spec(n) for n in plan.names})
     _patch_or_roll_back(tgt, undo, opts.allow_nonfinite)
+    for name, (_, shape) in undo.specs.items():
+        at = _witness_positions(math.prod(shape))
+        undo.witness[name] = (at, tgt.sample(name, at))
     return undo
+
+
+#: Elements per tensor whose patched bytes :func:`remove` checks before it restores.
+WITNESSES = 64
+
+
+def _witness_positions(numel: int) -> np.ndarray:
+    """``WITNESSES`` flat positions spread over a tensor, first and last included."""
+    return np.unique(np.linspace(0, max(numel - 1, 0), min(WITNESSES, numel), dtype=np.int64))
+
+
+def _check_unchanged(tgt: Any, undo: Undo) -> None:
+    """Refuse a removal from a tensor changed since the patch (reloaded, trained on):
+    restoring it would mix record originals into new values. A spread of its elements
+    must still hold the bytes the patch left (a change to a few elements only can pass)."""
+    for name, (at, patched) in undo.witness.items():
+        if tgt.sample(name, at) != patched:
+            raise MismatchError(
+                f"{name}: changed since the patch (its values are not the ones apply left); "
+                "remove would not restore the original, so nothing was changed"
+            )
 
 
 def _checked(target: Any, sigs: Any, alphas: Alphas, force: bool) -> tuple[Plan, Target]:
@@ -452,8 +482,9 @@ def remove(target: Any, undo: Undo) -> dict[str, int]:
     """Undo :func:`apply` on the same target: restores every touched tensor bit for bit.
 
     Returns counts: tensors restored, BN buffers restored, elements corrected from the
-    record. Refuses a target whose touched tensors changed name, shape or dtype, and an
-    undo record that was already used.
+    record. Refuses, changing nothing, a target whose touched tensors changed name,
+    shape or dtype, or values since the patch (checked on :data:`WITNESSES` elements
+    spread over each tensor), and an undo record that was already used.
     """
     if undo.removed:
         raise InvalidArgumentError("this undo record was already used")
@@ -463,6 +494,7 @@ def remove(target: Any, undo: Undo) -> dict[str, int]:
         if found is None or (found[0], tuple(found[1])) != (spec[0], tuple(spec[1])):
             raise MismatchError(f"{name}: the target does not match the undo record ({found})")
         tgt.check_writable(name)
+    _check_unchanged(tgt, undo)
     corrected = restore_target(tgt, undo.plan, undo)
     undo.removed = True
     return {"tensors": len(undo.records), "bn_buffers": len(undo.bn), "corrected": corrected}

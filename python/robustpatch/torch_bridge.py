@@ -340,6 +340,13 @@ class TorchTarget:
         with torch.no_grad():
             self.tensors[name].detach().copy_(snap)
 
+    def sample(self, name: str, positions: np.ndarray) -> bytes:
+        """The bytes of the elements at ``positions`` (flat indices)."""
+        torch = _torch()
+        t = self.tensors[name].detach().reshape(-1)
+        picked = t[torch.from_numpy(positions).to(t.device)].cpu()
+        return picked.view(torch.uint8).numpy().tobytes()
+
     def read_values(self, name: str) -> np.ndarray:
         return self.tensors[name].detach().double().cpu().numpy()
 
