@@ -260,3 +260,33 @@ def test_remove_refuses_a_module_reloaded_since_the_patch():
     with pytest.raises(MismatchError, match="weight: changed since the patch"):
         remove(m, undo)
     assert torch.equal(m.weight.detach(), reloaded)
+
+
+def test_a_signature_from_a_module_with_tied_weights_patches_it_back():
+    """One tensor under two names (an output head tied to the embedding) is extracted
+    once, under the first name, and the signature applies to the module it came from
+    (it was refused as patching one storage twice)."""
+
+    def net() -> torch.nn.Module:
+        m = torch.nn.Sequential()
+        m.emb = torch.nn.Embedding(10, 8)
+        m.mid = torch.nn.Linear(8, 8)
+        m.head = torch.nn.Linear(8, 10, bias=False)
+        m.head.weight = m.emb.weight
+        return m
+
+    torch.manual_seed(0)
+    pre, clean, robust = net(), net(), net()
+    with torch.no_grad():
+        for m, scale in ((clean, 0.01), (robust, 0.05)):
+            m.load_state_dict(pre.state_dict())
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * scale)
+    sig = extract(pre, clean, robust, layers="all")
+    assert "head.weight" not in sig and sig.meta["tied"] == {"head.weight": "emb.weight"}
+    before = {k: v.clone() for k, v in clean.state_dict().items()}
+    undo = apply(clean, sig)
+    assert torch.equal(clean.head.weight, clean.emb.weight)
+    assert not torch.equal(clean.emb.weight, before["emb.weight"])
+    remove(clean, undo)
+    assert all(torch.equal(v, before[k]) for k, v in clean.state_dict().items())

@@ -522,6 +522,8 @@ def _meta(plan: _Plan, tally: _Tally, provenance, effect) -> dict[str, Any]:
         },
         "provenance": dict(provenance or {}),
     }
+    if trio.clean.tied:  # patching the name kept patches its twins too
+        meta["tied"] = dict(trio.clean.tied)
     if plan.method == "difference":
         meta["dropped"] = _dropped(trio, plan.names, set(plan.chosen), plan.tick)
     if effect:

@@ -29,7 +29,8 @@ class Source:
     """A checkpoint read lazily: names in depth order, float tensors as numpy arrays.
 
     ``buffers``: names known to be buffers (a torch module's), beside those
-    :func:`is_buffer` recognises by name.
+    :func:`is_buffer` recognises by name. ``tied``: names left out because their
+    tensor is another name's (tied weights), each to the name kept.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class Source:
         self.bn = bn
         self.where = where
         self.buffers = set(buffers or ()) | bn
+        self.tied: dict[str, str] = {}
 
     def is_buffer(self, name: str) -> bool:
         """True for state that is not a weight (never a layer, not a parameter)."""
@@ -67,6 +69,23 @@ class Source:
         return total
 
 
+def _untied(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays without the names whose array is an earlier name's memory (tied
+    weights: one tensor under two names, which a patch may touch once), and those
+    names, each to the name kept."""
+    kept: dict[str, np.ndarray] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple[int, int, str, tuple[int, ...]], str] = {}
+    for name, a in arrays.items():
+        key = (a.__array_interface__["data"][0], a.nbytes, a.dtype.str, a.shape)
+        if a.size and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen.setdefault(key, name)
+        kept[name] = a
+    return kept, tied
+
+
 class DictSource(Source):
     """A mapping name → numpy array (non-float arrays are ignored).
 
@@ -86,10 +105,11 @@ class DictSource(Source):
         bad = next((k for k in arrays if not isinstance(k, str)), None)
         if bad is not None:
             raise InvalidArgumentError(f"{where or 'checkpoint'}: key {bad!r} is not a name")
-        self.arrays = {k: v for k, v in arrays.items() if _is_float_array(v)}
+        self.arrays, tied = _untied({k: v for k, v in arrays.items() if _is_float_array(v)})
         names = list(self.arrays) if ordered else sorted(self.arrays, key=depth_key)
         bn_names = set(bn or ()) | {k for k in names if is_bn_stat(k)}
         super().__init__(names, bn_names, where, buffers)
+        self.tied = tied
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         a = self.arrays.get(name)
