@@ -599,3 +599,15 @@ def test_layer_regex_flags_apply_to_the_whole_name(d, capsys):
     lower = run(capsys, "extract", *models, "-o", d / "l.rws", "--layers", "conv1", "--json")
     assert upper[0] == 0 and lower[0] == 0, upper[2]
     assert json.loads(upper[1])["entries"] == json.loads(lower[1])["entries"] > 0
+
+
+def test_provenance_values_stay_strict_json(d, capsys):
+    """``--provenance a=NaN`` is kept as text: a float NaN in the header made the
+    signature's metadata, and ``inspect --json``, invalid JSON for other readers."""
+    models = [d / f"{n}.safetensors" for n in ("pre", "clean", "robust")]
+    argv = ["extract", *models, "-o", d / "p.rws", "--layers", "all"]
+    argv += ["--provenance", "a=NaN", "--provenance", "b=[1, Infinity]", "--provenance", "c=0.5"]
+    assert run(capsys, *argv)[0] == 0
+    code, out, _ = run(capsys, "inspect", d / "p.rws", "--json")
+    strict = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in inspect --json"))
+    assert code == 0 and strict["provenance"] == {"a": "NaN", "b": "[1, Infinity]", "c": 0.5}

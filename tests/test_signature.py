@@ -13,8 +13,14 @@ from hypothesis import strategies as st
 import robustpatch as rp
 from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.dtypes import narrow, widen
-from robustpatch.errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError
-from robustpatch.extraction import extract
+from robustpatch.errors import (
+    FormatError,
+    InvalidArgumentError,
+    MismatchError,
+    NonFiniteError,
+    SelectionError,
+)
+from robustpatch.extraction import extract, extract_to
 from robustpatch.signature import (
     Signature,
     combine,
@@ -642,6 +648,24 @@ def test_remove_refuses_a_tensor_changed_since_the_patch_and_changes_nothing():
     with pytest.raises(MismatchError, match="w: changed since the patch"):
         remove(model, undo)
     assert np.array_equal(model["w"], reloaded) and not undo.removed
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"name": ["x"]}, InvalidArgumentError),
+        ({"layers": 3.5}, SelectionError),
+        ({"layers": None}, SelectionError),
+        ({"layers": True}, SelectionError),
+    ],
+)
+def test_extract_refuses_options_of_the_wrong_type(models, tmp_path, kwargs, error):
+    pre, clean, robust = models
+    with pytest.raises(error):
+        extract(pre, clean, robust, **kwargs)
+    with pytest.raises(error):
+        extract_to(tmp_path / "s.rws", pre, clean, robust, **kwargs)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_views_that_overlap_are_refused_as_tied_weights():

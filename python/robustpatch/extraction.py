@@ -393,6 +393,8 @@ def extract_to(
     call = inspect.signature(extract).bind(pretrained, clean, robust, layers, **options)
     call.apply_defaults()
     a = call.arguments
+    if not isinstance(a["name"], str):
+        raise InvalidArgumentError(f"name must be a string, got {a['name']!r}")
     plan = _plan(
         pretrained,
         clean,

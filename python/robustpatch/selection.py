@@ -222,6 +222,10 @@ def choose_layers(
         if layers < 1:
             raise SelectionError(f"layers must be at least 1, got {layers}")
         return _leading(units, params, min(int(layers), len(units)), mode="count")
+    if not isinstance(layers, (str, list, tuple, set, frozenset)):
+        raise SelectionError(
+            f"layers: expected 'auto', 'all', a count, a regex or a list of them, got {layers!r}"
+        )
     patterns = [layers] if isinstance(layers, str) else list(layers)
     chosen = _select_pattern(names, patterns)
     touched = sum(any(n in chosen for n in u) for u in units)

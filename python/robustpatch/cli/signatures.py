@@ -38,10 +38,16 @@ def _kv(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise InvalidArgumentError(f"expected KEY=VALUE, got {item!r}")
         try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
+            out[key] = json.loads(value, parse_constant=_not_strict_json)
+        except ValueError:  # not JSON (or NaN/Infinity in it): kept as the text given
             out[key] = value
     return out
+
+
+def _not_strict_json(constant: str) -> Any:
+    """NaN and Infinity are JSON to Python only: in the metadata, they would make the
+    signature's header, and ``inspect --json``, invalid JSON elsewhere."""
+    raise ValueError(constant)
 
 
 def _layer_kwargs(args: Any) -> dict[str, Any]:

@@ -110,6 +110,8 @@ class Signature(_Linear):
             if e.name in self.entries:
                 raise InvalidArgumentError(f"duplicate entry {e.name!r}")
             self.entries[e.name] = e
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"a signature's name must be a string, got {name!r}")
         self.name = name
         self.meta: dict[str, Any] = dict(meta or {})
         self.weight = validate.alpha(weight, "weight")
