@@ -358,3 +358,17 @@ def test_a_dense_task_vector_is_streamed_shard_by_shard(tmp_path):
     base = child_peak_mib(MEMORY_CHILD, "baseline")
     peak = child_peak_mib(MEMORY_CHILD, "apply", dir=str(tmp_path))
     assert peak - base < sig_mib / 2, (peak, base, sig_mib)
+
+
+def test_inspect_describes_a_sharded_checkpoint_by_its_index_or_folder(ckpt, capsys):
+    d, tensors, sig = ckpt
+    rp.apply_file(d / "base", [d / "fog.rws"], 0.5, d / "out")
+    for path in (d / "out", d / "out" / INDEX):
+        assert main(["inspect", str(path), "--json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["kind"] == "model" and rep["shards"] == 3 and rep["tensors"] == len(tensors)
+        assert rep["applied"] == [{"name": "fog", "hash": sig.content_hash, "alpha": 0.5}]
+        assert rep["undo"] == str(d / "out" / RECORD_NAME)
+    assert main(["inspect", str(d / "base")]) == 0
+    out = capsys.readouterr().out
+    assert "6 tensors (6 F32) in 3 shards" in out and "no robustpatch signatures" in out

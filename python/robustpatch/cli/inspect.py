@@ -95,6 +95,34 @@ def model_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def sharded_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`model_report` for a sharded checkpoint (its index or its folder): every
+    shard's tensors, the signatures applied (from the index), the folder's undo record."""
+    from .._format.shards import load_index
+    from ..sharded import APPLIED_KEY, RECORD_NAME
+
+    index = load_index(path)
+    dtypes: dict[str, int] = {}
+    for h in index.headers.values():
+        for t in h.tensors:
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    applied = index.metadata.get(APPLIED_KEY, [])
+    if not isinstance(applied, list) or not all(isinstance(a, dict) for a in applied):
+        raise FormatError(f"{index.path}: {APPLIED_KEY} is not a list of {{name, hash, alpha}}")
+    record = index.folder / RECORD_NAME
+    return {
+        "file": str(index.path),
+        "kind": "model",
+        "shards": len(index.shards),
+        "bytes": sum(h.file_size for h in index.headers.values()),
+        "tensors": sum(dtypes.values()),
+        "dtypes": dtypes,
+        "applied": applied,
+        "undo": str(record) if record.exists() else None,
+        "metadata": {k: v for k, v in index.metadata.items() if k != APPLIED_KEY},
+    }
+
+
 def undo_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``inspect`` shows about an undo record."""
     from pathlib import Path
@@ -110,11 +138,15 @@ def undo_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def inspect_report(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Dispatch on what the file holds (signature, undo record or model)."""
+    """Dispatch on what the file holds (signature, undo record or model; a sharded
+    checkpoint by its index or its folder)."""
     from .._format.safetensors import read_header
+    from .._format.shards import is_sharded
     from ..files import UNDO_KEY
     from ..signature import META_KEY
 
+    if is_sharded(path):
+        return sharded_report(path)
     meta = read_header(path).metadata
     if META_KEY in meta:
         return signature_report(path)
@@ -176,7 +208,10 @@ def _print_signature(rep: dict[str, Any]) -> None:
 
 def _print_model(rep: dict[str, Any]) -> None:
     dt = ", ".join(f"{n} {d}" for d, n in sorted(rep["dtypes"].items()))
-    print(f"{rep['file']}: model, {rep['tensors']} tensors ({dt}), {fmt_bytes(rep['bytes'])}")
+    shards = f" in {rep['shards']} shards" if "shards" in rep else ""
+    print(
+        f"{rep['file']}: model, {rep['tensors']} tensors ({dt}){shards}, {fmt_bytes(rep['bytes'])}"
+    )
     if not rep["applied"]:
         print("no robustpatch signatures applied")
     for a in rep["applied"]:
@@ -209,4 +244,6 @@ def run_inspect(args: Any) -> None:
 
 
 def inspect_arguments(p: Any) -> None:
-    p.add_argument("file", help="signature, model or .rpundo file")
+    p.add_argument(
+        "file", help="signature, model or .rpundo file; a sharded model by its index or folder"
+    )
