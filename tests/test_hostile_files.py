@@ -988,6 +988,15 @@ def test_the_grep_would_catch_a_torch_load_without_weights_only():
 
 
 @pytest.mark.torch
+def _save_trio_pt(folder: Path, torch) -> dict[str, Path]:
+    """The pretrained, clean and robust models of ``trio(0)`` as .pt state dicts."""
+    paths = {}
+    for name, m in zip(("pre", "clean", "robust"), trio(0)):
+        paths[name] = folder / f"{name}.pt"
+        torch.save({k: torch.from_numpy(v.copy()) for k, v in m.items()}, paths[name])
+    return paths
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -1000,13 +1009,9 @@ def test_the_grep_would_catch_a_torch_load_without_weights_only():
 )
 def test_a_damaged_or_odd_pt_checkpoint_is_a_one_line_error(tmp_path, capsys, case, message):
     torch = pytest.importorskip("torch")
-    pre, clean, robust = trio(0)
-    paths = {}
-    for name, m in (("pre", pre), ("clean", clean), ("robust", robust)):
-        paths[name] = tmp_path / f"{name}.pt"
-        torch.save({k: torch.from_numpy(v.copy()) for k, v in m.items()}, paths[name])
+    paths = _save_trio_pt(tmp_path, torch)
     odd = tmp_path / "odd.pt"
-    state = {k: torch.from_numpy(v.copy()) for k, v in robust.items()}
+    state = torch.load(paths["robust"], weights_only=True)
     if case == "truncated":
         odd.write_bytes(paths["robust"].read_bytes()[:-300])
     elif case == "garbage":
@@ -1039,11 +1044,7 @@ def test_a_pt_checkpoint_is_read_with_weights_only(tmp_path, capsys):
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    pre, clean, robust = trio(0)
-    ckpts = {}
-    for name, m in (("pre", pre), ("clean", clean), ("robust", robust)):
-        ckpts[name] = tmp_path / f"{name}.pt"
-        torch.save({k: torch.from_numpy(v.copy()) for k, v in m.items()}, ckpts[name])
+    ckpts = _save_trio_pt(tmp_path, torch)
     evil = tmp_path / "evil.pt"
     torch.save({"conv1.weight": torch.zeros(2), "x": Evil()}, evil)
 
