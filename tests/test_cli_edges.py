@@ -611,3 +611,11 @@ def test_provenance_values_stay_strict_json(d, capsys):
     code, out, _ = run(capsys, "inspect", d / "p.rws", "--json")
     strict = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in inspect --json"))
     assert code == 0 and strict["provenance"] == {"a": "NaN", "b": "[1, Infinity]", "c": 0.5}
+
+
+def test_a_pt_checkpoint_without_torch_names_the_extra(d, capsys, monkeypatch):
+    """Without torch installed, a .pt input is a one-line error saying how to get it."""
+    (d / "m.pt").write_bytes(b"whatever it holds")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    argv = ["extract", d / "pre.safetensors", d / "clean.safetensors", d / "m.pt", "-o", d / "x"]
+    assert "pip install 'robustpatch[torch]'" in one_line_error(capsys, *argv)

@@ -121,8 +121,14 @@ def load_torch_file(path: str) -> dict[str, Any]:
     mapping of names to dense real tensors (FormatError naming what else it holds)."""
     from ._io.inputs import open_input
 
-    torch = _torch()
     with open_input(path) as f:  # a FIFO or device is refused, not read until it ends
+        try:
+            torch = _torch()
+        except ImportError as e:
+            raise InvalidArgumentError(
+                f"{path}: reading a torch checkpoint needs torch: pip install "
+                f"'robustpatch[torch]' ({e})"
+            ) from None
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch reports a damaged file many ways
