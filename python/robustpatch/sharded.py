@@ -167,16 +167,21 @@ def _sig_paths(sigs: Any) -> list[Path]:
     return [Path(s) for s in many if isinstance(s, (str, os.PathLike))]
 
 
-def _patched_index(index: ShardedIndex, pairs: list[tuple[Signature, float]]) -> bytes:
-    """The source index with the applied signatures added to its metadata."""
-    doc = json.loads(index.raw)
-    meta = dict(doc.get("metadata") or {})
-    applied = meta.get(APPLIED_KEY, [])
+def applied_in_index(index: ShardedIndex) -> list[dict[str, Any]]:
+    """The signatures a sharded checkpoint's index says were applied (empty if none)."""
+    applied = index.metadata.get(APPLIED_KEY, [])
     if not isinstance(applied, list) or not all(isinstance(a, dict) for a in applied):
         raise FormatError(
             f"{index.path}: metadata {APPLIED_KEY} is not a list of {{name, hash, alpha}}"
         )
-    meta[APPLIED_KEY] = applied + [
+    return applied
+
+
+def _patched_index(index: ShardedIndex, pairs: list[tuple[Signature, float]]) -> bytes:
+    """The source index with the applied signatures added to its metadata."""
+    doc = json.loads(index.raw)
+    meta = dict(doc.get("metadata") or {})
+    meta[APPLIED_KEY] = applied_in_index(index) + [
         {"name": s.name, "hash": s.content_hash, "alpha": a} for s, a in pairs
     ]
     doc["metadata"] = meta

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import FormatError
@@ -79,9 +80,7 @@ def model_report(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"'robustpatch recover {path}' first"
         )
     h = read_header(path)
-    dtypes: dict[str, int] = {}
-    for t in h.tensors:
-        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    dtypes = _dtype_counts(h.tensors)
     undo = undo_path_for(path)
     return {
         "file": str(path),
@@ -95,20 +94,23 @@ def model_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def _dtype_counts(tensors: Iterable[Any]) -> dict[str, int]:
+    """How many of ``tensors`` (header entries) there are of each dtype."""
+    counts: dict[str, int] = {}
+    for t in tensors:
+        counts[t.dtype] = counts.get(t.dtype, 0) + 1
+    return counts
+
+
 def sharded_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """:func:`model_report` for a sharded checkpoint (its index or its folder): every
     shard's tensors, the signatures applied (from the index), the folder's undo record."""
     from .._format.shards import load_index
-    from ..sharded import APPLIED_KEY, RECORD_NAME
+    from ..sharded import APPLIED_KEY, RECORD_NAME, applied_in_index
 
     index = load_index(path)
-    dtypes: dict[str, int] = {}
-    for h in index.headers.values():
-        for t in h.tensors:
-            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
-    applied = index.metadata.get(APPLIED_KEY, [])
-    if not isinstance(applied, list) or not all(isinstance(a, dict) for a in applied):
-        raise FormatError(f"{index.path}: {APPLIED_KEY} is not a list of {{name, hash, alpha}}")
+    dtypes = _dtype_counts(t for h in index.headers.values() for t in h.tensors)
+    applied = applied_in_index(index)
     record = index.folder / RECORD_NAME
     return {
         "file": str(index.path),
