@@ -291,11 +291,12 @@ unsafe fn step_held<T: Lanes, const NE: bool>(
 /// A tile's record test results, appended in one pass after the tile: most
 /// steps flag no lane (at 2% of elements flagged, 70% of the steps), and a
 /// loop over the flagged steps alone (a bit scan, no per-step branch) skips
-/// their compresses and their stores across cache lines.
+/// their compresses and their stores across cache lines. Which steps flagged a
+/// lane is found after the tile from the flags, 32 steps per vector test: a bit
+/// set per step in the loop chained every step through one word in memory.
 struct Held<T: Lanes> {
     flags: [u16; TILE / 16],
     lanes: [T::Raw; TILE / 16],
-    steps: [u64; TILE / 16 / 64],
 }
 
 impl<T: Lanes> Held<T> {
@@ -309,17 +310,24 @@ impl<T: Lanes> Held<T> {
     unsafe fn keep(&mut self, k: usize, flags: u16, w: T::Raw) {
         *self.flags.get_unchecked_mut(k) = flags;
         *self.lanes.get_unchecked_mut(k) = w;
-        *self.steps.get_unchecked_mut(k / 64) |= ((flags != 0) as u64) << (k % 64);
     }
 
-    /// Append the flagged lanes of the tile whose first element is `first`, in
-    /// order, and clear for the next tile. The caller made room for the tile.
+    /// Append the flagged lanes of the first `steps` steps, kept for the tile
+    /// whose first element is `first`, in order. The caller made room for the tile.
     #[inline(always)]
-    unsafe fn append_to<const VBMI2: bool>(&mut self, rec: &mut Appender<T::Bits>, first: usize) {
-        for word in 0..self.steps.len() {
-            let mut bits = std::mem::take(self.steps.get_unchecked_mut(word));
+    unsafe fn append_to<const VBMI2: bool>(
+        &mut self,
+        rec: &mut Appender<T::Bits>,
+        first: usize,
+        steps: usize,
+    ) {
+        debug_assert!(steps <= TILE / 16);
+        for word in (0..steps).step_by(32) {
+            let flags = _mm512_loadu_si512(self.flags.as_ptr().add(word) as *const __m512i);
+            let live = u32::MAX >> (32 - (steps - word).min(32));
+            let mut bits = _mm512_test_epi16_mask(flags, flags) & live;
             while bits != 0 {
-                let k = word * 64 + bits.trailing_zeros() as usize;
+                let k = word + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 let (flags, w) = (*self.flags.get_unchecked(k), *self.lanes.get_unchecked(k));
                 rec.push::<T, VBMI2>(flags, w, first + 16 * k);
@@ -526,7 +534,7 @@ unsafe fn add_tile_as<T: Lanes, const VBMI2: bool, const NE: bool>(
                     let d = _mm512_loadu_ps(a.add(i));
                     over += step_held::<T, NE>(t.add(i), d, &mut held, k);
                 }
-                held.append_to::<VBMI2>(&mut rec, start);
+                held.append_to::<VBMI2>(&mut rec, start, full / 16);
             } else {
                 for i in (0..full).step_by(16) {
                     let d = _mm512_loadu_ps(a.add(i));
@@ -780,7 +788,7 @@ unsafe fn fused_as<T: Lanes, const VBMI2: bool, const NE: bool, const N: usize>(
                         let d = sum_at::<VBMI2, N>(&mut sigs, base + i);
                         over += step_held::<T, NE>(t.add(i), d, &mut held, k);
                     }
-                    held.append_to::<VBMI2>(&mut rec, base + tile);
+                    held.append_to::<VBMI2>(&mut rec, base + tile, (end - tile) / 16);
                     continue;
                 }
                 for i in (tile..end).step_by(16) {
