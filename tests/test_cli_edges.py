@@ -185,7 +185,24 @@ def test_demo_checks_the_device_before_creating_its_folder(tmp_path, capsys, mon
     for device, message in [("cuda", "torch.cuda.is_available() is False"), ("tpu", "cpu, cuda")]:
         line = usage_error(capsys, "demo", "--device", device, "--out", tmp_path / "r")
         assert message in line and not (tmp_path / "r").exists()
-    assert build_parser().parse_args(["demo", "--device", "cpu"]).device == "cpu"
+    for device in ("cpu", "cpu:0"):  # a CPU index is no CUDA device
+        assert build_parser().parse_args(["demo", "--device", device]).device == device
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--group", "64"], "--group"),
+        (["--scheme", "symmetric", "--granularity", "channel"], "--scheme, --granularity"),
+    ],
+)
+def test_extract_refuses_quantization_options_without_bits(d, capsys, options, named):
+    # they were ignored silently: the signature came out dense
+    before = listing(d)
+    m = d / "clean.safetensors"
+    line = one_line_error(capsys, "extract", "-", m, m, "-o", d / "x.rws", *options)
+    assert f"{named} only applies with --bits" in line
+    assert listing(d) == before
 
 
 # ---------------------------------------------------------------------------- finding 4

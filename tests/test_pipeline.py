@@ -112,6 +112,7 @@ def test_yaml_and_json_manifests_give_the_same_jobs(tmp_path):
             "writes .*m1.safetensors, an input of the run",
         ),
         (lambda m: m["grid"].update(alphas=[0.5, 0.50]), "both write"),
+        (lambda m: m["grid"].update(alphas=[float("nan")]), "job m0/fog/nan: alpha nan is not"),
         (
             lambda m: m.update(
                 jobs=[{"base": "m0.safetensors", "signatures": "fog.rws", "output": "fleet.json"}]

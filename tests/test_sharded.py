@@ -372,3 +372,24 @@ def test_inspect_describes_a_sharded_checkpoint_by_its_index_or_folder(ckpt, cap
     assert main(["inspect", str(d / "base")]) == 0
     out = capsys.readouterr().out
     assert "6 tensors (6 F32) in 3 shards" in out and "no robustpatch signatures" in out
+
+
+def test_inspect_describes_a_sharded_checkpoints_undo_record(ckpt, capsys):
+    # it said "not a safetensors file"
+    d, _, sig = ckpt
+    rp.apply_file(d / "base", [d / "fog.rws"], 0.5, d / "out")
+    record = d / "out" / RECORD_NAME
+    assert main(["inspect", str(record), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["kind"] == "undo" and rep["index"] == str(d / "out" / INDEX)
+    assert rep["shards"] == 3 and 0 < rep["patched_shards"] <= 3
+    assert [(s["name"], s["hash"], s["alpha"]) for s in rep["signatures"]] == [
+        ("fog", sig.content_hash, 0.5)
+    ]
+    assert main(["inspect", str(record)]) == 0
+    assert f"undo record of {d / 'out' / INDEX}" in capsys.readouterr().out
+    index = json.loads((d / "out" / INDEX).read_text())
+    index["metadata"]["note"] = "edited"
+    (d / "out" / INDEX).write_text(json.dumps(index))
+    assert main(["inspect", str(record)]) == 1
+    assert "the index changed since it was patched" in capsys.readouterr().err

@@ -44,7 +44,7 @@ from ._format.safetensors import Header
 from ._format.shards import INDEX_SUFFIX, RECORD_NAME, ShardedIndex, is_sharded, load_index
 from ._format.undo import undo_path_for
 from ._io.atomic import _fsync_dir, remove_stale
-from .errors import FormatError, InvalidArgumentError, MismatchError
+from .errors import FormatError, InvalidArgumentError, MismatchError, shown
 from .signature import Signature
 from .signature.algebra import terms
 from .signature.streamed import StreamedSignature, open_signature
@@ -285,8 +285,28 @@ def remove_sharded(
     return FileReport(out, None, tensors, bn, written, 0)
 
 
+def load_folder_record(path: str | os.PathLike[str]) -> tuple[dict[str, Any], ShardedIndex]:
+    """A sharded checkpoint's undo record (its :data:`RECORD_NAME`) and the index of its
+    folder that it names, checked against each other as a removal checks them."""
+    path = Path(path)
+    doc = _read_record(path)
+    named = doc.get("index")
+    if not isinstance(named, str) or not named.endswith(INDEX_SUFFIX) or "/" in named:
+        raise FormatError(f"{path}: bad undo record: it names no index ({shown(named)})")
+    index = load_index(path.parent / named)
+    _check_record(path, doc, index)
+    return doc, index
+
+
 def _load_record(path: Path, index: ShardedIndex) -> dict[str, Any]:
     """The folder's undo record, checked against the patched index it was written with."""
+    doc = _read_record(path)
+    _check_record(path, doc, index)
+    return doc
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """The folder's undo record, checked in itself."""
     if not path.exists():
         raise FileNotFoundError(
             errno.ENOENT, "no undo record (was it written with undo=False?)", os.fspath(path)
@@ -303,15 +323,20 @@ def _load_record(path: Path, index: ShardedIndex) -> dict[str, Any]:
     shards, source = doc.get("shards"), doc.get("source_index")
     if not isinstance(shards, dict) or not isinstance(source, str):
         raise FormatError(f"{where}: 'shards' or 'source_index' missing")
-    if doc.get("index") != index.path.name:
-        raise FormatError(f"{where}: it was written for index {doc.get('index')!r}")
-    if hashlib.sha256(index.raw).hexdigest() != doc.get("patched_index_sha256"):
-        raise MismatchError(f"{index.path}: the index changed since it was patched")
-    if set(shards) != set(index.shards):
-        raise FormatError(f"{where}: its shards are not the index's")
     for shard, entry in shards.items():
         _check_entry(shard, entry, where)
     return doc
+
+
+def _check_record(path: Path, doc: dict[str, Any], index: ShardedIndex) -> None:
+    """Whether ``doc`` was written with the patched ``index``."""
+    where = f"{path}: bad undo record"
+    if doc.get("index") != index.path.name:
+        raise FormatError(f"{where}: it was written for index {shown(doc.get('index'))}")
+    if hashlib.sha256(index.raw).hexdigest() != doc.get("patched_index_sha256"):
+        raise MismatchError(f"{index.path}: the index changed since it was patched")
+    if set(doc["shards"]) != set(index.shards):
+        raise FormatError(f"{where}: its shards are not the index's")
 
 
 def _check_entry(shard: str, entry: Any, where: str) -> None:

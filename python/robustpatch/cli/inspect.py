@@ -139,16 +139,42 @@ def undo_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def sharded_undo_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`undo_report` for a sharded checkpoint's folder record: its shards, the
+    patched ones, and the signatures it removes (as the index names them: each shard's
+    record holds its part of them, under the part's own content hash)."""
+    from .._format.undo import read_record
+    from ..sharded import applied_in_index, load_folder_record
+
+    doc, index = load_folder_record(path)
+    patched = [e["undo"] for e in doc["shards"].values() if "undo" in e]
+    parts = read_record(index.folder / patched[0]).applied() if patched else []
+    applied = applied_in_index(index)  # this record's signatures were appended last
+    last = applied[len(applied) - len(parts) :]
+    signatures = [dict(a, embedded=p["embedded"]) for a, p in zip(last, parts, strict=True)]
+    return {
+        "file": str(path),
+        "kind": "undo",
+        "bytes": os.path.getsize(path),
+        "index": str(index.path),
+        "shards": len(doc["shards"]),
+        "patched_shards": len(patched),
+        "signatures": signatures,
+    }
+
+
 def inspect_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Dispatch on what the file holds (signature, undo record or model; a sharded
     checkpoint by its index or its folder)."""
     from .._format.safetensors import read_header
-    from .._format.shards import is_sharded
+    from .._format.shards import RECORD_NAME, is_sharded
     from ..files import UNDO_KEY
     from ..signature import META_KEY
 
     if is_sharded(path):
         return sharded_report(path)
+    if os.fspath(path).endswith(RECORD_NAME):
+        return sharded_undo_report(path)
     meta = read_header(path).metadata
     if META_KEY in meta:
         return signature_report(path)
@@ -222,7 +248,8 @@ def _print_model(rep: dict[str, Any]) -> None:
 
 
 def _print_undo(rep: dict[str, Any]) -> None:
-    print(f"{rep['file']}: undo record, {fmt_bytes(rep['bytes'])}")
+    of = f" of {rep['index']} ({rep['patched_shards']} of {rep['shards']} shards patched)"
+    print(f"{rep['file']}: undo record{of if 'index' in rep else ''}, {fmt_bytes(rep['bytes'])}")
     for s in rep["signatures"]:
         kept = "embedded" if s["embedded"] else "by reference"
         print(f"  {s['name']!r} alpha={s['alpha']} hash={s['hash']} ({kept})")

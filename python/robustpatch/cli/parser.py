@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import validate
+from ..errors import InvalidArgumentError
 
 PROG = "robustpatch"
 
@@ -170,7 +171,7 @@ def device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} requested but torch.cuda.is_available() is False on this machine"
         )
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(
             f"{text!r} requested but this machine has {torch.cuda.device_count()} CUDA devices"
         )
@@ -206,23 +207,49 @@ def add_per_signature(p: Any, flag: str, type: Callable[[str], float], what: str
 
 
 def add_quant_args(p: Any, required: bool) -> None:
+    """``--bits`` and the options of its quantization. Where quantizing is optional
+    (``required=False``) the other options default to None, so that one given without
+    ``--bits`` is refused by :func:`quant_options` instead of silently ignored."""
     note = "" if required else "; leave out for no quantization"
     p.add_argument(
         "--bits", type=bits_arg, default=4 if required else None, help="bits per weight, 1-8" + note
     )
     p.add_argument(
         "--scheme",
-        default="affine",
+        default="affine" if required else None,
         choices=validate.SCHEMES,
-        help="how values map to codes: min/max, absmax, log or tanh companding",
+        help="how values map to codes: min/max, absmax, log or tanh companding (default affine)",
     )
     p.add_argument(
         "--granularity",
-        default="group",
+        default="group" if required else None,
         choices=validate.GRANULARITIES,
-        help="one scale per tensor, per output channel or per --group elements",
+        help="one scale per tensor, per output channel or per --group elements (default group)",
     )
-    p.add_argument("--group", type=group_arg, default=128, help="group size")
+    p.add_argument(
+        "--group",
+        type=group_arg,
+        default=128 if required else None,
+        help="group size (default 128)",
+    )
+
+
+def quant_options(args: Any) -> dict[str, Any]:
+    """The quantization keywords of an optional ``--bits`` (none without it); an option
+    of the quantization given without ``--bits`` is an error, not ignored."""
+    given = [f"--{k}" for k in ("scheme", "granularity", "group") if getattr(args, k) is not None]
+    if args.bits is None:
+        if given:
+            raise InvalidArgumentError(
+                f"{', '.join(given)} only applies with --bits (no quantization asked)"
+            )
+        return {}
+    return {
+        "bits": args.bits,
+        "scheme": args.scheme or "affine",
+        "granularity": args.granularity or "group",
+        "group": args.group or 128,
+    }
 
 
 # ---------------------------------------------------------------------------- checks after parsing

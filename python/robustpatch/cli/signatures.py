@@ -74,7 +74,7 @@ def run_extract(args: Any) -> None:
     pretrained = None if args.pretrained == "-" else args.pretrained  # '-': none given
     inputs = checkpoint_files(pretrained, args.clean, args.robust)
     cli_args.check_outputs(args, inputs, [args.output])
-    quant = {"bits": args.bits, "scheme": args.scheme, "granularity": args.granularity}
+    quant = cli_args.quant_options(args)
     with progress_bar(args, "extract", unit="tensor") as tick:
         sig = extract_to(  # streamed: each entry written as it is computed
             args.output,
@@ -82,7 +82,7 @@ def run_extract(args: Any) -> None:
             args.clean,
             args.robust,
             **_layer_kwargs(args),
-            **(dict(quant, group=args.group) if args.bits else {}),
+            **quant,
             method=args.method,
             energy=args.energy,
             name=args.name or Path(args.output).stem,

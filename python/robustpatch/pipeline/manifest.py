@@ -35,7 +35,7 @@ from typing import Any
 
 from .._format.shards import is_sharded
 from .._io.inputs import open_input
-from ..errors import FormatError, InvalidArgumentError, shown
+from ..errors import FormatError, InvalidArgumentError, NonFiniteError, shown
 from .jobs import OPTIONS, Job
 
 __all__ = ["load_manifest", "jobs_from", "check_jobs"]
@@ -139,7 +139,7 @@ def _job(spec: Mapping[str, Any], root: Any, what: str) -> Job:
             _under(root, spec["output"]),
             **options,
         )
-    except InvalidArgumentError as e:
+    except (InvalidArgumentError, NonFiniteError) as e:  # NaN α: a bad value in the manifest
         raise InvalidArgumentError(f"{what}: {e}") from None
 
 
