@@ -309,6 +309,15 @@ def test_a_signature_near_zero_relative_to_the_robust_delta_warns():
         extract(pre, clean, robust, layers="all")
 
 
+def test_a_selection_of_batchnorm_statistics_alone_does_not_warn():
+    # it warned "are the clean and robust checkpoints the same?": statistics have no norm
+    pre, clean, robust = trio(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = extract(pre, clean, robust, layers=r"bn1\.running_(mean|var)")
+    assert set(s.entries) == {"bn1.running_mean", "bn1.running_var"}
+
+
 def test_a_real_signature_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -457,6 +457,7 @@ class _Tally:
     skipped: list[str] = field(default_factory=list)
     energy: float = 0.0  # ‖signature‖² over the stored deltas
     reference: float = 0.0  # the matching ‖Δr‖² or ‖robust‖² over the selected deltas
+    weights: int = 0  # selected tensors that are no BatchNorm statistics
 
 
 def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
@@ -469,6 +470,7 @@ def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
         if n in plan.bn:
             entry = bn_entry(n, widen(trio.robust.get(n)), label)
         else:
+            tally.weights += 1
             got = _signature_values(trio, n, plan.method)
             if got is not None:
                 tally.reference += got.reference
@@ -546,8 +548,8 @@ def _dropped(trio: _Trio, names: list[str], chosen: set[str], tick) -> list[str]
 
 
 def _warn_if_zero(name: str, tally: _Tally, method: str) -> None:
-    if tally.energy > ZERO_SIGNATURE_RTOL**2 * tally.reference:
-        return
+    if not tally.weights or tally.energy > ZERO_SIGNATURE_RTOL**2 * tally.reference:
+        return  # BatchNorm statistics alone have no norm to compare
     what = "robust - pretrained" if method == "projection" else "the robust weights"
     warnings.warn(
         f"signature {name!r} is zero or near zero: its norm {math.sqrt(tally.energy):.3g} is "
