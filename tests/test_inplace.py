@@ -161,7 +161,7 @@ def test_remove_in_place_refuses_a_record_whose_header_had_another_length(small)
 
 def test_a_model_with_an_interrupted_patch_is_refused_until_recovered(small, capsys):
     model, sig = small / "m.safetensors", small / "s.rws"
-    journal_path_for(model).write_bytes(b"RPJRNL1\nP")  # never completed
+    journal_path_for(model).write_bytes(b"RPJRNL1\n-")  # never sealed
     with pytest.raises(FormatError, match="robustpatch recover"):
         apply_file(model, sig, 1.0, small / "out.safetensors")
     assert main(["inspect", str(model)]) == 1
@@ -193,6 +193,59 @@ def test_recovery_rolls_a_pending_journal_back_and_a_done_one_forward(small):
     assert record.read_bytes() == written and not pending.exists()
     assert model.read_bytes()[100:164] == b"\x01" * 64
     assert recover(model) is None
+
+
+def test_a_journal_killed_before_its_seal_is_discarded_and_the_model_kept(small):
+    model = small / "m.safetensors"
+    original = model.read_bytes()
+    with open(model, "r+b") as f:
+        path = Journal.begin(model, f.fileno(), [(100, 64)]).path
+    with open(path, "r+b") as j:
+        os.pwrite(j.fileno(), b"-", 8)  # whole, but killed before the seal
+        os.pwrite(j.fileno(), b"\0" * 32, path.stat().st_size - 32)  # digest not yet on disk
+    assert recover(model) == "discarded" and not path.exists()
+    assert model.read_bytes() == original
+
+
+@pytest.mark.parametrize("damage", ["bit", "cut", "digest"])
+def test_a_sealed_journal_that_is_damaged_is_refused_and_kept(small, damage, capsys):
+    # it was discarded as "never completed", deleting the only copy of the original
+    # bytes of a model the interrupted patch had already half changed
+    model = small / "m.safetensors"
+    with open(model, "r+b") as f:
+        path = Journal.begin(model, f.fileno(), [(100, 64), (4000, 1000)]).path
+        os.pwrite(f.fileno(), b"\xff" * 64, 100)  # killed mid-patch
+    raw = bytearray(path.read_bytes())
+    if damage == "bit":
+        raw[-100] ^= 1
+    elif damage == "cut":
+        raw = raw[:-1]
+    else:
+        raw[-1] ^= 0xFF
+    path.write_bytes(raw)
+    before = listing(small)
+    with pytest.raises(FormatError, match="damaged journal .*only copy of the original bytes"):
+        recover(model)
+    assert main(["recover", str(model)]) == 1
+    assert "damaged journal" in capsys.readouterr().err
+    assert listing(small) == before  # journal kept, model not touched
+
+
+def test_a_journal_written_through_a_symlink_is_found_through_the_real_name(small):
+    # it was kept beside the link: a patch through the real name went ahead over a
+    # half-patched model, and a later remove "restored" the half-patched bytes
+    model, sig, link = small / "m.safetensors", small / "s.rws", small / "link.safetensors"
+    link.symlink_to(model.name)
+    original = model.read_bytes()
+    with open(model, "r+b") as f:
+        Journal.begin(link, f.fileno(), [(100, 64)])  # an apply through the link, killed
+        os.pwrite(f.fileno(), b"\xff" * 64, 100)
+    assert journal_path_for(link) == journal_path_for(model)
+    apply_file(model, sig, 1.0, inplace=True)  # recovers first
+    assert undo_path_for(model).exists()
+    remove_file(link, inplace=True)  # through the link: the record beside the file
+    assert model.read_bytes() == original and link.is_symlink()
+    assert sorted(p.name for p in small.iterdir()) == ["link.safetensors", "m.safetensors", "s.rws"]
 
 
 def _fake_undo_record(path: Path) -> None:

@@ -62,7 +62,7 @@ def patched_copy(small: Path) -> bytes:
 @posix_only
 def test_a_held_model_is_refused_at_once_naming_it_and_left_as_it_was(held, capsys):
     model, sig = held / "m.safetensors", held / "s.rws"
-    journal_path_for(model).write_bytes(b"RPJRNL1\nP")  # an unfinished patch's journal
+    journal_path_for(model).write_bytes(b"RPJRNL1\n-")  # an unfinished patch's journal
     before = listing(held)
     busy = f"{model}: busy: another in-place patch or recover of it is running"
     for call in (

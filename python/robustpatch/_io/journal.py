@@ -3,19 +3,22 @@ to overwrite, made durable before the first of them changes.
 
 ``<model>.rpjournal`` holds::
 
-    b"RPJRNL1\\n"  state (1 byte: P pending, D done)  7 bytes zero
+    b"RPJRNL1\\n"  state (1 byte: - being written, P pending, D done)  7 bytes zero
     u64 little-endian length of the JSON that follows, the JSON
     the original bytes of each range, in order
     BLAKE3 (32 bytes) of the JSON and the bytes: present only once the journal is whole
 
 The JSON names the model's size, the ranges, and what the commit and a rollback do to
 the files beside the model (rename a pending undo record into place, delete a consumed
-one). A patch runs :meth:`Journal.begin` (written and fsynced), changes the ranges,
-fsyncs the model, then :meth:`Journal.commit` (state D written: the commit point; then
-the file actions; then the journal is deleted). :func:`recover` finishes whatever a
-killed process left: a journal without its digest was never followed (the model is
-untouched; it is deleted), a pending one is rolled back (the original bytes written
-back), a done one is completed (its file actions run). So after any crash the model is
+one). A patch runs :meth:`Journal.begin` (written and fsynced in state -, then sealed:
+state P, fsynced), changes the ranges, fsyncs the model, then :meth:`Journal.commit`
+(state D written: the commit point; then the file actions; then the journal is
+deleted). :func:`recover` finishes whatever a killed process left: an unsealed journal
+was never followed (the model is untouched; it is deleted), a pending one is rolled back
+(the original bytes written back), a done one is completed (its file actions run). A
+sealed journal that is not whole (its digest, length or description wrong) was damaged
+after the patch may have begun: it is refused with a FormatError and kept, since it
+holds the only copy of the original bytes. So after any crash the model is
 either the original or the patched one, and its undo record says which. An error
 before the commit point rolls back at once (:meth:`Journal.abort`); one from the
 moment the done marker is being written (its write or fsync, the file actions) never
@@ -60,13 +63,14 @@ PENDING_SUFFIX = ".pending"  # an apply's undo record, until the commit renames 
 _MAGIC = b"RPJRNL1\n"
 _STATE_AT = len(_MAGIC)
 _PREFIX = len(_MAGIC) + 8  # magic, state byte, padding
-_PENDING, _DONE = b"P", b"D"
+_UNSEALED, _PENDING, _DONE = b"-", b"P", b"D"
 _CHUNK = 8 << 20
 
 
 def journal_path_for(model: PathLike) -> Path:
-    """Where the journal of an in-place patch of ``model`` lives."""
-    return Path(os.fspath(model) + JOURNAL_SUFFIX)
+    """Where the journal of an in-place patch of ``model`` lives: beside the file itself,
+    symbolic links resolved, so that every name of the model finds it."""
+    return Path(os.path.realpath(model) + JOURNAL_SUFFIX)
 
 
 @dataclass
@@ -203,13 +207,8 @@ class Journal:
 
     def _mark_done(self) -> None:
         """The commit point: state D, fsynced."""
-        fd = os.open(self.path, os.O_WRONLY)
-        try:
-            self.may_be_done = True  # from the first byte written, only the disk decides
-            pwrite_all(fd, _DONE, _STATE_AT)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.may_be_done = True  # from the first byte written, only the disk decides
+        _set_state(self.path, _DONE)
 
     def _finish_commit(self) -> None:
         self._rename_record()
@@ -253,8 +252,19 @@ class Journal:
         _fsync_dir(self.path.parent)
 
 
+def _set_state(path: Path, state: bytes) -> None:
+    """Write the journal's state byte and fsync it (one sector: written whole or not)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        pwrite_all(fd, state, _STATE_AT)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write(path: Path, plan: _Plan, fd: int) -> None:
-    """Write and fsync the journal of ``plan``, the original bytes read from ``fd``.
+    """Write and fsync the journal of ``plan``, the original bytes read from ``fd``, then
+    seal it (state P): a crash before the seal leaves a journal recovery may discard.
 
     Through direct I/O where the filesystem has it: the journal is only read back after
     a crash, so its bytes go from a few buffers straight to the disk (hashed in between,
@@ -267,7 +277,7 @@ def _write(path: Path, plan: _Plan, fd: int) -> None:
     with open(path, "wb", buffering=0) as f:
         writer = DirectWriter.for_fd(f.fileno())
         try:
-            writer.write(_MAGIC + _PENDING + bytes(7) + len(meta).to_bytes(8, "little") + meta)
+            writer.write(_MAGIC + _UNSEALED + bytes(7) + len(meta).to_bytes(8, "little") + meta)
             for offset, length in plan.ranges:
                 got = writer.copy_from(fd, offset, length, hasher=h)
                 if got < length:
@@ -281,6 +291,7 @@ def _write(path: Path, plan: _Plan, fd: int) -> None:
             writer.abort()
             raise
         os.fsync(f.fileno())
+    _set_state(path, _PENDING)
 
 
 def _hasher(meta: bytes) -> _core.Blake3:
@@ -307,32 +318,45 @@ def _meta_length(f) -> int:
 
 
 def _load(path: Path) -> tuple[bytes, _Plan] | None:
-    """The state and plan of a whole journal; None if it was never completed."""
+    """The state and plan of a sealed journal; None for one never sealed (its writer was
+    killed before the patch began). FormatError for a sealed journal that is not whole."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(_PREFIX + 8)
-        if len(head) < _PREFIX + 8 or head[: len(_MAGIC)] != _MAGIC:
+        state = head[_STATE_AT : _STATE_AT + 1]
+        if state not in (_PENDING, _DONE):
             return None
+
+        def damaged(what: str) -> FormatError:
+            return FormatError(
+                f"{path}: damaged journal ({what}); not recovering from it. The model may be "
+                "partly patched and this journal holds its only copy of the original bytes: "
+                "keep it, and restore the model from a copy (delete the journal only if you "
+                "know the model is whole)"
+            )
+
+        if len(head) < _PREFIX + 8 or head[: len(_MAGIC)] != _MAGIC:
+            raise damaged("its header is not a journal's")
         n = int.from_bytes(head[_PREFIX:], "little")
         meta = f.read(n) if n <= size else b""
         if len(meta) != n:
-            return None
+            raise damaged("its description is cut short")
         try:
             obj = json.loads(meta)
-        except ValueError:  # torn by a crash while it was written
-            return None
+        except ValueError:
+            raise damaged("its description is not JSON") from None
         plan = _Plan.parse(obj, str(path))
         body = sum(length for _, length in plan.ranges)
         if size != _PREFIX + 8 + n + body + 32:
-            return None
+            raise damaged(f"{size} bytes, not the {_PREFIX + 8 + n + body + 32} it describes")
         h, left = _hasher(meta), body
         while left:
             block = f.read(min(_CHUNK, left))
             h.update(np.frombuffer(block, np.uint8))
             left -= len(block)
         if f.read(32) != bytes.fromhex(h.hexdigest()):
-            return None
-    return head[_STATE_AT : _STATE_AT + 1], plan
+            raise damaged("its digest does not match its bytes")
+    return state, plan
 
 
 @contextmanager
@@ -373,9 +397,10 @@ def recover(model: PathLike) -> str | None:
 def recover_held(model: PathLike) -> str | None:
     """:func:`recover` for a caller that already holds :func:`model_lock` on ``model``.
 
-    Returns None (no journal), ``"discarded"`` (the journal was never completed, so the
+    Returns None (no journal), ``"discarded"`` (the journal was never sealed, so the
     model was never changed), ``"rolled back"`` (the original bytes written back) or
     ``"completed"`` (the patch had committed; its file actions were finished).
+    FormatError (the journal kept): a sealed journal that is damaged.
     """
     path = journal_path_for(model)
     if not path.exists():

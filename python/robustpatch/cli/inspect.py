@@ -248,8 +248,10 @@ def _print_model(rep: dict[str, Any]) -> None:
 
 
 def _print_undo(rep: dict[str, Any]) -> None:
-    of = f" of {rep['index']} ({rep['patched_shards']} of {rep['shards']} shards patched)"
-    print(f"{rep['file']}: undo record{of if 'index' in rep else ''}, {fmt_bytes(rep['bytes'])}")
+    of = ""
+    if "index" in rep:  # a sharded checkpoint's folder record
+        of = f" of {rep['index']} ({rep['patched_shards']} of {rep['shards']} shards patched)"
+    print(f"{rep['file']}: undo record{of}, {fmt_bytes(rep['bytes'])}")
     for s in rep["signatures"]:
         kept = "embedded" if s["embedded"] else "by reference"
         print(f"  {s['name']!r} alpha={s['alpha']} hash={s['hash']} ({kept})")
