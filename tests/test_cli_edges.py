@@ -119,6 +119,24 @@ def test_an_output_that_is_a_fifo_or_a_symlink_to_nothing_is_never_replaced(d, c
     assert listing(d) == before and fifo.is_fifo() and dangling.is_symlink()
 
 
+def test_the_api_never_replaces_a_fifo_or_a_folder_with_a_file(d):
+    # Signature.save swapped a FIFO (as root, a device such as /dev/null) for a file
+    from robustpatch.errors import InvalidArgumentError
+
+    fifo, folder = d / "out.rws", d / "folder.rws"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    sig = Signature.load(d / "fog.rws")
+    before = listing(d)
+    with pytest.raises(InvalidArgumentError, match="exists and is not a regular file"):
+        sig.save(fifo)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        sig.save(folder)
+    with pytest.raises(InvalidArgumentError, match="exists and is not a regular file"):
+        apply_file(d / "clean.safetensors", d / "fog.rws", 1.0, fifo, undo=False)
+    assert listing(d) == before and fifo.is_fifo()
+
+
 def test_remove_never_writes_over_the_signature_its_record_refers_to(d, capsys):
     # p's record refers to the dense fog.rws by content hash; remove reads it from there
     before = listing(d)

@@ -21,7 +21,7 @@ import robustpatch as rp  # noqa: E402
 import robustpatch.onnx as ro  # noqa: E402
 from robustpatch.cli import main  # noqa: E402
 from robustpatch.errors import FormatError, InvalidArgumentError, MismatchError  # noqa: E402
-from rp_testutil import copy_model, sha, trio  # noqa: E402
+from rp_testutil import copy_model, listing, sha, trio  # noqa: E402
 
 ONNX_DTYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
@@ -268,6 +268,34 @@ def test_remove_refuses_a_changed_model_and_writes_nothing(setup):
     with pytest.raises((MismatchError, FormatError)):
         ro.remove(tmp / "p.onnx", tmp / "back.onnx")
     assert not (tmp / "back.onnx").exists()
+
+
+def test_remove_refuses_an_external_data_file_that_grew_since_the_patch(setup):
+    # bytes appended to the patched data file were copied into the "restored" one
+    clean, sig, tmp = setup
+    src = save(model_proto(clean), tmp / "m.onnx", external=True)
+    ro.apply(src, sig, 1.0, out=tmp / "p.onnx")
+    assert (tmp / "p.onnx.data").stat().st_size == (tmp / "m.onnx.data").stat().st_size
+    with open(tmp / "p.onnx.data", "ab") as f:
+        f.write(b"xyz")
+    before = listing(tmp)
+    with pytest.raises(MismatchError, match="external data file has .* it changed since"):
+        ro.remove(tmp / "p.onnx", tmp / "back.onnx")
+    assert listing(tmp) == before
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_file_is_written(setup):
+    # the record and data file were renamed into place before the model's rename failed
+    clean, sig, tmp = setup
+    src = save(model_proto(clean), tmp / "m.onnx", external=True)
+    ro.apply(src, sig, 1.0, out=tmp / "p.onnx")
+    (tmp / "folder").mkdir()
+    before = listing(tmp)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        ro.apply(src, sig, 1.0, out=tmp / "folder")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        ro.remove(tmp / "p.onnx", tmp / "folder")
+    assert listing(tmp) == before
 
 
 def test_outputs_never_replace_inputs(setup):

@@ -55,6 +55,9 @@ class UndoRecord:
     #: Signatures kept by reference, not embedded: ``{"index": k, "file": path}``, the
     #: path relative to the record's folder (version 3; the others are embedded).
     signature_refs: list[dict[str, Any]] = field(default_factory=list)
+    #: ONNX with external data: the patched data file's size (None elsewhere, and in
+    #: records written before it was kept; readers that predate it ignore it).
+    data_size: int | None = None
 
     def to_json(self) -> str:
         """The record's JSON, in the oldest version that holds it: 2 (as before), 3 if it
@@ -69,6 +72,8 @@ class UndoRecord:
         version = self._version()
         if version == 2:
             del meta["signature_refs"]
+        if self.data_size is None:
+            del meta["data_size"]
         return json.dumps({"format_version": version, "kind": "undo", **meta})
 
     def _version(self) -> int:
@@ -110,6 +115,7 @@ class UndoRecord:
             source_header_digest=check.digest(meta, "source_header_digest", digests),
             record_digest=check.digest(meta, "record_digest", digests),
             signature_refs=refs,
+            data_size=check.size(meta, "data_size") if "data_size" in meta else None,
         )
 
     def applied(self) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ class AtomicFile:
         self.path = Path(path)
         self.durable = durable
         folder = self.path.parent
+        _check_file_destination(self.path)
         remove_stale_temps(self.path)
         with naming_errors(self.path):
             fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(self.path), suffix=".tmp", dir=folder)
@@ -278,6 +279,15 @@ def _check_replaceable(out: PathLike) -> None:
             f"output {os.fspath(out)} exists and is not a regular file (a device, FIFO or "
             "socket); write to a file"
         )
+
+
+def _check_file_destination(out: Path) -> None:
+    """Refuse, before anything is written, a destination the final rename cannot or must
+    not replace with a file: a folder (the rename fails, after the other files of a set
+    may have been renamed into place), a device, a FIFO or a socket."""
+    if out.is_dir() and not out.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; write to a file", os.fspath(out))
+    _check_replaceable(out)
 
 
 def check_destinations(

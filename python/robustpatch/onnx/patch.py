@@ -261,7 +261,10 @@ def apply(
         files.model.file.write(new_bytes)
         if writer is not None:
             patched_sha = hashlib.sha256(new_bytes).hexdigest()
-            writer.record = replace(writer.record, patched_header_sha256=patched_sha)
+            data_size = None if m.data_id is None else m.data_id[2]  # copied whole
+            writer.record = replace(
+                writer.record, patched_header_sha256=patched_sha, data_size=data_size
+            )
             writer.finish()
         files.commit()
     elements = 0 if writer is None else writer.elements
@@ -387,6 +390,12 @@ def _verify_patched(m: OnnxModel, side: UndoSidecar, plan: Plan) -> None:
     record, where = side.record, f"{side.path}: bad undo record"
     if hashlib.sha256(m.data).hexdigest() != record.patched_header_sha256:
         raise MismatchError(f"{m.path} differs from the model its undo record was written for")
+    size = None if m.data_id is None else m.data_id[2]
+    if record.data_size is not None and size != record.data_size:
+        raise MismatchError(
+            f"{m.data_path}: the external data file has {size} bytes, not the "
+            f"{record.data_size} the patch wrote: it changed since"
+        )
     for e in record.tensors:
         kind = "delta" if e.name in plan.deltas else "bn" if e.name in plan.bn else None
         spec = m.spec(e.name)
