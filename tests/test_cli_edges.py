@@ -255,7 +255,7 @@ def test_io_errors_name_the_path_the_user_gave(d, capsys):
     assert line == f"robustpatch: error: {out}: Not a directory"
     (d / "adir").mkdir()
     line = one_line_error(capsys, "quantize", d / "fog.rws", "-o", d / "adir", "--overwrite")
-    assert line == f"robustpatch: error: {d / 'adir'}: Is a directory"
+    assert line == f"robustpatch: error: {d / 'adir'}: is a folder; write to a file"
     assert ".tmp" not in line and [p.name for p in d.iterdir() if p.suffix == ".tmp"] == []
 
 

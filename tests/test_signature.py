@@ -708,3 +708,66 @@ assert "torch" not in sys.modules, "torch was imported"
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def _rewrite_meta(src, dst, edit) -> None:
+    """``src`` with its robustpatch metadata edited by ``edit`` (no rehash: the edited
+    fields are read before the content hash is checked)."""
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["robustpatch"])
+    edit(meta)
+    header["__metadata__"]["robustpatch"] = json.dumps(meta)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    dst.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m["entries"][-1].update(weight=10**400), "has a bad weight"),  # OverflowError
+        (lambda m: m.update(provenance={"x": float("nan")}), "holds NaN, which JSON"),
+        (lambda m: m["entries"][0].update(stats={"energy": float("inf")}), "holds Infinity"),
+    ],
+    ids=["huge-weight", "nan", "infinity"],
+)
+def test_a_signature_header_with_numbers_json_cannot_hold_is_a_format_error(tmp_path, edit, match):
+    s = Signature.from_deltas(
+        {"w": np.ones(4, np.float32)}, bn={"bn.running_mean": np.zeros(4, np.float32)}, name="s"
+    )
+    s.save(tmp_path / "s.rws")
+    _rewrite_meta(tmp_path / "s.rws", tmp_path / "bad.rws", edit)
+    with pytest.raises(FormatError, match=match):
+        Signature.load(tmp_path / "bad.rws")
+
+
+@pytest.mark.parametrize(
+    ("meta", "match"),
+    [
+        ({"source": {"model_nbytes": -1}}, "model_nbytes -1 is not a byte count"),
+        ({"skipped": "none"}, "'skipped' in the metadata is not a list"),
+        ({"fingerprints": 5}, "fingerprints must be a mapping"),
+        ({"provenance": {(1, 2): 3}}, "keys must be str"),
+        ({"provenance": {"x": float("nan")}}, "not JSON compliant"),
+        (None, None),
+    ],
+    ids=["nbytes", "skipped", "fingerprints", "key", "nan", "deep"],
+)
+def test_save_refuses_metadata_its_load_would_refuse_and_writes_nothing(tmp_path, meta, match):
+    # save wrote files load refused (or raised TypeError/RecursionError)
+    if match is None:  # nested past the 64 levels a load reads
+        deep: list = [0]
+        for _ in range(70):
+            deep = [deep]
+        meta, match = {"provenance": deep}, "nests deeper than 64 levels"
+    s = Signature.from_deltas({"w": np.ones(4, np.float32)}, name="s", meta=meta)
+    with pytest.raises(InvalidArgumentError, match=match):
+        s.save(tmp_path / "s.rws")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signature_meta_that_is_no_mapping_is_refused_when_built():
+    with pytest.raises(InvalidArgumentError, match="meta must be a mapping"):
+        Signature.from_deltas({"w": np.ones(4, np.float32)}, meta=5)

@@ -209,11 +209,22 @@ def signature_hash(sig: Signature, stored: Mapping[str, np.ndarray] | None = Non
 MAX_META_DEPTH = 64
 
 
+class _NonStandardNumber(ValueError):
+    """NaN or Infinity in JSON text: Python reads them, strict JSON readers do not."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonStandardNumber(name)
+
+
 def parse_meta_json(raw: str, where: str, what: str = "robustpatch metadata") -> Any:
     """``json.loads`` for metadata read from a file: FormatError if it is not valid JSON
-    or nests deeper than :data:`MAX_META_DEPTH` (never RecursionError)."""
+    (NaN and Infinity included, which strict readers refuse) or nests deeper than
+    :data:`MAX_META_DEPTH` (never RecursionError)."""
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except _NonStandardNumber as e:
+        raise FormatError(f"{where}: {what} holds {e}, which JSON does not allow") from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{where}: {what} is not valid JSON ({e})") from None
     except RecursionError:
@@ -348,7 +359,7 @@ def _entry_from_spec(s: Any, tensors: Mapping[str, np.ndarray], where: str) -> E
     if kind == "bn":
         arr = _want(tensors, f"{name}.replace", np.float32, numel, where).reshape(shape_t)
         weight = s.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if not _finite_number(weight):
             raise FormatError(f"{where}: entry {shown(name)} has a bad weight {shown(weight)}")
         return bn_entry(name, arr, dtype, weight)
     if s.get("encoding") == "dense":
@@ -443,8 +454,16 @@ def header_object(
     name: str, meta: Mapping[str, Any], specs: list[dict[str, Any]], content_hash: str
 ) -> dict[str, Any]:
     """:func:`header_meta` from its parts (a streamed writer has no Signature)."""
-    meta = copy.deepcopy(dict(meta))
-    fps = dict(meta.pop("fingerprints", {}) or {})
+    try:
+        meta = copy.deepcopy(dict(meta))
+    except RecursionError:
+        raise InvalidArgumentError(
+            f"signature metadata nests deeper than {MAX_META_DEPTH} levels; not saved"
+        ) from None
+    fps = meta.pop("fingerprints", None) or {}
+    if not isinstance(fps, Mapping):
+        raise InvalidArgumentError(f"fingerprints must be a mapping, got {shown(fps)}")
+    fps = dict(fps)
     fps["architecture"] = architecture_fingerprint(specs)
     fps.setdefault("base", None)
     out: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": "signature"}
@@ -471,8 +490,22 @@ def save(sig: Signature, path: Path) -> Path:
     tensors = stored_tensors(sig)
     specs = [e.spec() for e in sig]
     obj = header_object(sig.name, sig.meta, specs, signature_hash(sig, tensors))
-    write_tensors(path, tensors, {META_KEY: json.dumps(obj, default=json_default)})
+    write_tensors(path, tensors, {META_KEY: encode_meta(obj)})
     return path
+
+
+def encode_meta(obj: dict[str, Any]) -> str:
+    """A signature header's metadata as strict JSON, checked as a load checks it: no
+    file is written that its own load would refuse (InvalidArgumentError instead)."""
+    try:
+        raw = json.dumps(obj, default=json_default, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:  # NaN, a cycle, a key not a str
+        raise InvalidArgumentError(f"signature metadata cannot be saved: {e}") from None
+    try:
+        parse_meta(raw, "signature metadata")
+    except FormatError as e:
+        raise InvalidArgumentError(f"{e}; not saved") from None
+    return raw
 
 
 def read_signature_header(f: BinaryIO, where: str) -> tuple[Header, dict[str, Any]]:
@@ -520,3 +553,13 @@ def _read_frozen(f, header: Header, t: TensorInfo) -> np.ndarray:
         raise FormatError(f"tensor {t.name!r}: file ended after {len(data)} of {t.nbytes} bytes")
     arr = np.frombuffer(data, NUMPY_OF_LABEL[t.dtype]).reshape(t.shape)
     return arr if arr.flags.aligned else arr.copy()
+
+
+def _finite_number(x: Any) -> bool:
+    """A JSON number that is a finite float (an integer too large for a float is not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False

@@ -29,7 +29,7 @@ from typing import Any, Union
 import numpy as np
 
 from .. import validate
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, shown
 from . import codec
 from .entry import Entry, bn_entry, dense_entry, quantize_entry
 
@@ -113,6 +113,8 @@ class Signature(_Linear):
         if not isinstance(name, str):
             raise InvalidArgumentError(f"a signature's name must be a string, got {name!r}")
         self.name = name
+        if meta is not None and not isinstance(meta, Mapping):
+            raise InvalidArgumentError(f"meta must be a mapping, got {shown(meta)}")
         self.meta: dict[str, Any] = dict(meta or {})
         self.weight = validate.alpha(weight, "weight")
         # A signature loaded from an older file keeps the algorithm its hash was made with.

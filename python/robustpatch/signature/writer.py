@@ -19,7 +19,6 @@ reserved for the header, sized from the number of entries expected; :meth:`commi
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from contextlib import suppress
@@ -37,8 +36,8 @@ from .codec import (
     META_KEY,
     TensorDigests,
     compact,
+    encode_meta,
     header_object,
-    json_default,
     stored_label,
     tensor_digest,
 )
@@ -165,7 +164,7 @@ class SignatureWriter:
 
     def _header(self, name: str, meta: Mapping[str, Any], content_hash: str) -> bytes:
         obj = header_object(name, meta, self._specs, content_hash)
-        raw = json.dumps(obj, default=json_default)
+        raw = encode_meta(obj)
         header = encode_header([s.info for s in self._stored], {META_KEY: raw})
         check_header_size(len(header), str(self.path))
         return header
