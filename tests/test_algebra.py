@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import robustpatch as rp
 from robustpatch import apply, apply_file, combine, detect, remove, remove_file, similarity
 from robustpatch._format.safetensors import write_tensors
 from robustpatch.errors import InvalidArgumentError, MismatchError
@@ -208,3 +209,43 @@ def test_a_sum_patches_a_file_like_its_parts_and_is_removed_exactly(models, pair
     assert sum_bytes == (tmp_path / "parts.safetensors").read_bytes()
     remove_file(tmp_path / "sum.safetensors", tmp_path / "restored.safetensors")
     assert (tmp_path / "restored.safetensors").read_bytes() == src.read_bytes()
+
+
+# ---------------------------------------------------------------------------- review findings
+
+
+def test_similarity_of_scaled_signatures_past_the_float32_range_is_exact():
+    # c·δ was multiplied in float32: 1e10 x 1e30 overflowed and the matrix held NaN
+    a = rp.Signature.from_deltas({"w": np.array([1e30, -1e30, 2e30, 0], np.float32)}, name="a")
+    b = rp.Signature.from_deltas({"w": np.array([1, -1, 2, 0], np.float32)}, name="b")
+    got = rp.similarity([1e10 * a, b])
+    assert np.allclose(got, 1.0) and rp.detect(1e10 * a, [b])[0][1] == pytest.approx(1.0)
+
+
+def test_detect_compares_a_tensor_only_in_one_shape():
+    # a transposed tensor (same element count) was compared element by element
+    w = np.random.default_rng(0).normal(size=(10, 128)).astype(np.float32)
+    fc = rp.Signature.from_deltas({"fc.weight": w, "fc.bias": w[0]}, name="fc")
+    transposed = rp.Signature.from_deltas({"fc.weight": w.T.copy(), "fc.bias": w[0]}, name="t")
+    ((name, score),) = rp.detect(fc, [transposed])
+    assert name == "t" and score == pytest.approx(1.0)  # over fc.bias alone
+
+
+def test_combine_refuses_one_tensor_made_for_two_dtypes():
+    # the result took the first signature's dtype: it depended on the order
+    w = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    a = rp.Signature.from_deltas({"w": w}, name="a")
+    b = rp.Signature.from_deltas({"w": w.astype(np.float16)}, name="b")
+    for pair in ([a, b], [b, a]):
+        with pytest.raises(MismatchError, match="w: made for dtypes"):
+            rp.combine(pair, [1, 1])
+
+
+def test_combine_and_detect_refuse_arguments_of_the_wrong_kind(tmp_path):
+    s = rp.Signature.from_deltas({"w": np.ones(4, np.float32)}, name="s")
+    s.save(tmp_path / "s.rws")
+    assert rp.combine(str(tmp_path / "s.rws"), [2.0])["w"].dense().tolist() == [2.0] * 4
+    with pytest.raises(InvalidArgumentError, match="at least one signature"):
+        rp.combine([], [])
+    with pytest.raises(InvalidArgumentError, match="names must be strings"):
+        rp.detect({1: np.ones(4, np.float32)}, [s])

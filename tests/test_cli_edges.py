@@ -654,3 +654,18 @@ def test_a_pt_checkpoint_without_torch_names_the_extra(d, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
     argv = ["extract", d / "pre.safetensors", d / "clean.safetensors", d / "m.pt", "-o", d / "x"]
     assert "pip install 'robustpatch[torch]'" in one_line_error(capsys, *argv)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name that is not UTF-8")
+def test_a_file_name_that_is_not_utf8_is_printed_escaped_not_a_traceback(d):
+    # with a strict UTF-8 stdout, quantize wrote its output and then crashed printing it
+    src = d / os.fsdecode(b"n\xff.rws")
+    src.write_bytes((d / "fog.rws").read_bytes())
+    out = d / os.fsdecode(b"q\xff.rws")
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    for argv in (["similarity", src, d / "fog.rws"], ["quantize", src, "-o", out]):
+        cmd = [sys.executable, "-m", "robustpatch", *map(os.fspath, argv)]
+        got = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert got.returncode == 0 and "Traceback" not in got.stderr, got.stderr
+        assert "n\\udcff.rws" in got.stdout or "q\\udcff.rws" in got.stdout
+    assert out.exists()

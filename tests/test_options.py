@@ -12,7 +12,7 @@ import pytest
 import robustpatch as rp
 import robustpatch.onnx as ro
 from robustpatch._format.safetensors import read_tensors, write_tensors
-from robustpatch.errors import InvalidArgumentError, NonFiniteError
+from robustpatch.errors import InvalidArgumentError, MismatchError, NonFiniteError
 from robustpatch.options import PatchOptions
 from robustpatch.sharded import RECORD_NAME
 from robustpatch.targets import apply, subtract
@@ -82,12 +82,24 @@ def test_an_option_that_is_not_true_or_false_is_refused(case, fn):
 
 
 @pytest.mark.parametrize("fn", ["apply", "subtract"])
-@pytest.mark.parametrize("option", ["undo", "durable", "allow_dtype_change"])
+@pytest.mark.parametrize("option", ["undo", "durable"])
 def test_a_model_in_memory_takes_no_file_option(case, fn, option):
     with pytest.raises(
         TypeError, match=rf"^{fn}\(\) got an unexpected keyword argument '{option}'$"
     ):
         CALLS[fn](case, **{option: True})
+
+
+@pytest.mark.parametrize("fn", [rp.apply, rp.subtract])
+def test_a_model_in_memory_takes_the_dtype_change_its_refusal_advises(fn):
+    # the refusal said "allow_dtype_change=True", which the call then rejected (TypeError)
+    sig = rp.Signature.from_deltas({"w": np.full((2, 3), 0.5, np.float32)}, name="s")
+    model = {"w": np.zeros((2, 3), np.float16)}
+    with pytest.raises(MismatchError, match=r"allow_dtype_change=True to apply anyway"):
+        fn(model, sig)
+    assert not model["w"].any()
+    fn(model, sig, allow_dtype_change=True)
+    assert (model["w"] == np.float16(0.5 if fn is rp.apply else -0.5)).all()
 
 
 # ---------------------------------------------------------------------------- the CLI's flags

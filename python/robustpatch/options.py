@@ -54,4 +54,4 @@ class PatchOptions:
 #: What a model file on disk takes (``apply_file``, ``onnx.apply``).
 FILE_OPTIONS = frozenset(f.name for f in fields(PatchOptions))
 #: What a model in memory takes (``apply``, ``subtract``): nothing is written.
-MEMORY_OPTIONS = frozenset({"force", "allow_nonfinite"})
+MEMORY_OPTIONS = frozenset({"force", "allow_dtype_change", "allow_nonfinite"})

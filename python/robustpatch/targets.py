@@ -405,12 +405,13 @@ def apply(
     per signature, or one for all. Deltas for the same tensor are fused (rounded once).
     BatchNorm running statistics are blended toward the signatures' replacements.
     Refuses (MismatchError) a model whose names/shapes/dtypes do not match unless
-    ``force=True``. Nothing is modified when a check fails. A result that overflows
-    the tensor's dtype (a finite weight becoming ±Inf) is refused (NonFiniteError, the
-    model rolled back) unless ``allow_nonfinite=True``. ``checks``: those two keywords.
+    ``force=True`` (``allow_dtype_change=True`` relaxes the dtype check alone). Nothing
+    is modified when a check fails. A result that overflows the tensor's dtype (a finite
+    weight becoming ±Inf) is refused (NonFiniteError, the model rolled back) unless
+    ``allow_nonfinite=True``. ``checks``: those three keywords.
     """
     opts = PatchOptions.of(checks, "apply", MEMORY_OPTIONS)
-    plan, tgt = _checked(target, sigs, alphas, opts.force)
+    plan, tgt = _checked(target, sigs, alphas, opts)
     undo = Undo(plan, specs={n: tgt.spec(n) for n in plan.names})
     _patch_or_roll_back(tgt, undo, opts.allow_nonfinite)
     for name, (_, shape) in undo.specs.items():
@@ -440,11 +441,17 @@ def _check_unchanged(tgt: Any, undo: Undo) -> None:
             )
 
 
-def _checked(target: Any, sigs: Any, alphas: Alphas, force: bool) -> tuple[Plan, Target]:
+def _checked(target: Any, sigs: Any, alphas: Alphas, opts: PatchOptions) -> tuple[Plan, Target]:
     """The plan of a public call and its target, checked before anything changes."""
     plan = plan_for(sigs, alphas)
     tgt = as_target(target)
-    check_plan(plan, tgt.spec, force, tgt.check_writable)
+    check_plan(
+        plan,
+        tgt.spec,
+        opts.force,
+        tgt.check_writable,
+        allow_dtype_change=opts.allow_dtype_change,
+    )
     _check_aliases(tgt, plan.names)
     return plan, tgt
 
@@ -511,11 +518,11 @@ def subtract(
     BatchNorm buffers cannot be restored this way and are left as they are
     (``bn_left``). Prefer :func:`remove` with the record :func:`apply` returned. A result
     that overflows the tensor's dtype is refused (NonFiniteError, the model rolled back)
-    unless ``allow_nonfinite=True``. ``checks``: ``force`` and ``allow_nonfinite``, as
-    for :func:`apply`.
+    unless ``allow_nonfinite=True``. ``checks``: ``force``, ``allow_dtype_change`` and
+    ``allow_nonfinite``, as for :func:`apply`.
     """
     opts = PatchOptions.of(checks, "subtract", MEMORY_OPTIONS)
-    plan, tgt = _checked(target, sigs, alphas, opts.force)
+    plan, tgt = _checked(target, sigs, alphas, opts)
     # Adding −α·δ is the same rounding as subtracting α·δ (negation is exact), and the
     # add kernel counts overflow; its record (where re-adding α·δ misses w) is the set
     # of inconsistent elements, and lets a refusal roll back exactly.

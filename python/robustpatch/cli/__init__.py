@@ -128,12 +128,22 @@ def _single_thread_blas(argv: Sequence[str]) -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+def _printable_names() -> None:
+    """Print what stdout's encoding cannot hold (a file name that is not UTF-8, kept by
+    Python as surrogates) escaped, as stderr does, not as a UnicodeEncodeError after the
+    command's work is done. Only for the command's own process."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage, 141 closed stdout).
     Without ``argv`` (the ``robustpatch`` command) it reads ``sys.argv``."""
     if argv is None:
         argv = sys.argv[1:]
         _single_thread_blas(argv)
+        _printable_names()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.json and not args.json_output:

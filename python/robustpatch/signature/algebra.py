@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import _core, validate
 from ..dtypes import label_of, narrow, widen
-from ..errors import MismatchError
+from ..errors import InvalidArgumentError, MismatchError
 from .entry import Entry, bn_entry, dense_entry, is_bn_stat
 from .model import Signature, SignatureLike, Term, as_signature, as_signatures, sum_name
 
@@ -57,15 +57,18 @@ def terms(sigs: SignatureLike | Sequence[SignatureLike], alphas: Any = 1.0) -> l
     return out
 
 
-def _flatten(sigs: Sequence[SignatureLike], coefs: Any) -> list[Term]:
-    return terms(list(sigs), validate.alphas(len(sigs), coefs, "coefficient"))
+def _flatten(sigs: SignatureLike | Sequence[SignatureLike], coefs: Any) -> list[Term]:
+    items = as_signatures(sigs)  # one path is one signature, not its characters
+    if not items:
+        raise InvalidArgumentError("combine needs at least one signature")
+    return terms(items, validate.alphas(len(items), coefs, "coefficient"))
 
 
 # ---------------------------------------------------------------------------- combine
 
 
 def combine(
-    sigs: Sequence[SignatureLike], coefs: Sequence[float], name: str | None = None
+    sigs: SignatureLike | Sequence[SignatureLike], coefs: Any, name: str | None = None
 ) -> Signature:
     """``Σ coef_k · sig_k`` as one dense (unquantized) weight-1 signature.
 
@@ -100,6 +103,8 @@ def _combine_deltas(parts: Sequence[Term]) -> list[Entry]:
                 out[k], dtypes[k] = d, e.dtype
             elif out[k].shape != d.shape:
                 raise MismatchError(f"{k}: shapes differ ({out[k].shape} vs {d.shape})")
+            elif dtypes[k] != e.dtype:  # which one the sum is for would depend on order
+                raise MismatchError(f"{k}: made for dtypes {dtypes[k]} and {e.dtype}")
             else:
                 out[k] = out[k] + d
     return [dense_entry(k, v, dtypes[k]) for k, v in out.items()]
@@ -183,27 +188,28 @@ class _Deltas:
                 self.by_name.setdefault(k, []).append((c, e))
         self.energy = {k: _dot(ts, ts) for k, ts in self.by_name.items()}
 
-    def numel(self, name: str) -> int:
-        return self.by_name[name][0][1].numel
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.by_name[name][0][1].shape)
 
 
 def _dot(xs: Sequence[tuple[float, Entry]], ys: Sequence[tuple[float, Entry]]) -> float:
-    """``⟨Σ c_x·x, Σ c_y·y⟩`` over the terms whose sizes agree."""
+    """``⟨Σ c_x·x, Σ c_y·y⟩`` over the terms whose shapes agree."""
     return sum(
         cx * cy * float(_core.dot(ex.delta(), ey.delta()))
         for cx, ex in xs
         for cy, ey in ys
-        if ex.numel == ey.numel
+        if tuple(ex.shape) == tuple(ey.shape)
     )
 
 
 def _cosine(a: _Deltas, b: _Deltas, *, union: bool) -> float:
     """Cosine of two signature-likes' deltas.
 
-    ``union``: over every tensor either holds (one the other lacks, or holds with another
-    size, counts as zero there); else over the tensors both hold.
+    ``union``: over every tensor either holds (one the other lacks, or holds in another
+    shape, counts as zero there); else over the tensors both hold in one shape (the
+    same element count in another shape is another tensor: a transposed one, say).
     """
-    shared = [k for k in a.by_name if k in b.by_name and a.numel(k) == b.numel(k)]
+    shared = [k for k in a.by_name if k in b.by_name and a.shape(k) == b.shape(k)]
     dot = sum(_dot(a.by_name[k], b.by_name[k]) for k in shared)
     na = sum(a.energy.values()) if union else sum(a.energy[k] for k in shared)
     nb = sum(b.energy.values()) if union else sum(b.energy[k] for k in shared)
@@ -232,8 +238,8 @@ def similarity(sigs: Sequence[SignatureLike]) -> np.ndarray:
         for start, stop in _tiles(key[1], [e for ts in terms for _, e in ts]):
             block = np.zeros((len(rows), stop - start))
             for r, ts in enumerate(terms):
-                for c, e in ts:
-                    block[r] += c * _decoded(e, start, stop)
+                for c, e in ts:  # in float64: c·δ may pass the float32 range
+                    block[r] += np.multiply(_decoded(e, start, stop), c, dtype=np.float64)
             gram[np.ix_(rows, rows)] += block @ block.T
     norms = np.sqrt(np.diag(gram))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -301,6 +307,8 @@ def detect(
     share: a query usually holds more tensors than any signature.
     """
     if isinstance(x, Mapping):
+        if not all(isinstance(k, str) for k in x):
+            raise InvalidArgumentError("a query's tensor names must be strings")
         x = Signature.from_deltas({k: v for k, v in x.items() if not is_bn_stat(k)}, name="query")
     query = _Deltas(as_signature(x))
     if isinstance(library, Mapping):
