@@ -19,11 +19,11 @@ import pytest
 
 import robustpatch as rp
 from robustpatch import pipeline
-from robustpatch._format.safetensors import write_tensors
+from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, InvalidArgumentError
 from robustpatch.pipeline.jobs import job_key
-from rp_testutil import sha
+from rp_testutil import listing, sha
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -272,6 +272,33 @@ def test_a_sharded_base_is_a_job_like_any_other(tmp_path):
     assert line["sha256"] == pipeline.output_digest(tmp_path / "out" / "p")[0]
     (again,) = pipeline.run(pipeline.load_manifest(tmp_path / "fleet.json"), workers=1)
     assert again["status"] == "skipped"
+
+
+def test_a_sharded_output_folder_that_holds_an_input_of_the_run_is_refused(tmp_path):
+    # the job replaced its folder whole, deleting the manifest or another job's signature
+    from test_sharded import shard_name, signature, write_sharded
+
+    write_sharded(tmp_path / "base")
+    signature().save(tmp_path / "fog.rws")
+    (tmp_path / "out").mkdir()
+    signature(2).save(tmp_path / "out" / "keep.rws")
+    write_tensors(tmp_path / "m.safetensors", read_tensors(tmp_path / "base" / shard_name(0))[1])
+    jobs = [
+        {"base": "base", "signatures": ["fog.rws"], "output": "out"},
+        {"base": "m.safetensors", "signatures": ["out/keep.rws"], "output": "m2.safetensors"},
+    ]
+    before = listing(tmp_path)
+    with pytest.raises(InvalidArgumentError, match=r"job #1 writes the folder .*keep\.rws"):
+        pipeline.load_manifest(write_manifest(tmp_path, {"jobs": jobs}))
+    inside = write_manifest(
+        tmp_path / "out",
+        {"jobs": [dict(jobs[0], base="../base", signatures=["../fog.rws"], output=".")]},
+    )
+    with pytest.raises(InvalidArgumentError, match=r"holds .*fleet\.json, an input of the run"):
+        pipeline.load_manifest(inside)
+    (tmp_path / "fleet.json").unlink()
+    (tmp_path / "out" / "fleet.json").unlink()
+    assert listing(tmp_path) == before
 
 
 def test_ray_address_without_the_ray_executor_is_refused(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -395,3 +396,66 @@ def test_inspect_describes_a_sharded_checkpoints_undo_record(ckpt, capsys):
     (d / "out" / INDEX).write_text(json.dumps(index))
     assert main(["inspect", str(record)]) == 1
     assert "the index changed since it was patched" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- review findings
+
+
+def _symlinked_shard(folder: Path, k: int, store: Path) -> None:
+    """Move shard ``k`` into ``store`` and leave a relative link to it, as a Hugging Face
+    cache snapshot does (its files are links to ``../../blobs/<hash>``)."""
+    store.mkdir(parents=True, exist_ok=True)
+    (folder / shard_name(k)).rename(store / shard_name(k))
+    (folder / shard_name(k)).symlink_to(os.path.relpath(store / shard_name(k), folder))
+
+
+def test_an_untouched_shard_that_is_a_relative_link_is_linked_as_the_file_it_names(ckpt):
+    # the link itself was hard-linked: from the output's folder it named another file
+    d, tensors, _ = ckpt
+    _symlinked_shard(d / "base", 1, d / "store")
+    write_sharded(d / "other" / "decoy", seed=7)
+    _symlinked_shard(d / "other" / "decoy", 1, d / "other" / "store")  # "../store/..." there
+    original = sha(d / "store" / shard_name(1))
+    rp.apply_file(d / "base", d / "fog.rws", 1.0, d / "other" / "out")
+    out_shard = d / "other" / "out" / shard_name(1)
+    assert not out_shard.is_symlink() and sha(out_shard) == original
+    rp.remove_file(d / "other" / "out", d / "other" / "restored")
+    assert sha(d / "other" / "restored" / shard_name(1)) == original
+
+
+def test_a_shard_that_links_into_the_output_folder_is_an_input_never_replaced(ckpt):
+    # the output folder was replaced whole, deleting the input shard it read
+    d, _, _ = ckpt
+    rp.apply_file(d / "base", d / "fog.rws", 1.0, d / "out")
+    src = d / "src"
+    shutil.copytree(d / "base", src)
+    (src / shard_name(1)).unlink()
+    (src / shard_name(1)).symlink_to(Path("..") / "out" / shard_name(1))
+    before = listing(d / "out")
+    with pytest.raises(InvalidArgumentError, match="holds the input"):
+        rp.apply_file(src, d / "fog.rws", 1.0, d / "out")
+    assert listing(d / "out") == before
+
+
+def test_an_output_written_without_undo_records_can_be_written_again(ckpt):
+    # it had no folder record, so it counted as a folder robustpatch did not write
+    d, tensors, sig = ckpt
+    rp.apply_file(d / "base", d / "fog.rws", 1.0, d / "out", undo=False)
+    rp.apply_file(d / "base", d / "fog.rws", 0.5, d / "out", undo=False)
+    np.testing.assert_array_equal(
+        loaded(d / "out")["embed.weight"],
+        tensors["embed.weight"] + np.float32(0.5) * sig["embed.weight"].dense(),
+    )
+
+
+def test_inspect_of_a_folder_record_lists_every_signature_it_removes(ckpt, capsys):
+    # it listed the first patched shard's signatures only (and a traceback where a
+    # shard's record held more than the index)
+    d, tensors, _ = ckpt
+    only_shard_1 = {"layers.1.weight": np.full((4, 6), 0.25, np.float32)}
+    rp.Signature.from_deltas(only_shard_1, name="mid").save(d / "mid.rws")
+    rp.apply_file(d / "base", [d / "fog.rws", d / "mid.rws"], [1.0, 0.5], d / "out")
+    assert main(["inspect", str(d / "out" / RECORD_NAME), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [(s["name"], s["alpha"]) for s in rep["signatures"]] == [("fog", 1.0), ("mid", 0.5)]
+    assert rep["patched_shards"] == 3

@@ -91,7 +91,7 @@ def apply_sharded(
     pairs = terms(_opened(sigs), call.alphas)
     plan = make_plan(*_split(pairs))
     check_plan(plan, _spec_across(index), opts.force, allow_dtype_change=opts.allow_dtype_change)
-    _check_out_folder(out, [index.folder, *_sig_paths(sigs)])
+    _check_out_folder(out, [*_index_files(index), *_sig_paths(sigs)])
     shards: dict[str, dict[str, Any]] = {}
     written = elements = 0
     with _TempFolder(out, opts.durable) as tmp:
@@ -113,7 +113,8 @@ def apply_sharded(
         new_index = _patched_index(index, pairs)
         _write(tmp.path / index.path.name, new_index, opts.durable)
         if opts.undo:
-            _write(tmp.path / RECORD_NAME, _record(index, new_index, shards), opts.durable)
+            applied = _applied(pairs)
+            _write(tmp.path / RECORD_NAME, _record(index, new_index, shards, applied), opts.durable)
         tmp.commit()
     record = out / RECORD_NAME if opts.undo else None
     return FileReport(out, record, len(plan.deltas), len(plan.bn), written, elements)
@@ -177,18 +178,26 @@ def applied_in_index(index: ShardedIndex) -> list[dict[str, Any]]:
     return applied
 
 
+def _applied(pairs: list[tuple[Signature, float]]) -> list[dict[str, Any]]:
+    """What the index and the folder's record say a patch applied."""
+    return [{"name": s.name, "hash": s.content_hash, "alpha": a} for s, a in pairs]
+
+
 def _patched_index(index: ShardedIndex, pairs: list[tuple[Signature, float]]) -> bytes:
     """The source index with the applied signatures added to its metadata."""
     doc = json.loads(index.raw)
     meta = dict(doc.get("metadata") or {})
-    meta[APPLIED_KEY] = applied_in_index(index) + [
-        {"name": s.name, "hash": s.content_hash, "alpha": a} for s, a in pairs
-    ]
+    meta[APPLIED_KEY] = applied_in_index(index) + _applied(pairs)
     doc["metadata"] = meta
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 
-def _record(index: ShardedIndex, new_index: bytes, shards: dict[str, dict[str, Any]]) -> bytes:
+def _record(
+    index: ShardedIndex,
+    new_index: bytes,
+    shards: dict[str, dict[str, Any]],
+    applied: list[dict[str, Any]],
+) -> bytes:
     doc = {
         "format": RECORD_FORMAT,
         "version": RECORD_VERSION,
@@ -196,6 +205,7 @@ def _record(index: ShardedIndex, new_index: bytes, shards: dict[str, dict[str, A
         "source_index": index.raw.decode("utf-8"),
         "patched_index_sha256": hashlib.sha256(new_index).hexdigest(),
         "shards": shards,
+        "applied": applied,  # what a removal takes out (readers before it ignore it)
     }
     return (json.dumps(doc, indent=1) + "\n").encode()
 
@@ -207,7 +217,11 @@ def _link_untouched(src: Path, dst: Path, header: Header, durable: bool) -> dict
 
 
 def _link_or_copy(src: Path, dst: Path, durable: bool) -> None:
-    """Hard-link ``src`` at ``dst`` (copy where links are refused)."""
+    """Hard-link the file ``src`` names at ``dst`` (copy where links are refused). A
+    symbolic link is resolved first: linked as it is (Linux's link(2) does not follow
+    it), a relative one would point elsewhere from ``dst``'s folder, as in a Hugging
+    Face cache snapshot, whose files are links to ``../../blobs/<hash>``."""
+    src = Path(os.path.realpath(src))
     try:
         os.link(src, dst)
     except OSError:  # another filesystem, or one without hard links
@@ -262,7 +276,7 @@ def remove_sharded(
     out = _out_folder(out, "remove_file")
     record_path = validate.path(undo, "undo") if undo else index.folder / RECORD_NAME
     record = _load_record(record_path, index)
-    _check_out_folder(out, [index.folder, record_path])
+    _check_out_folder(out, [*_index_files(index), record_path])
     tensors = bn = written = 0
     with _TempFolder(out, durable) as tmp:
         for shard, entry in record["shards"].items():
@@ -325,6 +339,9 @@ def _read_record(path: Path) -> dict[str, Any]:
         raise FormatError(f"{where}: 'shards' or 'source_index' missing")
     for shard, entry in shards.items():
         _check_entry(shard, entry, where)
+    applied = doc.get("applied", [])  # absent from records of earlier releases
+    if not isinstance(applied, list) or not all(isinstance(a, dict) for a in applied):
+        raise FormatError(f"{where}: 'applied' is not a list of {{name, hash, alpha}}")
     return doc
 
 
@@ -372,6 +389,13 @@ def _out_folder(out: Any, fn: str) -> Path:
     return path
 
 
+def _index_files(index: ShardedIndex) -> list[Path]:
+    """What reading a sharded checkpoint reads: its folder, its index and every shard
+    (each resolved by :func:`_check_out_folder`: a shard may be a link into another
+    folder, the output's included)."""
+    return [index.folder, index.path, *(index.shard_path(s) for s in index.shards)]
+
+
 def _check_out_folder(out: Path, inputs: list[Path]) -> None:
     """Refuse an output folder that holds (or is) an input, or that exists without
     being a sharded checkpoint robustpatch wrote (it would be replaced whole)."""
@@ -382,13 +406,28 @@ def _check_out_folder(out: Path, inputs: list[Path]) -> None:
             raise InvalidArgumentError(f"output {out} holds the input {p}; write to another folder")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FileExistsError(errno.EEXIST, "exists and is not a folder", os.fspath(out))
-    if out.exists() and any(out.iterdir()) and not (out / RECORD_NAME).exists():
+    if out.exists() and any(out.iterdir()) and not _replaceable(out):
         raise FileExistsError(
             errno.EEXIST,
-            f"exists and is not a checkpoint robustpatch wrote (no {RECORD_NAME}); "
-            "not replacing it",
+            "exists and is not a checkpoint robustpatch wrote (it holds other files than "
+            "an index, its shards and their undo records); not replacing it",
             os.fspath(out),
         )
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether the existing folder ``out`` holds a sharded checkpoint and nothing else, as
+    robustpatch writes one (with or without undo records): only such a folder is
+    replaced whole."""
+    if (out / RECORD_NAME).exists():
+        return True
+    try:
+        index = load_index(out)
+    except (OSError, ValueError):  # no index, several, or a damaged one
+        return False
+    ours = {index.path.name, RECORD_NAME, *index.shards}
+    ours |= {undo_path_for(s).name for s in index.shards}
+    return {p.name for p in out.iterdir()} <= ours
 
 
 class _TempFolder:

@@ -141,25 +141,20 @@ def undo_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def sharded_undo_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """:func:`undo_report` for a sharded checkpoint's folder record: its shards, the
-    patched ones, and the signatures it removes (as the index names them: each shard's
-    record holds its part of them, under the part's own content hash)."""
-    from .._format.undo import read_record
-    from ..sharded import applied_in_index, load_folder_record
+    patched ones, and the signatures a removal takes out (None in a record of an earlier
+    release, which did not keep them; each patched shard's record embeds its part)."""
+    from ..sharded import load_folder_record
 
     doc, index = load_folder_record(path)
-    patched = [e["undo"] for e in doc["shards"].values() if "undo" in e]
-    parts = read_record(index.folder / patched[0]).applied() if patched else []
-    applied = applied_in_index(index)  # this record's signatures were appended last
-    last = applied[len(applied) - len(parts) :]
-    signatures = [dict(a, embedded=p["embedded"]) for a, p in zip(last, parts, strict=True)]
+    applied = doc.get("applied")
     return {
         "file": str(path),
         "kind": "undo",
         "bytes": os.path.getsize(path),
         "index": str(index.path),
         "shards": len(doc["shards"]),
-        "patched_shards": len(patched),
-        "signatures": signatures,
+        "patched_shards": sum("undo" in e for e in doc["shards"].values()),
+        "signatures": None if applied is None else [dict(a, embedded=True) for a in applied],
     }
 
 
@@ -252,7 +247,9 @@ def _print_undo(rep: dict[str, Any]) -> None:
     if "index" in rep:  # a sharded checkpoint's folder record
         of = f" of {rep['index']} ({rep['patched_shards']} of {rep['shards']} shards patched)"
     print(f"{rep['file']}: undo record{of}, {fmt_bytes(rep['bytes'])}")
-    for s in rep["signatures"]:
+    if rep["signatures"] is None:
+        print("  the signatures it removes are not recorded (a record of an earlier release)")
+    for s in rep["signatures"] or []:
         kept = "embedded" if s["embedded"] else "by reference"
         print(f"  {s['name']!r} alpha={s['alpha']} hash={s['hash']} ({kept})")
 

@@ -229,6 +229,20 @@ def check_jobs(jobs: list[Job], inputs: Sequence[str | os.PathLike[str]] = ()) -
                 raise InvalidArgumentError(f"job #{i + 1} writes {path}, an input of the run")
         _check_outside(os.path.realpath(job.output), job, i, folders)
         _check_not_in_output(os.path.realpath(job.output), job, i, written)
+    _check_no_input_inside(jobs, written, read)
+
+
+def _check_no_input_inside(jobs: list[Job], written: dict[str, int], read: set[str]) -> None:
+    """Refuse a sharded job's output folder that holds a file the run reads (the
+    manifest, a signature, a base): the job replaces its folder whole."""
+    for path in sorted(read):
+        for folder in map(str, Path(path).parents):
+            if folder in written:
+                i = written[folder]
+                raise InvalidArgumentError(
+                    f"job #{i + 1} writes the folder {jobs[i].output}, which holds {path}, "
+                    "an input of the run"
+                )
 
 
 def _sharded_outputs(jobs: list[Job]) -> dict[str, int]:
