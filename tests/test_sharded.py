@@ -459,3 +459,31 @@ def test_inspect_of_a_folder_record_lists_every_signature_it_removes(ckpt, capsy
     rep = json.loads(capsys.readouterr().out)
     assert [(s["name"], s["alpha"]) for s in rep["signatures"]] == [("fog", 1.0), ("mid", 0.5)]
     assert rep["patched_shards"] == 3
+
+
+def test_extract_reads_a_sharded_checkpoint_by_its_folder_and_guards_any_index_name(ckpt):
+    # a folder was "a directory, not a regular file"; an index named weights.json was
+    # read, but its shards were not counted as inputs: the output replaced one
+    d, _, _ = ckpt
+    write_sharded(d / "robust", seed=3)
+    whole = rp.extract(d / "base", d / "base", d / "robust", layers="all")
+    assert whole.entries and set(whole.entries) <= set(LAYOUT)
+    (d / "robust" / "weights.json").write_bytes((d / "robust" / INDEX).read_bytes())
+    before = listing(d / "robust")
+    with pytest.raises(InvalidArgumentError, match="is the input"):
+        rp.extract_to(
+            d / "robust" / shard_name(0), d / "base", d / "base", d / "robust" / "weights.json"
+        )
+    assert listing(d / "robust") == before
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "1e999"])
+def test_an_index_with_a_number_json_cannot_hold_is_a_format_error(ckpt, capsys, number):
+    # inspect --json printed it back as NaN/Infinity: invalid JSON, exit 0
+    d, _, _ = ckpt
+    text = (d / "base" / INDEX).read_text()
+    (d / "base" / INDEX).write_text(
+        text.replace('"total_size": ', f'"odd": {number}, "total_size": ')
+    )
+    assert main(["inspect", str(d / "base"), "--json"]) == 1
+    assert f"holds {number}, which JSON does not allow" in capsys.readouterr().err

@@ -657,6 +657,10 @@ def test_remove_refuses_a_tensor_changed_since_the_patch_and_changes_nothing():
         ({"layers": 3.5}, SelectionError),
         ({"layers": None}, SelectionError),
         ({"layers": True}, SelectionError),
+        ({"provenance": "fog"}, InvalidArgumentError),  # these four were TypeErrors
+        ({"effect": [1]}, InvalidArgumentError),
+        ({"order": "conv1.weight"}, InvalidArgumentError),
+        ({"progress": 5}, InvalidArgumentError),
     ],
 )
 def test_extract_refuses_options_of_the_wrong_type(models, tmp_path, kwargs, error):

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _core, validate
-from ._format.shards import is_sharded, load_index
+from ._format.shards import load_index
 from ._io.atomic import check_destinations
 from ._io.prefetch import prefetched
 from .dtypes import widen
@@ -46,12 +46,13 @@ from .errors import (
     NonFiniteError,
     SelectionError,
     ZeroSignatureWarning,
+    shown,
 )
 from .selection import Layers, choose_layers, layer_units
 from .signature import Entry, Signature, bn_entry, dense_entry
 from .signature.entry import quantize_entry
 from .signature.writer import SignatureWriter
-from .sources import DictSource, FileSource, Source, open_source
+from .sources import DictSource, FileSource, Source, open_source, reads_as_index
 
 __all__ = [
     "extract",
@@ -241,6 +242,19 @@ class _Plan:
     tick: Callable[[int], object]
 
 
+def _check_extras(provenance: Any, effect: Any, order: Any, progress: Any) -> None:
+    """The optional arguments of an extraction, of their types before any work (a wrong
+    one was a TypeError, for ``provenance`` after the whole extraction)."""
+    for key, value in (("provenance", provenance), ("effect", effect)):
+        if value is not None and not isinstance(value, Mapping):
+            raise InvalidArgumentError(f"{key} must be a mapping, got {shown(value)}")
+    ok_order = isinstance(order, Sequence) and not isinstance(order, (str, bytes))
+    if order is not None and not (ok_order and all(isinstance(n, str) for n in order)):
+        raise InvalidArgumentError(f"order must be a list of tensor names, got {shown(order)}")
+    if progress is not None and not callable(progress):
+        raise InvalidArgumentError(f"progress must be callable, got {shown(progress)}")
+
+
 def _plan(pretrained, clean, robust, layers, method, energy, param_budget, order, progress):
     """Check the arguments, open the checkpoints and choose the tensors."""
     if method not in ("projection", "difference"):
@@ -338,6 +352,7 @@ def extract(
     To write the signature to a file without holding it in memory, use
     :func:`extract_to`.
     """
+    _check_extras(provenance, effect, order, progress)
     plan = _plan(pretrained, clean, robust, layers, method, energy, param_budget, order, progress)
     tally = _Tally()
     entries = list(_entries(plan, tally))
@@ -395,6 +410,7 @@ def extract_to(
     a = call.arguments
     if not isinstance(a["name"], str):
         raise InvalidArgumentError(f"name must be a string, got {a['name']!r}")
+    _check_extras(a["provenance"], a["effect"], a["order"], a["progress"])
     plan = _plan(
         pretrained,
         clean,
@@ -431,7 +447,7 @@ def checkpoint_files(*checkpoints: Any) -> list[Path]:
         if not isinstance(c, (str, os.PathLike)):
             continue  # a state dict or module in memory
         files.append(Path(c))
-        if is_sharded(c):
+        if reads_as_index(c):  # as the extraction will read it
             try:
                 index = load_index(c)
             except (OSError, ValueError):  # FormatError, InvalidArgumentError among them

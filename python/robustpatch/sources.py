@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._format.safetensors import read_header
-from ._format.shards import load_index
+from ._format.shards import is_sharded, load_index
 from .dtypes import NUMPY_OF_LABEL, PATCHABLE, label_of
 from .errors import FormatError, InvalidArgumentError
 from .selection import depth_key, is_buffer_name
@@ -182,13 +182,19 @@ def _index_files(path: Path) -> list[Path]:
     return [index.shard_path(s) for s in index.shards]
 
 
+def reads_as_index(path: str | os.PathLike[str]) -> bool:
+    """Whether a checkpoint path is read as a sharded checkpoint: an index (any ``.json``
+    file) or a folder holding a ``*.safetensors.index.json``, as ``apply`` reads one."""
+    return Path(path).suffix == ".json" or is_sharded(path)
+
+
 def open_source(obj: Any) -> Source:
     """A :class:`Source` for a dict of arrays, a torch module/state dict, or a file path."""
     if isinstance(obj, Source):
         return obj
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)
-        if path.suffix == ".json":
+        if reads_as_index(path):
             return FileSource(_index_files(path), str(path))
         if path.suffix in (".pt", ".pth", ".bin"):
             from .torch_bridge import load_torch_file, numpy_state

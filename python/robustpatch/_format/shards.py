@@ -24,6 +24,7 @@ from typing import Any
 
 from .._io.inputs import open_input
 from ..errors import FormatError, InvalidArgumentError, shown
+from . import strict_json
 from .safetensors import Header, read_header_from
 
 __all__ = ["INDEX_SUFFIX", "ShardedIndex", "find_index", "is_sharded", "load_index"]
@@ -117,7 +118,9 @@ def _parse_json(raw: bytes, index: Path) -> dict[str, Any]:
         return out
 
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
+        doc = strict_json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
+    except strict_json.NonStandardNumber as e:
+        raise FormatError(f"{index}: holds {e}, which JSON does not allow") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{index}: not a JSON index ({e})") from None
     if not isinstance(doc, dict):

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from .. import _core
+from .._format import strict_json
 from .._format.safetensors import Header, TensorInfo, read_header_from, read_tensor, write_tensors
 from .._io.inputs import open_input
 from ..dtypes import NUMPY_OF_LABEL, label_of, widen
@@ -209,21 +210,13 @@ def signature_hash(sig: Signature, stored: Mapping[str, np.ndarray] | None = Non
 MAX_META_DEPTH = 64
 
 
-class _NonStandardNumber(ValueError):
-    """NaN or Infinity in JSON text: Python reads them, strict JSON readers do not."""
-
-
-def _refuse_constant(name: str) -> Any:
-    raise _NonStandardNumber(name)
-
-
 def parse_meta_json(raw: str, where: str, what: str = "robustpatch metadata") -> Any:
     """``json.loads`` for metadata read from a file: FormatError if it is not valid JSON
-    (NaN and Infinity included, which strict readers refuse) or nests deeper than
-    :data:`MAX_META_DEPTH` (never RecursionError)."""
+    (NaN, Infinity or 1e999 included, see :mod:`robustpatch._format.strict_json`) or
+    nests deeper than :data:`MAX_META_DEPTH` (never RecursionError)."""
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
-    except _NonStandardNumber as e:
+        value = strict_json.loads(raw)
+    except strict_json.NonStandardNumber as e:
         raise FormatError(f"{where}: {what} holds {e}, which JSON does not allow") from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{where}: {what} is not valid JSON ({e})") from None
