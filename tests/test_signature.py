@@ -775,3 +775,18 @@ def test_save_refuses_metadata_its_load_would_refuse_and_writes_nothing(tmp_path
 def test_a_signature_meta_that_is_no_mapping_is_refused_when_built():
     with pytest.raises(InvalidArgumentError, match="meta must be a mapping"):
         Signature.from_deltas({"w": np.ones(4, np.float32)}, meta=5)
+
+
+def test_a_tensor_one_dict_checkpoint_holds_otherwise_is_named_with_why(models):
+    # "is in the clean model but not in the robust one", when the robust one held it
+    # as an int tensor, or tied to another name
+    pre, clean, robust = models
+    ints = dict(robust, **{"conv1.bias": robust["conv1.bias"].astype(np.int32)})
+    with pytest.raises(
+        MismatchError, match=r"not in the robust one \(the robust model holds it as int32\)"
+    ):
+        extract(pre, clean, ints)
+    tied_clean = dict(clean, **{"x.weight": clean["conv1.weight"]})
+    untied_robust = dict(robust, **{"x.weight": robust["conv1.weight"].copy()})
+    with pytest.raises(MismatchError, match=r"ties it to 'conv1.weight'"):
+        extract(pre, tied_clean, untied_robust)

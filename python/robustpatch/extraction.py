@@ -152,7 +152,11 @@ def _candidates(trio: _Trio, order: Sequence[str] | None) -> list[str]:
     for n in names:
         rs, cs = trio.robust.spec(n), trio.clean.spec(n)
         if rs is None:
-            raise MismatchError(f"tensor {n!r} is in the clean model but not in the robust one")
+            why = trio.robust.other.get(n)
+            raise MismatchError(
+                f"tensor {n!r} is in the clean model but not in the robust one"
+                + (f" (the robust model {why})" if why else "")
+            )
         if rs != cs:
             raise MismatchError(f"{n}: clean {cs} and robust {rs} differ in dtype or shape")
     _check_robust_only(trio, set(names))
@@ -166,7 +170,11 @@ def _check_robust_only(trio: _Trio, clean_floats: set[str]) -> None:
         if trio.robust.is_float(n) and n not in clean_floats:
             cs, rs = trio.clean.spec(n), trio.robust.spec(n)
             if cs is None:
-                raise MismatchError(f"tensor {n!r} is in the robust model but not in the clean one")
+                why = trio.clean.other.get(n)
+                raise MismatchError(
+                    f"tensor {n!r} is in the robust model but not in the clean one"
+                    + (f" (the clean model {why})" if why else "")
+                )
             raise MismatchError(f"{n}: clean {cs} and robust {rs} differ in dtype or shape")
 
 

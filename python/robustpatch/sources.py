@@ -41,6 +41,8 @@ class Source:
         self.where = where
         self.buffers = set(buffers or ()) | bn
         self.tied: dict[str, str] = {}
+        #: Names the checkpoint holds but not as a float tensor of its own, each to why.
+        self.other: dict[str, str] = {}
 
     def is_buffer(self, name: str) -> bool:
         """True for state that is not a weight (never a layer, not a parameter)."""
@@ -110,6 +112,8 @@ class DictSource(Source):
         bn_names = set(bn or ()) | {k for k in names if is_bn_stat(k)}
         super().__init__(names, bn_names, where, buffers)
         self.tied = tied
+        self.other = {k: f"holds it as {_kind(v)}" for k, v in arrays.items() if k not in names}
+        self.other |= {k: f"ties it to {kept!r}" for k, kept in tied.items()}
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         a = self.arrays.get(name)
@@ -120,6 +124,11 @@ class DictSource(Source):
         if a.dtype.name == "bfloat16":
             a = a.view(np.uint16)
         return np.asarray(a, order="C")  # 0-d stays 0-d
+
+
+def _kind(a: Any) -> str:
+    """What a left-out value is, for a message: its dtype, or its type."""
+    return str(a.dtype) if isinstance(a, np.ndarray) else type(a).__name__
 
 
 def _is_float_array(a: Any) -> bool:
