@@ -487,3 +487,16 @@ def test_an_index_with_a_number_json_cannot_hold_is_a_format_error(ckpt, capsys,
     )
     assert main(["inspect", str(d / "base"), "--json"]) == 1
     assert f"holds {number}, which JSON does not allow" in capsys.readouterr().err
+
+
+def test_an_output_folder_gets_the_mode_a_new_folder_gets(ckpt):
+    # it was 0700, as the temporary folder it was built in
+    d, _, _ = ckpt
+    old = os.umask(0o022)
+    try:
+        rp.apply_file(d / "base", d / "fog.rws", 1.0, d / "out")
+        rp.remove_file(d / "out", d / "restored")
+    finally:
+        os.umask(old)
+    assert (d / "out").stat().st_mode & 0o777 == 0o755
+    assert (d / "restored").stat().st_mode & 0o777 == 0o755

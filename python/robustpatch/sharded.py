@@ -43,7 +43,7 @@ from . import validate
 from ._format.safetensors import Header
 from ._format.shards import INDEX_SUFFIX, RECORD_NAME, ShardedIndex, is_sharded, load_index
 from ._format.undo import undo_path_for
-from ._io.atomic import _fsync_dir, remove_stale
+from ._io.atomic import _fsync_dir, new_folder_mode, remove_stale
 from .errors import FormatError, InvalidArgumentError, MismatchError, shown
 from .signature import Signature
 from .signature.algebra import terms
@@ -439,6 +439,7 @@ class _TempFolder:
         remove_stale_folders(out)
         prefix = f".{out.name}.rp{os.getpid()}."
         self.path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out.parent))
+        os.chmod(self.path, new_folder_mode())  # the checkpoint's folder, not a private one
         self.committed = False
 
     def __enter__(self) -> _TempFolder:

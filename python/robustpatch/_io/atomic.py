@@ -173,16 +173,26 @@ def _temp_prefix(path: Path) -> str:
 
 def _new_file_mode() -> int:
     """0o666 minus the process umask (what ``open(path, "w")`` would create)."""
+    return 0o666 & ~_umask()
+
+
+def new_folder_mode() -> int:
+    """0o777 minus the process umask (what ``os.mkdir`` would create; ``mkdtemp`` makes
+    0o700)."""
+    return 0o777 & ~_umask()
+
+
+def _umask() -> int:
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
+                    return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
     mask = os.umask(0o022)  # not thread-safe, hence only where /proc is missing
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def _pid_alive(pid: int) -> bool:
