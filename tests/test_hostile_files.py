@@ -553,7 +553,7 @@ def _cases() -> list[Case]:
                 b, meta_fn=lambda m: entry(m, "bn1.running_var").update(weight=math.nan)
             )(p),
             FormatError,
-            "robustpatch metadata holds NaN, which JSON does not allow",
+            "'bn1.running_var' has a bad weight nan",
         ),
         C(
             "bn_replacement_inf",

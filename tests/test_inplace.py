@@ -233,7 +233,8 @@ def test_a_sealed_journal_that_is_damaged_is_refused_and_kept(small, damage, cap
 
 def test_a_journal_written_through_a_symlink_is_found_through_the_real_name(small):
     # it was kept beside the link: a patch through the real name went ahead over a
-    # half-patched model, and a later remove "restored" the half-patched bytes
+    # half-patched model, and a later remove "restored" the half-patched bytes. (The
+    # undo record stays beside the name given, where every reader looks for it.)
     model, sig, link = small / "m.safetensors", small / "s.rws", small / "link.safetensors"
     link.symlink_to(model.name)
     original = model.read_bytes()
@@ -243,9 +244,19 @@ def test_a_journal_written_through_a_symlink_is_found_through_the_real_name(smal
     assert journal_path_for(link) == journal_path_for(model)
     apply_file(model, sig, 1.0, inplace=True)  # recovers first
     assert undo_path_for(model).exists()
-    remove_file(link, inplace=True)  # through the link: the record beside the file
+    remove_file(model, inplace=True)
     assert model.read_bytes() == original and link.is_symlink()
     assert sorted(p.name for p in small.iterdir()) == ["link.safetensors", "m.safetensors", "s.rws"]
+
+
+def test_a_patch_through_a_symlink_keeps_its_record_beside_the_name_given(small):
+    model, sig, link = small / "m.safetensors", small / "s.rws", small / "link.safetensors"
+    link.symlink_to(model.name)
+    original = sha(model)
+    apply_file(link, sig, 1.0, inplace=True)
+    assert undo_path_for(link).exists() and not journal_path_for(link).exists()
+    remove_file(link, small / "restored.safetensors")  # reads the record beside the link
+    assert sha(small / "restored.safetensors") == original
 
 
 def _fake_undo_record(path: Path) -> None:

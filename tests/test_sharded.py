@@ -500,3 +500,15 @@ def test_an_output_folder_gets_the_mode_a_new_folder_gets(ckpt):
         os.umask(old)
     assert (d / "out").stat().st_mode & 0o777 == 0o755
     assert (d / "restored").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("applied", ["[{}]", '[{"name": "fog", "hash": "h", "alpha": NaN}]'])
+def test_a_folder_record_with_a_malformed_applied_list_is_a_one_line_error(ckpt, capsys, applied):
+    # inspect raised KeyError on {} and printed NaN back (invalid JSON)
+    d, _, _ = ckpt
+    rp.apply_file(d / "base", d / "fog.rws", 1.0, d / "out")
+    record = d / "out" / RECORD_NAME
+    doc = json.loads(record.read_text())
+    record.write_text(json.dumps(doc).replace(json.dumps(doc["applied"]), applied))
+    assert main(["inspect", str(record), "--json"]) == 1
+    assert "bad undo record" in capsys.readouterr().err

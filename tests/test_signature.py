@@ -4,6 +4,7 @@ apply/remove on dicts of numpy arrays."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 import robustpatch as rp
 from robustpatch._format.safetensors import read_tensors, write_tensors
+from robustpatch.cli import main
 from robustpatch.dtypes import narrow, widen
 from robustpatch.errors import (
     FormatError,
@@ -661,6 +663,7 @@ def test_remove_refuses_a_tensor_changed_since_the_patch_and_changes_nothing():
         ({"effect": [1]}, InvalidArgumentError),
         ({"order": "conv1.weight"}, InvalidArgumentError),
         ({"progress": 5}, InvalidArgumentError),
+        ({"provenance": {"x": float("nan")}}, InvalidArgumentError),  # after the extraction
     ],
 )
 def test_extract_refuses_options_of_the_wrong_type(models, tmp_path, kwargs, error):
@@ -728,23 +731,33 @@ def _rewrite_meta(src, dst, edit) -> None:
     dst.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
 
 
-@pytest.mark.parametrize(
-    ("edit", "match"),
-    [
-        (lambda m: m["entries"][-1].update(weight=10**400), "has a bad weight"),  # OverflowError
-        (lambda m: m.update(provenance={"x": float("nan")}), "holds NaN, which JSON"),
-        (lambda m: m["entries"][0].update(stats={"energy": float("inf")}), "holds Infinity"),
-    ],
-    ids=["huge-weight", "nan", "infinity"],
-)
-def test_a_signature_header_with_numbers_json_cannot_hold_is_a_format_error(tmp_path, edit, match):
+def _bn_signature(tmp_path):
     s = Signature.from_deltas(
         {"w": np.ones(4, np.float32)}, bn={"bn.running_mean": np.zeros(4, np.float32)}, name="s"
     )
     s.save(tmp_path / "s.rws")
-    _rewrite_meta(tmp_path / "s.rws", tmp_path / "bad.rws", edit)
-    with pytest.raises(FormatError, match=match):
+    return tmp_path / "s.rws"
+
+
+def test_a_batchnorm_weight_past_the_float_range_is_a_format_error(tmp_path):
+    # it was an OverflowError traceback
+    edit = lambda m: m["entries"][-1].update(weight=10**400)  # noqa: E731
+    _rewrite_meta(_bn_signature(tmp_path), tmp_path / "bad.rws", edit)
+    with pytest.raises(FormatError, match="has a bad weight"):
         Signature.load(tmp_path / "bad.rws")
+
+
+def test_an_earlier_releases_nan_metadata_loads_and_prints_as_strict_json(tmp_path, capsys):
+    # earlier releases saved NaN metadata; refusing it would strand what they patched
+    edit = lambda m: m.update(provenance={"x": float("nan"), "y": float("inf")})  # noqa: E731
+    _rewrite_meta(_bn_signature(tmp_path), tmp_path / "old.rws", edit)
+    sig = Signature.load(tmp_path / "old.rws")
+    assert math.isnan(sig.meta["provenance"]["x"])
+    assert main(["inspect", str(tmp_path / "old.rws"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
+    assert rep["provenance"] == {"x": "NaN", "y": "Infinity"}
+    with pytest.raises(InvalidArgumentError, match="cannot be saved"):  # never written again
+        sig.save(tmp_path / "again.rws")
 
 
 @pytest.mark.parametrize(
@@ -790,3 +803,11 @@ def test_a_tensor_one_dict_checkpoint_holds_otherwise_is_named_with_why(models):
     untied_robust = dict(robust, **{"x.weight": robust["conv1.weight"].copy()})
     with pytest.raises(MismatchError, match=r"ties it to 'conv1.weight'"):
         extract(pre, tied_clean, untied_robust)
+
+
+def test_extract_takes_any_iterable_of_names_as_its_order(models):
+    # the check added for a wrong type refused dict keys and generators
+    pre, clean, robust = models
+    a = extract(pre, clean, robust, layers="all", order=clean.keys())
+    b = extract(pre, clean, robust, layers="all", order=(n for n in clean))
+    assert list(a.entries) == list(b.entries)

@@ -108,10 +108,6 @@ def _infinite_alpha(meta: dict) -> str:
     return json.dumps(meta).replace('"alphas": [0.5]', '"alphas": [Infinity]')
 
 
-def _overflowing_alpha(meta: dict) -> str:
-    return json.dumps(meta).replace('"alphas": [0.5]', '"alphas": [1e999]')  # past a float
-
-
 def _no_entries(meta: dict) -> None:
     meta["signatures"][0].pop("entries")
 
@@ -136,9 +132,8 @@ CRAFTED = [
     # alphas: wrong length, not finite
     case("alphas_too_many", F, "2 alphas for 1 signatures", _set("alphas", [0.5, 0.5])),
     case("alphas_none", F, "0 alphas for 1 signatures", _set("alphas", [])),
-    case("alpha_nan", F, "metadata holds NaN, which JSON", _set("alphas", [math.nan])),
-    case("alpha_inf", F, "metadata holds Infinity, which JSON", raw=_infinite_alpha),
-    case("alpha_1e999", F, "metadata holds 1e999, which JSON", raw=_overflowing_alpha),
+    case("alpha_nan", F, "alpha nan is not finite", _set("alphas", [math.nan])),
+    case("alpha_inf", F, "alpha inf is not finite", raw=_infinite_alpha),
     case("alpha_past_f32", F, "outside the float32 range", _set("alphas", [1e39])),
     # names, kinds and dtypes
     case(

@@ -46,10 +46,10 @@ from .errors import (
     NonFiniteError,
     SelectionError,
     ZeroSignatureWarning,
-    shown,
 )
 from .selection import Layers, choose_layers, layer_units
 from .signature import Entry, Signature, bn_entry, dense_entry
+from .signature.codec import json_default
 from .signature.entry import quantize_entry
 from .signature.writer import SignatureWriter
 from .sources import DictSource, FileSource, Source, open_source, reads_as_index
@@ -250,17 +250,29 @@ class _Plan:
     tick: Callable[[int], object]
 
 
-def _check_extras(provenance: Any, effect: Any, order: Any, progress: Any) -> None:
-    """The optional arguments of an extraction, of their types before any work (a wrong
-    one was a TypeError, for ``provenance`` after the whole extraction)."""
+def _check_extras(provenance: Any, effect: Any, order: Any, progress: Any) -> list[str] | None:
+    """The optional arguments of an extraction, checked before any work (a wrong type
+    was a TypeError, and provenance's NaN an error after the whole extraction); returns
+    ``order`` as a list (any iterable of names: ``state_dict().keys()``, a generator)."""
     for key, value in (("provenance", provenance), ("effect", effect)):
-        if value is not None and not isinstance(value, Mapping):
-            raise InvalidArgumentError(f"{key} must be a mapping, got {shown(value)}")
-    ok_order = isinstance(order, Sequence) and not isinstance(order, (str, bytes))
-    if order is not None and not (ok_order and all(isinstance(n, str) for n in order)):
-        raise InvalidArgumentError(f"order must be a list of tensor names, got {shown(order)}")
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise InvalidArgumentError(f"{key} must be a mapping, got {type(value).__name__}")
+        try:
+            json.dumps(value, default=json_default, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise InvalidArgumentError(f"{key} cannot be saved in a signature: {e}") from None
     if progress is not None and not callable(progress):
-        raise InvalidArgumentError(f"progress must be callable, got {shown(progress)}")
+        raise InvalidArgumentError(f"progress must be callable, got {type(progress).__name__}")
+    if order is None:
+        return None
+    if isinstance(order, (str, bytes)) or not isinstance(order, Iterable):
+        raise InvalidArgumentError(f"order must be tensor names, got {type(order).__name__}")
+    names = list(order)
+    if not all(isinstance(n, str) for n in names):
+        raise InvalidArgumentError("order must be tensor names (strings)")
+    return names
 
 
 def _plan(pretrained, clean, robust, layers, method, energy, param_budget, order, progress):
@@ -360,7 +372,7 @@ def extract(
     To write the signature to a file without holding it in memory, use
     :func:`extract_to`.
     """
-    _check_extras(provenance, effect, order, progress)
+    order = _check_extras(provenance, effect, order, progress)
     plan = _plan(pretrained, clean, robust, layers, method, energy, param_budget, order, progress)
     tally = _Tally()
     entries = list(_entries(plan, tally))
@@ -418,7 +430,7 @@ def extract_to(
     a = call.arguments
     if not isinstance(a["name"], str):
         raise InvalidArgumentError(f"name must be a string, got {a['name']!r}")
-    _check_extras(a["provenance"], a["effect"], a["order"], a["progress"])
+    a["order"] = _check_extras(a["provenance"], a["effect"], a["order"], a["progress"])
     plan = _plan(
         pretrained,
         clean,

@@ -170,22 +170,17 @@ def _mapped(f: Any) -> Iterator[mmap.mmap]:
             pass
 
 
-def _resolved(model: Path) -> Path:
-    """The model's own path, symbolic links resolved: its journal and undo record sit
-    beside the file itself, where a call through any of its names finds them."""
-    return Path(os.path.realpath(model))
-
-
 def apply_inplace(model: str | os.PathLike[str], call: PatchCall) -> FileReport:
     """Patch ``model`` in place with ``Σ α_k·sig_k`` (see the module docstring).
 
-    The undo record goes to ``<model>.rpundo`` (unless ``undo`` is off; beside the file a
-    symbolic link ``model`` points to); checks and errors
+    The undo record goes to ``<model>.rpundo`` (unless ``undo`` is off; beside the name
+    given, as every reader of records looks for it; the journal goes beside the file a
+    symbolic link names, where a call through any name finds it); checks and errors
     are those of :func:`~robustpatch.files.apply_file`, and ``BlockingIOError`` while
     another in-place call or recovery holds the model. On any error before the commit
     the model is restored from the journal before the error propagates.
     """
-    model = _resolved(validate.path(model, "model"))
+    model = validate.path(model, "model")
     with model_lock(model):
         return _apply_held(model, call)
 
@@ -306,7 +301,7 @@ def remove_inplace(
     commit. Works for a record of an in-place patch, and for one of ``apply_file`` whose
     header kept its length. Refuses what :func:`~robustpatch.files.remove_file` refuses,
     and (``BlockingIOError``) a model another in-place call or recovery holds."""
-    patched = _resolved(validate.path(patched, "patched"))
+    patched = validate.path(patched, "patched")
     side_path = validate.path(undo, "undo") if undo else undo_path_for(patched)
     with model_lock(patched):
         return _remove_held(patched, side_path, progress, signatures)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import validate
+from ._format import strict_json
 from ._format.safetensors import Header
 from ._format.shards import INDEX_SUFFIX, RECORD_NAME, ShardedIndex, is_sharded, load_index
 from ._format.undo import undo_path_for
@@ -327,7 +328,9 @@ def _read_record(path: Path) -> dict[str, Any]:
         )
     where = f"{path}: bad undo record"
     try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
+        doc = strict_json.loads(path.read_bytes().decode("utf-8"))
+    except strict_json.NonStandardNumber as e:
+        raise FormatError(f"{where}: it holds {e}, which JSON does not allow") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{where} ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
@@ -340,9 +343,20 @@ def _read_record(path: Path) -> dict[str, Any]:
     for shard, entry in shards.items():
         _check_entry(shard, entry, where)
     applied = doc.get("applied", [])  # absent from records of earlier releases
-    if not isinstance(applied, list) or not all(isinstance(a, dict) for a in applied):
+    if not isinstance(applied, list) or not all(map(_is_applied, applied)):
         raise FormatError(f"{where}: 'applied' is not a list of {{name, hash, alpha}}")
     return doc
+
+
+def _is_applied(a: Any) -> bool:
+    """One signature a patch applied, as :func:`_applied` writes it."""
+    return (
+        isinstance(a, dict)
+        and isinstance(a.get("name"), str)
+        and isinstance(a.get("hash"), str)
+        and isinstance(a.get("alpha"), (int, float))
+        and not isinstance(a.get("alpha"), bool)
+    )
 
 
 def _check_record(path: Path, doc: dict[str, Any], index: ShardedIndex) -> None:

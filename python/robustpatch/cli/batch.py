@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import replace
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from ..errors import InvalidArgumentError
 from ..options import EXECUTORS
 from . import parser as cli_args
+from .output import json_text
 from .parser import PROG
 
 
@@ -48,7 +48,7 @@ def run_batch(args: Any) -> int:
 
 def _print_line(line: dict[str, Any]) -> None:
     """A job's result as it ends, flushed so that a reader (or a killed run) has it."""
-    print(json.dumps({k: v for k, v in line.items() if k != "traceback"}), flush=True)
+    print(json_text({k: v for k, v in line.items() if k != "traceback"}), flush=True)
     if "traceback" in line:
         print(line["traceback"], file=sys.stderr, end="")
 

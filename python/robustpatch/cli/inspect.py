@@ -4,13 +4,12 @@ record — as text or one JSON object."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from typing import Any
 
 from ..errors import FormatError
-from .output import fmt_bytes, print_table
+from .output import fmt_bytes, json_text, print_table
 
 
 def signature_report(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -226,7 +225,7 @@ def _print_signature(rep: dict[str, Any]) -> None:
     print(f"base fingerprint {rep['fingerprints']['base']}")
     for key in ("layers", "quantization", "provenance", "effect", "components", "skipped"):
         if key in rep:
-            print(f"{key}: {json.dumps(rep[key])}")
+            print(f"{key}: {json_text(rep[key])}")
 
 
 def _print_model(rep: dict[str, Any]) -> None:
@@ -266,7 +265,7 @@ def run_inspect(args: Any) -> None:
     """
     rep = inspect_report(args.file)
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print(json_text(rep, indent=2))
     else:
         PRINTERS[rep["kind"]](rep)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import contextmanager
 from typing import Any
@@ -31,10 +32,27 @@ def progress_bar(args: Any, desc: str, total: int | None = None, unit: str = "B"
         yield bar.update
 
 
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """``obj`` as strict JSON: a non-finite float (NaN in an older file's metadata,
+    which robustpatch no longer writes) becomes its text, ``"NaN"`` or ``"Infinity"``, as
+    Python's ``json`` would print it bare and other readers refuse."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return json.dumps(obj)  # 'NaN', 'Infinity', '-Infinity'
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def report(args: Any, rep: dict[str, Any], text: str) -> None:
     """Print ``rep`` as one JSON object with --json, else ``text`` (unless --quiet)."""
     if args.json:
-        print(json.dumps(rep))
+        print(json_text(rep))
     elif not getattr(args, "quiet", False):
         print(text)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError
 from . import parser as cli_args
-from .output import print_table, progress_bar, report
+from .output import json_text, print_table, progress_bar, report
 
 if TYPE_CHECKING:
     import numpy as np
@@ -224,7 +224,7 @@ def run_similarity(args: Any) -> None:
             "names": [s.name for s in sigs],
             "cosine": m.tolist(),
         }
-        print(json.dumps(rep))
+        print(json_text(rep))
         return
     rows = [[n, *(f"{x:+.3f}" for x in row)] for n, row in zip(labels, m)]
     print_table(rows, ["", *labels])
@@ -316,7 +316,7 @@ def run_detect(args: Any) -> None:
         for label, score in detect(query, sigs)
     ]
     if args.json:
-        print(json.dumps({"query": args.query or [args.model, args.base], "ranking": ranking}))
+        print(json_text({"query": args.query or [args.model, args.base], "ranking": ranking}))
         return
     rows = [[r["label"], r["name"], f"{r['cosine']:+.3f}"] for r in ranking]
     print_table(rows, ["signature", "name", "cosine"])

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from .. import _core
-from .._format import strict_json
 from .._format.safetensors import Header, TensorInfo, read_header_from, read_tensor, write_tensors
 from .._io.inputs import open_input
 from ..dtypes import NUMPY_OF_LABEL, label_of, widen
@@ -212,12 +211,11 @@ MAX_META_DEPTH = 64
 
 def parse_meta_json(raw: str, where: str, what: str = "robustpatch metadata") -> Any:
     """``json.loads`` for metadata read from a file: FormatError if it is not valid JSON
-    (NaN, Infinity or 1e999 included, see :mod:`robustpatch._format.strict_json`) or
-    nests deeper than :data:`MAX_META_DEPTH` (never RecursionError)."""
+    or nests deeper than :data:`MAX_META_DEPTH` (never RecursionError). NaN and Infinity
+    are read, as files of earlier releases may hold them (robustpatch no longer writes
+    them: :func:`encode_meta`; the CLI prints them as text)."""
     try:
-        value = strict_json.loads(raw)
-    except strict_json.NonStandardNumber as e:
-        raise FormatError(f"{where}: {what} holds {e}, which JSON does not allow") from None
+        value = json.loads(raw)
     except json.JSONDecodeError as e:
         raise FormatError(f"{where}: {what} is not valid JSON ({e})") from None
     except RecursionError:
