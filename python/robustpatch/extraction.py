@@ -152,15 +152,21 @@ def _candidates(trio: _Trio, order: Sequence[str] | None) -> list[str]:
     for n in names:
         rs, cs = trio.robust.spec(n), trio.clean.spec(n)
         if rs is None:
-            why = trio.robust.other.get(n)
-            raise MismatchError(
-                f"tensor {n!r} is in the clean model but not in the robust one"
-                + (f" (the robust model {why})" if why else "")
-            )
+            raise _missing(n, "clean", "robust", trio.robust)
         if rs != cs:
             raise MismatchError(f"{n}: clean {cs} and robust {rs} differ in dtype or shape")
     _check_robust_only(trio, set(names))
     return names
+
+
+def _missing(name: str, has: str, lacks: str, source: Source) -> MismatchError:
+    """A float tensor of one checkpoint the other lacks, saying why where it knows (held
+    as an int tensor, or tied to another name)."""
+    why = source.other.get(name)
+    return MismatchError(
+        f"tensor {name!r} is in the {has} model but not in the {lacks} one"
+        + (f" (the {lacks} model {why})" if why else "")
+    )
 
 
 def _check_robust_only(trio: _Trio, clean_floats: set[str]) -> None:
@@ -170,11 +176,7 @@ def _check_robust_only(trio: _Trio, clean_floats: set[str]) -> None:
         if trio.robust.is_float(n) and n not in clean_floats:
             cs, rs = trio.clean.spec(n), trio.robust.spec(n)
             if cs is None:
-                why = trio.clean.other.get(n)
-                raise MismatchError(
-                    f"tensor {n!r} is in the robust model but not in the clean one"
-                    + (f" (the clean model {why})" if why else "")
-                )
+                raise _missing(n, "robust", "clean", trio.clean)
             raise MismatchError(f"{n}: clean {cs} and robust {rs} differ in dtype or shape")
 
 
