@@ -573,3 +573,28 @@ def test_cli_demo_refuses_data_for_digits_and_a_missing_data_folder(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("robustpatch: error: ") and str(missing) in err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_the_demo_never_writes_into_a_folder_holding_files_unless_told(tmp_path, capsys):
+    # it replaced a report's files silently, and wrote through a link in the folder to
+    # the file it named
+    from robustpatch.cli import main
+    from robustpatch.lab import outputs
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "paper.md").write_text("my notes")
+    assert main(["demo", "--quick", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{out}: already holds paper.md" in err and "--overwrite" in err
+    assert err.count("\n") == 1 and (out / "paper.md").read_text() == "my notes"
+    with pytest.raises(FileExistsError):
+        outputs.check_report_folder(out, overwrite=False)
+    assert outputs.check_report_folder(out, overwrite=True) == out
+    assert outputs.check_report_folder(tmp_path / "new", overwrite=False) == tmp_path / "new"
+    elsewhere = tmp_path / "precious.png"
+    elsewhere.write_bytes(b"mine")
+    (out / "paper_gains.png").symlink_to(elsewhere)
+    outputs.write_text(out / "paper_gains.png", "the report's")
+    assert elsewhere.read_bytes() == b"mine" and not (out / "paper_gains.png").is_symlink()
+    assert (out / "paper_gains.png").read_text() == "the report's"

@@ -275,7 +275,7 @@ def _forge(model: Path, plan: dict, state: bytes = b"D") -> Path:
     h = _core.Blake3()
     h.update(np.frombuffer(meta, np.uint8))
     path = journal_path_for(model)
-    head = b"RPJRNL1\n" + state + bytes(7) + len(meta).to_bytes(8, "little")
+    head = b"RPJRNL2\n" + state + bytes(7) + len(meta).to_bytes(8, "little")
     path.write_bytes(head + meta + bytes.fromhex(h.hexdigest()))
     return path
 
@@ -313,6 +313,22 @@ def test_a_forged_journal_never_deletes_or_moves_a_file_that_is_not_an_undo_reco
     assert path.exists()  # left for the user to look at
     path.unlink()
     assert listing(small) == before
+
+
+@pytest.mark.parametrize("magic", [b"RPJRNL1\n", b"RPJRNL2\n"])
+def test_a_pending_journal_cut_short_is_discarded_only_if_an_earlier_release_wrote_it(small, magic):
+    # earlier releases wrote state P from the first byte: cut short, the patch never began
+    model, before = small / "m.safetensors", (small / "m.safetensors").read_bytes()
+    path = _forge(model, {"ranges": [[100, 64]]}, b"P")
+    whole = path.read_bytes()
+    path.write_bytes(magic + whole[len(magic) : -40])  # the last range bytes and digest lost
+    if magic == b"RPJRNL1\n":
+        assert recover(model) == "discarded" and not path.exists()
+    else:  # sealed, so whole when written: the patch may have begun
+        with pytest.raises(FormatError, match="damaged journal"):
+            recover(model)
+        assert path.exists()
+    assert model.read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -428,6 +444,27 @@ def test_a_patch_committed_before_a_kill_is_completed_before_the_record_check(sm
         apply_file(model, sig, 0.5, inplace=True)
     assert record.read_bytes() == first_record and model.read_bytes() == patched
     assert not pending.exists() and not journal_path_for(model).exists()
+
+
+def test_a_committed_patch_is_finished_from_any_working_folder(small, monkeypatch):
+    """The journal's file actions name their files from the root: a recovery run from
+    another folder puts the record in place (it left it pending and deleted the journal,
+    and a later in-place apply patched the model twice)."""
+    monkeypatch.chdir(small)
+    model, sig = Path("m.safetensors"), Path("s.rws")
+    apply_file(model, sig, 1.0, inplace=True)
+    record = undo_path_for(model)
+    pending = Path(str(record) + PENDING_SUFFIX)
+    first_record = record.read_bytes()
+    record.rename(pending)  # committed (state D), killed before the rename
+    with open(model, "r+b") as f:
+        journal = Journal.begin(model, f.fileno(), [(100, 64)], commit_rename=(pending, record))
+    with open(journal.path, "r+b") as j:
+        os.pwrite(j.fileno(), b"D", 8)
+    monkeypatch.chdir(small.parent)
+    assert recover(small / model) == "completed"
+    assert (small / record).read_bytes() == first_record
+    assert not (small / pending).exists() and not journal.path.exists()
 
 
 def test_a_journal_that_cannot_be_written_is_deleted(small, monkeypatch):

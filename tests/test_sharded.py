@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,17 @@ def test_a_folder_robustpatch_did_not_write_is_never_replaced(ckpt):
     with pytest.raises(FileExistsError, match="not a checkpoint robustpatch wrote"):
         rp.apply_file(d / "base", sig, 1.0, mine)
     assert listing(mine) == {"notes.txt": sha(mine / "notes.txt")}
+
+
+def test_an_output_with_files_the_user_added_is_never_replaced(ckpt):
+    # a folder with an undo record was replaced whole, the user's config.json with it
+    d, _, sig = ckpt
+    rp.apply_file(d / "base", sig, 1.0, d / "out")
+    (d / "out" / "config.json").write_text("{}")
+    before = listing(d / "out")
+    with pytest.raises(FileExistsError, match="not a checkpoint robustpatch wrote"):
+        rp.apply_file(d / "base", sig, 0.5, d / "out")
+    assert listing(d / "out") == before
 
 
 def test_an_output_folder_holding_an_input_is_refused(ckpt):
@@ -500,6 +512,16 @@ def test_an_output_folder_gets_the_mode_a_new_folder_gets(ckpt):
         os.umask(old)
     assert (d / "out").stat().st_mode & 0o777 == 0o755
     assert (d / "restored").stat().st_mode & 0o777 == 0o755
+
+
+def test_an_output_folder_in_a_group_shared_folder_stays_group_shared(ckpt):
+    # setting the mode cleared the setgid bit mkdir passes on, so files got another group
+    d, _, _ = ckpt
+    shared = d / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    rp.apply_file(d / "base", d / "fog.rws", 1.0, shared / "out")
+    assert (shared / "out").stat().st_mode & stat.S_ISGID
 
 
 @pytest.mark.parametrize("applied", ["[{}]", '[{"name": "fog", "hash": "h", "alpha": NaN}]'])

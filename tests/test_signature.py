@@ -4,7 +4,6 @@ apply/remove on dicts of numpy arrays."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -675,6 +674,19 @@ def test_extract_refuses_options_of_the_wrong_type(models, tmp_path, kwargs, err
     assert list(tmp_path.iterdir()) == []
 
 
+def test_provenance_nested_past_the_load_limit_is_refused_before_any_work(models, tmp_path):
+    # it failed at the save, after the whole extraction, without naming provenance
+    pre, clean, robust = models
+    deep = cur = {}
+    for _ in range(70):
+        cur["x"] = cur = {}
+    calls = []
+    for call in (extract, lambda *a, **k: extract_to(tmp_path / "s.rws", *a, **k)):
+        with pytest.raises(InvalidArgumentError, match="provenance cannot be saved.*deeper"):
+            call(pre, clean, robust, provenance=deep, progress=calls.append)
+    assert calls == [] and list(tmp_path.iterdir()) == []
+
+
 def test_views_that_overlap_are_refused_as_tied_weights():
     """Two names whose arrays share some bytes: the second patch would add to the first
     and no record restores the overlap, so both are refused; views side by side are not."""
@@ -747,17 +759,23 @@ def test_a_batchnorm_weight_past_the_float_range_is_a_format_error(tmp_path):
         Signature.load(tmp_path / "bad.rws")
 
 
-def test_an_earlier_releases_nan_metadata_loads_and_prints_as_strict_json(tmp_path, capsys):
-    # earlier releases saved NaN metadata; refusing it would strand what they patched
-    edit = lambda m: m.update(provenance={"x": float("nan"), "y": float("inf")})  # noqa: E731
-    _rewrite_meta(_bn_signature(tmp_path), tmp_path / "old.rws", edit)
-    sig = Signature.load(tmp_path / "old.rws")
-    assert math.isnan(sig.meta["provenance"]["x"])
+def test_an_earlier_releases_nan_metadata_reads_as_text_and_saves_again(tmp_path, capsys):
+    # earlier releases saved NaN metadata; refusing it would strand what they patched, and
+    # keeping it as a float made quantize, save and rename of such a file fail
+    provenance = {"x": float("nan"), "y": [float("inf"), -float("inf")], "z": 0.5}
+    _rewrite_meta(
+        _bn_signature(tmp_path), tmp_path / "old.rws", lambda m: m.update(provenance=provenance)
+    )
+    text = {"x": "NaN", "y": ["Infinity", "-Infinity"], "z": 0.5}
+    assert Signature.load(tmp_path / "old.rws").meta["provenance"] == text
     assert main(["inspect", str(tmp_path / "old.rws"), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
-    assert rep["provenance"] == {"x": "NaN", "y": "Infinity"}
-    with pytest.raises(InvalidArgumentError, match="cannot be saved"):  # never written again
-        sig.save(tmp_path / "again.rws")
+    assert rep["provenance"] == text
+    assert (
+        main(["quantize", str(tmp_path / "old.rws"), "--bits", "4", "-o", str(tmp_path / "q.rws")])
+        == 0
+    )
+    assert Signature.load(tmp_path / "q.rws").meta["provenance"] == text
 
 
 @pytest.mark.parametrize(

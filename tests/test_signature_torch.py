@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from robustpatch.errors import MismatchError  # noqa: E402
 from robustpatch.extraction import extract  # noqa: E402
 from robustpatch.targets import apply, remove  # noqa: E402
 from robustpatch.torch_bridge import TorchTarget  # noqa: E402
@@ -290,3 +291,14 @@ def test_a_signature_from_a_module_with_tied_weights_patches_it_back():
     assert not torch.equal(clean.emb.weight, before["emb.weight"])
     remove(clean, undo)
     assert all(torch.equal(v, before[k]) for k, v in clean.state_dict().items())
+
+
+def test_a_tensor_a_torch_checkpoint_holds_as_integers_is_named_with_why(nets, tmp_path):
+    # the reason was given for numpy dicts only: torch's int tensors were dropped unnamed
+    pre, clean, robust = nets
+    state = {k: v.clone() for k, v in robust.state_dict().items()}
+    state["fc1.bias"] = torch.arange(state["fc1.bias"].numel())
+    torch.save(state, tmp_path / "robust.pt")
+    for source in (state, tmp_path / "robust.pt"):
+        with pytest.raises(MismatchError, match=r"robust model holds it as int64\)"):
+            extract(pre, clean, source, layers="all")

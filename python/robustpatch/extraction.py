@@ -49,7 +49,7 @@ from .errors import (
 )
 from .selection import Layers, choose_layers, layer_units
 from .signature import Entry, Signature, bn_entry, dense_entry
-from .signature.codec import json_default
+from .signature.codec import json_default, parse_meta_json
 from .signature.entry import quantize_entry
 from .signature.writer import SignatureWriter
 from .sources import DictSource, FileSource, Source, open_source, reads_as_index
@@ -261,9 +261,9 @@ def _check_extras(provenance: Any, effect: Any, order: Any, progress: Any) -> li
             continue
         if not isinstance(value, Mapping):
             raise InvalidArgumentError(f"{key} must be a mapping, got {type(value).__name__}")
-        try:
-            json.dumps(value, default=json_default, allow_nan=False)
-        except (TypeError, ValueError, RecursionError) as e:
+        try:  # as the header holds it: at the top level, nested as deep as a load allows
+            parse_meta_json(json.dumps({key: value}, default=json_default, allow_nan=False), key)
+        except (TypeError, ValueError, RecursionError) as e:  # FormatError is a ValueError
             raise InvalidArgumentError(f"{key} cannot be saved in a signature: {e}") from None
     if progress is not None and not callable(progress):
         raise InvalidArgumentError(f"progress must be callable, got {type(progress).__name__}")

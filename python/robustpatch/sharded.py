@@ -44,7 +44,7 @@ from ._format import strict_json
 from ._format.safetensors import Header
 from ._format.shards import INDEX_SUFFIX, RECORD_NAME, ShardedIndex, is_sharded, load_index
 from ._format.undo import undo_path_for
-from ._io.atomic import _fsync_dir, new_folder_mode, remove_stale
+from ._io.atomic import _fsync_dir, give_new_folder_mode, remove_stale
 from .errors import FormatError, InvalidArgumentError, MismatchError, shown
 from .signature import Signature
 from .signature.algebra import terms
@@ -423,8 +423,8 @@ def _check_out_folder(out: Path, inputs: list[Path]) -> None:
     if out.exists() and any(out.iterdir()) and not _replaceable(out):
         raise FileExistsError(
             errno.EEXIST,
-            "exists and is not a checkpoint robustpatch wrote (it holds other files than "
-            "an index, its shards and their undo records); not replacing it",
+            "exists and is not a checkpoint robustpatch wrote (one readable index, its "
+            "shards and their undo records, nothing else); not replacing it",
             os.fspath(out),
         )
 
@@ -433,8 +433,6 @@ def _replaceable(out: Path) -> bool:
     """Whether the existing folder ``out`` holds a sharded checkpoint and nothing else, as
     robustpatch writes one (with or without undo records): only such a folder is
     replaced whole."""
-    if (out / RECORD_NAME).exists():
-        return True
     try:
         index = load_index(out)
     except (OSError, ValueError):  # no index, several, or a damaged one
@@ -453,7 +451,7 @@ class _TempFolder:
         remove_stale_folders(out)
         prefix = f".{out.name}.rp{os.getpid()}."
         self.path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out.parent))
-        os.chmod(self.path, new_folder_mode())  # the checkpoint's folder, not a private one
+        give_new_folder_mode(self.path)  # the checkpoint's folder, not a private one
         self.committed = False
 
     def __enter__(self) -> _TempFolder:

@@ -92,7 +92,8 @@ class DictSource(Source):
     """A mapping name → numpy array (non-float arrays are ignored).
 
     ``ordered``: the mapping's order is the model's (it came from a torch module or
-    state dict); otherwise names are put in :func:`depth_key` order.
+    state dict); otherwise names are put in :func:`depth_key` order. ``left_out``: the
+    dtype of each tensor the caller left out (for the message that it is missing).
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class DictSource(Source):
         *,
         ordered: bool = False,
         buffers: set[str] | None = None,
+        left_out: Mapping[str, str] | None = None,
     ):
         bad = next((k for k in arrays if not isinstance(k, str)), None)
         if bad is not None:
@@ -114,6 +116,7 @@ class DictSource(Source):
         self.tied = tied
         self.other = {k: f"holds it as {_kind(v)}" for k, v in arrays.items() if k not in names}
         self.other |= {k: f"ties it to {kept!r}" for k, kept in tied.items()}
+        self.other |= {k: f"holds it as {dtype}" for k, dtype in (left_out or {}).items()}
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         a = self.arrays.get(name)
@@ -208,16 +211,18 @@ def open_source(obj: Any) -> Source:
         if path.suffix in (".pt", ".pth", ".bin"):
             from .torch_bridge import load_torch_file, numpy_state
 
-            arrays, bn = numpy_state(load_torch_file(str(path)))
-            return DictSource(arrays, bn, str(path), ordered=True)
+            arrays, bn, left_out = numpy_state(load_torch_file(str(path)))
+            return DictSource(arrays, bn, str(path), ordered=True, left_out=left_out)
         return FileSource([path], str(path))
     from .torch_bridge import is_torch_object
 
     if is_torch_object(obj):
         from .torch_bridge import numpy_state
 
-        arrays, bn = numpy_state(obj)
-        return DictSource(arrays, bn, type(obj).__name__, ordered=True, buffers=_torch_buffers(obj))
+        arrays, bn, left_out = numpy_state(obj)
+        where = type(obj).__name__
+        buffers = _torch_buffers(obj)
+        return DictSource(arrays, bn, where, ordered=True, buffers=buffers, left_out=left_out)
     if isinstance(obj, Mapping):
         return DictSource(obj, where="dict")
     raise InvalidArgumentError(f"cannot read a checkpoint from a {type(obj).__name__}")

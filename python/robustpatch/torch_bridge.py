@@ -101,9 +101,10 @@ def _without_values(t: Any) -> str | None:
     return None
 
 
-def numpy_state(obj: Any) -> tuple[dict[str, np.ndarray], set[str]]:
-    """Float tensors of a module or state dict as numpy arrays, plus its BN buffer names."""
-    out = {}
+def numpy_state(obj: Any) -> tuple[dict[str, np.ndarray], set[str], dict[str, str]]:
+    """Float tensors of a module or state dict as numpy arrays, its BN buffer names, and
+    the dtype of each tensor left out (not float: a message says why it is missing)."""
+    out, left_out = {}, {}
     for k, t in state_tensors(obj).items():
         if not isinstance(k, str):
             raise InvalidArgumentError(f"state dict key {k!r} is not a name")
@@ -113,7 +114,9 @@ def numpy_state(obj: Any) -> tuple[dict[str, np.ndarray], set[str]]:
             raise InvalidArgumentError(f"{k}: {e}") from None
         if arr is not None:
             out[k] = arr
-    return out, bn_buffer_names(obj)
+        else:
+            left_out[k] = str(t.dtype).removeprefix("torch.")
+    return out, bn_buffer_names(obj), left_out
 
 
 def load_torch_file(path: str) -> dict[str, Any]:

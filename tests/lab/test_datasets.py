@@ -236,3 +236,19 @@ def test_corrupted_view_lazy_cached_and_order_independent(tmp_path):
         lazy[70]
     with pytest.raises(ValueError):
         D.CorruptedView(data, "fog", 0)
+
+
+def test_a_corrupted_view_of_images_and_labels_that_differ_in_number_is_refused():
+    # it kept as many images as labels, silently
+    x = np.zeros((4, 3, 32, 32), np.uint8)
+    with pytest.raises(ValueError, match="4 images but 2 labels"):
+        D.CorruptedView((x, np.array([0, 1])), "contrast", 1, device="cpu")
+    with pytest.raises(ValueError, match="chunk_size"):
+        D.CorruptedView((x, np.zeros(4)), "contrast", 1, device="cpu", chunk_size=0)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 0, 1, 1.5])
+def test_a_test_fraction_outside_zero_to_one_is_refused(fraction):
+    # -0.1 turned the split around: 1618 test images, 179 training ones
+    with pytest.raises(ValueError, match="test_fraction"):
+        D.load_digits32("test", test_fraction=fraction, cache=False)

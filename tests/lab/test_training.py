@@ -83,3 +83,62 @@ def test_recipes_robustifiers_and_fit_share_the_loop():
         assert torch.equal(p, q), name
     assert len(history["loss"]) == len(history["accuracy"]) == 2
     assert all(0 <= a <= 1 and a * len(y) == round(a * len(y)) for a in history["accuracy"])
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+
+
+def test_evaluation_gives_every_layer_back_its_own_mode():
+    # model.train(was) set every layer alike: a BatchNorm frozen in eval mode came back
+    # in train mode and updated its statistics at the next step
+    from robustpatch.lab import evaluate
+
+    x, y = _data(8)
+    net = _bn_net()
+    net(x)  # materialise the lazy layer
+    net.train()
+    net[1].eval()
+    training.predict(net, x, device="cpu")
+    evaluate.corruption_accuracy(
+        net, (x * 255).to(torch.uint8), y % 2, evaluate.CorruptionGrid(("contrast",), (1,))
+    )
+    evaluate.fgsm(net, x, y % 2, 0.01, device="cpu")
+    evaluate.pgd_linf(net, x, y % 2, 0.01, steps=1, device="cpu")
+    assert [m.training for m in net] == [True, False, True, True]
+
+
+def test_images_and_labels_of_different_lengths_are_refused():
+    # one label was broadcast against every prediction: an "accuracy" of 20.0
+    from robustpatch.lab import evaluate
+
+    x, y = _data(20)
+    with pytest.raises(ValueError, match="20 images but 1 labels"):
+        training.accuracy(_Constant(), x, y[:1], device="cpu")
+    with pytest.raises(ValueError, match="20 images but 5 labels"):
+        evaluate.robust_accuracy(_Constant(), x, y[:5], attack="fgsm", device="cpu")
+    with pytest.raises(ValueError, match="no images"):
+        evaluate.robust_accuracy(_Constant(), x[:0], y[:0], attack="fgsm", device="cpu")
+    config = training.TrainConfig(epochs=1, batch_size=8)
+    for labels in (y[:5], torch.cat([y, y])):  # a prefix trained silently / an IndexError
+        with pytest.raises(ValueError, match="training images but"):
+            training.train(models.SmallCNN(seed=0), x, labels, config, device="cpu")
+
+
+def test_reestimating_batchnorm_on_no_images_is_refused_and_changes_nothing():
+    # the statistics were reset before the first batch: none left mean 0, variance 1
+    x, _ = _data(8)
+    net = _bn_net()
+    net.train()
+    net(x)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="no images"):
+        recipes.reestimate_bn(net, x[:0], device=torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_torch_threads_gives_the_callers_count_back():
+    before = torch.get_num_threads()
+    with training.torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before

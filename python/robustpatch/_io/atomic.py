@@ -176,10 +176,12 @@ def _new_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def new_folder_mode() -> int:
-    """0o777 minus the process umask (what ``os.mkdir`` would create; ``mkdtemp`` makes
-    0o700)."""
-    return 0o777 & ~_umask()
+def give_new_folder_mode(folder: PathLike) -> None:
+    """Give ``folder``, made by ``mkdtemp`` (0o700), what ``os.mkdir`` would have made:
+    0o777 minus the umask, keeping the setgid bit a group-shared parent passed on (so the
+    files written inside still get the shared group)."""
+    inherited = os.stat(folder).st_mode & stat.S_ISGID
+    os.chmod(folder, (0o777 & ~_umask()) | inherited)
 
 
 def _umask() -> int:

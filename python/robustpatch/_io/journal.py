@@ -3,7 +3,7 @@ to overwrite, made durable before the first of them changes.
 
 ``<model>.rpjournal`` holds::
 
-    b"RPJRNL1\\n"  state (1 byte: - being written, P pending, D done)  7 bytes zero
+    b"RPJRNL2\\n"  state (1 byte: - being written, P pending, D done)  7 bytes zero
     u64 little-endian length of the JSON that follows, the JSON
     the original bytes of each range, in order
     BLAKE3 (32 bytes) of the JSON and the bytes: present only once the journal is whole
@@ -18,7 +18,9 @@ was never followed (the model is untouched; it is deleted), a pending one is rol
 (the original bytes written back), a done one is completed (its file actions run). A
 sealed journal that is not whole (its digest, length or description wrong) was damaged
 after the patch may have begun: it is refused with a FormatError and kept, since it
-holds the only copy of the original bytes. So after any crash the model is
+holds the only copy of the original bytes. (Releases before the seal wrote ``RPJRNL1``
+journals in state P from their first byte: one of those cut short was never followed,
+and is discarded as an unsealed one is.) So after any crash the model is
 either the original or the patched one, and its undo record says which. An error
 before the commit point rolls back at once (:meth:`Journal.abort`); one from the
 moment the done marker is being written (its write or fsync, the file actions) never
@@ -60,7 +62,8 @@ __all__ = [
 
 JOURNAL_SUFFIX = ".rpjournal"
 PENDING_SUFFIX = ".pending"  # an apply's undo record, until the commit renames it
-_MAGIC = b"RPJRNL1\n"
+_MAGIC = b"RPJRNL2\n"
+_UNSEALED_MAGIC = b"RPJRNL1\n"  # earlier releases: state P from the first byte
 _STATE_AT = len(_MAGIC)
 _PREFIX = len(_MAGIC) + 8  # magic, state byte, padding
 _UNSEALED, _PENDING, _DONE = b"-", b"P", b"D"
@@ -156,6 +159,12 @@ def _undo_record_or_none(path: str, journal: Path) -> Path | None:
     )
 
 
+def _absolute(path: Path) -> str:
+    """``path`` from the root: recovery may run from another working folder. Not
+    normalized: ``a/link/..`` stays what the system resolves it to."""
+    return os.path.join(os.getcwd(), os.fspath(path))
+
+
 class Journal:
     """An open journal of one in-place patch (see the module docstring)."""
 
@@ -174,12 +183,15 @@ class Journal:
         commit_unlink: Path | None = None,
     ) -> Journal:
         """Save the original bytes of ``ranges`` of the model open at ``fd``, durably."""
+        rename = None
+        if commit_rename is not None:
+            rename = (_absolute(commit_rename[0]), _absolute(commit_rename[1]))
         plan = _Plan(
             os.fstat(fd).st_size,
             [(int(o), int(n)) for o, n in ranges],
-            None if commit_rename is None else (str(commit_rename[0]), str(commit_rename[1])),
-            None if commit_unlink is None else str(commit_unlink),
-            [] if commit_rename is None else [str(commit_rename[0])],
+            rename,
+            None if commit_unlink is None else _absolute(commit_unlink),
+            [] if rename is None else [rename[0]],
             os.getpid(),
         )
         path = journal_path_for(model)
@@ -326,6 +338,8 @@ def _load(path: Path) -> tuple[bytes, _Plan] | None:
         state = head[_STATE_AT : _STATE_AT + 1]
         if state not in (_PENDING, _DONE):
             return None
+        # An earlier release's pending journal cut short: its writer died before the patch.
+        torn_means_unsealed = head.startswith(_UNSEALED_MAGIC) and state == _PENDING
 
         def damaged(what: str) -> FormatError:
             return FormatError(
@@ -335,11 +349,13 @@ def _load(path: Path) -> tuple[bytes, _Plan] | None:
                 "know the model is whole)"
             )
 
-        if len(head) < _PREFIX + 8 or head[: len(_MAGIC)] != _MAGIC:
+        if len(head) < _PREFIX + 8 or head[: len(_MAGIC)] not in (_MAGIC, _UNSEALED_MAGIC):
             raise damaged("its header is not a journal's")
         n = int.from_bytes(head[_PREFIX:], "little")
         meta = f.read(n) if n <= size else b""
         if len(meta) != n:
+            if torn_means_unsealed:
+                return None
             raise damaged("its description is cut short")
         try:
             obj = json.loads(meta)
@@ -347,8 +363,11 @@ def _load(path: Path) -> tuple[bytes, _Plan] | None:
             raise damaged("its description is not JSON") from None
         plan = _Plan.parse(obj, str(path))
         body = sum(length for _, length in plan.ranges)
-        if size != _PREFIX + 8 + n + body + 32:
-            raise damaged(f"{size} bytes, not the {_PREFIX + 8 + n + body + 32} it describes")
+        whole = _PREFIX + 8 + n + body + 32
+        if size < whole and torn_means_unsealed:
+            return None
+        if size != whole:
+            raise damaged(f"{size} bytes, not the {whole} it describes")
         h, left = _hasher(meta), body
         while left:
             block = f.read(min(_CHUNK, left))

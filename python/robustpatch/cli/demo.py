@@ -35,7 +35,10 @@ def demo_arguments(p: Any) -> None:
         default=None,
         help="cpu or cuda (default: cuda if available)",
     )
-    p.add_argument("--out", type=Path, default=Path("report"), help="report folder")
+    p.add_argument("--out", type=Path, default=Path("report"), help="report folder (new or empty)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write the report into a folder that holds files"
+    )
     p.add_argument(
         "--threads",
         type=cli_args.positive_int,
@@ -61,6 +64,9 @@ def run_demo(args: Any) -> int:
             file=sys.stderr,
         )
         return 2
+    from ..lab.outputs import check_report_folder
+
+    check_report_folder(args.out, args.overwrite)  # before the seconds torch takes to load
     try:
         from ..lab import demo
         from ..lab.paper import run as paper
@@ -72,7 +78,9 @@ def run_demo(args: Any) -> int:
         )
         return 1
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    options = dict(quick=args.quick, device=args.device, threads=args.threads)
+    options = dict(
+        quick=args.quick, device=args.device, threads=args.threads, overwrite=args.overwrite
+    )
     if args.dataset == "digits":
         results = demo.run(args.out, log=log, progress=not args.quiet, **options)
         lines, report = demo.console_lines(results), args.out / "report.md"

@@ -207,6 +207,8 @@ def load_digits32(
     _check_split(split)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
 
     def build() -> dict[str, np.ndarray]:
         from sklearn.datasets import load_digits
@@ -630,6 +632,10 @@ class CorruptedView(torch.utils.data.Dataset):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError("CorruptedView needs uint8 images of shape (N, C, H, W)")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         self.images = images
         self.labels = np.asarray(labels).astype(np.int64)
         self.corruption = corruption
@@ -666,7 +672,7 @@ class CorruptedView(torch.utils.data.Dataset):
 
         key = (
             f"corrupted-{_fingerprint(self.images)}-{self.corruption}-s{self.severity}"
-            f"-seed{self.seed}-{self.scale}-c{self.chunk_size}-v{_VERSION}"
+            f"-seed{self.seed}-{self.scale}-c{self.chunk_size}-{self.device.type}-v{_VERSION}"
         )
         return _cached(key, build, cache)["images"]
 

@@ -26,8 +26,9 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
+from . import outputs
 from .corruptions import STANDARD, _check_name_severity, corrupt, resolve_scale
-from .training import accuracy, as_float, default_device, predict
+from .training import accuracy, as_float, check_labelled, default_device, eval_mode, predict
 
 __all__ = [
     "ALEXNET_ERRORS",
@@ -148,27 +149,24 @@ def corruption_accuracy(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(names) * len(sevs), desc="corruptions")
-    was_training = model.training
-    model.eval().to(dev)
     try:
-        for name in names:
-            cells: dict[str, float] = {}
-            for s in sevs:
-                gen = torch.Generator(device=dev)
-                gen.manual_seed(_cell_seed(seed, name, s))
-                correct = 0
-                with torch.no_grad():
+        with eval_mode(model.to(dev)), torch.no_grad():
+            for name in names:
+                cells: dict[str, float] = {}
+                for s in sevs:
+                    gen = torch.Generator(device=dev)
+                    gen.manual_seed(_cell_seed(seed, name, s))
+                    correct = 0
                     for i in range(0, len(labels), batch_size):
                         xb = images[i : i + batch_size].to(dev)
                         xb = corrupt(xb, name, s, generator=gen, scale=table)
                         pred = model(as_float(xb)).argmax(1).cpu()
                         correct += int((pred == labels[i : i + batch_size]).sum())
-                cells[str(s)] = correct / len(labels)
-                if bar is not None:
-                    bar.update(1)
-            result["accuracy"][name] = cells
+                    cells[str(s)] = correct / len(labels)
+                    if bar is not None:
+                        bar.update(1)
+                result["accuracy"][name] = cells
     finally:
-        model.train(was_training)
         if bar is not None:
             bar.close()
     return result
@@ -293,15 +291,11 @@ def fgsm(
     adversarial images on ``device``.
     """
     dev = default_device(device)
-    was_training = model.training
-    model.eval().to(dev)
-    try:
+    with eval_mode(model.to(dev)):
         x = as_float(images.to(dev))
         y = torch.as_tensor(labels).to(dev)
         adv = x + eps * _input_grad(model, x, y).sign()
         return adv.clamp(0, 1).detach()
-    finally:
-        model.train(was_training)
 
 
 def pgd_linf(
@@ -326,9 +320,7 @@ def pgd_linf(
         raise ValueError("eps must be >= 0 and steps >= 1")
     dev = default_device(device)
     step = 2.5 * eps / steps if alpha is None else alpha
-    was_training = model.training
-    model.eval().to(dev)
-    try:
+    with eval_mode(model.to(dev)):
         x = as_float(images.to(dev))
         y = torch.as_tensor(labels).to(dev)
         adv = x.clone()
@@ -341,8 +333,6 @@ def pgd_linf(
             adv = adv + step * _input_grad(model, adv, y).sign()
             adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
         return adv.detach()
-    finally:
-        model.train(was_training)
 
 
 def robust_accuracy(
@@ -363,6 +353,7 @@ def robust_accuracy(
         raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
     dev = default_device(device)
     labels = torch.as_tensor(labels).cpu()
+    check_labelled(images, labels)
     correct = 0
     for i in range(0, len(labels), batch_size):
         xb, yb = images[i : i + batch_size], labels[i : i + batch_size]
@@ -381,12 +372,7 @@ def robust_accuracy(
 
 def save_json(results: Mapping[str, Any], path: PathLike) -> Path:
     """Write ``results`` as indented JSON (atomically); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return outputs.write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
 
 
 def load_json(path: PathLike) -> dict[str, Any]:
@@ -428,10 +414,7 @@ def plot_heatmap(results: Mapping[str, Any], path: PathLike, *, title: str | Non
     ax.set_title(heading, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return outputs.save_figure(fig, path, dpi=100)
 
 
 def evaluate_corruptions(

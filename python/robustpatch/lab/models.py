@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .training import DeviceArg, TrainConfig, accuracy, default_device, train
+from .training import DeviceArg, TrainConfig, accuracy, default_device, eval_mode, train
 
 __all__ = [
     "Normalize",
@@ -332,15 +332,12 @@ def parameters_by_depth(
 
         for i, (_, m) in enumerate(owners):
             hooks.append(m.register_forward_pre_hook(make_hook(i)))
-        was_training = model.training
         try:
-            model.eval()
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 model(example_input)
         finally:
             for h in hooks:
                 h.remove()
-            model.train(was_training)
         order.sort(key=lambda i: (first_call.get(i, math.inf), i))
     seen: set[int] = set()
     result: list[tuple[str, nn.Parameter]] = []

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import corruptions as C
+from . import outputs
 from .corruptions import SEVERITIES
 
 # Type sizes in points. The PNGs are saved at 100 dpi, so at 100% zoom nothing reads
@@ -103,14 +104,11 @@ def _colour_ticklabels(labels: Sequence[Any], names: Sequence[str]) -> None:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # a crowded figure keeps its default layout
         warnings.simplefilter("ignore", UserWarning)
         fig.tight_layout()
     # "tight" widens the image to take in the legend placed outside the panels.
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight", pad_inches=0.15)
-    return path
+    return outputs.save_figure(fig, path, dpi=_DPI, bbox_inches="tight", pad_inches=0.15)
 
 
 def _short(name: str) -> str:

@@ -103,6 +103,8 @@ def reestimate_bn(
     Statistics are reset and averaged over all of `x` (cumulative average, not
     an exponential one), so the result does not depend on the old values.
     """
+    if len(x) == 0:  # checked first: the statistics are reset before the first batch
+        raise ValueError("no images to re-estimate BatchNorm statistics on")
     device = device or training.model_device(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]

@@ -12,7 +12,7 @@ weight signatures transfer.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
@@ -58,6 +58,19 @@ class TrainConfig:
 # ---------------------------------------------------------------------------- devices, modes
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch's CPU thread count set to ``threads`` (None: as it is),
+    then give the caller's count back: a library call leaves the process as it found it."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def default_device(device: DeviceArg = None) -> torch.device:
     """``device`` as a ``torch.device``; by default CUDA when available, else CPU."""
     if device is None:
@@ -77,13 +90,16 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a block with ``model`` in eval mode, restoring its mode after."""
-    was_training = model.training
+    """Run a block with ``model`` in eval mode, then give every submodule back the mode
+    it had (``model.train(was)`` would set them all alike: a BatchNorm the caller had
+    frozen in eval mode would start updating its statistics)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -112,10 +128,18 @@ def accuracy(
     device: DeviceArg = None,
 ) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` on ``images`` (eval mode), counted exactly."""
-    if len(labels) == 0:
-        raise ValueError("no images to evaluate")
+    check_labelled(images, labels)
     pred = predict(model, images, batch_size=batch_size, device=device)
     return int((pred == torch.as_tensor(labels).cpu()).sum()) / len(labels)
+
+
+def check_labelled(images: Sized, labels: Sized) -> None:
+    """ValueError unless there are images and one label for each (one label would be
+    broadcast against every prediction; extra images silently left out)."""
+    if len(labels) == 0:
+        raise ValueError("no images to evaluate")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -170,7 +194,9 @@ def train(
         x: ``(N, C, H, W)`` uint8 or float [0, 1] images (kept on the CPU).
         y: ``(N,)`` integer labels.
         params: train only these parameters (the others get ``requires_grad=False`` during
-            training, which also skips their gradient computation); default all.
+            training, which also skips their gradient computation); default all. The
+            model trains in train mode, so every BatchNorm layer's running statistics
+            follow the batches, as in a plain PyTorch fine-tune.
         device: default CUDA if available, else CPU.
         progress: called with ``(epoch, mean loss)`` after each epoch.
         distributed: inside an initialised process group (e.g. under torchrun after
@@ -186,6 +212,8 @@ def train(
     y = torch.as_tensor(y, dtype=torch.int64)
     if len(y) == 0:
         raise ValueError("no training data")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} training images but {len(y)} labels")
     net, rank, world = _wrap(model, dev) if distributed else (model, 0, 1)
     trainable = list(model.parameters()) if params is None else list(params)
     if not trainable:

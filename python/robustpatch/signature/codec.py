@@ -213,7 +213,8 @@ def parse_meta_json(raw: str, where: str, what: str = "robustpatch metadata") ->
     """``json.loads`` for metadata read from a file: FormatError if it is not valid JSON
     or nests deeper than :data:`MAX_META_DEPTH` (never RecursionError). NaN and Infinity
     are read, as files of earlier releases may hold them (robustpatch no longer writes
-    them: :func:`encode_meta`; the CLI prints them as text)."""
+    them: :func:`encode_meta`; a signature's provenance reads them as text:
+    :func:`nonfinite_as_text`)."""
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -235,10 +236,25 @@ def parse_meta_json(raw: str, where: str, what: str = "robustpatch metadata") ->
     raise FormatError(f"{where}: {what} nests deeper than {MAX_META_DEPTH} levels")
 
 
+def nonfinite_as_text(value: Any) -> Any:
+    """``value`` with each NaN or infinite float replaced by its JSON name (``"NaN"``,
+    ``"Infinity"``, ``"-Infinity"``): what files of earlier releases hold in their
+    provenance then reads, prints and saves again as strict JSON. Entries are not
+    passed through here: the content hash covers them as written."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: nonfinite_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nonfinite_as_text(v) for v in value]
+    return value
+
+
 def parse_meta(raw: str, where: str) -> dict[str, Any]:
     meta = parse_meta_json(raw, where)
     if not isinstance(meta, dict):
         raise FormatError(f"{where}: robustpatch metadata is not a JSON object")
+    meta = {k: v if k == "entries" else nonfinite_as_text(v) for k, v in meta.items()}
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise FormatError(f"{where}: missing or invalid format_version")

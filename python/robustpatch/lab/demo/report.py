@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -11,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import outputs
 from .. import plots as P
 from .claims import NEAR_MISS, NEAR_MISS_RULE, _ci, _fmt, _notes, _pct, _signed, verdict_counts
 from .config import POLICY, PRIMARY
@@ -58,7 +58,7 @@ class _Doc:
 def write_report(out: Path, results: dict) -> None:
     """results.json, figures and report.md."""
     out = Path(out)
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False))
+    outputs.write_json(out / "results.json", _jsonable(results))
     figs = _figures(out, results)
     doc = _Doc()
     doc.add("# robustpatch demo report", "", "## Summary", "", *summary_lines(results), "")
@@ -76,7 +76,7 @@ def write_report(out: Path, results: dict) -> None:
     _compression_section(doc, results, figs)
     _removal_section(doc, results)
     _robustifiers_section(doc, results)
-    (out / "report.md").write_text("\n".join(doc.lines))
+    outputs.write_text(out / "report.md", "\n".join(doc.lines))
 
 
 def summary_lines(results: dict) -> list[str]:

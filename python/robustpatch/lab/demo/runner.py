@@ -22,7 +22,7 @@ from torch import nn
 import robustpatch
 from robustpatch.signature import Signature
 
-from .. import datasets, models, recipes
+from .. import datasets, models, outputs, recipes, training
 from .. import experiments as X
 from .claims import claims
 from .config import POLICY, PRIMARY, SCALE, SEVERITIES, DemoConfig
@@ -197,22 +197,36 @@ def run(
     config: DemoConfig | None = None,
     progress: bool = False,
     threads: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Run the demo; write the report under `out`; return the results.
 
     `config` overrides the size chosen by `quick` (see `DemoConfig.tiny` for tests);
     `progress` shows a tqdm bar (log lines are written through `log` either way);
-    `threads` sets torch's CPU thread count for this process (None: leave it).
+    `threads` sets torch's CPU thread count for the run (None: leave it; the caller's
+    count is restored afterwards); `out` must be new or empty unless `overwrite`
+    (checked before any training).
     """
-    if threads is not None:
-        # Float sums split differently across threads and training amplifies the
-        # difference, so a CPU run reproduces exactly only at the same thread count.
-        torch.set_num_threads(threads)
+    out = outputs.check_report_folder(out, overwrite)
     custom = config is not None
     config = config or (DemoConfig.quick() if quick else DemoConfig())
     dev = models.default_device(device)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # Float sums split differently across threads and training amplifies the
+    # difference, so a CPU run reproduces exactly only at the same thread count.
+    with training.torch_threads(threads):
+        return _demo(out, config, custom, quick, dev, log, progress)
+
+
+def _demo(
+    out: Path,
+    config: DemoConfig,
+    custom: bool,
+    quick: bool,
+    dev: torch.device,
+    log: Callable[[str], None],
+    progress: bool,
+) -> dict:
     n = len(config.corruptions)
     seeds = [config.seed] + ([config.second_seed] if config.second_seed is not None else [])
     trained = _digits_seeds(config, seeds)

@@ -248,7 +248,8 @@ def patched_copy(
 
 
 def coefficients(sig: rp.Signature) -> dict[str, float]:
-    """The projection coefficient c = ⟨Δr, d⟩/‖d‖² per tensor (the paper assumes it small)."""
+    """The projection coefficient c = ⟨Δr, d⟩/‖d‖² per tensor (the method assumes
+    it near 1: both fine-tunes stay in the pretrained basin)."""
     return {n: float(e.stats["coef"]) for n, e in sig.deltas.items() if "coef" in e.stats}
 
 

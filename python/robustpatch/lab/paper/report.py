@@ -11,6 +11,7 @@ import inspect
 import math
 from pathlib import Path
 
+from .. import outputs
 from ..backbones import efficientnet_lite, vgg
 from . import arms, controls, protocol, verdicts
 
@@ -205,8 +206,7 @@ def write_markdown(results: dict, path: Path) -> Path:
             ],
         )
     lines += ["", "## Figure", "", "![gains](paper_gains.png)", ""]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return outputs.write_text(path, "\n".join(lines) + "\n")
 
 
 def plot_gains(results: dict, path: Path) -> Path:
@@ -240,8 +240,7 @@ def plot_gains(results: dict, path: Path) -> Path:
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return outputs.save_figure(fig, path, dpi=100)
 
 
 def _half(iv: dict) -> float:

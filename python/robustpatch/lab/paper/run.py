@@ -21,12 +21,12 @@ from torch import nn
 
 import robustpatch as rp
 
+from .. import outputs
 from ..backbones import efficientnet_lite
 from ..backbones.vgg import VGGNoBN
 from ..data import fashion_mnist as fm
-from ..evaluate import save_json
 from ..models import SmallCNN
-from ..training import default_device
+from ..training import default_device, torch_threads
 from . import aggregate, arms, controls, protocol, report
 
 __all__ = ["run_paper", "FULL_SIZES", "main"]
@@ -109,26 +109,38 @@ def run_paper(
     config: protocol.ProtocolConfig | None = None,
     splits: fm.FashionSplits | None = None,
     progress: Callable[[str], object] = print,
+    overwrite: bool = False,
 ) -> dict:
     """Run the protocol; write ``paper.json``, ``paper.md``, ``paper_gains.png`` in
     ``out_dir`` and return the results.
 
     ``data``: folder of the full Fashion-MNIST IDX files (default: the embedded subset);
     ``config`` replaces :data:`~.protocol.QUICK` / :data:`~.protocol.FULL`; ``splits``
-    replaces the data altogether (miniature runs)."""
+    replaces the data altogether (miniature runs). ``out_dir`` must be new or empty
+    unless ``overwrite`` (checked before any training). ``threads`` sets torch's CPU
+    thread count for the run; the caller's is restored afterwards."""
+    out = outputs.check_report_folder(out_dir, overwrite)
     cfg = config or (protocol.QUICK if quick else protocol.FULL)
     unknown = sorted(set(cfg.backbones) - set(_BACKBONES))
     if unknown:
         raise rp.InvalidArgumentError(
             f"unknown backbone {unknown[0]!r}; expected one of {sorted(_BACKBONES)}"
         )
-    if threads is not None:
-        torch.set_num_threads(threads)
     dev = default_device(device)
     if splits is None:
         splits = fm.load_embedded() if data is None else fm.load_folder(data, FULL_SIZES)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with torch_threads(threads):
+        return _run(out, cfg, splits, dev, progress)
+
+
+def _run(
+    out: Path,
+    cfg: protocol.ProtocolConfig,
+    splits: fm.FashionSplits,
+    dev: torch.device,
+    progress: Callable[[str], object],
+) -> dict:
     start = time.perf_counter()
     sets = arms.build_sets(splits, cfg)
     results = {
@@ -147,7 +159,7 @@ def run_paper(
     }
     results["seconds"] = time.perf_counter() - start
     results = _json_safe(results)
-    save_json(results, out / "paper.json")
+    outputs.write_json(out / "paper.json", results)
     report.write_markdown(results, out / "paper.md")
     report.plot_gains(results, out / "paper_gains.png")
     return results
@@ -169,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--seeds", type=int, help="number of fine-tune seeds (default 3 quick, 5 full)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the report in --out")
     args = ap.parse_args(argv)
     cfg = protocol.QUICK if args.quick else protocol.FULL
     if args.seeds is not None:
@@ -180,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         threads=args.threads,
         config=cfg,
+        overwrite=args.overwrite,
     )
     return 0
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import evaluate
+from .. import evaluate, outputs
 from ..models import SmallCNN, default_device
 from ..training import DeviceArg, LossFn, TrainConfig
 from .common import (
@@ -460,7 +460,7 @@ def compare_methods(
     if out is not None:
         folder = Path(out)
         evaluate.save_json(results, folder / "comparison.json")
-        (folder / "comparison.md").write_text(comparison_markdown(results))
+        outputs.write_text(folder / "comparison.md", comparison_markdown(results))
     return results
 
 

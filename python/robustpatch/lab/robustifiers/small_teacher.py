@@ -195,7 +195,10 @@ def robustify_with_small_teacher(
     device: DeviceArg = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Tune only ``config.tune`` of a copy of ``large`` by distillation (see
-    :class:`PartialTuneConfig`); ``large`` and ``teacher`` are not modified.
+    :class:`PartialTuneConfig`); ``large`` and ``teacher`` are not modified. As in a
+    plain PyTorch fine-tune, the copy trains in train mode, so the running statistics of
+    every BatchNorm layer follow the training batches, tuned or not; ``fraction``
+    counts the tuned parameters only.
 
     Returns:
         ``(tuned model, info)`` with ``info``: ``tuned`` (parameter names), ``tuned_params``,
@@ -205,7 +208,7 @@ def robustify_with_small_teacher(
     cfg = config or PartialTuneConfig()
     dev = default_device(device)
     model = copy.deepcopy(large).to(dev)
-    teacher = teacher.to(dev).eval()
+    teacher = copy.deepcopy(teacher).to(dev).eval()
     example = as_float(x[:2].to(dev))
     names = select_parameters(model, cfg.tune, example)
     named = dict(model.named_parameters())
