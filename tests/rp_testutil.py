@@ -134,3 +134,25 @@ def usage_error(capsys, *argv) -> str:
     errors = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(errors) == 1, err
     return errors[0]
+
+
+class FakeJob:
+    """A stand-in for a batch job: what the process pool's runner reads of one."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+
+
+def fake_run_job(job: FakeJob, index: int) -> dict:
+    """A job for the pool's runner that kills its own worker when its output's name
+    says so (as the out-of-memory killer would), else creates its output (when it is a
+    full path) and reports itself done."""
+    import signal
+    import time
+
+    time.sleep(0.3)  # jobs overlap: a job runs on the other worker, more wait in the queue
+    if os.path.basename(job.output).startswith("kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.path.isabs(job.output):
+        Path(job.output).touch()  # the job ran
+    return {"job": index, "output": job.output, "status": "done", "seconds": 0.0}

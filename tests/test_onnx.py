@@ -557,6 +557,9 @@ def test_cli_apply_check_remove_json(setup, capsys):
     check = json.loads(capsys.readouterr().out)
     assert check["applied"] == [{"name": sig.name, "hash": sig.content_hash, "alpha": 0.5}]
     assert check["external_data"] == "p.onnx.data"
+    assert main(["onnx", "check", str(tmp / "p.onnx")]) == 0  # the digest, not "tensors-blak"
+    digest = sig.content_hash.rpartition(":")[2][:12]
+    assert f"(alpha 0.5, {digest})" in capsys.readouterr().out
     assert main(["onnx", "check", str(src), str(tmp / "fog.rws"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
     (tmp / "back").mkdir()

@@ -22,7 +22,7 @@ import robustpatch.onnx as ro  # noqa: E402
 from robustpatch.cli import main  # noqa: E402
 from robustpatch.errors import InvalidArgumentError, MismatchError  # noqa: E402
 from robustpatch.lab.models import SmallCNN  # noqa: E402
-from robustpatch.onnx.exporter import has_dynamo_export  # noqa: E402
+from robustpatch.onnx.exporter import TOLERANCES, has_dynamo_export  # noqa: E402
 
 pytestmark = [
     pytest.mark.torch,
@@ -170,3 +170,78 @@ def test_export_refuses_a_nan_tolerance_before_any_work(models, tmp_path, bad):
     with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
         ro.export(model, x, tmp_path / "v.onnx", signatures=sig, **bad)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_never_writes_over_its_checkpoint_or_signature(models, tmp_path, capsys):
+    # with --overwrite, -o the checkpoint (or a signature) was replaced by the ONNX bytes
+    from safetensors.torch import save_file
+
+    model, sig, _ = models
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "c.st")
+    sig.save(tmp_path / "fog.rws")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    base = ["onnx", "export", str(tmp_path / "c.st"), "--signature", str(tmp_path / "fog.rws")]
+    for target in ("c.st", "fog.rws"):
+        assert main([*base, "-o", str(tmp_path / target), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert "is the input" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as usage:
+        main([*base[:3], "-o", str(tmp_path / "v.onnx"), "--alpha", "0.5"])
+    assert usage.value.code == 2
+    assert "--alpha needs --signature" in capsys.readouterr().err  # it was ignored
+    with pytest.raises(InvalidArgumentError, match="is the input"):
+        ro.export(
+            model, torch.rand(2, 3, 32, 32), tmp_path / "fog.rws", signatures=[tmp_path / "fog.rws"]
+        )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_input_the_model_cannot_take_or_a_model_that_is_no_classifier_is_one_error(
+    models, tmp_path, capsys
+):
+    # a 360-line torch traceback; a raw AxisError / AttributeError after the export
+    from safetensors.torch import save_file
+
+    model, _, x = models
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "c.st")
+    args = ["onnx", "export", str(tmp_path / "c.st"), "-o", str(tmp_path / "v.onnx")]
+    assert main([*args, "--input-shape", "3", "2", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "does not run on inputs of shape (3, 2, 2)" in err and err.count("\n") == 1
+
+    class Flat(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(1, 2, 3))
+
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x, x
+
+    for odd in (Flat(), Pair()):
+        with pytest.raises(InvalidArgumentError, match=r"one \(N, classes\) tensor"):
+            ro.export(odd, x, tmp_path / "v.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.st"]
+
+
+def test_max_abs_error_is_relative_to_the_largest_output_as_its_default_is(models, tmp_path):
+    # a value given was compared with the absolute error, the default with the relative one
+    model, sig, x = models
+    big = SmallCNN(num_classes=10, widths=(4, 8, 8)).eval()
+    big.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        big.classifier.weight.mul_(1000.0)
+    default = ro.export(big, x, tmp_path / "a.onnx", dtype="f16", min_agreement=0.0)
+    allowed = TOLERANCES["f16"][0]
+    assert default["max_abs_error"] > allowed >= default["relative_error"]  # the case it broke
+    ro.export(big, x, tmp_path / "b.onnx", dtype="f16", min_agreement=0.0, max_abs_error=allowed)
+
+
+def test_a_nan_measurement_fails_the_tolerance():
+    from robustpatch.onnx.exporter import _check_tolerance
+
+    nan = {"max_abs_error": float("nan"), "relative_error": float("nan"), "agreement": 1.0}
+    for limit in (None, 1.0):
+        with pytest.raises(MismatchError):
+            _check_tolerance(nan, "f32", limit, None)
+    with pytest.raises(MismatchError):
+        _check_tolerance({**nan, "relative_error": 0.0, "agreement": float("nan")}, "f32", 1, None)

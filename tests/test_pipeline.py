@@ -387,6 +387,15 @@ def test_sigkill_at_a_random_moment_then_rerun_completes_without_rebuilding(tmp_
 # ---------------------------------------------------------------------------- Ray
 
 
+def test_a_malformed_ray_address_is_one_error_line(tmp_path):
+    # it was a ValueError traceback from ray.init
+    pytest.importorskip("ray")
+    jobs = pipeline.load_manifest(write_manifest(tmp_path, make_fleet(tmp_path)))
+    with pytest.raises(InvalidArgumentError, match="cannot start or reach Ray at 'not an address'"):
+        pipeline.run(jobs, executor="ray", ray_address="not an address")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
@@ -419,9 +428,51 @@ def test_a_failing_ray_task_is_reported_and_the_others_finish(tmp_path, ray_loca
     assert [ln["status"] for ln in lines].count("done") == 4
 
 
+def test_a_ray_address_is_refused_when_this_process_is_connected_to_a_cluster(tmp_path, ray_local):
+    # the address was ignored: the jobs ran on the cluster of the live connection
+    jobs = pipeline.load_manifest(write_manifest(tmp_path, make_fleet(tmp_path)))
+    with pytest.raises(InvalidArgumentError, match="already initialized"):
+        pipeline.run(jobs, executor="ray", ray_address="ray://elsewhere:10001")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_ray_executor_without_ray_says_which_extra_to_install(tmp_path, monkeypatch):
     jobs = pipeline.load_manifest(write_manifest(tmp_path, make_fleet(tmp_path)))
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(InvalidArgumentError, match=r"pip install 'robustpatch\[ray\]'"):
         pipeline.run(jobs, executor="ray")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_worker_fails_only_its_own_job(monkeypatch):
+    # a dead worker broke the pool and every job still queued or running was reported
+    # failed, a complete one among them
+    from robustpatch.pipeline import runner
+    from rp_testutil import FakeJob, fake_run_job
+
+    monkeypatch.setattr(runner, "run_job", fake_run_job)
+    jobs = [FakeJob(f"ok{i}") for i in range(6)]
+    jobs[2] = FakeJob("kill2")
+    lines: list[dict] = []
+    runner._run_local(jobs, 2, lines.append)
+    status = {line["job"]: line["status"] for line in lines}
+    assert sorted(status) == list(range(6))
+    assert [i for i, s in status.items() if s != "done"] == [2]
+    assert "BrokenProcessPool" in next(line["error"] for line in lines if line["job"] == 2)
+
+
+def test_ctrl_c_stops_a_pool_run_without_building_the_queue(monkeypatch, tmp_path):
+    # the pool went on building every queued job before the interrupt got through
+    from robustpatch.pipeline import runner
+    from rp_testutil import FakeJob, fake_run_job
+
+    monkeypatch.setattr(runner, "run_job", fake_run_job)
+    jobs = [FakeJob(str(tmp_path / f"ok{i}")) for i in range(40)]
+
+    def interrupt(line: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner._run_local(jobs, 2, interrupt)
+    built = len(list(tmp_path.iterdir()))
+    assert built <= 8, f"{built} of 40 jobs ran after Ctrl-C"  # the running and the handed-out

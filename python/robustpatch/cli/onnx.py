@@ -41,7 +41,7 @@ def onnx_arguments(p: Any) -> None:
             parents=[cli_args.global_options(True)],
         )
         arguments(q)
-        q.set_defaults(onnx_run=run)
+        q.set_defaults(onnx_run=run, parser=q)
 
 
 # ---------------------------------------------------------------------------- apply / remove
@@ -139,6 +139,8 @@ def run_export(args: Any) -> None:
     """
     from ..onnx.exporter import export_checkpoint
 
+    if args.alpha and not args.signature:
+        args.parser.error("--alpha needs --signature (the strength of each signature)")
     alphas = cli_args.per_signature(args.alpha, len(args.signature or []), "--alpha")
     _check_overwrite(args, [args.output])
     rep = export_checkpoint(
@@ -175,7 +177,10 @@ def export_arguments(p: Any) -> None:
         help="one input's shape",
     )
     p.add_argument(
-        "--max-abs-error", type=float, help="largest output error allowed (default: per dtype)"
+        "--max-abs-error",
+        type=float,
+        help="largest output error allowed, as a fraction of the largest |output| "
+        "(default: per dtype)",
     )
     p.add_argument(
         "--min-agreement", type=float, help="smallest top-1 agreement allowed (default: per dtype)"
@@ -207,7 +212,8 @@ def _print_check(rep: dict[str, Any]) -> None:
     data = f", external data {rep['external_data']}" if rep["external_data"] else ""
     print(f"{rep['file']}: valid ONNX model, {rep['initializers']} initializers{data}")
     for a in rep["applied"]:
-        print(f"  applied: {a['name']} (alpha {a['alpha']:g}, {a['hash'][:12]})")
+        digest = str(a["hash"]).rpartition(":")[2][:12]  # "tensors-blake3:<hex>": the hex
+        print(f"  applied: {a['name']} (alpha {a['alpha']:g}, {digest})")
     if "fits" in rep:
         print("  the signatures fit" if rep["fits"] else f"  does not fit: {rep['problem']}")
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import validate
 from .._format.safetensors import read_header
-from .._io.atomic import AtomicFile
+from .._io.atomic import AtomicFile, check_destinations
 from ..errors import InvalidArgumentError, MismatchError
 from ..targets import apply as apply_signatures
 
@@ -65,37 +65,71 @@ def export(
     ``example``: an input batch (its first dimension stays dynamic); it is also the
     validation batch unless ``calibration`` is given (then that batch is, and static
     int8 calibrates on it). ``dtype``: ``"f32"`` or ``"f16"``; ``int8``: False,
-    ``"dynamic"`` or ``"static"`` (quantizes the f32 model). ``max_abs_error``
-    (relative to the largest |output| of the torch model) and ``min_agreement`` (top-1
-    agreement with it) default to :data:`TOLERANCES`. Returns the measurements; a
-    variant outside them is refused (MismatchError) and ``path`` is left as it was.
-    The file is self-contained (no external data: up to protobuf's 2 GiB).
+    ``"dynamic"`` or ``"static"`` (quantizes the f32 model). ``max_abs_error`` (the
+    largest output error allowed, as a fraction of the torch model's largest |output|)
+    and ``min_agreement`` (top-1 agreement with it) default to :data:`TOLERANCES`.
+    The module must be a classifier: one ``(N, classes)`` output. Returns the
+    measurements; a variant outside them is refused (MismatchError) and ``path`` is left
+    as it was; ``path`` is never one of the signature files. The file is self-contained
+    (no external data: up to protobuf's 2 GiB).
     """
-    import torch
-
     path = validate.path(path, "path")
     variant = _variant(dtype, int8)
     _check_limits(max_abs_error, min_agreement)
+    check_destinations(_signature_files(signatures), [path])
     if int8 == "static" and calibration is None:
         calibration = example
     batch = example if calibration is None else calibration
     model = copy.deepcopy(module).cpu().eval()
     if signatures is not None:
         apply_signatures(model, signatures, alphas)
+    reference = _classifier_output(model, batch.cpu())
+    if batch is not example:
+        _classifier_output(model, example.cpu())
     proto = _exported(model, example.cpu())
     if dtype == "f16":
         proto = _to_f16(proto)
     data = proto.SerializeToString()
     if int8:
         data = _quantized(data, int8, batch.cpu(), _input_name(proto))
-    with torch.no_grad():
-        reference = model(batch.cpu()).numpy()
     measured = _measure(data, batch.cpu().numpy(), reference)
     _check_tolerance(measured, variant, max_abs_error, min_agreement)
     with AtomicFile(path, durable=False) as af:
         af.file.write(data)
         af.commit()
     return {"file": str(path), "variant": variant, "bytes": len(data), **measured}
+
+
+def _signature_files(signatures: Any) -> list[Any]:
+    """The signatures given as files (an output must not replace one)."""
+    if isinstance(signatures, (str, os.PathLike)):
+        return [signatures]
+    if isinstance(signatures, (list, tuple)):
+        return [s for s in signatures if isinstance(s, (str, os.PathLike))]
+    return []
+
+
+def _classifier_output(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The torch model's output on ``x``: one ``(N, classes)`` tensor, else
+    InvalidArgumentError (an input it cannot take, or a model that is no classifier)
+    before the export's own errors, which are pages of torch's log."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InvalidArgumentError(
+            f"the model does not run on inputs of shape {tuple(x.shape[1:])}: {first}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InvalidArgumentError(
+            f"the export validates classifiers: the model must return one (N, classes) "
+            f"tensor, got {got}"
+        )
+    return out.float().numpy()
 
 
 def _check_limits(max_abs: float | None, min_agree: float | None) -> None:
@@ -223,20 +257,17 @@ def _measure(data: bytes, x: np.ndarray, reference: np.ndarray) -> dict[str, Any
 def _check_tolerance(
     m: dict[str, Any], variant: str, max_abs: float | None, min_agree: float | None
 ) -> None:
+    """Refuse a variant outside the tolerances (a NaN measurement fails every test)."""
     rel_default, agree_default = TOLERANCES[variant]
-    if max_abs is not None and m["max_abs_error"] > max_abs:
+    allowed = rel_default if max_abs is None else max_abs
+    if not m["relative_error"] <= allowed:
         raise MismatchError(
             f"the {variant} export differs from the patched torch model by up to "
-            f"{m['max_abs_error']:.3g} (allowed {max_abs:.3g}); nothing was written"
-        )
-    if max_abs is None and m["relative_error"] > rel_default:
-        raise MismatchError(
-            f"the {variant} export differs from the patched torch model by up to "
-            f"{m['relative_error']:.3g} of its largest output (allowed {rel_default:.3g}); "
+            f"{m['relative_error']:.3g} of its largest output (allowed {allowed:.3g}); "
             "nothing was written"
         )
     need = agree_default if min_agree is None else min_agree
-    if m["agreement"] < need:
+    if not m["agreement"] >= need:
         raise MismatchError(
             f"the {variant} export agrees with the patched torch model on "
             f"{m['agreement']:.1%} of top-1 predictions (needed {need:.1%}); nothing was written"
@@ -281,5 +312,6 @@ def export_checkpoint(
         raise MismatchError(f"{checkpoint}: not a SmallCNN checkpoint ({first})") from None
     gen = torch.Generator().manual_seed(0)
     example = torch.rand((batch, *input_shape), generator=gen)
+    check_destinations([source, *_signature_files(list(signatures))], [path])
     sigs = list(signatures) or None
     return export(model, example, path, signatures=sigs, alphas=alphas, **options)

@@ -111,20 +111,69 @@ def _crashed(job: Job, index: int, e: BaseException) -> Line:
 
 
 def _run_local(jobs: list[Job], workers: int, emit: Callable[[Line], None]) -> None:
+    """Run the jobs on ``workers`` processes. A worker killed (out of memory, SIGKILL)
+    breaks the whole pool: the jobs it left unfinished run again in a fresh pool, and
+    if that one breaks too, one process each, so only a job that kills its own worker
+    fails (a rerun skips a job whose output was complete and verified)."""
     if workers == 1:
         for i, job in enumerate(jobs):
             emit(run_job(job, i))
         return
+    left, broke = _pool_round(jobs, list(range(len(jobs))), workers, emit)
+    if left:
+        left, broke = _pool_round(jobs, left, workers, emit)
+    for i in left:
+        still, broke_alone = _pool_round(jobs, [i], 1, emit)
+        if still:
+            emit(_crashed(jobs[i], i, broke_alone or broke))
+
+
+def _pool_round(
+    jobs: list[Job], todo: list[int], workers: int, emit: Callable[[Line], None]
+) -> tuple[list[int], BaseException | None]:
+    """Run the jobs ``todo`` on a fresh pool; returns those a broken pool left without a
+    line, and the error that broke it. Ctrl-C cancels the queued jobs (only those
+    already running finish) instead of waiting for the whole queue."""
     # spawn: workers start clean (no copy of this process's threads or locks)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(jobs) or 1), mp_context=ctx) as pool:
-        futures = {pool.submit(run_job, job, i): i for i, job in enumerate(jobs)}
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                emit(fut.result())
-            except BrokenProcessPool as e:  # a worker was killed (e.g. out of memory)
-                emit(_crashed(jobs[i], i, e))
+    left: list[int] = []
+    broke: BaseException | None = None
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
+        futures = {pool.submit(run_job, jobs[i], i): i for i in todo}
+        try:
+            for fut in as_completed(futures):
+                try:
+                    emit(fut.result())
+                except BrokenProcessPool as e:  # a worker was killed (e.g. out of memory)
+                    left.append(futures[fut])
+                    broke = e
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return sorted(left), broke
+
+
+def _connect(ray: Any, address: str | None, workers: int | None) -> bool:
+    """Connect to (or start) the Ray that runs the jobs; True when this call did."""
+    if ray.is_initialized():
+        if address is not None:  # it would run the jobs on the cluster it is connected to
+            raise InvalidArgumentError(
+                "Ray is already initialized in this process, connected to its own cluster: "
+                "leave ray_address out to use it, or call ray.shutdown() first"
+            )
+        return False
+    options = dict(address=address, log_to_driver=False, include_dashboard=False)
+    new_instance = address is None and "RAY_ADDRESS" not in os.environ
+    try:
+        try:
+            ray.init(num_cpus=workers if new_instance else None, **options)  # a cluster has its own
+        except ValueError as e:
+            if "existing cluster" not in str(e):
+                raise
+            ray.init(**options)  # `ray start` ran on this node: ray.init joins its cluster
+    except ValueError as e:  # e.g. "Invalid address format"
+        raise InvalidArgumentError(f"cannot start or reach Ray at {address!r}: {e}") from None
+    return True
 
 
 def _run_ray(
@@ -136,15 +185,7 @@ def _run_ray(
         raise InvalidArgumentError(
             "executor='ray' needs Ray: pip install 'robustpatch[ray]'"
         ) from None
-    started = not ray.is_initialized()
-    if started:
-        new_instance = address is None and "RAY_ADDRESS" not in os.environ
-        ray.init(
-            address=address,
-            num_cpus=workers if new_instance else None,  # a cluster has its own
-            log_to_driver=False,
-            include_dashboard=False,
-        )
+    started = _connect(ray, address, workers)
     try:
         task = ray.remote(num_cpus=1)(run_job)
         pending = {task.remote(job, i): i for i, job in enumerate(jobs)}
