@@ -169,6 +169,19 @@ def test_a_model_with_an_interrupted_patch_is_refused_until_recovered(small, cap
     assert recover(model) == "discarded" and not journal_path_for(model).exists()
 
 
+def test_a_file_with_an_interrupted_patch_is_never_written_over(small):
+    # a new file written there was later "recovered": the journal's bytes written into it
+    model, sig = small / "m.safetensors", small / "s.rws"
+    apply_file(model, sig, 1.0, small / "p.safetensors")
+    journal_path_for(model).write_bytes(b"RPJRNL2\nP")
+    before = listing(small)
+    with pytest.raises(FormatError, match="robustpatch recover"):
+        apply_file(small / "p.safetensors", sig, 1.0, model)
+    with pytest.raises(FormatError, match="robustpatch recover"):
+        remove_file(small / "p.safetensors", model)
+    assert listing(small) == before
+
+
 def test_recovery_rolls_a_pending_journal_back_and_a_done_one_forward(small):
     model = small / "m.safetensors"
     original = model.read_bytes()
@@ -316,19 +329,18 @@ def test_a_forged_journal_never_deletes_or_moves_a_file_that_is_not_an_undo_reco
 
 
 @pytest.mark.parametrize("magic", [b"RPJRNL1\n", b"RPJRNL2\n"])
-def test_a_pending_journal_cut_short_is_discarded_only_if_an_earlier_release_wrote_it(small, magic):
-    # earlier releases wrote state P from the first byte: cut short, the patch never began
+def test_a_pending_journal_cut_short_is_kept_whatever_release_wrote_it(small, magic):
+    # RPJRNL1 is both the sealed journal of the last release (cut short: damaged after the
+    # patch began) and the unsealed one of those before (cut short: never followed): no
+    # byte tells them apart, so it is kept, and the refusal names both
     model, before = small / "m.safetensors", (small / "m.safetensors").read_bytes()
     path = _forge(model, {"ranges": [[100, 64]]}, b"P")
     whole = path.read_bytes()
     path.write_bytes(magic + whole[len(magic) : -40])  # the last range bytes and digest lost
-    if magic == b"RPJRNL1\n":
-        assert recover(model) == "discarded" and not path.exists()
-    else:  # sealed, so whole when written: the patch may have begun
-        with pytest.raises(FormatError, match="damaged journal"):
-            recover(model)
-        assert path.exists()
-    assert model.read_bytes() == before
+    with pytest.raises(FormatError, match="damaged journal") as refused:
+        recover(model)
+    assert ("then the model is untouched" in str(refused.value)) == (magic == b"RPJRNL1\n")
+    assert path.exists() and model.read_bytes() == before
 
 
 @pytest.mark.parametrize(

@@ -218,9 +218,11 @@ def test_an_input_the_model_cannot_take_or_a_model_that_is_no_classifier_is_one_
             return x, x
 
     for odd in (Flat(), Pair()):
-        with pytest.raises(InvalidArgumentError, match=r"one \(N, classes\) tensor"):
+        with pytest.raises(InvalidArgumentError, match=r"one tensor of shape \(N, C, \.\.\.\)"):
             ro.export(odd, x, tmp_path / "v.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.st"]
+    seg = torch.nn.Conv2d(3, 5, 1)  # (N, C, H, W) out: agreement per pixel, as before
+    assert ro.export(seg, x, tmp_path / "seg.onnx")["agreement"] == 1.0
 
 
 def test_max_abs_error_is_relative_to_the_largest_output_as_its_default_is(models, tmp_path):

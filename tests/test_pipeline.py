@@ -476,3 +476,11 @@ def test_ctrl_c_stops_a_pool_run_without_building_the_queue(monkeypatch, tmp_pat
         runner._run_local(jobs, 2, interrupt)
     built = len(list(tmp_path.iterdir()))
     assert built <= 8, f"{built} of 40 jobs ran after Ctrl-C"  # the running and the handed-out
+
+
+def test_an_empty_batch_on_a_pool_reports_no_jobs(capsys, tmp_path):
+    # min(workers, 0) processes: a ValueError traceback
+    assert pipeline.run([], workers=2) == []
+    manifest = tmp_path / "fleet.json"
+    manifest.write_text('{"jobs": []}')
+    assert main(["batch", str(manifest), "--workers", "2"]) == 0

@@ -534,3 +534,12 @@ def test_a_folder_record_with_a_malformed_applied_list_is_a_one_line_error(ckpt,
     record.write_text(json.dumps(doc).replace(json.dumps(doc["applied"]), applied))
     assert main(["inspect", str(record), "--json"]) == 1
     assert "bad undo record" in capsys.readouterr().err
+
+
+def test_an_output_with_an_index_of_another_name_can_be_written_again(ckpt):
+    # only *.safetensors.index.json was looked for: model.index.json's output was refused
+    d, _, sig = ckpt
+    (d / "base" / INDEX).rename(d / "base" / "model.index.json")
+    rp.apply_file(d / "base" / "model.index.json", sig, 1.0, d / "out")
+    rp.apply_file(d / "base" / "model.index.json", sig, 0.5, d / "out")
+    assert (d / "out" / "model.index.json").exists()

@@ -276,7 +276,7 @@ def apply_one(
     """:func:`apply_file` of one safetensors file into a new one."""
     opts, progress = call.opts, call.progress
     src, out = validate.path(src, "src"), _output(out, "apply_file")
-    _check_no_journal(src)
+    _check_no_journal(src, out)
     outputs = [out, undo_path_for(out)] if opts.undo else [out]
     check_destinations([src, *signature_paths(call.sigs)], outputs)
     plan = streamed_plan(call.sigs, call.alphas)
@@ -389,15 +389,17 @@ def _no_output(src: str | os.PathLike[str], out: str | os.PathLike[str] | None) 
         )
 
 
-def _check_no_journal(model: Path) -> None:
-    """A model with an unfinished in-place patch is refused until recovered."""
+def _check_no_journal(*models: Path) -> None:
+    """A model with an unfinished in-place patch is refused until recovered, as input
+    and as output (a new file written there would be "recovered" from the journal)."""
     from ._io.journal import journal_path_for
 
-    if journal_path_for(model).exists():
-        raise FormatError(
-            f"{model}: an in-place patch of it was interrupted; run 'robustpatch recover "
-            f"{model}' (or patch it in place again) first"
-        )
+    for model in models:
+        if journal_path_for(model).exists():
+            raise FormatError(
+                f"{model}: an in-place patch of it was interrupted; run 'robustpatch "
+                f"recover {model}' (or patch it in place again) first"
+            )
 
 
 def _output(out: str | os.PathLike[str] | None, fn: str) -> Path:
@@ -475,7 +477,7 @@ def remove_file(
         _no_output(patched, out)
         return remove_inplace(patched, undo=undo, progress=progress, signatures=signatures)
     patched, out = validate.path(patched, "patched"), _output(out, "remove_file")
-    _check_no_journal(patched)
+    _check_no_journal(patched, out)
     side_path = validate.path(undo, "undo") if undo else undo_path_for(patched)
     check_destinations([patched, side_path, *signatures], [out])
     if not side_path.exists():

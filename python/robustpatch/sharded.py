@@ -433,9 +433,13 @@ def _replaceable(out: Path) -> bool:
     """Whether the existing folder ``out`` holds a sharded checkpoint and nothing else, as
     robustpatch writes one (with or without undo records): only such a folder is
     replaced whole."""
+    # Any *.index.json: an output keeps its source index's name (model.index.json too).
+    indexes = [p for p in out.iterdir() if p.name.endswith(INDEX_SUFFIX)]
+    if len(indexes) != 1:
+        return False
     try:
-        index = load_index(out)
-    except (OSError, ValueError):  # no index, several, or a damaged one
+        index = load_index(indexes[0])
+    except (OSError, ValueError):  # a damaged index
         return False
     ours = {index.path.name, RECORD_NAME, *index.shards}
     ours |= {undo_path_for(s).name for s in index.shards}

@@ -18,9 +18,10 @@ was never followed (the model is untouched; it is deleted), a pending one is rol
 (the original bytes written back), a done one is completed (its file actions run). A
 sealed journal that is not whole (its digest, length or description wrong) was damaged
 after the patch may have begun: it is refused with a FormatError and kept, since it
-holds the only copy of the original bytes. (Releases before the seal wrote ``RPJRNL1``
-journals in state P from their first byte: one of those cut short was never followed,
-and is discarded as an unsealed one is.) So after any crash the model is
+holds the only copy of the original bytes. (``RPJRNL1`` journals, of earlier releases,
+are read the same way; releases before the seal wrote theirs in state P from the first
+byte, so one of those cut short may also be a writer killed before the patch: the
+refusal says so.) So after any crash the model is
 either the original or the patched one, and its undo record says which. An error
 before the commit point rolls back at once (:meth:`Journal.abort`); one from the
 moment the done marker is being written (its write or fsync, the file actions) never
@@ -63,7 +64,7 @@ __all__ = [
 JOURNAL_SUFFIX = ".rpjournal"
 PENDING_SUFFIX = ".pending"  # an apply's undo record, until the commit renames it
 _MAGIC = b"RPJRNL2\n"
-_UNSEALED_MAGIC = b"RPJRNL1\n"  # earlier releases: state P from the first byte
+_EARLIER_MAGIC = b"RPJRNL1\n"  # earlier releases: sealed, or (older) P from the first byte
 _STATE_AT = len(_MAGIC)
 _PREFIX = len(_MAGIC) + 8  # magic, state byte, padding
 _UNSEALED, _PENDING, _DONE = b"-", b"P", b"D"
@@ -338,25 +339,30 @@ def _load(path: Path) -> tuple[bytes, _Plan] | None:
         state = head[_STATE_AT : _STATE_AT + 1]
         if state not in (_PENDING, _DONE):
             return None
-        # An earlier release's pending journal cut short: its writer died before the patch.
-        torn_means_unsealed = head.startswith(_UNSEALED_MAGIC) and state == _PENDING
+        # An earlier release's pending journal cut short is either damaged or (releases
+        # before the seal) its writer's, killed before the patch: which, no byte says.
+        maybe_unfinished = head.startswith(_EARLIER_MAGIC) and state == _PENDING
 
-        def damaged(what: str) -> FormatError:
+        def damaged(what: str, torn: bool = False) -> FormatError:
+            unfinished = (
+                " (an earlier release that wrote its journals unsealed, killed while writing "
+                "one, leaves one like this too: then the model is untouched)"
+                if torn and maybe_unfinished
+                else ""
+            )
             return FormatError(
                 f"{path}: damaged journal ({what}); not recovering from it. The model may be "
                 "partly patched and this journal holds its only copy of the original bytes: "
                 "keep it, and restore the model from a copy (delete the journal only if you "
-                "know the model is whole)"
+                f"know the model is whole){unfinished}"
             )
 
-        if len(head) < _PREFIX + 8 or head[: len(_MAGIC)] not in (_MAGIC, _UNSEALED_MAGIC):
+        if len(head) < _PREFIX + 8 or head[: len(_MAGIC)] not in (_MAGIC, _EARLIER_MAGIC):
             raise damaged("its header is not a journal's")
         n = int.from_bytes(head[_PREFIX:], "little")
         meta = f.read(n) if n <= size else b""
         if len(meta) != n:
-            if torn_means_unsealed:
-                return None
-            raise damaged("its description is cut short")
+            raise damaged("its description is cut short", torn=True)
         try:
             obj = json.loads(meta)
         except ValueError:
@@ -364,10 +370,8 @@ def _load(path: Path) -> tuple[bytes, _Plan] | None:
         plan = _Plan.parse(obj, str(path))
         body = sum(length for _, length in plan.ranges)
         whole = _PREFIX + 8 + n + body + 32
-        if size < whole and torn_means_unsealed:
-            return None
         if size != whole:
-            raise damaged(f"{size} bytes, not the {whole} it describes")
+            raise damaged(f"{size} bytes, not the {whole} it describes", torn=size < whole)
         h, left = _hasher(meta), body
         while left:
             block = f.read(min(_CHUNK, left))

@@ -68,7 +68,8 @@ def export(
     ``"dynamic"`` or ``"static"`` (quantizes the f32 model). ``max_abs_error`` (the
     largest output error allowed, as a fraction of the torch model's largest |output|)
     and ``min_agreement`` (top-1 agreement with it) default to :data:`TOLERANCES`.
-    The module must be a classifier: one ``(N, classes)`` output. Returns the
+    The module returns one tensor of shape ``(N, C, ...)``; agreement is over ``C``
+    (a classifier's classes, a segmenter's per pixel). Returns the
     measurements; a variant outside them is refused (MismatchError) and ``path`` is left
     as it was; ``path`` is never one of the signature files. The file is self-contained
     (no external data: up to protobuf's 2 GiB).
@@ -83,9 +84,9 @@ def export(
     model = copy.deepcopy(module).cpu().eval()
     if signatures is not None:
         apply_signatures(model, signatures, alphas)
-    reference = _classifier_output(model, batch.cpu())
+    reference = _model_output(model, batch.cpu())
     if batch is not example:
-        _classifier_output(model, example.cpu())
+        _model_output(model, example.cpu())
     proto = _exported(model, example.cpu())
     if dtype == "f16":
         proto = _to_f16(proto)
@@ -109,10 +110,10 @@ def _signature_files(signatures: Any) -> list[Any]:
     return []
 
 
-def _classifier_output(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    """The torch model's output on ``x``: one ``(N, classes)`` tensor, else
-    InvalidArgumentError (an input it cannot take, or a model that is no classifier)
-    before the export's own errors, which are pages of torch's log."""
+def _model_output(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The torch model's output on ``x``: one tensor of shape ``(N, C, ...)``, else
+    InvalidArgumentError (an input it cannot take, or outputs the validation cannot
+    compare) before the export's own errors, which are pages of torch's log."""
     import torch
 
     try:
@@ -123,11 +124,11 @@ def _classifier_output(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         raise InvalidArgumentError(
             f"the model does not run on inputs of shape {tuple(x.shape[1:])}: {first}"
         ) from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+    if not isinstance(out, torch.Tensor) or out.ndim < 2:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise InvalidArgumentError(
-            f"the export validates classifiers: the model must return one (N, classes) "
-            f"tensor, got {got}"
+            "the export validates the model's top-1 decisions: it must return one tensor "
+            f"of shape (N, C, ...), got {got}"
         )
     return out.float().numpy()
 

@@ -134,6 +134,8 @@ def _pool_round(
     """Run the jobs ``todo`` on a fresh pool; returns those a broken pool left without a
     line, and the error that broke it. Ctrl-C cancels the queued jobs (only those
     already running finish) instead of waiting for the whole queue."""
+    if not todo:
+        return [], None
     # spawn: workers start clean (no copy of this process's threads or locks)
     ctx = multiprocessing.get_context("spawn")
     left: list[int] = []
@@ -172,7 +174,8 @@ def _connect(ray: Any, address: str | None, workers: int | None) -> bool:
                 raise
             ray.init(**options)  # `ray start` ran on this node: ray.init joins its cluster
     except ValueError as e:  # e.g. "Invalid address format"
-        raise InvalidArgumentError(f"cannot start or reach Ray at {address!r}: {e}") from None
+        where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
+        raise InvalidArgumentError(f"cannot start or reach Ray at {where!r}: {e}") from None
     return True
 
 
