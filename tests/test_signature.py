@@ -829,3 +829,40 @@ def test_extract_takes_any_iterable_of_names_as_its_order(models):
     a = extract(pre, clean, robust, layers="all", order=clean.keys())
     b = extract(pre, clean, robust, layers="all", order=(n for n in clean))
     assert list(a.entries) == list(b.entries)
+
+
+def test_a_tensor_given_a_delta_and_a_batchnorm_replacement_is_refused(tmp_path):
+    # a file target applied the delta alone and listed both signatures as applied; in
+    # memory the refusal spoke of tied weights
+    model = {"bn.running_mean": np.zeros(4, np.float32)}
+    write_tensors(tmp_path / "m.safetensors", model)
+    a = Signature.from_deltas({"bn.running_mean": np.full(4, 0.5, np.float32)}, name="a")
+    b = Signature.from_deltas({}, bn={"bn.running_mean": np.full(4, 3.0, np.float32)}, name="b")
+    with pytest.raises(MismatchError, match="both a delta and a BatchNorm replacement"):
+        apply(model, [a, b])
+    with pytest.raises(MismatchError, match="both a delta and a BatchNorm replacement"):
+        rp.apply_file(tmp_path / "m.safetensors", [a, b], out=tmp_path / "p.safetensors")
+    assert not (tmp_path / "p.safetensors").exists() and not model["bn.running_mean"].any()
+
+
+def test_a_signature_from_arrays_keeps_copies_so_removal_stays_exact():
+    # it kept the caller's array: changed after apply, remove subtracted the new values
+    d = np.full(4, 0.1, np.float32)
+    model = {"w": np.zeros(4, np.float32)}
+    undo = apply(model, Signature.from_deltas({"w": d}))
+    d[:] = 0.3
+    remove(model, undo)
+    assert not model["w"].any()
+    w = np.ones(4, np.float32)  # its own delta: the engine refused it with a panic
+    apply({"w": w}, Signature.from_deltas({"w": w}))
+    assert (w == 2).all()
+
+
+def test_a_delta_sharing_memory_with_its_target_is_refused_not_a_panic():
+    # the engine's borrow of the delta panicked (a BaseException, past except Exception)
+    from robustpatch.signature import dense_entry
+
+    w = np.ones(4, np.float32)
+    with pytest.raises(InvalidArgumentError, match="shares memory with an array this call writes"):
+        apply({"w": w}, Signature([dense_entry("w", w)]))
+    assert (w == 1).all()

@@ -219,7 +219,21 @@ def make_plan(sigs: Sequence[Signature], alphas: Sequence[float]) -> Plan:
                 rs, ws = plan.bn.setdefault(name, ([], []))
                 rs.append(e.values)
                 ws.append(a * e.weight)
+    _check_one_kind(plan)
     return plan
+
+
+def _check_one_kind(plan: Plan) -> None:
+    """A tensor is either moved by deltas or blended as a BatchNorm buffer: given both,
+    one would be lost (a file target applied the deltas alone)."""
+    both = next((n for n in plan.deltas if n in plan.bn), None)
+    if both is not None:
+        kinds = {s.name: s.entries[both].kind for s in plan.sigs if both in s.entries}
+        shown = ", ".join(f"{name!r} ({kind})" for name, kind in kinds.items())
+        raise MismatchError(
+            f"{both}: signatures give it both a delta and a BatchNorm replacement ({shown}); "
+            "apply them one after the other"
+        )
 
 
 def check_plan(

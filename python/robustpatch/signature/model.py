@@ -136,11 +136,13 @@ class Signature(_Linear):
         """A signature from plain arrays: ``deltas`` name → delta, ``bn`` name → replacement.
 
         ``dtypes`` gives the target dtype per name (default: the array's own dtype, so
-        float32 deltas target float32 tensors).
+        float32 deltas target float32 tensors). The signature keeps copies: the caller's
+        arrays may change afterwards (a removal subtracts what was added, not what an
+        array holds by then).
         """
         dtypes = dtypes or {}
-        entries = [dense_entry(k, v, dtypes.get(k)) for k, v in deltas.items()]
-        entries += [bn_entry(k, v, dtypes.get(k)) for k, v in (bn or {}).items()]
+        entries = [dense_entry(k, _own(v), dtypes.get(k)) for k, v in deltas.items()]
+        entries += [bn_entry(k, _own(v), dtypes.get(k)) for k, v in (bn or {}).items()]
         return cls(entries, name=name, meta=meta)
 
     def _check_file_names(self) -> None:
@@ -325,6 +327,11 @@ class Signature(_Linear):
     def load(cls, path: str | os.PathLike[str]) -> Signature:
         """Read and validate a signature file (FormatError / NonFiniteError if bad)."""
         return codec.load(validate.path(path, "signature path"))
+
+
+def _own(values: Any) -> np.ndarray:
+    """A private copy of the caller's values (their dtype kept: the target's default)."""
+    return np.array(values, copy=True)
 
 
 class SignatureSum(_Linear):

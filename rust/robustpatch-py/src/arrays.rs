@@ -43,12 +43,19 @@ pub fn contiguous_error(what: &str) -> Error {
 
 impl<'py> FloatIn<'py> {
     pub fn extract(obj: &Bound<'py, PyAny>, what: &str) -> BindResult<Self> {
+        // Borrowed after the arrays a call writes: one of those is refused, not a panic.
+        let shared = |_| {
+            Error::Value(format!(
+                "{what}: shares memory with an array this call writes (a delta cannot be the \
+                 tensor it patches); pass a copy"
+            ))
+        };
         let arr = if let Ok(a) = obj.downcast::<PyArrayDyn<f32>>() {
-            FloatIn::F32(a.readonly())
+            FloatIn::F32(a.try_readonly().map_err(shared)?)
         } else if let Ok(a) = obj.downcast::<PyArrayDyn<f16>>() {
-            FloatIn::F16(a.readonly())
+            FloatIn::F16(a.try_readonly().map_err(shared)?)
         } else if let Ok(a) = obj.downcast::<PyArrayDyn<u16>>() {
-            FloatIn::BF16(a.readonly())
+            FloatIn::BF16(a.try_readonly().map_err(shared)?)
         } else {
             return Err(dtype_error(what, obj).into());
         };

@@ -424,7 +424,9 @@ fn undo_of<B: numpy::Element + Copy>(
             std::any::type_name::<B>()
         ))
     })?;
-    let values = values.readonly();
+    let values = values
+        .try_readonly()
+        .map_err(|_| Error::Value("undo values share memory with the target".into()))?;
     Ok(Some(Undo {
         positions: pos.to_vec(),
         values: slice_of(&values, "values")?.to_vec(),
