@@ -329,3 +329,24 @@ def test_identical_models_without_batchnorm_leave_nothing_to_extract():
     m = llama_like(np.random.default_rng(0))
     with pytest.raises(SelectionError, match="nothing to extract"):
         extract(None, m, copy_model(m), method="difference")
+
+
+def test_names_that_do_not_split_into_layers_warn_that_the_whole_model_is_taken():
+    # l0_w ... l7_w were one "layer": layers=1, a budget and auto took 100% silently
+    rng = np.random.default_rng(0)
+    pre = {f"l{i}_w": rng.normal(size=(16, 16)).astype(np.float32) for i in range(8)}
+    clean = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in pre.items()}
+    robust = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in clean.items()}
+    for options in ({"layers": 1}, {"param_budget": 0.12}):
+        with pytest.warns(UserWarning, match="do not split into layers"):
+            sig = extract(pre, clean, robust, **options)
+        assert len(sig) == 8
+    dotted = {k.replace("_", "."): v for k, v in pre.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extract(
+            dotted,
+            {k.replace("_", "."): v for k, v in clean.items()},
+            {k.replace("_", "."): v for k, v in robust.items()},
+            layers=1,
+        )

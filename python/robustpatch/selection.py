@@ -13,6 +13,7 @@ True
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -169,6 +170,16 @@ def _leading(units: list[list[str]], params: list[int], k: int, **info: Any):
     """The first ``k`` units' tensors and the layer info recorded for them."""
     total = sum(params) or 1
     info.update(units=k, of=len(units), param_share=sum(params[:k]) / total)
+    if len(units) == 1 and len(units[0]) > 2 and "rule" not in info:
+        undotted = [n for n in units[0] if "." not in n]
+        if undotted:  # one "layer": a count, budget or auto rule takes the whole model
+            warnings.warn(
+                f"the tensor names do not split into layers (modules are dot-separated "
+                f"paths; {undotted[0]!r} has none), so the layer {info['mode']} selects the "
+                "whole model: name the tensors with layers= (a regex or a list of them)",
+                UserWarning,
+                stacklevel=4,
+            )
     return [n for u in units[:k] for n in u], info
 
 
