@@ -258,3 +258,24 @@ def test_a_failing_undo_write_leaves_no_output(setup, monkeypatch):
 
     monkeypatch.setattr(files.UndoWriter, "finish", failing)
     _refused(src, sigs, out, OSError, "Input/output")
+
+
+def test_file_calls_check_progress_and_take_one_signature_path(tmp_path):
+    # progress=5 failed in the writer thread; signatures="fog.rws" was read as characters
+    import robustpatch as rp
+    from robustpatch.errors import InvalidArgumentError
+    from robustpatch.signature import Signature
+
+    write_tensors(tmp_path / "m.safetensors", {"w": np.zeros(4, np.float32)})
+    sig = Signature.from_deltas({"w": np.ones(4, np.float32)})
+    sig.save(tmp_path / "s.rws")
+    with pytest.raises(InvalidArgumentError, match="progress must be callable"):
+        rp.apply_file(tmp_path / "m.safetensors", sig, out=tmp_path / "p.safetensors", progress=5)
+    assert not (tmp_path / "p.safetensors").exists()
+    rp.apply_file(tmp_path / "m.safetensors", tmp_path / "s.rws", out=tmp_path / "p.safetensors")
+    with pytest.raises(InvalidArgumentError, match="progress must be callable"):
+        rp.remove_file(tmp_path / "p.safetensors", tmp_path / "r.safetensors", progress=5)
+    rp.remove_file(
+        tmp_path / "p.safetensors", tmp_path / "r.safetensors", signatures=str(tmp_path / "s.rws")
+    )
+    assert sha(tmp_path / "r.safetensors") == sha(tmp_path / "m.safetensors")

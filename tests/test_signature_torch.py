@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import robustpatch as rp  # noqa: E402
 from robustpatch.errors import MismatchError  # noqa: E402
 from robustpatch.extraction import extract  # noqa: E402
 from robustpatch.targets import apply, remove  # noqa: E402
@@ -302,3 +303,12 @@ def test_a_tensor_a_torch_checkpoint_holds_as_integers_is_named_with_why(nets, t
     for source in (state, tmp_path / "robust.pt"):
         with pytest.raises(MismatchError, match=r"robust model holds it as int64\)"):
             extract(pre, clean, source, layers="all")
+
+
+def test_a_state_dict_mixing_torch_tensors_and_numpy_arrays_is_refused():
+    # the first value chose the kind: an AttributeError traceback on the other
+    sig = rp.Signature.from_deltas({"b": np.ones(4, np.float32)})
+    mixed = {"a": torch.ones(4), "b": np.ones(4, np.float32)}
+    with pytest.raises(rp.InvalidArgumentError, match="mixes torch tensors and numpy arrays"):
+        apply(mixed, sig)
+    assert (mixed["b"] == 1).all()

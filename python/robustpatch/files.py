@@ -240,6 +240,7 @@ def apply_file(
     content hash instead of embedding it (``embed_signature=True`` embeds it).
     """
     opts = PatchOptions.of(options, "apply_file", FILE_OPTIONS)
+    _check_progress(progress)
     call = PatchCall(sigs, alphas, opts, progress, embed_signature)
     if is_sharded(validate.path(src, "src")):  # an *.index.json or its folder: into a folder
         from .sharded import apply_sharded
@@ -389,6 +390,12 @@ def _no_output(src: str | os.PathLike[str], out: str | os.PathLike[str] | None) 
         )
 
 
+def _check_progress(progress: Any) -> None:
+    """Before any work: a wrong type failed in the writer thread, mid-file."""
+    if progress is not None and not callable(progress):
+        raise InvalidArgumentError(f"progress must be callable, got {type(progress).__name__}")
+
+
 def _check_no_journal(*models: Path) -> None:
     """A model with an unfinished in-place patch is refused until recovered, as input
     and as output (a new file written there would be "recovered" from the journal)."""
@@ -467,6 +474,9 @@ def remove_file(
     and deletes the record it used (:func:`robustpatch.inplace.remove_inplace`). A
     record that refers to a signature file (by content hash) finds it among
     ``signatures``, else at the path it holds; a file with another hash is refused."""
+    _check_progress(progress)
+    if isinstance(signatures, (str, os.PathLike)):  # one path, not its characters
+        signatures = [signatures]
     if is_sharded(validate.path(patched, "patched")):
         from .sharded import remove_sharded
 

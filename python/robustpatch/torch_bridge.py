@@ -47,6 +47,11 @@ def is_torch_object(obj: Any) -> bool:
     if isinstance(obj, (torch.nn.Module, torch.Tensor)):
         return True
     if isinstance(obj, Mapping) and obj:
+        kinds = {isinstance(v, torch.Tensor) for v in obj.values() if hasattr(v, "dtype")}
+        if kinds == {True, False}:  # the first value decided, and the others then failed
+            raise InvalidArgumentError(
+                "the state dict mixes torch tensors and numpy arrays: give one kind"
+            )
         return isinstance(next(iter(obj.values())), torch.Tensor)
     return False
 
