@@ -175,3 +175,29 @@ def test_cli_flags_use_the_same_rules(argv, message, capsys, tmp_path, monkeypat
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_numpy_booleans_and_0d_alphas_are_taken_as_their_values():
+    # force=np.True_ was "must be true or false"; np.array(2.0) "not a real number"
+    import numpy as np
+
+    import robustpatch as rp
+    from robustpatch.options import FILE_OPTIONS, PatchOptions
+
+    opts = PatchOptions.of({"force": np.True_}, "apply_file", FILE_OPTIONS)
+    assert opts.force is True
+    model = {"w": np.zeros(4, np.float32)}
+    rp.apply(model, rp.Signature.from_deltas({"w": np.ones(4, np.float32)}), np.array(2.0))
+    assert (model["w"] == 2).all()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "chosen"),
+    [("(?i)(?s)CONV", ["conv.w"]), ("(?x) layers\\.1  # the first block", ["layers.1.w"])],
+)
+def test_layer_regexes_with_several_flags_or_a_verbose_comment_compile(pattern, chosen):
+    # only the first flag group was kept in front; a comment swallowed the wrapping
+    from robustpatch.selection import compile_layer_pattern
+
+    names = ["layers.1.w", "layers.10.w", "conv.w"]
+    assert [n for n in names if compile_layer_pattern(pattern).search(n)] == chosen

@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 
 from .errors import InvalidArgumentError
+from .validate import is_bool
 
 __all__ = ["PatchOptions", "FILE_OPTIONS", "MEMORY_OPTIONS", "EXECUTORS"]
 
@@ -46,9 +47,9 @@ class PatchOptions:
         for name, value in options.items():
             if name not in allowed:
                 raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}")
-            if not isinstance(value, bool):
+            if not is_bool(value):
                 raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
-        return cls(**options)  # type: ignore[arg-type]
+        return cls(**{k: bool(v) for k, v in options.items()})
 
 
 #: What a model file on disk takes (``apply_file``, ``onnx.apply``).

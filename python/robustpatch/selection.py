@@ -139,11 +139,14 @@ def compile_layer_pattern(pattern: Any) -> re.Pattern[str]:
     its leading global flags (``(?i)``) stay in front of the wrapping."""
     if not isinstance(pattern, str):
         raise SelectionError(f"layers: expected a regex string, got {pattern!r}")
-    flags = re.match(r"\(\?[aiLmsux]+\)", pattern)
+    flags = re.match(r"(?:\(\?[aiLmsux]+\))+", pattern)  # (?i)(?s): every leading group
     lead, body = (flags.group(0), pattern[flags.end() :]) if flags else ("", pattern)
+    # verbose (?x): a "# comment" in the body runs to the end of its line, not past the
+    # wrapping (in a verbose pattern a newline is whitespace)
+    end = "\n" if "x" in lead else ""
     try:
         re.compile(pattern)
-        return re.compile(rf"{lead}(?:^|(?<=\.))(?:{body})(?=\.|$)")
+        return re.compile(rf"{lead}(?:^|(?<=\.))(?:{body}{end})(?=\.|$)")
     except (re.error, OverflowError) as e:  # OverflowError: a repeat count too large
         raise SelectionError(f"layers: invalid regex {pattern!r}: {e}") from None
 

@@ -56,7 +56,8 @@ def _numpy() -> Any:
     return sys.modules.get("numpy")
 
 
-def _is_bool(value: Any) -> bool:
+def is_bool(value: Any) -> bool:
+    """True for Python and numpy booleans."""
     np = _numpy()
     return isinstance(value, bool) or (np is not None and isinstance(value, np.bool_))
 
@@ -67,8 +68,12 @@ def _show(value: Any) -> str:
 
 
 def alpha(value: Any, what: str = "alpha") -> float:
-    """One real number, finite and within float32 range (the engine narrows α to f32)."""
-    is_number = isinstance(value, numbers.Real) and not _is_bool(value)
+    """One real number, finite and within float32 range (the engine narrows α to f32);
+    a 0-d numpy array is its number."""
+    np = _numpy()
+    if np is not None and isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    is_number = isinstance(value, numbers.Real) and not is_bool(value)
     if not is_number:
         raise InvalidArgumentError(f"{what} must be a real number, got {_show(value)}")
     out = float(value)
@@ -110,7 +115,7 @@ def _is_sequence(values: Any) -> bool:
 
 def _integer(value: Any, lo: int, hi: int | None) -> int | None:
     """``value`` as an int in ``lo..hi``, or None (bool and float are not integers)."""
-    if _is_bool(value):
+    if is_bool(value):
         return None
     try:
         out = operator.index(value)
