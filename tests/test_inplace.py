@@ -521,3 +521,20 @@ def test_a_journal_spanning_many_write_blocks_rolls_the_model_back(
     assert recover(model) == "rolled back"  # the journal's digest checked out
     assert model.read_bytes() == original
     assert not journal_path_for(model).exists()
+
+
+def test_an_earlier_journal_naming_its_record_from_another_folder_is_kept(small, monkeypatch):
+    # its relative record path did not resolve: "completed", the record left pending
+    monkeypatch.chdir(small)
+    model, sig = Path("m.safetensors"), Path("s.rws")
+    apply_file(model, sig, 1.0, inplace=True)
+    record = undo_path_for(model)
+    pending = Path(str(record) + PENDING_SUFFIX)
+    record.rename(pending)
+    path = _forge(model, {"commit_rename": [str(pending), str(record)]}, b"D")
+    monkeypatch.chdir(small.parent)  # the relative names now point elsewhere
+    with pytest.raises(FormatError, match="from the folder the patch ran in"):
+        recover(small / model)
+    assert path.exists() and (small / pending).exists()
+    monkeypatch.chdir(small)
+    assert recover(model) == "completed" and record.exists() and not path.exists()

@@ -229,11 +229,21 @@ class Journal:
         self._delete()
 
     def _rename_record(self) -> None:
-        """Put the pending undo record of an apply in place (gone: done before a crash)."""
+        """Put the pending undo record of an apply in place (gone: done before a crash).
+        Neither there nor in place: the journal names them from a working folder this
+        is not (an earlier release's relative paths), and finishing would leave the
+        model patched with no record beside it: refused, the journal kept."""
         if self.plan.commit_rename is not None:
             src, dst = self.plan.commit_rename
             if _undo_record_or_none(src, self.path) is not None:
                 os.replace(src, dst)
+            elif not os.path.lexists(dst):
+                raise FormatError(
+                    f"{self.path}: the patch committed, but its undo record is neither at "
+                    f"{src} nor at {dst}; run 'robustpatch recover' from the folder the "
+                    "patch ran in (earlier releases named the record from there); if the "
+                    "record is lost, the model is the patched one: delete the journal"
+                )
 
     def _unlink_consumed(self) -> None:
         """Delete the undo record a removal consumed."""
