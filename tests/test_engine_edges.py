@@ -17,6 +17,8 @@ from robustpatch import _core
 from robustpatch.errors import InvalidArgumentError, MismatchError
 from rp_testutil import trio, usage_error
 
+F32_MAX = float(np.finfo(np.float32).max)
+
 X8 = np.arange(8, dtype=np.float32)
 
 
@@ -411,3 +413,18 @@ def test_a_sha256_signature_still_verifies_and_keeps_its_hash(tmp_path):
     write_tensors(tmp_path / "bad.rws", tensors, {"robustpatch": json.dumps(meta)})
     with pytest.raises(rp.errors.FormatError, match="content hash mismatch"):
         rp.Signature.load(tmp_path / "bad.rws")
+
+
+@pytest.mark.parametrize(
+    ("values", "bits"),
+    [
+        ([F32_MAX, -1.1e31, F32_MAX / 2, 0.0], 4),  # x − lo overflowed: the max got code 0
+        ([F32_MAX, 0.1 * F32_MAX], 2),  # level·scale + offset decoded to Inf
+    ],
+)
+def test_an_affine_group_past_the_float32_range_is_refused_not_decoded_wrong(values, bits):
+    from robustpatch.signature import Signature
+
+    sig = Signature.from_deltas({"w": np.array(values, np.float32)})
+    with pytest.raises(InvalidArgumentError, match="too wide to decode in f32"):
+        sig.quantize(bits=bits, scheme="affine", granularity="tensor")

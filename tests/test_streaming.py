@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustpatch._format.safetensors import encode_header, read_header
+from robustpatch._format.safetensors import encode_header, read_header, write_tensors
 from robustpatch._format.undo import read_record
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, MismatchError
@@ -121,7 +121,7 @@ def test_remove_takes_a_moved_signature_by_flag_and_refuses_a_wrong_one(pair, ca
     before = listing(pair)
     with pytest.raises(FileNotFoundError, match="--signature"):
         remove_file(out, pair / "r.safetensors")
-    with pytest.raises(MismatchError, match="none of the signatures given"):
+    with pytest.raises(FileNotFoundError, match=r"none of those given \(.*other.rws\) is it"):
         remove_file(out, pair / "r.safetensors", signatures=[pair / "other.rws"])
     shutil.copy(pair / "other.rws", pair / "tv.rws")  # a wrong file where the record looks
     with pytest.raises(MismatchError, match="is not the signature"):
@@ -246,3 +246,56 @@ def test_remove_refuses_a_referenced_signature_whose_bytes_changed(pair):
     with pytest.raises(FormatError, match="content hash mismatch"):
         remove_file(inplace, inplace=True)
     assert listing(pair) == before
+
+
+def test_a_signature_given_for_one_reference_leaves_the_others_found_beside_the_record(pair):
+    # giving one of two signatures refused the other, still where the record says
+    src, out = pair / "m.safetensors", pair / "p.safetensors"
+    second = Signature.from_deltas({"a.weight": np.full((64, 32), 0.5, np.float32)}, name="b")
+    second.save(pair / "b.rws")
+    apply_file(src, [pair / "tv.rws", pair / "b.rws"], [1.0, 1.0], out)
+    remove_file(out, pair / "r.safetensors", signatures=[pair / "b.rws"])
+    assert sha(pair / "r.safetensors") == sha(src)
+
+
+def test_a_record_written_through_a_linked_folder_finds_its_signature(pair):
+    # the reference was made from the link's text: ".." then left the real folder elsewhere
+    src = pair / "m.safetensors"
+    (pair / "real" / "sub").mkdir(parents=True)
+    (pair / "lk").symlink_to(pair / "real" / "sub")
+    apply_file(src, pair / "tv.rws", 1.0, pair / "lk" / "p.safetensors")
+    for name in (pair / "lk" / "p.safetensors", pair / "real" / "sub" / "p.safetensors"):
+        remove_file(name, pair / "r.safetensors")
+        assert sha(pair / "r.safetensors") == sha(src)
+        os.unlink(pair / "r.safetensors")
+
+
+def test_a_signature_stored_in_another_form_is_not_embedded_where_remove_would_refuse_it(
+    pair,
+):
+    # its hash over an F32 form BF16 holds exactly: streamed and verified, but the
+    # embedded copy failed the hash check at remove, stranding the patch
+    from robustpatch.signature.codec import (
+        META_KEY,
+        TensorDigests,
+        encode_meta,
+        header_object,
+        tensor_digest,
+    )
+
+    src = pair / "m.safetensors"
+    sig = Signature.from_deltas({"a.weight": np.full((64, 32), 0.125, np.float32)}, name="f")
+    specs = [e.spec() for e in sig]
+    stored = {e.name: e.values for e in sig}  # F32: robustpatch would store BF16
+    digests = TensorDigests(specs)
+    for name, a in stored.items():
+        digests.add(name, "F32", a.shape, tensor_digest(a))
+    meta = encode_meta(header_object("f", {}, specs, digests.hexdigest()))
+    write_tensors(pair / "f.rws", stored, {META_KEY: meta})
+    before = listing(pair)
+    with pytest.raises(FormatError, match="not stored as robustpatch stores it"):
+        apply_file(src, pair / "f.rws", 1.0, pair / "p.safetensors", embed_signature=True)
+    assert listing(pair) == before
+    apply_file(src, pair / "f.rws", 1.0, pair / "p.safetensors")  # by reference: fine
+    remove_file(pair / "p.safetensors", pair / "r.safetensors")
+    assert sha(pair / "r.safetensors") == sha(src)

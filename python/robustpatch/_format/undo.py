@@ -198,7 +198,9 @@ class UndoWriter:
         refs = refs or {}
         for k, sig in enumerate(sigs):
             if k not in refs:
-                self.sig_tensors.update({f"sig{k}/{n}": a for n, a in sig.file_tensors().items()})
+                tensors = sig.file_tensors()
+                _check_embeddable(sig, tensors, f"{af.path}: signature {k}")
+                self.sig_tensors.update({f"sig{k}/{n}": a for n, a in tensors.items()})
         self.record = UndoRecord(
             source_size=sizes[0],
             patched_size=sizes[1],
@@ -211,7 +213,11 @@ class UndoWriter:
             source_header_digest=digest(src_header),
             record_digest=_DIGEST_WIDTH,
             signature_refs=[
-                {"index": k, "file": os.path.relpath(os.path.abspath(p), af.path.parent.absolute())}
+                # real paths: a folder reached through a link resolves ".." from its target
+                {
+                    "index": k,
+                    "file": os.path.relpath(os.path.realpath(p), os.path.realpath(af.path.parent)),
+                }
                 for k, p in sorted(refs.items())
             ],
         )
@@ -429,22 +435,20 @@ class _SignatureFinder:
         for sig in self.given:
             if sig.content_hash == want:
                 return sig
-        if self.given:
-            raise MismatchError(
-                f"{self.record}: none of the signatures given ({self.given_paths}) is "
-                f"{name} ({want}), which the record was made with"
-            )
+        # else where the record says (the signatures given may be the others it refers to)
+        none_given = f"; none of those given ({self.given_paths}) is it" if self.given else ""
         where = self.record.parent / file
         if not where.exists():
             raise FileNotFoundError(
                 f"{self.record} refers to signature {name} ({want}) at {where}, which does "
-                "not exist: give it with --signature"
+                f"not exist{none_given}: give it with --signature"
             )
         sig = self.open(where)
         if sig.content_hash != want:
             raise MismatchError(
                 f"{where} is not the signature {self.record} was made with: content hash "
-                f"{sig.content_hash}, expected {want} (give the right one with --signature)"
+                f"{sig.content_hash}, expected {want}{none_given} (give the right one with "
+                "--signature)"
             )
         self.found.append(where)
         return sig
@@ -487,6 +491,26 @@ def _check_record_digest(
             f"{where}: bad undo record: its record digest does not match its contents "
             "(the record was changed or damaged)"
         )
+
+
+def _check_embeddable(sig: Signature, tensors: dict[str, np.ndarray], where: str) -> None:
+    """A signature file embedded as it is stored must read back as a removal reads it:
+    one stored in another form than robustpatch's (a dense delta wider than it needs,
+    or flattened), with its hash over that form, streams and verifies, but its embedded
+    copy would fail the hash check and strand the patch. In-memory signatures are
+    robustpatch's own form already."""
+    from ..signature.streamed import StreamedSignature
+
+    if not isinstance(sig, StreamedSignature):
+        return
+    try:
+        _signature(_signature_meta(sig), tensors, where)
+    except FormatError as e:
+        raise FormatError(
+            f"{e}: the signature file is not stored as robustpatch stores it, so an embedded "
+            "copy could not be removed; apply it without embedding (the record refers to "
+            "the file), or re-save it with robustpatch"
+        ) from None
 
 
 def _signature(meta: dict[str, Any], tensors: dict[str, np.ndarray], where: str) -> Signature:

@@ -159,10 +159,13 @@ def _verify(fd: int, header: Header, meta: dict, dense: dict[str, TensorInfo], w
     the one stored. Returns it."""
     expected = meta.get("content_hash")
     algorithm = hash_algorithm_of(expected)
-    if algorithm == TENSORS_HASH:
-        got = _tensors_hash(fd, header, meta, dense)
-    else:
-        got = _stream_hash(fd, header, meta, dense, algorithm)
+    try:
+        if algorithm == TENSORS_HASH:
+            got = _tensors_hash(fd, header, meta, dense)
+        else:
+            got = _stream_hash(fd, header, meta, dense, algorithm)
+    except NonFiniteError as e:  # name the file: several signatures may be applied
+        raise NonFiniteError(f"{where}: {e}") from None
     if got != expected:
         raise FormatError(f"{where}: content hash mismatch (file modified?)")
     return got

@@ -193,12 +193,17 @@ pub(super) fn params(spec: QuantSpec, lo: f32, hi: f32) -> Option<Params> {
         maxc as f32
     };
     let top = top_level * p.scale;
+    // Affine codes come from x − lo, and decode to level·scale + offset: both must stay
+    // in range too (past f32, the largest element got code 0, or decoded to Inf).
+    let affine_ok =
+        spec.scheme != Scheme::Affine || ((hi - lo).is_finite() && (top + p.offset).is_finite());
     (lo.is_finite()
         && hi.is_finite()
         && p.scale.is_finite()
         && p.offset.is_finite()
-        && top.is_finite())
-    .then_some(p)
+        && top.is_finite()
+        && affine_ok)
+        .then_some(p)
 }
 
 /// The error for a group whose range [`params`] refused.
