@@ -16,7 +16,7 @@ import pytest
 from robustpatch._format.safetensors import encode_header, read_header, write_tensors
 from robustpatch._format.undo import read_record
 from robustpatch.cli import main
-from robustpatch.errors import FormatError, MismatchError
+from robustpatch.errors import FormatError, MismatchError, NonFiniteError
 from robustpatch.files import apply_file, remove_file, undo_path_for
 from robustpatch.signature import Signature
 from robustpatch.signature.streamed import StreamedSignature, open_signature
@@ -299,3 +299,16 @@ def test_a_signature_stored_in_another_form_is_not_embedded_where_remove_would_r
     apply_file(src, pair / "f.rws", 1.0, pair / "p.safetensors")  # by reference: fine
     remove_file(pair / "p.safetensors", pair / "r.safetensors")
     assert sha(pair / "r.safetensors") == sha(src)
+
+
+def test_a_nan_in_a_streamed_signature_names_its_file(pair):
+    # with several signatures applied, "a.weight: delta holds NaN or Inf" named none
+    src, tv = pair / "m.safetensors", pair / "tv.rws"
+    header = read_header(tv)
+    t = next(t for t in header.tensors if t.name == "a.weight")
+    with open(tv, "r+b") as f:
+        f.seek(header.data_start + t.begin)
+        f.write(np.array([np.nan], np.float32).view(np.uint8).tobytes()[: t.nbytes])
+    with pytest.raises(NonFiniteError, match=r"tv\.rws: a\.weight: delta holds NaN"):
+        apply_file(src, tv, 1.0, pair / "p.safetensors")
+    assert not (pair / "p.safetensors").exists()
