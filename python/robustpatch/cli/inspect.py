@@ -218,7 +218,8 @@ def _print_signature(rep: dict[str, Any]) -> None:
         kinds = ", ".join(f"{n} as {d}" for d, n in sorted(rep["dense_stored_as"].items()))
         print(
             f"dense deltas stored {kinds or 'none'} (BF16/F16 only where exact); "
-            f"{rep['unchanged_skipped']} unchanged tensors skipped"
+            f"{rep['unchanged_skipped']} tensors skipped (unchanged, or not in the pretrained "
+            "checkpoint)"
         )
     print(f"content hash {rep['content_hash']}")
     print(f"architecture fingerprint {rep['fingerprints']['architecture']}")

@@ -105,7 +105,10 @@ def run_extract(args: Any) -> None:
         f"wrote {args.output}: {sig.entries} entries, {sig.nbytes} bytes "
         f"({layers.get('units', '?')} of {layers.get('of', '?')} layers)"
     )
-    why = {"skipped": "unchanged", "dropped": "changed but outside the selected layers"}
+    why = {
+        "skipped": "unchanged, or not in the pretrained checkpoint",
+        "dropped": "changed but outside the selected layers",
+    }
     for key, names in left_out.items():
         if names:
             text += f"\n{key} {len(names)} tensors ({why[key]}): {_some(names)}"
