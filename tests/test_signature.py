@@ -4,6 +4,7 @@ apply/remove on dicts of numpy arrays."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -866,3 +867,17 @@ def test_a_delta_sharing_memory_with_its_target_is_refused_not_a_panic():
     with pytest.raises(InvalidArgumentError, match="shares memory with an array this call writes"):
         apply({"w": w}, Signature([dense_entry("w", w)]))
     assert (w == 1).all()
+
+
+def test_groups_that_fall_back_past_float32_size_warn():
+    # a prime-sized tensor took groups of 1: 68 bits a weight at 4 bits, silently
+    sig = Signature.from_deltas(
+        {"prime": np.ones(1009, np.float32), "even": np.ones(1024, np.float32)}
+    )
+    with pytest.warns(UserWarning, match="prime: no group of up to 128 elements divides its 1009"):
+        sig.quantize(bits=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Signature.from_deltas(
+            {"even": np.ones(1024, np.float32), "s": np.ones(3, np.float32)}
+        ).quantize(bits=4)

@@ -14,6 +14,7 @@ BatchNorm running mean/variance *replacement* (float32), blended into the target
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -239,6 +240,15 @@ def quantize_entry(e: Entry, bits: int, scheme: str, granularity: str, group: in
         return e
     dense = np.ascontiguousarray(e.dense().reshape(-1))
     glen = group_len_for(e.shape, granularity, group)
+    fell_back = granularity == "group" and glen < min(group, e.numel)
+    if fell_back and bits + 64 / glen > 32:  # each group stores an f32 scale and offset
+        warnings.warn(
+            f"{e.name}: no group of up to {group} elements divides its {e.numel}, so groups of "
+            f"{glen} take {bits + 64 / glen:g} bits a weight, more than float32's 32; "
+            "quantize it with granularity='channel' or 'tensor'",
+            UserWarning,
+            stacklevel=3,
+        )
     tensor = _core.quantize(dense, bits, scheme, glen)
     q = Quantized(tensor, granularity, group if granularity == "group" else 0)
     return replace(e, values=None, quant=q)
