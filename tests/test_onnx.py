@@ -648,3 +648,22 @@ def test_cli_refuses_an_existing_data_file_without_overwrite(setup, capsys, exte
         if external:
             assert main([*args, "--overwrite"]) == 0
             assert Path(args[-1] + ".data").read_bytes() != b"someone else's bytes"
+
+
+def test_a_model_named_in_bytes_that_are_not_utf8_is_checked_applied_and_removed(setup, capsys):
+    # onnx's checker takes UTF-8 paths only: a traceback; an output whose external data
+    # file ONNX cannot name was written, then could not be read
+    clean, sig, tmp = setup
+    bad = os.fsdecode(b"m\xff.onnx")
+    src = save(model_proto(clean), tmp / "m.onnx", external=True)
+    os.rename(src, tmp / bad)
+    sig.save(tmp / "fog.rws")
+    assert main(["onnx", "check", str(tmp / bad), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["external_data"] == "m.onnx.data"
+    args = [str(tmp / bad), str(tmp / "fog.rws"), "-o", str(tmp / "p.onnx")]
+    assert main(["onnx", "apply", *args, "-q"]) == 0
+    bad_out = os.fsdecode(b"r\xff.onnx")
+    assert main(["onnx", "remove", str(tmp / "p.onnx"), "-o", str(tmp / bad_out)]) == 1
+    err = capsys.readouterr().err
+    assert "ONNX cannot store" in err and err.count("\n") == 1
+    assert not (tmp / bad_out).exists()

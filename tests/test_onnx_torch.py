@@ -5,6 +5,7 @@ measured and refused outside their tolerance."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -247,3 +248,19 @@ def test_a_nan_measurement_fails_the_tolerance():
             _check_tolerance(nan, "f32", limit, None)
     with pytest.raises(MismatchError):
         _check_tolerance({**nan, "relative_error": 0.0, "agreement": float("nan")}, "f32", 1, None)
+
+
+def test_cli_export_of_a_checkpoint_named_in_bytes_not_utf8_prints_nothing_with_q(
+    models, tmp_path, capfd
+):
+    # safetensors' own open refused the name (a traceback); torch's exporter logged that
+    # torchvision is missing on every export, -q or not
+    from safetensors.torch import save_file
+
+    model, _, _ = models
+    bad = tmp_path / os.fsdecode(b"c\xff.st")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "c.st")
+    os.rename(tmp_path / "c.st", bad)
+    assert main(["onnx", "export", str(bad), "-o", str(tmp_path / "v.onnx"), "-q"]) == 0
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

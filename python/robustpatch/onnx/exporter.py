@@ -172,7 +172,7 @@ def _exported(model: torch.nn.Module, example: torch.Tensor) -> Any:
             f"rp.onnx.export needs torch >= 2.6 (torch.onnx.export with {EXPORT_KEYWORDS}); "
             f"this is torch {torch.__version__}"
         )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, (example,), dynamo=True, dynamic_shapes=({0: "batch"},), verbose=False
@@ -209,7 +209,7 @@ def _quantized(data: bytes, mode: str, batch: torch.Tensor, input_name: str) -> 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
+    with tempfile.TemporaryDirectory() as tmp, _quiet_logger():
         src, dst = Path(tmp) / "f32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(data)
         if mode == "dynamic":
@@ -220,15 +220,17 @@ def _quantized(data: bytes, mode: str, batch: torch.Tensor, input_name: str) -> 
 
 
 @contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """onnxruntime's quantizer logs advice on the root logger: errors only, meanwhile."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
+def _quiet_logger(name: str | None = None) -> Iterator[None]:
+    """Errors only from logger ``name`` (the root: onnxruntime's quantizer logs advice
+    there; "torch.onnx": the exporter's notes, e.g. that torchvision is missing), meanwhile:
+    a CLI error stays one line."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
     try:
         yield
     finally:
-        root.setLevel(level)
+        logger.setLevel(level)
 
 
 def _session(data: bytes, threads: int = 1) -> Any:
@@ -289,13 +291,14 @@ def export_checkpoint(
     widths read from the tensors' shapes), validated on ``batch`` seeded uniform inputs
     in [0, 1) of ``input_shape``."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
 
     from ..lab.models import SmallCNN
 
     source = validate.path(checkpoint, "checkpoint")
     read_header(source)  # a malformed file: our one-line FormatError, not safetensors' own
-    state = load_file(os.fspath(source))
+    with open(source, "rb") as f:  # safetensors' own open takes UTF-8 paths only
+        state = load_safetensors(f.read())
     # safetensors lists tensors by name ("features.10" before "features.3"): by index.
     names = [k for k in state if re.fullmatch(r"features\.\d+\.weight", k) and state[k].ndim == 4]
     convs = [state[k] for k in sorted(names, key=lambda k: int(k.split(".")[1]))]

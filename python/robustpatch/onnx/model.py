@@ -186,10 +186,25 @@ def _check_graph(onnx: Any, path: Path) -> None:
     """``onnx.checker`` on the file (by path, so that external data resolves from the
     model's folder, which :func:`_check_external` has checked first)."""
     try:
-        onnx.checker.check_model(os.fspath(path))
+        if _utf8(path):
+            onnx.checker.check_model(os.fspath(path))
+        else:  # onnx's C++ checker takes UTF-8 paths only: the model in memory instead
+            with open(path, "rb") as f:
+                proto = onnx.load_model(f, load_external_data=False)
+            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+            onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, UnicodeDecodeError) as e:  # a name not UTF-8
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FormatError(f"{path}: not a valid ONNX model: {first}") from None
+
+
+def _utf8(path: Path) -> bool:
+    """Whether ``path`` is valid UTF-8 (a byte name decoded with surrogates is not)."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _initializer(t: Any, span: tuple[int, int] | None, path: Path) -> Initializer:
@@ -293,7 +308,12 @@ def _check_external(model: OnnxModel) -> None:
 
 def relocated(onnx_bytes: bytes, location: str) -> bytes:
     """The model with every external tensor's location set to ``location`` (the same
-    bytes when it already is)."""
+    bytes when it already is). ONNX stores the name as UTF-8: another is refused."""
+    if not _utf8(Path(location)):
+        raise InvalidArgumentError(
+            f"the external data file would be named {location!r}, which ONNX cannot store "
+            "(its names are UTF-8): give the output a UTF-8 name"
+        )
     onnx = import_onnx()
     proto = onnx.ModelProto()
     proto.ParseFromString(onnx_bytes)
