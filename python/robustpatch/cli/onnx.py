@@ -77,9 +77,10 @@ def apply_arguments(p: Any) -> None:
 
 def run_remove(args: Any) -> None:
     """restore the original of a patched ONNX model, bit for bit, from its undo record
+    (the model's own name in another folder restores its external data file's name too)
 
     example:
-    robustpatch onnx remove robust.onnx -o original/model.onnx
+    mkdir -p original && robustpatch onnx remove robust.onnx -o original/model.onnx
     """
     from ..onnx import remove
 
