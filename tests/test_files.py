@@ -279,3 +279,22 @@ def test_file_calls_check_progress_and_take_one_signature_path(tmp_path):
         tmp_path / "p.safetensors", tmp_path / "r.safetensors", signatures=str(tmp_path / "s.rws")
     )
     assert sha(tmp_path / "r.safetensors") == sha(tmp_path / "m.safetensors")
+
+
+def test_an_output_written_without_a_record_drops_the_stale_one_beside_it(tmp_path, capsys):
+    # inspect showed the old output's record as the new file's
+    from robustpatch.cli import main
+
+    write_tensors(tmp_path / "m.safetensors", {"w": np.zeros(4, np.float32)})
+    sig = Signature.from_deltas({"w": np.ones(4, np.float32)})
+    sig.save(tmp_path / "s.rws")
+    out = tmp_path / "p.safetensors"
+    apply_file(tmp_path / "m.safetensors", tmp_path / "s.rws", 1.0, out)
+    assert undo_path_for(out).exists()
+    args = ["apply", str(tmp_path / "m.safetensors"), str(tmp_path / "s.rws"), "-o", str(out)]
+    assert main([*args, "--no-undo", "--overwrite", "-q"]) == 0
+    assert not undo_path_for(out).exists()
+    (tmp_path / "notes.rpundo").write_text("mine")  # not a record: left alone
+    remove_target = tmp_path / "notes"
+    apply_file(tmp_path / "m.safetensors", tmp_path / "s.rws", 1.0, remove_target, undo=False)
+    assert (tmp_path / "notes.rpundo").read_text() == "mine"

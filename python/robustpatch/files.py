@@ -298,6 +298,7 @@ def apply_one(
                 with verifying(plan):
                     patch_target(target, plan, None, opts.allow_nonfinite)
                 fout.commit()
+            _drop_stale_record(out)
             return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
         refs = signature_refs(plan, call.embed_signature)
         return _apply_with_undo(
@@ -388,6 +389,20 @@ def _no_output(src: str | os.PathLike[str], out: str | os.PathLike[str] | None) 
         raise InvalidArgumentError(
             f"inplace=True patches {os.fspath(src)} itself: leave out the output ({os.fspath(out)})"
         )
+
+
+def _drop_stale_record(out: Path) -> None:
+    """An output written without an undo record replaced a file whose record may lie
+    beside it: that record no longer describes the file (inspect showed it as the
+    file's), so it is deleted; anything else there stays."""
+    stale = undo_path_for(out)
+    try:
+        with open(stale, "rb") as f:
+            is_record = UNDO_KEY in read_header_from(f, str(stale)).metadata
+    except (OSError, FormatError):
+        return
+    if is_record:
+        stale.unlink()
 
 
 def _check_progress(progress: Any) -> None:
@@ -512,6 +527,7 @@ def remove_file(
                     restore_target(target, plan, FileRecords(side, header))
                 side.sealed()
                 fout.commit()
+    _drop_stale_record(out)
     return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
 
 
