@@ -185,6 +185,7 @@ def test_a_model_whose_applied_list_is_not_objects_is_a_one_line_error(d, capsys
         ),
         (["extract", "{m}", "{m}", "{m}", "-o", "{d}/x.rws", "--param-budget", "0"], "(0, 1]"),
         (["extract", "{m}", "{m}", "{m}", "-o", "{d}/x.rws", "--param-budget", "1.5"], "(0, 1]"),
+        (["extract", "{m}", "{m}", "{m}", "-o", "{d}/x.rws", "--energy", "2"], "(0, 1]"),
     ],
 )
 def test_bad_values_are_refused_at_the_edge(d, capsys, argv, message):

@@ -601,6 +601,9 @@ def test_cli_check_says_when_a_signature_does_not_fit(setup, capsys):
     sig.save(tmp / "fog.rws")
     assert main(["onnx", "check", str(src), str(tmp / "fog.rws"), "--json"]) == 1
     assert "bn1.running_mean" in capsys.readouterr().err
+    assert main(["onnx", "check", str(src), str(tmp / "fog.rws")]) == 1
+    out, err = capsys.readouterr()  # the misfit said once, as the error (it was said twice)
+    assert "bn1.running_mean" in err and "bn1.running_mean" not in out
 
 
 @pytest.mark.parametrize("sub", ["apply", "remove", "export", "check"])

@@ -140,7 +140,13 @@ def extract_arguments(p: Any) -> None:
         help="leading layers holding at most this share of the model's parameters, "
         "in (0, 1] (instead of --layers)",
     )
-    p.add_argument("--energy", type=float, default=0.9, help="energy share for --layers auto")
+    p.add_argument(
+        "--energy",
+        type=cli_args.fraction_arg,
+        default=0.9,
+        metavar="FRACTION",
+        help="energy share for --layers auto, in (0, 1]",
+    )
     p.add_argument(
         "--method",
         default="projection",
