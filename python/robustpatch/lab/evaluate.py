@@ -372,7 +372,7 @@ def robust_accuracy(
 
 def save_json(results: Mapping[str, Any], path: PathLike) -> Path:
     """Write ``results`` as indented JSON (atomically); returns the path."""
-    return outputs.write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
+    return outputs.write_json(path, results, allow_nan=True)
 
 
 def load_json(path: PathLike) -> dict[str, Any]:

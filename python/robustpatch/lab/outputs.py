@@ -45,9 +45,10 @@ def write_text(path: PathLike, text: str) -> Path:
     return path
 
 
-def write_json(path: PathLike, data: Any) -> Path:
-    """``data`` as indented, strict JSON (NaN is refused), written atomically."""
-    return write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+def write_json(path: PathLike, data: Any, *, allow_nan: bool = False) -> Path:
+    """``data`` as indented JSON, written atomically; strict (NaN refused) unless
+    ``allow_nan``."""
+    return write_text(path, json.dumps(data, indent=2, allow_nan=allow_nan) + "\n")
 
 
 def save_figure(fig: Any, path: PathLike, **savefig: Any) -> Path:
