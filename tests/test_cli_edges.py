@@ -196,6 +196,59 @@ def test_bad_values_are_refused_at_the_edge(d, capsys, argv, message):
     assert listing(d) == before
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["apply", "{x}/m", "{x}/a.rws", "--alpha", "1", "--alpha", "2", "-o", "{x}/o"], "1 sig"),
+        (["apply", "{x}/m", "{x}/a.rws", "--inplace", "-o", "{x}/o"], "either -o"),
+        (
+            ["combine", "{x}/a.rws", "{x}/b.rws", "--coef", "1", "--coef", "2", "--coef", "3"],
+            "--coef",
+        ),
+        (["extract", "-", "{x}/m", "{x}/m", "-o", "{x}/o", "--scheme", "log"], "--bits"),
+        (["extract", "-", "{x}/m", "{x}/m", "-o", "{x}/o", "--provenance", "k"], "KEY=VALUE"),
+        (["detect", "{x}/a.rws", "--model", "{x}/m"], "--model needs --base"),
+        (["onnx", "export", "{x}/m", "--alpha", "2", "-o", "{x}/o"], "--alpha needs --signature"),
+    ],
+)
+def test_flags_that_do_not_go_together_are_usage_errors(tmp_path, capsys, argv, message):
+    # exit 2 with the usage line, as argparse's own errors, before any file is looked at:
+    # the inputs here do not exist, and a check that read them first would say so (exit 1)
+    argv = [a.format(x=tmp_path / "missing") for a in argv]
+    if argv[0] == "combine":
+        argv += ["-o", str(tmp_path / "c.rws")]
+    line = usage_error(capsys, *argv)
+    assert line.startswith(f"robustpatch {argv[0]}") and message in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["apply", "{d}/clean.safetensors", "{d}/fog.rws", "-o", "{d}/new/"],
+        ["remove", "{d}/p", "-o", "{d}/new/"],
+        ["quantize", "{d}/fog.rws", "-o", "{d}/new/"],
+        ["combine", "{d}/fog.rws", "{d}/fog.rws", "-o", "{d}/new/"],
+        [
+            "extract",
+            "-",
+            "{d}/clean.safetensors",
+            "{d}/robust.safetensors",
+            "-o",
+            "{d}/new/",
+            "--method",
+            "difference",
+        ],
+    ],
+)
+def test_a_file_output_named_as_a_folder_is_refused(d, capsys, argv):
+    # "-o new/" wrote a file called "new" (and "new.rpundo"); cp refuses such a name
+    before = listing(d)
+    line = one_line_error(capsys, *(a.format(d=d) for a in argv))
+    assert f"{d}/new/' ends with '/'" in line
+    assert listing(d) == before
+
+
 @pytest.mark.torch
 def test_demo_checks_the_device_before_creating_its_folder(tmp_path, capsys, monkeypatch):
     torch = pytest.importorskip("torch")
@@ -219,7 +272,7 @@ def test_extract_refuses_quantization_options_without_bits(d, capsys, options, n
     # they were ignored silently: the signature came out dense
     before = listing(d)
     m = d / "clean.safetensors"
-    line = one_line_error(capsys, "extract", "-", m, m, "-o", d / "x.rws", *options)
+    line = usage_error(capsys, "extract", "-", m, m, "-o", d / "x.rws", *options)
     assert f"{named} only applies with --bits" in line
     assert listing(d) == before
 
@@ -479,7 +532,7 @@ def test_detect_ranks_the_signature_a_model_change_matches_first(d, capsys):
     assert rep["ranking"][0]["cosine"] > rep["ranking"][1]["cosine"]
     code, out, _ = run(capsys, "detect", *library, "--query", other / "snow.rws")
     assert code == 0 and out.splitlines()[1].split()[0] == "snow.rws"
-    line = one_line_error(capsys, "detect", *library, "--model", d / "robust.safetensors")
+    line = usage_error(capsys, "detect", *library, "--model", d / "robust.safetensors")
     assert "--model needs --base" in line
 
 
@@ -501,7 +554,7 @@ def test_param_budget_reaches_extract(d, capsys, monkeypatch):
     models = [d / f"{n}.safetensors" for n in ("pre", "clean", "robust")]
     assert run(capsys, "extract", *models, "-o", d / "b.rws", "--param-budget", "0.25")[0] == 0
     assert seen["param_budget"] == 0.25 and seen["layers"] == "auto"
-    line = one_line_error(
+    line = usage_error(
         capsys, "extract", *models, "-o", d / "c.rws", "--param-budget", "0.25", "--layers", "2"
     )
     assert "--param-budget cannot be combined with --layers" in line

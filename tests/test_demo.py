@@ -553,8 +553,8 @@ def test_cli_demo_digits_runs_the_digits_pipeline(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(demo, "run", fake_digits)
     monkeypatch.setattr(paper, "run_paper", lambda *_a, **_k: pytest.fail("paper ran"))
-    assert main(["-q", "demo", "--dataset", "digits", "--out", str(tmp_path / "r")]) == 0
-    assert seen["out"] == tmp_path / "r" and seen["quick"] is False
+    assert main(["-q", "demo", "--dataset", "digits", "-o", str(tmp_path / "r")]) == 0
+    assert seen["out"] == tmp_path / "r" and seen["quick"] is False  # -o as every command
     assert f"report: {tmp_path / 'r' / 'report.md'}" in capsys.readouterr().out
 
 

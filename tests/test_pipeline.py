@@ -23,7 +23,7 @@ from robustpatch._format.safetensors import read_tensors, write_tensors
 from robustpatch.cli import main
 from robustpatch.errors import FormatError, InvalidArgumentError
 from robustpatch.pipeline.jobs import job_key
-from rp_testutil import listing, sha
+from rp_testutil import listing, sha, usage_error
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -303,10 +303,8 @@ def test_a_sharded_output_folder_that_holds_an_input_of_the_run_is_refused(tmp_p
 
 def test_ray_address_without_the_ray_executor_is_refused(tmp_path, capsys):
     path = write_manifest(tmp_path, make_fleet(tmp_path))
-    assert main(["batch", str(path), "--ray-address", "auto"]) == 1
-    assert capsys.readouterr().err.strip() == (
-        "robustpatch: error: --ray-address needs --executor ray"
-    )
+    line = usage_error(capsys, "batch", path, "--ray-address", "auto")
+    assert line == "robustpatch batch: error: --ray-address needs --executor ray"
     assert not (tmp_path / "out").exists()
 
 

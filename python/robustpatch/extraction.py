@@ -422,7 +422,7 @@ def extract_to(
     whole or not at all (an error leaves ``path`` as it was), by an atomic rename, after an
     fsync with ``durable`` (like ``apply_file``, and like ``safetensors`` and
     ``torch.save``, it does not fsync by default)."""
-    path = validate.path(path, "signature path")
+    path = validate.output_file(path, "signature path")
     check_destinations(checkpoint_files(pretrained, clean, robust), [path])
     quant = None if bits is None else _quant_args(bits, scheme, granularity, group)
     # extract's own signature checks the options (an unknown one is a TypeError) and

@@ -427,7 +427,7 @@ def _check_no_journal(*models: Path) -> None:
 def _output(out: str | os.PathLike[str] | None, fn: str) -> Path:
     if out is None:
         raise InvalidArgumentError(f"{fn} needs an output path (out=...)")
-    return validate.path(out, "out")
+    return validate.output_file(out, "out")
 
 
 def patched_header(header: Header, plan: Plan, src: Path, out: Path) -> bytes:

@@ -170,3 +170,22 @@ def path(value: Any, what: str = "path") -> Path:
     if not isinstance(text, str) or not text or "\0" in text:
         raise InvalidArgumentError(f"{what} {_show(text)} is not a usable file name")
     return Path(text)
+
+
+def output_file(value: Any, what: str = "out") -> Path:
+    """:func:`path` for a file to write: a name that ends with a separator
+    (``"results/"``) names a folder and is refused, as ``cp`` refuses it, instead of
+    becoming a file called ``results``.
+
+    >>> output_file("runs/")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    robustpatch.errors.InvalidArgumentError: out 'runs/' ends with '/', a folder's name; ...
+    """
+    result = path(value, what)
+    text = os.fspath(value)
+    if text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise InvalidArgumentError(
+            f"{what} {text!r} ends with {text[-1]!r}, a folder's name; name the file to write"
+        )
+    return result

@@ -12,8 +12,9 @@ conventions are those of the tools people know:
 - ``--help`` shows every option's default and an example; ``--version`` the version.
 - No command writes over one of its inputs (also not through a symlink or a hard
   link), nor over an existing file unless ``--overwrite``; a refused call writes nothing.
-- Bad values (bits, group size, regexes, device...) are usage errors: exit code 2
-  (argparse), before anything is read or created. Expected errors (bad files,
+- Bad values (bits, group size, regexes, device...) and flags that do not go together
+  (``--group`` without ``--bits``, more ``--alpha`` than signatures) are usage errors:
+  exit code 2 (argparse), before anything is read or created. Expected errors (bad files,
   mismatched models, I/O) are one line ``robustpatch: error: ...`` with exit code 1,
   naming the user's paths and the CLI's flags (``--force``, not ``force=True``).
 - A reader that goes away (``robustpatch inspect x --json | head -1``) ends the
@@ -33,7 +34,15 @@ from collections.abc import Sequence
 from .._core import __version__
 from ..errors import EXPECTED_ERRORS
 from . import batch, demo, inspect, models, onnx, signatures
-from .parser import PROG, Command, HelpFormatter, Parser, add_command, global_options
+from .parser import (
+    PROG,
+    Command,
+    HelpFormatter,
+    Parser,
+    UsageError,
+    add_command,
+    global_options,
+)
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -156,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _quiet_broken_pipe()
+    except UsageError as e:
+        args.parser.error(_message(e))  # exits 2, as argparse does for a bad value
     except (*EXPECTED_ERRORS, pickle.UnpicklingError) as e:
         print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 1

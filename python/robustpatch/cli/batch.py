@@ -7,11 +7,10 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from ..errors import InvalidArgumentError
 from ..options import EXECUTORS
 from . import parser as cli_args
 from .output import json_text
-from .parser import PROG
+from .parser import PROG, UsageError
 
 
 def run_batch(args: Any) -> int:
@@ -27,7 +26,7 @@ def run_batch(args: Any) -> int:
     from ..pipeline import load_manifest, run
 
     if args.ray_address is not None and args.executor != "ray":
-        raise InvalidArgumentError("--ray-address needs --executor ray")
+        raise UsageError("--ray-address needs --executor ray")
     jobs = load_manifest(args.manifest)
     if args.overwrite:
         jobs = [replace(job, overwrite=True) for job in jobs]

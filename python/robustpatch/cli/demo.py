@@ -35,7 +35,9 @@ def demo_arguments(p: Any) -> None:
         default=None,
         help="cpu or cuda (default: cuda if available)",
     )
-    p.add_argument("--out", type=Path, default=Path("report"), help="report folder (new or empty)")
+    p.add_argument(
+        "-o", "--out", type=Path, default=Path("report"), help="report folder (new or empty)"
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="write the report into a folder that holds files"
     )

@@ -13,7 +13,7 @@ from .patch_flags import add_patch_arguments, patch_options
 def _inplace_or_output(args: Any, target: str) -> None:
     """Exactly one of -o and --inplace (a usage error otherwise, before any work)."""
     if getattr(args, "inplace", False) == (args.output is not None):
-        args.parser.error("give either -o/--output or --inplace")
+        raise cli_args.UsageError("give either -o/--output or --inplace")
     if args.output is None:
         args.output = target
 
@@ -25,10 +25,10 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
 
     _inplace_or_output(args, args.model)
     inplace = getattr(args, "inplace", False)
+    alphas = [sign * a for a in cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")]
     outputs = [args.output, undo_path_for(args.output)] if args.undo else [args.output]
     if not inplace:
         cli_args.check_outputs(args, [args.model, *args.signatures], outputs)
-    alphas = [sign * a for a in cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")]
     # a file, a sharded checkpoint's shards; in place: the touched bytes (not known yet)
     total = None if inplace else checkpoint_bytes(args.model)
     with progress_bar(args, desc, total) as tick:
@@ -100,7 +100,6 @@ def _add_patch_args(p: Any, model_help: str, alpha_what: str, inplace: bool = Fa
     add_patch_arguments(p, model_help, "patched model to write", alpha_what, not inplace)
     if inplace:
         _add_inplace_flag(p, "patch MODEL itself")
-    p.set_defaults(parser=p)
     p.add_argument(
         "--embed-signature",
         action="store_true",
@@ -179,7 +178,6 @@ def remove_arguments(p: Any) -> None:
     p.add_argument("patched", help="model written by 'robustpatch apply'")
     cli_args.add_output(p, "restored model to write", required=False)
     _add_inplace_flag(p, "restore PATCHED itself (and delete the record it used)")
-    p.set_defaults(parser=p)
     p.add_argument("--undo", help="undo record (default: PATCHED.rpundo)")
     p.add_argument(
         "--signature",

@@ -141,7 +141,7 @@ def run_export(args: Any) -> None:
     from ..onnx.exporter import export_checkpoint
 
     if args.alpha and not args.signature:
-        args.parser.error("--alpha needs --signature (the strength of each signature)")
+        raise cli_args.UsageError("--alpha needs --signature (the strength of each signature)")
     alphas = cli_args.per_signature(args.alpha, len(args.signature or []), "--alpha")
     _check_overwrite(args, [args.output])
     rep = export_checkpoint(

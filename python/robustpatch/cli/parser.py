@@ -18,6 +18,12 @@ from ..errors import InvalidArgumentError
 PROG = "robustpatch"
 
 
+class UsageError(InvalidArgumentError):
+    """Flags that do not go together, found after parsing (``--group`` without
+    ``--bits``, three ``--alpha`` for two signatures): a usage error like argparse's own,
+    exit code 2 with the command's usage line, before anything is read or created."""
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Descriptions and examples as written, and each option's default where it has one
     (not for on/off flags or options that are off unless given)."""
@@ -91,7 +97,7 @@ def add_command(sub: Any, command: Command) -> None:
         parents=[global_options(command.json_output)],
     )
     command.arguments(p)
-    p.set_defaults(func=command.run, json_output=command.json_output)
+    p.set_defaults(func=command.run, json_output=command.json_output, parser=p)
 
 
 # ---------------------------------------------------------------------------- value types
@@ -240,9 +246,7 @@ def quant_options(args: Any) -> dict[str, Any]:
     given = [f"--{k}" for k in ("scheme", "granularity", "group") if getattr(args, k) is not None]
     if args.bits is None:
         if given:
-            raise InvalidArgumentError(
-                f"{', '.join(given)} only applies with --bits (no quantization asked)"
-            )
+            raise UsageError(f"{', '.join(given)} only applies with --bits (no quantization asked)")
         return {}
     return {
         "bits": args.bits,
@@ -264,7 +268,10 @@ def check_outputs(args: Any, inputs: Sequence[Any], outputs: Sequence[Any]) -> N
 
 def per_signature(values: list[float] | None, n: int, flag: str) -> list[float]:
     """One value per signature: none given means 1, one value applies to all."""
-    return validate.alphas(n, values or 1.0, flag)
+    try:
+        return validate.alphas(n, values or 1.0, flag)
+    except InvalidArgumentError as e:
+        raise UsageError(str(e)) from None
 
 
 def file_labels(paths: Sequence[str]) -> list[str]:

@@ -36,7 +36,7 @@ def _kv(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise InvalidArgumentError(f"expected KEY=VALUE, got {item!r}")
+            raise cli_args.UsageError(f"expected KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(value, parse_constant=_not_strict_json)
         except ValueError:  # not JSON (or NaN/Infinity in it): kept as the text given
@@ -56,7 +56,7 @@ def _layer_kwargs(args: Any) -> dict[str, Any]:
     if args.param_budget is None:
         return {"layers": layers}
     if layers != "auto":
-        raise InvalidArgumentError(
+        raise cli_args.UsageError(
             "--param-budget cannot be combined with --layers all, N or a regex"
         )
     return {"layers": layers, "param_budget": args.param_budget}
@@ -71,22 +71,26 @@ def run_extract(args: Any) -> None:
     """
     from ..extraction import checkpoint_files, extract_to
 
+    quant, layers, provenance = (
+        cli_args.quant_options(args),
+        _layer_kwargs(args),
+        _kv(args.provenance),
+    )
     pretrained = None if args.pretrained == "-" else args.pretrained  # '-': none given
     inputs = checkpoint_files(pretrained, args.clean, args.robust)
     cli_args.check_outputs(args, inputs, [args.output])
-    quant = cli_args.quant_options(args)
     with progress_bar(args, "extract", unit="tensor") as tick:
         sig = extract_to(  # streamed: each entry written as it is computed
             args.output,
             pretrained,
             args.clean,
             args.robust,
-            **_layer_kwargs(args),
+            **layers,
             **quant,
             method=args.method,
             energy=args.energy,
             name=args.name or Path(args.output).stem,
-            provenance=_kv(args.provenance),
+            provenance=provenance,
             progress=tick,
             durable=args.durable,
         )
@@ -255,8 +259,8 @@ def run_combine(args: Any) -> None:
     """
     from ..signature import Signature, combine
 
-    cli_args.check_outputs(args, args.signatures, [args.output])
     coefs = cli_args.per_signature(args.coef, len(args.signatures), "--coef")
+    cli_args.check_outputs(args, args.signatures, [args.output])
     sig = combine([Signature.load(p) for p in args.signatures], coefs, name=args.name)
     sig.save(args.output)
     rep = {
@@ -312,7 +316,7 @@ def run_detect(args: Any) -> None:
     from ..signature import Signature, detect
 
     if args.model is not None and args.base is None:
-        raise InvalidArgumentError("--model needs --base, the checkpoint it was fine-tuned from")
+        raise cli_args.UsageError("--model needs --base, the checkpoint it was fine-tuned from")
     library = dict(zip(cli_args.file_labels(args.signatures), args.signatures))
     sigs = {label: Signature.load(p) for label, p in library.items()}
     if args.query is not None:

@@ -74,7 +74,7 @@ def export(
     as it was; ``path`` is never one of the signature files. The file is self-contained
     (no external data: up to protobuf's 2 GiB).
     """
-    path = validate.path(path, "path")
+    path = validate.output_file(path, "path")
     variant = _variant(dtype, int8)
     _check_limits(max_abs_error, min_agreement)
     check_destinations(_signature_files(signatures), [path])

@@ -274,7 +274,7 @@ def apply(
 def _output(out: str | os.PathLike[str] | None) -> Path:
     if out is None:
         raise InvalidArgumentError("an ONNX model is written to a new file: give out=...")
-    return validate.path(out, "out")
+    return validate.output_file(out, "out")
 
 
 def _file_order(m: OnnxModel, plan: Plan) -> list[str]:

@@ -314,7 +314,7 @@ class Signature(_Linear):
         A file holds a weight-1 signature; a scaled one is refused (call
         :meth:`materialize` first, or apply the stored one with ``alphas``).
         """
-        path = validate.path(path, "signature path")
+        path = validate.output_file(path, "signature path")
         if self.weight != 1:
             raise InvalidArgumentError(
                 f"signature {self.name!r} is scaled by {self.weight:g} and a file stores "
