@@ -134,7 +134,15 @@ class MappedTarget(NumpyTarget):
 
 
 def _check_model(model: Path) -> None:
-    """Refuse a model whose bytes other names share (hard links)."""
+    """Refuse a model whose bytes other names share (hard links), or a symbolic link: its
+    record would sit beside the link, where a patch through the file's own name does not
+    look, so the model could be patched twice (and a Hugging Face cache's snapshot links
+    name shared, content-addressed blobs)."""
+    if model.is_symlink():
+        raise InvalidArgumentError(
+            f"{model} is a symbolic link (to {os.path.realpath(model)}): patch that file "
+            "in place by its own name, or write to an output file"
+        )
     links = os.stat(model).st_nlink
     if links > 1:
         raise InvalidArgumentError(
@@ -173,9 +181,8 @@ def _mapped(f: Any) -> Iterator[mmap.mmap]:
 def apply_inplace(model: str | os.PathLike[str], call: PatchCall) -> FileReport:
     """Patch ``model`` in place with ``Σ α_k·sig_k`` (see the module docstring).
 
-    The undo record goes to ``<model>.rpundo`` (unless ``undo`` is off; beside the name
-    given, as every reader of records looks for it; the journal goes beside the file a
-    symbolic link names, where a call through any name finds it); checks and errors
+    The undo record goes to ``<model>.rpundo`` (unless ``undo`` is off); a model that is
+    a symbolic link is refused (patch the file by its own name); checks and errors
     are those of :func:`~robustpatch.files.apply_file`, and ``BlockingIOError`` while
     another in-place call or recovery holds the model. On any error before the commit
     the model is restored from the journal before the error propagates.
@@ -311,10 +318,10 @@ def _remove_held(
     patched: Path, side_path: Path, progress: Progress | None, signatures: Sequence[Any]
 ) -> FileReport:
     """:func:`remove_inplace`, the model's lock held."""
+    _check_model(patched)
     check_destinations([side_path], [patched])
     if not side_path.exists():
         raise FileNotFoundError(f"no undo record at {side_path}")
-    _check_model(patched)
     recover_held(patched)
     with open_input(side_path) as fside, open(patched, "r+b") as f:
         side = UndoSidecar.load(side_path, fside, signatures, background=True)
