@@ -186,11 +186,6 @@ def test_durable_fsyncs_output_and_record_only_when_asked(files, capsys, monkeyp
         ("truncate", ["apply", "{model}", "{sig}", "-o", "{out}"], "outside a data buffer"),
         ("none", ["apply", "{model}", "{sig}", "-o", "{model}"], "is the input"),
         ("none", ["apply", "{model}", "{missing}", "-o", "{out}"], "No such file"),
-        (
-            "none",
-            ["apply", "{model}", "{sig}", "--alpha", "1", "--alpha", "2", "-o", "{out}"],
-            "1 signatures but 2 --alpha",
-        ),
         ("none", ["inspect", "{missing}"], "No such file"),
         ("none", ["remove", "{model}", "-o", "{out}"], "no undo record"),
         ("none", ["extract", "{model}", "{model}", "{sig}", "-o", "{out}"], "not in the robust"),

@@ -514,7 +514,7 @@ def test_combine_writes_the_weighted_sum(d, capsys):
     want = combine([Signature.load(d / "fog.rws"), Signature.load(d / "n.rws")], [1.0, 0.5])
     got = Signature.load(d / "mix.rws")
     assert got.content_hash == want.content_hash and got.name == "fog+0.5*n"
-    line = one_line_error(capsys, *argv, "--coef", "2", "-o", d / "bad.rws")
+    line = usage_error(capsys, *argv, "--coef", "2", "-o", d / "bad.rws")
     assert "2 signatures but 3 --coef values" in line
 
 
@@ -534,6 +534,12 @@ def test_detect_ranks_the_signature_a_model_change_matches_first(d, capsys):
     assert code == 0 and out.splitlines()[1].split()[0] == "snow.rws"
     line = usage_error(capsys, "detect", *library, "--model", d / "robust.safetensors")
     assert "--model needs --base" in line
+    # --base with --query was ignored; a folder (as similarity takes) was "a directory"
+    line = usage_error(capsys, "detect", *library, "--query", library[0], "--base", library[0])
+    assert "--base goes with --model" in line
+    argv = ["detect", other, d / "fog.rws", d / "fog.rws", "--query", other / "snow.rws", "--json"]
+    rep = json.loads(run(capsys, *argv)[1])
+    assert [r["label"] for r in rep["ranking"]] == ["snow.rws", "fog.rws"]
 
 
 # ---------------------------------------------------------------------------- finding 15

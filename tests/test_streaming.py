@@ -270,11 +270,19 @@ def test_a_record_written_through_a_linked_folder_finds_its_signature(pair):
         os.unlink(pair / "r.safetensors")
 
 
-def test_a_signature_stored_in_another_form_is_not_embedded_where_remove_would_refuse_it(
-    pair,
-):
-    # its hash over an F32 form BF16 holds exactly: streamed and verified, but the
-    # embedded copy failed the hash check at remove, stranding the patch
+@pytest.mark.parametrize(
+    ("values", "label", "flat"),
+    [
+        (np.full((64, 32), 0.125, np.float32), "F32", False),  # bfloat16 holds it
+        (np.full((64, 32), 1 + 2**-10, np.float32), "F32", False),  # float16 holds it
+        (np.full((64, 32), 0.125, np.float16), "F16", False),  # bfloat16 holds it
+        (np.full((64, 32), 0.1, np.float32), "F32", True),  # its own form, but flattened
+    ],
+)
+def test_a_dense_delta_stored_in_another_form_is_refused_by_every_reader(pair, values, label, flat):
+    # hashed over another form than robustpatch's: the streamed reader (apply, apply
+    # --inplace, remove's finder) verified it while Signature.load refused it, and an
+    # apply --embed-signature wrote a record whose remove failed the hash check
     from robustpatch.signature.codec import (
         META_KEY,
         TensorDigests,
@@ -284,21 +292,22 @@ def test_a_signature_stored_in_another_form_is_not_embedded_where_remove_would_r
     )
 
     src = pair / "m.safetensors"
-    sig = Signature.from_deltas({"a.weight": np.full((64, 32), 0.125, np.float32)}, name="f")
+    sig = Signature.from_deltas({"a.weight": values.astype(np.float32)}, name="f")
     specs = [e.spec() for e in sig]
-    stored = {e.name: e.values for e in sig}  # F32: robustpatch would store BF16
+    stored = values.reshape(-1) if flat else values
     digests = TensorDigests(specs)
-    for name, a in stored.items():
-        digests.add(name, "F32", a.shape, tensor_digest(a))
+    digests.add("a.weight", label, stored.shape, tensor_digest(stored))
     meta = encode_meta(header_object("f", {}, specs, digests.hexdigest()))
-    write_tensors(pair / "f.rws", stored, {META_KEY: meta})
+    write_tensors(pair / "f.rws", {"a.weight": stored}, {META_KEY: meta})
     before = listing(pair)
-    with pytest.raises(FormatError, match="not stored as robustpatch stores it"):
-        apply_file(src, pair / "f.rws", 1.0, pair / "p.safetensors", embed_signature=True)
-    assert listing(pair) == before
-    apply_file(src, pair / "f.rws", 1.0, pair / "p.safetensors")  # by reference: fine
-    remove_file(pair / "p.safetensors", pair / "r.safetensors")
-    assert sha(pair / "r.safetensors") == sha(src)
+    for embed in (True, False):
+        with pytest.raises(FormatError, match=r"f\.rws: dense delta 'a\.weight' is not stored as"):
+            apply_file(src, pair / "f.rws", 1.0, pair / "p.safetensors", embed_signature=embed)
+        assert listing(pair) == before
+    with pytest.raises(FormatError, match="content hash mismatch"):
+        Signature.load(pair / "f.rws")
+    sig.save(pair / "g.rws")  # the same delta as robustpatch stores it
+    apply_file(src, pair / "g.rws", 1.0, pair / "p.safetensors", embed_signature=True)
 
 
 def test_a_nan_in_a_streamed_signature_names_its_file(pair):

@@ -199,7 +199,6 @@ class UndoWriter:
         for k, sig in enumerate(sigs):
             if k not in refs:
                 tensors = sig.file_tensors()
-                _check_embeddable(sig, tensors, f"{af.path}: signature {k}")
                 self.sig_tensors.update({f"sig{k}/{n}": a for n, a in tensors.items()})
         self.record = UndoRecord(
             source_size=sizes[0],
@@ -491,26 +490,6 @@ def _check_record_digest(
             f"{where}: bad undo record: its record digest does not match its contents "
             "(the record was changed or damaged)"
         )
-
-
-def _check_embeddable(sig: Signature, tensors: dict[str, np.ndarray], where: str) -> None:
-    """A signature file embedded as it is stored must read back as a removal reads it:
-    one stored in another form than robustpatch's (a dense delta wider than it needs,
-    or flattened), with its hash over that form, streams and verifies, but its embedded
-    copy would fail the hash check and strand the patch. In-memory signatures are
-    robustpatch's own form already."""
-    from ..signature.streamed import StreamedSignature
-
-    if not isinstance(sig, StreamedSignature):
-        return
-    try:
-        _signature(_signature_meta(sig), tensors, where)
-    except FormatError as e:
-        raise FormatError(
-            f"{e}: the signature file is not stored as robustpatch stores it, so an embedded "
-            "copy could not be removed; apply it without embedding (the record refers to "
-            "the file), or re-save it with robustpatch"
-        ) from None
 
 
 def _signature(meta: dict[str, Any], tensors: dict[str, np.ndarray], where: str) -> Signature:

@@ -307,7 +307,8 @@ def _model_delta(model: str, base: str, names: set[str]) -> dict[str, np.ndarray
 
 def run_detect(args: Any) -> None:
     r"""rank signatures by cosine similarity to a query: a signature, or the weight
-    change of a fine-tuned model from its base
+    change of a fine-tuned model from its base; a folder stands for the .rws files in it
+    (a file given twice is one row)
 
     example:
     robustpatch detect fog.rws snow.rws noise.rws \
@@ -317,7 +318,10 @@ def run_detect(args: Any) -> None:
 
     if args.model is not None and args.base is None:
         raise cli_args.UsageError("--model needs --base, the checkpoint it was fine-tuned from")
-    library = dict(zip(cli_args.file_labels(args.signatures), args.signatures))
+    if args.query is not None and args.base is not None:
+        raise cli_args.UsageError("--base goes with --model (a --query is a signature already)")
+    files = list(dict.fromkeys(_signature_files(args.signatures)))
+    library = dict(zip(cli_args.file_labels(files), files))
     sigs = {label: Signature.load(p) for label, p in library.items()}
     if args.query is not None:
         query: Any = Signature.load(args.query)
@@ -336,7 +340,7 @@ def run_detect(args: Any) -> None:
 
 
 def detect_arguments(p: Any) -> None:
-    p.add_argument("signatures", nargs="+", help="known signature files")
+    p.add_argument("signatures", nargs="+", help="known signature files, or folders of them")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--query", help="signature file to identify")
     query.add_argument("--model", help="fine-tuned checkpoint whose change to identify")

@@ -19,6 +19,7 @@ array([-1.,  2.], dtype=float32)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from .. import _core, validate
 from ..dtypes import label_of, narrow, widen
-from ..errors import InvalidArgumentError, MismatchError
+from ..errors import InvalidArgumentError, MismatchError, NonFiniteError, ZeroSignatureWarning
 from .entry import Entry, bn_entry, dense_entry, is_bn_stat
 from .model import Signature, SignatureLike, Term, as_signature, as_signatures, sum_name
 
@@ -75,16 +76,25 @@ def combine(
     Deltas are decoded and added in float32 (missing entries count as zero; shapes must
     agree). BN replacements combine so that applying the result at α=1 equals applying
     the parts with α=coef: replacement = Σ e_k·r_k / Σ e_k and weight = Σ e_k, with
-    e_k = max(coef_k·w_k, 0). Entry stats are dropped (they measured the parts).
+    e_k = max(coef_k·w_k, 0). Entry stats are dropped (they measured the parts); each
+    component's base fingerprint and provenance are kept in ``meta["components"]``.
+    Warns (:class:`~robustpatch.errors.ZeroSignatureWarning`) when the sum is zero, and
+    (``UserWarning``) when components touching the same tensors were extracted from
+    different base models.
     """
     parts = _flatten(sigs, coefs)
     entries = _combine_deltas(parts) + _combine_bn(parts)
+    _warn_other_bases(parts)
+    if parts and not any(e.kind == "bn" or np.any(e.values) for e in entries):
+        warnings.warn(
+            f"the combination {sum_name(parts)!r} is zero: its components cancel",
+            ZeroSignatureWarning,
+            stacklevel=2,
+        )
     bases = {s.base_fingerprint for s, _ in parts}
     meta: dict[str, Any] = {
         "method": "combination",
-        "components": [
-            {"name": s.name, "content_hash": s.content_hash, "coef": c} for s, c in parts
-        ],
+        "components": [_component(s, c) for s, c in parts],
         "fingerprints": {"base": bases.pop() if len(bases) == 1 else None},
     }
     sizes = [s.meta.get("source", {}).get("model_nbytes") for s, _ in parts]
@@ -93,21 +103,61 @@ def combine(
     return Signature(entries, name=name or sum_name(parts), meta=meta)
 
 
+def _component(s: Signature, coef: float) -> dict[str, Any]:
+    """What a combination records of one part: enough to tell where it came from."""
+    out = {"name": s.name, "content_hash": s.content_hash, "coef": coef}
+    out["base"] = s.base_fingerprint
+    if isinstance(s.meta.get("provenance"), dict):
+        out["provenance"] = s.meta["provenance"]
+    return out
+
+
+def _warn_other_bases(parts: Sequence[Term]) -> None:
+    """Warn when two components touch the same tensors but name different base models.
+    (A fingerprint covers the tensors a signature touches, so signatures from one base
+    over other layers differ too: only equal tensor sets are compared.)"""
+    seen: dict[frozenset[str], Signature] = {}
+    for s, _ in parts:
+        first = seen.setdefault(frozenset(s.deltas), s)
+        if None not in (first.base_fingerprint, s.base_fingerprint) and (
+            first.base_fingerprint != s.base_fingerprint
+        ):
+            warnings.warn(
+                f"{first.name!r} and {s.name!r} touch the same tensors but were extracted "
+                "from different base models (their base fingerprints differ)",
+                stacklevel=3,
+            )
+            return
+
+
 def _combine_deltas(parts: Sequence[Term]) -> list[Entry]:
     out: dict[str, np.ndarray] = {}
-    dtypes: dict[str, str] = {}
+    first: dict[str, Entry] = {}
+    origin: dict[str, str] = {}
     for s, c in parts:
         for k, e in s.deltas.items():
-            d = np.float32(c) * e.dense().astype(np.float32, copy=False)
+            with np.errstate(over="ignore", invalid="ignore"):  # checked below, by name
+                d = np.float32(c) * e.dense().astype(np.float32, copy=False)
             if k not in out:
-                out[k], dtypes[k] = d, e.dtype
-            elif out[k].shape != d.shape:
-                raise MismatchError(f"{k}: shapes differ ({out[k].shape} vs {d.shape})")
-            elif dtypes[k] != e.dtype:  # which one the sum is for would depend on order
-                raise MismatchError(f"{k}: made for dtypes {dtypes[k]} and {e.dtype}")
+                out[k], first[k], origin[k] = d, e, s.name
+            elif first[k].shape != e.shape:
+                raise MismatchError(
+                    f"{k}: shape {first[k].shape} in {origin[k]!r} but {e.shape} in {s.name!r}"
+                )
+            elif first[k].dtype != e.dtype:  # which one the sum is for would depend on order
+                raise MismatchError(
+                    f"{k}: made for {first[k].dtype} in {origin[k]!r} but {e.dtype} in {s.name!r}"
+                )
             else:
-                out[k] = out[k] + d
-    return [dense_entry(k, v, dtypes[k]) for k, v in out.items()]
+                with np.errstate(over="ignore", invalid="ignore"):
+                    out[k] = out[k] + d
+    for k, v in out.items():
+        if not np.isfinite(v).all():
+            raise NonFiniteError(
+                f"{k}: the combination passes the float32 range (coefficient × delta, or "
+                f"their sum, above {float(np.finfo(np.float32).max):.3g})"
+            )
+    return [dense_entry(k, v, first[k].dtype) for k, v in out.items()]
 
 
 def _combine_bn(parts: Sequence[Term]) -> list[Entry]:
@@ -123,6 +173,9 @@ def _combine_bn(parts: Sequence[Term]) -> list[Entry]:
         shapes = {e.shape for _, e in ps}
         if len(shapes) > 1:
             raise MismatchError(f"{k}: BatchNorm replacement shapes differ {sorted(shapes)}")
+        dtypes = {e.dtype for _, e in ps}
+        if len(dtypes) > 1:  # which one the blend is for would depend on order
+            raise MismatchError(f"{k}: BatchNorm replacements made for dtypes {sorted(dtypes)}")
         acc = sum(np.float64(w) * e.values.astype(np.float64) for w, e in ps if w > 0)
         out.append(bn_entry(k, (acc / total).astype(np.float32), ps[0][1].dtype, total))
     return out
@@ -213,7 +266,9 @@ def _cosine(a: _Deltas, b: _Deltas, *, union: bool) -> float:
     dot = sum(_dot(a.by_name[k], b.by_name[k]) for k in shared)
     na = sum(a.energy.values()) if union else sum(a.energy[k] for k in shared)
     nb = sum(b.energy.values()) if union else sum(b.energy[k] for k in shared)
-    return float(dot / math.sqrt(na * nb)) if na > 0 and nb > 0 else 0.0
+    if na <= 0 or nb <= 0:
+        return 0.0
+    return min(1.0, max(-1.0, float(dot / math.sqrt(na * nb))))  # rounding may pass ±1
 
 
 def similarity(sigs: Sequence[SignatureLike]) -> np.ndarray:
@@ -228,8 +283,9 @@ def similarity(sigs: Sequence[SignatureLike]) -> np.ndarray:
     adds its products to the matrix in one BLAS call; so every signature is decoded
     once, not once per pair, and a library of hundreds compares in seconds.
     """
-    forms = [_tensor_terms(s) for s in as_signatures(sigs)]
-    _check_shapes(forms)
+    items = as_signatures(sigs)
+    forms = [_tensor_terms(s) for s in items]
+    _check_shapes(forms, [getattr(s, "name", "a sum") for s in items])
     n = len(forms)
     gram = np.zeros((n, n))
     for key in dict.fromkeys(k for f in forms for k in f):
@@ -245,7 +301,7 @@ def similarity(sigs: Sequence[SignatureLike]) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(np.outer(norms, norms) > 0, gram / np.outer(norms, norms), 0.0)
     np.fill_diagonal(out, (norms > 0).astype(float))
-    return out
+    return np.clip(out, -1.0, 1.0, out=out)  # rounding may pass ±1
 
 
 #: Elements per tile of :func:`similarity` (a multiple of every group length involved).
@@ -263,16 +319,20 @@ def _tensor_terms(x: Any) -> dict[tuple[str, int], list[tuple[float, Entry]]]:
     return out
 
 
-def _check_shapes(forms: list[dict[tuple[str, int], list[tuple[float, Entry]]]]) -> None:
+def _check_shapes(
+    forms: list[dict[tuple[str, int], list[tuple[float, Entry]]]], names: list[str]
+) -> None:
     """One tensor name, one shape across the signatures, as :func:`combine` requires: two
     shapes of one name are two different tensors, not one to compare."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for form in forms:
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for form, label in zip(forms, names):
         for (name, _), terms in form.items():
             for _, e in terms:
-                seen = shapes.setdefault(name, tuple(e.shape))
+                seen, where = shapes.setdefault(name, (tuple(e.shape), label))
                 if seen != tuple(e.shape):
-                    raise MismatchError(f"{name}: shapes differ ({seen} vs {tuple(e.shape)})")
+                    raise MismatchError(
+                        f"{name}: shape {seen} in {where!r} but {tuple(e.shape)} in {label!r}"
+                    )
 
 
 def _tiles(numel: int, entries: Sequence[Entry]) -> Iterator[tuple[int, int]]:

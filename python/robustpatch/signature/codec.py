@@ -43,7 +43,7 @@ from .. import _core
 from .._format.safetensors import Header, TensorInfo, read_header_from, read_tensor, write_tensors
 from .._io.inputs import open_input
 from ..dtypes import NUMPY_OF_LABEL, label_of, widen
-from ..errors import FormatError, InvalidArgumentError, shown
+from ..errors import FormatError, InvalidArgumentError, NonFiniteError, shown
 from ..validate import GRANULARITIES, SCHEMES
 from .entry import Entry, Quantized, bn_entry, check_finite, dense_entry
 
@@ -269,11 +269,11 @@ def parse_meta(raw: str, where: str) -> dict[str, Any]:
         raise FormatError(f"{where}: not a signature (no entries list)")
     for s in meta["entries"]:
         check_spec(s, where)
-    _check_described(meta, where)
+    check_described(meta, where)
     return meta
 
 
-def _check_described(meta: dict[str, Any], where: str) -> None:
+def check_described(meta: dict[str, Any], where: str) -> None:
     """The optional keys robustpatch reads back have the types it writes: the content
     hash covers the entries and tensors, not these."""
     for key in ("fingerprints", "source"):
@@ -438,7 +438,10 @@ def from_parts(
 
     entries = []
     for s in meta["entries"]:
-        entries.append(_entry_from_spec(s, tensors, where))
+        try:
+            entries.append(_entry_from_spec(s, tensors, where))
+        except NonFiniteError as e:  # name the file: several signatures may be loaded
+            raise NonFiniteError(f"{where}: {e}") from None
         built(entries[-1])
     sig_meta = {k: v for k, v in meta.items() if k not in HEADER_KEYS}
     sig = Signature(entries, name=str(meta.get("name", "signature")), meta=sig_meta)

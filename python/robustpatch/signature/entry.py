@@ -117,9 +117,13 @@ class Entry:
         return self.values.reshape(-1)
 
     def dense(self) -> np.ndarray:
-        """Values as float32 with the entry's shape (decoded if quantized)."""
+        """Values as float32 with the entry's shape (decoded if quantized; widened where a
+        streamed file holds them as bfloat16 bits or float16)."""
         if self.quant is not None:
             return self.quant.dequantize().reshape(self.shape)
+        if self.values.dtype != np.float32:
+            label = "BF16" if self.values.dtype == np.uint16 else "F16"
+            return widen(self.values, label).reshape(self.shape)
         return self.values
 
     def energy(self) -> float:

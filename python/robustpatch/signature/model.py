@@ -29,7 +29,7 @@ from typing import Any, Union
 import numpy as np
 
 from .. import validate
-from ..errors import InvalidArgumentError, shown
+from ..errors import FormatError, InvalidArgumentError, shown
 from . import codec
 from .entry import Entry, bn_entry, dense_entry, quantize_entry
 
@@ -45,6 +45,10 @@ class _Linear:
     """``+``, ``-``, ``*``, unary ``-`` and :meth:`quantize` for a class with ``terms()``,
     ``scaled()`` and ``_quantized()``: sums keep their terms, scaling multiplies a
     weight, arguments are checked here, once."""
+
+    # numpy would take a signature for a sequence of entries: ``np.float64(0.5) * sig``
+    # multiplied each entry (a TypeError). None makes numpy defer to __rmul__.
+    __array_ufunc__ = None
 
     def __add__(self, other: Any) -> SignatureSum:
         if not isinstance(other, _Linear):
@@ -116,6 +120,10 @@ class Signature(_Linear):
         if meta is not None and not isinstance(meta, Mapping):
             raise InvalidArgumentError(f"meta must be a mapping, got {shown(meta)}")
         self.meta: dict[str, Any] = dict(meta or {})
+        try:  # the keys robustpatch reads back (combine, inspect) have the types it writes
+            codec.check_described(self.meta, "meta")
+        except FormatError as e:
+            raise InvalidArgumentError(str(e)) from None
         self.weight = validate.alpha(weight, "weight")
         # A signature loaded from an older file keeps the algorithm its hash was made with.
         self.hash_algorithm = codec.HASH_ALGORITHMS[0]

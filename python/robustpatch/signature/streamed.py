@@ -164,26 +164,63 @@ def _verify(fd: int, header: Header, meta: dict, dense: dict[str, TensorInfo], w
             got = _tensors_hash(fd, header, meta, dense)
         else:
             got = _stream_hash(fd, header, meta, dense, algorithm)
-    except NonFiniteError as e:  # name the file: several signatures may be applied
-        raise NonFiniteError(f"{where}: {e}") from None
+    except (NonFiniteError, FormatError) as e:  # name the file: several may be applied
+        raise type(e)(f"{where}: {e}") from None
     if got != expected:
         raise FormatError(f"{where}: content hash mismatch (file modified?)")
     return got
 
 
 def _tensors_hash(fd: int, header: Header, meta: dict, dense: dict[str, TensorInfo]) -> str:
-    """The ``tensors-blake3`` hash of the file's tensors as stored."""
+    """The ``tensors-blake3`` hash of the file's tensors as stored, each dense delta
+    checked to be stored as robustpatch stores it (as :func:`Signature.load` requires)."""
     digests = TensorDigests(meta["entries"])
+    shapes = {s["name"]: tuple(s["shape"]) or (1,) for s in meta["entries"] if s["name"] in dense}
     for t in header.tensors:
         h = _core.Blake3()
+        form = _StoredForm(t.dtype) if t.name in dense else None
         for block in _blocks(fd, header, t):
             raw = np.frombuffer(block, np.uint8)
-            if t.name not in dense:
+            if form is None:
                 h.update(raw)
             elif not h.update_finite(raw, t.dtype):
                 raise NonFiniteError(f"{t.name}: delta holds NaN or Inf")
+            else:
+                form.see(raw)
+        if form is not None and (not form.narrowest() or t.shape != shapes[t.name]):
+            raise FormatError(
+                f"dense delta {shown(t.name)} is not stored as robustpatch stores it "
+                f"({t.dtype} {list(t.shape)}): content hash mismatch (file modified?)"
+            )
         digests.add(t.name, t.dtype, t.shape, h.hexdigest())
     return digests.hexdigest()
+
+
+class _StoredForm:
+    """Whether a dense delta, seen block by block, is stored in the narrowest dtype that
+    holds it exactly (:func:`~robustpatch.signature.codec.compact`): F16 only where
+    bfloat16 does not hold every value, F32 only where neither does. A file hashed over
+    another form is refused by ``Signature.load``; the streamed reader must agree. Stops
+    looking once a block settles it (the first block, for most float32 deltas)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bf16 = label in ("F16", "F32")  # bfloat16 could hold every value seen so far
+        self.f16 = label == "F32"  # float16 could
+
+    def see(self, raw: np.ndarray) -> None:
+        if not (self.bf16 or self.f16):
+            return
+        values = raw.view(NUMPY_OF_LABEL[self.label]).astype(np.float32, copy=False)
+        bits = values.view(np.uint32)
+        self.bf16 = self.bf16 and not (bits & 0xFFFF).any()
+        if self.f16:
+            with np.errstate(over="ignore"):
+                back = values.astype(np.float16).astype(np.float32)
+            self.f16 = bool(np.array_equal(back.view(np.uint32), bits))
+
+    def narrowest(self) -> bool:
+        return not (self.bf16 or self.f16)
 
 
 def _stream_hash(fd, header: Header, meta: dict, dense: dict[str, TensorInfo], algorithm) -> str:
