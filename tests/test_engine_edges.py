@@ -59,6 +59,80 @@ def test_every_bits_argument_is_range_checked(call):
         call()
 
 
+@pytest.mark.parametrize("big", [1 << 64, -(1 << 63) - 1, 1 << 200])
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("bits", lambda v: _core.quantize(X8, v, "affine", 8)),
+        ("group_len", lambda v: _core.quantize(X8, 4, "affine", v)),
+        ("bits", lambda v: _core.pack(np.zeros(8, np.uint8), v)),
+        ("n", lambda v: _core.unpack(np.zeros(1, np.uint8), 1, v)),
+        ("stop", lambda v: _core.dequantize(_core.quantize(X8, 4, "affine", 8), 0, v)),
+        ("itemsize", lambda v: _core.tensor_digest(np.zeros(8, np.uint8), v)),
+        ("file_len", lambda v: _core.parse_header(b"\0" * 16, v)),
+    ],
+)
+def test_an_int_past_64_bits_is_refused_by_name(name, call, big):
+    # it was a bare OverflowError ("Python int too large to convert to C long")
+    with pytest.raises(InvalidArgumentError, match=f"{name} must (fit in 64 bits|be ≥ 0)"):
+        call(big)
+
+
+def test_a_bool_is_not_taken_for_an_int():
+    # bits=True gave 1-bit codes
+    with pytest.raises(TypeError, match="bits must be an int, got bool"):
+        _core.quantize(X8, True, "affine", 8)
+    with pytest.raises(TypeError, match="numel must be an int, got bool"):
+        _core.QuantTensor(
+            np.zeros(1, np.uint8),
+            np.ones(1, np.float32),
+            np.zeros(1, np.float32),
+            1,
+            "affine",
+            1,
+            True,
+        )
+
+
+def test_fortran_ordered_arrays_are_refused_not_read_transposed():
+    # numpy's as_slice took Fortran order: apply added the transpose, dot paired wrong
+    a = np.arange(16, dtype=np.float32).reshape(4, 4)
+    f = np.asfortranarray(a)
+    target = np.zeros((4, 4), np.float32)
+    p = np.zeros((4, 4), np.float32)
+    calls = [
+        lambda: _core.apply(target, [f], [1.0], record=False),
+        lambda: _core.apply(np.asfortranarray(target), [a], [1.0], record=False),
+        lambda: _core.quantize(f, 8, "affine", 16),
+        lambda: _core.dot(a, f),
+        lambda: _core.project(p, f, 2 * a),
+        lambda: _core.project(p, a, 2 * a, out=np.asfortranarray(np.zeros((4, 4), np.float32))),
+        lambda: _core.tensor_digest(np.asfortranarray(np.zeros((4, 4), np.uint8)), 1),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError, match="not C-contiguous"):
+            call()
+    assert not target.any()
+
+
+def test_remove_refuses_a_non_finite_dense_delta_before_touching_the_target():
+    # only apply checked: a NaN delta filled the target with NaN and returned normally
+    y = np.ones(8, np.float32)
+    with pytest.raises(rp.errors.NonFiniteError, match="delta 0 holds NaN or Inf"):
+        _core.remove(y, [np.full(8, np.nan, np.float32)], [1.0])
+    assert (y == 1).all()
+
+
+@pytest.mark.parametrize("scheme", ["affine", "symmetric", "log", "tanh"])
+def test_a_quant_tensor_whose_codes_decode_past_float32_is_refused_when_built(scheme):
+    # quantize refused such a range, the constructor (and unpickling) took it: Inf decodes
+    big = np.array([3e38], np.float32)
+    with pytest.raises(InvalidArgumentError, match="group 0 .* decodes past the float32 range"):
+        _core.QuantTensor(np.full(8, 255, np.uint8), big, big, 4, scheme, 16, 16)
+    q = _core.quantize(np.linspace(-1, 1, 16, dtype=np.float32), 4, scheme, 16)
+    assert np.isfinite(_core.dequantize(q)).all()  # a range the quantizer makes is fine
+
+
 def test_a_negative_count_is_refused_not_wrapped():
     with pytest.raises(InvalidArgumentError, match="n must be ≥ 0, got -8"):
         _core.unpack(np.zeros(1, np.uint8), 1, -8)
@@ -428,3 +502,17 @@ def test_an_affine_group_past_the_float32_range_is_refused_not_decoded_wrong(val
     sig = Signature.from_deltas({"w": np.array(values, np.float32)})
     with pytest.raises(InvalidArgumentError, match="too wide to decode in f32"):
         sig.quantize(bits=bits, scheme="affine", granularity="tensor")
+
+
+def test_a_tensor_named_like_the_metadata_key_is_never_written(tmp_path):
+    # saved, but every reader refused the file: a duplicate "__metadata__" key
+    from robustpatch._format.safetensors import write_tensors
+
+    sig = rp.Signature.from_deltas({"__metadata__": np.ones(4, np.float32)}, name="s")
+    for write in (
+        lambda: sig.save(tmp_path / "s.rws"),
+        lambda: write_tensors(tmp_path / "m.safetensors", {"__metadata__": X8}),
+    ):
+        with pytest.raises(InvalidArgumentError, match="cannot be named '__metadata__'"):
+            write()
+    assert list(tmp_path.iterdir()) == []

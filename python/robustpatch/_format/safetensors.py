@@ -166,7 +166,12 @@ def parse_header(buf: bytes, file_size: int) -> Header:
 
 def encode_header(tensors: list[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
     """Length prefix + JSON header, space-padded to a multiple of 8 bytes (by the engine,
-    byte-identical to what ``json.dumps`` wrote before)."""
+    byte-identical to what ``json.dumps`` wrote before). A tensor named ``__metadata__``
+    is refused: the header's metadata takes that key, so no reader could load the file."""
+    if any(t.name == "__metadata__" for t in tensors):
+        raise InvalidArgumentError(
+            "a tensor cannot be named '__metadata__' (the safetensors header's metadata key)"
+        )
     entries = [(t.name, t.dtype, list(t.shape), t.begin, t.end) for t in tensors]
     return _core.encode_header(list((metadata or {}).items()), entries)
 

@@ -79,13 +79,12 @@ impl<'py> FloatIn<'py> {
         }
     }
 
-    /// Borrow the data as a core dense view (fails for non-contiguous arrays).
+    /// Borrow the data as a core dense view (fails for arrays not in C order).
     pub fn dense(&self, what: &str) -> BindResult<Dense<'_>> {
-        let err = |_| contiguous_error(what);
         Ok(match self {
-            FloatIn::F32(a) => Dense::F32(a.as_slice().map_err(err)?),
-            FloatIn::F16(a) => Dense::F16(a.as_slice().map_err(err)?),
-            FloatIn::BF16(a) => Dense::BF16(a.as_slice().map_err(err)?.reinterpret_cast()),
+            FloatIn::F32(a) => Dense::F32(slice_of(a, what)?),
+            FloatIn::F16(a) => Dense::F16(slice_of(a, what)?),
+            FloatIn::BF16(a) => Dense::BF16(slice_of(a, what)?.reinterpret_cast()),
         })
     }
 }
@@ -116,21 +115,34 @@ impl<'py> FloatInOut<'py> {
     }
 
     pub fn dense_mut(&mut self, what: &str) -> BindResult<DenseMut<'_>> {
-        let err = |_| contiguous_error(what);
         Ok(match self {
-            FloatInOut::F32(a) => DenseMut::F32(a.as_slice_mut().map_err(err)?),
-            FloatInOut::F16(a) => DenseMut::F16(a.as_slice_mut().map_err(err)?),
-            FloatInOut::BF16(a) => {
-                DenseMut::BF16(a.as_slice_mut().map_err(err)?.reinterpret_cast_mut())
-            }
+            FloatInOut::F32(a) => DenseMut::F32(slice_mut_of(a, what)?),
+            FloatInOut::F16(a) => DenseMut::F16(slice_mut_of(a, what)?),
+            FloatInOut::BF16(a) => DenseMut::BF16(slice_mut_of(a, what)?.reinterpret_cast_mut()),
         })
     }
 }
 
-/// Borrow a read-only array of a fixed element type as a contiguous slice.
+/// Borrow a read-only array of a fixed element type as a slice in C order. numpy's
+/// `as_slice` also takes a Fortran-ordered array, whose memory order would read a 2-D
+/// tensor transposed: refused instead.
 pub fn slice_of<'a, T: numpy::Element>(
     a: &'a PyReadonlyArrayDyn<'_, T>,
     what: &str,
 ) -> BindResult<&'a [T]> {
+    if !a.is_c_contiguous() {
+        return Err(contiguous_error(what).into());
+    }
     Ok(a.as_slice().map_err(|_| contiguous_error(what))?)
+}
+
+/// [`slice_of`] for a writable array.
+pub fn slice_mut_of<'a, T: numpy::Element>(
+    a: &'a mut PyReadwriteArrayDyn<'_, T>,
+    what: &str,
+) -> BindResult<&'a mut [T]> {
+    if !a.is_c_contiguous() {
+        return Err(contiguous_error(what).into());
+    }
+    Ok(a.as_slice_mut().map_err(|_| contiguous_error(what))?)
 }

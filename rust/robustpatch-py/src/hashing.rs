@@ -4,6 +4,7 @@
 
 use crate::arrays::slice_of;
 use crate::errors::BindResult;
+use crate::ints::int_arg;
 use crate::nogil;
 use numpy::PyReadonlyArrayDyn;
 use pyo3::prelude::*;
@@ -86,10 +87,10 @@ fn float_bytes<'a>(
 pub fn tensor_digest(
     py: Python<'_>,
     data: PyReadonlyArrayDyn<'_, u8>,
-    itemsize: i64,
+    itemsize: &Bound<'_, PyAny>,
 ) -> BindResult<String> {
     let bytes = slice_of(&data, "data")?;
-    let size = args::itemsize(itemsize, bytes.len())?;
+    let size = args::itemsize(int_arg(itemsize, "itemsize")?, bytes.len())?;
     Ok(hash::hex(&nogil(py, || hash::tensor_digest(bytes, size))))
 }
 

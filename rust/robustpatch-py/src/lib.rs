@@ -6,10 +6,12 @@
 mod arrays;
 mod errors;
 mod hashing;
+mod ints;
 mod quant_tensor;
 
-use arrays::{slice_of, DenseMut, FloatIn, FloatInOut};
+use arrays::{slice_mut_of, slice_of, DenseMut, FloatIn, FloatInOut};
 use errors::BindResult;
+use ints::int_arg;
 use numpy::{
     IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
@@ -55,11 +57,12 @@ fn nogil<T: Ungil, F: Ungil + FnOnce() -> T>(py: Python<'_>, f: F) -> T {
 fn quantize(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
-    bits: i64,
+    bits: &Bound<'_, PyAny>,
     scheme: &str,
-    group_len: i64,
+    group_len: &Bound<'_, PyAny>,
 ) -> BindResult<QuantTensor> {
     let x = FloatIn::extract(x, "x")?;
+    let (bits, group_len) = (int_arg(bits, "bits")?, int_arg(group_len, "group_len")?);
     let spec = args::spec(bits, scheme, group_len)?;
     let dense = x.dense("x")?;
     let q = nogil(py, || match dense {
@@ -72,13 +75,15 @@ fn quantize(
 
 /// Decode elements `start..stop` (default: all) to a flat float32 array.
 #[pyfunction]
-#[pyo3(signature = (q, start = 0, stop = None))]
+#[pyo3(signature = (q, start = None, stop = None))]
 fn dequantize<'py>(
     py: Python<'py>,
     q: &Bound<'py, QuantTensor>,
-    start: i64,
-    stop: Option<i64>,
+    start: Option<&Bound<'py, PyAny>>,
+    stop: Option<&Bound<'py, PyAny>>,
 ) -> BindResult<Bound<'py, PyArray1<f32>>> {
+    let start = start.map(|s| int_arg(s, "start")).transpose()?.unwrap_or(0);
+    let stop = stop.map(|s| int_arg(s, "stop")).transpose()?;
     let q = q.get();
     let numel = q.view().numel;
     let view = match stop {
@@ -98,10 +103,10 @@ fn dequantize<'py>(
 fn pack<'py>(
     py: Python<'py>,
     codes: PyReadonlyArrayDyn<'py, u8>,
-    bits: i64,
+    bits: &Bound<'py, PyAny>,
 ) -> BindResult<Bound<'py, PyArray1<u8>>> {
     let codes = slice_of(&codes, "codes")?;
-    let bits = args::bits(bits)?;
+    let bits = args::bits(int_arg(bits, "bits")?)?;
     let mut out = vec![0u8; core_pack::packed_len(codes.len(), bits)];
     nogil(py, || core_pack::pack(codes, bits, &mut out))?;
     Ok(out.into_pyarray(py))
@@ -112,12 +117,12 @@ fn pack<'py>(
 fn unpack<'py>(
     py: Python<'py>,
     packed: PyReadonlyArrayDyn<'py, u8>,
-    bits: i64,
-    n: i64,
+    bits: &Bound<'py, PyAny>,
+    n: &Bound<'py, PyAny>,
 ) -> BindResult<Bound<'py, PyArray1<u8>>> {
     let packed = slice_of(&packed, "packed")?;
-    let bits = args::bits(bits)?;
-    let n = args::count("n", n)?;
+    let bits = args::bits(int_arg(bits, "bits")?)?;
+    let n = args::count("n", int_arg(n, "n")?)?;
     if packed.len() != core_pack::packed_len(n, bits) {
         return Err(Error::Shape(format!(
             "{} packed bytes cannot hold exactly {n} codes of {bits} bits",
@@ -193,7 +198,7 @@ fn project<'py>(
     let mut rw = sig.try_readwrite().map_err(|_| {
         Error::Value("out must be writeable and not share memory with an input".into())
     })?;
-    let out = rw.as_slice_mut()?;
+    let out = slice_mut_of(&mut rw, "out")?;
     let (stats, digest) = nogil(py, || match (pd, cd, rd) {
         (Dense::F32(a), Dense::F32(b), Dense::F32(c)) => {
             project_dense(a, b, c, out, hash_pretrained)
@@ -384,6 +389,7 @@ fn remove<'py>(
     let mut t = FloatInOut::extract(target, "target")?;
     let (ins, alphas) = extract_deltas(deltas, alphas)?;
     let ds = views(&ins, &alphas)?;
+    nogil(py, || check_finite(&ds))?; // as apply: a NaN delta would wipe the target
     let pos = positions
         .as_ref()
         .map(|p| slice_of(p, "positions"))
@@ -501,8 +507,9 @@ fn read_header<'py>(py: Python<'py>, path: std::path::PathBuf) -> BindResult<Bou
 fn parse_header<'py>(
     py: Python<'py>,
     buf: &[u8],
-    file_len: u64,
+    file_len: &Bound<'py, PyAny>,
 ) -> BindResult<Bound<'py, PyTuple>> {
+    let file_len = args::count("file_len", int_arg(file_len, "file_len")?)? as u64;
     let h = nogil(py, || robustpatch_core::safetensors::parse(buf, file_len))?;
     Ok(header_tuple(py, h)?)
 }

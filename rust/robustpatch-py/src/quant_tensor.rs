@@ -1,13 +1,20 @@
 //! `QuantTensor`: a quantized tensor validated once, when built (by `quantize`
 //! or from a file's arrays), then passed to apply, remove, dot and dequantize
-//! with no further checks. It is frozen and its parts never change: it owns
-//! copies of them, or, when the arrays it is built from view an immutable buffer
-//! (a signature file's read-only `mmap.mmap`, or `bytes`), it holds those arrays
-//! instead of copying them. The arrays it hands out are read-only views of its
-//! parts that numpy refuses to make writeable.
+//! with no further checks. It is frozen and nothing in this process can change
+//! its parts: it owns copies of them, or, when the arrays it is built from view a
+//! buffer no Python code can write (a signature file's read-only `mmap.mmap`, or
+//! `bytes`), it holds those arrays instead of copying them. The arrays it hands
+//! out are read-only views of its parts that numpy refuses to make writeable.
+//!
+//! A map is still the file: another process that rewrites the signature file in
+//! place while it is open changes the values (decoded as they now are; no read
+//! goes out of bounds, codes index a 256-entry table), and one that truncates it
+//! ends this process with SIGBUS, as with any memory-mapped reader (safetensors'
+//! too). Signature files are replaced by rename, never rewritten in place.
 
 use crate::arrays::slice_of;
 use crate::errors::BindResult;
+use crate::ints::int_arg;
 use numpy::ndarray::ArrayView1;
 use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
@@ -87,7 +94,8 @@ fn frozen_view<'py, T: numpy::Element>(
     Ok(arr)
 }
 
-/// Whether nothing can change the memory `arr` views while it lives: it is
+/// Whether nothing in this process can change the memory `arr` views while it lives
+/// (see the module docs for another process rewriting a mapped file): it is
 /// not writeable and, through its chain of bases, views exactly `bytes` or
 /// exactly an `mmap.mmap` opened read-only (the memoryview numpy puts between
 /// may itself be read-only over a bytearray: the object below it is what counts).
@@ -140,13 +148,14 @@ impl QuantTensor {
         codes: PyReadonlyArrayDyn<'_, u8>,
         scale: PyReadonlyArrayDyn<'_, f32>,
         offset: PyReadonlyArrayDyn<'_, f32>,
-        bits: i64,
+        bits: &Bound<'_, PyAny>,
         scheme: &str,
-        group_len: i64,
-        numel: i64,
+        group_len: &Bound<'_, PyAny>,
+        numel: &Bound<'_, PyAny>,
     ) -> BindResult<Self> {
+        let (bits, group_len) = (int_arg(bits, "bits")?, int_arg(group_len, "group_len")?);
         let spec = args::spec(bits, scheme, group_len)?;
-        let numel = args::count("numel", numel)?;
+        let numel = args::count("numel", int_arg(numel, "numel")?)?;
         let (c, s, o) = (
             slice_of(&codes, "codes")?,
             slice_of(&scale, "scale")?,

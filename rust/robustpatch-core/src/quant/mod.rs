@@ -170,7 +170,7 @@ impl<'a> QuantView<'a> {
     /// [`QuantSpec::check`]; `Shape` for a code buffer that is not
     /// `packed_len(numel, bits)` bytes or scale/offset counts that are not one
     /// per group; `NonFinite` for a NaN/Inf scale or offset and `Value` for a
-    /// negative scale, both naming the group.
+    /// negative scale or one whose codes decode past f32, each naming the group.
     pub fn new(
         codes: &'a [u8],
         scale: &'a [f32],
@@ -194,6 +194,12 @@ impl<'a> QuantView<'a> {
                 offset.len()
             )));
         }
+        let table = levels(spec);
+        let (lo, hi) = table[..1 << spec.bits]
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &l| {
+                (a.min(l), b.max(l))
+            });
         for (g, (&s, &o)) in scale.iter().zip(offset).enumerate() {
             if !(s.is_finite() && o.is_finite()) {
                 return Err(Error::NonFinite(format!(
@@ -203,6 +209,12 @@ impl<'a> QuantView<'a> {
             if s < 0.0 {
                 return Err(Error::Value(format!("group {g} has a negative scale {s}")));
             }
+            // What the quantizer guarantees: every code decodes to a finite value.
+            if !((lo * s + o).is_finite() && (hi * s + o).is_finite()) {
+                return Err(Error::Value(format!(
+                    "group {g} (scale {s:e}, offset {o:e}) decodes past the float32 range"
+                )));
+            }
         }
         Ok(QuantView {
             codes,
@@ -210,7 +222,7 @@ impl<'a> QuantView<'a> {
             offset,
             spec,
             numel,
-            levels: levels(spec),
+            levels: table,
         })
     }
 }
@@ -399,6 +411,17 @@ mod tests {
             quantize(&b, spec(2, Scheme::Affine, 1)),
             Err(Error::NonFinite(_))
         ));
+    }
+
+    #[test]
+    fn a_view_whose_codes_decode_past_f32_is_refused() {
+        let codes = [0xffu8; 8];
+        for scheme in Scheme::ALL {
+            let s = spec(4, scheme, 16);
+            let wide = QuantView::new(&codes, &[3e38], &[3e38], s, 16);
+            assert!(matches!(wide, Err(Error::Value(m)) if m.contains("decodes past")));
+            assert!(QuantView::new(&codes, &[1.0], &[-1.0], s, 16).is_ok());
+        }
     }
 
     #[test]
