@@ -274,6 +274,19 @@ def test_a_sharded_base_is_a_job_like_any_other(tmp_path):
     assert again["status"] == "skipped"
 
 
+def test_a_sharded_base_with_a_file_output_is_refused_before_any_job_runs(tmp_path):
+    # README's grid did this: the file jobs ran, then each sharded one failed on its own
+    from test_sharded import signature, write_sharded
+
+    write_sharded(tmp_path / "base")
+    signature().save(tmp_path / "fog.rws")
+    grid = {"bases": {"b": "base"}, "signatures": {"fog": ["fog.rws"]}}
+    doc = {"grid": dict(grid, output="out/{base}-{signatures}.safetensors")}
+    with pytest.raises(InvalidArgumentError, match=r"job #1: its base .*base is a sharded"):
+        pipeline.load_manifest(write_manifest(tmp_path, doc))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_sharded_output_folder_that_holds_an_input_of_the_run_is_refused(tmp_path):
     # the job replaced its folder whole, deleting the manifest or another job's signature
     from test_sharded import shard_name, signature, write_sharded

@@ -321,11 +321,15 @@ def test_a_tensor_stored_in_two_shards_is_refused(ckpt):
     assert not (d / "out").exists()
 
 
-def test_inplace_is_refused_for_a_sharded_checkpoint(ckpt):
+def test_inplace_is_refused_for_a_sharded_checkpoint(ckpt, capsys):
     d, _, sig = ckpt
     before = listing(d / "base")
     with pytest.raises(InvalidArgumentError, match="inplace=True patches one safetensors file"):
         rp.apply_file(d / "base", sig, 1.0, inplace=True)
+    assert listing(d / "base") == before
+    assert main(["apply", str(d / "base"), str(d / "fog.rws"), "--inplace"]) == 1
+    err = capsys.readouterr().err  # the CLI's flags, not the keywords
+    assert "--inplace patches one safetensors file" in err and "(-o)" in err
     assert listing(d / "base") == before
 
 

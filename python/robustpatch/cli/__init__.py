@@ -3,12 +3,14 @@
 Each subcommand is a :class:`~robustpatch.cli.parser.Command` in :data:`COMMANDS`: a
 ``run_*`` function, whose docstring is its ``--help`` text, and the function adding its
 arguments. parser.py holds the shared options and the argparse types that validate
-values; signatures.py, models.py, inspect.py and demo.py the commands; output.py what
-they print; this module runs one and turns an expected error into one line. The
-conventions are those of the tools people know:
+values; signatures.py, models.py, inspect.py, batch.py, onnx.py and demo.py the
+commands (patch_flags.py the flags apply, remove and onnx share); output.py what they
+print; this module runs one and turns an expected error into one line. The conventions
+are those of the tools people know:
 
-- ``-q/--quiet`` and ``--json`` are accepted before or after the subcommand. With
-  ``--json`` a command prints one JSON object on stdout and nothing else there.
+- ``-q/--quiet`` and ``--json`` are accepted before or after the subcommand (``batch``
+  prints JSON lines and ``demo`` a report: neither takes ``--json``). With ``--json`` a
+  command prints one JSON object on stdout and nothing else there.
 - ``--help`` shows every option's default and an example; ``--version`` the version.
 - No command writes over one of its inputs (also not through a symlink or a hard
   link), nor over an existing file unless ``--overwrite``; a refused call writes nothing.
@@ -58,7 +60,10 @@ FLAG_OF_KEYWORD = {
     "allow_dtype_change=True": "--allow-dtype-change",
     "allow_nonfinite=True": "--allow-nonfinite",
     "force=True": "--force",
+    "inplace=True": "--inplace",
     "overwrite=True": "--overwrite",
+    "out=<folder>": "-o <folder>",
+    "(out=...)": "(-o)",
     "undo=False": "--no-undo",
 }
 

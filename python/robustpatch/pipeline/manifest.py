@@ -10,15 +10,17 @@
         signatures: [fog.rws, noise.rws]
         alphas: [1.0, 0.5]
         output: out/a-fog-noise.safetensors
+      - {base: models/llama-c, signatures: [fog.rws], output: out/c-fog}  # sharded: folders
     grid:                     # and/or every base × signature set × alpha
-      bases: {a: models/llama-a.safetensors, b: models/llama-b}   # a folder: sharded
+      bases: {a: models/llama-a.safetensors, b: models/llama-b.safetensors}
       signatures: {fog: [fog.rws], mix: [fog.rws, noise.rws]}
       alphas: [0.5, 1.0]      # each a number for all signatures, or one list per set
       output: out/{base}-{signatures}-{alpha}.safetensors
 
 Relative paths are relative to the manifest's folder. Unknown keys, a missing key, two
 jobs writing one file (an output, its undo record or its done-marker), a job writing an
-input of the run (the manifest included), or one writing inside a sharded base's folder
+input of the run (the manifest included), a sharded base's output named as a file, or
+one writing inside a sharded base's folder
 (whose every ``*.safetensors`` is a shard the base reads) are refused with one line
 naming the manifest (:class:`~robustpatch.errors.InvalidArgumentError`).
 """
@@ -216,6 +218,11 @@ def check_jobs(jobs: list[Job], inputs: Sequence[str | os.PathLike[str]] = ()) -
     folders = _sharded_folders(jobs)
     written = _sharded_outputs(jobs)
     for i, job in enumerate(jobs):
+        if job.output.endswith(".safetensors") and _sharded_folder(job) is not None:
+            raise InvalidArgumentError(  # found here, not by the job after others ran
+                f"job #{i + 1}: its base {job.base} is a sharded checkpoint, written to a "
+                f"folder, but its output {job.output} names a .safetensors file"
+            )
         for path in job.outputs:
             out = os.path.realpath(path)
             if out in seen:
