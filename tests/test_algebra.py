@@ -336,3 +336,17 @@ def test_combine_keeps_each_parts_base_and_warns_across_bases():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # other tensors: fingerprints cannot be compared
         combine([x, other], [1, 1])
+
+
+def test_detect_says_when_a_score_measures_nothing():
+    # "+0.000" for a signature sharing no tensor with the query read as "orthogonal"
+    w = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    a = Signature.from_deltas({"a": w}, name="a")
+    transposed = Signature.from_deltas({"a": w.T.copy()}, name="t")
+    zero = Signature.from_deltas({"a": np.zeros_like(w)}, name="z")
+    with pytest.warns(UserWarning, match="'a' shares no tensor"):
+        assert detect(transposed, [a]) == [("a", 0.0)]
+    with pytest.warns(UserWarning, match="'a' is compared on tensors where the query is zero"):
+        assert detect(zero, [a]) == [("a", 0.0)]
+    with pytest.raises(MismatchError, match="a: shape"):  # one tensor in two shapes
+        detect(a + transposed, [a])

@@ -370,10 +370,29 @@ def detect(
         if not all(isinstance(k, str) for k in x):
             raise InvalidArgumentError("a query's tensor names must be strings")
         x = Signature.from_deltas({k: v for k, v in x.items() if not is_bn_stat(k)}, name="query")
-    query = _Deltas(as_signature(x))
+    x = as_signature(x)
+    _check_shapes([_tensor_terms(x)], [getattr(x, "name", "the query")])
+    query = _Deltas(x)
     if isinstance(library, Mapping):
         named = [(k, as_signature(v)) for k, v in library.items()]
     else:
         named = [(s.name, s) for s in as_signatures(library)]
-    scores = [(k, _cosine(query, _Deltas(s), union=False)) for k, s in named]
+    scores = []
+    for k, s in named:
+        known = _Deltas(s)
+        _warn_if_nothing_compared(k, query, known)
+        scores.append((k, _cosine(query, known, union=False)))
     return sorted(scores, key=lambda t: -t[1])
+
+
+def _warn_if_nothing_compared(name: str, query: _Deltas, known: _Deltas) -> None:
+    """A score of 0 that measures nothing (no shared tensor, or no change in the query on
+    them) reads like "orthogonal": say which it is."""
+    shared = [k for k in query.by_name if k in known.by_name and query.shape(k) == known.shape(k)]
+    if not shared:
+        why = "shares no tensor (name and shape) with the query"
+    elif not any(query.energy[k] > 0 for k in shared):
+        why = "is compared on tensors where the query is zero"
+    else:
+        return
+    warnings.warn(f"{name!r} {why}: its cosine 0 measures nothing", stacklevel=3)
