@@ -516,3 +516,9 @@ def test_a_tensor_named_like_the_metadata_key_is_never_written(tmp_path):
         with pytest.raises(InvalidArgumentError, match="cannot be named '__metadata__'"):
             write()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_alpha_past_float32_is_named_as_given():
+    # 1e39 arrived as float32 inf and was reported as "alpha 0 is inf"
+    with pytest.raises(rp.errors.NonFiniteError, match="alpha 1 = 1e[+]?39 is past the float32"):
+        _core.apply(np.ones(8, np.float32), [X8, X8], [1.0, 1e39])

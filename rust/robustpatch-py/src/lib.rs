@@ -284,12 +284,23 @@ impl<'py> DeltaIn<'py> {
 
 fn extract_deltas<'py>(
     deltas: &Bound<'py, PyAny>,
-    alphas: Vec<f32>,
+    alphas: Vec<f64>,
 ) -> BindResult<(Vec<DeltaIn<'py>>, Vec<f32>)> {
     let ins: Vec<DeltaIn> = deltas
         .try_iter()?
         .map(|d| DeltaIn::extract(&d?))
         .collect::<BindResult<_>>()?;
+    let alphas = alphas
+        .iter()
+        .enumerate()
+        .map(|(k, &a)| match a as f32 {
+            // Taken as f64 so that 1e39 is named as what it is, not as "inf".
+            x if a.is_finite() && !x.is_finite() => Err(Error::NonFinite(format!(
+                "alpha {k} = {a:e} is past the float32 range"
+            ))),
+            x => Ok(x),
+        })
+        .collect::<Result<Vec<f32>, Error>>()?;
     if ins.len() != alphas.len() {
         return Err(
             Error::Shape(format!("{} deltas but {} alphas", ins.len(), alphas.len())).into(),
@@ -350,7 +361,7 @@ fn apply<'py>(
     py: Python<'py>,
     target: &Bound<'py, PyAny>,
     deltas: &Bound<'py, PyAny>,
-    alphas: Vec<f32>,
+    alphas: Vec<f64>,
     record: bool,
 ) -> BindResult<(Option<Bound<'py, PyTuple>>, usize)> {
     let mut t = FloatInOut::extract(target, "target")?;
@@ -382,7 +393,7 @@ fn remove<'py>(
     py: Python<'py>,
     target: &Bound<'py, PyAny>,
     deltas: &Bound<'py, PyAny>,
-    alphas: Vec<f32>,
+    alphas: Vec<f64>,
     positions: Option<PyReadonlyArrayDyn<'py, u32>>,
     values: Option<&Bound<'py, PyAny>>,
 ) -> BindResult<(usize, usize)> {
