@@ -522,3 +522,30 @@ def test_an_alpha_past_float32_is_named_as_given():
     # 1e39 arrived as float32 inf and was reported as "alpha 0 is inf"
     with pytest.raises(rp.errors.NonFiniteError, match="alpha 1 = 1e[+]?39 is past the float32"):
         _core.apply(np.ones(8, np.float32), [X8, X8], [1.0, 1e39])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: _core.pack(np.zeros(8, np.int64), 4), "codes: expected .* uint8, got .*int64"),
+        (lambda: _core.crc32(bytearray(b"abc")), "data: expected .* uint8 \\(or bytes\\)"),
+        (lambda: _core.compact([1.0]), "values: expected .* float32, got .*list"),
+        (
+            lambda: _core.QuantTensor(
+                np.zeros(4, np.uint8), np.ones(1), np.zeros(1, np.float32), 4, "affine", 8, 8
+            ),
+            "scale: expected .* float32, got .*float64",
+        ),
+    ],
+)
+def test_an_array_of_the_wrong_dtype_is_named_with_the_dtype_it_needs(call, message):
+    # "'ndarray' object cannot be converted to 'PyArray<T, D>'" named no dtype
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_positions_that_alias_the_target_are_named():
+    # the refusal blamed the target ("array is read-only")
+    y = X8.copy()
+    with pytest.raises(InvalidArgumentError, match="positions: shares memory"):
+        _core.remove(y, [X8], [0.5], y.view(np.uint32), X8.view(np.uint32).copy())

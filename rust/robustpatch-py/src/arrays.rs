@@ -123,6 +123,30 @@ impl<'py> FloatInOut<'py> {
     }
 }
 
+/// `ob` as a read-only numpy array of element type `T` (`dtype` names it): a TypeError
+/// naming the argument and the dtype it needs, or a refusal when it shares memory with
+/// an array this call writes (borrowed after those).
+pub fn typed<'py, T: numpy::Element>(
+    ob: &Bound<'py, PyAny>,
+    what: &str,
+    dtype: &str,
+) -> BindResult<PyReadonlyArrayDyn<'py, T>> {
+    let arr = ob.downcast::<PyArrayDyn<T>>().map_err(|_| {
+        let found = ob
+            .getattr("dtype")
+            .map(|d| format!("an array of {d}"))
+            .unwrap_or_else(|_| ob.get_type().to_string());
+        Error::DType(format!(
+            "{what}: expected a numpy array of {dtype}, got {found}"
+        ))
+    })?;
+    Ok(arr.try_readonly().map_err(|_| {
+        Error::Value(format!(
+            "{what}: shares memory with an array this call writes; pass a copy"
+        ))
+    })?)
+}
+
 /// Borrow a read-only array of a fixed element type as a slice in C order. numpy's
 /// `as_slice` also takes a Fortran-ordered array, whose memory order would read a 2-D
 /// tensor transposed: refused instead.

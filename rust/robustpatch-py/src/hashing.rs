@@ -2,7 +2,7 @@
 //! objects (bytes or uint8 arrays), the GIL released while it hashes; and
 //! `tensor_digest`, the per-tensor digest of base-model fingerprints.
 
-use crate::arrays::slice_of;
+use crate::arrays::{slice_of, typed};
 use crate::errors::BindResult;
 use crate::ints::int_arg;
 use crate::nogil;
@@ -31,7 +31,7 @@ impl Blake3 {
             nogil(py, || self.0.update(bytes));
             return Ok(());
         }
-        let arr: PyReadonlyArrayDyn<u8> = data.extract()?;
+        let arr = typed::<u8>(data, "data", "uint8 (or bytes)")?;
         let bytes = slice_of(&arr, "data")?;
         nogil(py, || self.0.update(bytes));
         Ok(())
@@ -43,9 +43,10 @@ impl Blake3 {
     fn update_widened(
         &mut self,
         py: Python<'_>,
-        data: PyReadonlyArrayDyn<'_, u8>,
+        data: &Bound<'_, PyAny>,
         label: &str,
     ) -> BindResult<bool> {
+        let data = typed::<u8>(data, "data", "uint8")?;
         let (bytes, dtype) = float_bytes(&data, label)?;
         Ok(nogil(py, || self.0.update_widened(bytes, dtype)))
     }
@@ -55,9 +56,10 @@ impl Blake3 {
     fn update_finite(
         &mut self,
         py: Python<'_>,
-        data: PyReadonlyArrayDyn<'_, u8>,
+        data: &Bound<'_, PyAny>,
         label: &str,
     ) -> BindResult<bool> {
+        let data = typed::<u8>(data, "data", "uint8")?;
         let (bytes, dtype) = float_bytes(&data, label)?;
         Ok(nogil(py, || self.0.update_finite(bytes, dtype)))
     }
@@ -86,9 +88,10 @@ fn float_bytes<'a>(
 #[pyfunction]
 pub fn tensor_digest(
     py: Python<'_>,
-    data: PyReadonlyArrayDyn<'_, u8>,
+    data: &Bound<'_, PyAny>,
     itemsize: &Bound<'_, PyAny>,
 ) -> BindResult<String> {
+    let data = typed::<u8>(data, "data", "uint8")?;
     let bytes = slice_of(&data, "data")?;
     let size = args::itemsize(int_arg(itemsize, "itemsize")?, bytes.len())?;
     Ok(hash::hex(&nogil(py, || hash::tensor_digest(bytes, size))))
@@ -102,7 +105,7 @@ pub fn crc32(py: Python<'_>, data: &Bound<'_, PyAny>) -> BindResult<u32> {
         let bytes = b.as_bytes();
         return Ok(nogil(py, || hash::crc32(bytes)));
     }
-    let arr: PyReadonlyArrayDyn<u8> = data.extract()?;
+    let arr = typed::<u8>(data, "data", "uint8 (or bytes)")?;
     let bytes = slice_of(&arr, "data")?;
     Ok(nogil(py, || hash::crc32(bytes)))
 }

@@ -9,12 +9,10 @@ mod hashing;
 mod ints;
 mod quant_tensor;
 
-use arrays::{slice_mut_of, slice_of, DenseMut, FloatIn, FloatInOut};
+use arrays::{slice_mut_of, slice_of, typed, DenseMut, FloatIn, FloatInOut};
 use errors::BindResult;
 use ints::int_arg;
-use numpy::{
-    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods,
-};
+use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::marker::Ungil;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -102,9 +100,10 @@ fn dequantize<'py>(
 #[pyfunction]
 fn pack<'py>(
     py: Python<'py>,
-    codes: PyReadonlyArrayDyn<'py, u8>,
+    codes: &Bound<'py, PyAny>,
     bits: &Bound<'py, PyAny>,
 ) -> BindResult<Bound<'py, PyArray1<u8>>> {
+    let codes = typed::<u8>(codes, "codes", "uint8")?;
     let codes = slice_of(&codes, "codes")?;
     let bits = args::bits(int_arg(bits, "bits")?)?;
     let mut out = vec![0u8; core_pack::packed_len(codes.len(), bits)];
@@ -116,10 +115,11 @@ fn pack<'py>(
 #[pyfunction]
 fn unpack<'py>(
     py: Python<'py>,
-    packed: PyReadonlyArrayDyn<'py, u8>,
+    packed: &Bound<'py, PyAny>,
     bits: &Bound<'py, PyAny>,
     n: &Bound<'py, PyAny>,
 ) -> BindResult<Bound<'py, PyArray1<u8>>> {
+    let packed = typed::<u8>(packed, "packed", "uint8")?;
     let packed = slice_of(&packed, "packed")?;
     let bits = args::bits(int_arg(bits, "bits")?)?;
     let n = args::count("n", int_arg(n, "n")?)?;
@@ -245,8 +245,9 @@ fn project_dense<T: Element>(
 #[pyfunction]
 fn compact<'py>(
     py: Python<'py>,
-    values: PyReadonlyArrayDyn<'py, f32>,
+    values: &Bound<'py, PyAny>,
 ) -> BindResult<(&'static str, Option<Bound<'py, PyArray1<u16>>>)> {
+    let values = typed::<f32>(values, "values", "float32")?;
     let values = slice_of(&values, "values")?;
     let arr = for_kernel::<u16>(py, values.len());
     let mut rw = arr.readwrite();
@@ -394,13 +395,16 @@ fn remove<'py>(
     target: &Bound<'py, PyAny>,
     deltas: &Bound<'py, PyAny>,
     alphas: Vec<f64>,
-    positions: Option<PyReadonlyArrayDyn<'py, u32>>,
+    positions: Option<&Bound<'py, PyAny>>,
     values: Option<&Bound<'py, PyAny>>,
 ) -> BindResult<(usize, usize)> {
     let mut t = FloatInOut::extract(target, "target")?;
     let (ins, alphas) = extract_deltas(deltas, alphas)?;
     let ds = views(&ins, &alphas)?;
     nogil(py, || check_finite(&ds))?; // as apply: a NaN delta would wipe the target
+    let positions = positions
+        .map(|p| typed::<u32>(p, "positions", "uint32"))
+        .transpose()?;
     let pos = positions
         .as_ref()
         .map(|p| slice_of(p, "positions"))

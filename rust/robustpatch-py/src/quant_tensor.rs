@@ -12,12 +12,12 @@
 //! ends this process with SIGBUS, as with any memory-mapped reader (safetensors'
 //! too). Signature files are replaced by rename, never rewritten in place.
 
-use crate::arrays::slice_of;
+use crate::arrays::{slice_of, typed};
 use crate::errors::BindResult;
 use crate::ints::int_arg;
 use numpy::ndarray::ArrayView1;
 use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyMemoryView, PyTuple};
 use robustpatch_core::args;
@@ -145,9 +145,9 @@ impl QuantTensor {
     #[pyo3(signature = (codes, scale, offset, bits, scheme, group_len, numel))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        codes: PyReadonlyArrayDyn<'_, u8>,
-        scale: PyReadonlyArrayDyn<'_, f32>,
-        offset: PyReadonlyArrayDyn<'_, f32>,
+        codes: &Bound<'_, PyAny>,
+        scale: &Bound<'_, PyAny>,
+        offset: &Bound<'_, PyAny>,
         bits: &Bound<'_, PyAny>,
         scheme: &str,
         group_len: &Bound<'_, PyAny>,
@@ -156,6 +156,9 @@ impl QuantTensor {
         let (bits, group_len) = (int_arg(bits, "bits")?, int_arg(group_len, "group_len")?);
         let spec = args::spec(bits, scheme, group_len)?;
         let numel = args::count("numel", int_arg(numel, "numel")?)?;
+        let codes = typed::<u8>(codes, "codes", "uint8")?;
+        let scale = typed::<f32>(scale, "scale", "float32")?;
+        let offset = typed::<f32>(offset, "offset", "float32")?;
         let (c, s, o) = (
             slice_of(&codes, "codes")?,
             slice_of(&scale, "scale")?,
