@@ -407,6 +407,24 @@ def test_a_malformed_ray_address_is_one_error_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_ray_address_nothing_answers_at_is_refused_at_once(tmp_path, capsys):
+    # ray.init retried it for minutes, a warning every few seconds
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    path = write_manifest(tmp_path, make_fleet(tmp_path))
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        started = time.monotonic()
+        assert main(["batch", str(path), "--executor", "ray", "--ray-address", address]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"robustpatch: error: cannot reach the Ray cluster at '{address}'")
+        assert len(err.splitlines()) == 1 and time.monotonic() - started < 30
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -166,6 +167,7 @@ def _connect(ray: Any, address: str | None, workers: int | None) -> bool:
         return False
     options = dict(address=address, log_to_driver=False, include_dashboard=False)
     new_instance = address is None and "RAY_ADDRESS" not in os.environ
+    _check_reachable(address or os.environ.get("RAY_ADDRESS"))
     try:
         try:
             ray.init(num_cpus=workers if new_instance else None, **options)  # a cluster has its own
@@ -177,6 +179,28 @@ def _connect(ray: Any, address: str | None, workers: int | None) -> bool:
         where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
         raise InvalidArgumentError(f"cannot start or reach Ray at {where!r}: {e}") from None
     return True
+
+
+#: Seconds to wait for a cluster's head to answer before ray.init is asked to join it.
+CONNECT_TIMEOUT = 5.0
+
+
+def _check_reachable(address: str | None) -> None:
+    """Refuse a cluster address nothing answers at: ray.init would retry it for minutes,
+    printing a warning every few seconds. ``auto``/``local`` (and no address) are Ray's
+    to resolve; a malformed address is left to Ray's own error."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT).close()
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at {address!r}: {why} (within {CONNECT_TIMEOUT:g} s)"
+        ) from None
 
 
 def _run_ray(
