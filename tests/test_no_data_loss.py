@@ -323,3 +323,122 @@ def test_an_add_whose_write_fails_part_way_lists_none_of_its_tensors(tmp_path, m
         w.add(b)
         w.commit("w", {"k": 1})
     assert (tmp_path / "w.rws").read_bytes() == saved([a, b], tmp_path / "ref.rws")
+
+
+# ---------------------------------------------------------------------------- failing disks
+
+
+def _fail_rename_of(monkeypatch, victim: Path) -> None:
+    """The rename that puts ``victim`` in place fails (EIO), as on a full or failing disk
+    or an immutable file."""
+    from robustpatch._io import atomic
+
+    real = atomic.AtomicFile._rename
+
+    def rename(self):
+        if self.path == victim:
+            self.file.close()
+            raise OSError(errno.EIO, "Input/output error", str(victim))
+        real(self)
+
+    monkeypatch.setattr(atomic.AtomicFile, "_rename", rename)
+
+
+def test_a_failed_rename_puts_the_previous_set_back(tmp_path, monkeypatch):
+    # the record landed, the model's rename failed, and the previous record was deleted
+    from robustpatch._io.atomic import AtomicFile, commit_all
+
+    names = [tmp_path / n for n in ("a.rpundo", "b.data", "c.onnx")]
+    for p in names[:2]:
+        p.write_bytes(b"old " + p.name.encode())
+    before = listing(tmp_path)
+    files = [AtomicFile(p, durable=False) for p in names]
+    for af in files:
+        af.file.write(b"new")
+    _fail_rename_of(monkeypatch, names[2])
+    with pytest.raises(OSError, match="Input/output error"):
+        commit_all(files)
+    for af in files:
+        af.discard()
+    assert listing(tmp_path) == before  # a.rpundo and b.data back, c.onnx still absent
+
+
+def test_a_failed_reapply_keeps_the_previous_output_and_its_record(small, monkeypatch):
+    out = small / "out.safetensors"
+    apply_file(small / "m.safetensors", small / "s.rws", 0.5, out)
+    before = listing(small)
+    _fail_rename_of(monkeypatch, out)
+    with pytest.raises(OSError, match="Input/output error"):
+        apply_file(small / "m.safetensors", small / "s.rws", 1.0, out)
+    assert listing(small) == before
+    monkeypatch.undo()
+    remove_file(out, small / "back.safetensors")
+    assert sha(small / "back.safetensors") == sha(small / "m.safetensors")
+
+
+def test_a_removal_keeps_the_record_it_read_beside_its_output(small):
+    # restoring to the name the record was made for deleted the record (an input)
+    m, p = small / "m.safetensors", small / "p.safetensors"
+    apply_file(m, small / "s.rws", 0.5, p)
+    os.rename(p, small / "p2.safetensors")
+    record = undo_path_for(p)
+    kept = sha(record)
+    remove_file(small / "p2.safetensors", p, undo=record)
+    assert sha(p) == sha(m) and sha(record) == kept
+
+
+def test_a_discarded_file_whose_close_fails_is_still_deleted(tmp_path):
+    # a full disk failed the close's flush again, and the temporary file stayed
+    from robustpatch._io.atomic import AtomicFile
+
+    af = AtomicFile(tmp_path / "x.rws", durable=False)
+    real = af.file
+
+    class FullDisk:
+        closed = False
+
+        def close(self):
+            real.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    af.file = FullDisk()
+    af.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sparse_model_on_a_full_disk_is_refused_before_any_change(small, monkeypatch):
+    # a zero tensor stored as a hole: writing the mapped hole killed the process (SIGBUS)
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    before = listing(small)
+    with pytest.raises(OSError, match=r"No space left on device: .*m\.safetensors"):
+        apply_file(small / "m.safetensors", small / "s.rws", 1.0, inplace=True)
+    assert listing(small) == before  # no journal, nothing patched
+
+
+def test_a_sharded_commit_that_fails_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    # without renameat2: the previous folder was set aside, the new one's rename failed,
+    # and the output was missing (its content later deleted as a dead writer's leftover)
+    from robustpatch import sharded
+    from test_sharded import signature, write_sharded
+
+    write_sharded(tmp_path / "base")
+    signature().save(tmp_path / "fog.rws")
+    out = tmp_path / "out"
+    apply_file(tmp_path / "base", tmp_path / "fog.rws", 0.5, out)
+    before = listing(tmp_path)
+    monkeypatch.setattr(sharded, "_exchange", lambda a, b: False)
+    real, calls = os.rename, []
+
+    def rename(a, b):
+        calls.append(b)
+        if Path(b) == out and len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        real(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match=r"Input/output error.*out"):
+        apply_file(tmp_path / "base", tmp_path / "fog.rws", 1.0, out)
+    assert listing(tmp_path) == before

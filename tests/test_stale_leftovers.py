@@ -41,6 +41,7 @@ def test_a_dead_writers_old_temporary_file_goes_and_nothing_else(tmp_path):
 @pytest.mark.skipif(os.name != "posix", reason="pids are probed on POSIX only")
 def test_a_dead_writers_old_folders_go_and_nothing_else(tmp_path):
     out = tmp_path / "out"
+    out.mkdir()  # in place: a .old folder is a previous one, already replaced
     tmp, old = tmp_path / f".out.rp{DEAD}.a.tmp", tmp_path / f".out.rp{DEAD}.b.old"
     for d in (tmp, old):
         d.mkdir()
@@ -53,3 +54,16 @@ def test_a_dead_writers_old_folders_go_and_nothing_else(tmp_path):
     link.symlink_to(tmp, target_is_directory=True)
     assert sorted(remove_stale_folders(out)) == sorted([tmp, old])
     assert file.exists() and link.is_symlink()
+
+
+def test_a_previous_folder_a_writer_was_killed_over_is_put_back(tmp_path):
+    # killed between the two renames of a commit (no renameat2): "out" was missing and
+    # its previous content, at .old, was deleted by the next write's cleanup
+    out = tmp_path / "out"
+    older, newer = tmp_path / f".out.rp{DEAD}.a.old", tmp_path / f".out.rp{DEAD}.b.old"
+    for d, stamp in ((older, 1_000_000), (newer, 2_000_000)):
+        d.mkdir()
+        (d / "part").write_bytes(d.name.encode())
+        os.utime(d, (stamp, stamp))
+    assert remove_stale_folders(out) == [older]
+    assert (out / "part").read_bytes() == newer.name.encode() and not newer.exists()

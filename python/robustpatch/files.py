@@ -56,7 +56,7 @@ from ._format.undo import (
     UndoWriter,
     undo_path_for,
 )
-from ._io.atomic import AtomicFile, check_destinations, commit_all
+from ._io.atomic import AtomicFile, check_destinations, commit_all, same_file
 from ._io.inputs import open_input
 from ._io.pipeline import Pipeline, Watch, open_stream
 from .errors import FormatError, InvalidArgumentError, MismatchError
@@ -391,11 +391,14 @@ def _no_output(src: str | os.PathLike[str], out: str | os.PathLike[str] | None) 
         )
 
 
-def _drop_stale_record(out: Path) -> None:
+def _drop_stale_record(out: Path, keep: Path | None = None) -> None:
     """An output written without an undo record replaced a file whose record may lie
     beside it: that record no longer describes the file (inspect showed it as the
-    file's), so it is deleted; anything else there stays."""
+    file's), so it is deleted; anything else there stays, and so does ``keep`` (the
+    record a removal read: an input)."""
     stale = undo_path_for(out)
+    if keep is not None and same_file(stale, keep):
+        return
     try:
         with open(stale, "rb") as f:
             is_record = UNDO_KEY in read_header_from(f, str(stale)).metadata
@@ -447,17 +450,13 @@ def _commit_pair(uf: AtomicFile, fout: AtomicFile) -> None:
     """Commit the undo record and the patched file as a pair, the record first.
 
     :func:`commit_all` renames both back to back under a folder lock, so concurrent
-    writers of the same output never leave one's model with the other's record, and a
-    writer killed between the two renames (a window of two system calls) leaves at most
-    the new record beside the previous model (which ``remove_file`` refuses: the record
-    names the header it belongs to), never a new model without its record.
+    writers of the same output never leave one's model with the other's record; a
+    rename that fails puts the previous pair back; and a writer killed between the two
+    renames (a window of two system calls) leaves at most the new record beside the
+    previous model (which ``remove_file`` refuses: the record names the header it
+    belongs to), never a new model without its record.
     """
-    try:
-        commit_all([uf, fout])
-    except BaseException:
-        if not uf.tmp.exists() and fout.tmp.exists():  # the record landed, the model not
-            uf.path.unlink(missing_ok=True)
-        raise
+    commit_all([uf, fout])
 
 
 def _read_exact(f: BinaryIO, offset: int, n: int) -> bytes:
@@ -527,7 +526,7 @@ def remove_file(
                     restore_target(target, plan, FileRecords(side, header))
                 side.sealed()
                 fout.commit()
-    _drop_stale_record(out)
+    _drop_stale_record(out, keep=side_path)
     return FileReport(out, None, len(plan.deltas), len(plan.bn), target.size, 0)
 
 

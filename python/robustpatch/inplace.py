@@ -22,6 +22,7 @@ no longer be removed).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from collections.abc import Iterator, Sequence
@@ -151,6 +152,20 @@ def _check_model(model: Path) -> None:
         )
 
 
+def _reserve(fd: int, ranges: list[tuple[int, int]], model: Path) -> None:
+    """Give the touched ranges their disk blocks before anything changes: a sparse model
+    (a zero tensor stored as a hole) on a full disk is then a clean ENOSPC here, not a
+    SIGBUS when the mapped hole is written. Instant where the blocks exist (0.02 ms for
+    the 19 ranges of a 100 MB patch); skipped where the filesystem cannot."""
+    for offset, length in ranges:
+        try:
+            os.posix_fallocate(fd, offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            raise OSError(e.errno, e.strerror, os.fspath(model)) from None
+
+
 def _fitted_header(new_header: bytes, data_start: int) -> bytes | None:
     """``new_header`` padded to the old header's length, or None if it does not fit."""
     text = new_header[8:].rstrip(b" ")
@@ -221,6 +236,7 @@ def _apply_held(model: Path, call: PatchCall) -> FileReport:
     pending = Path(str(record) + PENDING_SUFFIX)
     with open(model, "r+b") as f:
         src_header = os.pread(f.fileno(), header.data_start, 0)
+        _reserve(f.fileno(), ranges, model)
         journal = Journal.begin(
             model, f.fileno(), ranges, commit_rename=(pending, record) if opts.undo else None
         )
@@ -334,6 +350,7 @@ def _remove_held(
                 "restore to an output file (robustpatch remove -o)"
             )
         ranges = [(0, header.data_start), *_tensor_ranges(header, set(plan.names))]
+        _reserve(f.fileno(), ranges, patched)
         journal = Journal.begin(patched, f.fileno(), ranges, commit_unlink=side_path)
         try:
             tick = locked_progress(progress)

@@ -44,7 +44,7 @@ from ._format import strict_json
 from ._format.safetensors import Header
 from ._format.shards import INDEX_SUFFIX, RECORD_NAME, ShardedIndex, is_sharded, load_index
 from ._format.undo import undo_path_for
-from ._io.atomic import _fsync_dir, give_new_folder_mode, remove_stale
+from ._io.atomic import _fsync_dir, _pid_alive, give_new_folder_mode, naming_errors, remove_stale
 from .errors import FormatError, InvalidArgumentError, MismatchError, shown
 from .signature import Signature
 from .signature.algebra import terms
@@ -468,26 +468,32 @@ class _TempFolder:
     def commit(self) -> None:
         if self.durable:
             _fsync_dir(self.path)
-        if self.out.exists():
-            old = self.path.with_name(self.path.name[: -len(".tmp")] + ".old")
-            _swap(self.path, self.out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.path, self.out)
+        with naming_errors(self.out):
+            if not self.out.exists():
+                os.rename(self.path, self.out)
+            elif _exchange(self.path, self.out):
+                self.committed = True  # the new folder is in place: nothing to undo
+                shutil.rmtree(self.path, ignore_errors=True)  # now the previous one
+            else:
+                _two_renames(self.path, self.out)
         self.committed = True
         if self.durable:
             _fsync_dir(self.out.parent)
 
 
-def _swap(new: Path, out: Path, old: Path) -> None:
-    """Put ``new`` at ``out`` and the previous ``out`` at ``old``: one atomic exchange
-    (Linux ``renameat2``), else two renames (a crash between them leaves ``out``
-    missing, its previous content at ``old``)."""
-    if _exchange(new, out):
-        os.rename(new, old)  # ``new`` now names the previous folder
-        return
+def _two_renames(new: Path, out: Path) -> None:
+    """Where the kernel cannot exchange two folders: the previous ``out`` aside (as
+    ``.old``), ``new`` in its place, the previous one deleted; put back if the second
+    rename fails. A crash between the two leaves ``out`` missing and its previous content
+    at ``.old``, which the next write of ``out`` puts back (:func:`remove_stale_folders`)."""
+    old = new.with_name(new.name[: -len(".tmp")] + ".old")
     os.rename(out, old)
-    os.rename(new, out)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -503,6 +509,21 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def remove_stale_folders(out: Path) -> list[Path]:
     """Delete the temporary folders that killed writers of ``out`` left beside it (named
-    ``.<name>.rp<pid>.<random>.tmp`` or ``.old``; see :func:`._io.atomic.remove_stale`)."""
+    ``.<name>.rp<pid>.<random>.tmp`` or ``.old``; see :func:`._io.atomic.remove_stale`).
+    Where ``out`` is missing, a killed writer's ``.old`` folder is the previous ``out``
+    (killed between the two renames of a commit): it is put back, not deleted."""
     pattern = re.compile(re.escape(f".{out.name}.rp") + r"(\d+)\.[A-Za-z0-9_]+\.(?:tmp|old)")
+    if not (out.exists() or out.is_symlink()):
+        _put_back_previous(out, pattern)
     return remove_stale(out.parent, pattern, folders=True)
+
+
+def _put_back_previous(out: Path, pattern: re.Pattern[str]) -> None:
+    """Rename the newest ``.old`` folder a dead writer of ``out`` left back to ``out``."""
+    olds = []
+    for entry in out.parent.iterdir() if out.parent.is_dir() else []:
+        m = pattern.fullmatch(entry.name)
+        if m and entry.name.endswith(".old") and not _pid_alive(int(m.group(1))):
+            olds.append(entry)
+    if olds:
+        os.rename(max(olds, key=lambda p: p.stat().st_mtime_ns), out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -73,13 +74,15 @@ class AtomicFile:
             os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
-        """Close and delete the temporary file (idempotent)."""
-        if not self.file.closed:
-            self.file.close()
+        """Close and delete the temporary file (idempotent). A close that fails (it
+        flushes the buffer: a full disk again) still deletes it."""
         try:
-            self.tmp.unlink()
-        except FileNotFoundError:
-            pass
+            if not self.file.closed:
+                self.file.close()
+        except OSError:
+            pass  # the descriptor is closed even so
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> AtomicFile:
         return self
@@ -96,15 +99,59 @@ def commit_all(files: list[AtomicFile]) -> None:
     renamed back to back under an exclusive lock on the folder (then the folder is
     synced once), so two processes committing the same destinations never interleave
     their renames (the set that commits last wins whole, e.g. a patched model and its
-    undo record stay a pair), and a crash can split the set only in the window between
-    two ``rename`` calls."""
+    undo record stay a pair). A rename that fails puts back the files the set already
+    replaced (each existing destination is kept under a second name until the set is
+    in place), so an error leaves the previous set whole; a crash can split the set
+    only in the window between two ``rename`` calls."""
     for af in files:
         af.sync()
     with _folder_lock(files[0].path.parent):
-        for af in files:
-            af._rename()
+        kept = [_keep_previous(af.path) for af in files]
+        done = 0
+        try:
+            for af in files:
+                af._rename()
+                done += 1
+        except BaseException:
+            _put_back(files[:done], kept[:done])
+            raise
+        finally:
+            for previous in kept[done:] if done < len(files) else kept:
+                if previous is not None:
+                    previous.unlink(missing_ok=True)
     if any(af.durable for af in files):
         _fsync_dir(files[0].path.parent)
+
+
+def _keep_previous(path: Path) -> Path | None:
+    """A second name for what is at ``path`` (a hard link to a file, a copy of a
+    symlink), named as a temporary file so that a killed writer's is cleaned up like its
+    other temporaries; None where nothing is there or the filesystem has no hard links
+    (the set then cannot be put back)."""
+    keep = path.with_name(f"{_temp_prefix(path)}{secrets.token_hex(4)}.tmp")
+    try:
+        if path.is_symlink():
+            os.symlink(os.readlink(path), keep)
+        elif path.is_file():
+            os.link(path, keep)
+        else:
+            return None
+    except OSError:
+        return None
+    return keep
+
+
+def _put_back(renamed: list[AtomicFile], kept: list[Path | None]) -> None:
+    """Undo the renames of a set that failed part way: each destination gets back what
+    was there (a kept one stays under its second name if even that fails)."""
+    for af, previous in zip(renamed, kept):
+        try:
+            if previous is not None:
+                os.replace(previous, af.path)
+            else:
+                af.path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 @contextmanager
@@ -267,6 +314,12 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one existing file (by device and inode)."""
+    fid = _file_id(a)
+    return fid is not None and fid == _file_id(b)
 
 
 def _file_id(path: PathLike) -> tuple[int, int] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import sys
@@ -156,8 +157,10 @@ def populate_writable(mm: mmap.mmap, offset: int, length: int) -> bool:
     start = offset - offset % mmap.PAGESIZE
     try:
         mm.madvise(MADV_POPULATE_WRITE, start, min(offset + length, len(mm)) - start)
-    except OSError:  # EINVAL: a kernel before 5.14
-        return False
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # a kernel before 5.14
+            return False
+        raise  # EFAULT: a page could not be given (a hole on a full disk): not a SIGBUS later
     return True
 
 

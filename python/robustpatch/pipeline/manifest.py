@@ -218,11 +218,6 @@ def check_jobs(jobs: list[Job], inputs: Sequence[str | os.PathLike[str]] = ()) -
     folders = _sharded_folders(jobs)
     written = _sharded_outputs(jobs)
     for i, job in enumerate(jobs):
-        if job.output.endswith(".safetensors") and _sharded_folder(job) is not None:
-            raise InvalidArgumentError(  # found here, not by the job after others ran
-                f"job #{i + 1}: its base {job.base} is a sharded checkpoint, written to a "
-                f"folder, but its output {job.output} names a .safetensors file"
-            )
         for path in job.outputs:
             out = os.path.realpath(path)
             if out in seen:
@@ -235,6 +230,11 @@ def check_jobs(jobs: list[Job], inputs: Sequence[str | os.PathLike[str]] = ()) -
             if out in read:
                 raise InvalidArgumentError(f"job #{i + 1} writes {path}, an input of the run")
         _check_outside(os.path.realpath(job.output), job, i, folders)
+        if job.output.endswith(".safetensors") and _sharded_folder(job) is not None:
+            raise InvalidArgumentError(  # found here, not by the job after others ran
+                f"job #{i + 1}: its base {job.base} is a sharded checkpoint, written to a "
+                f"folder, but its output {job.output} names a .safetensors file"
+            )
         _check_not_in_output(os.path.realpath(job.output), job, i, written)
     _check_no_input_inside(jobs, written, read)
 
