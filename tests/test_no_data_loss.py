@@ -442,3 +442,29 @@ def test_a_sharded_commit_that_fails_puts_the_previous_folder_back(tmp_path, mon
     with pytest.raises(OSError, match=r"Input/output error.*out"):
         apply_file(tmp_path / "base", tmp_path / "fog.rws", 1.0, out)
     assert listing(tmp_path) == before
+
+
+def test_an_in_place_error_that_leaves_the_journal_names_the_model_and_recover(
+    small, monkeypatch, capsys
+):
+    # "[Errno 5] Input/output error": no file named, nothing said of the journal left
+    from robustpatch import inplace
+    from robustpatch._io import journal
+
+    model = small / "m.safetensors"
+    original = sha(model)
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(inplace, "_patch", failing)
+    monkeypatch.setattr(journal.Journal, "roll_back", failing)
+    assert main(["apply", str(model), str(small / "s.rws"), "--inplace"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"robustpatch: error: {model}: Input/output error; the journal keeps the original "
+        f"bytes: run 'robustpatch recover {model}'"
+    )
+    monkeypatch.undo()
+    recover(model)
+    assert sha(model) == original and not journal_path_for(model).exists()

@@ -35,7 +35,7 @@ import numpy as np
 from . import validate
 from ._format.safetensors import Header, TensorInfo, read_header_from
 from ._format.undo import UndoSidecar, UndoWriter, undo_path_for
-from ._io.atomic import AtomicFile, check_destinations
+from ._io.atomic import AtomicFile, check_destinations, naming_errors
 from ._io.inputs import open_input
 from ._io.journal import (
     PENDING_SUFFIX,
@@ -134,6 +134,23 @@ class MappedTarget(NumpyTarget):
         return kernel_view(raw.view(NUMPY_OF_LABEL[t.dtype]).reshape(t.shape))
 
 
+@contextmanager
+def _reported(model: Path) -> Iterator[None]:
+    """An I/O error of an in-place call names the model (not a temporary file, or
+    nothing), and says to run ``recover`` when it leaves the journal behind: the model
+    is then patched, or part restored, until it is recovered."""
+    try:
+        with naming_errors(model):
+            yield
+    except BlockingIOError:
+        raise  # another call holds the model: its journal, if any, is its own
+    except OSError as e:
+        if e.errno is None or not journal_path_for(model).exists():
+            raise
+        hint = f"{e.strerror}; the journal keeps the original bytes: run 'robustpatch recover"
+        raise type(e)(e.errno, f"{hint} {model}'", e.filename) from None
+
+
 def _check_model(model: Path) -> None:
     """Refuse a model whose bytes other names share (hard links), or a symbolic link: its
     record would sit beside the link, where a patch through the file's own name does not
@@ -203,7 +220,7 @@ def apply_inplace(model: str | os.PathLike[str], call: PatchCall) -> FileReport:
     the model is restored from the journal before the error propagates.
     """
     model = validate.path(model, "model")
-    with model_lock(model):
+    with _reported(model), model_lock(model):
         return _apply_held(model, call)
 
 
@@ -326,7 +343,7 @@ def remove_inplace(
     and (``BlockingIOError``) a model another in-place call or recovery holds."""
     patched = validate.path(patched, "patched")
     side_path = validate.path(undo, "undo") if undo else undo_path_for(patched)
-    with model_lock(patched):
+    with _reported(patched), model_lock(patched):
         return _remove_held(patched, side_path, progress, signatures)
 
 
