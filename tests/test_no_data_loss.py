@@ -468,3 +468,62 @@ def test_an_in_place_error_that_leaves_the_journal_names_the_model_and_recover(
     monkeypatch.undo()
     recover(model)
     assert sha(model) == original and not journal_path_for(model).exists()
+
+
+def test_a_failing_disk_in_a_sharded_write_names_the_output_not_its_temp_folder(
+    tmp_path, monkeypatch
+):
+    # ".out.rp123.x.tmp/model-00001-of-00003.safetensors: No space left on device"
+    from robustpatch import sharded
+    from test_sharded import signature, write_sharded
+
+    write_sharded(tmp_path / "base")
+    signature().save(tmp_path / "fog.rws")
+
+    def full(src, dst, durable):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(sharded, "_link_or_copy", full)
+    with pytest.raises(OSError) as e:
+        apply_file(tmp_path / "base", tmp_path / "fog.rws", 1.0, tmp_path / "out")
+    assert os.path.dirname(e.value.filename) == str(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "fog.rws"]
+
+
+def test_a_full_disk_while_a_signature_streams_names_the_signature(tmp_path, monkeypatch):
+    # extract's writer said "[Errno 28] No space left on device", naming no file
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "pwrite_all", full)
+    with writer.SignatureWriter(tmp_path / "w.rws") as w:
+        with pytest.raises(OSError) as e:
+            w.add(good_entries()[0])
+    assert e.value.filename == str(tmp_path / "w.rws") and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_claim_leaves_no_folders_it_made(tmp_path, monkeypatch):
+    # the job failed writing its "building" marker and left new/ and new/sub/ behind
+    from robustpatch._io import atomic
+
+    m = tmp_path / "m.safetensors"
+    infos = write_model(m, 3)
+    write_signature(tmp_path / "s.rws", infos, every=2)
+    before = listing(tmp_path)
+
+    def failing(self):
+        raise OSError(errno.EIO, "Input/output error", str(self.path))
+
+    monkeypatch.setattr(atomic.AtomicFile, "commit", failing)
+    (line,) = pipeline.run(
+        [
+            {
+                "base": str(m),
+                "signatures": [str(tmp_path / "s.rws")],
+                "output": str(tmp_path / "new" / "sub" / "p.safetensors"),
+            }
+        ],
+        workers=1,
+    )
+    assert line["status"] == "failed" and listing(tmp_path) == before
+    assert not (tmp_path / "new").exists()

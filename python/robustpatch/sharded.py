@@ -461,9 +461,14 @@ class _TempFolder:
     def __enter__(self) -> _TempFolder:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self.committed:
             shutil.rmtree(self.path, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            named = [os.fspath(f) for f in (exc.filename, exc.filename2) if f is not None]
+            if any(f.startswith(os.fspath(self.path)) for f in named):  # ours, not the user's
+                where = named[0].replace(os.fspath(self.path), os.fspath(self.out), 1)
+                raise type(exc)(exc.errno, exc.strerror, where) from None
 
     def commit(self) -> None:
         if self.durable:

@@ -30,7 +30,7 @@ import numpy as np
 from .. import validate
 from .._format.safetensors import Header, TensorInfo
 from .._format.undo import UndoSidecar, UndoWriter, undo_path_for
-from .._io.atomic import AtomicFile, check_destinations, commit_all
+from .._io.atomic import AtomicFile, check_destinations, commit_all, naming_errors
 from .._io.inputs import open_input
 from ..dtypes import NUMPY_OF_LABEL
 from ..errors import FormatError, InvalidArgumentError, MismatchError
@@ -342,6 +342,9 @@ class _Outputs:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.discard()
+        if isinstance(exc, OSError) and self.model is not None:
+            with naming_errors(self.model.path):  # not a temporary file, or nothing
+                raise exc
 
 
 # ---------------------------------------------------------------------------- remove

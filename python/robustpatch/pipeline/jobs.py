@@ -214,6 +214,15 @@ def _write_marker(job: Job, key: str, sha: str, size: int) -> None:
         f.commit()
 
 
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the folders a claim made, deepest first; one holding anything stays."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def _claim(job: Job, key: str) -> Callable[[], None]:
     """Before a job (re)builds its output: refuse an existing output that no batch run
     wrote (no done-marker beside it) unless the job may overwrite, then mark the output
@@ -234,19 +243,19 @@ def _claim(job: Job, key: str) -> Callable[[], None]:
     had_marker = marker.exists()
     made = [p for p in Path(job.output).parents if not p.exists()]
     Path(job.output).parent.mkdir(parents=True, exist_ok=True)
-    with AtomicFile(marker, durable=True) as f:
-        f.file.write((json.dumps(doc) + "\n").encode())
-        f.commit()
+    try:
+        with AtomicFile(marker, durable=True) as f:
+            f.file.write((json.dumps(doc) + "\n").encode())
+            f.commit()
+    except BaseException:
+        _remove_empty(made)
+        raise
 
     def release() -> None:
         if had_marker:
             return  # the output was a batch's: rebuilding it stays allowed
         marker.unlink(missing_ok=True)
-        for folder in made:  # deepest first; one holding anything else stays
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_empty(made)
 
     return release
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .._format.safetensors import TensorInfo, check_header_size, encode_header
-from .._io.atomic import AtomicFile
+from .._io.atomic import AtomicFile, naming_errors
 from .._io.ranged import pread_into, pwrite_all
 from ..errors import InvalidArgumentError
 from .codec import (
@@ -134,7 +134,8 @@ class SignatureWriter:
         stored = compact(arr) if compact_dense else arr
         info = TensorInfo(name, stored_label(stored), tuple(stored.shape), at, at + stored.nbytes)
         data = memoryview(stored.reshape(-1).view(np.uint8))
-        pwrite_all(self._data.file.fileno(), data, self._start + at)
+        with naming_errors(self.path):  # a full disk: the signature's name, not its temp's
+            pwrite_all(self._data.file.fileno(), data, self._start + at)
         return _Stored(info, tensor_digest(stored))
 
     def _check_free(self, entry: str, names: list[str]) -> None:
