@@ -527,3 +527,20 @@ def test_a_failed_claim_leaves_no_folders_it_made(tmp_path, monkeypatch):
     )
     assert line["status"] == "failed" and listing(tmp_path) == before
     assert not (tmp_path / "new").exists()
+
+
+def test_a_durable_write_whose_folder_sync_fails_says_so(small, monkeypatch):
+    # the EIO of the folder's fsync was swallowed: a durable call reported success
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error") as e:
+        apply_file(
+            small / "m.safetensors", small / "s.rws", 1.0, small / "p.safetensors", durable=True
+        )
+    assert e.value.filename == str(small)

@@ -310,8 +310,11 @@ def _fsync_dir(folder: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        # A filesystem that cannot sync folders says EINVAL (nothing to do); EIO means the
+        # renames may not survive a power cut, which a durable call promised.
+        if e.errno == errno.EIO:
+            raise OSError(e.errno, e.strerror, os.fspath(folder)) from None
     finally:
         os.close(fd)
 
