@@ -107,3 +107,20 @@ def test_a_compact_delta_holding_inf_is_refused(tmp_path):
     write_tensors(tmp_path / "bad.rws", tensors, {META_KEY: header.metadata[META_KEY]})
     with pytest.raises(NonFiniteError):
         Signature.load(tmp_path / "bad.rws")
+
+
+def test_sizes_and_ratios_count_dense_deltas_as_stored(tmp_path, capsys):
+    # nbytes counted float32, so inspect said "0.5x smaller than the model" of a bf16
+    # difference signature the model's size (and "smaller" of one larger than the model)
+    w = np.full((64, 32), 0.125, np.float32)  # bfloat16 holds it: 2 bytes a value
+    meta = {"source": {"model_nbytes": 64 * 32 * 2}}
+    sig = Signature.from_deltas({"w": w}, name="tv", meta=meta)
+    assert sig.nbytes == 64 * 32 * 2 and sig.compression_ratio() == 1.0
+    sig.save(tmp_path / "tv.rws")
+    assert main(["inspect", str(tmp_path / "tv.rws"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["smaller_than_model"] == 1.0
+    wide = Signature.from_deltas({"w": w + 0.1}, name="f", meta=meta)  # float32: 4 bytes
+    assert wide.nbytes == 64 * 32 * 4
+    wide.save(tmp_path / "f.rws")
+    assert main(["inspect", str(tmp_path / "f.rws")]) == 0
+    assert "2.00x the size of the model it came from" in capsys.readouterr().out

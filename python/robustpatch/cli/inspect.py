@@ -16,6 +16,7 @@ def signature_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The facts ``inspect`` shows about a signature file, as a JSON-able dict."""
     from .._format.safetensors import read_header
     from ..signature import Signature
+    from ..signature.codec import FORMAT_VERSION
 
     sig = Signature.load(path)
     stored = read_header(path).by_name()
@@ -41,7 +42,7 @@ def signature_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         "file": str(path),
         "kind": "signature",
         "name": sig.name,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "method": sig.meta.get("method"),
         "entries": rows,
         "bytes": stored_bytes,
@@ -52,7 +53,7 @@ def signature_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         "delta_ratio": delta_bytes / sig.dense_nbytes if sig.dense_nbytes else 1.0,
         "file_ratio": size / sig.dense_nbytes if sig.dense_nbytes else None,
         "model_bytes": sig.meta.get("source", {}).get("model_nbytes"),
-        "smaller_than_model": sig.compression_ratio(),
+        "smaller_than_model": sig.compression_ratio(stored_bytes=stored_bytes),
         "content_hash": sig.content_hash,
         "fingerprints": {
             "architecture": sig.architecture_fingerprint,
@@ -209,11 +210,10 @@ def _print_signature(rep: dict[str, Any]) -> None:
         f"float32 delta {fmt_bytes(rep['f32_delta_bytes'])}; "
         f"compression ratio vs the float32 delta {rep['delta_ratio']:.3f}{file_ratio}"
     )
-    if rep.get("smaller_than_model"):
-        print(
-            f"{rep['smaller_than_model']:.1f}x smaller than the model it came from "
-            f"({fmt_bytes(rep['model_bytes'])})"
-        )
+    ratio = rep.get("smaller_than_model")
+    if ratio:
+        than = f"{ratio:.1f}x smaller than" if ratio >= 1 else f"{1 / ratio:.2f}x the size of"
+        print(f"{than} the model it came from ({fmt_bytes(rep['model_bytes'])})")
     if rep["dense_stored_as"] or rep["unchanged_skipped"]:
         kinds = ", ".join(f"{n} as {d}" for d, n in sorted(rep["dense_stored_as"].items()))
         print(

@@ -13,6 +13,7 @@ BatchNorm running mean/variance *replacement* (float32), blended into the target
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -107,8 +108,18 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored in the file for this entry."""
-        return self.quant.nbytes if self.quant is not None else int(self.values.nbytes)
+        """Bytes stored in the file for this entry (a dense delta in the narrowest dtype
+        that holds it exactly, as a file stores it)."""
+        if self.quant is not None:
+            return self.quant.nbytes
+        if self.kind == "delta" and self.values.dtype == np.float32:
+            return self._compact_nbytes
+        return int(self.values.nbytes)
+
+    @functools.cached_property
+    def _compact_nbytes(self) -> int:
+        label, _ = _core.compact(np.ascontiguousarray(self.values).reshape(-1))
+        return self.numel * (4 if label == "F32" else 2)
 
     def delta(self) -> Any:
         """The delta as the engine takes it (a flat f32 array or a QuantTensor)."""

@@ -208,13 +208,17 @@ class Signature(_Linear):
         stored = sum(e.nbytes for e in self.deltas.values())
         return stored / self.dense_nbytes if self.dense_nbytes else 1.0
 
-    def compression_ratio(self, model_nbytes: int | None = None) -> float | None:
+    def compression_ratio(
+        self, model_nbytes: int | None = None, stored_bytes: int | None = None
+    ) -> float | None:
         """How many times smaller than the model it came from (``model_nbytes`` or the
-        size recorded at extraction); None when unknown."""
+        size recorded at extraction) its stored tensors are (``stored_bytes``, or
+        :attr:`nbytes`); below 1 where the signature is the larger; None when unknown."""
         model_nbytes = model_nbytes or self.meta.get("source", {}).get("model_nbytes")
-        if not model_nbytes or not self.nbytes:
+        stored = stored_bytes or self.nbytes
+        if not model_nbytes or not stored:
             return None
-        return float(model_nbytes) / self.nbytes
+        return float(model_nbytes) / stored
 
     def energy(self) -> dict[str, float]:
         """‖weight·δ‖² per delta entry."""
