@@ -365,3 +365,39 @@ def test_an_error_while_writing_stops_the_computation_and_leaves_no_file(tmp_pat
     with pytest.raises(OSError, match="No space"):
         extract_to(tmp_path / "s.rws", pre, clean, robust, layers="all", method="difference")
     assert calls == [1] and listing(tmp_path) == before
+
+
+def test_float64_checkpoints_are_projected_in_float64():
+    # rounded to float32 first: a change below float32's step at the weight's size was
+    # lost and the tensor reported "unchanged"; 1e300 was read as Inf
+    import robustpatch as rp
+
+    rng = np.random.default_rng(0)
+    p = {"a.w": 1 + rng.normal(size=64) * 1e-3, "b.w": rng.normal(size=64)}
+    c = {k: v + rng.normal(size=64) * 1e-9 for k, v in p.items()}
+    r = {k: v + rng.normal(size=64) * 1e-9 for k, v in p.items()}
+    sig = rp.extract(p, c, r, layers="all")
+    for k in p:
+        dr, d = r[k] - p[k], c[k] - p[k]
+        want = (dr - (dr @ d) / (d @ d) * d).astype(np.float32)
+        np.testing.assert_allclose(sig[k].dense(), want, rtol=1e-6, atol=1e-16)
+    with pytest.warns(rp.errors.ZeroSignatureWarning):  # a 1e-9 change: near zero, kept
+        diff = rp.extract(None, c, r, layers="all", method="difference")
+    for k in p:
+        np.testing.assert_allclose(diff[k].dense(), (r[k] - c[k]).astype(np.float32), rtol=1e-6)
+    huge = {"a.w": np.array([1e300, 1.0])}
+    with pytest.raises(rp.errors.NonFiniteError, match="a.w: float64 weights .* float32 range"):
+        rp.extract({"a.w": np.zeros(2)}, {"a.w": np.ones(2)}, huge, layers="all")
+
+
+def test_a_pretrained_tensor_held_as_int_is_refused_not_taken_for_a_new_head():
+    # a file source refused it; a numpy dict or torch model skipped it silently
+    import robustpatch as rp
+
+    p = {"a.w": np.zeros(2, np.int32), "b.w": np.zeros(2, np.float32)}
+    c = {"a.w": np.ones(2, np.float32), "b.w": np.ones(2, np.float32)}
+    r = {"a.w": np.full(2, 2, np.float32), "b.w": np.array([2, 1], np.float32)}
+    with pytest.raises(
+        rp.errors.MismatchError, match="a.w: the pretrained model holds it as int32"
+    ):
+        rp.extract(p, c, r, layers="all")

@@ -670,3 +670,14 @@ def test_a_model_named_in_bytes_that_are_not_utf8_is_checked_applied_and_removed
     err = capsys.readouterr().err
     assert "ONNX cannot store" in err and err.count("\n") == 1
     assert not (tmp / bad_out).exists()
+
+
+def test_inspect_of_an_onnx_model_points_at_onnx_check(setup, capsys):
+    # read as safetensors: "header length 725934997956595208 exceeds the limit"
+    from robustpatch.cli import main
+
+    clean, _, tmp = setup
+    model = save(model_proto(clean), tmp / "m.onnx")
+    assert main(["inspect", str(model)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"robustpatch: error: {model}: an ONNX model: robustpatch onnx check describes it"

@@ -111,19 +111,15 @@ def _signature_values(trio: _Trio, name: str, method: str) -> _Values | None:
 
 def _values_of(trio: _Trio, name: str, method: str) -> _Values | None:
     c, r = trio.clean.get(name), trio.robust.get(name)
-    if c.dtype == np.float64:
-        c, r = c.astype(np.float32), r.astype(np.float32)
     if method == "difference":
-        return _difference(c, r)
+        return _wide(None, c, r) if c.dtype == np.float64 else _difference(c, r)
     pspec = trio.pre.spec(name) if trio.pre is not None else None
     if pspec is None or pspec != trio.clean.spec(name):
         return None
     p = trio.pre.get(name)
-    # The fingerprint hashes the stored bytes: not those of a float32 copy.
-    stored = p.dtype != np.float64
-    if not stored:
-        p = p.astype(np.float32)
-    sig, stats = _core.project(p, c, r, hash_pretrained=stored)
+    if p.dtype == np.float64:
+        return _wide(p, c, r)
+    sig, stats = _core.project(p, c, r, hash_pretrained=True)
     digest = stats.get("pretrained_digest")
     stats = {
         "energy": float(stats["norm2_sig"]),
@@ -132,6 +128,36 @@ def _values_of(trio: _Trio, name: str, method: str) -> _Values | None:
         "clean_energy": float(stats["norm2_d"]),
     }
     return _Values(sig, stats, stats["robust_energy"], digest)
+
+
+def _wide(p: np.ndarray | None, c: np.ndarray, r: np.ndarray) -> _Values:
+    """The projection (or, without ``p``, the difference) of float64 tensors, in float64
+    and rounded once to the float32 a signature stores: rounding the weights first lost
+    every change below float32's step at the weight's size, and read values past the
+    float32 range as NaN. (No fingerprint digest: the engine hashes 16/32-bit tensors.)"""
+    limit = float(np.finfo(np.float32).max)
+    for w in (c, r) if p is None else (p, c, r):
+        if not np.isfinite(w).all() or np.abs(w).max(initial=0) > limit:
+            raise NonFiniteError("float64 weights hold NaN or Inf, or pass the float32 range")
+    dr = r - c if p is None else r - p
+    d = None if p is None else c - p
+    norm2_d = 0.0 if d is None else float(d.ravel() @ d.ravel())
+    coef = float(dr.ravel() @ d.ravel()) / norm2_d if norm2_d > 0 else 0.0
+    wide = dr if d is None else dr - coef * d
+    if np.abs(wide).max(initial=0) > limit:
+        raise NonFiniteError("the float64 weights' difference passes the float32 range")
+    sig = wide.astype(np.float32)
+    energy = float(np.square(sig, dtype=np.float64).sum())
+    robust = float(np.square(r, dtype=np.float64).sum())
+    if p is None:
+        return _Values(sig, {"energy": energy}, robust)
+    stats = {
+        "energy": energy,
+        "coef": coef,
+        "robust_energy": float(dr.ravel() @ dr.ravel()),
+        "clean_energy": norm2_d,
+    }
+    return _Values(sig, stats, stats["robust_energy"])
 
 
 def _difference(c: np.ndarray, r: np.ndarray) -> _Values:
@@ -317,6 +343,12 @@ def _check_pretrained(trio: _Trio, names: list[str]) -> None:
     fine-tunes started from (one the pretrained lacks, e.g. a new head, is skipped)."""
     for n in names:
         ps, cs = trio.pre.spec(n), trio.clean.spec(n)
+        if ps is None and n in trio.pre.other:  # held as an int tensor, or tied: not new
+            raise MismatchError(
+                f"{n}: the pretrained model {trio.pre.other[n]}, the fine-tunes hold it as "
+                f"a float tensor of their own; give the checkpoint they started from (or "
+                "method 'difference')"
+            )
         if ps is not None and ps != cs:
             raise MismatchError(
                 f"{n}: pretrained {ps} and clean {cs} differ in dtype or shape; give the "

@@ -170,6 +170,8 @@ def inspect_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         return sharded_report(path)
     if os.fspath(path).endswith(RECORD_NAME):
         return sharded_undo_report(path)
+    if os.fspath(path).endswith(".onnx"):  # read as safetensors, a "header length" error
+        raise FormatError(f"{os.fspath(path)}: an ONNX model: robustpatch onnx check describes it")
     meta = read_header(path).metadata
     if META_KEY in meta:
         return signature_report(path)

@@ -105,6 +105,10 @@ fn run<T: Element>(
         digest_of_blocks(&blocks)
     });
     let c = stats.coef as f32;
+    if !c.is_finite() {
+        stats.norm2_sig = residual_wide(pre, clean, robust, stats.coef, out);
+        return Ok((stats, digest));
+    }
     let write = |(b, o): (usize, &mut [f32])| {
         let r = b * BLOCK..b * BLOCK + o.len();
         let (p, cl, rb) = (&pre[r.clone()], &clean[r.clone()], &robust[r]);
@@ -182,6 +186,27 @@ fn difference_block<T: Element>(clean: &[T], robust: &[T], out: &mut [f32]) -> [
     acc.map(lanes_sum)
 }
 
+/// The residual `Δr − coef·d` in f64, rounded once to f32, and its squared norm: for a
+/// coefficient past f32 (a clean change of subnormal size), where the f32 pass would
+/// give `inf·0 = NaN`. One plain loop, shared by every path and the reference twin.
+fn residual_wide<T: Element>(
+    pre: &[T],
+    clean: &[T],
+    robust: &[T],
+    coef: f64,
+    out: &mut [f32],
+) -> f64 {
+    let mut norm2 = 0f64;
+    for (k, o) in out.iter_mut().enumerate() {
+        let p = pre[k].to_f32();
+        let dr = (robust[k].to_f32() - p) as f64;
+        let d = (clean[k].to_f32() - p) as f64;
+        *o = (dr - coef * d) as f32;
+        norm2 += (*o as f64) * (*o as f64);
+    }
+    norm2
+}
+
 /// The raw bytes of a slice of elements (f32, f16 or bf16: no padding).
 fn bytes_of<T: Element>(x: &[T]) -> &[u8] {
     // SAFETY: Element types are plain numbers without padding; u8 has alignment 1.
@@ -214,6 +239,10 @@ pub fn project_scalar<T: Element>(
     }
     let mut stats = combine(&sums)?;
     let c = stats.coef as f32;
+    if !c.is_finite() {
+        stats.norm2_sig = residual_wide(pre, clean, robust, stats.coef, out);
+        return Ok(stats);
+    }
     for b in 0..pre.len().div_ceil(BLOCK) {
         let mut acc = [0f64; 4];
         for (i, k) in (b * BLOCK..((b + 1) * BLOCK).min(pre.len())).enumerate() {
@@ -350,6 +379,21 @@ fn combine(sums: &[[f64; 4]]) -> Result<ProjectionStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_coefficient_past_f32_gives_the_finite_residual() {
+        // d = (1e-40, 0): coef = 1e40 overflows f32, and r − c·d was NaN
+        let (pre, clean, robust) = ([0f32, 0.0], [1e-40f32, 0.0], [1f32, 1.0]);
+        for simd in Simd::available() {
+            let mut out = [f32::NAN; 2];
+            let stats = project_with(simd, &pre, &clean, &robust, &mut out).unwrap();
+            assert_eq!(out, [0.0, 1.0], "{:?}", simd.path());
+            assert_eq!(stats.norm2_sig, 1.0);
+        }
+        let mut out = [f32::NAN; 2];
+        project_scalar(&pre, &clean, &robust, &mut out).unwrap();
+        assert_eq!(out, [0.0, 1.0]);
+    }
     use half::{bf16, f16};
 
     fn check_hashing<T: Element>(n: usize) {
