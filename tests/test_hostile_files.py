@@ -1063,3 +1063,34 @@ def test_a_pt_checkpoint_is_read_with_weights_only(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith("robustpatch: error: "), err
     # torch 2.3 names the refused global "Unsupported class", later versions "Unsupported global".
     assert "weights_only=True" in err and re.search("Unsupported (global|class)", err), err
+
+
+def test_metadata_inspect_would_print_as_given_is_refused(tmp_path, capsys):
+    # "signature '5' (method {'a': 1})" and "applied 5 alpha=x hash=None", exit 0
+    import json
+
+    from robustpatch._format.safetensors import read_header, read_tensors, write_tensors
+    from robustpatch.cli import main
+    from robustpatch.files import APPLIED_KEY
+    from robustpatch.signature import META_KEY, Signature
+
+    sig = Signature.from_deltas({"w": np.ones(4, np.float32)}, name="s")
+    sig.save(tmp_path / "s.rws")
+    header, tensors = read_tensors(tmp_path / "s.rws")
+    for key, value, why in (
+        ("name", 5, "name is not a string"),
+        ("method", {"a": 1}, "'method' in the metadata is not a string"),
+    ):
+        meta = json.loads(header.metadata[META_KEY]) | {key: value}
+        write_tensors(tmp_path / "bad.rws", tensors, {META_KEY: json.dumps(meta)})
+        assert main(["inspect", str(tmp_path / "bad.rws")]) == 1
+        assert why in capsys.readouterr().err
+    for applied in ([{"name": 5, "alpha": "x"}], [{}]):
+        write_tensors(
+            tmp_path / "m.safetensors",
+            {"w": np.ones(4, np.float32)},
+            {APPLIED_KEY: json.dumps(applied)},
+        )
+        assert main(["inspect", str(tmp_path / "m.safetensors")]) == 1
+        assert "is not a list of {name, hash, alpha}" in capsys.readouterr().err
+    assert read_header(tmp_path / "s.rws")  # the good one still reads

@@ -102,11 +102,22 @@ def applied_signatures(header: Header, where: str | os.PathLike[str]) -> list[di
     if raw is None:
         return []
     value = parse_meta_json(raw, os.fspath(where), f"{APPLIED_KEY} metadata")
-    if not isinstance(value, list) or not all(isinstance(a, dict) for a in value):
+    if not isinstance(value, list) or not all(_is_applied(a) for a in value):
         raise FormatError(
             f"{os.fspath(where)}: {APPLIED_KEY} metadata is not a list of {{name, hash, alpha}}"
         )
     return value
+
+
+def _is_applied(a: Any) -> bool:
+    """One entry of the applied list as apply writes it: a name, a hash and a number."""
+    return (
+        isinstance(a, dict)
+        and isinstance(a.get("name"), str)
+        and isinstance(a.get("hash"), str)
+        and isinstance(a.get("alpha"), (int, float))
+        and not isinstance(a.get("alpha"), bool)
+    )
 
 
 def spec_of(header: Header) -> Callable[[str], tuple[str, tuple[int, ...]] | None]:

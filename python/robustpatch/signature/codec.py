@@ -258,6 +258,8 @@ def parse_meta(raw: str, where: str) -> dict[str, Any]:
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise FormatError(f"{where}: missing or invalid format_version")
+    if not isinstance(meta.get("name", ""), str):
+        raise FormatError(f"{where}: the signature's name is not a string")
     if version > FORMAT_VERSION:
         raise FormatError(
             f"{where}: signature format version {version} is newer than this robustpatch "
@@ -279,6 +281,8 @@ def check_described(meta: dict[str, Any], where: str) -> None:
     for key in ("fingerprints", "source"):
         if key in meta and not isinstance(meta[key], dict):
             raise FormatError(f"{where}: {key!r} in the metadata is not a JSON object")
+    if meta.get("method") is not None and not isinstance(meta["method"], str):
+        raise FormatError(f"{where}: 'method' in the metadata is not a string")
     for key in ("architecture", "base"):
         fp = meta.get("fingerprints", {}).get(key)
         if fp is not None and not isinstance(fp, str):
