@@ -209,6 +209,7 @@ def test_bad_values_are_refused_at_the_edge(d, capsys, argv, message):
         (["extract", "-", "{x}/m", "{x}/m", "-o", "{x}/o", "--provenance", "k"], "KEY=VALUE"),
         (["detect", "{x}/a.rws", "--model", "{x}/m"], "--model needs --base"),
         (["onnx", "export", "{x}/m", "--alpha", "2", "-o", "{x}/o"], "--alpha needs --signature"),
+        (["apply", "{x}/m", "{x}/a.rws", "-o", "{x}/o", "--no-undo", "--embed-signature"], "undo"),
     ],
 )
 def test_flags_that_do_not_go_together_are_usage_errors(tmp_path, capsys, argv, message):

@@ -80,8 +80,10 @@ def test_an_int_past_64_bits_is_refused_by_name(name, call, big):
 
 def test_a_bool_is_not_taken_for_an_int():
     # bits=True gave 1-bit codes
-    with pytest.raises(TypeError, match="bits must be an int, got bool"):
-        _core.quantize(X8, True, "affine", 8)
+    for flag in (True, np.bool_(True)):
+        with pytest.raises(TypeError, match="bits must be an int, got bool"):
+            _core.quantize(X8, flag, "affine", 8)
+    assert _core.quantize(X8, np.int64(4), "affine", np.int32(8)).bits == 4  # numpy ints are
     with pytest.raises(TypeError, match="numel must be an int, got bool"):
         _core.QuantTensor(
             np.zeros(1, np.uint8),

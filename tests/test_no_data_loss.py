@@ -544,3 +544,31 @@ def test_a_durable_write_whose_folder_sync_fails_says_so(small, monkeypatch):
             small / "m.safetensors", small / "s.rws", 1.0, small / "p.safetensors", durable=True
         )
     assert e.value.filename == str(small)
+
+
+def test_a_previous_file_that_cannot_be_kept_is_never_deleted(small, monkeypatch):
+    # no hard link possible (EPERM on a colleague's file): "put back" deleted the new
+    # record, leaving the output with no record at all
+    out = small / "out.safetensors"
+    apply_file(small / "m.safetensors", small / "s.rws", 0.5, out)
+    model_before = sha(out)
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    _fail_rename_of(monkeypatch, out)
+    with pytest.raises(OSError, match="Input/output error"):
+        apply_file(small / "m.safetensors", small / "s.rws", 1.0, out)
+    assert sha(out) == model_before and undo_path_for(out).exists()
+    assert not [p for p in small.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_killed_writers_second_name_does_not_block_an_in_place_call(small):
+    # the kept hard link of a killed re-apply made the model "have 2 hard links"
+    model = small / "m.safetensors"
+    kept = small / ".m.safetensors.rp999999999.abcd1234.tmp"
+    os.link(model, kept)
+    os.utime(kept, (1, 1))  # older than this process, as a killed writer's is
+    apply_file(model, small / "s.rws", 1.0, inplace=True)
+    assert not kept.exists() and os.stat(model).st_nlink == 1

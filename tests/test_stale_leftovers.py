@@ -34,7 +34,10 @@ def test_a_dead_writers_old_temporary_file_goes_and_nothing_else(tmp_path):
     _old(folder)
     fresh = tmp_path / f".m.safetensors.rp{DEAD}.ghi.tmp"  # newer than this process
     fresh.write_bytes(b"x")
-    assert remove_stale_temps(out) == [stale]
+    kept = tmp_path / f".m.safetensors.rp{DEAD}.jkl.tmp"  # a set's copy of a linked output
+    kept.symlink_to(other)
+    os.utime(kept, (1, 1), follow_symlinks=False)
+    assert sorted(remove_stale_temps(out)) == sorted([stale, kept])
     assert all(p.exists() for p in (live, other, folder, fresh))
 
 
@@ -58,12 +61,17 @@ def test_a_dead_writers_old_folders_go_and_nothing_else(tmp_path):
 
 def test_a_previous_folder_a_writer_was_killed_over_is_put_back(tmp_path):
     # killed between the two renames of a commit (no renameat2): "out" was missing and
-    # its previous content, at .old, was deleted by the next write's cleanup
+    # its previous content, at .old, was deleted by the next write's cleanup. A part-
+    # deleted .old (an earlier release deleted them under that name) is never put back.
+    from test_sharded import shard_name, write_sharded
+
     out = tmp_path / "out"
-    older, newer = tmp_path / f".out.rp{DEAD}.a.old", tmp_path / f".out.rp{DEAD}.b.old"
-    for d, stamp in ((older, 1_000_000), (newer, 2_000_000)):
-        d.mkdir()
-        (d / "part").write_bytes(d.name.encode())
+    older, newer, part = (tmp_path / f".out.rp{DEAD}.{k}.old" for k in "abc")
+    for d, stamp in ((older, 1_000_000), (newer, 2_000_000), (part, 3_000_000)):
+        write_sharded(d, seed=stamp)
+        if d == part:
+            (part / shard_name(1)).unlink()
         os.utime(d, (stamp, stamp))
-    assert remove_stale_folders(out) == [older]
-    assert (out / "part").read_bytes() == newer.name.encode() and not newer.exists()
+    want = {p.name: p.read_bytes() for p in newer.iterdir()}
+    assert sorted(remove_stale_folders(out)) == sorted([older, part])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == want and not newer.exists()

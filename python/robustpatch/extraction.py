@@ -343,11 +343,10 @@ def _check_pretrained(trio: _Trio, names: list[str]) -> None:
     fine-tunes started from (one the pretrained lacks, e.g. a new head, is skipped)."""
     for n in names:
         ps, cs = trio.pre.spec(n), trio.clean.spec(n)
-        if ps is None and n in trio.pre.other:  # held as an int tensor, or tied: not new
+        if ps is None and n in trio.pre.other and n not in trio.pre.tied:  # an int tensor
             raise MismatchError(
-                f"{n}: the pretrained model {trio.pre.other[n]}, the fine-tunes hold it as "
-                f"a float tensor of their own; give the checkpoint they started from (or "
-                "method 'difference')"
+                f"{n}: the pretrained model {trio.pre.other[n]}, the fine-tunes as a float "
+                "tensor; give the checkpoint they started from (or method 'difference')"
             )
         if ps is not None and ps != cs:
             raise MismatchError(

@@ -35,7 +35,7 @@ import numpy as np
 from . import validate
 from ._format.safetensors import Header, TensorInfo, read_header_from
 from ._format.undo import UndoSidecar, UndoWriter, undo_path_for
-from ._io.atomic import AtomicFile, check_destinations, naming_errors
+from ._io.atomic import AtomicFile, check_destinations, naming_errors, remove_stale_temps
 from ._io.inputs import open_input
 from ._io.journal import (
     PENDING_SUFFIX,
@@ -161,6 +161,7 @@ def _check_model(model: Path) -> None:
             f"{model} is a symbolic link (to {os.path.realpath(model)}): patch that file "
             "in place by its own name, or write to an output file"
         )
+    remove_stale_temps(model)  # a killed writer's second name of the previous file
     links = os.stat(model).st_nlink
     if links > 1:
         raise InvalidArgumentError(
@@ -173,7 +174,9 @@ def _reserve(fd: int, ranges: list[tuple[int, int]], model: Path) -> None:
     """Give the touched ranges their disk blocks before anything changes: a sparse model
     (a zero tensor stored as a hole) on a full disk is then a clean ENOSPC here, not a
     SIGBUS when the mapped hole is written. Instant where the blocks exist (0.02 ms for
-    the 19 ranges of a 100 MB patch); skipped where the filesystem cannot."""
+    the 19 ranges of a 100 MB patch). Where the filesystem has no fallocate (NFSv3),
+    glibc emulates it: a byte read per block, a zero written where that byte is zero, so
+    no content changes (the model's lock keeps other in-place writers out)."""
     for offset, length in ranges:
         try:
             os.posix_fallocate(fd, offset, length)

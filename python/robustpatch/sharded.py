@@ -498,7 +498,10 @@ def _two_renames(new: Path, out: Path) -> None:
     except BaseException:
         os.rename(old, out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    # Deleted under a temporary name: a ".old" exists only between the two renames, the
+    # one moment when putting it back is right (never a part-deleted one).
+    os.rename(old, new)
+    shutil.rmtree(new, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -530,5 +533,17 @@ def _put_back_previous(out: Path, pattern: re.Pattern[str]) -> None:
         m = pattern.fullmatch(entry.name)
         if m and entry.name.endswith(".old") and not _pid_alive(int(m.group(1))):
             olds.append(entry)
-    if olds:
-        os.rename(max(olds, key=lambda p: p.stat().st_mtime_ns), out)
+    whole = [p for p in olds if _whole(p)]
+    if whole:
+        os.rename(max(whole, key=lambda p: p.stat().st_mtime_ns), out)
+
+
+def _whole(folder: Path) -> bool:
+    """A sharded checkpoint whose index loads and lists only shards that are there (an
+    earlier release deleted ``.old`` folders under that name: one may be part deleted)."""
+    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
+    try:
+        index = load_index(indexes[0])
+    except (IndexError, OSError, ValueError):
+        return False
+    return all((folder / shard).is_file() for shard in index.shards)

@@ -106,7 +106,7 @@ def commit_all(files: list[AtomicFile]) -> None:
     for af in files:
         af.sync()
     with _folder_lock(files[0].path.parent):
-        kept = [_keep_previous(af.path) for af in files]
+        kept = [_keep_previous(af.path) for af in files]  # a Path, None or NOT_KEPT
         done = 0
         try:
             for af in files:
@@ -117,39 +117,45 @@ def commit_all(files: list[AtomicFile]) -> None:
             raise
         finally:
             for previous in kept[done:] if done < len(files) else kept:
-                if previous is not None:
+                if previous is not None and previous is not NOT_KEPT:
                     previous.unlink(missing_ok=True)
     if any(af.durable for af in files):
         _fsync_dir(files[0].path.parent)
 
 
+#: What :func:`_keep_previous` gives for a file that is there but could not be kept.
+NOT_KEPT = Path()
+
+
 def _keep_previous(path: Path) -> Path | None:
     """A second name for what is at ``path`` (a hard link to a file, a copy of a
     symlink), named as a temporary file so that a killed writer's is cleaned up like its
-    other temporaries; None where nothing is there or the filesystem has no hard links
-    (the set then cannot be put back)."""
+    other temporaries; None where nothing is there; :data:`NOT_KEPT` where the
+    filesystem or its permissions refuse a hard link (that file cannot be put back)."""
+    if not (path.is_symlink() or path.exists()):
+        return None
     keep = path.with_name(f"{_temp_prefix(path)}{secrets.token_hex(4)}.tmp")
     try:
         if path.is_symlink():
             os.symlink(os.readlink(path), keep)
-        elif path.is_file():
-            os.link(path, keep)
         else:
-            return None
+            os.link(path, keep)
     except OSError:
-        return None
+        return NOT_KEPT
     return keep
 
 
 def _put_back(renamed: list[AtomicFile], kept: list[Path | None]) -> None:
     """Undo the renames of a set that failed part way: each destination gets back what
-    was there (a kept one stays under its second name if even that fails)."""
+    was there, or nothing where nothing was. One whose previous file could not be kept
+    keeps the new one (deleting it would leave neither); a kept one stays under its
+    second name if even putting it back fails."""
     for af, previous in zip(renamed, kept):
         try:
-            if previous is not None:
-                os.replace(previous, af.path)
-            else:
+            if previous is None:
                 af.path.unlink(missing_ok=True)
+            elif previous is not NOT_KEPT:
+                os.replace(previous, af.path)
         except OSError:
             pass
 
@@ -298,9 +304,12 @@ def remove_stale(folder: Path, pattern: re.Pattern[str], folders: bool) -> list[
 
 
 def _is_stale(entry: os.DirEntry[str], folders: bool) -> bool:
-    """The entry is of the kind looked for (never through a link) and older than us."""
-    kind = entry.is_dir if folders else entry.is_file
-    return kind(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < _STARTED
+    """The entry is of the kind looked for (never through a link: a file search also
+    takes a symlink itself, as a set's kept copy of a linked destination) and older than
+    us."""
+    is_dir = entry.is_dir(follow_symlinks=False)
+    kind = is_dir if folders else not is_dir
+    return kind and entry.stat(follow_symlinks=False).st_mtime < _STARTED
 
 
 def _fsync_dir(folder: Path) -> None:

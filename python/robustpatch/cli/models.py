@@ -24,6 +24,10 @@ def _patch_file(args: Any, sign: float, desc: str) -> dict[str, Any]:
     from ..sharded import checkpoint_bytes
 
     _inplace_or_output(args, args.model)
+    if args.embed_signature and not args.undo:
+        raise cli_args.UsageError(
+            "--embed-signature copies into the undo record: not with --no-undo"
+        )
     inplace = getattr(args, "inplace", False)
     alphas = [sign * a for a in cli_args.per_signature(args.alpha, len(args.signatures), "--alpha")]
     outputs = [args.output, undo_path_for(args.output)] if args.undo else [args.output]
