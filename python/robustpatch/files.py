@@ -102,15 +102,16 @@ def applied_signatures(header: Header, where: str | os.PathLike[str]) -> list[di
     if raw is None:
         return []
     value = parse_meta_json(raw, os.fspath(where), f"{APPLIED_KEY} metadata")
-    if not isinstance(value, list) or not all(_is_applied(a) for a in value):
+    if not isinstance(value, list) or not all(map(is_applied_entry, value)):
         raise FormatError(
             f"{os.fspath(where)}: {APPLIED_KEY} metadata is not a list of {{name, hash, alpha}}"
         )
     return value
 
 
-def _is_applied(a: Any) -> bool:
-    """One entry of the applied list as apply writes it: a name, a hash and a number."""
+def is_applied_entry(a: Any) -> bool:
+    """One entry of an applied list (a patched file's, a sharded record's) as apply
+    writes it: a name, a hash and a number."""
     return (
         isinstance(a, dict)
         and isinstance(a.get("name"), str)

@@ -342,21 +342,12 @@ def _read_record(path: Path) -> dict[str, Any]:
         raise FormatError(f"{where}: 'shards' or 'source_index' missing")
     for shard, entry in shards.items():
         _check_entry(shard, entry, where)
+    from .files import is_applied_entry
+
     applied = doc.get("applied", [])  # absent from records of earlier releases
-    if not isinstance(applied, list) or not all(map(_is_applied, applied)):
+    if not isinstance(applied, list) or not all(map(is_applied_entry, applied)):
         raise FormatError(f"{where}: 'applied' is not a list of {{name, hash, alpha}}")
     return doc
-
-
-def _is_applied(a: Any) -> bool:
-    """One signature a patch applied, as :func:`_applied` writes it."""
-    return (
-        isinstance(a, dict)
-        and isinstance(a.get("name"), str)
-        and isinstance(a.get("hash"), str)
-        and isinstance(a.get("alpha"), (int, float))
-        and not isinstance(a.get("alpha"), bool)
-    )
 
 
 def _check_record(path: Path, doc: dict[str, Any], index: ShardedIndex) -> None:
