@@ -6,6 +6,8 @@ use crate::apply::{apply, remove};
 use crate::delta::Delta;
 use crate::quant::{dequantize, QuantSpec, QuantView, Scheme};
 use crate::safetensors::{dtype_size, parse};
+use crate::Element;
+use half::{bf16, f16};
 
 /// The header parser never panics, and what it accepts tiles the data buffer
 /// exactly: in order, no gap, no overlap, nothing after the last tensor.
@@ -36,7 +38,9 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 
 /// Arbitrary codes, scales and spec through validation, dequantize and fused
 /// apply + remove: no panic, and remove restores the target bit for bit.
-/// Layout: bits, scheme, numel (u16), group_len (u16), split, pad, params, codes.
+/// Layout: bits, scheme, numel (u16), group_len (u16), split, kind, params, codes;
+/// `kind` picks the target dtype (f32, f16, bf16: `kind % 3`) and how many times the
+/// delta is applied at once (1 to 3, at α 0.5, −1, 2: the fused multi-delta paths).
 pub fn check_apply(data: &[u8]) {
     if data.len() < 8 {
         return;
@@ -58,17 +62,33 @@ pub fn check_apply(data: &[u8]) {
     };
     let mut out = vec![0f32; numel];
     dequantize(&view, &mut out).expect("validated view decodes");
-    let mut target: Vec<f32> = (0..numel).map(|i| i as f32 * 0.01 - 1.0).collect();
-    let original = target.clone();
-    let deltas = [(Delta::Quant(view), 0.5f32)];
-    let undo = apply(&mut target, &deltas, true)
+    let count = 1 + (data[7] as usize / 3) % 3;
+    let deltas: Vec<(Delta, f32)> = [0.5f32, -1.0, 2.0][..count]
+        .iter()
+        .map(|&a| (Delta::Quant(view), a))
+        .collect();
+    match data[7] % 3 {
+        0 => round_trip::<f32>(numel, &deltas),
+        1 => round_trip::<f16>(numel, &deltas),
+        _ => round_trip::<bf16>(numel, &deltas),
+    }
+}
+
+/// Apply `deltas` with the undo record to a target of `numel` elements of `T`, remove
+/// them with it, and require the original bits back.
+fn round_trip<T: Element>(numel: usize, deltas: &[(Delta, f32)]) {
+    let original: Vec<T> = (0..numel)
+        .map(|i| T::from_f32(i as f32 * 0.01 - 1.0))
+        .collect();
+    let mut target = original.clone();
+    let undo = apply(&mut target, deltas, true)
         .expect("validated apply")
         .undo
         .expect("record");
-    remove(&mut target, &deltas, Some(&undo)).expect("validated remove");
+    remove(&mut target, deltas, Some(&undo)).expect("validated remove");
     let same = target
         .iter()
         .zip(&original)
         .all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(same, "remove did not restore the target");
+    assert!(same, "remove did not restore the {:?} target", T::DTYPE);
 }
