@@ -114,6 +114,11 @@ def commit_all(files: list[AtomicFile]) -> None:
                 done += 1
         except BaseException:
             _put_back(files[:done], kept[:done])
+            if done and any(af.durable for af in files):
+                try:  # the previous set's renames back, made durable as the new set's were
+                    _fsync_dir(files[0].path.parent)
+                except OSError:
+                    pass  # the error being raised is the one to report
             raise
         finally:
             for previous in kept[done:] if done < len(files) else kept:
