@@ -112,6 +112,12 @@ def best_times(
     return times
 
 
+def smoke_output(out: Path) -> Path:
+    """Where a smoke run (``--quick``) writes: beside the real results, in ``quick/``, so
+    that it never replaces a file README's figures come from."""
+    return out.parent / "quick" / out.name
+
+
 def size_arguments(
     description: str, elements: int, repeat: int, quick: tuple[int, int], out: Path
 ) -> argparse.Namespace:
@@ -122,7 +128,8 @@ def size_arguments(
     ap.add_argument("--elements", type=int, default=elements, help="tensor size")
     ap.add_argument("--repeat", type=int, default=repeat, help="rounds (best kept)")
     ap.add_argument("--quick", action="store_true", help=f"a smoke run: {quick[0]} elements")
-    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--out", type=Path, default=None, help=f"default {out} (--quick: quick/)")
     args = ap.parse_args()
     args.n, args.rounds = quick if args.quick else (args.elements, args.repeat)
+    args.out = args.out or (smoke_output(out) if args.quick else out)
     return args

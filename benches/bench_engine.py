@@ -21,11 +21,12 @@ import os
 import platform
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from _common import best_time, best_times
+from _common import best_time, best_times, smoke_output
 from robustpatch import _core
 
 try:
@@ -93,30 +94,45 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
     target = base.copy()
     scratch = np.empty_like(base)
     rows: list[dict] = []
+    pool = ThreadPoolExecutor(os.cpu_count())
 
-    def add_row(name, ours, copy, numpy_t=None, torch_t=None, note=""):
+    def copy_all_cores(dst, src):
+        """The copy split over every core, as the engine's kernels are (np.copyto
+        releases the GIL): the other floor beside numpy's one-thread copy."""
+        parts = list(zip(np.array_split(dst, os.cpu_count()), np.array_split(src, os.cpu_count())))
+        list(pool.map(lambda p: np.copyto(*p), parts))
+
+    def add_row(name, ours, copies, numpy_t=None, torch_t=None, note=""):
+        copy, copy_all = copies
         rows.append(
             {
                 "kernel": name,
                 "ours_s": ours,
                 "copy_s": copy,
+                "copy_all_cores_s": copy_all,
                 "numpy_s": numpy_t,
                 "torch_s": torch_t,
                 "ours_over_copy": ours / copy,
+                "ours_over_copy_all_cores": ours / copy_all,
                 "numpy_over_ours": None if numpy_t is None else numpy_t / ours,
                 "torch_over_ours": None if torch_t is None else torch_t / ours,
                 "note": note,
             }
         )
 
-    def against_copy(ours, src, dst, setup=None) -> tuple[float, float]:
-        """Best times of ``ours`` and of copying ``src`` into ``dst``, taking turns."""
+    def against_copy(ours, src, dst, setup=None) -> tuple[float, tuple[float, float]]:
+        """Best times of ``ours`` and of copying ``src`` into ``dst`` on one thread and on
+        every core, taking turns."""
         t = best_times(
-            {"ours": ours, "copy": lambda: np.copyto(dst, src)},
+            {
+                "ours": ours,
+                "copy": lambda: np.copyto(dst, src),
+                "copy_all": lambda: copy_all_cores(dst, src),
+            },
             repeat,
             setups=None if setup is None else {"ours": setup},
         )
-        return t["ours"], t["copy"]
+        return t["ours"], (t["copy"], t["copy_all"])
 
     # Fused apply, 1 and 4 signatures, into f32 (with the exact-undo record).
     # Each timed apply starts from the original weights (the setup, untimed):
@@ -242,10 +258,13 @@ def run(n: int, repeat: int, small_count: int, small_size: int) -> dict:
             "note": "per-call overhead",
         }
     )
+    pool.shutdown()
     return {
         "elements": n,
         "repeat": repeat,
         "threads": os.cpu_count(),
+        "threads_note": "ours: the engine's pool, one thread per core; copy: numpy, one "
+        "thread; copy_all_cores: numpy copies of one slice per core, in threads",
         "machine": platform.processor() or platform.machine(),
         "torch": None if torch is None else torch.__version__,
         "numpy": np.__version__,
@@ -275,9 +294,11 @@ def table(result: dict) -> str:
     """One row per kernel: each path's ratio to a copy, the goal, numpy/torch vs ours."""
     paths = [p for p in result["paths"] if "rows" in result["paths"][p]]
     head = " | ".join(f"{p} ours/copy" for p in paths)
+    widest_path = paths[-1] if paths else "–"
     lines = [
-        f"| kernel | {head} | goal (AVX-512) | numpy/ours | torch/ours |",
-        "|---|" + "---|" * (len(paths) + 3),
+        f"| kernel | {head} | {widest_path} ours/copy on all cores | goal (AVX-512) | "
+        "numpy/ours | torch/ours |",
+        "|---|" + "---|" * (len(paths) + 4),
     ]
     widest = result["paths"][paths[-1]]["rows"] if paths else []
     for i, r in enumerate(widest):
@@ -288,6 +309,7 @@ def table(result: dict) -> str:
                 cells.append(f"{row['per_tensor_us']:.2f} µs/tensor")
             else:
                 cells.append(fmt(row["ours_over_copy"], "x"))
+        cells.append(fmt(r.get("ours_over_copy_all_cores"), "x"))
         goal = GOALS.get(r["kernel"])
         goal_s = "≤ 2 µs" if "per_tensor_us" in r else ("–" if goal is None else f"≤ {goal}×")
         lines.append(
@@ -328,8 +350,10 @@ def main() -> None:
         "--quick", action="store_true", help="4M elements, 3 repeats, 1,000 small tensors"
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "engine.json")
+    out = Path(__file__).parent / "results" / "engine.json"
+    ap.add_argument("--out", type=Path, default=None, help=f"default {out} (--quick: quick/)")
     args = ap.parse_args()
+    args.out = args.out or (smoke_output(out) if args.quick else out)
     if args.quick:
         args.elements, args.repeat, args.small_count = 4 * 2**20, 3, 1000
     if args.child:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import llama_config, llama_shapes, run_measured, settle, sha256
+from _common import llama_config, llama_shapes, run_measured, settle, sha256, smoke_output
 from robustpatch._format.safetensors import write_tensors
 from robustpatch.dtypes import narrow, widen
 from robustpatch.signature import Signature
@@ -310,6 +310,8 @@ def run_fleet(work: Path, llama: tuple, args: argparse.Namespace) -> dict:
     """The fleet by each robustpatch executor (and mergekit): times, RSS, same outputs."""
     merges = args.mergekit_merges or (N_MODELS * N_SIGS if args.size == "full" else 2)
     with_mk = bool(args.mergekit) and Path(args.mergekit).exists()
+    if args.mergekit and not with_mk:
+        note(f"no mergekit at {args.mergekit}: its row is left out (--mergekit PATH)")
     note(f"building the fleet in {work}")
     fleet = build_fleet(work, llama, with_mk)
     runs = {
@@ -371,9 +373,11 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray executor")
     ap.add_argument("--only", choices=("fleet", "sharded"), help="run one part")
     ap.add_argument("--dir", help="work folder (default: a temp folder)")
-    ap.add_argument("--out", default=str(RESULTS / "fleet.json"))
+    ap.add_argument("--out", default=None, help="default results/fleet.json (quick: quick/)")
     args = ap.parse_args()
     cfg = SIZES[args.size or "quick"]
+    full_out = RESULTS / "fleet.json"
+    args.out = args.out or str(full_out if args.size == "full" else smoke_output(full_out))
     result = {
         "machine": {
             "platform": platform.platform(),

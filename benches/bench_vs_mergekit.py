@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import llama_config, llama_shapes, run_measured, sha256
+from _common import llama_config, llama_shapes, run_measured, sha256, smoke_output
 from robustpatch._format.safetensors import TensorInfo, encode_header, read_header
 from robustpatch.signature import Signature
 
@@ -337,37 +337,45 @@ def main() -> None:
     ap.add_argument("--sig-elements", type=int, default=1 << 18, help="elements per signature")
     ap.add_argument("--pairwise", type=int, default=40, help="signatures for the pairwise timing")
     ap.add_argument("--dir", help="work folder (default: a temp folder)")
-    ap.add_argument("--out", default=str(RESULTS / "vs_mergekit.json"))
+    ap.add_argument(
+        "--out", default=None, help="default results/vs_mergekit.json (--quick: quick/)"
+    )
     args = ap.parse_args()
+    full_out = RESULTS / "vs_mergekit.json"
+    args.out = args.out or str(smoke_output(full_out) if args.quick else full_out)
     if args.quick:
         dims, args.sigs, args.sig_elements, args.pairwise = (256, 704, 4, 8000), 40, 1 << 14, 10
     else:  # 27 layers of 1280 x 3456, an 8000 vocabulary: 1.11 GB at --size-gb 1.1
         dims = (1280, 3456, max(3, round(27 * args.size_gb / 1.1)), 8000)
     work = Path(args.dir or tempfile.mkdtemp(prefix="rp-vs-mk-"))
     work.mkdir(parents=True, exist_ok=True)
-    base, ft = work / "base", work / "ft"
-    size = write_pair(base, ft, dims, seed=19)
-    res = {
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
-        "model": {"bytes": size, "dims": dims, "dtype": "BF16"},
-        "note": "timings vary between runs: compare ratios within one run",
-    }
-    res["cp"] = repeat(args.repeat, ["cp", base / "model.safetensors", work / "copy.safetensors"])
-    (work / "copy.safetensors").unlink()
-    res["mergekit"] = run_mergekit(args.mergekit, base, ft, work / "mk_out", args.repeat)
-    shutil.rmtree(work / "mk_out")
-    res["ours"] = run_ours(work, base, ft, args.repeat)
-    res["quantized"] = run_quantized(work, base, args.repeat)
-    res["inplace"] = run_inplace(work, base, ft, args.repeat)
-    res["similarity"] = run_similarity(work, args.sigs, args.sig_elements, args.pairwise, 5)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    md = table(res)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
-    if not args.dir:
-        shutil.rmtree(work)
+    try:
+        base, ft = work / "base", work / "ft"
+        size = write_pair(base, ft, dims, seed=19)
+        res = {
+            "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+            "model": {"bytes": size, "dims": dims, "dtype": "BF16"},
+            "note": "timings vary between runs: compare ratios within one run",
+        }
+        res["cp"] = repeat(
+            args.repeat, ["cp", base / "model.safetensors", work / "copy.safetensors"]
+        )
+        (work / "copy.safetensors").unlink()
+        res["mergekit"] = run_mergekit(args.mergekit, base, ft, work / "mk_out", args.repeat)
+        shutil.rmtree(work / "mk_out")
+        res["ours"] = run_ours(work, base, ft, args.repeat)
+        res["quantized"] = run_quantized(work, base, args.repeat)
+        res["inplace"] = run_inplace(work, base, ft, args.repeat)
+        res["similarity"] = run_similarity(work, args.sigs, args.sig_elements, args.pairwise, 5)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+        md = table(res)
+        out.with_suffix(".md").write_text(md + "\n")
+        print(md)
+    finally:  # a failed run leaves no gigabytes in /tmp either
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
