@@ -47,6 +47,7 @@ from .errors import (
     SelectionError,
     ZeroSignatureWarning,
 )
+from .projection import Values, difference, project
 from .selection import Layers, choose_layers, layer_units
 from .signature import Entry, Signature, bn_entry, dense_entry
 from .signature.codec import json_default, parse_meta_json
@@ -90,18 +91,7 @@ class _Trio:
                 src.release(name)
 
 
-@dataclass
-class _Values:
-    """One tensor's signature, its stats, and the squared norm it is judged against
-    (‖Δr‖² for the projection, ‖robust‖² for the difference)."""
-
-    sig: np.ndarray
-    stats: dict[str, float]
-    reference: float
-    pretrained_digest: str | None = None  # the pretrained tensor's digest, when taken
-
-
-def _signature_values(trio: _Trio, name: str, method: str) -> _Values | None:
+def _signature_values(trio: _Trio, name: str, method: str) -> Values | None:
     """The signature of one tensor, or None when it has no pretrained counterpart."""
     try:
         return _values_of(trio, name, method)
@@ -109,65 +99,14 @@ def _signature_values(trio: _Trio, name: str, method: str) -> _Values | None:
         raise NonFiniteError(f"{name}: {e}") from None
 
 
-def _values_of(trio: _Trio, name: str, method: str) -> _Values | None:
+def _values_of(trio: _Trio, name: str, method: str) -> Values | None:
     c, r = trio.clean.get(name), trio.robust.get(name)
     if method == "difference":
-        return _wide(None, c, r) if c.dtype == np.float64 else _difference(c, r)
+        return difference(c, r)
     pspec = trio.pre.spec(name) if trio.pre is not None else None
     if pspec is None or pspec != trio.clean.spec(name):
         return None
-    p = trio.pre.get(name)
-    if p.dtype == np.float64:
-        return _wide(p, c, r)
-    sig, stats = _core.project(p, c, r, hash_pretrained=True)
-    digest = stats.get("pretrained_digest")
-    stats = {
-        "energy": float(stats["norm2_sig"]),
-        "coef": float(stats["coef"]),
-        "robust_energy": float(stats["norm2_r"]),
-        "clean_energy": float(stats["norm2_d"]),
-    }
-    return _Values(sig, stats, stats["robust_energy"], digest)
-
-
-def _wide(p: np.ndarray | None, c: np.ndarray, r: np.ndarray) -> _Values:
-    """The projection (or, without ``p``, the difference) of float64 tensors, in float64
-    and rounded once to the float32 a signature stores: rounding the weights first lost
-    every change below float32's step at the weight's size, and read values past the
-    float32 range as NaN. (No fingerprint digest: the engine hashes 16/32-bit tensors.)"""
-    limit = float(np.finfo(np.float32).max)
-    for w in (c, r) if p is None else (p, c, r):
-        if not np.isfinite(w).all() or np.abs(w).max(initial=0) > limit:
-            raise NonFiniteError("float64 weights hold NaN or Inf, or pass the float32 range")
-    dr = r - c if p is None else r - p
-    d = None if p is None else c - p
-    norm2_d = 0.0 if d is None else float(d.ravel() @ d.ravel())
-    coef = float(dr.ravel() @ d.ravel()) / norm2_d if norm2_d > 0 else 0.0
-    wide = dr if d is None else dr - coef * d
-    if np.abs(wide).max(initial=0) > limit:
-        raise NonFiniteError("the float64 weights' difference passes the float32 range")
-    sig = wide.astype(np.float32)
-    energy = float(np.square(sig, dtype=np.float64).sum())
-    robust = float(np.square(r, dtype=np.float64).sum())
-    if p is None:
-        return _Values(sig, {"energy": energy}, robust)
-    stats = {
-        "energy": energy,
-        "coef": coef,
-        "robust_energy": float(dr.ravel() @ dr.ravel()),
-        "clean_energy": norm2_d,
-    }
-    return _Values(sig, stats, stats["robust_energy"])
-
-
-def _difference(c: np.ndarray, r: np.ndarray) -> _Values:
-    """``robust − clean`` in float32 by the engine's fused projection with the clean
-    tensor as the base: its clean delta is then zero, so is the coefficient, and the
-    kernel returns ``Δr = r − c`` exactly as numpy's float32 subtraction rounds it, in
-    one pass over the stored dtype (no widened copies), with ‖robust‖² (the near-zero
-    warning's reference) summed in the same pass."""
-    d, stats = _core.project(c, c, r)
-    return _Values(d, {"energy": float(stats["norm2_sig"])}, float(stats["norm2_robust"]))
+    return project(trio.pre.get(name), c, r)
 
 
 def _candidates(trio: _Trio, order: Sequence[str] | None) -> list[str]:
@@ -557,7 +496,7 @@ def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
         plan.tick(1)
 
 
-def _any_nonzero(got: _Values) -> bool:
+def _any_nonzero(got: Values) -> bool:
     """Whether the signature has a nonzero element. Its energy ‖δ‖² is summed in float64,
     where the square of every nonzero float32 is positive: a finite energy answers without
     a pass over the values."""
@@ -565,7 +504,7 @@ def _any_nonzero(got: _Values) -> bool:
     return energy > 0 if math.isfinite(energy) else bool(np.any(got.sig))
 
 
-def _delta_entry(name: str, got: _Values, label: str) -> Entry:
+def _delta_entry(name: str, got: Values, label: str) -> Entry:
     """The dense entry of a tensor's signature. The engine refuses a non-finite
     signature, and the energy it reports is ‖δ‖² over the very values stored (a NaN or
     Inf among them would make it non-finite): a finite energy spares the pass that
