@@ -113,17 +113,15 @@ def commit_all(files: list[AtomicFile]) -> None:
                 af._rename()
                 done += 1
         except BaseException:
-            _put_back(files[:done], kept[:done])
+            _put_back(files[:done], kept[:done])  # those second names are used up
+            _drop(kept[done:])
             if done and any(af.durable for af in files):
                 try:  # the previous set's renames back, made durable as the new set's were
                     _fsync_dir(files[0].path.parent)
                 except OSError:
                     pass  # the error being raised is the one to report
             raise
-        finally:
-            for previous in kept[done:] if done < len(files) else kept:
-                if previous is not None and previous is not NOT_KEPT:
-                    previous.unlink(missing_ok=True)
+        _drop(kept)
     if any(af.durable for af in files):
         _fsync_dir(files[0].path.parent)
 
@@ -148,6 +146,13 @@ def _keep_previous(path: Path) -> Path | None:
     except OSError:
         return NOT_KEPT
     return keep
+
+
+def _drop(kept: list[Path | None]) -> None:
+    """Delete the second names of previous files no longer needed."""
+    for previous in kept:
+        if previous is not None and previous is not NOT_KEPT:
+            previous.unlink(missing_ok=True)
 
 
 def _put_back(renamed: list[AtomicFile], kept: list[Path | None]) -> None:
