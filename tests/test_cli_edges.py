@@ -405,6 +405,18 @@ def test_quiet_and_json_work_before_or_after_the_subcommand(d, capsys):
     assert "demo has no --json output" in usage_error(capsys, "--json", "demo")
 
 
+def test_options_between_positionals_as_after_them(d, capsys):
+    """``apply m fog.rws -q fog.rws``: an option between two files does not end the
+    list of files (plain argparse refused the second one as an unrecognized argument)."""
+    m, s = d / "clean.safetensors", d / "fog.rws"
+    split = run(capsys, "apply", m, s, "--json", s, "-o", d / "a", "--alpha", "0.5", "-q")
+    whole = run(capsys, "apply", m, s, s, "--json", "-o", d / "b", "--alpha", "0.5", "-q")
+    assert split[0] == whole[0] == 0 and sha(d / "a") == sha(d / "b")
+    assert json.loads(split[1])["signatures"] == [str(s), str(s)]
+    line = usage_error(capsys, "apply", m, s, "--bogus", s, "-o", d / "c")
+    assert "unrecognized arguments: --bogus" in line and not (d / "c").exists()
+
+
 def test_a_closed_stdout_ends_quietly_with_141(d):
     proc = subprocess.Popen(
         [sys.executable, "-m", "robustpatch.cli", "inspect", "--json", d / "fog.rws"],

@@ -9,7 +9,8 @@ print; this module runs one and turns an expected error into one line. The conve
 are those of the tools people know:
 
 - ``-q/--quiet`` and ``--json`` are accepted before or after the subcommand (``batch``
-  prints JSON lines and ``demo`` a report: neither takes ``--json``). With ``--json`` a
+  prints JSON lines and ``demo`` a report: neither takes ``--json``), and a command's
+  options also between its files (``apply m.safetensors fog.rws -q snow.rws``). With ``--json`` a
   command prints one JSON object on stdout and nothing else there.
 - ``--help`` shows every option's default and an example; ``--version`` the version.
 - No command writes over one of its inputs (also not through a symlink or a hard

@@ -37,12 +37,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 class Parser(argparse.ArgumentParser):
     """argparse's parser, reading ``-1e-3`` as the negative number it is (argparse
     reads a negative number in exponent form as an unknown option: ``--alpha -1e-3``
-    failed while ``--alpha -0.001`` worked). Its subcommands' parsers are of this
-    class too."""
+    failed while ``--alpha -0.001`` worked), and taking a command's options between its
+    positionals (``apply m.safetensors fog.rws -q snow.rws``: plain argparse ends the
+    positionals at the first option and refuses ``snow.rws``). Its subcommands' parsers
+    are of this class too."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE_NUMBER
+        self._intermixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # argparse's intermixed parse calls this method again for each of its two passes.
+        if self._intermixing or not self._can_intermix():
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+    def _can_intermix(self) -> bool:
+        """Whether argparse's intermixed parse takes this parser: not one with
+        subcommands (the top level, ``onnx``) or a positional that takes the rest."""
+        takes_rest = (argparse.PARSER, argparse.REMAINDER)
+        grouped = [a for g in self._mutually_exclusive_groups for a in g._group_actions]
+        return not any(a.nargs in takes_rest for a in self._get_positional_actions()) and all(
+            a.option_strings for a in grouped
+        )
 
 
 _NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
