@@ -363,6 +363,38 @@ def test_a_failed_rename_puts_the_previous_set_back(tmp_path, monkeypatch):
     assert listing(tmp_path) == before  # a.rpundo and b.data back, c.onnx still absent
 
 
+def test_a_previous_file_that_cannot_be_put_back_is_named_in_the_error(
+    tmp_path, monkeypatch, capsys
+):
+    # it stayed under a temporary name that nothing reported (a later cleanup deletes it)
+    from robustpatch._io import atomic
+    from robustpatch._io.atomic import AtomicFile, commit_all
+    from robustpatch.cli import _message
+
+    names = [tmp_path / n for n in ("a.rpundo", "c.onnx")]
+    names[0].write_bytes(b"old")
+    files = [AtomicFile(p, durable=False) for p in names]
+    for af in files:
+        af.file.write(b"new")
+    _fail_rename_of(monkeypatch, names[1])
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.startswith(f".{names[0].name}.rp") and Path(src) != files[0].tmp:
+            raise OSError(errno.EIO, "Input/output error", str(src))  # the put-back
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError) as e:
+        commit_all(files)
+    monkeypatch.undo()
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(".a.rpundo.rp")]
+    assert kept.read_bytes() == b"old" and names[0].read_bytes() == b"new"
+    line = _message(e.value)
+    assert f"the previous {names[0]} could not be put back: it is {kept}" in line
+    assert "\n" not in line
+
+
 def test_a_failed_reapply_keeps_the_previous_output_and_its_record(small, monkeypatch):
     out = small / "out.safetensors"
     apply_file(small / "m.safetensors", small / "s.rws", 0.5, out)

@@ -112,8 +112,9 @@ def commit_all(files: list[AtomicFile]) -> None:
             for af in files:
                 af._rename()
                 done += 1
-        except BaseException:
-            _put_back(files[:done], kept[:done])  # those second names are used up
+        except BaseException as e:
+            for dest, previous in _put_back(files[:done], kept[:done]):
+                e.add_note(f"the previous {dest} could not be put back: it is {previous}")
             _drop(kept[done:])
             if done and any(af.durable for af in files):
                 try:  # the previous set's renames back, made durable as the new set's were
@@ -155,11 +156,14 @@ def _drop(kept: list[Path | None]) -> None:
             previous.unlink(missing_ok=True)
 
 
-def _put_back(renamed: list[AtomicFile], kept: list[Path | None]) -> None:
+def _put_back(renamed: list[AtomicFile], kept: list[Path | None]) -> list[tuple[Path, Path]]:
     """Undo the renames of a set that failed part way: each destination gets back what
     was there, or nothing where nothing was. One whose previous file could not be kept
     keeps the new one (deleting it would leave neither); a kept one stays under its
-    second name if even putting it back fails."""
+    second name if even putting it back fails: those (destination, second name) pairs
+    are returned, for the error to tell the user (a later cleanup takes that name for a
+    dead writer's temporary file)."""
+    stranded = []
     for af, previous in zip(renamed, kept):
         try:
             if previous is None:
@@ -167,7 +171,9 @@ def _put_back(renamed: list[AtomicFile], kept: list[Path | None]) -> None:
             elif previous is not NOT_KEPT:
                 os.replace(previous, af.path)
         except OSError:
-            pass
+            if previous is not None and previous is not NOT_KEPT:
+                stranded.append((af.path, previous))
+    return stranded
 
 
 @contextmanager

@@ -110,6 +110,7 @@ def _message(e: BaseException) -> str:
         text = f"{os.fspath(e.filename)}: {e.strerror}"
     else:
         text = str(e) or type(e).__name__
+    text = "; ".join([text, *getattr(e, "__notes__", ())])  # e.g. what a failed commit left
     if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a file
         why = [ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln]
         text = "refused to load a checkpoint that holds more than tensors (read with " + (
