@@ -41,9 +41,11 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 /// Layout: bits, scheme, numel (u16), group_len (u16), split, kind, params, codes;
 /// `kind` picks the target dtype (f32, f16, bf16: `kind % 3`) and how many times the
 /// delta is applied at once (1 to 3, at α 0.5, −1, 2: the fused multi-delta paths).
-pub fn check_apply(data: &[u8]) {
+/// Returns the number of elements round-tripped, None for a refused input (the
+/// corpus replay counts how many inputs reach the kernels, and how large).
+pub fn check_apply(data: &[u8]) -> Option<usize> {
     if data.len() < 8 {
-        return;
+        return None;
     }
     let schemes = [Scheme::Affine, Scheme::Symmetric, Scheme::Log, Scheme::Tanh];
     let spec = QuantSpec {
@@ -57,9 +59,7 @@ pub fn check_apply(data: &[u8]) {
     let groups = numel.checked_div(spec.group_len).unwrap_or(0);
     let (scale, rest) = params.split_at(groups.min(params.len()));
     let offset = &rest[..groups.min(rest.len())];
-    let Ok(view) = QuantView::new(&data[split..], scale, offset, spec, numel) else {
-        return;
-    };
+    let view = QuantView::new(&data[split..], scale, offset, spec, numel).ok()?;
     let mut out = vec![0f32; numel];
     dequantize(&view, &mut out).expect("validated view decodes");
     let count = 1 + (data[7] as usize / 3) % 3;
@@ -72,6 +72,7 @@ pub fn check_apply(data: &[u8]) {
         1 => round_trip::<f16>(numel, &deltas),
         _ => round_trip::<bf16>(numel, &deltas),
     }
+    Some(numel)
 }
 
 /// Apply `deltas` with the undo record to a target of `numel` elements of `T`, remove
