@@ -3,4 +3,6 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| robustpatch_core::fuzzing::check_header(data));
+fuzz_target!(|data: &[u8]| {
+    robustpatch_core::fuzzing::check_header(data);
+});

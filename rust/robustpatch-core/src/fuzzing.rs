@@ -11,8 +11,10 @@ use half::{bf16, f16};
 
 /// The header parser never panics, and what it accepts tiles the data buffer
 /// exactly: in order, no gap, no overlap, nothing after the last tensor.
-pub fn check_header(data: &[u8]) {
-    if let Ok(h) = parse(data, data.len() as u64) {
+/// Returns whether the parser accepted the input.
+pub fn check_header(data: &[u8]) -> bool {
+    let parsed = parse(data, data.len() as u64);
+    if let Ok(h) = &parsed {
         let mut covered = 0;
         for t in h.tensors() {
             assert_eq!(t.begin, covered, "gap or overlap accepted");
@@ -27,6 +29,7 @@ pub fn check_header(data: &[u8]) {
             "uncovered bytes accepted"
         );
     }
+    parsed.is_ok()
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
