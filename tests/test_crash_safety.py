@@ -163,7 +163,10 @@ def test_sigkill_at_random_moments_never_corrupts_source_or_destination(big, tmp
     cleanups = restored = restored_old = 0
     killed: set[int] = set()
     # At least 20 trials; more (up to 60) while too few kills landed mid-write, since on a
-    # loaded machine the run's timing drifts from the warm run measured above.
+    # loaded machine the run's timing drifts from the warm run measured above: each kill
+    # that landed before the file work stretches the next delays, each after it shrinks
+    # them, so the kills follow the runs' actual pace.
+    pace = 1.0
     for trial in range(60):
         if trial >= 20 and outcomes["killed mid-write"] >= 5 and cleanups >= 3:
             break
@@ -175,7 +178,7 @@ def test_sigkill_at_random_moments_never_corrupts_source_or_destination(big, tmp
             os.link(big.old[1], undo)
         # Mostly while the file work runs; every fourth trial anywhere in the run.
         start = 0.0 if trial % 4 == 0 else first_temp
-        delay = rng.uniform(start, duration * 1.05)
+        delay = pace * rng.uniform(start, duration * 1.05)
         proc = cli_apply(big, out, durable=True)
         time.sleep(delay)
         proc.kill()
@@ -213,6 +216,10 @@ def test_sigkill_at_random_moments_never_corrupts_source_or_destination(big, tmp
             assert not had_old, f"{where}: the previous output vanished"
             outcomes["killed mid-write" if left else "untouched"] += 1
 
+        if trial % 4:  # a kill meant for the file work: early, late or in it
+            early = not left and not (out.exists() and sha(out) == big.new[0])
+            late = not left and not early
+            pace = min(pace * 1.25, 8.0) if early else max(pace * 0.8, 0.5) if late else pace
         if left and cleanups < 4:  # the next run removes the dead writer's leftovers
             proc = cli_apply(big, out, durable=True)
             assert proc.wait(timeout=120) == 0, proc.stderr.read()

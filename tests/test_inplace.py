@@ -20,7 +20,7 @@ from robustpatch._format.safetensors import TensorInfo, encode_header, read_head
 from robustpatch._format.undo import UNDO_KEY
 from robustpatch._io.journal import Journal, journal_path_for, recover
 from robustpatch.cli import main
-from robustpatch.errors import FormatError, InvalidArgumentError, NonFiniteError
+from robustpatch.errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError
 from robustpatch.files import apply_file, remove_file, undo_path_for
 from robustpatch.inplace import PENDING_SUFFIX
 from robustpatch.signature import Signature
@@ -206,6 +206,38 @@ def test_recovery_rolls_a_pending_journal_back_and_a_done_one_forward(small):
     assert record.read_bytes() == written and not pending.exists()
     assert model.read_bytes()[100:164] == b"\x01" * 64
     assert recover(model) is None
+
+
+def test_recovery_refuses_another_model_of_the_same_size_put_in_its_place(small):
+    # the journal's bytes were written into whatever file had the model's name and size:
+    # a mix of two models, which a later removal called "restored bit for bit"
+    model = small / "m.safetensors"
+    data = model.read_bytes()
+    ranges = [(100, 64)]
+    with open(model, "r+b") as f:
+        journal = Journal.begin(model, f.fileno(), ranges)
+    other = bytes(data[:200]) + bytes(b ^ 1 for b in data[200:])  # same size, other weights
+    model.write_bytes(other)
+    kept = journal.path.read_bytes()
+    with pytest.raises(MismatchError, match="not the file that the in-place patch"):
+        recover(model)
+    assert model.read_bytes() == other and journal.path.read_bytes() == kept
+    model.write_bytes(bytes(data))  # the model itself back: recovered
+    assert recover(model) == "rolled back" and not journal.path.exists()
+
+
+def test_a_rolled_back_removal_says_the_model_is_still_patched(small, capsys):
+    # "restored to the original" was printed with the patched model and its record there
+    model, sig = small / "m.safetensors", small / "s.rws"
+    apply_file(model, sig, 1.0, inplace=True)
+    patched, record = model.read_bytes(), undo_path_for(model)
+    with open(model, "r+b") as f:
+        header_end = 8 + int.from_bytes(f.read(8), "little")
+        Journal.begin(model, f.fileno(), [(0, header_end)], commit_unlink=record)
+        os.pwrite(f.fileno(), b" " * 8, header_end - 8)  # killed mid-removal
+    assert main(["recover", str(model)]) == 0
+    assert "still patched" in capsys.readouterr().out
+    assert model.read_bytes() == patched and record.exists()
 
 
 def test_a_journal_killed_before_its_seal_is_discarded_and_the_model_kept(small):

@@ -8,16 +8,18 @@ to overwrite, made durable before the first of them changes.
     the original bytes of each range, in order
     BLAKE3 (32 bytes) of the JSON and the bytes: present only once the journal is whole
 
-The JSON names the model's size, the ranges, and what the commit and a rollback do to
-the files beside the model (rename a pending undo record into place, delete a consumed
-one). A patch runs :meth:`Journal.begin` (written and fsynced in state -, then sealed:
-state P, fsynced), changes the ranges, fsyncs the model, then :meth:`Journal.commit`
-(state D written: the commit point; then the file actions; then the journal is
-deleted). :func:`recover` finishes whatever a killed process left: an unsealed journal
-was never followed (the model is untouched; it is deleted), a pending one is rolled back
-(the original bytes written back), a done one is completed (its file actions run). A
-sealed journal that is not whole (its digest, length or description wrong) was damaged
-after the patch may have begun: it is refused with a FormatError and kept, since it
+The JSON names the model's size, a digest of bytes no range covers (recovery checks that
+the file is still the model the journal was written for), the ranges, and what the
+commit and a rollback do to the files beside the model (rename a pending undo record
+into place, delete a consumed one). A patch runs :meth:`Journal.begin` (written and
+fsynced in state -, then sealed: state P, fsynced), changes the ranges, fsyncs the
+model, then :meth:`Journal.commit` (state D written: the commit point; then the file
+actions; then the journal is deleted). :func:`recover` finishes whatever a killed
+process left: an unsealed journal was never followed (the model is untouched; it is
+deleted), a pending one is rolled back (the original bytes written back), a done one is
+completed (its file actions run). A sealed journal that is not whole (its digest, length
+or description wrong) was damaged after the patch may have begun: it is refused with a
+FormatError and kept, since it
 holds the only copy of the original bytes. (``RPJRNL1`` journals, of earlier releases,
 are read the same way; releases before the seal wrote theirs in state P from the first
 byte, so one of those cut short may also be a writer killed before the patch: the
@@ -87,6 +89,12 @@ class _Plan:
     commit_unlink: str | None = None  # the record a removal consumed
     rollback_unlink: list[str] = field(default_factory=list)
     pid: int = 0  # the patching process (its temporary files name it)
+    untouched: str | None = None  # digest of bytes no range covers (earlier releases: none)
+
+    @property
+    def removal(self) -> bool:
+        """Whether the journal is a removal's (it consumes the model's undo record)."""
+        return self.commit_unlink is not None
 
     @classmethod
     def parse(cls, obj: object, where: str) -> _Plan:
@@ -124,6 +132,9 @@ class _Plan:
             and all(isinstance(x, str) and x.endswith(PENDING_SUFFIX) for x in rollback)
         ):
             raise bad("rollback_unlink is not a list of pending undo records")
+        untouched = obj.get("untouched")
+        if not (untouched is None or (isinstance(untouched, str) and len(untouched) == 64)):
+            raise bad("untouched is not a digest")
         return cls(
             size,
             [(o, n) for o, n in ranges],
@@ -131,6 +142,7 @@ class _Plan:
             unlink,
             rollback,
             pid,
+            untouched,
         )
 
 
@@ -187,13 +199,16 @@ class Journal:
         rename = None
         if commit_rename is not None:
             rename = (_absolute(commit_rename[0]), _absolute(commit_rename[1]))
+        size = os.fstat(fd).st_size
+        ranges = [(int(o), int(n)) for o, n in ranges]
         plan = _Plan(
-            os.fstat(fd).st_size,
-            [(int(o), int(n)) for o, n in ranges],
+            size,
+            ranges,
             rename,
             None if commit_unlink is None else _absolute(commit_unlink),
             [] if rename is None else [rename[0]],
             os.getpid(),
+            _untouched_digest(fd, size, ranges),
         )
         path = journal_path_for(model)
         try:
@@ -324,6 +339,37 @@ def _hasher(meta: bytes) -> _core.Blake3:
     return h
 
 
+#: How many windows of how many bytes :func:`_untouched_digest` reads.
+_WINDOWS, _WINDOW = 16, 4096
+
+
+def _untouched_digest(fd: int, size: int, ranges: Sequence[tuple[int, int]]) -> str:
+    """BLAKE3 of up to 16 windows of 4 KiB spread over the model's bytes that no range
+    covers (the patch never changes them): recovery checks that the file under the
+    model's name is still the one the journal was written for before writing the
+    journal's bytes into it (another model of the same size put there would otherwise
+    come out a mix of the two). The header is in the first window unless patched."""
+    gaps, at = [], 0
+    for offset, length in sorted(ranges):
+        if offset > at:
+            gaps.append((at, offset - at))
+        at = max(at, offset + length)
+    if at < size:
+        gaps.append((at, size - at))
+    total = sum(length for _, length in gaps)
+    h = _hasher(size.to_bytes(8, "little"))
+    wanted = sorted({k * total // _WINDOWS for k in range(_WINDOWS)}) if total else []
+    skipped = 0  # untouched bytes in the gaps before this one
+    for start, length in gaps:
+        for w in wanted:
+            if skipped <= w < skipped + length:
+                inside = w - skipped
+                n = min(_WINDOW, length - inside)
+                h.update(np.frombuffer(os.pread(fd, n, start + inside), np.uint8))
+        skipped += length
+    return h.hexdigest()
+
+
 def _remove_writer_temps(path: Path, pid: int) -> None:
     """Delete the temporary files of ``path`` that the journal's writer left, once it is
     gone (alive, it is this process: its own files are discarded as it unwinds)."""
@@ -431,9 +477,13 @@ def recover_held(model: PathLike) -> str | None:
     """:func:`recover` for a caller that already holds :func:`model_lock` on ``model``.
 
     Returns None (no journal), ``"discarded"`` (the journal was never sealed, so the
-    model was never changed), ``"rolled back"`` (the original bytes written back) or
-    ``"completed"`` (the patch had committed; its file actions were finished).
-    FormatError (the journal kept): a sealed journal that is damaged.
+    model was never changed), ``"rolled back"`` (an apply's: the original bytes written
+    back, the model is the original), ``"removal rolled back"`` (a removal's: the model
+    is the patched one again, its undo record kept), ``"completed"`` (an apply had
+    committed: the model is the patched one, its file actions finished) or
+    ``"removal completed"`` (the model is the original). FormatError (the journal
+    kept): a sealed journal that is damaged; MismatchError (kept too): the file under
+    the model's name is not the one the journal was written for.
     """
     path = journal_path_for(model)
     if not path.exists():
@@ -445,17 +495,31 @@ def recover_held(model: PathLike) -> str | None:
         return "discarded"
     state, plan = loaded
     journal = Journal(path, plan)
-    if state == _DONE:
-        journal._finish_commit()
-        return "completed"
+    kind = "removal " if plan.removal else ""
     fd = os.open(model, os.O_RDWR)
     try:
-        if os.fstat(fd).st_size != plan.model_size:
-            raise MismatchError(
-                f"{os.fspath(model)}: its size changed since the in-place patch that "
-                f"{path} journals; refusing to write the journal's bytes into it"
-            )
+        _check_same_model(fd, plan, model, path)
+        if state == _DONE:
+            journal._finish_commit()
+            return kind + "completed"
         journal.roll_back(fd)
     finally:
         os.close(fd)
-    return "rolled back"
+    return kind + "rolled back"
+
+
+def _check_same_model(fd: int, plan: _Plan, model: PathLike, path: Path) -> None:
+    """MismatchError unless the file open at ``fd`` is the size the journal says and its
+    untouched bytes are those the journal saw (journals of earlier releases: the size)."""
+    size = os.fstat(fd).st_size
+    if size == plan.model_size and (
+        plan.untouched is None or _untouched_digest(fd, size, plan.ranges) == plan.untouched
+    ):
+        return
+    why = "its size changed" if size != plan.model_size else "its unpatched bytes differ"
+    raise MismatchError(
+        f"{os.fspath(model)}: not the file that the in-place patch journalled in {path} "
+        f"was patching ({why}); "
+        "refusing to recover into it. Put that model back to recover it, or delete the "
+        "journal if this file is whole"
+    )

@@ -206,7 +206,11 @@ def run_recover(args: Any) -> None:
         None: f"{args.model}: nothing to recover",
         "discarded": f"{args.model}: unchanged (the interrupted patch had not started)",
         "rolled back": f"{args.model}: restored to the original (interrupted patch rolled back)",
-        "completed": f"{args.model}: the interrupted patch had committed; finished it",
+        "removal rolled back": f"{args.model}: still patched (the interrupted removal was "
+        "rolled back; its undo record kept)",
+        "completed": f"{args.model}: the interrupted patch had committed; finished it (patched)",
+        "removal completed": f"{args.model}: the interrupted removal had committed; finished "
+        "it (the original)",
     }[outcome]
     report(args, {"file": args.model, "outcome": outcome}, text)
 
