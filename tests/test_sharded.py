@@ -102,6 +102,22 @@ def test_apply_patches_touched_shards_links_the_rest_and_remove_restores_bit_for
     assert listing(d / "restored") == listing(d / "base")
 
 
+def test_a_shard_with_an_interrupted_in_place_patch_is_refused(ckpt):
+    # it was hard-linked into the output, which its later recovery changed through the link
+    from robustpatch._io.journal import journal_path_for
+
+    d, _, _ = ckpt
+    rp.apply_file(d / "base", [d / "fog.rws"], 0.5, d / "out")
+    journal_path_for(d / "base" / shard_name(1)).write_bytes(b"RPJRNL2\nP")
+    journal_path_for(d / "out" / shard_name(1)).write_bytes(b"RPJRNL2\nP")
+    before = listing(d)
+    with pytest.raises(rp.errors.FormatError, match="robustpatch recover"):
+        rp.apply_file(d / "base", [d / "fog.rws"], 0.5, d / "out2")
+    with pytest.raises(rp.errors.FormatError, match="robustpatch recover"):
+        rp.remove_file(d / "out", d / "restored")
+    assert listing(d) == before and not (d / "out2").exists() and not (d / "restored").exists()
+
+
 def test_a_folder_is_accepted_for_its_index_and_other_folders_stay_refused(ckpt, tmp_path):
     d, _, sig = ckpt
     rp.apply_file(d / "base", sig, 1.0, d / "out")

@@ -88,6 +88,7 @@ def apply_sharded(
 
     opts, progress, sigs = call.opts, call.progress, call.sigs
     index = load_index(validate.path(src, "src"))
+    _check_no_journals(index)
     out = _out_folder(out, "apply_file")
     pairs = terms(_opened(sigs), call.alphas)
     plan = make_plan(*_split(pairs))
@@ -119,6 +120,15 @@ def apply_sharded(
         tmp.commit()
     record = out / RECORD_NAME if opts.undo else None
     return FileReport(out, record, len(plan.deltas), len(plan.bn), written, elements)
+
+
+def _check_no_journals(index: ShardedIndex) -> None:
+    """Refuse a checkpoint with a shard whose in-place patch was interrupted, as every
+    single-file command does: an untouched shard is hard-linked into the output, and
+    recovering the shard later would change the output through the link."""
+    from .files import _check_no_journal
+
+    _check_no_journal(*(index.shard_path(shard) for shard in index.shards))
 
 
 def _spec_across(index: ShardedIndex):
@@ -274,6 +284,7 @@ def remove_sharded(
     from .files import FileReport, remove_file
 
     index = load_index(validate.path(patched, "patched"))
+    _check_no_journals(index)
     out = _out_folder(out, "remove_file")
     record_path = validate.path(undo, "undo") if undo else index.folder / RECORD_NAME
     record = _load_record(record_path, index)
