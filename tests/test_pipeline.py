@@ -274,6 +274,91 @@ def test_a_sharded_base_is_a_job_like_any_other(tmp_path):
     assert again["status"] == "skipped"
 
 
+def test_a_signature_changed_with_its_size_and_time_kept_is_rebuilt(tmp_path):
+    # the key was (path, size, mtime): a re-pointed link or a `cp -p` over it was "skipped"
+    make_fleet(tmp_path, bases=1)
+    for rel in ("rel1", "rel2"):
+        (tmp_path / rel).mkdir()
+    os.rename(tmp_path / "fog.rws", tmp_path / "rel1" / "sig.rws")
+    os.rename(tmp_path / "snow.rws", tmp_path / "rel2" / "sig.rws")
+    for rel in ("rel1", "rel2"):
+        os.utime(tmp_path / rel / "sig.rws", ns=(10**9, 10**9))
+    (tmp_path / "current.rws").symlink_to("rel1/sig.rws")
+    job_doc = {"base": "m0.safetensors", "signatures": ["current.rws"], "output": "o.safetensors"}
+    manifest = write_manifest(tmp_path, {"jobs": [job_doc]})
+    (first,) = pipeline.run(pipeline.load_manifest(manifest), workers=1)
+    (tmp_path / "current.rws").unlink()
+    (tmp_path / "current.rws").symlink_to("rel2/sig.rws")  # a new release, same size and time
+    (job,) = pipeline.load_manifest(manifest)
+    (second,) = pipeline.run([job], workers=1)
+    assert second["status"] == "done" and second["sha256"] == reference(job, tmp_path)
+    assert second["sha256"] != first["sha256"]
+    target = tmp_path / "rel2" / "sig.rws"  # rewritten in place, size and time kept
+    target.write_bytes((tmp_path / "rel1" / "sig.rws").read_bytes())
+    os.utime(target, ns=(10**9, 10**9))
+    (third,) = pipeline.run([job], workers=1)
+    assert third["status"] == "done" and third["sha256"] == first["sha256"]
+
+
+def _sharded_job(d: Path) -> list[pipeline.Job]:
+    from test_sharded import signature, write_sharded
+
+    write_sharded(d / "base")
+    signature().save(d / "fog.rws")
+    doc = {"jobs": [{"base": "base", "signatures": ["fog.rws"], "output": "out/p"}]}
+    return pipeline.load_manifest(write_manifest(d, doc))
+
+
+def test_files_added_beside_a_sharded_output_keep_it_verified(tmp_path):
+    # README says to copy config.json into the output: the job then failed on every run
+    jobs = _sharded_job(tmp_path)
+    (first,) = pipeline.run(jobs, workers=1)
+    (tmp_path / "out" / "p" / "config.json").write_text("{}")
+    (again,) = pipeline.run(jobs, workers=1)
+    assert again["status"] == "skipped" and again["sha256"] == first["sha256"]
+
+
+@pytest.mark.parametrize("damage", ["shard gone", "index cut", "index gone"])
+def test_a_damaged_sharded_output_of_the_batch_is_rebuilt(tmp_path, damage):
+    # the writer replaces only a whole checkpoint: the job failed on every run
+    from test_sharded import INDEX, shard_name
+
+    jobs = _sharded_job(tmp_path)
+    (first,) = pipeline.run(jobs, workers=1)
+    out = tmp_path / "out" / "p"
+    if damage == "shard gone":
+        (out / shard_name(0)).unlink()
+    elif damage == "index cut":
+        os.truncate(out / INDEX, 10)
+    else:
+        (out / INDEX).unlink()
+    (again,) = pipeline.run(jobs, workers=1)
+    assert again["status"] == "done" and again["sha256"] == first["sha256"]
+    (out / "notes.txt").write_text("mine")  # a file the marker does not list: left alone
+    os.truncate(out / INDEX, 10)
+    (third,) = pipeline.run(jobs, workers=1)
+    assert third["status"] == "failed" and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_sharded_base_whose_shards_are_not_named_safetensors_is_keyed_by_its_index(tmp_path):
+    # the key globbed *.safetensors: a changed shard of another name was not seen
+    from test_sharded import INDEX, shard_name
+
+    jobs = _sharded_job(tmp_path)
+    index = json.loads((tmp_path / "base" / INDEX).read_text())
+    for k in range(3):
+        os.rename(tmp_path / "base" / shard_name(k), tmp_path / "base" / f"shard{k}.st")
+    index["weight_map"] = {n: f"shard{int(f[6:11]) - 1}.st" for n, f in index["weight_map"].items()}
+    (tmp_path / "base" / INDEX).write_text(json.dumps(index))
+    key = job_key(jobs[0])
+    shard = tmp_path / "base" / "shard1.st"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(10**9, 10**9))  # surely another time than it had
+    assert job_key(jobs[0]) != key
+
+
 def test_a_sharded_base_with_a_file_output_is_refused_before_any_job_runs(tmp_path):
     # README's grid did this: the file jobs ran, then each sharded one failed on its own
     from test_sharded import signature, write_sharded

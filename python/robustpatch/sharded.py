@@ -42,7 +42,14 @@ from typing import TYPE_CHECKING, Any
 from . import validate
 from ._format import strict_json
 from ._format.safetensors import Header
-from ._format.shards import INDEX_SUFFIX, RECORD_NAME, ShardedIndex, is_sharded, load_index
+from ._format.shards import (
+    INDEX_SUFFIX,
+    RECORD_NAME,
+    ShardedIndex,
+    checkpoint_names,
+    is_sharded,
+    load_index,
+)
 from ._format.undo import undo_path_for
 from ._io.atomic import _fsync_dir, _pid_alive, give_new_folder_mode, naming_errors, remove_stale
 from .errors import FormatError, InvalidArgumentError, MismatchError, shown
@@ -443,9 +450,7 @@ def _replaceable(out: Path) -> bool:
         index = load_index(indexes[0])
     except (OSError, ValueError):  # a damaged index
         return False
-    ours = {index.path.name, RECORD_NAME, *index.shards}
-    ours |= {undo_path_for(s).name for s in index.shards}
-    return {p.name for p in out.iterdir()} <= ours
+    return {p.name for p in out.iterdir()} <= checkpoint_names(index)
 
 
 class _TempFolder:

@@ -108,6 +108,15 @@ def load_index(path: str | os.PathLike[str]) -> ShardedIndex:
     return ShardedIndex(index, raw, metadata, weight_map, headers)
 
 
+def checkpoint_names(index: ShardedIndex) -> set[str]:
+    """The names of what robustpatch writes into a sharded output folder: the index, its
+    shards, their undo records and the folder's record."""
+    from .undo import undo_path_for
+
+    names = {index.path.name, RECORD_NAME, *index.shards}
+    return names | {undo_path_for(s).name for s in index.shards}
+
+
 def _parse_json(raw: bytes, index: Path) -> dict[str, Any]:
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}

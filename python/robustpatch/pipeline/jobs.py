@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import validate
-from .._format.shards import find_index, is_sharded
+from .._format.shards import checkpoint_names, is_sharded, load_index
 from .._format.undo import undo_path_for
 from .._io.atomic import AtomicFile
 from ..errors import EXPECTED_ERRORS, InvalidArgumentError
@@ -125,17 +125,35 @@ def done_path_for(output: str | os.PathLike[str]) -> Path:
 
 
 def _identity(path: str) -> list[Any]:
-    """What tells a changed input file apart: its name, size and modification time."""
+    """What tells a changed input file apart: its name, size, modification time and
+    inode (a link re-pointed, or a file replaced by a rename, may keep the rest). Not
+    its device number: a cluster's nodes, each of which computes the key, can number
+    one shared mount differently."""
     st = os.stat(path)
-    return [path, st.st_size, st.st_mtime_ns]
+    return [path, st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _stored_hash(signature: str) -> str | None:
+    """The content hash a signature file's header names (None if it names none): a file
+    rewritten in place with its size and time kept (``cp -p``) is another signature."""
+    from .._format.safetensors import read_header_from
+    from ..signature.codec import META_KEY
+
+    try:
+        with open(signature, "rb") as f:
+            meta = json.loads(read_header_from(f, signature).metadata.get(META_KEY, "{}"))
+    except (OSError, ValueError):
+        return None  # the build reports what is wrong with it
+    return meta.get("content_hash") if isinstance(meta, dict) else None
 
 
 def _input_files(job: Job) -> list[str]:
-    """Every file the job reads: a sharded base's index and shards, the signatures."""
+    """Every file the job reads: a sharded base's index and the shards it names (what
+    they are called is the index's to say), the signatures."""
     files = [job.base]
     if is_sharded(job.base):
-        index = find_index(job.base)
-        files = [str(index), *sorted(str(p) for p in index.parent.glob("*.safetensors"))]
+        index = load_index(job.base)
+        files = [str(index.path), *(str(index.shard_path(s)) for s in sorted(index.shards))]
     return files + list(job.signatures)
 
 
@@ -144,6 +162,7 @@ def job_key(job: Job) -> str:
     job, or before an input changed, does not count."""
     spec = {k: v for k, v in asdict(job).items() if k not in ("durable", "overwrite")}
     spec["inputs"] = [_identity(p) for p in _input_files(job)]
+    spec["signature_hashes"] = [_stored_hash(s) for s in job.signatures]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -155,14 +174,28 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files of a sharded output that robustpatch wrote: its index, the shards it
+    names, their undo records and the folder's record; every file where the index does
+    not load (a damaged output is then told apart from its marker's digest). Files a
+    user adds beside them (``config.json``, the tokenizer) are not part of it."""
+    try:
+        index = load_index(folder)
+    except (OSError, ValueError):
+        return sorted(p for p in folder.iterdir())
+    names = checkpoint_names(index)
+    return sorted(p for p in folder.iterdir() if p.name in names)
+
+
 def output_digest(output: str | os.PathLike[str]) -> tuple[str, int]:
-    """(sha256, bytes) of an output: a file's own sha256, or for a folder the sha256 of
-    its sorted ``name sha256`` lines (so two folders agree iff every file does)."""
+    """(sha256, bytes) of an output: a file's own sha256, or for a sharded folder the
+    sha256 of the sorted ``name sha256`` lines of its :func:`checkpoint_files` (so two
+    folders agree iff every one of those does)."""
     path = Path(output)
     if not path.is_dir():
         return _file_sha256(path), path.stat().st_size
     lines, total = [], 0
-    for p in sorted(path.iterdir()):
+    for p in checkpoint_files(path):
         lines.append(f"{p.name} {_file_sha256(p)}\n")
         total += p.stat().st_size
     return hashlib.sha256("".join(lines).encode()).hexdigest(), total
@@ -209,6 +242,8 @@ def _write_marker(job: Job, key: str, sha: str, size: int) -> None:
         "bytes": size,
         "undo_sha256": _undo_digest(job),
     }
+    if Path(job.output).is_dir():  # what a rebuild of a damaged folder may delete
+        doc["files"] = [p.name for p in checkpoint_files(Path(job.output))]
     with AtomicFile(done_path_for(job.output), durable=True) as f:
         f.file.write((json.dumps(doc) + "\n").encode())
         f.commit()
@@ -241,6 +276,8 @@ def _claim(job: Job, key: str) -> Callable[[], None]:
         )
     doc = {"format": DONE_FORMAT, "version": DONE_VERSION, "job": key, "state": "building"}
     had_marker = marker.exists()
+    if had_marker:
+        _clear_damaged_folder(job)
     made = [p for p in Path(job.output).parents if not p.exists()]
     Path(job.output).parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -258,6 +295,34 @@ def _claim(job: Job, key: str) -> Callable[[], None]:
         _remove_empty(made)
 
     return release
+
+
+def _clear_damaged_folder(job: Job) -> None:
+    """Empty a sharded output that its done marker lists file by file but that no longer
+    loads (a shard or the index missing or cut short): the writer replaces only a whole
+    checkpoint, so it could never be rebuilt. A folder holding any file the marker does
+    not list is left as it is (the writer then refuses it, naming it)."""
+    out = Path(job.output)
+    if not out.is_dir() or out.is_symlink():
+        return
+    marker = _read_marker(job)
+    listed = marker.get("files") if marker is not None else None
+    if not isinstance(listed, list):
+        return
+    present = list(out.iterdir())
+    if not {p.name for p in present} <= set(listed) or _loads(out):
+        return
+    for p in present:
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
+
+
+def _loads(folder: Path) -> bool:
+    try:
+        load_index(folder)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _build(job: Job) -> None:
