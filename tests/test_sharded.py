@@ -118,6 +118,14 @@ def test_a_shard_with_an_interrupted_in_place_patch_is_refused(ckpt):
     assert listing(d) == before and not (d / "out2").exists() and not (d / "restored").exists()
 
 
+def test_an_output_in_a_missing_folder_is_named_in_the_error(ckpt):
+    # the error named the temporary folder: nodir/.out.rp27294.bzhvvih6.tmp
+    d, _, _ = ckpt
+    with pytest.raises(FileNotFoundError) as e:
+        rp.apply_file(d / "base", [d / "fog.rws"], 0.5, d / "nodir" / "out")
+    assert e.value.filename == str(d / "nodir" / "out")
+
+
 def test_a_folder_is_accepted_for_its_index_and_other_folders_stay_refused(ckpt, tmp_path):
     d, _, sig = ckpt
     rp.apply_file(d / "base", sig, 1.0, d / "out")

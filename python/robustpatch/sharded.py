@@ -461,7 +461,8 @@ class _TempFolder:
         self.out, self.durable = out, durable
         remove_stale_folders(out)
         prefix = f".{out.name}.rp{os.getpid()}."
-        self.path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out.parent))
+        with naming_errors(out):  # a missing parent folder is the output's error
+            self.path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out.parent))
         give_new_folder_mode(self.path)  # the checkpoint's folder, not a private one
         self.committed = False
 
