@@ -240,6 +240,21 @@ def test_a_rolled_back_removal_says_the_model_is_still_patched(small, capsys):
     assert model.read_bytes() == patched and record.exists()
 
 
+def test_inspect_lists_what_an_in_place_patch_applied_from_its_record(small, capsys):
+    # the header had no room for the list: "no robustpatch signatures applied"
+    model, sig = small / "m.safetensors", small / "s.rws"
+    rep = apply_file(model, sig, 0.5, inplace=True)
+    assert not rep.header_updated
+    assert main(["inspect", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "alpha=0.5" in out and "(from the undo record)" in out and "no robustpatch" not in out
+    remove_file(model, inplace=True)
+    undo_path_for(model).write_bytes(b"not a record")  # a stray file of that name
+    assert main(["inspect", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "no robustpatch signatures applied" in out and "not an undo record" in out
+
+
 def test_a_journal_killed_before_its_seal_is_discarded_and_the_model_kept(small):
     model = small / "m.safetensors"
     original = model.read_bytes()

@@ -82,16 +82,36 @@ def model_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     h = read_header(path)
     dtypes = _dtype_counts(h.tensors)
     undo = undo_path_for(path)
+    applied, applied_from = applied_signatures(h, path), "header"
+    recorded, unreadable = _recorded(undo) if undo.exists() else (None, None)
+    if not applied and recorded:  # patched in place with no room in the header for it
+        applied, applied_from = recorded, "undo record"
     return {
         "file": str(path),
         "kind": "model",
         "bytes": h.file_size,
         "tensors": len(h.tensors),
         "dtypes": dtypes,
-        "applied": applied_signatures(h, path),
+        "applied": applied,
+        "applied_from": applied_from if applied else None,
         "undo": str(undo) if undo.exists() else None,
+        "undo_unreadable": unreadable,
         "metadata": {k: v for k, v in h.metadata.items() if k != APPLIED_KEY},
     }
+
+
+def _recorded(undo: os.PathLike[str]) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The signatures the undo record beside a model says it removes, or why the file
+    there is no undo record: a stray or damaged ``.rpundo`` is not shown as the model's."""
+    from pathlib import Path
+
+    from .._format.undo import read_record
+    from ..errors import EXPECTED_ERRORS
+
+    try:
+        return read_record(Path(undo)).applied(), None
+    except EXPECTED_ERRORS as e:
+        return None, " ".join(str(e).split())
 
 
 def _dtype_counts(tensors: Iterable[Any]) -> dict[str, int]:
@@ -239,9 +259,13 @@ def _print_model(rep: dict[str, Any]) -> None:
     )
     if not rep["applied"]:
         print("no robustpatch signatures applied")
+    where = " (from the undo record)" if rep.get("applied_from") == "undo record" else ""
     for a in rep["applied"]:
-        print(f"applied {a.get('name')!r} alpha={a.get('alpha')} hash={a.get('hash')}")
-    print(f"undo record: {rep['undo'] or 'none'}")
+        print(f"applied {a.get('name')!r} alpha={a.get('alpha')} hash={a.get('hash')}{where}")
+    if rep.get("undo_unreadable"):
+        print(f"not an undo record: {rep['undo']} ({rep['undo_unreadable']})")
+    else:
+        print(f"undo record: {rep['undo'] or 'none'}")
 
 
 def _print_undo(rep: dict[str, Any]) -> None:
