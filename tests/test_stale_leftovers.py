@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from robustpatch._io.atomic import remove_stale_temps
+from robustpatch._io.atomic import _pid_alive, _proc_state, remove_stale_temps
 from robustpatch.sharded import remove_stale_folders
 
 DEAD = 999999999  # no such process
@@ -75,3 +78,26 @@ def test_a_previous_folder_a_writer_was_killed_over_is_put_back(tmp_path):
     want = {p.name: p.read_bytes() for p in newer.iterdir()}
     assert sorted(remove_stale_folders(out)) == sorted([older, part])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == want and not newer.exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process states from /proc")
+def test_a_killed_writer_not_yet_reaped_is_dead(tmp_path):
+    # a zombie answers kill(pid, 0): its files stayed for good under a PID 1 that never reaps
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while _proc_state(child.pid)[0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        stale = tmp_path / f".m.safetensors.rp{child.pid}.abc.tmp"
+        stale.write_bytes(b"x")
+        _old(stale)
+        assert remove_stale_temps(tmp_path / "m.safetensors") == [stale]
+    finally:
+        child.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process starts from /proc")
+def test_a_process_that_started_after_an_entry_is_not_its_writer():
+    # the writer's pid was reused: a process that started later kept its files for good
+    assert _pid_alive(os.getpid(), since=time.time())
+    assert not _pid_alive(os.getpid(), since=_proc_state(os.getpid())[1] - 60)

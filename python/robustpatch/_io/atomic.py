@@ -14,6 +14,7 @@ looks similar is never touched.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import secrets
@@ -266,14 +267,39 @@ def _umask() -> int:
     return mask
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int, since: float | None = None) -> bool:
+    """Whether process ``pid`` exists and may be the writer of an entry its writer last
+    changed at ``since`` (seconds since the epoch). Where /proc tells, a zombie (killed, not yet
+    reaped: for good under a PID 1 that does not reap) is dead, and so is a process that
+    started after ``since``: the pid was reused after the writer died."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (OSError, OverflowError):  # EPERM: someone else's; or not a pid: leave it
         return True
-    return True
+    state, started = _proc_state(pid)
+    if state in ("Z", "X"):
+        return False
+    return since is None or started is None or started <= since + 1.0  # clock ticks
+
+
+def _proc_state(pid: int) -> tuple[str | None, float | None]:
+    """(state letter, start time in seconds since the epoch) of process ``pid`` from
+    /proc, (None, None) where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the (command name)
+        state, ticks = fields[0].decode(), int(fields[19])
+        return state, _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+@functools.cache
+def _boot_time() -> float:
+    with open("/proc/stat") as f:
+        return float(next(line.split()[1] for line in f if line.startswith("btime")))
 
 
 def remove_stale_temps(path: PathLike) -> list[Path]:
@@ -304,7 +330,9 @@ def remove_stale(folder: Path, pattern: re.Pattern[str], folders: bool) -> list[
     removed = []
     for entry in entries:
         m = pattern.fullmatch(entry.name)
-        if m is None or _pid_alive(int(m.group(1))):
+        # A file's ctime dates it (POSIX: link() sets it too); a renamed folder's may not.
+        since = None if folders else _changed(entry)
+        if m is None or _pid_alive(int(m.group(1)), since):
             continue
         try:
             if not _is_stale(entry, folders):
@@ -317,6 +345,16 @@ def remove_stale(folder: Path, pattern: re.Pattern[str], folders: bool) -> list[
         except OSError:
             pass
     return removed
+
+
+def _changed(entry: os.DirEntry[str]) -> float | None:
+    """When the entry's inode last changed: its writer made it (a temporary file, a hard
+    link keeping a previous file) no earlier than that. Not the modification time: a
+    kept previous file keeps its own, older than its keeper."""
+    try:
+        return entry.stat(follow_symlinks=False).st_ctime
+    except OSError:
+        return None
 
 
 def _is_stale(entry: os.DirEntry[str], folders: bool) -> bool:
