@@ -133,6 +133,9 @@ def test_yaml_and_json_manifests_give_the_same_jobs(tmp_path):
             "field {alpha} takes no format spec",
         ),
         (lambda m: m.update(defaults={"undo": "yes"}), "undo must be true or false"),
+        (lambda m: (m.pop("grid"), m.update(jobs=[])), "no jobs: 'jobs' is empty"),
+        (lambda m: m.update(version=True), "unknown manifest version"),
+        (lambda m: m["grid"].update(alphas=["1e-3"]), r"YAML reads 1e-3 as text: write 0\.001"),
     ],
 )
 def test_bad_manifests_are_refused_with_one_line_naming_the_manifest(tmp_path, edit, match):
@@ -142,6 +145,20 @@ def test_bad_manifests_are_refused_with_one_line_naming_the_manifest(tmp_path, e
     with pytest.raises(InvalidArgumentError, match=match) as info:
         pipeline.load_manifest(path)
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("m.json", '{"jobs": [{"base": "a", "base": "b", "signatures": ["s"], "output": "o"}]}'),
+        ("m.yaml", "jobs:\n  - {base: a, base: b, signatures: [s], output: o}\n"),
+    ],
+)
+def test_a_key_given_twice_is_refused(tmp_path, name, text):
+    # the last one won: a job built from another base than the first line says
+    (tmp_path / name).write_text(text)
+    with pytest.raises(InvalidArgumentError, match="key 'base' given twice"):
+        pipeline.load_manifest(tmp_path / name)
 
 
 @pytest.mark.parametrize("name", ["fleet.json", "fleet.yaml"])
@@ -598,3 +615,26 @@ def test_an_empty_batch_on_a_pool_reports_no_jobs(capsys, tmp_path):
     manifest = tmp_path / "fleet.json"
     manifest.write_text('{"jobs": []}')
     assert main(["batch", str(manifest), "--workers", "2"]) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_the_default_worker_count_follows_the_cpus_this_process_may_use():
+    # os.cpu_count() counts the host's CPUs: 64 processes in a container limited to 2
+    from robustpatch.pipeline.runner import usable_cpus
+
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert usable_cpus() == len(allowed)
+
+
+def test_an_output_under_a_file_is_not_a_directory(tmp_path):
+    # "m0.safetensors: File exists" for out/m0.safetensors/a.safetensors
+    make_fleet(tmp_path, bases=1)
+    doc = {"jobs": [{"base": "m0.safetensors", "signatures": ["fog.rws"], "output": "x/a"}]}
+    (tmp_path / "x").write_text("a file")
+    (line,) = pipeline.run(pipeline.load_manifest(write_manifest(tmp_path, doc)), workers=1)
+    assert line["status"] == "failed" and "Not a directory" in line["error"]

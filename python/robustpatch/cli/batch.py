@@ -60,8 +60,8 @@ def batch_arguments(p: Any) -> None:
     p.add_argument(
         "--workers",
         type=cli_args.positive_int,
-        help="local processes (default: one per CPU; 1 runs in this process); with Ray, "
-        "the CPUs of a local instance it starts",
+        help="local processes (default: one per CPU this process may use; 1 runs in this "
+        "process); with Ray, the CPUs of a local instance it starts",
     )
     p.add_argument(
         "--overwrite",

@@ -279,7 +279,7 @@ def _claim(job: Job, key: str) -> Callable[[], None]:
     if had_marker:
         _clear_damaged_folder(job)
     made = [p for p in Path(job.output).parents if not p.exists()]
-    Path(job.output).parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(Path(job.output))
     try:
         with AtomicFile(marker, durable=True) as f:
             f.file.write((json.dumps(doc) + "\n").encode())
@@ -295,6 +295,15 @@ def _claim(job: Job, key: str) -> Callable[[], None]:
         _remove_empty(made)
 
     return release
+
+
+def _make_parent(output: Path) -> None:
+    """Create the output's folder; a file where a folder of its path should be is "Not
+    a directory" there (mkdir says "File exists")."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), e.filename) from None
 
 
 def _clear_damaged_folder(job: Job) -> None:

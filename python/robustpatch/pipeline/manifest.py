@@ -55,9 +55,8 @@ def load_manifest(path: str | os.PathLike[str]) -> list[Job]:
     path = Path(path)
     with open_input(path) as f:
         text = f.read().decode("utf-8", errors="replace")
-    doc = _parse(text, path)
     try:
-        return jobs_from(doc, path.parent, inputs=[path])
+        return jobs_from(_parse(text, path), path.parent, inputs=[path])
     except InvalidArgumentError as e:
         raise InvalidArgumentError(f"{path}: {e}") from None
 
@@ -71,17 +70,44 @@ def _parse(text: str, path: Path) -> Any:
                 f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write it as JSON"
             ) from None
         try:
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=_strict_yaml_loader(yaml))  # noqa: S506 - safe
         except RecursionError:
             raise FormatError(f"{path}: nested too deeply to be a manifest") from None
         except yaml.YAMLError as e:
             raise FormatError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise FormatError(f"{path}: nested too deeply to be a manifest") from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: of two, the last silently won."""
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise InvalidArgumentError(f"key {k!r} given twice in one object")
+    return dict(pairs)
+
+
+def _strict_yaml_loader(yaml: Any) -> Any:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the
+    last)."""
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    at = key_node.start_mark.line + 1
+                    raise InvalidArgumentError(f"key {key!r} given twice in a mapping (line {at})")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 def jobs_from(
@@ -90,8 +116,9 @@ def jobs_from(
     """The jobs a manifest document describes, paths resolved against ``root``;
     ``inputs``: files the run reads besides the jobs' own (the manifest)."""
     top = _mapping(doc, "the manifest", TOP_KEYS)
-    if top.get("version", 1) != 1:
-        raise InvalidArgumentError(f"unknown manifest version {shown(top['version'])}")
+    version = top.get("version", 1)
+    if isinstance(version, bool) or version != 1:
+        raise InvalidArgumentError(f"unknown manifest version {shown(version)}")
     defaults = _mapping(top.get("defaults", {}), "defaults", ("alphas", *JOB_OPTION_KEYS))
     if "jobs" not in top and "grid" not in top:
         raise InvalidArgumentError("no 'jobs' and no 'grid': nothing to run")
@@ -101,6 +128,8 @@ def jobs_from(
     jobs = [_listed_job(spec, f"job #{i + 1}", defaults, root) for i, spec in enumerate(raw)]
     if "grid" in top:
         jobs += _grid(_mapping(top["grid"], "grid", GRID_KEYS), defaults, root)
+    if not jobs:
+        raise InvalidArgumentError("no jobs: 'jobs' is empty and there is no grid")
     check_jobs(jobs, inputs)
     return jobs
 
@@ -142,7 +171,21 @@ def _job(spec: Mapping[str, Any], root: Any, what: str) -> Job:
             **options,
         )
     except (InvalidArgumentError, NonFiniteError) as e:  # NaN α: a bad value in the manifest
-        raise InvalidArgumentError(f"{what}: {e}") from None
+        raise InvalidArgumentError(f"{what}: {e}{_number_as_text(spec.get('alphas'))}") from None
+
+
+def _number_as_text(alphas: Any) -> str:
+    """A hint where an α is a string that reads as a number: YAML 1.1 (PyYAML) reads
+    ``1e-3``, without a dot, as text."""
+    values = alphas if isinstance(alphas, list) else [alphas]
+    for v in values:
+        if isinstance(v, str):
+            try:
+                float(v)
+            except ValueError:
+                continue
+            return f" (YAML reads {v} as text: write {float(v)!r} or 1.0e-3 style, with a dot)"
+    return ""
 
 
 def _under(root: Any, path: str) -> str:
@@ -175,7 +218,9 @@ def _alpha_label(alpha: Any) -> str:
     """``0.5`` or ``1-0.5`` (one α per signature), for output names."""
     items = alpha if isinstance(alpha, list) else [alpha]
     if not items or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in items):
-        raise InvalidArgumentError(f"grid: alpha {shown(alpha)} is not a number or list of them")
+        raise InvalidArgumentError(
+            f"grid: alpha {shown(alpha)} is not a number or list of them{_number_as_text(alpha)}"
+        )
     return "-".join(f"{a:g}" for a in items)
 
 

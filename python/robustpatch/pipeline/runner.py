@@ -63,8 +63,17 @@ def run(
         if executor == "ray":
             _run_ray(jobs, workers, ray_address, emit)
         else:
-            _run_local(jobs, workers or os.cpu_count() or 1, emit)
+            _run_local(jobs, workers or usable_cpus(), emit)
     return [r for r in results if r is not None]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or ``taskset``'s
+    limit), not every CPU of the host: the default number of workers."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity call (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def _jobs(jobs: Iterable[Job | Mapping[str, Any]]) -> list[Job]:
