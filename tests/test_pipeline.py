@@ -613,8 +613,9 @@ def test_an_empty_batch_on_a_pool_reports_no_jobs(capsys, tmp_path):
     # min(workers, 0) processes: a ValueError traceback
     assert pipeline.run([], workers=2) == []
     manifest = tmp_path / "fleet.json"
-    manifest.write_text('{"jobs": []}')
-    assert main(["batch", str(manifest), "--workers", "2"]) == 0
+    manifest.write_text('{"jobs": []}')  # a manifest that runs nothing is a mistake in it
+    assert main(["batch", str(manifest), "--workers", "2"]) == 1
+    assert "no jobs: 'jobs' is empty" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
