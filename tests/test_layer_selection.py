@@ -291,12 +291,12 @@ def test_an_invalid_regex_is_our_error_naming_the_pattern(bad):
 # ---------------------------------------------------------------------------- finding 5
 
 
-def test_identical_clean_and_robust_models_warn():
+def test_identical_clean_and_robust_models_are_refused():
+    # their unchanged BatchNorm statistics made a no-op signature, with only a warning
     pre, clean, _ = trio(0)
-    with pytest.warns(ZeroSignatureWarning, match="zero or near zero"):
-        s = extract(pre, clean, copy_model(clean), layers="all")
-    assert set(s.entries) == {"bn1.running_mean", "bn1.running_var"}
-    with pytest.warns(ZeroSignatureWarning):
+    with pytest.raises(SelectionError, match="are unchanged"):
+        extract(pre, clean, copy_model(clean), layers="all")
+    with pytest.raises(SelectionError, match="are unchanged"):
         extract(None, clean, copy_model(clean), layers="all", method="difference")
 
 
@@ -329,6 +329,18 @@ def test_identical_models_without_batchnorm_leave_nothing_to_extract():
     m = llama_like(np.random.default_rng(0))
     with pytest.raises(SelectionError, match="nothing to extract"):
         extract(None, m, copy_model(m), method="difference")
+
+
+def test_a_wrong_pretrained_checkpoint_is_refused_and_batchnorm_alone_is_kept():
+    # every weight skipped for want of a pretrained twin: a BN-only signature, exit 0
+    pre, clean, _ = trio(0)
+    other = {"unrelated.weight": np.ones((3, 3), np.float32)}  # another model's checkpoint
+    with pytest.raises(SelectionError, match="holds none of the"):
+        extract(other, *trio(0)[1:], layers="all")
+    robust = copy_model(clean)  # BatchNorm statistics alone moved: a real signature
+    robust["bn1.running_mean"] = robust["bn1.running_mean"] + np.float32(0.5)
+    sig = extract(pre, clean, robust, layers="all")
+    assert list(sig.entries) == ["bn1.running_mean", "bn1.running_var"]
 
 
 def test_names_that_do_not_split_into_layers_warn_that_the_whole_model_is_taken():

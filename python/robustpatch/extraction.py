@@ -466,6 +466,8 @@ class _Tally:
     energy: float = 0.0  # ‖signature‖² over the stored deltas
     reference: float = 0.0  # the matching ‖Δr‖² or ‖robust‖² over the selected deltas
     weights: int = 0  # selected tensors that are no BatchNorm statistics
+    unmatched: int = 0  # of those, the ones with no pretrained counterpart
+    changed_bn: int = 0  # BatchNorm statistics whose robust values differ from clean's
 
 
 def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
@@ -476,10 +478,13 @@ def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
         label = trio.clean.spec(n)[0]
         entry = None
         if n in plan.bn:
-            entry = bn_entry(n, widen(trio.robust.get(n)), label)
+            robust = widen(trio.robust.get(n))
+            entry = bn_entry(n, robust, label)
+            tally.changed_bn += not np.array_equal(robust, widen(trio.clean.get(n)))
         else:
             tally.weights += 1
             got = _signature_values(trio, n, plan.method)
+            tally.unmatched += got is None
             if got is not None:
                 tally.reference += got.reference
                 if got.pretrained_digest is not None:
@@ -518,7 +523,12 @@ def _delta_entry(name: str, got: Values, label: str) -> Entry:
 def _meta(plan: _Plan, tally: _Tally, provenance, effect) -> dict[str, Any]:
     """The signature's metadata (SelectionError if no entry was produced)."""
     trio = plan.trio
-    if not tally.names:
+    if tally.weights and tally.unmatched == tally.weights:  # a wrong checkpoint, surely
+        raise SelectionError(
+            f"nothing to extract: the pretrained checkpoint holds none of the "
+            f"{tally.weights} selected weight tensors (is it the model both were fine-tuned from?)"
+        )
+    if not tally.names or (len(tally.skipped) == tally.weights and not tally.changed_bn):
         raise SelectionError(
             f"nothing to extract: the {len(plan.chosen)} selected tensors are unchanged "
             "(robust equals clean) or have no pretrained counterpart"
