@@ -405,6 +405,13 @@ def test_quiet_and_json_work_before_or_after_the_subcommand(d, capsys):
     assert "demo has no --json output" in usage_error(capsys, "--json", "demo")
 
 
+def test_mismatch_errors_name_the_model_file(d, capsys):
+    # "the model has no tensor 'fc.weight' (signature 'fog' touches it)": which model?
+    write_tensors(d / "small.safetensors", {"other": np.ones(4, np.float32)})
+    line = one_line_error(capsys, "apply", d / "small.safetensors", d / "fog.rws", "-o", d / "o")
+    assert line.startswith(f"robustpatch: error: {d / 'small.safetensors'}: the model has no")
+
+
 def test_options_between_positionals_as_after_them(d, capsys):
     """``apply m fog.rws -q fog.rws``: an option between two files does not end the
     list of files (plain argparse refused the second one as an unrecognized argument)."""

@@ -297,7 +297,11 @@ def apply_one(
         header = read_header_from(fsrc, str(src))
         try:
             check_plan(
-                plan, spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change
+                plan,
+                spec_of(header),
+                opts.force,
+                allow_dtype_change=opts.allow_dtype_change,
+                model=src,
             )
         except BaseException:
             with verifying(plan):  # a signature that fails its verification is the error
@@ -558,11 +562,12 @@ def verify_patched(fsrc: BinaryIO, header: Header, side: UndoSidecar, plan: Plan
     """The patched file is the one the record was made for, and the record's tensors are
     the ones its signatures touch (each of the kind and dtype the file has)."""
     record, where = side.record, f"{side.path}: bad undo record"
+    patched = getattr(fsrc, "name", "the patched file")
     if header.file_size != record.patched_size:
-        raise MismatchError("the patched file's size differs from the undo record's")
+        raise MismatchError(f"{patched}: its size differs from the undo record's ({side.path})")
     got = hashlib.sha256(_read_exact(fsrc, 0, header.data_start)).hexdigest()
     if got != record.patched_header_sha256:
-        raise MismatchError("the patched file's header differs from the undo record's")
+        raise MismatchError(f"{patched}: its header differs from the undo record's ({side.path})")
     infos = header.by_name()
     for e in record.tensors:
         kind = "delta" if e.name in plan.deltas else "bn" if e.name in plan.bn else None

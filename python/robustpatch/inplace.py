@@ -245,7 +245,13 @@ def _apply_held(model: Path, call: PatchCall) -> FileReport:
     with open_input(model) as probe:
         header = read_header_from(probe, str(model))
     try:
-        check_plan(plan, spec_of(header), opts.force, allow_dtype_change=opts.allow_dtype_change)
+        check_plan(
+            plan,
+            spec_of(header),
+            opts.force,
+            allow_dtype_change=opts.allow_dtype_change,
+            model=model,
+        )
     except BaseException:
         with verifying(plan):  # a signature that fails its verification is the error
             raise

@@ -57,7 +57,9 @@ class VerifyRestore:
 
     def loaded(self, t: TensorInfo, arr: np.ndarray) -> None:
         if checksum(arr) != self.entries[t.name].checksum:
-            raise MismatchError(f"{t.name}: tensor changed since it was patched")
+            raise MismatchError(
+                f"{t.name}: tensor changed since it was patched (its undo record: {self.side.path})"
+            )
 
     def finished(self, t: TensorInfo, arr: np.ndarray) -> None:
         self.side.check_restored(f"tensor {t.name!r}", self.entries[t.name].digest, arr)

@@ -99,7 +99,13 @@ def apply_sharded(
     out = _out_folder(out, "apply_file")
     pairs = terms(_opened(sigs), call.alphas)
     plan = make_plan(*_split(pairs))
-    check_plan(plan, _spec_across(index), opts.force, allow_dtype_change=opts.allow_dtype_change)
+    check_plan(
+        plan,
+        _spec_across(index),
+        opts.force,
+        allow_dtype_change=opts.allow_dtype_change,
+        model=index.path,
+    )
     _check_out_folder(out, [*_index_files(index), *_sig_paths(sigs)])
     shards: dict[str, dict[str, Any]] = {}
     written = elements = 0

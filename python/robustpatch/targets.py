@@ -243,10 +243,23 @@ def check_plan(
     writable: Any = None,
     *,
     allow_dtype_change: bool = False,
+    model: str | os.PathLike[str] | None = None,
 ) -> None:
     """Refuse (MismatchError) unless every touched tensor fits; ``force`` relaxes dtype
     and shape checks (the element count must still match); ``allow_dtype_change`` only
-    the dtype check (a float tensor either way)."""
+    the dtype check (a float tensor either way). ``model``: the file the tensors are
+    in, named first in the error."""
+    try:
+        _check_fits(plan, spec_of, force, writable, allow_dtype_change)
+    except MismatchError as e:
+        if model is None:
+            raise
+        raise MismatchError(f"{os.fspath(model)}: {e}") from None
+
+
+def _check_fits(
+    plan: Plan, spec_of: Any, force: bool, writable: Any, allow_dtype_change: bool
+) -> None:
     for sig in plan.sigs:
         for name, e in sig.entries.items():
             spec = spec_of(name)

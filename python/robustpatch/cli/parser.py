@@ -246,19 +246,21 @@ def add_quant_args(p: Any, required: bool) -> None:
         "--scheme",
         default="affine" if required else None,
         choices=validate.SCHEMES,
-        help="how values map to codes: min/max, absmax, log or tanh companding (default affine)",
+        help="how values map to codes: min/max, absmax, log or tanh companding"
+        + ("" if required else " (with --bits: affine)"),
     )
     p.add_argument(
         "--granularity",
         default="group" if required else None,
         choices=validate.GRANULARITIES,
-        help="one scale per tensor, per output channel or per --group elements (default group)",
+        help="one scale per tensor, per output channel or per --group elements"
+        + ("" if required else " (with --bits: group)"),
     )
     p.add_argument(
         "--group",
         type=group_arg,
         default=128 if required else None,
-        help="group size (default 128)",
+        help="group size" + ("" if required else " (with --bits: 128)"),
     )
 
 
