@@ -1,5 +1,6 @@
 """Property tests of the compiled engine (robustpatch._core) against numpy references."""
 
+import pickle
 import threading
 import time
 
@@ -8,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import robustpatch as rp
 from robustpatch import _core
 from rp_testutil import bf16_from_f32, bf16_to_f32
 
@@ -278,3 +280,10 @@ def test_stub_matches_the_compiled_module():
     for name, node in stub_funcs.items():
         params = list(inspect.signature(getattr(_core, name)).parameters)
         assert params == [a.arg for a in node.args.args], name
+
+
+@pytest.mark.parametrize("error", [rp.FormatError, rp.NonFiniteError])
+def test_the_engines_errors_survive_pickling(error):
+    # created in module "_core": a worker process's error came back as a PicklingError
+    e = pickle.loads(pickle.dumps(error("model.safetensors: bad")))
+    assert type(e) is error and str(e) == "model.safetensors: bad"

@@ -13,13 +13,13 @@ use robustpatch_core::Error;
 use std::io::ErrorKind;
 
 create_exception!(
-    _core,
+    robustpatch._core,
     FormatError,
     PyValueError,
     "A file or buffer is not a valid safetensors container or signature."
 );
 create_exception!(
-    _core,
+    robustpatch._core,
     NonFiniteError,
     PyValueError,
     "NaN or Inf where finite values are required."
