@@ -135,8 +135,10 @@ def export_unfolded(model: torch.nn.Module, path: Path) -> Path:
 
 
 def files_size(path: Path) -> int:
-    data = path.parent / (path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """The model's bytes and those of the external data it reads (a patched model's data
+    file has a name of its own per write)."""
+    m = ro.load(path)
+    return path.stat().st_size + (m.data_id[2] if m.data_id else 0)
 
 
 def one_thread() -> Any:

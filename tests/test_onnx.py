@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,12 @@ from robustpatch.errors import FormatError, InvalidArgumentError, MismatchError 
 from rp_testutil import copy_model, listing, sha, trio  # noqa: E402
 
 ONNX_DTYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+
+
+def is_data_of(data: Path, out: Path) -> bool:
+    """``data`` is a data file ``apply`` writes for ``out``: ``<out>.<8 hex>.data`` beside it."""
+    pattern = re.escape(out.name) + r"\.[0-9a-f]{8}\.data"
+    return data.parent == out.parent and re.fullmatch(pattern, data.name) is not None
 
 
 def model_proto(arrays: dict, skip: tuple[str, ...] = ()) -> onnx.ModelProto:
@@ -90,11 +97,16 @@ def run(path_or_session, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"x": x})[0]
 
 
-@pytest.fixture
-def setup(tmp_path):
+def make_setup(tmp_path: Path) -> tuple[dict, rp.Signature, Path]:
+    """A toy model's clean state dict, a 4-bit signature of it, and a folder."""
     pre, clean, robust = trio(0)
     sig = rp.extract(pre, clean, robust, layers="all").quantize(bits=4)
     return clean, sig, tmp_path
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return make_setup(tmp_path)
 
 
 @pytest.mark.parametrize("external", [False, True])
@@ -112,14 +124,14 @@ def test_apply_equals_the_engine_on_the_state_dict_bit_for_bit(setup, external):
     assert rep.tensors == 7 and rep.bn_buffers == 2
     assert (rep.data is not None) == external
     if external:  # the patched model reads its own data file, never the source's
-        assert rep.data == tmp / "out" / "p.onnx.data"
+        assert is_data_of(rep.data, tmp / "out" / "p.onnx")
         locations = {
             e.value
             for t in onnx.load(rep.out, load_external_data=False).graph.initializer
             for e in t.external_data
             if e.key == "location"
         }
-        assert locations == {"p.onnx.data"}
+        assert locations == {rep.data.name}
 
 
 @pytest.mark.parametrize("external", [False, True])
@@ -141,7 +153,7 @@ def test_apply_beside_the_source_writes_a_new_data_file(setup):
     src = save(model_proto(clean), tmp / "m.onnx", external=True)
     before = sha(tmp / "m.onnx.data")
     rep = ro.apply(src, sig, 1.0, out=tmp / "fog.onnx")
-    assert rep.data == tmp / "fog.onnx.data" and sha(tmp / "m.onnx.data") == before
+    assert is_data_of(rep.data, tmp / "fog.onnx") and sha(tmp / "m.onnx.data") == before
     x = np.random.default_rng(1).normal(size=(3, 3, 2, 2)).astype(np.float32)
     assert not np.array_equal(run(rep.out, x), run(src, x))
 
@@ -274,9 +286,9 @@ def test_remove_refuses_an_external_data_file_that_grew_since_the_patch(setup):
     # bytes appended to the patched data file were copied into the "restored" one
     clean, sig, tmp = setup
     src = save(model_proto(clean), tmp / "m.onnx", external=True)
-    ro.apply(src, sig, 1.0, out=tmp / "p.onnx")
-    assert (tmp / "p.onnx.data").stat().st_size == (tmp / "m.onnx.data").stat().st_size
-    with open(tmp / "p.onnx.data", "ab") as f:
+    rep = ro.apply(src, sig, 1.0, out=tmp / "p.onnx")
+    assert rep.data.stat().st_size == (tmp / "m.onnx.data").stat().st_size
+    with open(rep.data, "ab") as f:
         f.write(b"xyz")
     before = listing(tmp)
     with pytest.raises(MismatchError, match="external data file has .* it changed since"):
@@ -305,7 +317,7 @@ def test_outputs_never_replace_inputs(setup):
     with pytest.raises(InvalidArgumentError, match="is the input"):
         ro.apply(src, sig, 1.0, out=src)
     with pytest.raises(InvalidArgumentError, match=r"p\.onnx\.data is the input"):
-        ro.apply(src, sig, 1.0, out=tmp / "p.onnx")  # its data file would be the source's
+        ro.remove(src, tmp / "p.onnx")  # its data file would be the patched model's
     assert {p.name: sha(p) for p in tmp.iterdir()} == before
 
 
@@ -316,205 +328,6 @@ def test_without_undo_there_is_no_record_and_remove_says_so(setup):
     assert rep.undo is None and not (tmp / "p.onnx.rpundo").exists()
     with pytest.raises(FileNotFoundError, match="no undo record"):
         ro.remove(tmp / "p.onnx", tmp / "back.onnx")
-
-
-# ---------------------------------------------------------------------------- hostile models
-
-
-def _external_model(tmp: Path, clean: dict) -> tuple[onnx.ModelProto, Path]:
-    """A model saved with external data in ``tmp/src``, reloaded without its data."""
-    src = save(model_proto(clean), tmp / "src" / "m.onnx", external=True)
-    return onnx.load(src, load_external_data=False), src
-
-
-def _set_external(proto: onnx.ModelProto, name: str, **entries: str) -> None:
-    t = next(t for t in proto.graph.initializer if t.name == name)
-    for e in t.external_data:
-        if e.key in entries:
-            e.value = entries.pop(e.key)
-    for k, v in entries.items():
-        t.external_data.add(key=k, value=v)
-
-
-def _write(proto: onnx.ModelProto, src: Path) -> None:
-    src.write_bytes(proto.SerializeToString())
-
-
-def _new_source(tmp: Path, data: bytes) -> Path:
-    """``tmp/src/m.onnx`` holding ``data``: the source file of a hostile case."""
-    src = tmp / "src" / "m.onnx"
-    src.parent.mkdir(parents=True)
-    src.write_bytes(data)
-    return src
-
-
-def h_truncated(tmp, clean):
-    src = save(model_proto(clean), tmp / "src" / "m.onnx")
-    src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
-    return src
-
-
-def h_not_protobuf(tmp, clean):
-    return _new_source(tmp, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
-
-
-def h_raw_size(tmp, clean):
-    proto = model_proto(clean)
-    proto.graph.initializer[0].raw_data = proto.graph.initializer[0].raw_data[:-4]
-    return _new_source(tmp, proto.SerializeToString())
-
-
-def h_negative_dim(tmp, clean):
-    proto = model_proto(clean)
-    proto.graph.initializer[0].dims[0] = -16
-    return _new_source(tmp, proto.SerializeToString())
-
-
-def h_name_not_utf8(tmp, clean):
-    data = model_proto(clean).SerializeToString()
-    return _new_source(tmp, data.replace(b"Relu", b"\xffelu", 1))
-
-
-def h_duplicate_name(tmp, clean):
-    proto = model_proto(clean)
-    proto.graph.initializer.append(proto.graph.initializer[0])
-    return _new_source(tmp, proto.SerializeToString())
-
-
-def h_two_graphs(tmp, clean):
-    """A second graph field: protobuf merges it, so its bytes would not be the ones used."""
-    src = save(model_proto(clean), tmp / "src" / "m.onnx")
-    g = model_proto(clean).graph.SerializeToString()
-    tag, n, out = bytes([7 << 3 | 2]), len(g), bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            break
-    src.write_bytes(src.read_bytes() + tag + bytes(out) + g)
-    return src
-
-
-def h_dotdot(tmp, clean):
-    proto, src = _external_model(tmp, clean)
-    (tmp / "outside.bin").write_bytes((tmp / "src" / "m.onnx.data").read_bytes())
-    _set_external(proto, "conv2.weight", location="../outside.bin")
-    _write(proto, src)
-    return src
-
-
-def h_absolute(tmp, clean):
-    proto, src = _external_model(tmp, clean)
-    (tmp / "outside.bin").write_bytes((tmp / "src" / "m.onnx.data").read_bytes())
-    for t in proto.graph.initializer:
-        if t.external_data:
-            _set_external(proto, t.name, location=str(tmp / "outside.bin"))
-    _write(proto, src)
-    return src
-
-
-def h_symlink_out(tmp, clean):
-    proto, src = _external_model(tmp, clean)
-    (tmp / "outside.bin").write_bytes((tmp / "src" / "m.onnx.data").read_bytes())
-    (tmp / "src" / "link.bin").symlink_to(tmp / "outside.bin")
-    for t in proto.graph.initializer:
-        if t.external_data:
-            _set_external(proto, t.name, location="link.bin")
-    _write(proto, src)
-    return src
-
-
-def h_past_end(tmp, clean):
-    proto, src = _external_model(tmp, clean)
-    _set_external(proto, "conv2.weight", offset=str(10**6))
-    _write(proto, src)
-    return src
-
-
-def h_length_mismatch(tmp, clean):
-    proto, src = _external_model(tmp, clean)
-    _set_external(proto, "conv2.weight", length="64")
-    _write(proto, src)
-    return src
-
-
-def h_overlap(tmp, clean):
-    proto, src = _external_model(tmp, clean)
-    ext = [t for t in proto.graph.initializer if t.external_data]
-    first = {e.key: e.value for e in ext[0].external_data}
-    _set_external(proto, ext[1].name, offset=first.get("offset", "0"))
-    _write(proto, src)
-    return src
-
-
-def h_missing_data(tmp, clean):
-    _, src = _external_model(tmp, clean)
-    (tmp / "src" / "m.onnx.data").unlink()
-    return src
-
-
-HOSTILE = [
-    h_truncated,
-    h_not_protobuf,
-    h_raw_size,
-    h_negative_dim,
-    h_name_not_utf8,
-    h_duplicate_name,
-    h_two_graphs,
-    h_dotdot,
-    h_absolute,
-    h_symlink_out,
-    h_past_end,
-    h_length_mismatch,
-    h_overlap,
-    h_missing_data,
-]
-
-
-def _folder_state(folder: Path) -> dict[str, str]:
-    return {p.name: sha(p) for p in folder.iterdir() if p.is_file()}
-
-
-@pytest.mark.parametrize("make", HOSTILE, ids=lambda f: f.__name__[2:])
-def test_hostile_model_is_refused_and_nothing_is_written(setup, make):
-    clean, sig, tmp = setup
-    src = make(tmp, clean)
-    before = _folder_state(src.parent), _folder_state(tmp)
-    (tmp / "out").mkdir()
-    with pytest.raises(FormatError):
-        ro.apply(src, sig, 1.0, out=tmp / "out" / "p.onnx")
-    with pytest.raises(FormatError):
-        ro.session(src, sig, 1.0)
-    assert (_folder_state(src.parent), _folder_state(tmp)) == before
-    assert list((tmp / "out").iterdir()) == []
-
-
-def test_a_data_file_swapped_after_the_checks_is_refused(setup):
-    """Between validation and use, the data file's path now names another file (e.g. a
-    symlink pointing out of the folder): the file opened must be the one checked."""
-    from robustpatch.onnx.model import load
-
-    clean, sig, tmp = setup
-    src = save(model_proto(clean), tmp / "src" / "m.onnx", external=True)
-    m = load(src)
-    data = tmp / "src" / "m.onnx.data"
-    (tmp / "outside.bin").write_bytes(data.read_bytes())
-    data.unlink()
-    data.symlink_to(tmp / "outside.bin")
-    with pytest.raises(FormatError, match="changed meanwhile"):
-        m.open_data()
-
-
-def test_hostile_patched_model_is_refused_by_remove(setup):
-    clean, sig, tmp = setup
-    src = save(model_proto(clean), tmp / "src" / "m.onnx", external=True)
-    ro.apply(src, sig, 1.0, out=tmp / "p.onnx")
-    proto = onnx.load(tmp / "p.onnx", load_external_data=False)
-    _set_external(proto, "conv2.weight", location="../src/m.onnx.data")
-    _write(proto, tmp / "p.onnx")
-    with pytest.raises(FormatError, match="outside the model's folder"):
-        ro.remove(tmp / "p.onnx", tmp / "back.onnx")
-    assert not (tmp / "back.onnx").exists()
 
 
 # ---------------------------------------------------------------------------- no torch
@@ -552,11 +365,11 @@ def test_cli_apply_check_remove_json(setup, capsys):
     args = [str(src), str(tmp / "fog.rws"), "-o", str(tmp / "p.onnx"), "--alpha", "0.5"]
     assert main(["onnx", "apply", *args, "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["tensors"] == 7 and rep["data"] == str(tmp / "p.onnx.data")
+    assert rep["tensors"] == 7 and is_data_of(Path(rep["data"]), tmp / "p.onnx")
     assert main(["onnx", "check", str(tmp / "p.onnx"), "--json"]) == 0
     check = json.loads(capsys.readouterr().out)
     assert check["applied"] == [{"name": sig.name, "hash": sig.content_hash, "alpha": 0.5}]
-    assert check["external_data"] == "p.onnx.data"
+    assert check["external_data"] == Path(rep["data"]).name
     assert main(["onnx", "check", str(tmp / "p.onnx")]) == 0  # the digest, not "tensors-blak"
     digest = sig.content_hash.rpartition(":")[2][:12]
     assert f"(alpha 0.5, {digest})" in capsys.readouterr().out
@@ -578,17 +391,6 @@ def test_cli_refuses_an_existing_output_without_overwrite(setup, capsys):
     assert "already exists" in capsys.readouterr().err and sha(tmp / "p.onnx") == before
     assert main([*args, "--alpha", "2", "--overwrite"]) == 0
     assert sha(tmp / "p.onnx") != before
-
-
-def test_cli_refuses_a_hostile_model_in_one_line(setup, capsys):
-    clean, sig, tmp = setup
-    src = h_dotdot(tmp, clean)
-    sig.save(tmp / "fog.rws")
-    code = main(["onnx", "apply", str(src), str(tmp / "fog.rws"), "-o", str(tmp / "p.onnx")])
-    err = capsys.readouterr().err
-    assert code == 1 and err.startswith("robustpatch: error: ") and err.count("\n") == 1
-    assert "outside the model's folder" in err and not (tmp / "p.onnx").exists()
-    assert main(["onnx", "check", str(src)]) == 1
 
 
 def test_cli_check_says_when_a_signature_does_not_fit(setup, capsys):
@@ -628,29 +430,28 @@ def test_cli_refuses_an_existing_undo_record_without_overwrite(setup, capsys):
 
 @pytest.mark.parametrize("external", [False, True])
 def test_cli_refuses_an_existing_data_file_without_overwrite(setup, capsys, external):
-    """``<out>.data`` is an output of a model with external data (apply and remove
-    alike): an existing one is refused, not replaced; a model whose tensors are all
-    embedded writes none, so the file is no output of it."""
+    """``<out>.data`` is what remove writes beside a model with external data: an
+    existing one is refused, not replaced. A model whose tensors are all embedded writes
+    none, and apply writes a name of its own: the file is no output of those, and stays."""
     clean, sig, tmp = setup
     src = save(model_proto(clean), tmp / "m.onnx", external=external)
     sig.save(tmp / "fog.rws")
     assert main(["onnx", "apply", str(src), str(tmp / "fog.rws"), "-o", str(tmp / "p.onnx")]) == 0
     for out in ("q.onnx", "r.onnx"):
         (tmp / (out + ".data")).write_bytes(b"someone else's bytes")
-    runs = (
-        ["onnx", "apply", str(src), str(tmp / "fog.rws"), "-o", str(tmp / "q.onnx")],
-        ["onnx", "remove", str(tmp / "p.onnx"), "-o", str(tmp / "r.onnx")],
-    )
-    for args in runs:
-        capsys.readouterr()
-        assert main(args) == (1 if external else 0)
-        if external:
-            assert "already exists" in capsys.readouterr().err
-            assert not Path(args[-1]).exists()
-        assert Path(args[-1] + ".data").read_bytes() == b"someone else's bytes"
-        if external:
-            assert main([*args, "--overwrite"]) == 0
-            assert Path(args[-1] + ".data").read_bytes() != b"someone else's bytes"
+    apply = ["onnx", "apply", str(src), str(tmp / "fog.rws"), "-o", str(tmp / "q.onnx")]
+    assert main(apply) == 0
+    assert (tmp / "q.onnx.data").read_bytes() == b"someone else's bytes"
+    remove = ["onnx", "remove", str(tmp / "p.onnx"), "-o", str(tmp / "r.onnx")]
+    capsys.readouterr()
+    assert main(remove) == (1 if external else 0)
+    if external:
+        assert "already exists" in capsys.readouterr().err
+        assert not (tmp / "r.onnx").exists()
+    assert (tmp / "r.onnx.data").read_bytes() == b"someone else's bytes"
+    if external:
+        assert main([*remove, "--overwrite"]) == 0
+        assert sha(tmp / "r.onnx.data") == sha(tmp / "m.onnx.data")
 
 
 def test_a_model_named_in_bytes_that_are_not_utf8_is_checked_applied_and_removed(setup, capsys):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from .model import OnnxModel, load
-from .patch import FOLDING_HINT, OnnxReport, apply, remove
+from .patch import FOLDING_HINT, OnnxReport, apply
+from .restore import remove
 from .session import session
 
 __all__ = [

@@ -33,6 +33,7 @@ from .._format.safetensors import read_header
 from .._io.atomic import AtomicFile, check_destinations
 from ..errors import InvalidArgumentError, MismatchError
 from ..targets import apply as apply_signatures
+from .graph import sort_nodes
 
 if TYPE_CHECKING:
     import torch
@@ -181,11 +182,16 @@ def _exported(model: torch.nn.Module, example: torch.Tensor) -> Any:
 
 
 def _to_f16(proto: Any) -> Any:
+    """onnxruntime's float16 converter, its nodes then sorted: it appends the casts of
+    the inputs at the end of the graph, which ``onnx.checker`` refuses."""
+    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return convert_float_to_float16(proto, keep_io_types=True)
+        converted = convert_float_to_float16(proto, keep_io_types=True)
+    sort_nodes(onnx, converted.graph)
+    return converted
 
 
 def _input_name(proto: Any) -> str:
@@ -289,7 +295,9 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """:func:`export` of a :class:`~robustpatch.lab.models.SmallCNN` checkpoint (its
     widths read from the tensors' shapes), validated on ``batch`` seeded uniform inputs
-    in [0, 1) of ``input_shape``."""
+    in [0, 1) of ``input_shape``. The options are checked before the checkpoint is read."""
+    _variant(options.get("dtype", "f32"), options.get("int8", False))
+    _check_limits(options.get("max_abs_error"), options.get("min_agreement"))
     import torch
     from safetensors.torch import load as load_safetensors
 

@@ -4,13 +4,16 @@ before any of them is used.
 An ONNX file is a protobuf ``ModelProto``; its initializers hold their bytes either in
 the file (``raw_data``) or in an external data file (``location``, ``offset``,
 ``length``). :func:`load` parses the file with ``onnx`` (a truncated or damaged protobuf
-is a FormatError), runs ``onnx.checker``, and locates each top-level initializer's
-``raw_data`` in the file's bytes with a small wire-format scanner, cross-checked with
-the parsed model. Refused (FormatError naming the file and the tensor): a byte size that
-is not shape × dtype, an external location that is absolute, climbs out of the model's
-folder (``..``, or a symlink pointing out), is missing or is not a regular file, ranges
-past the end of the data file or overlapping another tensor's, duplicate names, negative
-dimensions, and external data spread over several files. Nothing here imports torch.
+is a FormatError), locates each top-level initializer's ``raw_data`` in the file's
+bytes with a small wire-format scanner, cross-checked with the parsed model, and runs
+``onnx.checker`` on the graph (:mod:`robustpatch.onnx.graph`: without the bytes checked
+here, nodes sorted). Refused (FormatError naming the file and the tensor): a byte size
+that is not shape × dtype, typed values beside raw or external bytes, a name or an
+external location that is not UTF-8, an external location that is absolute, climbs
+out of the model's folder (``..``, or a symlink pointing out), is a symlink or a file
+of several hard links, is missing or is not a regular file, ranges past the end of the
+data file or overlapping another tensor's, duplicate names, negative dimensions, and
+external data spread over several files. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -28,8 +31,17 @@ from .._io.inputs import open_input
 from .._io.ranged import pread_into
 from ..dtypes import NUMPY_OF_LABEL
 from ..errors import FormatError, InvalidArgumentError, MismatchError
+from .graph import check_graph
 
-__all__ = ["Initializer", "OnnxModel", "load", "relocated", "raw_spans", "import_onnx"]
+__all__ = [
+    "Initializer",
+    "OnnxModel",
+    "load",
+    "relocated",
+    "raw_spans",
+    "external_locations",
+    "import_onnx",
+]
 
 #: safetensors label of each ONNX ``TensorProto.DataType`` with a fixed byte size.
 LABEL_OF_ONNX = {
@@ -55,8 +67,14 @@ LABEL_OF_ONNX = {
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 # Protobuf field numbers (onnx.proto): ModelProto.graph, GraphProto.initializer,
-# TensorProto.name and TensorProto.raw_data.
+# TensorProto.name, raw_data and external_data, StringStringEntryProto.key and value.
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW = 7, 5, 8, 9
+_TENSOR_EXTERNAL, _ENTRY_KEY, _ENTRY_VALUE = 13, 1, 2
+
+#: TensorProto's typed value fields: a tensor holding raw_data or external data must
+#: leave them empty (which one onnxruntime would read is not ours to guess).
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data")
+_TYPED_FIELDS += ("uint64_data",)
 
 
 def import_onnx() -> Any:
@@ -144,19 +162,8 @@ def load(path: str | os.PathLike[str]) -> OnnxModel:
     with open_input(path) as f:
         data = f.read()
     proto = _parse(onnx, data, path)
-    spans = raw_spans(data, path)
-    inits = list(proto.graph.initializer)
-    if [n for n, _ in spans] != [t.name for t in inits]:
-        raise FormatError(f"{path}: its initializers could not be located in the file")
-    table: dict[str, Initializer] = {}
-    locations: set[str] = set()
-    for t, (_, span) in zip(inits, spans):
-        if t.name in table:
-            raise FormatError(f"{path}: two initializers are named {t.name!r}")
-        init = _initializer(t, span, path)
-        if init.file is not None:
-            locations.add(init.file)
-        table[t.name] = init
+    table = _table(list(proto.graph.initializer), raw_spans(data, path), path)
+    locations = {i.file for i in table.values() if i.file is not None}
     if len(locations) > 1:
         raise FormatError(
             f"{path}: external data in {len(locations)} files ({', '.join(sorted(locations))}); "
@@ -165,8 +172,31 @@ def load(path: str | os.PathLike[str]) -> OnnxModel:
         )
     model = OnnxModel(path, data, proto, table, next(iter(locations), None))
     _check_external(model)
-    _check_graph(onnx, path)
+    check_graph(onnx, proto, path, _bytes_checked(table))
     return model
+
+
+def _bytes_checked(table: dict[str, Initializer]) -> set[str]:
+    """The initializers whose bytes were checked here (their size, or range), which the
+    graph check need not read again: raw_data of a fixed-size dtype, and external data."""
+    return {n for n, i in table.items() if i.raw and (i.file is not None or i.label is not None)}
+
+
+def _table(
+    inits: list[Any], spans: list[tuple[str, tuple[int, int] | None]], path: Path
+) -> dict[str, Initializer]:
+    """Each initializer by name, located (``spans``: from :func:`raw_spans`) and checked."""
+    for t in inits:
+        if not isinstance(t.name, str):  # protobuf hands a name not UTF-8 over as bytes
+            raise FormatError(f"{path}: the name of an initializer is not UTF-8: {t.name!r}")
+    if [n for n, _ in spans] != [t.name for t in inits]:
+        raise FormatError(f"{path}: its initializers could not be located in the file")
+    table: dict[str, Initializer] = {}
+    for t, (_, span) in zip(inits, spans):
+        if t.name in table:
+            raise FormatError(f"{path}: two initializers are named {t.name!r}")
+        table[t.name] = _initializer(t, span, path)
+    return table
 
 
 def _parse(onnx: Any, data: bytes, path: Path) -> Any:
@@ -180,22 +210,6 @@ def _parse(onnx: Any, data: bytes, path: Path) -> Any:
             f"{path}: not an ONNX model (truncated or damaged protobuf: {e})"
         ) from None
     return proto
-
-
-def _check_graph(onnx: Any, path: Path) -> None:
-    """``onnx.checker`` on the file (by path, so that external data resolves from the
-    model's folder, which :func:`_check_external` has checked first)."""
-    try:
-        if _utf8(path):
-            onnx.checker.check_model(os.fspath(path))
-        else:  # onnx's C++ checker takes UTF-8 paths only: the model in memory instead
-            with open(path, "rb") as f:
-                proto = onnx.load_model(f, load_external_data=False)
-            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-            onnx.checker.check_model(proto)
-    except (onnx.checker.ValidationError, UnicodeDecodeError) as e:  # a name not UTF-8
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FormatError(f"{path}: not a valid ONNX model: {first}") from None
 
 
 def _utf8(path: Path) -> bool:
@@ -218,6 +232,8 @@ def _initializer(t: Any, span: tuple[int, int] | None, path: Path) -> Initialize
     if t.HasField("segment"):
         raise FormatError(f"{where} is stored in segments, which robustpatch does not read")
     label = LABEL_OF_ONNX.get(t.data_type)
+    if (span is not None or t.data_location == _EXTERNAL) and _typed(t):
+        raise FormatError(f"{where} holds typed values ({_typed(t)}) beside raw or external bytes")
     nbytes = None if label is None else _numel(shape) * NUMPY_OF_LABEL[label].itemsize
     if t.data_location == _EXTERNAL:
         if span is not None:
@@ -233,6 +249,11 @@ def _initializer(t: Any, span: tuple[int, int] | None, path: Path) -> Initialize
     return Initializer(t.name, label, shape, None, span[0], span[1], raw=True)
 
 
+def _typed(t: Any) -> str:
+    """The typed value fields ``t`` fills (empty: none)."""
+    return ", ".join(f for f in _TYPED_FIELDS if len(getattr(t, f)))
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -243,6 +264,8 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _external(
     t: Any, shape: tuple[int, ...], label: str | None, nbytes: int | None, where: str
 ) -> Initializer:
+    if any(not isinstance(x, str) for e in t.external_data for x in (e.key, e.value)):
+        raise FormatError(f"{where}: external data location is not UTF-8")
     entries = {e.key: e.value for e in t.external_data}
     location = entries.get("location", "")
     _check_location(location, where)
@@ -276,24 +299,44 @@ def _check_location(location: str, where: str) -> None:
 
 
 def _check_external(model: OnnxModel) -> None:
-    """The data file resolves inside the model's folder (no symlink out), is a regular
-    file, and holds every external tensor's range, with no two ranges overlapping."""
+    """The data file is a regular file of the model's folder, and holds every external
+    tensor's range, with no two ranges overlapping."""
     if model.location is None:
         return
-    folder = model.path.parent.resolve()
-    target = (model.path.parent / model.location).resolve()
+    st = _data_file(model)
+    model.data_id = (st.st_dev, st.st_ino, st.st_size)
+    _check_ranges(model, st.st_size, f"{model.path}: external data {model.location!r}")
+
+
+def _data_file(model: OnnxModel) -> os.stat_result:
+    """The data file's status, once it is found to resolve inside the model's folder and
+    to be neither a symlink nor a file of several hard links (either may name a file
+    anywhere, e.g. one an archive linked on extraction: ``onnx.checker`` refuses both)."""
+    path = model.path.parent / model.location  # type: ignore[operator]
     where = f"{model.path}: external data {model.location!r}"
+    folder, target = model.path.parent.resolve(), path.resolve()
     if folder not in target.parents:
         raise FormatError(f"{where} resolves outside the model's folder (to {target})")
+    if path.is_symlink():
+        raise FormatError(f"{where} is a symbolic link: give the file itself")
     try:
-        with open_input(model.path.parent / model.location) as f:
+        with open_input(path) as f:
             st = os.fstat(f.fileno())
     except FileNotFoundError:
         raise FormatError(f"{where} does not exist") from None
     except InvalidArgumentError as e:
         raise FormatError(f"{where}: {e}") from None
-    size = st.st_size
-    model.data_id = (st.st_dev, st.st_ino, size)
+    if st.st_nlink > 1:
+        raise FormatError(
+            f"{where} has {st.st_nlink} hard links (a hard link may name a file outside the "
+            "model's folder): give it a copy of its own"
+        )
+    return st
+
+
+def _check_ranges(model: OnnxModel, size: int, where: str) -> None:
+    """Every external tensor's range is inside the data file's ``size`` bytes, and no
+    two overlap."""
     end = 0
     for init in model.external:
         if init.end > size:
@@ -336,14 +379,37 @@ def raw_spans(
     merge or overwrite (two graphs, two raw_data in one tensor) is refused, so the
     ranges are the bytes the parsed model uses."""
     view = memoryview(data)
+    return [_tensor_span(view, a, b, path) for a, b in _initializer_ranges(view, path)]
+
+
+def external_locations(data: bytes | bytearray | memoryview, path: Path | str) -> set[str]:
+    """The external data locations the top-level initializers of the model in ``data``
+    name (read from the wire format: their raw bytes are skipped, never copied; a
+    location that is not UTF-8 is left out)."""
+    view = memoryview(data)
+    found = set()
+    for a, b in _initializer_ranges(view, path):
+        for f, wt, s, e in _fields(view, a, b, path):
+            if f == _TENSOR_EXTERNAL and wt == 2:
+                entry = {k: bytes(view[s2:e2]) for k, w2, s2, e2 in _fields(view, s, e, path)}
+                if entry.get(_ENTRY_KEY) == b"location":
+                    try:
+                        found.add(entry.get(_ENTRY_VALUE, b"").decode("utf-8"))
+                    except UnicodeDecodeError:
+                        pass
+    return found
+
+
+def _initializer_ranges(view: memoryview, path: Path | str) -> list[tuple[int, int]]:
+    """The byte range of each top-level initializer's TensorProto, in file order."""
     graphs = [(a, b) for f, wt, a, b in _fields(view, 0, len(view), path) if f == _MODEL_GRAPH]
     if len(graphs) != 1:
         raise FormatError(f"{path}: expected one graph, found {len(graphs)}")
-    out = []
-    for f, wt, a, b in _fields(view, *graphs[0], path):
-        if f == _GRAPH_INITIALIZER and wt == 2:
-            out.append(_tensor_span(view, a, b, path))
-    return out
+    return [
+        (a, b)
+        for f, wt, a, b in _fields(view, *graphs[0], path)
+        if f == _GRAPH_INITIALIZER and wt == 2
+    ]
 
 
 def _tensor_span(view: memoryview, a: int, b: int, path: Path | str) -> tuple[str, Any]:

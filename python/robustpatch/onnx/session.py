@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, MismatchError
+from ..errors import FormatError, InvalidArgumentError, MismatchError
 from ..signature import SignatureLike
 from ..targets import Alphas, patch_target, plan_for
+from .fit import fitted_plan
 from .model import Initializer, OnnxModel, load
-from .patch import OnnxTarget, check_fits
+from .patch import OnnxTarget
 
 __all__ = ["session"]
 
@@ -59,11 +60,10 @@ def session(
     (the model and its external data are held in memory, as onnxruntime holds them).
     ``providers`` default to the CPU; ``sess_options`` (threads, optimization level...)
     gets the external tensors added, so give each session its own. The session's
-    ``patched_initializers`` maps each patched name to its array."""
+    ``patched_initializers`` maps each patched initializer's name to its array."""
     ort = _ort()
     m = load(model)
-    plan = plan_for(signatures, alphas)
-    check_fits(m, plan, force, allow_dtype_change)
+    plan = fitted_plan(m, plan_for(signatures, alphas), force, allow_dtype_change)
     patched = bytearray(m.data)
     target = OnnxTarget(m, patched, None)
     external = {init.name: _external_array(m, init) for init in m.external}
@@ -73,10 +73,30 @@ def session(
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
     if values:
         opts.add_external_initializers(list(external), values)
-    sess = ort.InferenceSession(bytes(patched), opts, providers=list(providers or _CPU))
+    sess = _inference_session(ort, m, bytes(patched), opts, list(providers or _CPU))
     sess.patched_initializers = {name: target.memory.arrays[name] for name in plan.names}
     sess.external_ortvalues = values  # onnxruntime reads these buffers while it lives
     return sess
+
+
+def _inference_session(ort: Any, m: OnnxModel, data: bytes, opts: Any, providers: list[Any]) -> Any:
+    """onnxruntime's session of the patched bytes; a model it refuses (one the checker
+    passes, e.g. a Gemm whose untouched weight has the wrong width) is a FormatError
+    naming the file, not onnxruntime's own exception."""
+    try:
+        return ort.InferenceSession(data, opts, providers=providers)
+    except _ort_errors(ort) as e:
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise FormatError(f"{m.path}: onnxruntime cannot load it: {first}") from None
+
+
+def _ort_errors(ort: Any) -> tuple[type[BaseException], ...]:
+    """The exception classes onnxruntime raises from its C++ side (Fail, InvalidGraph,
+    NotImplemented...)."""
+    state = ort.capi.onnxruntime_pybind11_state
+    return tuple(
+        v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)
+    )
 
 
 def _external_array(m: OnnxModel, init: Initializer) -> np.ndarray:
