@@ -58,6 +58,7 @@ def check_fits(
         lambda n: model.spec(aliases.get(n, n)),
         force,
         allow_dtype_change=allow_dtype_change,
+        model=model.path,
     )
 
 
