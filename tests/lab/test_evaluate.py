@@ -110,6 +110,36 @@ def test_pgd_fgsm_clean_ordering_and_budget(trained_digits, digits_test):
     assert model.training is False
 
 
+def _tiny_net_and_batch():
+    from robustpatch.lab.models import SmallCNN
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=gen)
+    return SmallCNN(10, widths=(4, 4, 4), seed=0), x, torch.tensor([0, 1, 2, 3])
+
+
+def test_attacks_run_inside_no_grad_as_outside():
+    # evaluation code is often wrapped in torch.no_grad(); the attacks need input gradients
+    net, x, y = _tiny_net_and_batch()
+    outside = (E.fgsm(net, x, y, 0.05), E.pgd_linf(net, x, y, 0.05, steps=2))
+    with torch.no_grad():
+        inside = (E.fgsm(net, x, y, 0.05), E.pgd_linf(net, x, y, 0.05, steps=2))
+        acc = E.robust_accuracy(net, x, y, attack="pgd", eps=0.05, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(outside, inside))
+    assert acc == E.robust_accuracy(net, x, y, attack="pgd", eps=0.05, steps=2)
+    assert not torch.is_grad_enabled() or all(p.grad is None for p in net.parameters())
+
+
+def test_attacks_refuse_inference_mode_with_a_clear_error():
+    net, x, y = _tiny_net_and_batch()
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+            E.fgsm(net, x, y, 0.05)
+    with torch.inference_mode():
+        frozen = x.clone()  # an inference tensor, attacked outside inference mode
+    assert E.fgsm(net, frozen, y, 0.05).shape == x.shape
+
+
 def test_predict_accuracy_and_errors(trained_digits, digits_test):
     model, acc, _ = trained_digits
     x, y = digits_test

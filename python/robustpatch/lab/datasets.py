@@ -489,7 +489,8 @@ def load_cifar_c(root: PathLike, corruption: str, severity: int | None = None) -
     if len(data) != len(labels) or len(data) % 5:
         raise ValueError(f"{path}: {len(data)} images, {len(labels)} labels (need 5 equal blocks)")
     if severity is not None:
-        if isinstance(severity, bool) or severity not in (1, 2, 3, 4, 5):
+        integer = isinstance(severity, (int, np.integer)) and not isinstance(severity, bool)
+        if not integer or severity not in (1, 2, 3, 4, 5):  # 2.0 == 2, but slices need ints
             raise ValueError(f"severity must be an integer from 1 to 5, got {severity!r}")
         block = len(data) // 5
         sel = slice((severity - 1) * block, severity * block)

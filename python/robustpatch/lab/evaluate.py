@@ -26,9 +26,18 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from . import outputs
 from .corruptions import STANDARD, _check_name_severity, corrupt, resolve_scale
-from .training import accuracy, as_float, check_labelled, default_device, eval_mode, predict
+from .training import (
+    accuracy,
+    as_float,
+    check_labelled,
+    count,
+    default_device,
+    eval_mode,
+    predict,
+)
 
 __all__ = [
     "ALEXNET_ERRORS",
@@ -104,6 +113,14 @@ class CorruptionGrid:
     batch_size: int = 256
     device: DeviceArg = None
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corruptions, str):  # would be read letter by letter
+            raise InvalidArgumentError(
+                f"corruptions: expected a sequence of names, got the string "
+                f"{self.corruptions!r} (one corruption: ({self.corruptions!r},))"
+            )
+        count(self.batch_size, "batch_size")
 
 
 def corruption_accuracy(
@@ -271,9 +288,19 @@ def relative_mean_corruption_error(
 
 
 def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    x = x.detach().requires_grad_(True)
-    loss = nn.functional.cross_entropy(model(x), y)
-    (grad,) = torch.autograd.grad(loss, x)
+    """The loss gradient with respect to the input. Gradients are enabled here, so an
+    attack also runs inside ``torch.no_grad()`` (where evaluation code often sits); inference
+    mode cannot be left from inside, so it is refused with a clear error."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "adversarial attacks need gradients: call them outside torch.inference_mode() "
+            "(torch.no_grad() is fine)"
+        )
+    with torch.enable_grad():
+        # clone: an inference tensor made earlier cannot itself require grad
+        x = x.detach().clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        (grad,) = torch.autograd.grad(loss, x)
     return grad
 
 
@@ -290,6 +317,8 @@ def fgsm(
     The model runs in eval mode; its parameters get no gradients. Returns float [0, 1]
     adversarial images on ``device``.
     """
+    if not eps >= 0:  # a negative eps would descend the loss: no attack at all
+        raise InvalidArgumentError(f"eps must be >= 0, got {eps!r}")
     dev = default_device(device)
     with eval_mode(model.to(dev)):
         x = as_float(images.to(dev))
@@ -351,6 +380,9 @@ def robust_accuracy(
     """Accuracy under an FGSM (``attack="fgsm"``) or PGD-L-infinity (``"pgd"``) attack."""
     if attack not in ("fgsm", "pgd"):
         raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
+    if not eps >= 0:
+        raise InvalidArgumentError(f"eps must be >= 0, got {eps!r}")
+    count(batch_size, "batch_size")
     dev = default_device(device)
     labels = torch.as_tensor(labels).cpu()
     check_labelled(images, labels)

@@ -157,7 +157,9 @@ def resnet18(
             pretrained one).
         small_input: CIFAR-style stem for 32-px images (3x3 stride-1 first convolution, no max
             pooling).
-        weights: torchvision weights (e.g. ``"IMAGENET1K_V1"``); downloaded by torchvision.
+        weights: torchvision weights (e.g. ``"IMAGENET1K_V1"``), which torchvision takes
+            from its cache or downloads. The lab never passes them (default None: random
+            initialisation), so no lab run downloads weights; a caller who does opts in.
         mean, std: input normalisation.
 
     Raises:
@@ -185,7 +187,8 @@ def vgg16(
     """torchvision's VGG-16 (with BatchNorm by default) behind a :class:`Normalize` layer.
 
     ``small_input=True`` replaces the 7x7 pooling and the 4096-wide classifier with global
-    average pooling and one linear layer, the usual CIFAR variant.
+    average pooling and one linear layer, the usual CIFAR variant. ``weights`` as in
+    :func:`resnet18` (torchvision's cache or a download; the lab never passes them).
 
     Raises:
         ImportError: torchvision is not installed (``pip install torchvision``).

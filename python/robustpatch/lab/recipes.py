@@ -119,6 +119,22 @@ def reestimate_bn(
     return model.eval()
 
 
+def _checked_cells(names, severities) -> tuple[list[str], list[int]]:
+    """Corruption names and severities checked up front, not at the first batch: both
+    non-empty, every name known, every severity an integer from 1 to 5."""
+    from .corruptions import _check_name_severity
+
+    names, severities = list(names), list(severities)
+    if not names or not severities:
+        raise ValueError(
+            f"need at least one corruption and one severity, got {names} and {severities}"
+        )
+    for c in names:
+        for s in severities:
+            _check_name_severity(c, s)
+    return names, [int(s) for s in severities]
+
+
 def corruption_transform(
     name: str, severities: Sequence[int] = (1, 2, 3, 4, 5), scale: str = "imagenet"
 ) -> Transform:
@@ -126,7 +142,7 @@ def corruption_transform(
     `severities` (all five by default), with the noise seeded from the generator."""
     from .corruptions import corrupt
 
-    sevs = [int(s) for s in severities]
+    sevs = _checked_cells([name], severities)[1]
 
     def transform(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         severity = sevs[int(torch.randint(0, len(sevs), (1,), generator=gen))]
@@ -152,7 +168,8 @@ def unlabeled_corrupted(
     """
     from .corruptions import corrupt
 
-    names = [names] if isinstance(names, str) else list(names)
+    names, severities = _checked_cells([names] if isinstance(names, str) else names, severities)
+    training.count(n, "n")
     x = x[: min(n, len(x))]
     cells = [(c, s) for c in names for s in severities]
     bounds = [round(i * len(x) / len(cells)) for i in range(len(cells) + 1)]

@@ -12,12 +12,16 @@ weight signatures transfer.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+import numpy as np
 import torch
 from torch import nn
+
+from ..errors import InvalidArgumentError
 
 DeviceArg = Union[str, torch.device, None]
 
@@ -49,10 +53,36 @@ class TrainConfig:
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    # Epoch indices (0-based) after which the learning rate is multiplied by `gamma`.
+    # Epoch counts after which the learning rate is multiplied by `gamma`: milestone m is
+    # the first (0-based) epoch run at the reduced rate ([2, 3]: epochs 0-1 at lr, 2 at
+    # 0.1 lr, 3 onwards at 0.01 lr).
     milestones: list[int] = field(default_factory=lambda: [2, 3])
     gamma: float = 0.1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values that would crash mid-run or train silently wrong (the config is
+        mutable, so :func:`train` checks again before it starts)."""
+        count(self.epochs, "epochs", minimum=0)
+        count(self.batch_size, "batch_size")
+        for name in ("lr", "momentum", "weight_decay", "gamma"):
+            value = getattr(self, name)
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not real or not 0 <= value < float("inf"):
+                raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
+        for m in self.milestones:
+            count(m, "milestones", minimum=0)
+
+
+def count(value, what: str, minimum: int = 1) -> int:
+    """``value`` as an integer of at least ``minimum`` (bool and float refused): the one
+    check of the lab's sizes and counts (epochs, batch sizes, image counts)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidArgumentError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 # ---------------------------------------------------------------------------- devices, modes
@@ -207,6 +237,7 @@ def train(
             running statistics are averaged at the end: every rank returns the same weights.
             The loss passed to ``progress`` is the mean over all ranks.
     """
+    config.check()
     dev = default_device(device)
     model.to(dev).train()
     y = torch.as_tensor(y, dtype=torch.int64)

@@ -4,6 +4,7 @@ cached 1-D linear operators applied separably (Gaussian, zoom, box resize, filte
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Callable
@@ -20,6 +21,22 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # Input / output and randomness
 # ---------------------------------------------------------------------------------------------
+
+
+#: Float images above this are not [0, 1] images (0..255 floats, say): a corruption clamps
+#: its output to [0, 1], so they would come out nearly all white. Slack for rounding.
+_UNIT_SLACK = 1.01
+
+
+def _warn_if_not_unit(xf: Tensor) -> None:
+    if xf.numel() and float(xf.max()) > _UNIT_SLACK:
+        warnings.warn(
+            f"float images should lie in [0, 1], got a maximum of {float(xf.max()):g}: the "
+            "corrupted output is clamped to [0, 1] (for 0..255 values pass uint8 or divide "
+            "by 255)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _to_unit_float(images: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -43,6 +60,7 @@ def _to_unit_float(images: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         xf = x.to(torch.float32) / 255.0
     elif dtype.is_floating_point:
         xf = x.to(torch.float32)
+        _warn_if_not_unit(xf)
     else:
         raise TypeError(f"images must be uint8 or floating point, got {dtype}")
 

@@ -265,6 +265,27 @@ def _claim3(results: dict) -> dict:
     )
 
 
+def _claim4_not_run(text: str, missing: str) -> dict:
+    return _claim(4, text, [_check(missing, float("nan"), ">", 0, near=False, measured="not run")])
+
+
+def _claim4_margins(labels: list[str], m: np.ndarray) -> list[tuple[str, float, float]]:
+    """Per signature: (label, cosine to its twin, to the nearest other corruption's);
+    signatures without a twin or without another corruption are left out."""
+    out = []
+    for i, lbl in enumerate(labels):
+        if lbl.startswith("patterns:"):
+            continue
+        c = lbl.split("/")[0]
+        twins = [m[i, j] for j, o in enumerate(labels) if o.startswith(f"{c}/") and j != i]
+        others = [
+            m[i, j] for j, o in enumerate(labels) if o.split("/")[0].removeprefix("patterns:") != c
+        ]
+        if twins and others:
+            out.append((lbl, max(twins), max(others)))
+    return out
+
+
 def _claim4(results: dict) -> dict:
     text = (
         "each signature is more similar to the same corruption's signature from another "
@@ -273,32 +294,22 @@ def _claim4(results: dict) -> dict:
     sim = results.get("similarity", {}).get("matrix")
     second = results["config"].get("second_seed")
     if not sim or not any(lbl.endswith(f"/s{second}") for lbl in sim["labels"]):
-        return _claim(
-            4,
-            text,
-            [_check("second fine-tune seed", float("nan"), ">", 0, near=False, measured="not run")],
+        return _claim4_not_run(text, "second fine-tune seed")
+    margins = _claim4_margins(sim["labels"], np.asarray(sim["matrix"]))
+    if not margins:  # one corruption only, or the second seed equal to the first
+        return _claim4_not_run(text, "a twin from another seed and another corruption")
+    checks = [
+        _check(
+            f"{lbl}: cosine to its twin − to the nearest other",
+            twin - other,
+            ">",
+            0,
+            spec="+.2f",
+            near=False,
         )
-    labels, m = sim["labels"], np.asarray(sim["matrix"])
-    checks, pairs = [], []
-    for i, lbl in enumerate(labels):
-        if lbl.startswith("patterns:"):
-            continue
-        c = lbl.split("/")[0]
-        twin = max(m[i, j] for j, o in enumerate(labels) if o.startswith(f"{c}/") and j != i)
-        other = max(
-            m[i, j] for j, o in enumerate(labels) if o.split("/")[0].removeprefix("patterns:") != c
-        )
-        checks.append(
-            _check(
-                f"{lbl}: cosine to its twin − to the nearest other",
-                twin - other,
-                ">",
-                0,
-                spec="+.2f",
-                near=False,
-            )
-        )
-        pairs.append(f"{lbl} twin {twin:.2f}, nearest other {other:.2f}")
+        for lbl, twin, other in margins
+    ]
+    pairs = [f"{lbl} twin {twin:.2f}, nearest other {other:.2f}" for lbl, twin, other in margins]
     notes = ["; ".join(pairs) + "."]
     det = results["similarity"].get("detection")
     if det:

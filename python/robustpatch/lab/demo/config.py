@@ -56,9 +56,20 @@ class DemoConfig:
     robustifiers: str | None = "default"
 
     def __post_init__(self) -> None:
+        self.check()
         if self.finetune is None:
             self.finetune = recipes.TrainConfig(
                 epochs=8, lr=0.02, batch_size=64, milestones=[5, 7], seed=self.seed
+            )
+
+    def check(self) -> None:
+        """Refuse settings that would fail only after the training (the config is mutable,
+        so :func:`.runner.run` checks again before it starts)."""
+        if self.second_seed is not None and self.second_seed == self.seed:
+            # its signatures would overwrite the first seed's under the same labels
+            raise ValueError(
+                f"second_seed must differ from seed ({self.seed}), or be None to skip the "
+                "similarity experiment"
             )
 
     @classmethod

@@ -210,6 +210,7 @@ def run(
     out = outputs.check_report_folder(out, overwrite)
     custom = config is not None
     config = config or (DemoConfig.quick() if quick else DemoConfig())
+    config.check()
     dev = models.default_device(device)
     out.mkdir(parents=True, exist_ok=True)
     # Float sums split differently across threads and training amplifies the

@@ -1,7 +1,7 @@
 """From per-seed measurements to judged claims and control rows.
 
-Differences are paired within a seed; shares are ratios of means over seeds with a seed
-bootstrap (:func:`.stats.ratio_of_means`); everything else is a mean with a t interval.
+Differences are paired within a seed; shares are ratios of means over seeds with a Fieller
+interval (:func:`.stats.ratio_of_means`); everything else is a mean with a t interval.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def claim_rows(seeds: list[dict], sigs: list[dict], cfg) -> list[dict]:
     return sorted(rows, key=lambda r: [x.id for x in V.CLAIMS].index(r["id"]))
 
 
-#: Control arms shown as gains over the clean model (points): label, arm.
+#: Control arms shown as gains over the clean model (points): label, arm. On a BatchNorm
+#: backbone every signature arm goes through the official BN route (see :mod:`.arms`).
 CONTROL_ARMS = (
     ("robust twin", "robust"),
     ("paper patch (first k conv tensors, α = 1)", "paper"),
@@ -107,11 +108,29 @@ CONTROL_ARMS = (
     ("difference signature (robust − clean, first k)", "difference"),
     ("4-bit per-tensor linear (official)", "quant_official"),
     ("4-bit affine per group of 128 (ours)", "quant_ours"),
+    (
+        "paper patch with its shipped first-k robust BN statistics, not re-estimated (ours)",
+        "paper_shipped_bn",
+    ),
     ("BN re-estimation alone", "bn_only"),
-    ("BN: signature only", "sig_only"),
-    ("BN: robust-BN swap only", "swap_only"),
-    ("BN: signature and swap", "sig_and_swap"),
+    ("BN: weight deltas only, clean BN (official route without the swap)", "sig_only"),
+    ("BN: robust-BN swap, re-estimated (official route without the signature)", "swap_only"),
 )
+
+#: The BN route's label on the judged arm's row of a BatchNorm backbone.
+OFFICIAL_BN = "; official BN route: robust BN swapped in, deltas added, then re-estimated"
+
+
+def _null_row(seeds: list[dict], c: str, has_bn: bool) -> dict:
+    """The null control against the same BN handling without a patch: the clean model
+    without BatchNorm, the robust-BN swap (re-estimated) with it; otherwise the null would
+    "gain" what the BN route gains and fail for a reason unrelated to direction."""
+    base = "swap_only" if has_bn else "clean"
+    null = t_interval(_gain(seeds, c, "null") - _gain(seeds, c, base))
+    text = V.NULL_CONTROL.text + (
+        " (same BN route; gain over the robust-BN swap alone)" if has_bn else ""
+    )
+    return {"where": c, "arm": text, "gain": null.as_dict(), "verdict": V.null_verdict(null)}
 
 
 def control_rows(seeds: list[dict], cfg) -> list[dict]:
@@ -119,20 +138,23 @@ def control_rows(seeds: list[dict], cfg) -> list[dict]:
     rows = []
     for c in cfg.corruptions:
         have = seeds[0]["per_corruption"][c]["corrupted"]
+        has_bn = "swap_only" in have
         for label, arm in CONTROL_ARMS:
             if arm in have:
+                label += OFFICIAL_BN if has_bn and arm == "paper" else ""
                 rows.append(
                     {"where": c, "arm": label, "gain": t_interval(_gain(seeds, c, arm)).as_dict()}
                 )
-        null = t_interval(_gain(seeds, c, "null"))
-        rows.append(
-            {
-                "where": c,
-                "arm": V.NULL_CONTROL.text,
-                "gain": null.as_dict(),
-                "verdict": V.null_verdict(null),
-            }
-        )
+        if has_bn:
+            own = _gain(seeds, c, "paper") - _gain(seeds, c, "swap_only")
+            rows.append(
+                {
+                    "where": c,
+                    "arm": "paper patch over the robust-BN swap alone (the signature's own part)",
+                    "gain": t_interval(own).as_dict(),
+                }
+            )
+        rows.append(_null_row(seeds, c, has_bn))
     a, b = cfg.pair
     for label in ("official", "linear"):
         for c in (a, b):

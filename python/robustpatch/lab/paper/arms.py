@@ -2,6 +2,12 @@
 
 Accuracies are in points (0-100). Every number returned here is paired within the seed
 (the same clean and robust twins), so :mod:`.stats` can difference them per seed.
+
+On a BatchNorm backbone every signature arm (the judged ``paper`` arm, the full, difference,
+quantized and null patches, the sum and the transfer) follows the official BN route
+(:func:`.bn.official_patch`: robust BN swapped in network-wide, weight deltas added, then BN
+re-estimated on the corrupted training images); ``paper_shipped_bn`` (ours) is the paper
+patch with the first k layers' robust BN statistics it ships, not re-estimated.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from torch import nn
 import robustpatch as rp
 
 from ..training import accuracy
-from . import controls
+from . import bn, controls
 from . import protocol as P
 
 __all__ = ["FixedSets", "build_sets", "measure_seed"]
@@ -75,8 +81,21 @@ class _Ctx:
         return model, info
 
 
-def _patch_models(ctx: _Ctx, clean, robust, seed: int) -> tuple[dict, dict]:
-    """Every patched model of one corruption, and the signatures behind them."""
+Patcher = Callable[[list, list], nn.Module]
+
+
+def _patcher(clean: nn.Module, robust_bn: list[dict] | None, unlabeled) -> Patcher:
+    """How this backbone applies signatures ``(sigs, alphas) -> model``: a plain apply
+    without BatchNorm; with it, the official BN route (:func:`.bn.official_patch`: robust
+    BN ``robust_bn`` swapped in, weight deltas added, then BN re-estimated on ``unlabeled``)."""
+    if robust_bn is None:
+        return lambda sigs, alphas: P.patched_copy(clean, sigs, alphas)
+    return lambda sigs, alphas: bn.official_patch(clean, robust_bn, sigs, alphas, unlabeled)
+
+
+def _patch_models(ctx: _Ctx, clean, robust, seed: int, patch: Patcher) -> tuple[dict, dict]:
+    """Every patched model of one corruption, and the signatures behind them. All go
+    through ``patch``, so the null control gets the judged arm's BN handling."""
     k, bits = ctx.layers, ctx.cfg.bits
     sig = P.extract_paper(ctx.pre, clean, robust, k, name="paper")
     sigs = {
@@ -88,30 +107,40 @@ def _patch_models(ctx: _Ctx, clean, robust, seed: int) -> tuple[dict, dict]:
         "quant_ours": P.quantize_ours(sig, bits),
     }
     models = {"clean": clean, "robust": robust}
-    models.update({name: P.patched_copy(clean, s, 1.0) for name, s in sigs.items()})
+    models.update({name: patch([s], [1.0]) for name, s in sigs.items()})
     return models, sigs
 
 
-def _bn_models(ctx: _Ctx, clean, robust, sig: rp.Signature, unlabeled) -> dict:
-    """The BatchNorm arms: re-estimation alone, signature only, robust-BN swap only, both."""
-    swapped = controls.robust_bn_swap(clean, robust, unlabeled)
+def _bn_models(clean, robust, sig: rp.Signature, unlabeled) -> dict:
+    """Beside the official BN route (the judged ``paper`` arm): the paper patch with the
+    first k layers' robust BN statistics it ships, not re-estimated (ours); BN
+    re-estimation alone; and the official route taken apart: the weight deltas alone, the
+    robust-BN swap (re-estimated) alone."""
     return {
+        "paper_shipped_bn": P.patched_copy(clean, sig, 1.0),
         "bn_only": controls.bn_only(clean, unlabeled),
-        "sig_only": P.patched_copy(clean, controls.deltas_only(sig), 1.0),
-        "swap_only": swapped,
-        "sig_and_swap": P.patched_copy(swapped, controls.deltas_only(sig), 1.0),
+        "sig_only": P.patched_copy(clean, bn.weight_deltas(sig, clean), 1.0),
+        "swap_only": controls.robust_bn_swap(clean, robust, unlabeled),
     }
 
 
-def _corruption(ctx: _Ctx, c: str, clean, seed: int) -> tuple[dict, rp.Signature]:
+def _corruption(ctx: _Ctx, c: str, clean, seed: int) -> tuple[dict, rp.Signature, dict | None]:
+    """One corruption's row, its paper signature, and its robust twin's BN state (None
+    without BatchNorm), kept for the sum and the transfer."""
     sets, y, vy = ctx.sets, ctx.data["a_train"][1], ctx.data["a_val"][1]
     robust, info = ctx.fit(sets.train[c], y, (sets.val[c], vy), seed)
-    models, sigs = _patch_models(ctx, clean, robust, seed)
-    if controls.has_bn(clean):
-        models.update(_bn_models(ctx, clean, robust, sigs["paper"], sets.train[c]))
+    robust_bn = bn.bn_state(robust) if bn.has_bn(clean) else None
+    patch = _patcher(clean, None if robust_bn is None else [robust_bn], sets.train[c])
+    models, sigs = _patch_models(ctx, clean, robust, seed, patch)
+    if robust_bn is not None:
+        models.update(_bn_models(clean, robust, sigs["paper"], sets.train[c]))
     ty = ctx.data["a_test"][1]
     tx_clean, tests = ctx.data["a_test"][0], sets.test[c]
     s = ctx.cfg.severity
+
+    def size(sig: rp.Signature) -> int:  # what the arm's route ships
+        return sig.nbytes if robust_bn is None else bn.route_nbytes(sig, clean)
+
     row = {
         "robust_checkpoint": info,
         "corrupted": {n: _acc(m, tests[s], ty, ctx.device) for n, m in models.items()},
@@ -121,33 +150,40 @@ def _corruption(ctx: _Ctx, c: str, clean, seed: int) -> tuple[dict, rp.Signature
             for n in ("clean", "robust", "paper")
         },
         "coef": P.coefficients(sigs["paper"]),
-        "nbytes": {n: sigs[n].nbytes for n in ("paper", "quant_official", "quant_ours")},
+        "nbytes": {n: size(sigs[n]) for n in ("paper", "quant_official", "quant_ours")},
         "param_fraction": sum(e.numel for e in sigs["paper"].deltas.values())
         / sum(p.numel() for p in clean.parameters()),
     }
-    if not controls.has_bn(clean):
+    if robust_bn is None:
         row["corrupted"]["bn_only"] = row["corrupted"]["clean"]  # nothing to re-estimate
-    return row, sigs["paper"]
+    return row, sigs["paper"], robust_bn
 
 
-def _composition(ctx: _Ctx, clean, sigs: dict) -> dict:
-    """The pair summed with the official (α/n)² = 0.25 each and with linear α = 1 each."""
+def _composition(ctx: _Ctx, clean, sigs: dict, robust_bn: dict) -> dict:
+    """The pair summed with the official (α/n)² = 0.25 each and with linear α = 1 each.
+    With BatchNorm, as the official route sums: the mean of both robust twins' BN,
+    re-estimated on both corruptions' training images."""
     a, b = ctx.cfg.pair
     ty, s = ctx.data["a_test"][1], ctx.cfg.severity
+    states = None if robust_bn[a] is None else [robust_bn[a], robust_bn[b]]
+    patch = _patcher(clean, states, torch.cat([ctx.sets.train[a], ctx.sets.train[b]]))
     out = {}
     for label, alphas in (("official", P.official_alphas([1.0, 1.0])), ("linear", [1.0, 1.0])):
-        model = P.patched_copy(clean, [sigs[a], sigs[b]], alphas)
+        model = patch([sigs[a], sigs[b]], alphas)
         out[label] = {c: _acc(model, ctx.sets.test[c][s], ty, ctx.device) for c in (a, b)}
     return out
 
 
-def _transfer(ctx: _Ctx, sig_a: rp.Signature, seed: int) -> dict:
-    """Task A's signature on task B's clean model, against B's own robust twin."""
+def _transfer(ctx: _Ctx, sig_a: rp.Signature, bn_a: dict | None, seed: int) -> dict:
+    """Task A's signature on task B's clean model, against B's own robust twin. With
+    BatchNorm the official route: A's robust BN swapped in, re-estimated on B's corrupted
+    training images."""
     sets, (x, y), (vx, vy) = ctx.sets, ctx.data["b_train"], ctx.data["b_val"]
     clean_b, _ = ctx.fit(x, y, (vx, vy), seed)
     robust_b, _ = ctx.fit(sets.b_train, y, (sets.b_val, vy), seed)
+    patch = _patcher(clean_b, None if bn_a is None else [bn_a], sets.b_train)
     ty = ctx.data["b_test"][1]
-    models = {"clean": clean_b, "robust": robust_b, "patched": P.patched_copy(clean_b, sig_a, 1.0)}
+    models = {"clean": clean_b, "robust": robust_b, "patched": patch([sig_a], [1.0])}
     return {n: _acc(m, sets.b_test, ty, ctx.device) for n, m in models.items()}
 
 
@@ -166,15 +202,15 @@ def measure_seed(
     ctx = _Ctx(pre, data, sets, cfg, device, *layers)
     clean, info = ctx.fit(*data["a_train"], data["a_val"], seed)
     log(f"seed {seed}: clean twin, best validation epoch {info['epoch'] + 1}")
-    per_c, sigs = {}, {}
+    per_c, sigs, robust_bn = {}, {}, {}
     for c in cfg.corruptions:
-        per_c[c], sigs[c] = _corruption(ctx, c, clean, seed)
+        per_c[c], sigs[c], robust_bn[c] = _corruption(ctx, c, clean, seed)
         log(f"seed {seed}: {c} done")
     out = {
         "clean_checkpoint": info,
         "per_corruption": per_c,
-        "composition": _composition(ctx, clean, sigs),
-        "transfer": _transfer(ctx, sigs[cfg.transfer], seed),
+        "composition": _composition(ctx, clean, sigs, robust_bn),
+        "transfer": _transfer(ctx, sigs[cfg.transfer], robust_bn[cfg.transfer], seed),
         "model_nbytes_fp32": P.nbytes_fp32(clean),
     }
     return out, sigs

@@ -16,7 +16,10 @@ Official points (VITA-Group/Robust_Weight_Signatures) and how each is followed h
   ``(α/n)²`` (:func:`official_alphas`; :func:`official_patch_reference` is that literal
   route, kept to check the shortcut numerically);
 - quantization: per-tensor linear levels between min and max (``scheme="affine",
-  granularity="tensor"``), beside our default (affine per group of 128).
+  granularity="tensor"``), beside our default (affine per group of 128);
+- BatchNorm (the official ResNet arm): the robust BN swapped in network-wide, the weight
+  deltas added, then BN statistics re-estimated on corrupted training images, in that order
+  (:func:`.bn.official_patch`); every patch of a BN backbone takes that route.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import torch
 from torch import nn
 
 import robustpatch as rp
+from robustpatch import validate as rp_validate
 
 from ..backbones.vgg import PAPER_LAYERS
-from ..corruptions import corrupt
+from ..corruptions import CORRUPTIONS, corrupt
 from ..training import TrainConfig, accuracy, train
 
 __all__ = [
@@ -57,6 +61,41 @@ __all__ = [
 ]
 
 
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise rp.InvalidArgumentError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_seeds(seeds) -> None:
+    """At least one seed, each a distinct non-negative integer (a repeated seed would
+    count the same fine-tune twice as if independent)."""
+    if isinstance(seeds, (str, bytes)) or len(seeds) == 0:
+        raise rp.InvalidArgumentError(f"seeds: need at least one fine-tune seed, got {seeds!r}")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+            raise rp.InvalidArgumentError(f"seeds must be non-negative integers, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise rp.InvalidArgumentError(f"seeds must be distinct, got {tuple(seeds)!r}")
+
+
+def _check_corruptions(corruptions, severity) -> None:
+    if isinstance(corruptions, str) or len(corruptions) == 0:
+        raise rp.InvalidArgumentError(
+            f"corruptions: expected a non-empty tuple of names, got {corruptions!r}"
+        )
+    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    if unknown:
+        raise rp.InvalidArgumentError(
+            f"unknown corruption {unknown[0]!r}; expected one of: {', '.join(CORRUPTIONS)}"
+        )
+    if len(set(corruptions)) != len(corruptions):
+        raise rp.InvalidArgumentError(f"corruptions must be distinct, got {tuple(corruptions)!r}")
+    is_int = isinstance(severity, (int, np.integer)) and not isinstance(severity, bool)
+    if not is_int or not 1 <= severity <= 5:
+        raise rp.InvalidArgumentError(f"severity must be an integer from 1 to 5, got {severity!r}")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How long and how fast each stage trains: the official SGD recipe's learning rate
@@ -69,6 +108,16 @@ class Schedule:
     # loss plateau for epochs at 0.01 (training loss 2.12 after 3 epochs, 1.41 at 0.05).
     pretrain_lr: float = 0.05
     batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("pretrain_epochs", "finetune_epochs", "batch_size"):
+            _positive_int(getattr(self, name), f"schedule.{name}")
+        for name in ("lr", "pretrain_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise rp.InvalidArgumentError(
+                    f"schedule.{name} must be a positive number, got {value!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -85,6 +134,26 @@ class ProtocolConfig:
     pair: tuple[str, str] = ("gaussian_noise", "fog")
     backbones: tuple[str, ...] = ("vgg",)
     data_seed: int = 1234  # corruption draws of the fixed training, validation and test sets
+
+    def __post_init__(self) -> None:
+        """Refuse a config that would fail, or mean nothing, only after the training."""
+        _check_seeds(self.seeds)
+        _check_corruptions(self.corruptions, self.severity)
+        if self.transfer not in self.corruptions:
+            raise rp.InvalidArgumentError(
+                f"transfer corruption {self.transfer!r} is not among corruptions "
+                f"{list(self.corruptions)} (its signature comes from task A's twins)"
+            )
+        pair = tuple(self.pair)
+        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(self.corruptions):
+            raise rp.InvalidArgumentError(
+                f"pair must be two different corruptions among {list(self.corruptions)}, "
+                f"got {self.pair!r}"
+            )
+        _positive_int(self.layers, "layers")
+        rp_validate.bits(self.bits)
+        if not self.backbones:
+            raise rp.InvalidArgumentError("backbones: name at least one")
 
 
 #: EfficientNet-Lite0's fine-tune epochs at most: a third of the full schedule's. It starts

@@ -117,10 +117,14 @@ def run_paper(
     ``data``: folder of the full Fashion-MNIST IDX files (default: the embedded subset);
     ``config`` replaces :data:`~.protocol.QUICK` / :data:`~.protocol.FULL`; ``splits``
     replaces the data altogether (miniature runs). ``out_dir`` must be new or empty
-    unless ``overwrite`` (checked before any training). ``threads`` sets torch's CPU
+    unless ``overwrite``; the config (seeds, corruptions, severity, pair, transfer: checked
+    when a :class:`~.protocol.ProtocolConfig` is built) and the backbones are checked
+    before any training. ``threads`` sets torch's CPU
     thread count for the run; the caller's is restored afterwards."""
     out = outputs.check_report_folder(out_dir, overwrite)
     cfg = config or (protocol.QUICK if quick else protocol.FULL)
+    if not isinstance(cfg, protocol.ProtocolConfig):  # its own checks ran when it was built
+        raise rp.InvalidArgumentError(f"config: expected a ProtocolConfig, got {cfg!r}")
     unknown = sorted(set(cfg.backbones) - set(_BACKBONES))
     if unknown:
         raise rp.InvalidArgumentError(
@@ -165,6 +169,17 @@ def _run(
     return results
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1 (``--seeds 0`` would train for nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m robustpatch.lab.paper.run", description=__doc__.splitlines()[0]
@@ -180,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
-    ap.add_argument("--seeds", type=int, help="number of fine-tune seeds (default 3 quick, 5 full)")
+    ap.add_argument(
+        "--seeds", type=_positive, help="number of fine-tune seeds (default 3 quick, 5 full)"
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace the report in --out")
     args = ap.parse_args(argv)
     cfg = protocol.QUICK if args.quick else protocol.FULL

@@ -33,11 +33,14 @@ minute on 2 CPU cores.
 
 Every trainer takes ``device`` (default: CUDA when available, else CPU); data stays on the
 CPU and batches move to the device. Images are ``(N, C, H, W)`` tensors, uint8 or float in
-[0, 1]; models normalise internally (see :mod:`robustpatch.lab.models`). All trainers share
-the optimiser, learning-rate schedule and data order of :func:`robustpatch.lab.training.train`
-(SGD with momentum, step decay, order generator seeded with ``TrainConfig.seed``), so two
-models trained with the same :class:`~robustpatch.lab.recipes.TrainConfig` from the same start
-see the same batches -- the condition under which robust weight signatures transfer.
+[0, 1]; models normalise internally (see :mod:`robustpatch.lab.models`). All trainers go
+through :func:`robustpatch.lab.training.train` and share its data order (order generator
+seeded with ``TrainConfig.seed``) and, by default, its optimiser (SGD with momentum, step
+decay), so two models trained with the same :class:`~robustpatch.lab.recipes.TrainConfig`
+from the same start see the same batches -- the condition under which robust weight
+signatures transfer. DAFT's adversarial head and small-teacher's linear probe use Adam
+(``training.adam``); the pretrainings (:func:`robustpatch.lab.models.fit`) AdamW with a
+one-cycle schedule.
 """
 
 from __future__ import annotations
