@@ -390,6 +390,23 @@ def test_float64_checkpoints_are_projected_in_float64():
         rp.extract({"a.w": np.zeros(2)}, {"a.w": np.ones(2)}, huge, layers="all")
 
 
+def test_a_float64_checkpoints_signature_patches_its_float32_cast():
+    # its entries targeted F64, which nothing patches: refused even with allow_dtype_change
+    import robustpatch as rp
+
+    rng = np.random.default_rng(0)
+    p = {"a.w": rng.normal(size=(8, 8))}
+    c = {k: v + rng.normal(size=v.shape) * 1e-2 for k, v in p.items()}
+    r = {k: v + rng.normal(size=v.shape) * 1e-2 for k, v in c.items()}
+    sig = rp.extract(p, c, r, layers="all")
+    assert [e.dtype for e in sig] == ["F32"]
+    model = {k: v.astype(np.float32) for k, v in c.items()}
+    before = model["a.w"].copy()
+    undo = rp.apply(model, sig)
+    rp.remove(model, undo)
+    assert model["a.w"].tobytes() == before.tobytes()
+
+
 def test_a_pretrained_tensor_held_as_int_is_refused_not_taken_for_a_new_head():
     # a file source refused it; a numpy dict or torch model skipped it silently
     import robustpatch as rp

@@ -475,7 +475,7 @@ def _entries(plan: _Plan, tally: _Tally) -> Iterator[Entry]:
     pages released behind it); unchanged tensors are tallied as skipped."""
     trio = plan.trio
     for n in plan.chosen:
-        label = trio.clean.spec(n)[0]
+        label = _target_dtype(trio.clean.spec(n)[0], n in plan.bn)
         entry = None
         if n in plan.bn:
             robust = widen(trio.robust.get(n))
@@ -507,6 +507,13 @@ def _any_nonzero(got: Values) -> bool:
     a pass over the values."""
     energy = got.stats["energy"]
     return energy > 0 if math.isfinite(energy) else bool(np.any(got.sig))
+
+
+def _target_dtype(source: str, bn: bool) -> str:
+    """The dtype a signature entry targets: the clean checkpoint's, except that a float64
+    weight's signature targets float32 (the engine patches F32, F16 and BF16; a float64
+    model is cast to float32 to be patched), while BatchNorm buffers keep theirs."""
+    return "F32" if source == "F64" and not bn else source
 
 
 def _delta_entry(name: str, got: Values, label: str) -> Entry:
