@@ -882,3 +882,29 @@ def test_groups_that_fall_back_past_float32_size_warn():
         Signature.from_deltas(
             {"even": np.ones(1024, np.float32), "s": np.ones(3, np.float32)}
         ).quantize(bits=4)
+
+
+def test_an_undo_shows_what_it_undoes_in_one_short_line(models, sig):
+    # the dataclass repr printed every record array: 578 KB for 50 tensors of 256 x 256
+    model = copy_model(models[1])
+    undo = apply(model, sig, 0.5)
+    text = repr(undo)
+    assert text.startswith(f"Undo({sig.name!r} x 0.5;") and "\n" not in text and len(text) < 200
+    assert undo == undo and undo != apply(copy_model(models[1]), sig, 0.5)  # by identity
+
+
+def test_a_dict_of_deltas_or_no_signature_at_all_is_refused(models, sig, tmp_path):
+    # a dict's keys were read as paths (FileNotFoundError: 'w'); an empty list patched
+    # nothing and apply_file still wrote a copy and an undo record
+    model = copy_model(models[1])
+    with pytest.raises(InvalidArgumentError, match="Signature.from_deltas"):
+        apply(model, {"fc.weight": np.zeros_like(model["fc.weight"])})
+    with pytest.raises(InvalidArgumentError, match="no signatures given"):
+        apply(model, [])
+    assert same_bits(model, models[1])
+    from robustpatch._format.safetensors import write_tensors
+
+    write_tensors(tmp_path / "m.safetensors", models[1])
+    with pytest.raises(InvalidArgumentError, match="no signatures given"):
+        rp.apply_file(tmp_path / "m.safetensors", [], 1.0, tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

@@ -374,7 +374,7 @@ def restore_target(tgt: Target, plan: Plan, undo: UndoSource) -> int:
 # ---------------------------------------------------------------------------- in memory
 
 
-@dataclass
+@dataclass(repr=False, eq=False)  # records are arrays: no field-by-field repr or ==
 class Undo:
     """What :func:`remove` needs to restore a model in memory bit for bit.
 
@@ -414,6 +414,14 @@ class Undo:
     def record_elements(self) -> int:
         """Elements the record holds (the size of the exact-undo overhead)."""
         return sum(len(r) for r in self.records.values() if r is not None)
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{a['name']!r} x {a['alpha']:g}" for a in self.applied)
+        state = "removed" if self.removed else "applied"
+        return (
+            f"Undo({names}; {len(self.specs)} tensors, {self.record_elements} elements "
+            f"recorded; {state})"
+        )
 
 
 def plan_for(sigs: SignatureLike | Sequence[SignatureLike], alphas: Any) -> Plan:

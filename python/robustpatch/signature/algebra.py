@@ -60,8 +60,6 @@ def terms(sigs: SignatureLike | Sequence[SignatureLike], alphas: Any = 1.0) -> l
 
 def _flatten(sigs: SignatureLike | Sequence[SignatureLike], coefs: Any) -> list[Term]:
     items = as_signatures(sigs)  # one path is one signature, not its characters
-    if not items:
-        raise InvalidArgumentError("combine needs at least one signature")
     return terms(items, validate.alphas(len(items), coefs, "coefficient"))
 
 

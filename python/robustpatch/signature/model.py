@@ -428,8 +428,15 @@ def as_signatures(sigs: Any) -> list[Signature | SignatureSum]:
     """A list of Signatures (or sums) from one or several signatures or paths."""
     if isinstance(sigs, (Signature, SignatureSum, str, os.PathLike)):
         return [as_signature(sigs)]
+    if isinstance(sigs, Mapping):  # its keys would be read as paths
+        raise InvalidArgumentError(
+            "a dict of deltas is not a signature: make one with Signature.from_deltas(deltas)"
+        )
     if not isinstance(sigs, Iterable):
         raise InvalidArgumentError(
             f"expected a Signature, a path or a list of them, got {type(sigs).__name__}"
         )
-    return [as_signature(s) for s in sigs]
+    out = [as_signature(s) for s in sigs]
+    if not out:  # a patch of nothing would still copy the model and write a record
+        raise InvalidArgumentError("no signatures given: at least one signature is needed")
+    return out
