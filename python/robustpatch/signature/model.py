@@ -35,8 +35,6 @@ from .entry import Entry, bn_entry, dense_entry, quantize_entry
 
 __all__ = ["Signature", "SignatureSum", "SignatureLike", "as_signature", "as_signatures"]
 
-SignatureLike = Union["Signature", "SignatureSum", str, "os.PathLike[str]"]
-
 #: What a term list holds: a weight-1 signature and the coefficient it is applied with.
 Term = tuple["Signature", float]
 
@@ -413,6 +411,11 @@ def sum_name(terms: Sequence[Term]) -> str:
         mag = abs(c)
         out += sign + (_term_name(sig) if mag == 1 else f"{mag:g}*{_term_name(sig)}")
     return out
+
+
+#: What the patch functions take for a signature: one, a sum of them, or a file's path
+#: (the classes themselves, not their names: hints resolve in any module).
+SignatureLike = Union[Signature, SignatureSum, str, os.PathLike[str]]
 
 
 def as_signature(x: Any) -> Signature | SignatureSum:
