@@ -749,3 +749,20 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped_not_a_traceback(d):
         assert got.returncode == 0 and "Traceback" not in got.stderr, got.stderr
         assert "n\\udcff.rws" in got.stdout or "q\\udcff.rws" in got.stdout
     assert out.exists()
+
+
+def test_help_and_usage_edges(d, capsys):
+    # subtract's -o was "patched model to write"; --layers 0 was exit 1 after reading files;
+    # a signature made from deltas was "method None"
+    import robustpatch as rp
+
+    with pytest.raises(SystemExit):
+        main(["subtract", "--help"])
+    assert "the signatures taken out" in capsys.readouterr().out
+    models = [d / f"{n}.safetensors" for n in ("pre", "clean", "robust")]
+    line = usage_error(capsys, "extract", *models, "-o", d / "x.rws", "--layers", "0")
+    assert "at least 1" in line and not (d / "x.rws").exists()
+    sig = rp.Signature.from_deltas({"fc.weight": np.ones((2, 2), np.float32)}, name="m")
+    sig.save(d / "m.rws")
+    assert run(capsys, "inspect", d / "m.rws")[1].count("method not recorded") == 1
+    assert rp.SelectionError and rp.ZeroSignatureWarning and "importlib" not in dir(rp)

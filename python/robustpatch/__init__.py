@@ -27,7 +27,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 from ._core import __version__
-from .errors import FormatError, InvalidArgumentError, MismatchError, NonFiniteError
+from .errors import (
+    FormatError,
+    InvalidArgumentError,
+    MismatchError,
+    NonFiniteError,
+    SelectionError,
+    ZeroSignatureWarning,
+)
 
 if TYPE_CHECKING:  # the names below are imported on first use (see __getattr__)
     from . import onnx as onnx
@@ -64,6 +71,7 @@ __all__ = [
     "MismatchError",
     "NonFiniteError",
     "Quantized",
+    "SelectionError",
     "Signature",
     "SignatureSum",
     "Undo",
@@ -78,6 +86,7 @@ __all__ = [
     "remove_file",
     "similarity",
     "subtract",
+    "ZeroSignatureWarning",
 ]
 
 
@@ -97,4 +106,7 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    """The public names, and the submodules already imported (not this module's own
+    imports, such as ``importlib``)."""
+    loaded = [k for k, v in globals().items() if type(v) is type(importlib) and k != "importlib"]
+    return sorted({*__all__, *loaded, *(k for k in globals() if k.startswith("__"))})

@@ -203,7 +203,8 @@ def inspect_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _print_signature(rep: dict[str, Any]) -> None:
     print(
         f"{rep['file']}: signature {rep['name']!r} (format {rep['format_version']}, "
-        f"method {rep['method']}, {len(rep['entries'])} entries)"
+        f"method {rep['method'] or 'not recorded (made from deltas)'}, "
+        f"{len(rep['entries'])} entries)"
     )
     rows = []
     for e in rep["entries"]:

@@ -100,8 +100,10 @@ def run_subtract(args: Any) -> None:
     report(args, rep, text)
 
 
-def _add_patch_args(p: Any, model_help: str, alpha_what: str, inplace: bool = False) -> None:
-    add_patch_arguments(p, model_help, "patched model to write", alpha_what, not inplace)
+def _add_patch_args(
+    p: Any, model_help: str, out_help: str, alpha_what: str, inplace: bool = False
+) -> None:
+    add_patch_arguments(p, model_help, out_help, alpha_what, not inplace)
     if inplace:
         _add_inplace_flag(p, "patch MODEL itself")
     p.add_argument(
@@ -116,6 +118,7 @@ def apply_arguments(p: Any) -> None:
     _add_patch_args(
         p,
         "safetensors model file (left untouched unless --inplace)",
+        "patched model to write",
         "strength",
         inplace=True,
     )
@@ -125,6 +128,7 @@ def subtract_arguments(p: Any) -> None:
     _add_patch_args(
         p,
         "safetensors model file a signature was applied to (left untouched)",
+        "model to write, the signatures taken out",
         "strength to take out",
     )
 

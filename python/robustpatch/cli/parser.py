@@ -173,7 +173,11 @@ def layer_arg(text: str) -> str:
     from ..errors import SelectionError
     from ..selection import compile_layer_pattern
 
-    if text in ("auto", "all") or text.isdigit():
+    if text in ("auto", "all"):
+        return text
+    if text.isdigit():
+        if int(text) < 1:
+            raise argparse.ArgumentTypeError(f"a number of layers is at least 1, got {text}")
         return text
     try:
         compile_layer_pattern(text)
