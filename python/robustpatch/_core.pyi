@@ -64,7 +64,9 @@ class Blake3:
     def hexdigest(self) -> str: ...
 
 def quantize(x: FloatArray, bits: int, scheme: str, group_len: int) -> QuantTensor: ...
-def dequantize(q: QuantTensor, start: int = 0, stop: int | None = None) -> npt.NDArray[np.float32]:
+def dequantize(
+    q: QuantTensor, start: int | None = None, stop: int | None = None
+) -> npt.NDArray[np.float32]:
     """Elements ``start:stop``; the range starts on a group and byte boundary and ends on a
     group boundary or at the end."""
 

@@ -180,7 +180,10 @@ def as_target(obj: Any) -> Target:
     if isinstance(obj, Mapping):
         return NumpyTarget(obj)
     if isinstance(obj, (str, os.PathLike)):
-        raise InvalidArgumentError("files are patched with apply_file(src, sigs, alphas, out)")
+        raise InvalidArgumentError(
+            f"{os.fspath(obj)} is a file: files are patched with apply_file(src, sigs, alphas, "
+            "out) and restored with remove_file(patched, out)"
+        )
     raise InvalidArgumentError(
         f"cannot patch a {type(obj).__name__}; expected a dict of arrays or torch"
     )
