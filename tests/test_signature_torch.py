@@ -312,3 +312,16 @@ def test_a_state_dict_mixing_torch_tensors_and_numpy_arrays_is_refused():
     with pytest.raises(rp.InvalidArgumentError, match="mixes torch tensors and numpy arrays"):
         apply(mixed, sig)
     assert (mixed["b"] == 1).all()
+
+
+def test_torch_deltas_and_alphas_are_taken_as_a_model_is():
+    # bf16 or requires_grad deltas crashed from_deltas and detect with torch's own errors;
+    # alphas=torch.tensor(0.5) raised "iteration over a 0-d tensor"
+    grad = torch.full((2, 2), 0.5, dtype=torch.bfloat16, requires_grad=True) * 1
+    sig = rp.Signature.from_deltas({"w": grad}, name="t")
+    assert sig["w"].dtype == "BF16" and (sig["w"].dense() == 0.5).all()
+    assert rp.detect({"w": grad}, {"t": sig})[0][0] == "t"
+    model = {"w": torch.zeros(2, 2, dtype=torch.bfloat16)}
+    rp.apply(model, [sig, sig], alphas=torch.tensor([1.0, 1.0]))
+    rp.apply(model, sig, alphas=torch.tensor(2.0))
+    assert (model["w"] == 2).all()

@@ -70,9 +70,7 @@ def _show(value: Any) -> str:
 def alpha(value: Any, what: str = "alpha") -> float:
     """One real number, finite and within float32 range (the engine narrows α to f32);
     a 0-d numpy array is its number."""
-    np = _numpy()
-    if np is not None and isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value[()]
+    value = _plain(value)
     is_number = isinstance(value, numbers.Real) and not is_bool(value)
     if not is_number:
         raise InvalidArgumentError(f"{what} must be a real number, got {_show(value)}")
@@ -96,6 +94,7 @@ def alphas(n: int, values: Any, what: str = "alpha") -> list[float]:
     ...
     robustpatch.errors.InvalidArgumentError: 2 signatures but 3 alpha values
     """
+    values = _plain(values)
     if isinstance(values, (str, bytes)) or not _is_sequence(values):
         return [alpha(values, what)] * n
     items = list(values)
@@ -104,6 +103,14 @@ def alphas(n: int, values: Any, what: str = "alpha") -> list[float]:
     if len(items) != n:
         raise InvalidArgumentError(f"{n} signatures but {len(items)} {what} values")
     return [alpha(v, f"{what} #{i + 1}") for i, v in enumerate(items)]
+
+
+def _plain(value: Any) -> Any:
+    """An array's values as Python numbers: a 0-d array (numpy's, torch's) its number, a
+    1-d one a list; anything else as it is."""
+    if hasattr(value, "tolist") and getattr(value, "ndim", None) in (0, 1):
+        return value.tolist()
+    return value
 
 
 def _is_sequence(values: Any) -> bool:

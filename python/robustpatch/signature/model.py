@@ -340,7 +340,15 @@ class Signature(_Linear):
 
 
 def _own(values: Any) -> np.ndarray:
-    """A private copy of the caller's values (their dtype kept: the target's default)."""
+    """A private copy of the caller's values (their dtype kept: the target's default); a
+    torch tensor read as the torch bridge reads a model's (detached, bf16 as its bits)."""
+    from ..torch_bridge import is_torch_object, to_numpy
+
+    if is_torch_object(values):
+        array = to_numpy(values)
+        if array is None:
+            raise InvalidArgumentError(f"a {values.dtype} tensor holds no float deltas")
+        values = array
     return np.array(values, copy=True)
 
 
