@@ -154,7 +154,8 @@ def _check_overwrite(args: Any, outputs: list[Any]) -> None:
 
 
 def run_export(args: Any) -> None:
-    """export a SmallCNN checkpoint (the demo's files/*.safetensors) to ONNX: patched in
+    """export a SmallCNN checkpoint (robustpatch demo --quick --dataset digits writes them
+    to <out>/files/) to ONNX: patched in
     torch, BatchNorm folded, optionally f16 and int8, validated against torch on a batch
 
     example:
