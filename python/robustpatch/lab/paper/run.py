@@ -21,6 +21,7 @@ from torch import nn
 
 import robustpatch as rp
 
+from ...cli.parser import positive_int
 from .. import outputs
 from ..backbones import efficientnet_lite
 from ..backbones.vgg import VGGNoBN
@@ -169,17 +170,6 @@ def _run(
     return results
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer of at least 1 (``--seeds 0`` would train for nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m robustpatch.lab.paper.run", description=__doc__.splitlines()[0]
@@ -196,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument(
-        "--seeds", type=_positive, help="number of fine-tune seeds (default 3 quick, 5 full)"
+        "--seeds", type=positive_int, help="number of fine-tune seeds (default 3 quick, 5 full)"
     )
     ap.add_argument("--overwrite", action="store_true", help="replace the report in --out")
     args = ap.parse_args(argv)
