@@ -222,3 +222,19 @@ def test_remove_refuses_a_source_data_name_that_is_the_outputs_own(setup):
     with pytest.raises(InvalidArgumentError, match="'r.onnx', the output's own name"):
         ro.remove(tmp / "p.onnx", tmp / "r.onnx", source_data_name=True)
     assert names(tmp) == before
+
+
+def test_an_output_in_a_missing_folder_and_a_check_without_a_model_say_what_is_wrong(
+    tmp_path, capsys
+):
+    # the error named the undo record; "required: model, signatures" (signatures optional)
+    clean, sig, d = make_setup(tmp_path)
+    onnx.save(model_proto(clean), d / "m.onnx")
+    sig.save(d / "s.rws")
+    with pytest.raises(FileNotFoundError) as e:
+        ro.apply(d / "m.onnx", [d / "s.rws"], 1.0, out=d / "nodir" / "o.onnx")
+    assert e.value.filename == str(d / "nodir" / "o.onnx")
+    with pytest.raises(SystemExit):
+        main(["onnx", "check"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.endswith("the following arguments are required: model")

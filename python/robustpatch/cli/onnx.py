@@ -286,7 +286,7 @@ def _print_check(rep: dict[str, Any]) -> None:
 
 def check_arguments(p: Any) -> None:
     p.add_argument("model", help="ONNX model")
-    p.add_argument("signatures", nargs="*", help="signature files to check against it")
+    p.add_argument("signatures", nargs="*", default=[], help="signature files to check against it")
     for flag, dest, action, help in FLAGS:
         if dest in ("allow_dtype_change", "force"):  # what onnx apply would be given
             p.add_argument(flag, dest=dest, action=action, help=help)

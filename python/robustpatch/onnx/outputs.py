@@ -17,6 +17,7 @@ renamed).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -84,6 +85,8 @@ class Outputs:
         durable: bool,
         inputs: Sequence[Any] = (),
     ) -> None:
+        if not out.parent.is_dir():  # else the first file made (the data's) would be named
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(out))
         self._open: list[AtomicFile] = []
         self.inputs = list(inputs)
         self.data = self._new(data, durable)
