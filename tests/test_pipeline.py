@@ -156,6 +156,8 @@ def test_bad_manifests_are_refused_with_one_line_naming_the_manifest(tmp_path, e
 )
 def test_a_key_given_twice_is_refused(tmp_path, name, text):
     # the last one won: a job built from another base than the first line says
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
     (tmp_path / name).write_text(text)
     with pytest.raises(InvalidArgumentError, match="key 'base' given twice"):
         pipeline.load_manifest(tmp_path / name)
