@@ -11,6 +11,7 @@
 //! `round(new − sum) ≠ w`.
 
 use crate::apply::{add_and_record, add_in_place, Undo};
+use crate::arch::record::Appender;
 use crate::arch::{Path, Simd};
 use crate::delta::Delta;
 use crate::dtype::Element;
@@ -336,47 +337,7 @@ impl<T: Lanes> Held<T> {
     }
 }
 
-/// The undo record opened for appending sixteen lanes at a time. Its end
-/// pointers and length live in registers here (through `Undo` they would be
-/// reloaded after every record store, which the compiler must assume may
-/// alias them) and the length is written back when the appender is dropped.
-///
-/// Room is made per tile ([`Appender::room`]), so a step appends without a
-/// capacity check or a branch: it always writes sixteen slots past the end
-/// and advances by the number of flagged lanes (often zero). A branch on
-/// "any lane flagged" would be mispredicted on a quarter of the steps at a
-/// typical 8% of flagged elements.
-struct Appender<'a, B> {
-    undo: &'a mut Undo<B>,
-    pos: *mut u32,
-    val: *mut B,
-    len: usize,
-    cap: usize,
-}
-
-impl<'a, B> Appender<'a, B> {
-    fn new(undo: &'a mut Undo<B>) -> Self {
-        debug_assert_eq!(undo.positions.len(), undo.values.len());
-        let mut rec = Appender {
-            len: undo.positions.len(),
-            pos: std::ptr::null_mut(),
-            val: std::ptr::null_mut(),
-            cap: 0,
-            undo,
-        };
-        rec.refresh();
-        rec
-    }
-
-    /// Make sure `elements` more lanes can be pushed (each step writes
-    /// sixteen slots, of which only the flagged ones are kept).
-    #[inline(always)]
-    fn room(&mut self, elements: usize) {
-        if self.cap - self.len < elements + 16 {
-            self.grow(elements + 16);
-        }
-    }
-
+impl<B> Appender<'_, B> {
     /// Append (position, original bits) of the lanes of `w` flagged in `bad`:
     /// the kept lanes are compressed to the front of a register and sixteen
     /// slots written past the record's end, which then grows by the number
@@ -388,49 +349,14 @@ impl<'a, B> Appender<'a, B> {
         w: T::Raw,
         first: usize,
     ) {
-        debug_assert!(self.cap - self.len >= 16);
         let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         // Positions are below 2^32 (checked by the caller), so i32 lanes wrap as u32.
         let pos = _mm512_add_epi32(_mm512_set1_epi32(first as u32 as i32), lanes);
         let kept = _mm512_maskz_compress_epi32(bad, pos);
-        _mm512_storeu_epi32(self.pos.add(self.len) as *mut i32, kept);
-        T::store_kept::<VBMI2>(self.val.add(self.len), bad, w);
-        self.len += bad.count_ones() as usize;
-    }
-
-    /// Make room for at least `more` records (doubling, so it is rare).
-    #[cold]
-    fn grow(&mut self, more: usize) {
-        self.sync();
-        let more = more.max(self.len);
-        self.undo.positions.reserve(more);
-        self.undo.values.reserve(more);
-        self.refresh();
-    }
-
-    fn refresh(&mut self) {
-        self.pos = self.undo.positions.as_mut_ptr();
-        self.val = self.undo.values.as_mut_ptr();
-        self.cap = self
-            .undo
-            .positions
-            .capacity()
-            .min(self.undo.values.capacity());
-    }
-
-    fn sync(&mut self) {
-        // SAFETY: the first `len` slots of both vectors were written by `push`
-        // (or were there before), and `len` never exceeds the capacity.
-        unsafe {
-            self.undo.positions.set_len(self.len);
-            self.undo.values.set_len(self.len);
-        }
-    }
-}
-
-impl<B> Drop for Appender<'_, B> {
-    fn drop(&mut self) {
-        self.sync();
+        let (pos_slots, val_slots) = self.free_slots();
+        _mm512_storeu_epi32(pos_slots as *mut i32, kept);
+        T::store_kept::<VBMI2>(val_slots, bad, w);
+        self.advance(bad.count_ones() as usize);
     }
 }
 

@@ -13,7 +13,11 @@ use crate::error::{Error, Result};
 use std::sync::OnceLock;
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod record;
 
 /// Environment variable that forces a path.
 pub const ENV: &str = "ROBUSTPATCH_SIMD";
