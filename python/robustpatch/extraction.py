@@ -27,7 +27,6 @@ import inspect
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from . import _core, validate
 from ._format.shards import load_index
 from ._io.atomic import check_destinations
 from ._io.prefetch import prefetched
+from ._warn import warn
 from .dtypes import widen
 from .errors import (
     InvalidArgumentError,
@@ -51,7 +51,7 @@ from .projection import Values, difference, project
 from .selection import Layers, choose_layers, layer_units
 from .signature import Entry, Signature, bn_entry, dense_entry
 from .signature.codec import json_default, parse_meta_json
-from .signature.entry import quantize_entry
+from .signature.entry import quantize_entry, warn_if_groups_cost_more
 from .signature.writer import SignatureWriter
 from .sources import DictSource, FileSource, Source, open_source, reads_as_index
 
@@ -421,6 +421,8 @@ def extract_to(
     with SignatureWriter(path, durable, expected_entries=len(plan.chosen)) as out:
         with prefetched(entries, "robustpatch-extract") as computed:
             for e in computed:  # the next entry is computed while this one is written
+                if quant is not None:
+                    warn_if_groups_cost_more(e, quant[0], quant[2], quant[3])
                 out.add(e)
         meta = _meta(plan, tally, a["provenance"], a["effect"])
         if quant is not None:
@@ -576,10 +578,9 @@ def _warn_if_zero(name: str, tally: _Tally, method: str) -> None:
     if not tally.weights or tally.energy > ZERO_SIGNATURE_RTOL**2 * tally.reference:
         return  # BatchNorm statistics alone have no norm to compare
     what = "robust - pretrained" if method == "projection" else "the robust weights"
-    warnings.warn(
+    warn(
         f"signature {name!r} is zero or near zero: its norm {math.sqrt(tally.energy):.3g} is "
         f"at most {ZERO_SIGNATURE_RTOL:g} x the norm of {what} "
         f"({math.sqrt(tally.reference):.3g}); are the clean and robust checkpoints the same?",
         ZeroSignatureWarning,
-        stacklevel=3,
     )

@@ -13,12 +13,12 @@ True
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import numpy as np
 
+from ._warn import warn
 from .errors import SelectionError
 from .signature import is_bn_stat
 
@@ -176,12 +176,10 @@ def _leading(units: list[list[str]], params: list[int], k: int, **info: Any):
     if len(units) == 1 and len(units[0]) > 2 and "rule" not in info:
         undotted = [n for n in units[0] if "." not in n]
         if undotted:  # one "layer": a count, budget or auto rule takes the whole model
-            warnings.warn(
+            warn(
                 f"the tensor names do not split into layers (modules are dot-separated "
                 f"paths; {undotted[0]!r} has none), so the layer {info['mode']} selects the "
-                "whole model: name the tensors with layers= (a regex or a list of them)",
-                UserWarning,
-                stacklevel=4,
+                "whole model: name the tensors with layers= (a regex or a list of them)"
             )
     return [n for u in units[:k] for n in u], info
 

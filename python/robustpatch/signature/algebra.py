@@ -19,13 +19,13 @@ array([-1.,  2.], dtype=float32)
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .. import _core, validate
+from .._warn import warn
 from ..dtypes import label_of, narrow, widen
 from ..errors import InvalidArgumentError, MismatchError, NonFiniteError, ZeroSignatureWarning
 from .entry import Entry, bn_entry, dense_entry, is_bn_stat
@@ -84,10 +84,9 @@ def combine(
     entries = _combine_deltas(parts) + _combine_bn(parts)
     _warn_other_bases(parts)
     if parts and not any(e.kind == "bn" or np.any(e.values) for e in entries):
-        warnings.warn(
+        warn(
             f"the combination {sum_name(parts)!r} is zero: its components cancel",
             ZeroSignatureWarning,
-            stacklevel=2,
         )
     bases = {s.base_fingerprint for s, _ in parts}
     meta: dict[str, Any] = {
@@ -120,10 +119,9 @@ def _warn_other_bases(parts: Sequence[Term]) -> None:
         if None not in (first.base_fingerprint, s.base_fingerprint) and (
             first.base_fingerprint != s.base_fingerprint
         ):
-            warnings.warn(
+            warn(
                 f"{first.name!r} and {s.name!r} touch the same tensors but were extracted "
-                "from different base models (their base fingerprints differ)",
-                stacklevel=3,
+                "from different base models (their base fingerprints differ)"
             )
             return
 
@@ -393,4 +391,4 @@ def _warn_if_nothing_compared(name: str, query: _Deltas, known: _Deltas) -> None
         why = "is compared on tensors where the query is zero"
     else:
         return
-    warnings.warn(f"{name!r} {why}: its cosine 0 measures nothing", stacklevel=3)
+    warn(f"{name!r} {why}: its cosine 0 measures nothing")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
+from .._warn import warn
 from ..dtypes import PATCHABLE, label_of, widen
 from ..errors import InvalidArgumentError, NonFiniteError
 
@@ -33,6 +33,7 @@ __all__ = [
     "bn_entry",
     "group_len_for",
     "quantize_entry",
+    "warn_if_groups_cost_more",
     "is_bn_stat",
     "check_finite",
 ]
@@ -245,25 +246,32 @@ def group_len_for(shape: Sequence[int], granularity: str, group: int) -> int:
     return next(g for g in range(group, 0, -1) if numel % g == 0)
 
 
+def warn_if_groups_cost_more(e: Entry, bits: int, granularity: str, group: int) -> None:
+    """Warn when no group of up to ``group`` elements divides the tensor and the groups
+    that do take more bits a weight than float32 (each stores an f32 scale and offset)."""
+    if e.kind != "delta" or e.numel == 0 or granularity != "group":
+        return
+    glen = group_len_for(e.shape, granularity, group)
+    if glen < min(group, e.numel) and bits + 64 / glen > 32:
+        warn(
+            f"{e.name}: no group of up to {group} elements divides its {e.numel}, so groups of "
+            f"{glen} take {bits + 64 / glen:g} bits a weight, more than float32's 32; "
+            "quantize it with granularity='channel' or 'tensor'"
+        )
+
+
 def quantize_entry(e: Entry, bits: int, scheme: str, granularity: str, group: int) -> Entry:
     """Quantize one delta entry (BN entries and empty tensors are returned unchanged).
 
     The arguments come validated from :meth:`Signature.quantize`; the engine still
-    refuses bits or a group length it cannot code.
+    refuses bits or a group length it cannot code. Callers warn with
+    :func:`warn_if_groups_cost_more` (in the caller's thread: ``extract_to`` quantizes in
+    a thread of its own).
     """
     if e.kind != "delta" or e.numel == 0:
         return e
     dense = np.ascontiguousarray(e.dense().reshape(-1))
     glen = group_len_for(e.shape, granularity, group)
-    fell_back = granularity == "group" and glen < min(group, e.numel)
-    if fell_back and bits + 64 / glen > 32:  # each group stores an f32 scale and offset
-        warnings.warn(
-            f"{e.name}: no group of up to {group} elements divides its {e.numel}, so groups of "
-            f"{glen} take {bits + 64 / glen:g} bits a weight, more than float32's 32; "
-            "quantize it with granularity='channel' or 'tensor'",
-            UserWarning,
-            stacklevel=3,
-        )
     tensor = _core.quantize(dense, bits, scheme, glen)
     q = Quantized(tensor, granularity, group if granularity == "group" else 0)
     return replace(e, values=None, quant=q)

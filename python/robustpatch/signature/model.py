@@ -31,7 +31,7 @@ import numpy as np
 from .. import validate
 from ..errors import FormatError, InvalidArgumentError, shown
 from . import codec
-from .entry import Entry, bn_entry, dense_entry, quantize_entry
+from .entry import Entry, bn_entry, dense_entry, quantize_entry, warn_if_groups_cost_more
 
 __all__ = ["Signature", "SignatureSum", "SignatureLike", "as_signature", "as_signatures"]
 
@@ -236,6 +236,8 @@ class Signature(_Linear):
     # -- transforms -------------------------------------------------------------------
 
     def _quantized(self, bits: int, scheme: str, granularity: str, group: int) -> Signature:
+        for e in self:
+            warn_if_groups_cost_more(e, bits, granularity, group)
         entries = [quantize_entry(e, bits, scheme, granularity, group) for e in self]
         meta = copy.deepcopy(self.meta)
         meta["quantization"] = {
