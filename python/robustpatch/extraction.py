@@ -339,7 +339,8 @@ def extract(
     of ‖Δr‖ (projection) or ‖robust‖ (difference) raises a
     :class:`~robustpatch.errors.ZeroSignatureWarning`; one with no entry left is an
     error. The choice, per-tensor stats, fingerprints and ``provenance`` are recorded in
-    the metadata. ``progress`` is called with the number of tensors done.
+    the metadata. ``progress`` is called with increments, as tqdm's ``update``: the number
+    of tensors just read (1 each), whose running sum reaches the tensors examined.
 
     To write the signature to a file without holding it in memory, use
     :func:`extract_to`.

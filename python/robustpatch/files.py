@@ -79,6 +79,7 @@ __all__ = [
 
 APPLIED_KEY = "robustpatch.applied"
 
+#: A progress callback: called with increments (bytes just written), as tqdm's ``update``.
 Progress = Callable[[int], object]
 
 
@@ -241,9 +242,10 @@ def apply_file(
     signature, F16/BF16 model...), ``force=True`` also a shape of the same element
     count. On any error nothing is left at ``out`` and ``src`` is untouched. ``durable=True`` fsyncs
     the output and the record before the rename, so that they also survive a power cut
-    or kernel crash; it runs at the disk's write speed. ``progress`` is called with byte
-    counts as the output is written. A result that overflows a tensor's dtype (a finite
-    weight becoming ±Inf) is refused (NonFiniteError) unless ``allow_nonfinite=True``.
+    or kernel crash; it runs at the disk's write speed. ``progress`` is called with
+    increments, as tqdm's ``update``: the bytes just written. A result that overflows a
+    tensor's dtype (a finite weight becoming ±Inf) is refused (NonFiniteError) unless
+    ``allow_nonfinite=True``.
 
     Memory stays near the largest touched tensor (and its undo record) plus the
     signatures and a fixed set of I/O buffers, whatever the file's size. A signature
@@ -503,7 +505,8 @@ def remove_file(
     ``inplace=True`` restores ``patched`` itself (``out`` left out) through a journal,
     and deletes the record it used (:func:`robustpatch.inplace.remove_inplace`). A
     record that refers to a signature file (by content hash) finds it among
-    ``signatures``, else at the path it holds; a file with another hash is refused."""
+    ``signatures``, else at the path it holds; a file with another hash is refused.
+    ``progress`` is called with increments, as tqdm's ``update``: the bytes just written."""
     _check_progress(progress)
     if isinstance(signatures, (str, os.PathLike)):  # one path, not its characters
         signatures = [signatures]
